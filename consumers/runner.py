@@ -1,0 +1,210 @@
+"""The at-least-once consume loop shared by every topic consumer.
+
+Per batch, in the quix-streams checkpoint order:
+  1. validate and write the batch to the catalogue in one transaction (retried while the
+     database is down);
+  2. produce rejected messages to ``said.dlq`` and flush the producer, failing on any
+     undelivered message;
+  3. commit the batch's offsets synchronously.
+A crash anywhere before 3 replays the batch, which the idempotent writes make harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from sqlalchemy.engine import Engine
+
+from said import metrics
+from said.db import retry_on_outage
+from said.events import TOPIC_DLQ
+from said.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    message: Message
+    reason: str
+
+
+class Handler(Protocol):
+    """Validates and stores one batch of a topic; one transaction, idempotent."""
+
+    topic: str
+    name: str
+
+    def process(self, engine: Engine, messages: Sequence[Message]) -> list[Rejected]: ...
+
+
+@dataclass
+class RunStats:
+    consumed: int = 0
+    stored: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    commit_failures: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def consumer_config(settings: Settings, group: str, stats_cb: Callable[[str], None]) -> dict:
+    return settings.kafka_config() | {
+        "group.id": group,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "session.timeout.ms": settings.session_timeout_ms,
+        "heartbeat.interval.ms": max(100, settings.session_timeout_ms // 5),
+        "max.poll.interval.ms": max(300_000, settings.session_timeout_ms + 1),
+        "statistics.interval.ms": 5000,
+        "stats_cb": stats_cb,
+    }
+
+
+def _record_lag(stats_json: str) -> None:
+    """Consumer lag from librdkafka statistics: the watermarks it cached from fetches."""
+    stats = json.loads(stats_json)
+    for topic, tstats in stats.get("topics", {}).items():
+        for part, pstats in tstats.get("partitions", {}).items():
+            lag = pstats.get("consumer_lag", -1)
+            if part != "-1" and lag >= 0:
+                metrics.CONSUMER_LAG.labels(topic, part).set(lag)
+
+
+def _dlq_headers(msg: Message, reason: str) -> list[tuple[str, bytes]]:
+    return [
+        ("said-error", reason.encode()),
+        ("said-source-topic", msg.topic().encode()),
+        ("said-partition", str(msg.partition()).encode()),
+        ("said-offset", str(msg.offset()).encode()),
+    ]
+
+
+def _next_offsets(messages: Sequence[Message]) -> list[TopicPartition]:
+    """Offsets to commit: one past the highest processed offset of each partition."""
+    top: dict[tuple[str, int], int] = {}
+    for m in messages:
+        key = (m.topic(), m.partition())
+        top[key] = max(top.get(key, -1), m.offset())
+    return [TopicPartition(t, p, o + 1) for (t, p), o in top.items()]
+
+
+class ConsumeLoop:
+    """Drives one :class:`Handler` until stopped or idle; see the module docstring."""
+
+    def __init__(self, handler: Handler, engine: Engine, settings: Settings) -> None:
+        self.handler = handler
+        self.engine = engine
+        self.settings = settings
+        self.stats = RunStats()
+        self.stopping = False
+        group = f"{settings.group_id}.{handler.name}"
+        self.consumer = Consumer(consumer_config(settings, group, _record_lag))
+        self.producer = Producer(
+            settings.kafka_config() | {"enable.idempotence": True, "linger.ms": 5}
+        )
+
+    def stop(self) -> None:
+        """Ask the loop to finish its current batch and exit (signal-handler safe)."""
+        self.stopping = True
+
+    def run(self, idle_exit: float | None = None) -> RunStats:
+        """Consume until :meth:`stop` or ``idle_exit`` seconds without a message."""
+        self.consumer.subscribe(
+            [self.handler.topic], on_assign=self._on_assign, on_lost=self._on_lost
+        )
+        # Joining a group takes up to a session timeout: idleness counts from then, and from
+        # every (re)assignment, so a slow join is never mistaken for an empty topic.
+        self._idle_since = time.monotonic() + self.settings.session_timeout_ms / 1000
+        try:
+            while not self.stopping:
+                messages = self._poll()
+                if not messages:
+                    if idle_exit is not None and time.monotonic() - self._idle_since > idle_exit:
+                        log.info("idle for %.1fs, exiting", idle_exit)
+                        break
+                    continue
+                self._process(messages)
+                self._idle_since = time.monotonic()
+        finally:
+            self.consumer.close()  # leaves the group at once; offsets are already committed
+            self.producer.flush(10)
+        return self.stats
+
+    def _poll(self) -> list[Message]:
+        good = []
+        for m in self.consumer.consume(self.settings.consume_batch, timeout=0.5):
+            err = m.error()
+            if err is None:
+                good.append(m)
+            elif err.fatal():
+                raise KafkaException(err)
+            elif err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", err)
+        return good
+
+    def _process(self, messages: list[Message]) -> None:
+        topic = self.handler.topic
+        with metrics.BATCH_SECONDS.labels(topic).time():
+            rejected = retry_on_outage(
+                lambda: self.handler.process(self.engine, messages),
+                max_backoff_s=self.settings.db_retry_max_s,
+                should_stop=lambda: self.stopping,
+                on_retry=lambda _e: metrics.DB_RETRIES.inc(),
+            )
+            self._dead_letter(rejected)
+            try:
+                self.consumer.commit(offsets=_next_offsets(messages), asynchronous=False)
+            except KafkaException as exc:
+                # Typically a rebalance took the partitions: the new owner replays the
+                # batch, which the idempotent writes absorb. Nothing is lost.
+                self.stats.commit_failures += 1
+                log.warning("offset commit failed, batch will be replayed: %s", exc)
+        stored = len(messages) - len(rejected)
+        self.stats.consumed += len(messages)
+        self.stats.stored += stored
+        self.stats.dead_lettered += len(rejected)
+        self.stats.batches += 1
+        metrics.MESSAGES.labels(topic, "stored").inc(stored)
+        metrics.MESSAGES.labels(topic, "dlq").inc(len(rejected))
+
+    def _dead_letter(self, rejected: list[Rejected]) -> None:
+        failures: list[str] = []
+
+        def on_delivery(err, _msg) -> None:
+            if err is not None:
+                failures.append(str(err))
+
+        for r in rejected:
+            m = r.message
+            self.producer.produce(
+                TOPIC_DLQ,
+                key=m.key(),
+                value=m.value(),
+                headers=_dlq_headers(m, r.reason),
+                on_delivery=on_delivery,
+            )
+            self.stats.reasons[r.reason] = self.stats.reasons.get(r.reason, 0) + 1
+            log.info("dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), r.reason)
+        remaining = self.producer.flush(30)
+        if failures or remaining:
+            raise RuntimeError(
+                f"DLQ delivery failed ({remaining} undelivered, errors: {failures[:3]}); "
+                "offsets not committed, the batch will be replayed"
+            )
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._idle_since = time.monotonic()
+        log.info("assigned %s", [(p.topic, p.partition) for p in partitions])
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Offsets of finished batches were committed synchronously; an in-flight batch's
+        # commit will fail and be replayed by the new owner.
+        log.warning("partitions lost: %s", [(p.topic, p.partition) for p in partitions])

@@ -1,0 +1,1 @@
+"""Alembic migrations of the catalogue; run with ``said db upgrade``."""

@@ -1,0 +1,151 @@
+"""Catalogue writes and reads used by the consumers and the updater.
+
+Every write is idempotent: replaying a batch (at-least-once delivery) changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from said.events import InteractionEvent, ItemEvent
+from said.tables import alignment_jobs, interactions, items
+
+_CHUNK = 1000  # keeps IN-lists and multi-row VALUES under every driver's parameter limit
+_ITEMS_LOCK_KEY = 0x5A1D  # PostgreSQL advisory lock guarding dense-index assignment
+
+
+def utc(ts: datetime) -> datetime:
+    """SQLite returns naive datetimes: read them back as the UTC they were stored in."""
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def dialect_insert(conn: Connection, table):
+    """``INSERT`` with ``ON CONFLICT`` support for the connection's dialect."""
+    name = conn.dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"unsupported database dialect: {name}")
+
+
+def _chunks(seq: Sequence, size: int = _CHUNK) -> Iterable[Sequence]:
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]
+
+
+def upsert_items(conn: Connection, events: Sequence[ItemEvent], now: datetime) -> dict[str, int]:
+    """Insert new items and apply changed ones; returns item_id -> idx of those that changed.
+
+    New items get the next dense indexes under a lock, so indexes have no gaps even with
+    several consumers. An event older than the stored one is ignored (out-of-order
+    delivery); a text change sends the item back to ``pending`` with a fresh alignment job.
+    """
+    latest: dict[str, ItemEvent] = {}
+    for ev in events:
+        kept = latest.get(ev.item_id)
+        if kept is None or ev.event_time >= kept.event_time:
+            latest[ev.item_id] = ev
+    if not latest:
+        return {}
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ITEMS_LOCK_KEY})
+
+    existing = {}
+    for chunk in _chunks(list(latest)):
+        rows = conn.execute(
+            select(items.c.item_id, items.c.idx, items.c.text_hash, items.c.event_time).where(
+                items.c.item_id.in_(chunk)
+            )
+        )
+        existing.update({r.item_id: r for r in rows})
+
+    changed: dict[str, int] = {}
+    next_idx = (conn.execute(select(func.max(items.c.idx))).scalar() or 0) + 1
+    new_rows, jobs = [], []
+    for item_id, ev in latest.items():
+        row = existing.get(item_id)
+        fields = {
+            "title": ev.title,
+            "description": ev.description,
+            "advertiser_id": ev.advertiser_id,
+            "event_time": ev.event_time,
+            "text_hash": ev.text_hash,
+            "updated_at": now,
+        }
+        if row is None:
+            new_rows.append(
+                {"idx": next_idx, "item_id": item_id, "status": "pending", "received_at": now}
+                | fields
+            )
+            changed[item_id] = next_idx
+            next_idx += 1
+        elif ev.event_time > utc(row.event_time) or (
+            ev.event_time == utc(row.event_time) and ev.text_hash != row.text_hash
+        ):
+            text_changed = ev.text_hash != row.text_hash
+            values = fields | ({"status": "pending", "received_at": now} if text_changed else {})
+            conn.execute(update(items).where(items.c.idx == row.idx).values(**values))
+            if text_changed:
+                changed[item_id] = row.idx
+    for chunk in _chunks(new_rows):
+        conn.execute(items.insert(), list(chunk))
+    for item_id, idx in changed.items():
+        jobs.append({"item_idx": idx, "text_hash": latest[item_id].text_hash, "attempts": 0})
+    for chunk in _chunks(jobs):
+        stmt = dialect_insert(conn, alignment_jobs).values(list(chunk))
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["item_idx"],
+            set_={
+                "text_hash": stmt.excluded.text_hash,
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "attempts": 0,
+                "last_error": None,
+            },
+        )
+        conn.execute(stmt)
+    return changed
+
+
+def resolve_item_ids(conn: Connection, item_ids: Iterable[str]) -> dict[str, int]:
+    """Map external item ids to dense indexes; unknown ids are absent from the result."""
+    wanted = sorted(set(item_ids))
+    found: dict[str, int] = {}
+    for chunk in _chunks(wanted):
+        rows = conn.execute(select(items.c.item_id, items.c.idx).where(items.c.item_id.in_(chunk)))
+        found.update({r.item_id: r.idx for r in rows})
+    return found
+
+
+def insert_interactions(
+    conn: Connection, events: Sequence[InteractionEvent], idx_of: dict[str, int]
+) -> int:
+    """Insert interactions whose item is known; a replayed ``event_id`` is skipped.
+
+    Returns the number of rows actually inserted (duplicates excluded).
+    """
+    rows = [
+        {
+            "event_id": ev.event_id,
+            "user_id": ev.user_id,
+            "item_idx": idx_of[ev.item_id],
+            "type": ev.type,
+            "event_time": ev.event_time,
+        }
+        for ev in events
+    ]
+    inserted = 0
+    for chunk in _chunks(rows):
+        stmt = dialect_insert(conn, interactions).values(list(chunk))
+        inserted += conn.execute(stmt.on_conflict_do_nothing(index_elements=["event_id"])).rowcount
+    return inserted
+
+
+def count_rows(conn: Connection, table) -> int:
+    return conn.execute(select(func.count()).select_from(table)).scalar_one()

@@ -1,0 +1,81 @@
+"""Engine creation and the database-outage retry loop.
+
+SQLite and PostgreSQL go through the same SQLAlchemy code; the only dialect-specific bits
+live here (SQLite pragmas and ``BEGIN IMMEDIATE``) and in ``catalogue.dialect_insert``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with pre-ping (survives a database restart) and safe SQLite settings."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30, "isolation_level": None})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(conn) -> None:
+        # Take the write lock up front: two writers that both read max(idx) and then try to
+        # upgrade their read lock would deadlock, which busy_timeout cannot resolve.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True for connection-level failures worth retrying; False for bugs and bad SQL."""
+    if isinstance(exc, OperationalError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def retry_on_outage(
+    fn: Callable[[], T],
+    *,
+    max_backoff_s: float,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_retry: Callable[[BaseException], None] | None = None,
+) -> T:
+    """Run ``fn`` until it succeeds, backing off exponentially while the database is down.
+
+    ``fn`` must be one transaction, so a retry after a failure repeats it whole. A stop
+    request during an outage re-raises, and the caller then exits without committing
+    offsets: the batch is consumed again after restart.
+    """
+    delay = 0.2
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_outage(exc) or should_stop():
+                raise
+            if on_retry:
+                on_retry(exc)
+            log.warning("database unavailable (%s); retrying in %.1fs", type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, max_backoff_s)

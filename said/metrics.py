@@ -1,0 +1,44 @@
+"""Prometheus metrics; names are a contract (DESIGN.md), all prefixed ``said_``."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+MESSAGES = Counter(
+    "said_messages_total", "Kafka messages by final outcome.", ["topic", "outcome"]
+)
+CONSUMER_LAG = Gauge(
+    "said_consumer_lag", "Messages behind the high watermark.", ["topic", "partition"]
+)
+BATCH_SECONDS = Histogram(
+    "said_consumer_batch_seconds",
+    "Time to validate, store and commit one consumed batch.",
+    ["topic"],
+    buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+DB_RETRIES = Counter("said_db_retries_total", "Writes retried because the database was down.")
+ALIGNMENT_LOSS = Histogram(
+    "said_alignment_loss",
+    "Per-item alignment cross-entropy.",
+    ["cohort"],
+    buckets=(0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8),
+)
+DRIFT_RATIO = Gauge("said_alignment_drift_ratio", "Mean fresh loss / mean reference loss.")
+PENDING_ITEMS = Gauge("said_pending_items", "Items waiting for alignment.")
+FRESH_ITEM_SECONDS = Histogram(
+    "said_fresh_item_seconds",
+    "Seconds from an item event's arrival to the item being servable.",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900),
+)
+INDEX_ITEMS = Gauge("said_index_items", "Vectors in the served FAISS index.")
+
+
+def serve_metrics(port: int) -> None:
+    """Expose ``/metrics`` on ``port`` (0 disables it)."""
+    if port:
+        start_http_server(port)
+        log.info("metrics on :%d/metrics", port)

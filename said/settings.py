@@ -1,0 +1,85 @@
+"""All configuration, read once from the environment (prefix ``SAID_``).
+
+One place for every key keeps config from spreading over modules; each field says its
+type, default and meaning, and pydantic rejects a bad value at start-up with a clear error
+instead of failing deep inside a consumer.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Typed settings; ``SAID_<FIELD>`` in the environment overrides each default."""
+
+    model_config = SettingsConfigDict(env_prefix="SAID_", extra="ignore")
+
+    # --- storage -------------------------------------------------------------------
+    database_url: str = Field("sqlite:///./said.db", description="SQLAlchemy URL of the catalogue.")
+    data_dir: Path = Field(Path("./said-data"), description="Snapshots, weights, LLM cache.")
+
+    # --- kafka ---------------------------------------------------------------------
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
+    kafka_security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT|SSL|SASL_SSL|...")
+    kafka_sasl_mechanism: str | None = Field(None, description="e.g. PLAIN, SCRAM-SHA-512.")
+    kafka_sasl_username: str | None = Field(None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (no default).")
+    kafka_ssl_ca_location: str | None = Field(None, description="CA bundle for broker TLS.")
+    group_id: str = Field("said", description="Consumer-group prefix; '.items' etc. appended.")
+    session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka group session timeout.")
+    consume_batch: int = Field(5000, ge=1, le=100_000, description="Messages per consume batch.")
+    max_message_bytes: int = Field(64_000, ge=256, description="Larger messages go to the DLQ.")
+    max_text_chars: int = Field(2000, ge=16, description="Longest accepted title+description.")
+    db_retry_max_s: float = Field(30.0, gt=0, description="Cap of the DB-outage backoff.")
+
+    # --- model ---------------------------------------------------------------------
+    llm: str | None = Field(None, description="Local HF folder or .gguf; default SmolLM2 GGUF.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device choice.")
+    soft_tokens: int = Field(1, ge=1, le=16, description="k soft tokens per item.")
+    item_dim: int = Field(128, ge=8, description="Width of the item ID embedding rows.")
+
+    # --- observability -------------------------------------------------------------
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 = off.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    def kafka_config(self) -> dict[str, str]:
+        """librdkafka settings shared by producers and consumers, security passed through."""
+        conf = {
+            "bootstrap.servers": self.kafka_bootstrap,
+            "security.protocol": self.kafka_security_protocol,
+        }
+        optional = {
+            "sasl.mechanism": self.kafka_sasl_mechanism,
+            "sasl.username": self.kafka_sasl_username,
+            "sasl.password": (
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+            ),
+            "ssl.ca.location": self.kafka_ssl_ca_location,
+        }
+        conf.update({k: v for k, v in optional.items() if v is not None})
+        return conf
+
+    def redacted(self) -> dict[str, object]:
+        """Settings safe to log: secrets and URL passwords are masked."""
+        out = self.model_dump()
+        out["database_url"] = _mask_url_password(self.database_url)
+        out["kafka_sasl_password"] = "***" if self.kafka_sasl_password else None
+        return out
+
+
+def _mask_url_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; tests build their own ``Settings`` instead."""
+    return Settings()

@@ -1,0 +1,94 @@
+"""Catalogue tables (SQLAlchemy Core), shared by PostgreSQL and SQLite.
+
+The catalogue is the source of truth: the FAISS index and the scorer are derived from it and
+can always be rebuilt. Migrations in ``migrations/versions`` create exactly these tables.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+ITEM_STATUSES = ("pending", "aligned", "failed")
+INTERACTION_TYPES = ("impression", "click", "conversion")
+
+items = Table(
+    "items",
+    metadata,
+    # Dense index: the row of the item in every embedding table. Assigned as max+1 under a
+    # lock (see catalogue.upsert_items), append-only and never reused.
+    Column("idx", Integer, primary_key=True, autoincrement=False),
+    Column("item_id", String(256), nullable=False, unique=True),
+    Column("title", Text, nullable=False),
+    Column("description", Text),
+    Column("advertiser_id", String(256)),
+    Column("event_time", DateTime(timezone=True), nullable=False),
+    Column("text_hash", String(64), nullable=False),
+    Column("status", String(16), nullable=False, server_default="pending"),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_items_status", "status"),
+)
+
+interactions = Table(
+    "interactions",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("event_id", String(256), nullable=False, unique=True),
+    Column("user_id", String(256), nullable=False),
+    Column("item_idx", Integer, ForeignKey("items.idx"), nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("event_time", DateTime(timezone=True), nullable=False),
+    Index("ix_interactions_user_time", "user_id", "event_time"),
+)
+
+item_embeddings = Table(
+    "item_embeddings",
+    metadata,
+    Column("item_idx", Integer, ForeignKey("items.idx"), primary_key=True),
+    Column("model_version", String(64), primary_key=True),
+    Column("text_hash", String(64), nullable=False),
+    Column("vector", LargeBinary, nullable=False),  # float32 little-endian
+    Column("loss", Float),
+    Column("kind", String(16), nullable=False),  # estimate | refined | full
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+alignment_jobs = Table(
+    "alignment_jobs",
+    metadata,
+    Column("item_idx", Integer, ForeignKey("items.idx"), primary_key=True),
+    Column("text_hash", String(64), nullable=False),
+    Column("lease_owner", String(128)),
+    Column("lease_expires_at", DateTime(timezone=True)),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text),
+    Index("ix_alignment_jobs_lease", "lease_expires_at"),
+)
+
+model_versions = Table(
+    "model_versions",
+    metadata,
+    Column("version", String(64), primary_key=True),
+    Column("kind", String(16), nullable=False),  # aligner | scorer | index
+    Column("path", Text, nullable=False),
+    Column("status", String(16), nullable=False),  # candidate | active | retired
+    Column("metrics", JSON),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_model_versions_kind_status", "kind", "status"),
+)
