@@ -58,7 +58,7 @@ class ThrowawayPostgres:
             )  # fmt: skip
         opts = (
             f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100"
+            "-c full_page_writes=off -c max_connections=100"
         )
         out = self._run(
             os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-o", opts,
