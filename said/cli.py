@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 
 from said.settings import get_settings
 
@@ -71,6 +72,35 @@ def _cmd_consume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.llm import pick_device
+    from training.align import AlignConfig
+    from training.evaluate import format_table, run, write_results
+    from training.scorer import ScorerTrainConfig
+
+    settings = get_settings()
+    device = pick_device(settings.device)
+    results = run(
+        args.dataset,
+        args.variant,
+        [int(s) for s in args.seeds.split(",")],
+        args.cold_fraction,
+        settings.data_dir / "artifacts",
+        device,
+        settings.llm,
+        settings.data_dir / "llm",
+        AlignConfig(epochs=args.align_epochs, batch_size=args.align_batch),
+        k=settings.soft_tokens,
+        item_dim=settings.item_dim,
+        scorer_cfg=ScorerTrainConfig(epochs=args.scorer_epochs),
+    )
+    out = args.out or settings.data_dir / "results" / f"evaluate-{'-'.join(args.variant)}.json"
+    write_results(results, out)
+    print(format_table(results["summary"]))
+    logging.info("results written to %s", out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="said", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -93,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("topic", choices=["items", "interactions"])
     c.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS")
     c.set_defaults(fn=_cmd_consume)
+
+    e = sub.add_parser("evaluate", help="offline leave-one-out evaluation of scorer variants")
+    e.add_argument("--dataset", required=True)
+    e.add_argument("--variant", nargs="+", choices=["id", "text", "said"], default=["id"])
+    e.add_argument("--seeds", default="0,1,2", help="comma-separated scorer seeds")
+    e.add_argument("--cold-fraction", type=float, default=0.1, help="0 skips cold-start")
+    e.add_argument("--align-epochs", type=int, default=20)
+    e.add_argument("--align-batch", type=int, default=16)
+    e.add_argument("--scorer-epochs", type=int, default=200)
+    e.add_argument("--out", type=Path, default=None, help="results JSON path")
+    e.set_defaults(fn=_cmd_evaluate)
     return p
 
 

