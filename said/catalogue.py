@@ -125,26 +125,47 @@ def resolve_item_ids(conn: Connection, item_ids: Iterable[str]) -> dict[str, int
 
 def insert_interactions(
     conn: Connection, events: Sequence[InteractionEvent], idx_of: dict[str, int]
-) -> int:
-    """Insert interactions whose item is known; a replayed ``event_id`` is skipped.
+) -> None:
+    """Insert interactions whose item is known; a replayed ``event_id`` is skipped."""
+    rows = [(ev.event_id, ev.user_id, idx_of[ev.item_id], ev.type, ev.event_time) for ev in events]
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        _copy_interactions(conn, rows)
+        return
+    cols = ("event_id", "user_id", "item_idx", "type", "event_time")
+    stmt = dialect_insert(conn, interactions).on_conflict_do_nothing(index_elements=["event_id"])
+    conn.execute(stmt, [dict(zip(cols, r, strict=True)) for r in rows])
 
-    Returns the number of rows actually inserted (duplicates excluded).
+
+_STAGE_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS said_stage_interactions (event_id text, user_id text, "
+    "item_idx integer, type text, event_time timestamptz) ON COMMIT DELETE ROWS"
+)
+_STAGE_COPY = (
+    "COPY said_stage_interactions (event_id, user_id, item_idx, type, event_time) FROM STDIN"
+)
+_STAGE_MERGE = (
+    "INSERT INTO interactions (event_id, user_id, item_idx, type, event_time) "
+    "SELECT event_id, user_id, item_idx, type, event_time FROM said_stage_interactions "
+    "ON CONFLICT (event_id) DO NOTHING"
+)
+
+
+def _copy_interactions(conn: Connection, rows: list[tuple]) -> None:
+    """PostgreSQL fast path: COPY into a transaction-scoped stage, then one idempotent merge.
+
+    COPY streams rows without per-row statements (~3x the executemany rate); the merge's
+    ``ON CONFLICT DO NOTHING`` keeps replays harmless exactly as the portable path does.
+    The statements are constants; all data travels through COPY, never through SQL text.
     """
-    rows = [
-        {
-            "event_id": ev.event_id,
-            "user_id": ev.user_id,
-            "item_idx": idx_of[ev.item_id],
-            "type": ev.type,
-            "event_time": ev.event_time,
-        }
-        for ev in events
-    ]
-    inserted = 0
-    for chunk in _chunks(rows):
-        stmt = dialect_insert(conn, interactions).values(list(chunk))
-        inserted += conn.execute(stmt.on_conflict_do_nothing(index_elements=["event_id"])).rowcount
-    return inserted
+    cur = conn.connection.driver_connection.cursor()
+    cur.execute(_STAGE_DDL)
+    with cur.copy(_STAGE_COPY) as copy:
+        for row in rows:
+            copy.write_row(row)
+    cur.execute(_STAGE_MERGE)
+    cur.close()
 
 
 def count_rows(conn: Connection, table) -> int:

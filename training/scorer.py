@@ -75,6 +75,7 @@ def train_scorer(
     seqs = [s for s in train_seqs if len(s) >= 2]
     inputs = left_pad([s[:-1] for s in seqs], L)
     targets = left_pad([s[1:] for s in seqs], L)
+    lengths = (targets > 0).sum(1)
     best, best_state, bad, epoch = -1.0, None, 0, 0
     gen = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(range(cfg.epochs), desc="train scorer", disable=not progress)
@@ -84,7 +85,8 @@ def train_scorer(
         total = 0.0
         for s in range(0, len(perm), cfg.batch_size):
             b = perm[s : s + cfg.batch_size]
-            loss = model(inputs[b].to(device), targets[b].to(device))
+            width = int(lengths[b].max())  # drop columns that are padding for the whole batch
+            loss = model(inputs[b, -width:].to(device), targets[b, -width:].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()

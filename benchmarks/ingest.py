@@ -1,0 +1,172 @@
+"""Interaction ingestion, Kafka -> PostgreSQL, end to end, against a naive consumer.
+
+Method: an embedded broker and a throwaway PostgreSQL cluster on loopback; N interaction
+events (default 200k) over 1,000 items are produced once. Each run starts a fresh consumer
+process in a new group on a fresh database and times from its first fetched message to the
+commit that makes the last event durable; peak RSS is that process's ru_maxrss. The batch
+consumer is ``said consume interactions`` (ConsumeLoop); the naive consumer polls one
+message at a time and inserts it through the ORM with a commit per row, the pattern the
+batch consumer replaces. The naive one runs on the first ``--naive-events`` events only
+(it is slow); rates are events per second. Medians over ``--runs`` runs are printed.
+
+    python benchmarks/ingest.py [--events 200000] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import time
+import uuid
+from datetime import datetime
+
+from confluent_kafka import Consumer, Producer
+
+from consumers.interactions import InteractionsHandler
+from consumers.items import ItemsHandler
+from consumers.runner import ConsumeLoop
+from said.broker import EmbeddedBroker, ensure_topics, free_port
+from said.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
+from said.migrate import upgrade
+from said.pgcluster import ThrowawayPostgres, find_pg_bin
+from said.settings import Settings
+
+N_ITEMS = 1000
+
+
+def produce(bootstrap: str, n_events: int) -> None:
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
+                  "queue.buffering.max.messages": 1_000_000})  # fmt: skip
+    for i in range(N_ITEMS):
+        p.produce(TOPIC_ITEMS, key=f"i{i}", value=json.dumps({
+            "item_id": f"i{i}", "title": f"Item {i}", "description": None,
+            "advertiser_id": None, "event_time": "2026-01-01T00:00:00Z"}))  # fmt: skip
+    for e in range(n_events):
+        while True:
+            try:
+                p.produce(TOPIC_INTERACTIONS, key=f"u{e % 5000}", value=json.dumps({
+                    "event_id": f"e{e}", "user_id": f"u{e % 5000}", "item_id": f"i{e % N_ITEMS}",
+                    "type": "click", "event_time": "2026-01-01T00:00:01Z"}))  # fmt: skip
+                break
+            except BufferError:
+                p.poll(0.1)
+        p.poll(0)
+    assert p.flush(60) == 0
+
+
+def fresh_db(pg: ThrowawayPostgres, bootstrap: str) -> Settings:
+    url = pg.create_database()
+    upgrade(url)
+    s = Settings(database_url=url, kafka_bootstrap=bootstrap, group_id=uuid.uuid4().hex,
+                 session_timeout_ms=2000)  # fmt: skip
+    from said.db import make_engine
+
+    ConsumeLoop(ItemsHandler(s), make_engine(url), s).run(idle_exit=1.0)
+    return s
+
+
+def run_batch(settings: Settings, n: int, out) -> None:
+    """Child process: the production consumer until n events are stored."""
+    from said.db import make_engine
+
+    loop = ConsumeLoop(InteractionsHandler(settings), make_engine(settings.database_url), settings)
+    first = []
+    original = loop._process
+
+    def timed(messages):
+        if not first:
+            first.append(time.perf_counter())
+        original(messages)
+        if loop.stats.stored >= n:
+            loop.stop()
+
+    loop._process = timed
+    loop.run()
+    out.put((time.perf_counter() - first[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+
+
+def run_naive(settings: Settings, n: int, out) -> None:
+    """Child process: poll one message, one ORM insert, one commit, per event."""
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import Session, registry
+
+    from said.tables import interactions, items
+
+    class Interaction:
+        pass
+
+    registry().map_imperatively(Interaction, interactions)
+    engine = create_engine(settings.database_url)
+    c = Consumer(settings.kafka_config() | {"group.id": settings.group_id + "n",
+                 "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                 "session.timeout.ms": 2000})  # fmt: skip
+    c.subscribe([TOPIC_INTERACTIONS])
+    done, start = 0, None
+    with Session(engine) as session:
+        idx = dict(session.execute(select(items.c.item_id, items.c.idx)).all())
+        while done < n:
+            m = c.poll(0.5)
+            if m is None or m.error():
+                continue
+            start = start or time.perf_counter()
+            ev = json.loads(m.value())
+            row = Interaction()
+            row.event_id, row.user_id, row.type = ev["event_id"], ev["user_id"], ev["type"]
+            row.item_idx = idx[ev["item_id"]]
+            row.event_time = datetime.fromisoformat(ev["event_time"])
+            session.add(row)
+            session.commit()
+            c.commit(m, asynchronous=False)
+            done += 1
+    c.close()
+    out.put((time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+
+
+def measure(target, settings: Settings, n: int) -> tuple[float, float]:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=target, args=(settings, n, q))
+    proc.start()
+    elapsed, rss_kb = q.get(timeout=1800)
+    proc.join()
+    return elapsed, rss_kb / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--naive-events", type=int, default=10_000)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        raise SystemExit("PostgreSQL server binaries not found")
+    pg = ThrowawayPostgres(bin_dir).start()
+    try:
+        with EmbeddedBroker(free_port()) as broker:
+            ensure_topics({"bootstrap.servers": broker.bootstrap})
+            produce(broker.bootstrap, args.events)
+            rows = []
+            for run in range(args.runs):
+                fast_s, fast_rss = measure(run_batch, fresh_db(pg, broker.bootstrap), args.events)
+                naive_s, naive_rss = measure(run_naive, fresh_db(pg, broker.bootstrap),
+                                             args.naive_events)  # fmt: skip
+                rows.append((args.events / fast_s, fast_rss, args.naive_events / naive_s, naive_rss))
+                print(f"run {run + 1}: batch {rows[-1][0]:,.0f} ev/s (peak RSS {fast_rss:.0f} MiB), "
+                      f"naive {rows[-1][2]:,.0f} ev/s (peak RSS {naive_rss:.0f} MiB)")  # fmt: skip
+    finally:
+        pg.close()
+    fast = statistics.median(r[0] for r in rows)
+    naive = statistics.median(r[2] for r in rows)
+    print(f"\nmedian of {args.runs} runs, {args.events:,} events Kafka -> PostgreSQL:")
+    print("| consumer | events/s | peak RSS MiB |\n|---|---|---|")
+    print(f"| batch (said consume) | {fast:,.0f} | {max(r[1] for r in rows):.0f} |")
+    print(f"| naive per-row ORM | {naive:,.0f} | {max(r[3] for r in rows):.0f} |")
+    print(f"speed-up: {fast / naive:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
