@@ -10,8 +10,8 @@ import time
 import torch
 
 from models.llm import pick_device
-from models.sasrec import SASRec, SASRecConfig
 from models.said import AlignerConfig, FreshRows, ItemAligner, Prefix, tokenize_texts
+from models.sasrec import SASRec, SASRecConfig
 from tests.tiny import CharTokenizer, tiny_llm
 from training.align import AlignConfig, fidelity, refine_fresh, train_full
 from training.scorer import ScorerTrainConfig, evaluate, train_scorer

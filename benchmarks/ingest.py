@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue
 import resource
 import statistics
 import time
@@ -102,7 +103,7 @@ def run_naive(settings: Settings, n: int, out) -> None:
     engine = create_engine(settings.database_url)
     c = Consumer(settings.kafka_config() | {"group.id": settings.group_id + "n",
                  "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                 "session.timeout.ms": 2000})  # fmt: skip
+                 "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000})  # fmt: skip
     c.subscribe([TOPIC_INTERACTIONS])
     done, start = 0, None
     with Session(engine) as session:
@@ -130,7 +131,13 @@ def measure(target, settings: Settings, n: int) -> tuple[float, float]:
     q = ctx.Queue()
     proc = ctx.Process(target=target, args=(settings, n, q))
     proc.start()
-    elapsed, rss_kb = q.get(timeout=1800)
+    while True:
+        try:
+            elapsed, rss_kb = q.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"{target.__name__} died with exit code {proc.exitcode}") from None
     proc.join()
     return elapsed, rss_kb / 1024
 

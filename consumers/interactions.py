@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 
 from consumers.runner import Rejected
 from said.catalogue import insert_interactions, resolve_item_ids
-from said.events import TOPIC_INTERACTIONS, Invalid, InteractionEvent, parse_interaction
+from said.events import TOPIC_INTERACTIONS, InteractionEvent, Invalid, parse_interaction
 from said.settings import Settings
 
 

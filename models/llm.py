@@ -7,7 +7,6 @@ safetensors copy under ``<data_dir>/llm/`` and later loads take ~0.1 s.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 from pathlib import Path

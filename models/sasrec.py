@@ -32,6 +32,11 @@ class SASRec(nn.Module):
         self.cfg = cfg
         if frozen_table is None:
             self.id_emb = nn.Embedding(cfg.n_items + 1, cfg.hidden, padding_idx=0)
+            # std 1/sqrt(hidden): scores (LayerNormed features . item vector) start near unit
+            # scale; nn.Embedding's N(0, 1) made the initial logits ~±60 and training stall.
+            nn.init.normal_(self.id_emb.weight, std=cfg.hidden**-0.5)
+            with torch.no_grad():
+                self.id_emb.weight[0].zero_()
             self.register_buffer("table", None)
         else:
             assert frozen_table.shape[0] == cfg.n_items + 1, "table must have a padding row 0"

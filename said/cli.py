@@ -101,6 +101,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from said.demo import DEFAULT_DATASET, format_summary, run_demo
+
+    dataset = Path(args.dataset) if args.dataset else DEFAULT_DATASET
+    if not (dataset / "items.tsv").exists():
+        raise SystemExit(f"no data set at {dataset}: pass --dataset DIR")
+    print(format_summary(run_demo(get_settings(), dataset, args.items)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="said", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scorer-epochs", type=int, default=200)
     e.add_argument("--out", type=Path, default=None, help="results JSON path")
     e.set_defaults(fn=_cmd_evaluate)
+
+    dm = sub.add_parser("demo", help="the pipeline end to end on the embedded defaults")
+    dm.add_argument("--dataset", default=None, help="default: ../shared/data/amazon-beauty")
+    dm.add_argument("--items", type=int, default=2000, help="size of the item slice")
+    dm.set_defaults(fn=_cmd_demo)
     return p
 
 

@@ -24,7 +24,7 @@ from models.said import (
     fit_text_to_rows,
     tokenize_texts,
 )
-from training.align import AlignConfig, save_atomic, fidelity, refine_fresh, train_full
+from training.align import AlignConfig, fidelity, refine_fresh, save_atomic, train_full
 
 log = logging.getLogger(__name__)
 

