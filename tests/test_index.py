@@ -1,0 +1,63 @@
+"""FAISS item index: upsert semantics, exact search, atomic checksummed snapshots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from updater.index import CorruptSnapshot, ItemIndex, latest_snapshot
+
+
+def _vecs(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_upsert_adds_then_replaces_in_place():
+    idx = ItemIndex(8)
+    v = _vecs(100)
+    idx.upsert(np.arange(1, 101), v)
+    assert len(idx) == 100
+    scores, ids = idx.search(v[41], 1)
+    assert ids[0, 0] == 42 and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    idx.upsert(np.array([42]), -v[41:42])  # replace: same count, new vector
+    assert len(idx) == 100
+    _, ids = idx.search(v[41], 100)
+    assert ids[0, -1] == 42, "the replaced vector now scores lowest"
+    np.testing.assert_allclose(idx.vector(42), -v[41], atol=1e-6)
+
+
+def test_exact_search_matches_brute_force():
+    v = _vecs(500, seed=1)
+    idx = ItemIndex(8)
+    idx.upsert(np.arange(1, 501), v)
+    q = _vecs(5, seed=2)
+    _, ids = idx.search(q, 10)
+    brute = np.argsort(-(q @ v.T), axis=1)[:, :10] + 1
+    np.testing.assert_array_equal(ids, brute)
+
+
+def test_bad_shapes_and_duplicate_ids_are_rejected():
+    idx = ItemIndex(8)
+    with pytest.raises(ValueError, match="vectors must be"):
+        idx.upsert(np.arange(3), _vecs(2))
+    with pytest.raises(ValueError, match="duplicate"):
+        idx.upsert(np.array([1, 1]), _vecs(2))
+
+
+def test_snapshot_roundtrip_and_corruption_detected(tmp_path):
+    idx = ItemIndex(8)
+    idx.upsert(np.arange(1, 51), _vecs(50))
+    path = idx.save(tmp_path, "v1")
+    assert latest_snapshot(tmp_path) == path
+    loaded = ItemIndex.load(path)
+    assert len(loaded) == 50
+    np.testing.assert_array_equal(loaded.search(_vecs(1), 5)[1], idx.search(_vecs(1), 5)[1])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptSnapshot, match="checksum"):
+        ItemIndex.load(path)
+    path.with_suffix(".sha256").unlink()
+    with pytest.raises(CorruptSnapshot, match="missing"):
+        ItemIndex.load(path)

@@ -1,0 +1,82 @@
+"""Alignment-job leases: several workers never take the same item, and a crashed worker's
+lease expires so another finishes its items.
+
+PostgreSQL: ``SELECT .. FOR UPDATE SKIP LOCKED`` lets workers lease concurrently without
+waiting on each other. SQLite: the engine begins every transaction with ``BEGIN IMMEDIATE``
+(said.db), so lease transactions are serialised, which is the safe equivalent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.engine import Connection
+
+from said.catalogue import utc
+from said.tables import alignment_jobs, items
+
+
+@dataclass(frozen=True)
+class Lease:
+    item_idx: int
+    text_hash: str
+    text: str
+    received_at: datetime
+
+
+def lease_jobs(conn: Connection, owner: str, limit: int, ttl_s: float) -> list[Lease]:
+    """Lease up to ``limit`` free or expired jobs for ``owner``; call inside a transaction."""
+    now = datetime.now(UTC)
+    free = or_(alignment_jobs.c.lease_expires_at.is_(None), alignment_jobs.c.lease_expires_at < now)
+    query = select(alignment_jobs.c.item_idx).where(free).order_by(alignment_jobs.c.item_idx)
+    query = query.limit(limit)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    ids = list(conn.execute(query).scalars())
+    if not ids:
+        return []
+    conn.execute(
+        update(alignment_jobs)
+        .where(alignment_jobs.c.item_idx.in_(ids))
+        .values(
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=ttl_s),
+            attempts=alignment_jobs.c.attempts + 1,
+        )
+    )
+    rows = conn.execute(
+        select(items.c.idx, items.c.text_hash, items.c.title, items.c.description,
+               items.c.received_at).where(items.c.idx.in_(ids)).order_by(items.c.idx)
+    )  # fmt: skip
+    return [
+        Lease(r.idx, r.text_hash, r.title if not r.description else f"{r.title}\n{r.description}",
+              utc(r.received_at))  # fmt: skip
+        for r in rows
+    ]
+
+
+def complete_jobs(conn: Connection, owner: str, leases: list[Lease]) -> int:
+    """Finish leased jobs whose text did not change meanwhile; returns how many finished.
+
+    A job whose item text changed while it was leased was reset by the item consumer (new
+    hash, lease cleared), so the hash condition leaves it pending for the new text.
+    """
+    done = 0
+    for lease in leases:
+        still_ours = and_(alignment_jobs.c.item_idx == lease.item_idx,
+                          alignment_jobs.c.text_hash == lease.text_hash,
+                          alignment_jobs.c.lease_owner == owner)  # fmt: skip
+        if conn.execute(delete(alignment_jobs).where(still_ours)).rowcount:
+            conn.execute(update(items).where(items.c.idx == lease.item_idx,
+                                             items.c.text_hash == lease.text_hash)
+                         .values(status="aligned"))  # fmt: skip
+            done += 1
+    return done
+
+
+def pending_count(conn: Connection) -> int:
+    from sqlalchemy import func
+
+    return conn.execute(select(func.count()).select_from(alignment_jobs)).scalar_one()
