@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from said.events import InteractionEvent, ItemEvent
-from said.tables import alignment_jobs, interactions, items
+from said.tables import alignment_jobs, interactions, item_embeddings, items
 
 _CHUNK = 1000  # keeps IN-lists and multi-row VALUES under every driver's parameter limit
 _ITEMS_LOCK_KEY = 0x5A1D  # PostgreSQL advisory lock guarding dense-index assignment
@@ -170,3 +170,47 @@ def _copy_interactions(conn: Connection, rows: list[tuple]) -> None:
 
 def count_rows(conn: Connection, table) -> int:
     return conn.execute(select(func.count()).select_from(table)).scalar_one()
+
+
+def write_embeddings(
+    conn: Connection,
+    model_version: str,
+    kind: str,
+    item_idx: Sequence[int],
+    text_hashes: Sequence[str],
+    vectors,
+    losses: Sequence[float | None],
+    now: datetime,
+) -> None:
+    """Upsert one embedding per item for ``model_version`` (float32 bytes, with its loss)."""
+    import numpy as np
+
+    vectors = np.asarray(vectors, dtype="<f4")
+    rows = [
+        {"item_idx": int(i), "model_version": model_version, "text_hash": h,
+         "vector": vectors[n].tobytes(), "loss": None if loss is None else float(loss),
+         "kind": kind, "created_at": now}  # fmt: skip
+        for n, (i, h, loss) in enumerate(zip(item_idx, text_hashes, losses, strict=True))
+    ]
+    for chunk in _chunks(rows):
+        stmt = dialect_insert(conn, item_embeddings)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["item_idx", "model_version"],
+            set_={c: stmt.excluded[c] for c in ("text_hash", "vector", "loss", "kind", "created_at")},
+        )
+        conn.execute(stmt, list(chunk))
+
+
+def load_embeddings(conn: Connection, model_version: str):
+    """(ids int64 (n,), vectors float32 (n, dim)) of every stored embedding of a version."""
+    import numpy as np
+
+    rows = conn.execute(
+        select(item_embeddings.c.item_idx, item_embeddings.c.vector)
+        .where(item_embeddings.c.model_version == model_version)
+        .order_by(item_embeddings.c.item_idx)
+    ).all()
+    if not rows:
+        return np.zeros(0, dtype=np.int64), None
+    ids = np.array([r.item_idx for r in rows], dtype=np.int64)
+    return ids, np.stack([np.frombuffer(r.vector, dtype="<f4") for r in rows])

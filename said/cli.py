@@ -111,6 +111,70 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_llm(settings):
+    from models.llm import load_llm, pick_device
+
+    device = pick_device(settings.device)
+    llm, tok = load_llm(settings.llm, settings.data_dir / "llm", device)
+    return llm, tok, device
+
+
+def _cmd_align(args: argparse.Namespace) -> int:
+    from said.db import make_engine
+    from training.align import AlignConfig
+    from updater.full_align import align_catalogue
+
+    settings = get_settings()
+    llm, tok, device = _load_llm(settings)
+    cfg = AlignConfig(epochs=args.epochs, batch_size=args.batch)
+    align_catalogue(make_engine(settings.database_url), llm, tok, device, settings.data_dir, cfg,
+                    settings.soft_tokens, settings.item_dim)  # fmt: skip
+    return 0
+
+
+def _cmd_update(args: argparse.Namespace) -> int:
+    from said.db import make_engine
+    from said.metrics import serve_metrics
+    from updater.bundle import AlignerBundle
+    from updater.full_align import active_aligner_path
+    from updater.worker import UpdateWorker, WorkerConfig
+
+    settings = get_settings()
+    engine = make_engine(settings.database_url)
+    path = active_aligner_path(engine)
+    if path is None:
+        raise SystemExit("no active aligner: run `said align` once first")
+    serve_metrics(settings.metrics_port)
+    llm, tok, device = _load_llm(settings)
+    cfg = WorkerConfig(batch=args.batch, refine_epochs=args.refine_epochs, lease_ttl_s=args.lease_ttl)
+    worker = UpdateWorker(engine, AlignerBundle.load(path, device), llm, tok, device,
+                          settings.data_dir / "index", cfg)  # fmt: skip
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop())
+    logging.info("updated %d items", worker.run(idle_exit=args.idle_exit))
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    import torch
+
+    from said.db import make_engine
+    from updater.bundle import AlignerBundle
+    from updater.full_align import active_aligner_path
+    from updater.worker import rebuild_index
+
+    settings = get_settings()
+    engine = make_engine(settings.database_url)
+    path = active_aligner_path(engine)
+    if path is None:
+        raise SystemExit("no active aligner: nothing to index")
+    bundle = AlignerBundle.load(path, torch.device("cpu"))
+    index = rebuild_index(engine, bundle.version, bundle.aligner.cfg.hidden)
+    out = index.save(settings.data_dir / "index", f"{bundle.version}-rebuild-{int(time.time())}")
+    logging.info("rebuilt index with %d items: %s", len(index), out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="said", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -144,6 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scorer-epochs", type=int, default=200)
     e.add_argument("--out", type=Path, default=None, help="results JSON path")
     e.set_defaults(fn=_cmd_evaluate)
+
+    a = sub.add_parser("align", help="full SAID alignment of every catalogue item")
+    a.add_argument("--epochs", type=int, default=20)
+    a.add_argument("--batch", type=int, default=16)
+    a.set_defaults(fn=_cmd_align)
+
+    u = sub.add_parser("update", help="the streaming worker: align fresh items")
+    u.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS")
+    u.add_argument("--batch", type=int, default=16)
+    u.add_argument("--refine-epochs", type=int, default=20)
+    u.add_argument("--lease-ttl", type=float, default=600.0, metavar="SECONDS")
+    u.set_defaults(fn=_cmd_update)
+
+    ix = sub.add_parser("index", help="FAISS index maintenance")
+    ix.add_argument("action", choices=["rebuild"])
+    ix.set_defaults(fn=_cmd_index)
 
     dm = sub.add_parser("demo", help="the pipeline end to end on the embedded defaults")
     dm.add_argument("--dataset", default=None, help="default: ../shared/data/amazon-beauty")

@@ -17,6 +17,7 @@ from said.broker import EmbeddedBroker, ensure_topics, free_port
 from said.migrate import upgrade
 from said.pgcluster import ThrowawayPostgres, find_pg_bin
 from said.settings import Settings
+from tests.llm_fixtures import llm_cache, smollm_folder, tiny_hf_folder  # noqa: F401
 
 
 @pytest.fixture(scope="session")

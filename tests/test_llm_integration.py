@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.data import load_dataset
-from models.llm import default_gguf, load_llm, resolve_llm_folder
+from models.llm import load_llm, resolve_llm_folder
 from models.said import AlignerConfig, ItemAligner, Prefix, tokenize_texts
 from training.align import AlignConfig, fidelity, train_full
 
@@ -18,22 +18,16 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="session")
-def smollm(tmp_path_factory):
-    try:
-        default_gguf()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    cache = Path(tmp_path_factory.getbasetemp()) / "llm"
-    return load_llm(None, cache, CPU)
+def smollm(smollm_folder, llm_cache):
+    return load_llm(None, llm_cache, CPU)
 
 
-def test_gguf_conversion_is_cached_and_reloads_fast(smollm, tmp_path_factory):
+def test_gguf_conversion_is_cached_and_reloads_fast(smollm, llm_cache):
     import time
 
-    cache = Path(tmp_path_factory.getbasetemp()) / "llm"
     t0 = time.perf_counter()
-    folder = resolve_llm_folder(None, cache)
-    load_llm(str(folder), cache, CPU)
+    folder = resolve_llm_folder(None, llm_cache)
+    load_llm(str(folder), llm_cache, CPU)
     assert (folder / "config.json").exists()
     assert time.perf_counter() - t0 < 5.0, "the cached copy must load without re-converting"
 

@@ -1,0 +1,131 @@
+"""The streaming worker on a real catalogue with a tiny real-tokenizer LLM.
+
+Old rows, the projector and old embeddings must stay bit-identical while fresh items are
+estimated, refined, indexed and completed; a SIGKILLed worker's lease expires and another
+worker finishes its items.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import select
+
+from models.llm import load_llm
+from said.catalogue import load_embeddings, upsert_items
+from said.db import make_engine
+from said.events import ItemEvent
+from said.tables import item_embeddings, items
+from training.align import AlignConfig
+from updater.bundle import AlignerBundle
+from updater.full_align import active_aligner_path, align_catalogue
+from updater.leases import pending_count
+from updater.worker import UpdateWorker, WorkerConfig
+
+CPU = torch.device("cpu")
+NAMES = ["rose lip balm", "argan oil shampoo", "matte red lipstick", "nail file set",
+         "vitamin c face serum", "nude eye shadow palette", "hair clips", "sun cream spf 50"]  # fmt: skip
+
+
+def _add(engine, start: int, n: int) -> None:
+    now = datetime.now(UTC)
+    evs = [ItemEvent(f"i{i}", f"{NAMES[i % 8]} no. {i}", None, None, now) for i in range(start, start + n)]
+    with engine.begin() as conn:
+        upsert_items(conn, evs, now)
+
+
+@pytest.fixture
+def aligned(db_url, tiny_hf_folder, tmp_path):
+    engine = make_engine(db_url)
+    _add(engine, 0, 24)
+    llm, tok = load_llm(str(tiny_hf_folder), tmp_path, CPU)
+    bundle = align_catalogue(engine, llm, tok, CPU, tmp_path, AlignConfig(epochs=2, batch_size=8),
+                             k=1, item_dim=16, progress=False)  # fmt: skip
+    return engine, bundle, llm, tok, tmp_path
+
+
+def test_full_alignment_activates_a_version_and_embeds_every_item(aligned):
+    engine, bundle, *_ = aligned
+    assert active_aligner_path(engine).exists()
+    with engine.connect() as conn:
+        ids, vecs = load_embeddings(conn, bundle.version)
+        assert pending_count(conn) == 0
+        assert set(conn.execute(select(items.c.status)).scalars()) == {"aligned"}
+    assert ids.tolist() == list(range(1, 25)) and vecs.shape == (24, 64)
+
+
+def test_worker_aligns_fresh_items_without_touching_old_ones(aligned):
+    engine, bundle, llm, tok, data = aligned
+    table = bundle.aligner.items.weight.detach().clone()
+    proj = {k: v.clone() for k, v in bundle.aligner.projector.state_dict().items()}
+    with engine.connect() as conn:
+        _, old_vecs = load_embeddings(conn, bundle.version)
+    _add(engine, 24, 10)
+    worker = UpdateWorker(engine, bundle, llm, tok, CPU, data / "index",
+                          WorkerConfig(batch=4, refine_epochs=3))  # fmt: skip
+    assert worker.run(idle_exit=0.3) == 10
+    with engine.connect() as conn:
+        ids, vecs = load_embeddings(conn, bundle.version)
+        kinds = dict(conn.execute(select(item_embeddings.c.item_idx, item_embeddings.c.kind)).all())
+        assert pending_count(conn) == 0
+    assert ids.tolist() == list(range(1, 35))
+    assert all(kinds[i] == "refined" for i in range(25, 35))
+    np.testing.assert_array_equal(vecs[:24], old_vecs)  # old embeddings bit-identical
+    assert torch.equal(bundle.aligner.items.weight, table)
+    for k, v in bundle.aligner.projector.state_dict().items():
+        assert torch.equal(v, proj[k])
+    assert len(worker.index) == 34
+    # the index returns a fresh item for its own vector
+    _, top = worker.index.search(vecs[30] / np.linalg.norm(vecs[30]), 1)
+    assert top[0, 0] == 31
+
+
+def test_corrupt_snapshot_is_rebuilt_from_the_catalogue(aligned):
+    engine, bundle, llm, tok, data = aligned
+    w = UpdateWorker(engine, bundle, llm, tok, CPU, data / "index")
+    w.snapshot()
+    snap = next((data / "index").glob("*.faiss"))
+    snap.write_bytes(b"garbage")
+    again = UpdateWorker(engine, bundle, llm, tok, CPU, data / "index")
+    assert len(again.index) == 24
+
+
+@pytest.mark.slow
+def test_killed_worker_lease_expires_and_another_finishes(aligned, tiny_hf_folder):
+    engine, bundle, llm, tok, data = aligned
+    _add(engine, 24, 6)
+    url = engine.url.render_as_string(hide_password=False)
+    env = os.environ | {"SAID_DATABASE_URL": url, "SAID_DATA_DIR": str(data),
+                        "SAID_LLM": str(tiny_hf_folder), "SAID_DEVICE": "cpu",
+                        "SAID_LOG_LEVEL": "WARNING"}  # fmt: skip
+    cmd = [sys.executable, "-m", "said.cli", "update", "--batch", "6", "--lease-ttl", "3"]
+    victim = subprocess.Popen([*cmd, "--refine-epochs", "100000"], env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until it is inside refinement
+        with engine.connect() as conn:
+            kinds = conn.execute(select(item_embeddings.c.kind)
+                                 .where(item_embeddings.c.item_idx > 24)).scalars().all()  # fmt: skip
+        if len(kinds) == 6:
+            break
+        assert victim.poll() is None
+        time.sleep(0.1)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    with engine.connect() as conn:
+        assert pending_count(conn) == 6, "killed mid-refinement: nothing completed"
+    subprocess.run([*cmd, "--refine-epochs", "2", "--idle-exit", "5"], env=env, check=True,
+                   timeout=180)  # fmt: skip
+    with engine.connect() as conn:
+        assert pending_count(conn) == 0
+        refined = conn.execute(select(item_embeddings.c.kind)
+                               .where(item_embeddings.c.item_idx > 24)).scalars().all()  # fmt: skip
+    assert refined == ["refined"] * 6
+    assert AlignerBundle.load(active_aligner_path(engine), CPU).version == bundle.version
