@@ -214,3 +214,35 @@ def load_embeddings(conn: Connection, model_version: str):
         return np.zeros(0, dtype=np.int64), None
     ids = np.array([r.item_idx for r in rows], dtype=np.int64)
     return ids, np.stack([np.frombuffer(r.vector, dtype="<f4") for r in rows])
+
+
+def embeddings_since(conn: Connection, model_version: str, since: datetime):
+    """Embeddings of ``model_version`` written at or after ``since``: (ids, vectors, newest)."""
+    import numpy as np
+
+    rows = conn.execute(
+        select(item_embeddings.c.item_idx, item_embeddings.c.vector, item_embeddings.c.created_at)
+        .where(item_embeddings.c.model_version == model_version,
+               item_embeddings.c.created_at >= since)
+    ).all()  # fmt: skip
+    if not rows:
+        return np.zeros(0, dtype=np.int64), None, since
+    ids = np.array([r.item_idx for r in rows], dtype=np.int64)
+    vectors = np.stack([np.frombuffer(r.vector, dtype="<f4") for r in rows])
+    return ids, vectors, max(utc(r.created_at) for r in rows)
+
+
+def item_ids_after(conn: Connection, after_idx: int) -> dict[int, str]:
+    """idx -> external item_id for items with idx > ``after_idx`` (append-only, so a
+    reader keeps its map current by asking only for what is new)."""
+    rows = conn.execute(select(items.c.idx, items.c.item_id).where(items.c.idx > after_idx))
+    return {r.idx: r.item_id for r in rows}
+
+
+def user_history(conn: Connection, user_id: str, limit: int) -> list[int]:
+    """The user's last ``limit`` item indexes, oldest first."""
+    rows = conn.execute(
+        select(interactions.c.item_idx).where(interactions.c.user_id == user_id)
+        .order_by(interactions.c.event_time.desc(), interactions.c.id.desc()).limit(limit)
+    ).scalars().all()  # fmt: skip
+    return list(reversed(rows))

@@ -175,6 +175,22 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from said.db import make_engine
+    from scorer.app import create_app
+    from scorer.state import ServingState
+    from updater.full_align import active_aligner_version
+
+    settings = get_settings()
+    engine = make_engine(settings.database_url)
+    version, dim = active_aligner_version(engine)
+    state = ServingState(engine, version, dim, settings.data_dir / "index")
+    uvicorn.run(create_app(engine, state), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="said", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -224,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     ix = sub.add_parser("index", help="FAISS index maintenance")
     ix.add_argument("action", choices=["rebuild"])
     ix.set_defaults(fn=_cmd_index)
+
+    sv = sub.add_parser("serve", help="the HTTP scorer")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.set_defaults(fn=_cmd_serve)
 
     dm = sub.add_parser("demo", help="the pipeline end to end on the embedded defaults")
     dm.add_argument("--dataset", default=None, help="default: ../shared/data/amazon-beauty")

@@ -67,6 +67,7 @@ item_embeddings = Table(
     Column("loss", Float),
     Column("kind", String(16), nullable=False),  # estimate | refined | full
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_item_embeddings_created_at", "created_at"),
 )
 
 alignment_jobs = Table(

@@ -29,6 +29,15 @@ log = logging.getLogger(__name__)
 PROMPT = " Item text:"
 
 
+def active_aligner_version(engine: Engine) -> tuple[str, int]:
+    """(version, vector width) of the active aligner; what the scorer serves."""
+    path = active_aligner_path(engine)
+    if path is None:
+        raise SystemExit("no active aligner: run `said align` once first")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    return saved["version"], saved["config"]["hidden"]
+
+
 def active_aligner_path(engine: Engine) -> Path | None:
     with engine.connect() as conn:
         path = conn.execute(

@@ -1,0 +1,125 @@
+"""``said serve``: the HTTP scorer.
+
+POST /recommend ranks items by cosine similarity between the SAID vectors of a history
+(given, or the user's last interactions) and every indexed item; fresh items are in the
+index as soon as the worker has estimated them. GET /items/{item_id}, /healthz, /readyz,
+/metrics; the OpenAPI schema is at /openapi.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, HTTPException
+from prometheus_client import Counter, Histogram, make_asgi_app
+from pydantic import BaseModel, Field, model_validator
+from sqlalchemy import select, text
+from sqlalchemy.engine import Engine
+
+from said.catalogue import user_history
+from said.tables import item_embeddings, items
+from scorer.state import ServingState
+
+log = logging.getLogger(__name__)
+MAX_HISTORY = 200
+REQUESTS = Counter("said_scorer_requests_total", "Scorer requests.", ["endpoint", "status"])
+LATENCY = Histogram("said_scorer_seconds", "Scorer request latency.", ["endpoint"],
+                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1))  # fmt: skip
+
+
+class RecommendRequest(BaseModel):
+    user_id: str | None = Field(None, max_length=256)
+    history: list[str] | None = Field(None, max_length=MAX_HISTORY)
+    k: int = Field(10, ge=1, le=100)
+    exclude_seen: bool = True
+
+    @model_validator(mode="after")
+    def one_source(self) -> RecommendRequest:
+        if (self.user_id is None) == (self.history is None):
+            raise ValueError("give exactly one of user_id or history")
+        return self
+
+
+class Recommended(BaseModel):
+    item_id: str
+    score: float
+
+
+class RecommendResponse(BaseModel):
+    items: list[Recommended]
+    model_version: str
+    index_items: int
+    unknown_items: list[str]
+
+
+def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0) -> FastAPI:
+    stop = threading.Event()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        refresher = threading.Thread(target=state.run_refresher, args=(poll_s, stop), daemon=True)
+        refresher.start()
+        yield
+        stop.set()
+
+    app = FastAPI(title="SAID scorer", version="1", lifespan=lifespan)
+    app.mount("/metrics", make_asgi_app())
+
+    @app.post("/recommend", response_model=RecommendResponse)
+    def recommend(req: RecommendRequest) -> RecommendResponse:
+        with LATENCY.labels("recommend").time():
+            unknown: list[str] = []
+            if req.user_id is not None:
+                with engine.connect() as conn:
+                    history = user_history(conn, req.user_id, 50)
+                if not history:
+                    REQUESTS.labels("recommend", "404").inc()
+                    raise HTTPException(404, f"user {req.user_id!r} has no interactions")
+            else:
+                history = []
+                for item_id in req.history:
+                    idx = state.idx_of.get(item_id)
+                    if idx is None:
+                        unknown.append(item_id)
+                    else:
+                        history.append(idx)
+            exclude = set(history) if req.exclude_seen else set()
+            ranked = state.recommend(history, req.k, exclude)
+            REQUESTS.labels("recommend", "200").inc()
+            return RecommendResponse(
+                items=[Recommended(item_id=state.item_id[i], score=s) for i, s in ranked],
+                model_version=state.version, index_items=len(state.index), unknown_items=unknown,
+            )
+
+    @app.get("/items/{item_id}")
+    def item(item_id: str) -> dict:
+        with engine.connect() as conn:
+            row = conn.execute(select(items).where(items.c.item_id == item_id)).first()
+            if row is None:
+                raise HTTPException(404, f"unknown item {item_id!r}")
+            kind = conn.execute(select(item_embeddings.c.kind).where(
+                item_embeddings.c.item_idx == row.idx,
+                item_embeddings.c.model_version == state.version)).scalar()  # fmt: skip
+        return {"item_id": row.item_id, "idx": row.idx, "title": row.title,
+                "description": row.description, "status": row.status,
+                "embedding": kind, "servable": kind is not None}  # fmt: skip
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> dict:
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            raise HTTPException(503, f"database unavailable: {type(exc).__name__}") from exc
+        if len(state.index) == 0:
+            raise HTTPException(503, "index is empty")
+        return {"status": "ready", "index_items": len(state.index), "model_version": state.version,
+                "refreshed_at": state.refreshed_at}  # fmt: skip
+
+    return app
