@@ -1,0 +1,90 @@
+"""Freshness end to end: a new item event goes through Kafka, the consumer, the worker and
+the HTTP scorer (a real uvicorn server on loopback), and must enter the top-k of a user
+whose history it resembles. Real SmolLM2, real broker, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from consumers.interactions import InteractionsHandler
+from consumers.items import ItemsHandler
+from consumers.runner import ConsumeLoop
+from models.llm import load_llm
+from said.broker import free_port
+from said.db import make_engine
+from said.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
+from scorer.app import create_app
+from scorer.state import ServingState
+from tests.kafka_util import produce_json
+from tests.test_updater import NAMES
+from training.align import AlignConfig
+from updater.full_align import align_catalogue
+from updater.worker import UpdateWorker, WorkerConfig
+
+CPU = torch.device("cpu")
+
+
+def _item(i: int, title: str) -> dict:
+    return {"item_id": f"i{i}", "title": title, "description": None, "advertiser_id": "a",
+            "event_time": "2026-01-01T00:00:00Z"}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_new_item_enters_a_similar_users_top_k(settings, smollm_folder, llm_cache, tmp_path):
+    engine = make_engine(settings.database_url)
+    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS,
+                 [_item(i, f"{NAMES[i % 8]} pack {i}") for i in range(24)], "item_id")  # fmt: skip
+    history = [{"event_id": f"e{i}", "user_id": "u1", "item_id": f"i{i}", "type": "click",
+                "event_time": "2026-01-01T00:00:01Z"} for i in (0, 8)]  # fmt: skip
+    produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, history, "user_id")
+    ConsumeLoop(ItemsHandler(settings), engine, settings).run(idle_exit=1.0)
+    ConsumeLoop(InteractionsHandler(settings), engine, settings).run(idle_exit=1.0)
+    llm, tok = load_llm(None, llm_cache, CPU)
+    bundle = align_catalogue(engine, llm, tok, CPU, tmp_path, AlignConfig(epochs=3, batch_size=8),
+                             k=1, item_dim=32, progress=False)  # fmt: skip
+
+    state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, tmp_path / "index")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, state, poll_s=0.2), port=port,
+                                           log_level="warning"))  # fmt: skip
+    worker = UpdateWorker(engine, bundle, llm, tok, CPU, tmp_path / "index",
+                          WorkerConfig(batch=4, refine_epochs=2))  # fmt: skip
+    items_loop = ConsumeLoop(ItemsHandler(settings), engine, settings)
+    threads = [threading.Thread(target=server.run), threading.Thread(target=worker.run),
+               threading.Thread(target=items_loop.run)]  # fmt: skip
+    for t in threads:
+        t.start()
+    try:
+        url = f"http://127.0.0.1:{port}/recommend"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.post(url, json={"user_id": "u1"}).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        time.sleep(3)  # the item consumer has joined its group by now
+        t0 = time.monotonic()
+        produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [_item(99, "rose lip balm pack 99")],
+                     "item_id")  # fmt: skip
+        found_after = None
+        while time.monotonic() - t0 < 60:
+            top = httpx.post(url, json={"user_id": "u1", "k": 5}).json()["items"]
+            if "i99" in [x["item_id"] for x in top]:
+                found_after = time.monotonic() - t0
+                break
+            time.sleep(0.1)
+        print(f"fresh item servable in the user's top-5 after {found_after}s")
+        assert found_after is not None, f"i99 never entered the top-5: {top}"
+    finally:
+        server.should_exit = True
+        worker.stop()
+        items_loop.stop()
+        for t in threads:
+            t.join(30)
