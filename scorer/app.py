@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from prometheus_client import Counter, Histogram, make_asgi_app
 from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import select, text
@@ -67,31 +68,45 @@ def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0) -> Fast
     app = FastAPI(title="SAID scorer", version="1", lifespan=lifespan)
     app.mount("/metrics", make_asgi_app())
 
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        """Count every response by route template (bounded labels) and status, 5xx included."""
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+            status = response.status_code
+        except Exception:
+            status = 500
+            raise
+        finally:
+            route = request.scope.get("route")
+            endpoint = getattr(route, "path", "other")
+            REQUESTS.labels(endpoint, str(status)).inc()
+            LATENCY.labels(endpoint).observe(time.perf_counter() - start)
+        return response
+
     @app.post("/recommend", response_model=RecommendResponse)
     def recommend(req: RecommendRequest) -> RecommendResponse:
-        with LATENCY.labels("recommend").time():
-            unknown: list[str] = []
-            if req.user_id is not None:
-                with engine.connect() as conn:
-                    history = user_history(conn, req.user_id, 50)
-                if not history:
-                    REQUESTS.labels("recommend", "404").inc()
-                    raise HTTPException(404, f"user {req.user_id!r} has no interactions")
-            else:
-                history = []
-                for item_id in req.history:
-                    idx = state.idx_of.get(item_id)
-                    if idx is None:
-                        unknown.append(item_id)
-                    else:
-                        history.append(idx)
-            exclude = set(history) if req.exclude_seen else set()
-            ranked = state.recommend(history, req.k, exclude)
-            REQUESTS.labels("recommend", "200").inc()
-            return RecommendResponse(
-                items=[Recommended(item_id=state.item_id[i], score=s) for i, s in ranked],
-                model_version=state.version, index_items=len(state.index), unknown_items=unknown,
-            )
+        unknown: list[str] = []
+        if req.user_id is not None:
+            with engine.connect() as conn:
+                history = user_history(conn, req.user_id, 50)
+            if not history:
+                raise HTTPException(404, f"user {req.user_id!r} has no interactions")
+        else:
+            history = []
+            for item_id in req.history:
+                idx = state.idx_of.get(item_id)
+                if idx is None:
+                    unknown.append(item_id)
+                else:
+                    history.append(idx)
+        exclude = set(history) if req.exclude_seen else set()
+        ranked = state.recommend(history, req.k, exclude)
+        return RecommendResponse(
+            items=[Recommended(item_id=state.item_id[i], score=s) for i, s in ranked],
+            model_version=state.version, index_items=len(state.index), unknown_items=unknown,
+        )
 
     @app.get("/items/{item_id}")
     def item(item_id: str) -> dict:

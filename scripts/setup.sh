@@ -10,6 +10,12 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
     echo "PostgreSQL is missing and apt-get is unavailable: PostgreSQL tests will skip" >&2
   fi
 fi
+# promtool (Debian package prometheus) runs the alert-rule unit tests.
+if ! command -v promtool >/dev/null && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get install -y -qq prometheus >/dev/null || {
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq prometheus >/dev/null; }
+fi
 PY=${PYTHON:-python3}
 # torch first and pinned: 2.13.0 is the local CPU wheel; any other pin pulls CUDA builds.
 $PY -m pip install -q --disable-pip-version-check torch==2.13.0
