@@ -107,7 +107,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     dataset = Path(args.dataset) if args.dataset else DEFAULT_DATASET
     if not (dataset / "items.tsv").exists():
         raise SystemExit(f"no data set at {dataset}: pass --dataset DIR")
-    print(format_summary(run_demo(get_settings(), dataset, args.items)))
+    settings = get_settings()
+    summary = run_demo(settings, dataset, args.items, args.align_epochs, args.fresh, args.port,
+                       args.keep_serving)  # fmt: skip
+    print(format_summary(summary))
     return 0
 
 
@@ -248,7 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="the pipeline end to end on the embedded defaults")
     dm.add_argument("--dataset", default=None, help="default: ../shared/data/amazon-beauty")
-    dm.add_argument("--items", type=int, default=2000, help="size of the item slice")
+    dm.add_argument("--items", type=int, default=500, help="size of the item slice")
+    dm.add_argument("--align-epochs", type=int, default=4, help="passes of the full alignment")
+    dm.add_argument("--fresh", type=int, default=5, help="brand-new items to publish")
+    dm.add_argument("--port", type=int, default=8000, help="scorer API port")
+    dm.add_argument("--keep-serving", action="store_true", help="leave the API up at the end")
     dm.set_defaults(fn=_cmd_demo)
     return p
 
