@@ -13,7 +13,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from prometheus_client import Counter, Histogram, make_asgi_app
 from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import select, text
@@ -55,6 +55,34 @@ class RecommendResponse(BaseModel):
     unknown_items: list[str]
 
 
+class ObserveMiddleware:
+    """Counts every response by route template (bounded labels) and status, 5xx included.
+
+    A plain ASGI middleware, so that it also sees responses of unhandled exceptions.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), [500]
+
+        async def send_and_record(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", "other")
+            REQUESTS.labels(endpoint, str(status[0])).inc()
+            LATENCY.labels(endpoint).observe(time.perf_counter() - start)
+
+
 def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0) -> FastAPI:
     stop = threading.Event()
 
@@ -68,22 +96,7 @@ def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0) -> Fast
     app = FastAPI(title="SAID scorer", version="1", lifespan=lifespan)
     app.mount("/metrics", make_asgi_app())
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        """Count every response by route template (bounded labels) and status, 5xx included."""
-        start = time.perf_counter()
-        try:
-            response = await call_next(request)
-            status = response.status_code
-        except Exception:
-            status = 500
-            raise
-        finally:
-            route = request.scope.get("route")
-            endpoint = getattr(route, "path", "other")
-            REQUESTS.labels(endpoint, str(status)).inc()
-            LATENCY.labels(endpoint).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(ObserveMiddleware)
 
     @app.post("/recommend", response_model=RecommendResponse)
     def recommend(req: RecommendRequest) -> RecommendResponse:
