@@ -87,7 +87,7 @@ def _dlq_headers(msg: Message, reason: str) -> list[tuple[str, bytes]]:
     ]
 
 
-def _next_offsets(messages: Sequence[Message]) -> list[TopicPartition]:
+def next_offsets(messages: Sequence[Message]) -> list[TopicPartition]:
     """Offsets to commit: one past the highest processed offset of each partition."""
     top: dict[tuple[str, int], int] = {}
     for m in messages:
@@ -161,7 +161,7 @@ class ConsumeLoop:
             )
             self._dead_letter(rejected)
             try:
-                self.consumer.commit(offsets=_next_offsets(messages), asynchronous=False)
+                self.consumer.commit(offsets=next_offsets(messages), asynchronous=False)
             except KafkaException as exc:
                 # Typically a rebalance took the partitions: the new owner replays the
                 # batch, which the idempotent writes absorb. Nothing is lost.

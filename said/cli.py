@@ -194,6 +194,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dlq(args: argparse.Namespace) -> int:
+    from consumers.dlq_replay import replay_dlq
+
+    stats = replay_dlq(get_settings(), args.reason, args.idle_exit)
+    logging.info("replayed %d dead-lettered messages, skipped %d", stats.replayed, stats.skipped)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="said", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -243,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     ix = sub.add_parser("index", help="FAISS index maintenance")
     ix.add_argument("action", choices=["rebuild"])
     ix.set_defaults(fn=_cmd_index)
+
+    dq = sub.add_parser("dlq", help="dead-letter queue operations")
+    dq.add_argument("action", choices=["replay"])
+    dq.add_argument("--reason", required=True, help="replay messages whose reason starts so")
+    dq.add_argument("--idle-exit", type=float, default=5.0, metavar="SECONDS")
+    dq.set_defaults(fn=_cmd_dlq)
 
     sv = sub.add_parser("serve", help="the HTTP scorer")
     sv.add_argument("--host", default="127.0.0.1")

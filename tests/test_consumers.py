@@ -113,3 +113,21 @@ def test_bad_input_goes_to_dlq_with_reason_and_good_messages_are_kept(settings):
     with engine.connect() as conn:
         assert count_rows(conn, items) == 10
         assert count_rows(conn, interactions) == 20
+
+
+def test_dlq_replay_recovers_an_interaction_that_arrived_before_its_item(settings):
+    from consumers.dlq_replay import replay_dlq
+
+    produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, [_click(1, 5), _click(2, 6)], "user_id")
+    produce_raw(settings.kafka_bootstrap, TOPIC_ITEMS, [(b"k", b"{bad")])
+    stats, engine = consume(settings, InteractionsHandler)
+    assert stats.dead_lettered == 2
+    consume(settings, ItemsHandler)  # the bad item goes to the DLQ too
+    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [_item(5)], "item_id")
+    consume(settings, ItemsHandler)
+    replayed = replay_dlq(settings, "unknown_item", idle_exit=1.5)
+    assert (replayed.replayed, replayed.skipped) == (2, 1)
+    stats, _ = consume(settings, InteractionsHandler)
+    assert (stats.stored, stats.dead_lettered) == (1, 1), "item 6 is still unknown"
+    with engine.connect() as conn:
+        assert count_rows(conn, interactions) == 1
