@@ -138,20 +138,16 @@ def _cmd_align(args: argparse.Namespace) -> int:
 def _cmd_update(args: argparse.Namespace) -> int:
     from said.db import make_engine
     from said.metrics import serve_metrics
-    from updater.bundle import AlignerBundle
-    from updater.full_align import active_aligner_path
+    from updater.full_align import load_active_bundle
     from updater.worker import UpdateWorker, WorkerConfig
 
     settings = get_settings()
     engine = make_engine(settings.database_url)
-    path = active_aligner_path(engine)
-    if path is None:
-        raise SystemExit("no active aligner: run `said align` once first")
-    serve_metrics(settings.metrics_port)
     llm, tok, device = _load_llm(settings)
+    bundle = load_active_bundle(engine, device)
+    serve_metrics(settings.metrics_port)
     cfg = WorkerConfig(batch=args.batch, refine_epochs=args.refine_epochs, lease_ttl_s=args.lease_ttl)
-    worker = UpdateWorker(engine, AlignerBundle.load(path, device), llm, tok, device,
-                          settings.data_dir / "index", cfg)  # fmt: skip
+    worker = UpdateWorker(engine, bundle, llm, tok, device, settings.data_dir / "index", cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     logging.info("updated %d items", worker.run(idle_exit=args.idle_exit))
@@ -162,16 +158,12 @@ def _cmd_index(args: argparse.Namespace) -> int:
     import torch
 
     from said.db import make_engine
-    from updater.bundle import AlignerBundle
-    from updater.full_align import active_aligner_path
+    from updater.full_align import load_active_bundle
     from updater.worker import rebuild_index
 
     settings = get_settings()
     engine = make_engine(settings.database_url)
-    path = active_aligner_path(engine)
-    if path is None:
-        raise SystemExit("no active aligner: nothing to index")
-    bundle = AlignerBundle.load(path, torch.device("cpu"))
+    bundle = load_active_bundle(engine, torch.device("cpu"))
     index = rebuild_index(engine, bundle.version, bundle.aligner.cfg.hidden)
     out = index.save(settings.data_dir / "index", f"{bundle.version}-rebuild-{int(time.time())}")
     logging.info("rebuilt index with %d items: %s", len(index), out)
@@ -179,17 +171,18 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
 
     from said.db import make_engine
     from scorer.app import create_app
     from scorer.state import ServingState
-    from updater.full_align import active_aligner_version
+    from updater.full_align import load_active_bundle
 
     settings = get_settings()
     engine = make_engine(settings.database_url)
-    version, dim = active_aligner_version(engine)
-    state = ServingState(engine, version, dim, settings.data_dir / "index")
+    bundle = load_active_bundle(engine, torch.device("cpu"))
+    state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, settings.data_dir / "index")
     uvicorn.run(create_app(engine, state), host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -48,6 +48,20 @@ def length_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[
     return batches
 
 
+def _train_step(llm, prefix, soft_fn, keys: torch.Tensor, texts: list[list[int]], pad_id: int,
+                device: torch.device, optimizers: list) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One teacher-forced step on a batch; returns detached (per-item loss, mean loss)."""
+    text = pad_batch(texts, pad_id).to(device)
+    with autocast(device):
+        per_item, _, loss = alignment_loss(llm, prefix, soft_fn(keys), text)
+    for opt in optimizers:
+        opt.zero_grad()
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    return per_item.detach(), loss.detach()
+
+
 def save_atomic(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -97,14 +111,8 @@ def train_full(
                    initial=state["batch"], total=len(batches), disable=not progress)  # fmt: skip
         for b in batches[state["batch"] :]:
             idx = torch.tensor([item_idx[i] for i in b], device=device)
-            text = pad_batch([tokens[i] for i in b], pad_id).to(device)
-            with autocast(device):
-                _, _, loss = alignment_loss(llm, prefix, aligner.soft_tokens(idx), text)
-            opt_rows.zero_grad()
-            opt_proj.zero_grad()
-            loss.backward()
-            opt_rows.step()
-            opt_proj.step()
+            _, loss = _train_step(llm, prefix, aligner.soft_tokens, idx, [tokens[i] for i in b],
+                                  pad_id, device, [opt_rows, opt_proj])  # fmt: skip
             state["batch"] += 1
             state["running"][0] += loss.item() * len(b)
             state["running"][1] += len(b)
@@ -146,12 +154,8 @@ def refine_fresh(
         total, n = 0.0, 0
         for b in length_batches(lengths, batch_size, epoch):
             local = torch.tensor(b, device=device)
-            text = pad_batch([tokens[i] for i in b], pad_id).to(device)
-            with autocast(device):
-                per_item, _, loss = alignment_loss(llm, prefix, fresh.soft_tokens(local), text)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            per_item, _ = _train_step(llm, prefix, fresh.soft_tokens, local, [tokens[i] for i in b],
+                                      pad_id, device, [opt])  # fmt: skip
             total += per_item.sum().item()
             n += len(b)
         history.append(total / n)

@@ -29,13 +29,12 @@ log = logging.getLogger(__name__)
 PROMPT = " Item text:"
 
 
-def active_aligner_version(engine: Engine) -> tuple[str, int]:
-    """(version, vector width) of the active aligner; what the scorer serves."""
+def load_active_bundle(engine: Engine, device: torch.device) -> AlignerBundle:
+    """The active aligner bundle; a clear error when ``said align`` never ran."""
     path = active_aligner_path(engine)
     if path is None:
         raise SystemExit("no active aligner: run `said align` once first")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    return saved["version"], saved["config"]["hidden"]
+    return AlignerBundle.load(path, device)
 
 
 def active_aligner_path(engine: Engine) -> Path | None:
