@@ -195,6 +195,13 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_topics(args: argparse.Namespace) -> int:
+    from said.broker import ensure_topics
+
+    ensure_topics(get_settings().kafka_config(), args.partitions, args.replication)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="said", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -202,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("broker", help="run the embedded Kafka-protocol broker on loopback")
     b.add_argument("--port", type=int, default=9092)
     b.set_defaults(fn=_cmd_broker)
+
+    tp = sub.add_parser("topics", help="create the said topics if absent (idempotent)")
+    tp.add_argument("action", choices=["create"])
+    tp.add_argument("--partitions", type=int, default=4)
+    tp.add_argument("--replication", type=int, default=1)
+    tp.set_defaults(fn=_cmd_topics)
 
     d = sub.add_parser("db", help="catalogue schema")
     d.add_argument("action", choices=["upgrade"])
