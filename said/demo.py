@@ -29,6 +29,7 @@ from said.catalogue import count_rows, user_history
 from said.db import make_engine
 from said.events import TOPIC_ITEMS
 from said.migrate import upgrade
+from said.plots import alignment_curve, fresh_vs_reference, freshness
 from said.produce import produce_events, replay_dataset
 from said.settings import Settings
 from said.tables import interactions, items
@@ -101,6 +102,12 @@ def run_demo(settings: Settings, dataset: Path, n_items: int, align_epochs: int,
                 )
             for user, title, s in fresh:
                 summary[f"  user {user}"] = f"{title[:48]!r}: {'-' if s is None else f'{s:.2f}s'}"
+            worker_losses = list(worker.fresh_losses)
+            plots = settings.data_dir / "plots"
+            alignment_curve(bundle.history, plots / "alignment_loss.png")
+            fresh_vs_reference(bundle.reference_losses, worker_losses, plots / "fresh_vs_reference.png")
+            freshness(secs, plots / "freshness.png")
+            summary["plots"] = str(plots)
             summary["API"] = f"{url}/docs (POST /recommend)"
             summary["wall seconds"] = round(time.perf_counter() - t_start, 1)
             if keep_serving:

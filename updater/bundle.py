@@ -7,7 +7,7 @@ estimator), and the reference loss of aligned items (the denominator of the drif
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,13 +23,16 @@ class AlignerBundle:
     ridge: torch.Tensor  # (H+1, d): [pooled text feature, 1] -> item row
     reference_loss: float  # mean per-item loss of the fully aligned items
     prompt: str
+    history: list[float] = field(default_factory=list)  # mean loss per alignment pass
+    reference_losses: list[float] = field(default_factory=list)  # per aligned item
 
     def save(self, folder: Path) -> Path:
         path = folder / f"aligner-{self.version}.pt"
         save_atomic({"version": self.version, "config": asdict(self.aligner.cfg),
                      "aligner": {k: v.cpu() for k, v in self.aligner.state_dict().items()},
                      "ridge": self.ridge.cpu(), "reference_loss": self.reference_loss,
-                     "prompt": self.prompt}, path)  # fmt: skip
+                     "prompt": self.prompt, "history": self.history,
+                     "reference_losses": self.reference_losses}, path)  # fmt: skip
         return path
 
     @classmethod
@@ -38,5 +41,6 @@ class AlignerBundle:
         aligner = ItemAligner(AlignerConfig(**saved["config"]))
         aligner.load_state_dict(saved["aligner"])
         aligner.requires_grad_(False)
-        return cls(saved["version"], aligner.to(device), saved["ridge"],
-                   saved["reference_loss"], saved["prompt"])  # fmt: skip
+        return cls(saved["version"], aligner.to(device), saved["ridge"], saved["reference_loss"],
+                   saved["prompt"], saved.get("history", []),
+                   saved.get("reference_losses", []))  # fmt: skip

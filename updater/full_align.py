@@ -67,13 +67,15 @@ def align_catalogue(engine: Engine, llm, tok, device: torch.device, data_dir: Pa
     cfg = AlignerConfig(n_items=max(idx), hidden=llm.config.hidden_size, item_dim=item_dim, k=k)
     aligner = ItemAligner(cfg).to(device)
     ckpt = data_dir / "align" / f"checkpoint-{key}-k{k}.pt"
-    train_full(aligner, llm, prefix, tokens, idx, acfg, device, tok.pad_token_id, ckpt, progress)
+    history = train_full(aligner, llm, prefix, tokens, idx, acfg, device, tok.pad_token_id, ckpt,
+                         progress)  # fmt: skip
     fid = fidelity(aligner.soft_tokens, llm, prefix, tokens, idx, device, tok.pad_token_id,
                    tok.eos_token_id, reconstruct=False, progress=progress)  # fmt: skip
     feats = pooled_text_features(llm, tok, texts, device, progress=progress)
     ridge = fit_text_to_rows(feats, aligner.items.weight.detach()[idx].cpu())
     version = datetime.now(UTC).strftime("said-%Y%m%d%H%M%S")
-    bundle = AlignerBundle(version, aligner.requires_grad_(False), ridge, fid["mean_loss"], PROMPT)
+    bundle = AlignerBundle(version, aligner.requires_grad_(False), ridge, fid["mean_loss"], PROMPT,
+                           history, fid["loss"])  # fmt: skip
     path = bundle.save(data_dir / "aligner")
     vectors = aligner.item_vectors()[idx].float().cpu().numpy()
     now = datetime.now(UTC)

@@ -86,7 +86,7 @@ class UpdateWorker:
         self.index = open_index(engine, index_dir, bundle.version, bundle.aligner.cfg.hidden)
         self.stopping = False
         self.done = 0
-        self._fresh_losses: list[float] = []
+        self.fresh_losses: list[float] = []  # recent refined losses (the drift numerator)
         self._last_snapshot = time.monotonic()
 
     def stop(self) -> None:
@@ -157,8 +157,8 @@ class UpdateWorker:
         self._publish(leases, vectors.float().cpu().numpy(), "refined", losses)
         for loss in losses:
             metrics.ALIGNMENT_LOSS.labels("fresh").observe(loss)
-        self._fresh_losses = (self._fresh_losses + losses)[-1000:]
-        ratio = float(np.mean(self._fresh_losses)) / max(self.bundle.reference_loss, 1e-9)
+        self.fresh_losses = (self.fresh_losses + losses)[-1000:]
+        ratio = float(np.mean(self.fresh_losses)) / max(self.bundle.reference_loss, 1e-9)
         metrics.DRIFT_RATIO.set(ratio)
         log.info("refined %d items: mean loss %.3f, drift ratio %.2f", len(leases),
                  float(np.mean(losses)), ratio)  # fmt: skip
