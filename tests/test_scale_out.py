@@ -1,0 +1,65 @@
+"""Scaling out on one machine: two consumers of one group and two updater workers split
+the work, with nothing lost and nothing done twice."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+from sqlalchemy import func, select
+
+from consumers.interactions import InteractionsHandler
+from consumers.runner import ConsumeLoop
+from said.catalogue import count_rows
+from said.db import make_engine
+from said.events import TOPIC_INTERACTIONS
+from said.tables import interactions, item_embeddings
+from tests.kafka_util import produce_json
+from tests.test_consumers import _click
+from tests.test_crash_and_outage import _load_items
+from tests.test_updater import _add, aligned  # noqa: F401 - fixture
+from updater.leases import pending_count
+from updater.worker import UpdateWorker, WorkerConfig
+
+
+def test_two_consumers_in_one_group_split_the_partitions(settings):
+    _load_items(settings, 50)
+    events = [_click(e, e % 50, user=f"u{e % 101}") for e in range(8000)]
+    loops = [ConsumeLoop(InteractionsHandler(settings), make_engine(settings.database_url),
+                         settings) for _ in range(2)]  # fmt: skip
+    results: dict[int, object] = {}
+    threads = [threading.Thread(target=lambda n=n: results.setdefault(n, loops[n].run(idle_exit=4)))
+               for n in range(2)]  # fmt: skip
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30  # produce only once both members own partitions
+    while time.monotonic() < deadline and not all(lp.consumer.assignment() for lp in loops):
+        time.sleep(0.1)
+    produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, events, "user_id")
+    for t in threads:
+        t.join(120)
+    consumed = [results[n].consumed for n in range(2)]
+    assert all(c > 0 for c in consumed), f"both members got partitions: {consumed}"
+    assert sum(consumed) >= 8000
+    with make_engine(settings.database_url).connect() as conn:
+        assert count_rows(conn, interactions) == 8000
+
+
+def test_two_workers_split_fresh_items_without_overlap(aligned):  # noqa: F811
+    engine, bundle, llm, tok, data = aligned
+    _add(engine, 24, 16)
+    workers = [UpdateWorker(engine, bundle, llm, tok, torch.device("cpu"), data / f"index{n}",
+                            WorkerConfig(batch=2, refine_epochs=1)) for n in range(2)]  # fmt: skip
+    threads = [threading.Thread(target=w.run, kwargs={"idle_exit": 0.5}) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    done = [w.done for w in workers]
+    assert sum(done) == 16 and all(d > 0 for d in done), done
+    with engine.connect() as conn:
+        assert pending_count(conn) == 0
+        per_item = conn.execute(select(func.count()).select_from(item_embeddings)
+                                .group_by(item_embeddings.c.item_idx)).scalars().all()  # fmt: skip
+    assert len(per_item) == 40 and set(per_item) == {1}
