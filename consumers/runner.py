@@ -105,6 +105,7 @@ class ConsumeLoop:
         self.settings = settings
         self.stats = RunStats()
         self.stopping = False
+        self.assigned: set[tuple[str, int]] = set()  # owned partitions, from the callbacks
         group = f"{settings.group_id}.{handler.name}"
         self.consumer = Consumer(consumer_config(settings, group, _record_lag))
         self.producer = Producer(
@@ -118,7 +119,10 @@ class ConsumeLoop:
     def run(self, idle_exit: float | None = None) -> RunStats:
         """Consume until :meth:`stop` or ``idle_exit`` seconds without a message."""
         self.consumer.subscribe(
-            [self.handler.topic], on_assign=self._on_assign, on_lost=self._on_lost
+            [self.handler.topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
         )
         # Joining a group takes up to a session timeout: idleness counts from then, and from
         # every (re)assignment, so a slow join is never mistaken for an empty topic.
@@ -202,9 +206,15 @@ class ConsumeLoop:
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._idle_since = time.monotonic()
+        self.assigned |= {(p.topic, p.partition) for p in partitions}
         log.info("assigned %s", [(p.topic, p.partition) for p in partitions])
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Every finished batch is already committed (see module docstring): nothing to flush.
+        self.assigned -= {(p.topic, p.partition) for p in partitions}
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Offsets of finished batches were committed synchronously; an in-flight batch's
         # commit will fail and be replayed by the new owner.
+        self.assigned -= {(p.topic, p.partition) for p in partitions}
         log.warning("partitions lost: %s", [(p.topic, p.partition) for p in partitions])

@@ -29,20 +29,29 @@ def test_two_consumers_in_one_group_split_the_partitions(settings):
     loops = [ConsumeLoop(InteractionsHandler(settings), make_engine(settings.database_url),
                          settings) for _ in range(2)]  # fmt: skip
     results: dict[int, object] = {}
-    threads = [threading.Thread(target=lambda n=n: results.setdefault(n, loops[n].run(idle_exit=4)))
+    threads = [threading.Thread(target=lambda n=n: results.setdefault(n, loops[n].run()))
                for n in range(2)]  # fmt: skip
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30  # produce only once both members own partitions
-    while time.monotonic() < deadline and not all(lp.consumer.assignment() for lp in loops):
+    while time.monotonic() < deadline and not all(lp.assigned for lp in loops):
         time.sleep(0.1)
     produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, events, "user_id")
+    engine = make_engine(settings.database_url)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            if count_rows(conn, interactions) >= 8000:
+                break
+        time.sleep(0.2)
+    for lp in loops:
+        lp.stop()
     for t in threads:
-        t.join(120)
+        t.join(60)
     consumed = [results[n].consumed for n in range(2)]
     assert all(c > 0 for c in consumed), f"both members got partitions: {consumed}"
     assert sum(consumed) >= 8000
-    with make_engine(settings.database_url).connect() as conn:
+    with engine.connect() as conn:
         assert count_rows(conn, interactions) == 8000
 
 
