@@ -2,7 +2,7 @@
 
 - ``text``: mean-pooled LLM hidden states of each item text;
 - ``said``: SAID-aligned soft tokens; with held-out (cold) items, the aligner never sees
-  them and they enter through the incremental path: neighbour estimate, then refinement of
+  them and they enter through the incremental path: ridge estimate, then refinement of
   their rows alone against the frozen projector.
 """
 
@@ -19,8 +19,9 @@ from models.said import (
     AlignerConfig,
     FreshRows,
     ItemAligner,
-    NeighbourEstimator,
     Prefix,
+    estimate_rows,
+    fit_text_to_rows,
     tokenize_texts,
 )
 from training.align import AlignConfig, fidelity, refine_fresh, save_atomic, train_full
@@ -107,7 +108,8 @@ def _add_fresh(aligner, llm, prefix, tokens, text_features, cold, warm, device, 
                epochs, lr) -> dict:  # fmt: skip
     """The incremental path on the held-out items; compares the estimate with random init."""
     rows = aligner.items.weight.detach()
-    est = NeighbourEstimator(text_features[warm], rows[warm].cpu())(text_features[cold]).to(device)
+    w = fit_text_to_rows(text_features[warm], rows[warm].cpu())
+    est = estimate_rows(text_features[cold], w).to(device)
     cold_tokens = [tokens[i - 1] for i in cold]
     local = list(range(len(cold)))
     report = {"items": len(cold)}

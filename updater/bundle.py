@@ -1,8 +1,8 @@
 """The aligner bundle: what the streaming worker needs to align fresh items.
 
 Written by ``said align`` (full alignment) and read by ``said update``. It holds the frozen
-projector and table, the pooled text features of the aligned items (the keys of the
-fresh-item estimator), and the reference loss of aligned items (the denominator of the drift ratio).
+projector and table, the ridge map from pooled text features to rows (the fresh-item
+estimator), and the reference loss of aligned items (the denominator of the drift ratio).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from models.said import AlignerConfig, ItemAligner, NeighbourEstimator
+from models.said import AlignerConfig, ItemAligner
 from training.align import save_atomic
 
 
@@ -20,8 +20,7 @@ from training.align import save_atomic
 class AlignerBundle:
     version: str
     aligner: ItemAligner
-    key_idx: torch.Tensor  # (N,) item indexes of the aligned items
-    text_keys: torch.Tensor  # (N, H) their pooled LLM text features
+    ridge: torch.Tensor  # (H+1, d): [pooled text feature, 1] -> item row
     reference_loss: float  # mean per-item loss of the fully aligned items
     prompt: str
     history: list[float] = field(default_factory=list)  # mean loss per alignment pass
@@ -31,15 +30,10 @@ class AlignerBundle:
         path = folder / f"aligner-{self.version}.pt"
         save_atomic({"version": self.version, "config": asdict(self.aligner.cfg),
                      "aligner": {k: v.cpu() for k, v in self.aligner.state_dict().items()},
-                     "key_idx": self.key_idx.cpu(), "text_keys": self.text_keys.half().cpu(),
-                     "reference_loss": self.reference_loss,
+                     "ridge": self.ridge.cpu(), "reference_loss": self.reference_loss,
                      "prompt": self.prompt, "history": self.history,
                      "reference_losses": self.reference_losses}, path)  # fmt: skip
         return path
-
-    def estimator(self) -> NeighbourEstimator:
-        rows = self.aligner.items.weight.detach()[self.key_idx.to(self.aligner.items.weight.device)]
-        return NeighbourEstimator(self.text_keys, rows.cpu())
 
     @classmethod
     def load(cls, path: Path, device: torch.device) -> AlignerBundle:
@@ -47,7 +41,6 @@ class AlignerBundle:
         aligner = ItemAligner(AlignerConfig(**saved["config"]))
         aligner.load_state_dict(saved["aligner"])
         aligner.requires_grad_(False)
-        return cls(saved["version"], aligner.to(device), saved["key_idx"], saved["text_keys"].float(),
-                   saved["reference_loss"],
+        return cls(saved["version"], aligner.to(device), saved["ridge"], saved["reference_loss"],
                    saved["prompt"], saved.get("history", []),
                    saved.get("reference_losses", []))  # fmt: skip

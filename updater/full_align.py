@@ -1,7 +1,7 @@
 """``said align``: full SAID alignment of every catalogue item, as a new aligner version.
 
 Resumable: the training checkpoint is keyed by the set of item texts, so a killed run
-continues at the batch where it stopped. At the end the bundle (projector, table, text keys,
+continues at the batch where it stopped. At the end the bundle (projector, table, ridge map,
 reference loss) is saved, every item gets its embedding, and the version becomes active.
 """
 
@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
 from models.llm import pooled_text_features
-from models.said import AlignerConfig, ItemAligner, Prefix, tokenize_texts
+from models.said import AlignerConfig, ItemAligner, Prefix, fit_text_to_rows, tokenize_texts
 from said.catalogue import write_embeddings
 from said.tables import items, model_versions
 from training.align import AlignConfig, fidelity, train_full
@@ -72,9 +72,9 @@ def align_catalogue(engine: Engine, llm, tok, device: torch.device, data_dir: Pa
     fid = fidelity(aligner.soft_tokens, llm, prefix, tokens, idx, device, tok.pad_token_id,
                    tok.eos_token_id, reconstruct=False, progress=progress)  # fmt: skip
     feats = pooled_text_features(llm, tok, texts, device, progress=progress)
+    ridge = fit_text_to_rows(feats, aligner.items.weight.detach()[idx].cpu())
     version = datetime.now(UTC).strftime("said-%Y%m%d%H%M%S")
-    bundle = AlignerBundle(version, aligner.requires_grad_(False), torch.tensor(idx), feats,
-                           fid["mean_loss"], PROMPT,
+    bundle = AlignerBundle(version, aligner.requires_grad_(False), ridge, fid["mean_loss"], PROMPT,
                            history, fid["loss"])  # fmt: skip
     path = bundle.save(data_dir / "aligner")
     vectors = aligner.item_vectors()[idx].float().cpu().numpy()

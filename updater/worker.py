@@ -1,7 +1,7 @@
 """``said update``: the streaming worker that makes fresh items servable.
 
 Per leased micro-batch of pending items:
-  1. **estimate**: pooled LLM text features -> rows of the textual neighbours -> projector;
+  1. **estimate**: pooled LLM text features -> ridge map -> item rows -> frozen projector;
      the vectors are written (kind ``estimate``) and upserted into the index at once, so
      the item is recommendable within seconds;
   2. **refine**: the rows alone are trained against the frozen LLM and projector (no old row
@@ -26,7 +26,7 @@ import torch
 from sqlalchemy.engine import Engine
 
 from models.llm import pooled_text_features
-from models.said import FreshRows, Prefix, tokenize_texts
+from models.said import FreshRows, Prefix, estimate_rows, tokenize_texts
 from said import metrics
 from said.catalogue import load_embeddings, write_embeddings
 from training.align import fidelity, refine_fresh
@@ -82,7 +82,6 @@ class UpdateWorker:
         self.cfg = cfg or WorkerConfig()
         self.owner = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.prefix = Prefix(tok, prompt=bundle.prompt)
-        self.estimate_rows = bundle.estimator()
         self.index_dir = index_dir
         self.index = open_index(engine, index_dir, bundle.version, bundle.aligner.cfg.hidden)
         self.stopping = False
@@ -135,7 +134,7 @@ class UpdateWorker:
 
     def _estimate(self, leases: list[Lease]) -> torch.Tensor:
         feats = pooled_text_features(self.llm, self.tok, [x.text for x in leases], self.device)
-        rows = self.estimate_rows(feats).to(self.device)  # (B, d)
+        rows = estimate_rows(feats, self.bundle.ridge).to(self.device)  # (B, d)
         with torch.no_grad():
             vectors = self.bundle.aligner.projector(rows).mean(1).float().cpu().numpy()
         self._publish(leases, vectors, "estimate", [None] * len(leases))
