@@ -39,7 +39,9 @@ class SASRec(nn.Module):
                 self.id_emb.weight[0].zero_()
             self.register_buffer("table", None)
         else:
-            assert frozen_table.shape[0] == cfg.n_items + 1, "table must have a padding row 0"
+            if frozen_table.shape[0] != cfg.n_items + 1:
+                raise ValueError(f"table has {frozen_table.shape[0]} rows; expected n_items + 1 "
+                                 f"= {cfg.n_items + 1} (row 0 is padding)")  # fmt: skip
             table = frozen_table.float().clone()
             # a fixed per-dimension standardisation (still frozen) puts LLM-scale features
             # on the scale the adapter's init expects

@@ -67,7 +67,7 @@ class ServingState:
     def recommend(self, history: list[int], k: int, exclude: set[int]) -> list[tuple[int, float]]:
         """Top-k items by cosine similarity to the mean of the history's vectors."""
         with self.lock:
-            vecs = [self.index.vector(i) for i in history if self._has(i)]
+            vecs = [v for v in map(self._vector, history) if v is not None]
             if not vecs:
                 return []
             query = normalise(np.mean(vecs, axis=0, keepdims=True))
@@ -76,9 +76,9 @@ class ServingState:
                if i >= 0 and int(i) not in exclude]  # fmt: skip
         return out[:k]
 
-    def _has(self, idx: int) -> bool:
+    def _vector(self, idx: int) -> np.ndarray | None:
+        """The item's vector, or None when it is not indexed yet (read once, not twice)."""
         try:
-            self.index.vector(idx)
-            return True
+            return self.index.vector(idx)
         except RuntimeError:
-            return False
+            return None
