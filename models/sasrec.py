@@ -42,13 +42,13 @@ class SASRec(nn.Module):
             if frozen_table.shape[0] != cfg.n_items + 1:
                 raise ValueError(f"table has {frozen_table.shape[0]} rows; expected n_items + 1 "
                                  f"= {cfg.n_items + 1} (row 0 is padding)")  # fmt: skip
-            table = frozen_table.float().clone()
-            # a fixed per-dimension standardisation (still frozen) puts LLM-scale features
-            # on the scale the adapter's init expects
-            mean, std = table[1:].mean(0), table[1:].std(0).clamp(min=1e-6)
-            table = (table - mean) / std
-            table[0] = 0
-            self.register_buffer("table", table)  # (N+1, D), never trained
+            table = frozen_table.float()
+            # not saved with the weights: serving maps new items' vectors with ``adapt``
+            self.register_buffer("table", table.clone(), persistent=False)  # (N+1, D)
+            # a fixed per-dimension standardisation (saved, never trained) puts LLM-scale
+            # features on the scale the adapter's init expects; a warm start keeps it
+            self.register_buffer("feat_mean", table[1:].mean(0))
+            self.register_buffer("feat_std", table[1:].std(0).clamp(min=1e-6))
             d = table.shape[1]
             self.adapter = nn.Sequential(
                 nn.Linear(d, d // 2), nn.Dropout(cfg.dropout), nn.Linear(d // 2, cfg.hidden)
@@ -66,18 +66,24 @@ class SASRec(nn.Module):
         """Vectors of ``idx`` (any shape) or of all items (N+1, hidden)."""
         if self.table is None:
             return self.id_emb.weight if idx is None else self.id_emb(idx)
-        rows = self.table if idx is None else self.table[idx]
-        return self.adapter(rows)
+        return self.adapt(self.table if idx is None else self.table[idx])
+
+    def adapt(self, rows: torch.Tensor) -> torch.Tensor:
+        """(..., D) frozen-table rows (also of items added after training) -> (..., hidden)."""
+        return self.adapter((rows - self.feat_mean) / self.feat_std)
 
     def log2feats(self, seqs: torch.Tensor) -> torch.Tensor:
         """(B, T) left-padded item ids -> (B, T, hidden) causal sequence features."""
-        T = seqs.shape[1]
-        x = self.item_vectors(seqs) * self.cfg.hidden**0.5
-        x = x + self.pos_emb(torch.arange(T, device=seqs.device))
-        x = self.drop(x) * (seqs > 0).unsqueeze(-1)
-        causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=seqs.device), 1)
+        return self.encode(self.item_vectors(seqs), seqs > 0)
+
+    def encode(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, T, hidden) item vectors and (B, T) bool of real steps -> (B, T, hidden)."""
+        T = x.shape[1]
+        x = x * self.cfg.hidden**0.5 + self.pos_emb(torch.arange(T, device=x.device))
+        x = self.drop(x) * valid.unsqueeze(-1)
+        causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), 1)
         x = self.blocks(x, mask=causal)
-        return self.norm(x) * (seqs > 0).unsqueeze(-1)
+        return self.norm(x) * valid.unsqueeze(-1)
 
     def forward(self, seqs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean full-softmax cross-entropy of next-item prediction over non-padding steps."""

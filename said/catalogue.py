@@ -246,3 +246,15 @@ def user_history(conn: Connection, user_id: str, limit: int) -> list[int]:
         .order_by(interactions.c.event_time.desc(), interactions.c.id.desc()).limit(limit)
     ).scalars().all()  # fmt: skip
     return list(reversed(rows))
+
+
+def user_sequences(conn: Connection) -> list[list[int]]:
+    """Every user's item indexes in event order (the scorer's training data)."""
+    rows = conn.execute(
+        select(interactions.c.user_id, interactions.c.item_idx)
+        .order_by(interactions.c.user_id, interactions.c.event_time, interactions.c.id)
+    ).all()  # fmt: skip
+    seqs: dict[str, list[int]] = {}
+    for user, idx in rows:
+        seqs.setdefault(user, []).append(idx)
+    return list(seqs.values())

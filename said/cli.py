@@ -147,43 +147,79 @@ def _cmd_update(args: argparse.Namespace) -> int:
     bundle = load_active_bundle(engine, device)
     serve_metrics(settings.metrics_port)
     cfg = WorkerConfig(batch=args.batch, refine_epochs=args.refine_epochs, lease_ttl_s=args.lease_ttl)
-    worker = UpdateWorker(engine, bundle, llm, tok, device, settings.data_dir / "index", cfg)
+    worker = UpdateWorker(engine, bundle, llm, tok, device, cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     logging.info("updated %d items", worker.run(idle_exit=args.idle_exit))
     return 0
 
 
-def _cmd_index(args: argparse.Namespace) -> int:
+def _serving_state(settings):
     import torch
 
     from said.db import make_engine
+    from scorer.state import ServingState
     from updater.full_align import load_active_bundle
-    from updater.worker import rebuild_index
 
-    settings = get_settings()
     engine = make_engine(settings.database_url)
     bundle = load_active_bundle(engine, torch.device("cpu"))
-    index = rebuild_index(engine, bundle.version, bundle.aligner.cfg.hidden)
-    out = index.save(settings.data_dir / "index", f"{bundle.version}-rebuild-{int(time.time())}")
-    logging.info("rebuilt index with %d items: %s", len(index), out)
+    state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden,
+                         settings.data_dir / "index", settings.snapshot_every_s,
+                         settings.hnsw_min_items)  # fmt: skip
+    return engine, state
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    _, state = _serving_state(get_settings())
+    out = state.rebuild()
+    logging.info("rebuilt the index of %s with %d items: %s", state.version,
+                 len(state.served.index), out)  # fmt: skip
     return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import torch
     import uvicorn
 
-    from said.db import make_engine
     from scorer.app import create_app
-    from scorer.state import ServingState
-    from updater.full_align import load_active_bundle
+
+    settings = get_settings()
+    engine, state = _serving_state(settings)
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    uvicorn.run(create_app(engine, state, token=token), host=args.host, port=args.port,
+                log_level="warning")  # fmt: skip
+    return 0
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    import threading
+
+    from said.db import make_engine
+    from said.metrics import serve_metrics
+    from updater.full_align import active_aligner_version
+    from updater.retrain import RetrainConfig, activate, retrain_once, run_retrainer
 
     settings = get_settings()
     engine = make_engine(settings.database_url)
-    bundle = load_active_bundle(engine, torch.device("cpu"))
-    state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, settings.data_dir / "index")
-    uvicorn.run(create_app(engine, state), host=args.host, port=args.port, log_level="warning")
+    if args.activate:
+        activate(engine, args.activate)
+        logging.info("scorer %s is active; replicas swap to it within their poll period",
+                     args.activate)  # fmt: skip
+        return 0
+    from models.llm import pick_device
+
+    device = pick_device(settings.device)
+    cfg = RetrainConfig(min_new_interactions=settings.retrain_min_interactions,
+                        min_new_items=settings.retrain_min_items, epochs=args.epochs)  # fmt: skip
+    version, out = active_aligner_version(engine), settings.data_dir / "scorer"
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.watch:
+        retrain_once(engine, version, out, cfg, device)
+        return 0
+    serve_metrics(settings.metrics_port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    run_retrainer(engine, version, out, cfg, device, stop, progress=True)
     return 0
 
 
@@ -263,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     dq.add_argument("--reason", required=True, help="replay messages whose reason starts so")
     dq.add_argument("--idle-exit", type=float, default=5.0, metavar="SECONDS")
     dq.set_defaults(fn=_cmd_dlq)
+
+    rt = sub.add_parser("retrain", help="train the SASRec scorer; promote it if not worse")
+    rt.add_argument("--watch", action="store_true",
+                    help="keep running; retrain when SAID_RETRAIN_MIN_* new events arrived")
+    rt.add_argument("--epochs", type=int, default=30, help="upper bound per retrain")
+    rt.add_argument("--activate", metavar="VERSION", help="roll back/forward to a scorer version")
+    rt.set_defaults(fn=_cmd_retrain)
 
     sv = sub.add_parser("serve", help="the HTTP scorer")
     sv.add_argument("--host", default="127.0.0.1")

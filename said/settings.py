@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     soft_tokens: int = Field(1, ge=1, le=16, description="k soft tokens per item.")
     item_dim: int = Field(128, ge=8, description="Width of the item ID embedding rows.")
 
+    # --- scorer and retraining ------------------------------------------------------
+    retrain_min_interactions: int = Field(10_000, ge=1, description="New interactions -> retrain.")
+    retrain_min_items: int = Field(500, ge=1, description="New items -> scorer retrain.")
+    hnsw_min_items: int = Field(50_000, ge=1, description="Index size from which HNSW replaces exact search.")
+    snapshot_every_s: float = Field(300.0, gt=0, description="Scorer's index snapshot period (seconds).")
+    api_token: SecretStr | None = Field(None, description="If set, /recommend needs this bearer token.")
+
     # --- observability -------------------------------------------------------------
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 = off.")
     log_level: str = Field("INFO", description="Python logging level.")
@@ -70,6 +77,7 @@ class Settings(BaseSettings):
         out = self.model_dump()
         out["database_url"] = _mask_url_password(self.database_url)
         out["kafka_sasl_password"] = "***" if self.kafka_sasl_password else None
+        out["api_token"] = "***" if self.api_token else None
         return out
 
 

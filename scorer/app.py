@@ -1,19 +1,21 @@
 """``said serve``: the HTTP scorer.
 
-POST /recommend ranks items by cosine similarity between the SAID vectors of a history
-(given, or the user's last interactions) and every indexed item; fresh items are in the
-index as soon as the worker has estimated them. GET /items/{item_id}, /healthz, /readyz,
-/metrics; the OpenAPI schema is at /openapi.json.
+POST /recommend ranks every indexed item for a history (given, or the user's last
+interactions) with the active SASRec scorer over SAID vectors (cosine similarity of SAID
+vectors until a scorer is promoted); fresh items are in the index as soon as the worker has
+estimated them. GET /items/{item_id}, /healthz, /readyz, /metrics; the OpenAPI schema is at
+/openapi.json.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException
 from prometheus_client import Counter, Histogram, make_asgi_app
 from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import select, text
@@ -83,7 +85,23 @@ class ObserveMiddleware:
             LATENCY.labels(endpoint).observe(time.perf_counter() - start)
 
 
-def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0) -> FastAPI:
+def bearer_guard(token: str | None):
+    """A dependency that admits only ``Authorization: Bearer <token>`` when a token is set."""
+
+    def check(authorization: str | None = Header(None)) -> None:
+        if token is None:
+            return
+        given = (authorization or "").removeprefix("Bearer ").encode()
+        if not authorization or not hmac.compare_digest(given, token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    return check
+
+
+def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0,
+               token: str | None = None) -> FastAPI:  # fmt: skip
+    """The API; with ``token``, /recommend requires it (health and metrics stay open)."""
     stop = threading.Event()
 
     @asynccontextmanager
@@ -98,7 +116,8 @@ def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0) -> Fast
 
     app.add_middleware(ObserveMiddleware)
 
-    @app.post("/recommend", response_model=RecommendResponse)
+    @app.post("/recommend", response_model=RecommendResponse,
+              dependencies=[Depends(bearer_guard(token))])  # fmt: skip
     def recommend(req: RecommendRequest) -> RecommendResponse:
         unknown: list[str] = []
         if req.user_id is not None:
@@ -115,10 +134,10 @@ def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0) -> Fast
                 else:
                     history.append(idx)
         exclude = set(history) if req.exclude_seen else set()
-        ranked = state.recommend(history, req.k, exclude)
+        ranked, version, size = state.recommend(history, req.k, exclude)
         return RecommendResponse(
             items=[Recommended(item_id=state.item_id[i], score=s) for i, s in ranked],
-            model_version=state.version, index_items=len(state.index), unknown_items=unknown,
+            model_version=version, index_items=size, unknown_items=unknown,
         )
 
     @app.get("/items/{item_id}")
@@ -129,7 +148,7 @@ def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0) -> Fast
                 raise HTTPException(404, f"unknown item {item_id!r}")
             kind = conn.execute(select(item_embeddings.c.kind).where(
                 item_embeddings.c.item_idx == row.idx,
-                item_embeddings.c.model_version == state.version)).scalar()  # fmt: skip
+                item_embeddings.c.model_version == state.aligner_version)).scalar()  # fmt: skip
         return {"item_id": row.item_id, "idx": row.idx, "title": row.title,
                 "description": row.description, "status": row.status,
                 "embedding": kind, "servable": kind is not None}  # fmt: skip
@@ -145,9 +164,10 @@ def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0) -> Fast
                 conn.execute(text("SELECT 1"))
         except Exception as exc:
             raise HTTPException(503, f"database unavailable: {type(exc).__name__}") from exc
-        if len(state.index) == 0:
+        size = len(state.served.index)
+        if size == 0:
             raise HTTPException(503, "index is empty")
-        return {"status": "ready", "index_items": len(state.index), "model_version": state.version,
-                "refreshed_at": state.refreshed_at}  # fmt: skip
+        return {"status": "ready", "index_items": size, "model_version": state.version,
+                "aligner_version": state.aligner_version, "refreshed_at": state.refreshed_at}
 
     return app

@@ -1,16 +1,21 @@
-"""What the scorer serves from: the item index and the id maps, kept current.
+"""What the scorer serves from: one (scorer, index) pair, kept current and swapped whole.
 
-Start-up loads the newest index snapshot (rebuilding from the catalogue when it is missing
-or corrupt); a background thread then applies new embeddings from the catalogue every
-``poll_s`` seconds, so a fresh item is servable as soon as the worker writes its first
-estimate, without waiting for a snapshot. Searches and updates share one lock, because a
-FAISS index must not be searched while it is modified.
+Start-up takes the active scorer version (``CosineScorer`` until one is promoted), loads the
+newest index snapshot of that version (rebuilding from the catalogue when it is missing or
+corrupt) and applies catalogue embeddings newer than the snapshot. A background thread then
+every ``poll_s`` seconds: applies new embeddings, so a fresh item is servable as soon as the
+worker writes its first estimate; swaps to a newly promoted scorer version, whose index is
+built off the request path first, so no request ever sees a model with the wrong index;
+compacts the index's delta tier; and writes a snapshot now and then. Searches and index
+updates share one lock, because a FAISS index must not be searched while it is modified.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,43 +24,128 @@ import numpy as np
 from sqlalchemy.engine import Engine
 
 from said import metrics
-from said.catalogue import embeddings_since, item_ids_after
-from updater.worker import normalise, open_index
+from said.catalogue import embeddings_since, item_ids_after, load_embeddings
+from scorer.model import CosineScorer, SASRecScorer, load_sasrec
+from updater.index import HNSW_MIN_ITEMS, CorruptSnapshot, ItemIndex, latest_snapshot
+from updater.retrain import active_scorer
 
 log = logging.getLogger(__name__)
 # Re-read a short window before the watermark: a row committed late with an earlier
 # timestamp is still picked up (re-applying a row is harmless: upsert).
 OVERLAP = timedelta(seconds=5)
+Scorer = CosineScorer | SASRecScorer
+
+
+@dataclass
+class Served:
+    """A scorer and the index of its item vectors; replaced as one object on a swap."""
+
+    scorer: Scorer
+    index: ItemIndex
+    watermark: datetime  # embeddings created before this are in the index
+
+    def snapshot_name(self) -> str:
+        return f"{self.scorer.version}-{int(self.watermark.timestamp() * 1000)}"
 
 
 class ServingState:
-    def __init__(self, engine: Engine, version: str, dim: int, index_dir: Path) -> None:
+    def __init__(self, engine: Engine, aligner_version: str, said_dim: int, index_dir: Path,
+                 snapshot_every_s: float = 300.0, hnsw_min_items: int = HNSW_MIN_ITEMS) -> None:  # fmt: skip
         # One query at a time gains nothing from OpenMP threads, and their spin-waiting under
         # concurrent requests costs tens of milliseconds (measured: p50 45 ms -> see README).
         faiss.omp_set_num_threads(1)
-        self.engine, self.version = engine, version
+        self.engine, self.aligner_version, self.said_dim = engine, aligner_version, said_dim
+        self.index_dir, self.snapshot_every_s = index_dir, snapshot_every_s
+        self.hnsw_min_items = hnsw_min_items
         self.lock = threading.RLock()
-        self.index = open_index(engine, index_dir, version, dim)
         self.item_id: dict[int, str] = {}
         self.idx_of: dict[str, int] = {}
-        self.watermark = datetime(1970, 1, 1, tzinfo=UTC)
         self.refreshed_at: datetime | None = None
+        self.served = self._load(self._wanted_scorer())
+        self._snapshot_at = time.monotonic()
         self.refresh()
 
+    @property
+    def version(self) -> str:
+        return self.served.scorer.version
+
+    # --- versions ----------------------------------------------------------------------
+    def _wanted_scorer(self) -> Scorer:
+        active = active_scorer(self.engine)
+        if active is not None:
+            model, meta = load_sasrec(active[1])
+            if meta.get("aligner_version") == self.aligner_version:
+                return SASRecScorer(model, active[0])
+            log.warning("scorer %s was trained on aligner %s, not %s: serving cosine similarity",
+                        active[0], meta.get("aligner_version"), self.aligner_version)  # fmt: skip
+        return CosineScorer(self.aligner_version, self.said_dim)
+
+    def _load(self, scorer: Scorer) -> Served:
+        """The newest snapshot of this scorer's index, or a build from the catalogue."""
+        snap = latest_snapshot(self.index_dir, f"{scorer.version}-")
+        if snap is not None:
+            try:
+                index = ItemIndex.load(snap, self.hnsw_min_items)
+                ms = int(snap.stem.rsplit("-", 1)[1])
+                return Served(scorer, index, datetime.fromtimestamp(ms / 1000, UTC))
+            except (CorruptSnapshot, ValueError) as exc:
+                log.warning("%s: rebuilding the index from the catalogue", exc)
+        return self._build(scorer)
+
+    def _build(self, scorer: Scorer) -> Served:
+        started = datetime.now(UTC)
+        with self.engine.connect() as conn:
+            ids, vectors = load_embeddings(conn, self.aligner_version)
+        index = ItemIndex(scorer.dim, self.hnsw_min_items)
+        if len(ids):
+            index.build(ids, scorer.item_vectors(vectors))
+        return Served(scorer, index, started)
+
+    def rebuild(self) -> Path:
+        """``said index rebuild``: a new index from the catalogue, swapped in and saved."""
+        served = self._build(self.served.scorer)
+        with self.lock:
+            self.served = served
+        return served.index.save(self.index_dir, served.snapshot_name())
+
+    # --- refresh -----------------------------------------------------------------------
     def refresh(self) -> int:
-        """Apply catalogue changes since the last call; returns vectors applied."""
+        """Swap to a new scorer version if one was promoted, then apply new embeddings."""
+        wanted = active_scorer(self.engine)
+        if wanted is not None and wanted[0] != self.version:
+            scorer = self._wanted_scorer()
+            if scorer.version != self.version:
+                served = self._load(scorer)  # slow part first, off the lock
+                with self.lock:
+                    self.served = served
+                log.info("now serving scorer %s (%d items)", scorer.version, len(served.index))
+        served = self.served
         with self.engine.connect() as conn:
             new_ids = item_ids_after(conn, max(self.item_id, default=0))
-            ids, vectors, newest = embeddings_since(conn, self.version, self.watermark - OVERLAP)
+            ids, vectors, newest = embeddings_since(conn, self.aligner_version,
+                                                    served.watermark - OVERLAP)  # fmt: skip
+        mapped = served.scorer.item_vectors(vectors) if len(ids) else None
         with self.lock:
             self.item_id.update(new_ids)
             self.idx_of.update({v: k for k, v in new_ids.items()})
-            if len(ids):
-                self.index.upsert(ids, normalise(vectors))
-            self.watermark = max(self.watermark, newest)
+            if mapped is not None:
+                served.index.upsert(ids, mapped)
+            served.watermark = max(served.watermark, newest)
             self.refreshed_at = datetime.now(UTC)
-            metrics.INDEX_ITEMS.set(len(self.index))
+            metrics.INDEX_ITEMS.set(len(served.index))
+        self._maintain(served)
         return len(ids)
+
+    def _maintain(self, served: Served) -> None:
+        """Compaction and snapshots; only this thread writes the index, so reads are safe."""
+        if served.index.needs_compaction():
+            fresh = ItemIndex(served.index.dim, self.hnsw_min_items)
+            fresh.build(*served.index.items())
+            with self.lock:
+                served.index = fresh
+        if time.monotonic() - self._snapshot_at > self.snapshot_every_s:
+            served.index.save(self.index_dir, served.snapshot_name())
+            self._snapshot_at = time.monotonic()
 
     def run_refresher(self, poll_s: float, stop: threading.Event) -> None:
         while not stop.wait(poll_s):
@@ -64,21 +154,27 @@ class ServingState:
             except Exception:  # keep serving the last good state; the log says why
                 log.exception("index refresh failed; serving the previous state")
 
-    def recommend(self, history: list[int], k: int, exclude: set[int]) -> list[tuple[int, float]]:
-        """Top-k items by cosine similarity to the mean of the history's vectors."""
+    # --- requests ----------------------------------------------------------------------
+    def recommend(self, history: list[int], k: int, exclude: set[int]
+                  ) -> tuple[list[tuple[int, float]], str, int]:  # fmt: skip
+        """Top-k (item, score) for a history, with the scorer version and index size used."""
+        served = self.served  # one consistent pair, even if a swap happens meanwhile
         with self.lock:
-            vecs = [v for v in map(self._vector, history) if v is not None]
+            vecs = [v for v in map(self._vector(served.index), history) if v is not None]
             if not vecs:
-                return []
-            query = normalise(np.mean(vecs, axis=0, keepdims=True))
-            scores, ids = self.index.search(query, min(k + len(exclude), len(self.index)))
-        out = [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True)
-               if i >= 0 and int(i) not in exclude]  # fmt: skip
-        return out[:k]
+                return [], served.scorer.version, len(served.index)
+            query = served.scorer.query(np.stack(vecs))
+            scores, ids = served.index.search(query, k, exclude)
+            size = len(served.index)
+        out = [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+        return out, served.scorer.version, size
 
-    def _vector(self, idx: int) -> np.ndarray | None:
-        """The item's vector, or None when it is not indexed yet (read once, not twice)."""
-        try:
-            return self.index.vector(idx)
-        except RuntimeError:
-            return None
+    @staticmethod
+    def _vector(index: ItemIndex):
+        def get(idx: int) -> np.ndarray | None:
+            try:
+                return index.vector(idx)
+            except RuntimeError:  # not indexed yet (no embedding): skipped
+                return None
+
+        return get

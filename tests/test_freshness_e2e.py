@@ -56,8 +56,7 @@ def test_new_item_enters_a_similar_users_top_k(settings, smollm_folder, llm_cach
     # No refinement passes: this test is about the first estimate reaching users through the
     # whole pipeline; refinement is covered in test_updater.py. With passes, whether the
     # short window between estimate and refined vector is observed depends on CPU load.
-    worker = UpdateWorker(engine, bundle, llm, tok, CPU, tmp_path / "index",
-                          WorkerConfig(batch=4, refine_epochs=0))  # fmt: skip
+    worker = UpdateWorker(engine, bundle, llm, tok, CPU, WorkerConfig(batch=4, refine_epochs=0))
     items_loop = ConsumeLoop(ItemsHandler(settings), engine, settings)
     threads = [threading.Thread(target=server.run), threading.Thread(target=worker.run),
                threading.Thread(target=items_loop.run)]  # fmt: skip

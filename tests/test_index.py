@@ -61,3 +61,34 @@ def test_snapshot_roundtrip_and_corruption_detected(tmp_path):
     path.with_suffix(".sha256").unlink()
     with pytest.raises(CorruptSnapshot, match="missing"):
         ItemIndex.load(path)
+
+
+@pytest.mark.parametrize("hnsw_min_items", [10_000, 100], ids=["exact", "hnsw"])
+def test_two_tiers_mask_replaced_vectors_and_survive_snapshots(tmp_path, hnsw_min_items):
+    v = _vecs(400, seed=3)
+    idx = ItemIndex(8, hnsw_min_items=hnsw_min_items)
+    idx.build(np.arange(1, 401), v)
+    assert idx.approximate == (hnsw_min_items == 100)
+    idx.upsert(np.array([7, 401]), np.stack([-v[6], v[6]]))  # replace 7, add 401 = old 7
+    assert len(idx) == 401
+    scores, ids = idx.search(v[6], 3)
+    assert ids[0, 0] == 401 and 7 not in ids[0], "the old vector of item 7 is masked"
+    assert 401 not in idx.search(v[6], 3, exclude={401})[1][0]
+    np.testing.assert_allclose(idx.vector(7), -v[6], atol=1e-6)
+    again = ItemIndex.load(idx.save(tmp_path, "t"), hnsw_min_items)
+    assert len(again) == 401 and again.search(v[6], 1)[1][0, 0] == 401
+    again.compact()
+    assert again.delta.ntotal == 0 and len(again) == 401
+    assert again.search(v[6], 1)[1][0, 0] == 401 and again.search(-v[6], 1)[1][0, 0] == 7
+
+
+def test_hnsw_recall_against_exact():
+    v = _vecs(3000, dim=16, seed=4)
+    q = _vecs(50, dim=16, seed=5)
+    approx, exact = ItemIndex(16, hnsw_min_items=1), ItemIndex(16)
+    approx.build(np.arange(1, 3001), v)
+    exact.build(np.arange(1, 3001), v)
+    _, a = approx.search(q, 10)
+    _, e = exact.search(q, 10)
+    recall = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, e, strict=True)])
+    assert approx.approximate and recall > 0.9

@@ -58,8 +58,8 @@ def test_two_consumers_in_one_group_split_the_partitions(settings):
 def test_two_workers_split_fresh_items_without_overlap(aligned):  # noqa: F811
     engine, bundle, llm, tok, data = aligned
     _add(engine, 24, 16)
-    workers = [UpdateWorker(engine, bundle, llm, tok, torch.device("cpu"), data / f"index{n}",
-                            WorkerConfig(batch=2, refine_epochs=1)) for n in range(2)]  # fmt: skip
+    workers = [UpdateWorker(engine, bundle, llm, tok, torch.device("cpu"),
+                            WorkerConfig(batch=2, refine_epochs=1)) for _ in range(2)]  # fmt: skip
     threads = [threading.Thread(target=w.run, kwargs={"idle_exit": 0.5}) for w in workers]
     for t in threads:
         t.start()

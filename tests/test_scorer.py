@@ -1,27 +1,53 @@
-"""The HTTP scorer over a real catalogue and index (tiny real-tokenizer LLM)."""
+"""The HTTP scorer over a real catalogue and index (tiny real-tokenizer LLM): the API, the
+SASRec scorer's event-driven retraining and guarded promotion, and version swaps under load."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import threading
+import time
+from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
+import torch
+import uvicorn
 from fastapi.testclient import TestClient
 
+from said.broker import free_port
 from said.catalogue import insert_interactions
 from said.events import InteractionEvent
 from scorer.app import create_app
 from scorer.state import ServingState
 from tests.test_updater import aligned  # noqa: F401 - fixture
+from updater import retrain
+from updater.retrain import RetrainConfig, activate, active_scorer, is_due, retrain_once
+
+CPU = torch.device("cpu")
+
+
+def _users(engine, n_users: int = 30) -> None:
+    """Users who click items of one product kind (item i has kind i % 8) in a row."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    evs, ids = [], {f"i{i}": i + 1 for i in range(24)}
+    for u in range(n_users):
+        for step, i in enumerate(range(u % 8, 24, 8)):
+            evs.append(InteractionEvent(f"u{u}-{step}", f"u{u}", f"i{i}", "click",
+                                        t0 + timedelta(minutes=step)))  # fmt: skip
+    with engine.begin() as conn:
+        insert_interactions(conn, evs, ids)
 
 
 @pytest.fixture
-def client(aligned):  # noqa: F811
+def served(aligned):  # noqa: F811
     engine, bundle, _llm, _tok, data = aligned
-    now = datetime.now(UTC)
-    with engine.begin() as conn:
-        insert_interactions(conn, [InteractionEvent(f"e{i}", "u1", f"i{i}", "click", now)
-                                   for i in (0, 8)], {"i0": 1, "i8": 9})  # fmt: skip
-    state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, data / "index")
+    _users(engine)
+    return engine, bundle, data, ServingState(engine, bundle.version, bundle.aligner.cfg.hidden,
+                                              data / "index")  # fmt: skip
+
+
+@pytest.fixture
+def client(served):
+    engine, _, _, state = served
     with TestClient(create_app(engine, state, poll_s=0.1)) as c:
         yield c
 
@@ -57,3 +83,88 @@ def test_items_health_ready_metrics_openapi(client):
     assert client.get("/readyz").json()["index_items"] == 24
     assert "said_index_items" in client.get("/metrics/").text
     assert "/recommend" in client.get("/openapi.json").json()["paths"]
+
+
+def test_a_token_protects_recommend_but_not_health(served):
+    engine, _, _, state = served
+    with TestClient(create_app(engine, state, token="s3cret")) as c:
+        body = {"history": ["i0"]}
+        assert c.post("/recommend", json=body).status_code == 401
+        assert c.post("/recommend", json=body, headers={"Authorization": "Bearer nope"}
+                      ).status_code == 401  # fmt: skip
+        ok = c.post("/recommend", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and c.get("/healthz").status_code == 200
+
+
+def test_corrupt_snapshot_is_rebuilt_from_the_catalogue(served):
+    engine, bundle, data, state = served
+    snap = state.rebuild()
+    snap.write_bytes(b"garbage")
+    again = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, data / "index")
+    assert len(again.served.index) == 24 and again.recommend([1], 3, {1})[0]
+
+
+def test_retraining_is_event_driven_and_promotes_only_if_not_worse(served, monkeypatch):
+    engine, bundle, data, state = served
+    cfg = RetrainConfig(min_new_interactions=50, min_new_items=5, epochs=3)
+    assert is_due(engine, cfg), "no scorer yet and interactions exist"
+    first = retrain_once(engine, bundle.version, data, cfg, CPU, progress=False)
+    assert first["promoted"] and active_scorer(engine)[0] == first["version"]
+    assert first["val_ndcg@10"] > 0
+    assert not is_due(engine, cfg), "nothing new since the last attempt"
+    state.refresh()
+    assert state.version == first["version"], "the replica swapped to the promoted scorer"
+    ranked, version, _ = state.recommend([1, 9], 5, {1, 9})
+    assert version == first["version"] and len(ranked) == 5
+
+    def ruined(model, *_a, **_k):  # a candidate whose training went wrong
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p) * 5)
+        return model, {"epochs": 1}
+
+    monkeypatch.setattr(retrain, "train_scorer", ruined)
+    second = retrain_once(engine, bundle.version, data, cfg, CPU, progress=False)
+    assert not second["promoted"] and second["val_ndcg@10"] < first["val_ndcg@10"]
+    assert second["warm_start"] == first["version"]
+    assert active_scorer(engine)[0] == first["version"], "a worse candidate is not promoted"
+
+
+@pytest.mark.slow
+def test_no_failed_request_while_versions_swap_under_load(served):
+    engine, bundle, data, state = served
+    cfg = RetrainConfig(epochs=2)
+    versions = [retrain_once(engine, bundle.version, data, cfg, CPU, progress=False)["version"]
+                for _ in range(2)]  # fmt: skip
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, state, poll_s=0.05), port=port,
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    statuses, seen_versions, stop = [], set(), threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post("/recommend", json={"user_id": f"u{len(statuses) % 30}", "k": 5})
+                except httpx.TransportError:
+                    continue  # not listening yet
+                statuses.append(r.status_code)
+                seen_versions.add(r.json().get("model_version"))
+
+    clients = [threading.Thread(target=load) for _ in range(4)]
+    for c in clients:
+        c.start()
+    try:
+        for n in range(8):  # roll back and forth between the two versions
+            activate(engine, versions[n % 2])
+            time.sleep(0.4)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(10)
+        server.should_exit = True
+        thread.join(10)
+    assert len(statuses) > 50 and set(statuses) == {200}, set(statuses)
+    assert set(versions) <= seen_versions, "both versions served"

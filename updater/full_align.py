@@ -38,13 +38,24 @@ def load_active_bundle(engine: Engine, device: torch.device) -> AlignerBundle:
 
 
 def active_aligner_path(engine: Engine) -> Path | None:
+    row = _active_aligner(engine)
+    return Path(row.path) if row else None
+
+
+def active_aligner_version(engine: Engine) -> str:
+    row = _active_aligner(engine)
+    if row is None:
+        raise SystemExit("no active aligner: run `said align` once first")
+    return row.version
+
+
+def _active_aligner(engine: Engine):
     with engine.connect() as conn:
-        path = conn.execute(
-            select(model_versions.c.path).where(model_versions.c.kind == "aligner",
-                                                model_versions.c.status == "active")
+        return conn.execute(
+            select(model_versions.c.version, model_versions.c.path)
+            .where(model_versions.c.kind == "aligner", model_versions.c.status == "active")
             .order_by(model_versions.c.created_at.desc())
-        ).scalar()  # fmt: skip
-    return Path(path) if path else None
+        ).first()  # fmt: skip
 
 
 def align_catalogue(engine: Engine, llm, tok, device: torch.device, data_dir: Path,

@@ -2,13 +2,14 @@
 
 Per leased micro-batch of pending items:
   1. **estimate**: pooled LLM text features -> ridge map -> item rows -> frozen projector;
-     the vectors are written (kind ``estimate``) and upserted into the index at once, so
-     the item is recommendable within seconds;
+     the vectors are written (kind ``estimate``) at once; every scorer replica picks them
+     up from the catalogue within its poll period, so the item is recommendable in seconds;
   2. **refine**: the rows alone are trained against the frozen LLM and projector (no old row
      or projector weight changes), written again (kind ``refined``) with their loss;
   3. the jobs are completed, and loss, drift and freshness metrics are exported.
 The worker reads the catalogue, never Kafka, so long CPU/GPU steps cannot get a consumer
-evicted from its group. A crash leaves the lease to expire; another worker redoes the batch.
+evicted from its group; it owns no index (scorer replicas derive theirs from the catalogue).
+A crash leaves the lease to expire; another worker redoes the batch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,10 +28,9 @@ from sqlalchemy.engine import Engine
 from models.llm import pooled_text_features
 from models.said import FreshRows, Prefix, estimate_rows, tokenize_texts
 from said import metrics
-from said.catalogue import load_embeddings, write_embeddings
+from said.catalogue import write_embeddings
 from training.align import fidelity, refine_fresh
 from updater.bundle import AlignerBundle
-from updater.index import CorruptSnapshot, ItemIndex, latest_snapshot
 from updater.leases import Lease, complete_jobs, lease_jobs, pending_count
 
 log = logging.getLogger(__name__)
@@ -43,51 +42,18 @@ class WorkerConfig:
     lease_ttl_s: float = 600.0  # a crashed worker's items return after this
     refine_epochs: int = 20  # passes over a micro-batch during refinement
     refine_lr: float = 0.2  # Adam rate for the fresh rows
-    snapshot_every_s: float = 30.0  # index snapshot period (atomic, checksummed)
-
-
-def normalise(v: np.ndarray) -> np.ndarray:
-    """Unit-length rows: the index ranks by cosine similarity of SAID vectors."""
-    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-
-
-def open_index(engine: Engine, folder: Path, version: str, dim: int) -> ItemIndex:
-    """The latest snapshot, or a rebuild from the catalogue if it is missing or corrupt."""
-    snap = latest_snapshot(folder)
-    if snap is not None:
-        try:
-            index = ItemIndex.load(snap)
-            if index.dim == dim:
-                return index
-            log.warning("snapshot %s has dim %d, expected %d: rebuilding", snap, index.dim, dim)
-        except CorruptSnapshot as exc:
-            log.warning("%s: rebuilding the index from the catalogue", exc)
-    return rebuild_index(engine, version, dim)
-
-
-def rebuild_index(engine: Engine, version: str, dim: int) -> ItemIndex:
-    """Every stored embedding of ``version`` into a new index (the catalogue is the truth)."""
-    index = ItemIndex(dim)
-    with engine.connect() as conn:
-        ids, vectors = load_embeddings(conn, version)
-    if len(ids):
-        index.upsert(ids, normalise(vectors))
-    return index
 
 
 class UpdateWorker:
     def __init__(self, engine: Engine, bundle: AlignerBundle, llm, tok, device: torch.device,
-                 index_dir: Path, cfg: WorkerConfig | None = None) -> None:  # fmt: skip
+                 cfg: WorkerConfig | None = None) -> None:  # fmt: skip
         self.engine, self.bundle, self.llm, self.tok, self.device = engine, bundle, llm, tok, device
         self.cfg = cfg or WorkerConfig()
         self.owner = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.prefix = Prefix(tok, prompt=bundle.prompt)
-        self.index_dir = index_dir
-        self.index = open_index(engine, index_dir, bundle.version, bundle.aligner.cfg.hidden)
         self.stopping = False
         self.done = 0
         self.fresh_losses: list[float] = []  # recent refined losses (the drift numerator)
-        self._last_snapshot = time.monotonic()
 
     def stop(self) -> None:
         self.stopping = True
@@ -102,7 +68,6 @@ class UpdateWorker:
                 break
             else:
                 time.sleep(0.2)
-        self.snapshot()
         return self.done
 
     def step(self) -> int:
@@ -116,21 +81,13 @@ class UpdateWorker:
         self._refine(leases, rows)
         with self.engine.begin() as conn:
             self.done += complete_jobs(conn, self.owner, leases)
-        if time.monotonic() - self._last_snapshot > self.cfg.snapshot_every_s:
-            self.snapshot()
         return len(leases)
-
-    def snapshot(self) -> None:
-        self.index.save(self.index_dir, f"{self.bundle.version}-{int(time.time() * 1000)}")
-        self._last_snapshot = time.monotonic()
 
     def _publish(self, leases: list[Lease], vectors: np.ndarray, kind: str, losses) -> None:
         with self.engine.begin() as conn:
             write_embeddings(conn, self.bundle.version, kind, [x.item_idx for x in leases],
                              [x.text_hash for x in leases], vectors, losses,
                              datetime.now(UTC))  # fmt: skip
-        self.index.upsert(np.array([x.item_idx for x in leases]), normalise(vectors))
-        metrics.INDEX_ITEMS.set(len(self.index))
 
     def _estimate(self, leases: list[Lease]) -> torch.Tensor:
         feats = pooled_text_features(self.llm, self.tok, [x.text for x in leases], self.device)

@@ -1,0 +1,77 @@
+"""How the scorer turns SAID vectors into index vectors and a history into a query.
+
+Two scorers share one small interface (``version``, ``dim``, ``item_vectors``, ``query``):
+- ``SASRecScorer``: a trained SASRec over the frozen SAID table. An item's index vector is
+  the adapter applied to its SAID vector, so a fresh item gets one the moment the worker
+  writes its first estimate, with no retraining; a query is the sequence encoder's last
+  state. Scores are the model's own logits.
+- ``CosineScorer``: until a scorer version is promoted (a new platform with no clicks yet),
+  items rank by cosine similarity between their SAID vectors and the history's mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.sasrec import SASRec, SASRecConfig
+from training.align import save_atomic
+
+
+def normalise(v: np.ndarray) -> np.ndarray:
+    """Unit-length rows (cosine similarity as an inner product)."""
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+class CosineScorer:
+    def __init__(self, aligner_version: str, dim: int) -> None:
+        self.version, self.dim = f"cosine-{aligner_version}", dim
+
+    def item_vectors(self, said: np.ndarray) -> np.ndarray:
+        return normalise(said.astype(np.float32))  # (n, D)
+
+    def query(self, history: np.ndarray) -> np.ndarray:
+        return normalise(history.mean(0, keepdims=True))  # (T, D) -> (1, D)
+
+
+class SASRecScorer:
+    def __init__(self, model: SASRec, version: str) -> None:
+        self.model, self.version, self.dim = model.eval(), version, model.cfg.hidden
+
+    @torch.inference_mode()
+    def item_vectors(self, said: np.ndarray) -> np.ndarray:
+        return self.model.adapt(torch.from_numpy(said.astype(np.float32))).numpy()  # (n, h)
+
+    @torch.inference_mode()
+    def query(self, history: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(history[-self.model.cfg.max_len :])[None]  # (1, T, h)
+        valid = torch.ones(x.shape[:2], dtype=torch.bool)
+        return self.model.encode(x, valid)[:, -1].numpy()  # (1, h)
+
+
+def save_scorer(path: Path, model: SASRec, meta: dict) -> Path:
+    """Weights (not the table: serving maps items with the adapter) plus metadata, atomically."""
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    save_atomic({"config": asdict(model.cfg), "frozen_dim": model.feat_mean.shape[0],
+                 "state": state, "meta": meta}, path)  # fmt: skip
+    return path
+
+
+def load_sasrec(path: Path, table: torch.Tensor | None = None) -> tuple[SASRec, dict]:
+    """A saved scorer; with ``table`` (N+1, D) it can also score by item index (training).
+
+    Without a table, a small placeholder satisfies the constructor; the saved
+    standardisation overwrites the placeholder's, and ``adapt`` maps any item's vector.
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = SASRecConfig(**saved["config"])
+    if table is None:
+        cfg, table = replace(cfg, n_items=2), torch.zeros(3, saved["frozen_dim"])
+    else:
+        cfg = replace(cfg, n_items=table.shape[0] - 1)
+    model = SASRec(cfg, table)
+    model.load_state_dict(saved["state"])
+    return model, saved["meta"]
