@@ -1,14 +1,19 @@
 """Scorer latency and throughput over HTTP on loopback, by catalogue size.
 
-Method: for each size, a SQLite catalogue of N items and an index snapshot of N synthetic
-576-d vectors (clustered, unit length) are written; ``said serve``'s app runs in its own
-process (uvicorn, one worker). The load generator is ``wrk`` (Debian package; C, so it
-takes little of the 2 cores) with C connections on 1 thread, posting ``/recommend`` with a
-random 5-item history (Lua) and k=10 for D seconds after a 2 s warm-up; wrk's latency
-percentiles are client-side. Without wrk, a Python thread pool (httpx) stands in, and the
-table says so: it costs the server about half the CPU. Figures are medians over runs.
+Method: for each size, a SQLite catalogue of N items, an active SASRec scorer (64-d,
+random weights: latency does not depend on training) and an index snapshot of N synthetic
+clustered 64-d item vectors are written; ``said serve``'s app runs in its own process
+(uvicorn, one worker) exactly as in production: the index is exact below
+``SAID_HNSW_MIN_ITEMS`` (50,000) and HNSW above. The baseline, in the same run, is the
+previous serving path: cosine similarity of 576-d SAID vectors, exact search
+(``--baseline-sizes``). The load generator is ``wrk`` (Debian package; C, so it takes little
+of the 2 cores) with C connections on 1 thread, posting ``/recommend`` with a random 5-item
+history (Lua) and k=10 for D seconds after a 2 s warm-up; wrk's latency percentiles are
+client-side. Without wrk, a Python thread pool (httpx) stands in, and the table says so.
+Figures are medians over runs. Recall@10 of the HNSW index against exact search is
+measured in-process on 500 queries from random histories.
 
-    python benchmarks/scorer_latency.py [--sizes 12101,100000] [--clients 8] [--seconds 10]
+    python benchmarks/scorer_latency.py [--sizes 12101,100000,1000000] [--clients 4]
 """
 
 from __future__ import annotations
@@ -26,33 +31,71 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-DIM = 576
+from said.broker import free_port
+
+SAID_DIM = 576
 
 
-def build(folder: Path, n: int) -> str:
+def synthetic(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Clustered vectors, the shape of real item embeddings (256 centres)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((256, dim)).astype(np.float32)
+    return centres[rng.integers(0, 256, n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
+
+
+def build(folder: Path, n: int, mode: str) -> str:
+    """A catalogue of n items plus the snapshot the scorer loads; mode sasrec | cosine."""
+    import torch
+
+    from models.sasrec import SASRec, SASRecConfig
     from said.db import make_engine
     from said.migrate import upgrade
-    from said.tables import items
+    from said.tables import items, model_versions
+    from scorer.model import CosineScorer, save_scorer
     from updater.index import ItemIndex
 
     url = f"sqlite:///{folder}/bench.db"
     upgrade(url)
     engine = make_engine(url)
     now = datetime.now(UTC)
-    rows = [{"idx": i, "item_id": f"i{i}", "title": f"item {i}", "event_time": now,
-             "text_hash": "x", "status": "aligned", "received_at": now, "updated_at": now}
-            for i in range(1, n + 1)]  # fmt: skip
     with engine.begin() as conn:
-        for s in range(0, n, 5000):
-            conn.execute(items.insert(), rows[s : s + 5000])
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((256, DIM)).astype(np.float32)
-    vecs = centres[rng.integers(0, 256, n)] + 0.5 * rng.standard_normal((n, DIM)).astype(np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    index = ItemIndex(DIM)
-    index.upsert(np.arange(1, n + 1), vecs)
-    index.save(folder / "index", "bench-1")
+        for s in range(1, n + 1, 20_000):
+            conn.execute(items.insert(), [
+                {"idx": i, "item_id": f"i{i}", "title": f"item {i}", "event_time": now,
+                 "text_hash": "x", "status": "aligned", "received_at": now, "updated_at": now}
+                for i in range(s, min(s + 20_000, n + 1))])  # fmt: skip
+    if mode == "sasrec":
+        torch.manual_seed(0)
+        model = SASRec(SASRecConfig(n_items=2), torch.randn(3, SAID_DIM))
+        path = save_scorer(folder / "scorer.pt", model, {"aligner_version": "bench"})
+        with engine.begin() as conn:
+            conn.execute(model_versions.insert().values(
+                version="sasrec-bench", kind="scorer", path=str(path), status="active",
+                metrics={}, created_at=now))  # fmt: skip
+        version, vecs = "sasrec-bench", synthetic(n, model.cfg.hidden)
+    else:
+        scorer = CosineScorer("bench", SAID_DIM)
+        version, vecs = scorer.version, scorer.item_vectors(synthetic(n, SAID_DIM))
+    index = ItemIndex(vecs.shape[1])
+    index.build(np.arange(1, n + 1), vecs)
+    index.save(folder / "index", f"{version}-{int(now.timestamp() * 1000)}")
     return url
+
+
+def hnsw_recall(n: int, queries: int = 500) -> tuple[float, float]:
+    """(recall@10 of HNSW vs exact, HNSW build seconds) on n synthetic 64-d vectors."""
+    from updater.index import ItemIndex
+
+    vecs = synthetic(n, 64)
+    q = synthetic(queries, 64, seed=1)
+    exact, approx = ItemIndex(64, hnsw_min_items=n + 1), ItemIndex(64, hnsw_min_items=1)
+    exact.build(np.arange(1, n + 1), vecs)
+    t0 = time.perf_counter()
+    approx.build(np.arange(1, n + 1), vecs)
+    build_s = time.perf_counter() - t0
+    _, e = exact.search(q, 10)
+    _, a = approx.search(q, 10)
+    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, e, strict=True)])), build_s
 
 
 def serve(url: str, index_dir: str, port: int) -> None:
@@ -63,7 +106,7 @@ def serve(url: str, index_dir: str, port: int) -> None:
     from scorer.state import ServingState
 
     engine = make_engine(url)
-    state = ServingState(engine, "bench", DIM, Path(index_dir))
+    state = ServingState(engine, "bench", SAID_DIM, Path(index_dir))
     uvicorn.run(create_app(engine, state), port=port, log_level="warning")
 
 
@@ -130,10 +173,41 @@ def load(port: int, n: int, clients: int, seconds: float) -> dict[str, float]:
             "rps": len(a) / wall, "errors": errors[0]}  # fmt: skip
 
 
+def measure(n: int, mode: str, generator, args) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        url = build(Path(tmp), n, mode)
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", url, f"{tmp}/index", str(port)])
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.5)
+            generator(port, n, args.clients, 2.0)  # warm-up
+            runs = [generator(port, n, args.clients, args.seconds) for _ in range(args.runs)]
+            rss = _rss_mib(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait()
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    return out | {"errors": sum(r["errors"] for r in runs), "rss": rss}
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="12101,100000")
-    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--sizes", default="12101,100000,1000000")
+    ap.add_argument("--baseline-sizes", default="12101,100000", help="cosine 576-d exact")
+    ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--serve", nargs=3, metavar=("URL", "INDEX_DIR", "PORT"), help=argparse.SUPPRESS)
@@ -143,33 +217,24 @@ def main() -> None:
         return
     import shutil
 
-    from said.broker import free_port
-
     generator = load_wrk if shutil.which("wrk") else load
     print(f"load generator: {'wrk' if generator is load_wrk else 'python threads (no wrk)'}, "
-          f"{args.clients} connections")  # fmt: skip
-    print("| items | p50 ms | p99 ms | requests/s | errors |\n|---|---|---|---|---|")
-    for n in [int(x) for x in args.sizes.split(",")]:
-        with tempfile.TemporaryDirectory() as tmp:
-            url = build(Path(tmp), n)
-            port = free_port()
-            proc = subprocess.Popen([sys.executable, __file__, "--serve", url, f"{tmp}/index", str(port)])
-            try:
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:
-                    try:
-                        if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        time.sleep(0.2)
-                generator(port, n, args.clients, 2.0)  # warm-up
-                runs = [generator(port, n, args.clients, args.seconds) for _ in range(args.runs)]
-            finally:
-                proc.terminate()
-                proc.wait()
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        print(f"| {n:,} | {med['p50_ms']:.1f} | {med['p99_ms']:.1f} | {med['rps']:.0f} | "
-              f"{sum(r['errors'] for r in runs)} |", flush=True)  # fmt: skip
+          f"{args.clients} connections, {args.runs} runs of {args.seconds:.0f} s, medians")  # fmt: skip
+    print("| scorer | items | index | p50 ms | p99 ms | requests/s | errors | server RSS MiB |\n"
+          "|---|---|---|---|---|---|---|---|")  # fmt: skip
+    from updater.index import HNSW_MIN_ITEMS
+
+    jobs = [("cosine 576-d (baseline)", "cosine", int(x)) for x in args.baseline_sizes.split(",") if x]
+    jobs += [("SASRec 64-d", "sasrec", int(x)) for x in args.sizes.split(",")]
+    for label, mode, n in jobs:
+        m = measure(n, mode, generator, args)
+        kind = "HNSW" if n >= HNSW_MIN_ITEMS else "exact"
+        print(f"| {label} | {n:,} | {kind} | {m['p50_ms']:.1f} | {m['p99_ms']:.1f} | "
+              f"{m['rps']:.0f} | {m['errors']} | {m['rss']:.0f} |", flush=True)  # fmt: skip
+    print("\n| items | HNSW recall@10 vs exact | HNSW build s |\n|---|---|---|")
+    for n in [int(x) for x in args.sizes.split(",") if int(x) >= HNSW_MIN_ITEMS]:
+        recall, build_s = hnsw_recall(n)
+        print(f"| {n:,} | {recall:.3f} | {build_s:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

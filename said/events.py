@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from said.tables import INTERACTION_TYPES
 
@@ -70,7 +70,7 @@ def _decode(raw: bytes | None, max_bytes: int) -> dict:
         raise Invalid("invalid_utf8") from None
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # bad syntax, too deep, or an int over 4300 digits
         raise Invalid("malformed_json") from None
     if not isinstance(obj, dict):
         raise Invalid("not_an_object")
@@ -91,6 +91,10 @@ def _str(obj: dict, key: str, *, optional: bool = False, max_len: int = 256) -> 
         raise Invalid(f"too_long:{key}")
     if "\x00" in value:  # PostgreSQL text cannot hold NUL; reject instead of crashing later
         raise Invalid(f"nul_char:{key}")
+    try:  # JSON escapes can smuggle in lone surrogates, which no database can store
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Invalid(f"invalid_unicode:{key}") from None
     return value
 
 
@@ -102,7 +106,10 @@ def _time(obj: dict) -> datetime:
         raise Invalid("bad_time:event_time") from None
     if ts.tzinfo is None:
         raise Invalid("bad_time:event_time")  # RFC 3339 requires an offset
-    return ts
+    try:
+        return ts.astimezone(UTC)  # year 1 at +14:00 has no UTC instant: reject, not crash
+    except OverflowError:
+        raise Invalid("bad_time:event_time") from None
 
 
 def parse_item(raw: bytes | None, *, max_bytes: int, max_text_chars: int) -> ItemEvent:
