@@ -171,13 +171,18 @@ def _publish_fresh_items(settings: Settings, ds, n: int, url: str) -> list[dict]
     ranks first for that user. Each is timed to servable, and its rank in that user's
     recommendations is read at its first estimate and again once refined."""
     titles = dict(zip(ds.item_ids, ds.titles, strict=True))
-    users = [u for u, seq in ds.sequences if len(seq) >= 3][:n]
+    users = [u for u, seq in ds.sequences if len(seq) >= 3]
     now = datetime.now(UTC).isoformat()
-    fresh = []
-    for k, user in enumerate(users):
+    fresh, used = [], set()
+    for user in users:
         top = httpx.post(f"{url}/recommend", json={"user_id": user, "k": 1}).json()["items"][0]
-        fresh.append({"user": user, "item_id": f"fresh-{k}", "servable_s": None,
+        if top["item_id"] in used:  # one new edition per item: no duplicate titles
+            continue
+        used.add(top["item_id"])
+        fresh.append({"user": user, "item_id": f"fresh-{len(fresh)}", "servable_s": None,
                       "title": f"{titles[top['item_id']]} - new edition"})  # fmt: skip
+        if len(fresh) == n:
+            break
     events = [(f["item_id"], {"item_id": f["item_id"], "title": f["title"], "description": None,
                               "advertiser_id": "demo", "event_time": now}) for f in fresh]  # fmt: skip
     t0 = time.monotonic()

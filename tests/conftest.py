@@ -64,3 +64,11 @@ def settings(broker, db_url, tmp_path) -> Settings:
         consume_batch=500,
         db_retry_max_s=1.0,
     )
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    from tests import faultlog
+
+    if faultlog.ROWS:
+        terminalreporter.write_sep("-", "fault injection")
+        terminalreporter.write_line(faultlog.table())

@@ -206,9 +206,15 @@ def latest_snapshot(folder: Path, prefix: str = "") -> Path | None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Temp file, fsync, rename: readers see the old file or the new one, never half of one.
+    A failed write (disk full) removes its temp file and raises; the old file stays."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise

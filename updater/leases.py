@@ -26,11 +26,21 @@ class Lease:
     received_at: datetime
 
 
+MAX_ATTEMPTS = 5  # an item that failed this often is marked failed, not retried forever
+
+
 def lease_jobs(conn: Connection, owner: str, limit: int, ttl_s: float) -> list[Lease]:
-    """Lease up to ``limit`` free or expired jobs for ``owner``; call inside a transaction."""
+    """Lease up to ``limit`` free or expired jobs for ``owner``; call inside a transaction.
+
+    The owner's own live leases count as free: after a step that failed half-way (say,
+    the database restarted) the same worker redoes them at once instead of waiting ``ttl_s``.
+    """
     now = datetime.now(UTC)
-    free = or_(alignment_jobs.c.lease_expires_at.is_(None), alignment_jobs.c.lease_expires_at < now)
-    query = select(alignment_jobs.c.item_idx).where(free).order_by(alignment_jobs.c.item_idx)
+    free = or_(alignment_jobs.c.lease_expires_at.is_(None), alignment_jobs.c.lease_expires_at < now,
+               alignment_jobs.c.lease_owner == owner)  # fmt: skip
+    query = (select(alignment_jobs.c.item_idx)
+             .where(free, alignment_jobs.c.attempts < MAX_ATTEMPTS)
+             .order_by(alignment_jobs.c.item_idx))  # fmt: skip
     query = query.limit(limit)
     if conn.dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
@@ -76,7 +86,19 @@ def complete_jobs(conn: Connection, owner: str, leases: list[Lease]) -> int:
     return done
 
 
+def fail_jobs(conn: Connection, owner: str, leases: list[Lease], error: str) -> None:
+    """Release leases after an error (kept with the job); at MAX_ATTEMPTS the item is failed."""
+    ids = [x.item_idx for x in leases]
+    mine = and_(alignment_jobs.c.item_idx.in_(ids), alignment_jobs.c.lease_owner == owner)
+    conn.execute(update(alignment_jobs).where(mine)
+                 .values(lease_owner=None, lease_expires_at=None, last_error=error[:2000]))  # fmt: skip
+    dead = select(alignment_jobs.c.item_idx).where(alignment_jobs.c.item_idx.in_(ids),
+                                                   alignment_jobs.c.attempts >= MAX_ATTEMPTS)  # fmt: skip
+    conn.execute(update(items).where(items.c.idx.in_(dead)).values(status="failed"))
+
+
 def pending_count(conn: Connection) -> int:
     from sqlalchemy import func
 
-    return conn.execute(select(func.count()).select_from(alignment_jobs)).scalar_one()
+    return conn.execute(select(func.count()).select_from(alignment_jobs)
+                        .where(alignment_jobs.c.attempts < MAX_ATTEMPTS)).scalar_one()  # fmt: skip

@@ -29,9 +29,10 @@ from models.llm import pooled_text_features
 from models.said import FreshRows, Prefix, estimate_rows, tokenize_texts
 from said import metrics
 from said.catalogue import write_embeddings
+from said.db import is_outage
 from training.align import fidelity, refine_fresh
 from updater.bundle import AlignerBundle
-from updater.leases import Lease, complete_jobs, lease_jobs, pending_count
+from updater.leases import Lease, complete_jobs, fail_jobs, lease_jobs, pending_count
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,24 @@ class UpdateWorker:
         self.stopping = True
 
     def run(self, idle_exit: float | None = None) -> int:
-        """Process micro-batches until stopped or idle; returns items completed."""
-        idle_since = time.monotonic()
+        """Process micro-batches until stopped or idle; returns items completed.
+
+        A database outage pauses the loop with backoff (the half-done batch is re-leased by
+        this worker afterwards); any other error fails that batch's jobs with the reason.
+        """
+        idle_since, backoff = time.monotonic(), 0.2
         while not self.stopping:
-            if self.step():
+            try:
+                leased = self.step()
+                backoff = 0.2
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                log.warning("database unavailable (%s); retrying in %.1fs", type(exc).__name__, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            if leased:
                 idle_since = time.monotonic()
             elif idle_exit is not None and time.monotonic() - idle_since > idle_exit:
                 break
@@ -77,8 +92,16 @@ class UpdateWorker:
             metrics.PENDING_ITEMS.set(pending_count(conn))
         if not leases:
             return 0
-        rows = self._estimate(leases)
-        self._refine(leases, rows)
+        try:
+            rows = self._estimate(leases)
+            self._refine(leases, rows)
+        except Exception as exc:
+            if is_outage(exc):
+                raise
+            log.exception("alignment of items %s failed", [x.item_idx for x in leases])
+            with self.engine.begin() as conn:
+                fail_jobs(conn, self.owner, leases, f"{type(exc).__name__}: {exc}")
+            return len(leases)
         with self.engine.begin() as conn:
             self.done += complete_jobs(conn, self.owner, leases)
         return len(leases)

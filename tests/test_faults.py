@@ -1,0 +1,290 @@
+"""Fault injection: after each fault the system recovers on its own and the counts in the
+catalogue, the index and the DLQ add up exactly. Each test adds a row (fault, times
+injected, lost, duplicated, recovery seconds) to the table printed at the end of the run."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import func, select
+
+from consumers.interactions import InteractionsHandler
+from consumers.items import ItemsHandler
+from consumers.runner import ConsumeLoop
+from said.broker import ensure_topics
+from said.catalogue import count_rows, write_embeddings
+from said.db import make_engine
+from said.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
+from said.tables import interactions, item_embeddings
+from tests import faultlog
+from tests.kafka_util import produce_json
+from tests.test_consumers import _click, _item
+from tests.test_updater import _add, aligned  # noqa: F401 - fixture
+from updater.index import CorruptSnapshot, ItemIndex, latest_snapshot
+from updater.leases import pending_count
+from updater.worker import UpdateWorker, WorkerConfig
+
+pytestmark = pytest.mark.faults
+
+
+def _env(settings, **extra) -> dict:
+    return os.environ | {
+        "SAID_DATABASE_URL": settings.database_url,
+        "SAID_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "SAID_GROUP_ID": settings.group_id,
+        "SAID_SESSION_TIMEOUT_MS": "2000",
+        "SAID_LOG_LEVEL": "WARNING",
+    } | extra
+
+
+def _rows(engine) -> int:
+    try:
+        with engine.connect() as conn:
+            return count_rows(conn, interactions)
+    except Exception:  # noqa: BLE001 - SQLite busy or PostgreSQL down for a moment; poll again
+        return -1
+
+
+def _wait(cond, timeout: float, what: str) -> float:
+    """Seconds until ``cond()`` holds; fails after ``timeout``."""
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, f"not recovered in {timeout}s: {what}"
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def _load_items(settings, n: int) -> None:
+    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [_item(i) for i in range(n)], "item_id")
+    stats = ConsumeLoop(ItemsHandler(settings), make_engine(settings.database_url), settings).run(1.5)
+    assert stats.stored == n
+
+
+@pytest.mark.slow
+def test_sigkill_three_times_loses_and_duplicates_nothing(settings):
+    _load_items(settings, 100)
+    distinct = [_click(e, e % 100, user=f"u{e % 97}") for e in range(18_000)]
+    events = distinct + distinct[:2000]  # 2k replays by the producer
+    produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, events, "user_id")
+    engine = make_engine(settings.database_url)
+    cmd = [sys.executable, "-m", "said.cli", "consume", "interactions", "--idle-exit", "3"]
+    env = _env(settings, SAID_CONSUME_BATCH="100")
+    recoveries, at_kill = [], 0
+    for threshold in (3000, 8000, 13000, None):
+        proc = subprocess.Popen(cmd, env=env)
+        if at_kill:  # a restarted consumer makes progress on its own
+            recoveries.append(_wait(lambda: _rows(engine) > at_kill, 60, "consumer progress"))  # noqa: B023
+        if threshold is None:
+            assert proc.wait(120) == 0
+            break
+        _wait(lambda: proc.poll() is None and _rows(engine) >= threshold, 60, "consumer progress")  # noqa: B023
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        at_kill = _rows(engine)
+        assert at_kill < len(distinct), "the kill must land mid-stream"
+    rows = _rows(engine)
+    faultlog.record(f"consumer SIGKILL mid-stream ({engine.dialect.name})", 3,
+                    len(distinct) - rows, 0, max(recoveries))  # fmt: skip
+    assert rows == len(distinct)
+
+
+@pytest.mark.slow
+def test_database_outage_mid_stream_counts_exact(broker, pg):
+    from said.migrate import upgrade
+    from said.settings import Settings
+
+    url = pg.create_database()
+    upgrade(url)
+    settings = Settings(database_url=url, kafka_bootstrap=broker.bootstrap, group_id="outage",
+                        session_timeout_ms=2000, consume_batch=200, db_retry_max_s=0.5)  # fmt: skip
+    _load_items(settings, 50)
+    events = [_click(e, e % 50, user=f"u{e % 31}") for e in range(10_000)]
+    produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, events, "user_id")
+    engine = make_engine(url)
+    loop = ConsumeLoop(InteractionsHandler(settings), make_engine(url), settings)
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("stats", loop.run(idle_exit=4)))
+    worker.start()
+    recoveries = []
+    for threshold in (1000, 5000):
+        _wait(lambda: _rows(engine) >= threshold, 60, "consumer progress")  # noqa: B023
+        pg.stop("immediate")  # the consumer retries with backoff meanwhile
+        time.sleep(3.0)
+        before = _rows_when_up(pg, engine)
+        recoveries.append(_wait(lambda: _rows(engine) > before, 60, "progress after restart"))  # noqa: B023
+    worker.join(120)
+    assert not worker.is_alive()
+    stats = result["stats"]
+    rows = _rows(engine)
+    faultlog.record("PostgreSQL restarted mid-stream (consumer)", 2, 10_000 - rows, 0, max(recoveries))
+    assert stats.stored == 10_000 and stats.dead_lettered == 0 and rows == 10_000
+
+
+def _rows_when_up(pg, engine) -> int:
+    pg.start()
+    return _wait_value(lambda: _rows(engine))
+
+
+def _wait_value(read) -> int:
+    deadline = time.monotonic() + 30
+    while (value := read()) < 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return value
+
+
+@pytest.mark.slow
+def test_broker_restarted_mid_stream(settings, broker):
+    """The consumer outlives broker restarts: it reconnects, re-joins and takes up the new
+    log with no operator action. Tansu keeps data in memory only, so each phase is consumed
+    before its restart; with Apache Kafka the log itself would also survive."""
+    _load_items(settings, 50)
+    engine = make_engine(settings.database_url)
+    loop = ConsumeLoop(InteractionsHandler(settings), engine, settings)
+    thread = threading.Thread(target=loop.run)
+    thread.start()
+    expected, recoveries = 0, []
+    try:
+        for phase in range(4):
+            events = [_click(phase * 10_000 + e, e % 50, user=f"u{e % 13}") for e in range(2000)]
+            produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, events, "user_id")
+            expected += len(events)
+            took = _wait(lambda: _rows(engine) == expected, 90, f"phase {phase}")  # noqa: B023
+            if phase:  # seconds from the first event after a restart to all of them stored
+                recoveries.append(took)
+            if phase < 3:
+                broker.proc.send_signal(signal.SIGKILL)
+                broker.proc.wait()
+                broker.start()
+                ensure_topics({"bootstrap.servers": broker.bootstrap})
+        assert thread.is_alive(), "the consumer survived three broker restarts"
+    finally:
+        loop.stop()
+        thread.join(30)
+    rows = _rows(engine)
+    faultlog.record("broker SIGKILLed and restarted (consumer running)", 3, expected - rows, 0,
+                    max(recoveries))  # fmt: skip
+    assert rows == expected
+
+
+@pytest.mark.slow
+def test_postgres_restarted_while_the_worker_holds_a_lease(pg, tiny_hf_folder, tmp_path):
+    from models.llm import load_llm
+    from said.migrate import upgrade
+    from training.align import AlignConfig
+    from updater.full_align import align_catalogue
+
+    url = pg.create_database()
+    upgrade(url)
+    engine = make_engine(url)
+    _add(engine, 0, 16)
+    cpu = torch.device("cpu")
+    llm, tok = load_llm(str(tiny_hf_folder), tmp_path, cpu)
+    bundle = align_catalogue(engine, llm, tok, cpu, tmp_path, AlignConfig(epochs=1, batch_size=8),
+                             k=1, item_dim=16, progress=False)  # fmt: skip
+    _add(engine, 16, 8)
+    worker = UpdateWorker(engine, bundle, llm, tok, cpu, WorkerConfig(batch=8, refine_epochs=400))
+    thread = threading.Thread(target=worker.run, kwargs={"idle_exit": 2.0})
+    thread.start()
+    _wait(lambda: _kinds(engine) == ["estimate"] * 8, 60, "worker estimated and leased")
+    pg.stop("immediate")  # mid-refinement: the lease is held, the refined write will fail
+    time.sleep(2.0)
+    pg.start()
+    recovery = _wait(lambda: not thread.is_alive(), 300, "worker finished after the outage")
+    with engine.connect() as conn:
+        assert pending_count(conn) == 0
+        per_item = conn.execute(select(func.count()).select_from(item_embeddings)
+                                .group_by(item_embeddings.c.item_idx)).scalars().all()  # fmt: skip
+    faultlog.record("PostgreSQL restarted while the worker holds a lease", 1,
+                    24 - len(per_item), sum(n - 1 for n in per_item), recovery)  # fmt: skip
+    assert _kinds(engine) == ["refined"] * 8 and len(per_item) == 24 and set(per_item) == {1}
+
+
+def _kinds(engine) -> list[str] | None:
+    try:
+        with engine.connect() as conn:
+            return conn.execute(select(item_embeddings.c.kind).where(item_embeddings.c.item_idx > 16)
+                                .order_by(item_embeddings.c.item_idx)).scalars().all()  # fmt: skip
+    except Exception:  # noqa: BLE001 - the database is down on purpose; poll again
+        return None
+
+
+SNAPSHOT_WRITER = """
+import sys, numpy as np
+from pathlib import Path
+from updater.index import ItemIndex
+n = int(sys.argv[2])
+index = ItemIndex(64)
+index.build(np.arange(1, n + 1), np.random.default_rng(0).standard_normal((n, 64)).astype("float32"))
+print("ready", flush=True)
+for k in range(10**6):
+    index.save(Path(sys.argv[1]), f"v-{k:06d}")
+"""
+
+
+def test_snapshot_writer_killed_mid_write_never_yields_a_torn_index(tmp_path):
+    n, kills, recoveries = 200_000, 5, []
+    rng = np.random.default_rng(0)
+    for _ in range(kills):
+        proc = subprocess.Popen([sys.executable, "-c", SNAPSHOT_WRITER, str(tmp_path), str(n)],
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(float(rng.uniform(0.3, 1.5)))  # writes of ~50 MB are in progress now
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        t0 = time.monotonic()
+        snap = latest_snapshot(tmp_path)
+        try:
+            loaded = len(ItemIndex.load(snap))
+        except CorruptSnapshot:  # the sidecar of the newest file was not written yet
+            older = sorted(tmp_path.glob("index-*.faiss"))[-2]
+            loaded = len(ItemIndex.load(older))
+        recoveries.append(time.monotonic() - t0)
+        assert loaded == n, "whatever loads is complete"
+    faultlog.record("snapshot writer SIGKILLed mid-write", kills, 0, 0, max(recoveries))
+
+
+def test_disk_full_snapshot_write_keeps_serving_and_the_old_snapshot(aligned, monkeypatch):  # noqa: F811
+    from scorer.state import ServingState
+
+    engine, bundle, _llm, _tok, data = aligned
+    state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, data / "index",
+                         snapshot_every_s=0.0)  # fmt: skip
+    good = state.rebuild()
+    real_fsync, failures = os.fsync, []
+
+    def full_disk(fd: int) -> None:
+        failures.append(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    _add(engine, 24, 4)
+    # the worker's embeddings arrive; refresh applies them, then its snapshot write fails
+    vecs = np.random.default_rng(1).standard_normal((4, bundle.aligner.cfg.hidden)).astype("float32")
+    with engine.begin() as conn:
+        write_embeddings(conn, bundle.version, "estimate", [25, 26, 27, 28], ["h"] * 4, vecs,
+                         [None] * 4, datetime.now(UTC))  # fmt: skip
+    with pytest.raises(OSError, match="No space"):
+        state.refresh()
+    assert failures and len(state.served.index) == 28, "the new items are served anyway"
+    assert state.recommend([25], 3, set())[0], "requests are answered"
+    assert not list((data / "index").glob("*.tmp")), "no half-written temp file is left"
+    assert latest_snapshot(data / "index") == good and len(ItemIndex.load(good)) == 24
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    t0 = time.monotonic()
+    state.refresh()
+    recovery = time.monotonic() - t0
+    newest = latest_snapshot(data / "index")
+    assert newest != good and len(ItemIndex.load(newest)) == 28
+    faultlog.record(f"snapshot write fails with ENOSPC ({engine.dialect.name})", len(failures), 0, 0,
+                    recovery)  # fmt: skip
