@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--llm", default=None, help="HF folder or .gguf; default the SmolLM2 GGUF")
     p.add_argument("--llm-cache", type=Path, default=Path("/tmp/said-llm"))
     p.add_argument("--align-epochs", type=int, default=40)
-    p.add_argument("--align-batch", type=int, default=64)
+    p.add_argument("--align-batch", type=int, default=512, help="H100: ~100 ms a step at any batch")
     p.add_argument("--scorer-batch", type=int, default=512)
     p.add_argument("--scorer-lr", type=float, default=2e-3)
     p.add_argument("--seeds", default="0,1,2")

@@ -83,11 +83,19 @@ def build(folder: Path, n: int, mode: str) -> str:
 
 
 def hnsw_recall(n: int, queries: int = 500) -> tuple[float, float]:
-    """(recall@10 of HNSW vs exact, HNSW build seconds) on n synthetic 64-d vectors."""
+    """(recall@10 of HNSW vs exact, HNSW build seconds): n synthetic 64-d item vectors with
+    log-normal norms, queries from an untrained SASRec over random 5-item histories."""
+    import torch
+
+    from models.sasrec import SASRec, SASRecConfig
+    from scorer.model import SASRecScorer
     from updater.index import ItemIndex
 
-    vecs = synthetic(n, 64)
-    q = synthetic(queries, 64, seed=1)
+    rng = np.random.default_rng(2)
+    vecs = synthetic(n, 64) * rng.lognormal(0, 0.7, (n, 1)).astype(np.float32)
+    torch.manual_seed(0)
+    scorer = SASRecScorer(SASRec(SASRecConfig(n_items=2), torch.randn(3, SAID_DIM)), "bench")
+    q = np.concatenate([scorer.query(vecs[rng.integers(0, n, 5)]) for _ in range(queries)])
     exact, approx = ItemIndex(64, hnsw_min_items=n + 1), ItemIndex(64, hnsw_min_items=1)
     exact.build(np.arange(1, n + 1), vecs)
     t0 = time.perf_counter()
@@ -99,12 +107,14 @@ def hnsw_recall(n: int, queries: int = 500) -> tuple[float, float]:
 
 
 def serve(url: str, index_dir: str, port: int) -> None:
+    import torch
     import uvicorn
 
     from said.db import make_engine
     from scorer.app import create_app
     from scorer.state import ServingState
 
+    torch.set_num_threads(1)  # as `said serve` does
     engine = make_engine(url)
     state = ServingState(engine, "bench", SAID_DIM, Path(index_dir))
     uvicorn.run(create_app(engine, state), port=port, log_level="warning")

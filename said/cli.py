@@ -154,23 +154,10 @@ def _cmd_update(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serving_state(settings):
-    import torch
-
-    from said.db import make_engine
-    from scorer.state import ServingState
-    from updater.full_align import load_active_bundle
-
-    engine = make_engine(settings.database_url)
-    bundle = load_active_bundle(engine, torch.device("cpu"))
-    state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden,
-                         settings.data_dir / "index", settings.snapshot_every_s,
-                         settings.hnsw_min_items)  # fmt: skip
-    return engine, state
-
-
 def _cmd_index(args: argparse.Namespace) -> int:
-    _, state = _serving_state(get_settings())
+    from scorer.state import ServingState
+
+    state = ServingState.from_settings(get_settings())
     out = state.rebuild()
     logging.info("rebuilt the index of %s with %d items: %s", state.version,
                  len(state.served.index), out)  # fmt: skip
@@ -180,13 +167,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from scorer.app import create_app
-
-    settings = get_settings()
-    engine, state = _serving_state(settings)
-    token = settings.api_token.get_secret_value() if settings.api_token else None
-    uvicorn.run(create_app(engine, state, token=token), host=args.host, port=args.port,
-                log_level="warning")  # fmt: skip
+    # Each worker process builds its own state from the environment (stateless replicas).
+    uvicorn.run("scorer.app:app_from_env", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level="warning")  # fmt: skip
     return 0
 
 
@@ -310,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="the HTTP scorer")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--workers", type=int, default=1, help="processes; one per core")
     sv.set_defaults(fn=_cmd_serve)
 
     dm = sub.add_parser("demo", help="the pipeline end to end on the embedded defaults")
@@ -328,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.debug("settings: %s", get_settings().redacted())  # secrets masked, never logged
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -35,6 +35,8 @@ FRESH_ITEM_SECONDS = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900),
 )
 INDEX_ITEMS = Gauge("said_index_items", "Vectors in the served FAISS index.")
+SCORER_RETRAINS = Counter("said_scorer_retrains_total", "Scorer retrains by outcome.", ["outcome"])
+SCORER_VAL_NDCG = Gauge("said_scorer_val_ndcg10", "Validation NDCG@10 of the last candidate.")
 
 
 def serve_metrics(port: int) -> None:

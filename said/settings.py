@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = Field(None, description="SASL user name.")
     kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (no default).")
     kafka_ssl_ca_location: str | None = Field(None, description="CA bundle for broker TLS.")
+    kafka_ssl_certificate_location: str | None = Field(None, description="Client cert (mTLS).")
+    kafka_ssl_key_location: str | None = Field(None, description="Client key (mTLS).")
+    kafka_ssl_key_password: SecretStr | None = Field(None, description="Client key password.")
     group_id: str = Field("said", description="Consumer-group prefix; '.items' etc. appended.")
     session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka group session timeout.")
     consume_batch: int = Field(5000, ge=1, le=100_000, description="Messages per consume batch.")
@@ -68,6 +71,11 @@ class Settings(BaseSettings):
                 self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
             ),
             "ssl.ca.location": self.kafka_ssl_ca_location,
+            "ssl.certificate.location": self.kafka_ssl_certificate_location,
+            "ssl.key.location": self.kafka_ssl_key_location,
+            "ssl.key.password": (
+                self.kafka_ssl_key_password.get_secret_value() if self.kafka_ssl_key_password else None
+            ),
         }
         conf.update({k: v for k, v in optional.items() if v is not None})
         return conf
@@ -77,7 +85,8 @@ class Settings(BaseSettings):
         out = self.model_dump()
         out["database_url"] = _mask_url_password(self.database_url)
         out["kafka_sasl_password"] = "***" if self.kafka_sasl_password else None
-        out["api_token"] = "***" if self.api_token else None
+        for key in ("api_token", "kafka_ssl_key_password"):
+            out[key] = "***" if getattr(self, key) else None
         return out
 
 

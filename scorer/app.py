@@ -10,6 +10,7 @@ estimated them. GET /items/{item_id}, /healthz, /readyz, /metrics; the OpenAPI s
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import threading
 import time
@@ -27,6 +28,7 @@ from scorer.state import ServingState
 
 log = logging.getLogger(__name__)
 MAX_HISTORY = 200
+MAX_BODY_BYTES = 64 * 1024  # a maximal valid request is ~10 KB
 REQUESTS = Counter("said_scorer_requests_total", "Scorer requests.", ["endpoint", "status"])
 LATENCY = Histogram("said_scorer_seconds", "Scorer request latency.", ["endpoint"],
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1))  # fmt: skip
@@ -85,6 +87,46 @@ class ObserveMiddleware:
             LATENCY.labels(endpoint).observe(time.perf_counter() - start)
 
 
+class BodyLimitMiddleware:
+    """Rejects request bodies over ``MAX_BODY_BYTES`` with 413, by header or while streaming,
+    before any of it is parsed: a client cannot make the server buffer a huge body."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            await _too_large(send)
+            return
+        seen, answered = [0], [False]
+
+        async def counted():
+            message = await receive()
+            seen[0] += len(message.get("body", b""))
+            if seen[0] > MAX_BODY_BYTES and not answered[0]:
+                answered[0] = True
+                await _too_large(send)
+                return {"type": "http.disconnect"}  # the app stops reading; its reply is dropped
+            return message
+
+        async def send_unless_answered(message) -> None:
+            if not answered[0]:
+                await send(message)
+
+        await self.app(scope, counted, send_unless_answered)
+
+
+async def _too_large(send) -> None:
+    body = json.dumps({"detail": f"request body over {MAX_BODY_BYTES} bytes"}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
 def bearer_guard(token: str | None):
     """A dependency that admits only ``Authorization: Bearer <token>`` when a token is set."""
 
@@ -114,7 +156,8 @@ def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0,
     app = FastAPI(title="SAID scorer", version="1", lifespan=lifespan)
     app.mount("/metrics", make_asgi_app())
 
-    app.add_middleware(ObserveMiddleware)
+    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(ObserveMiddleware)  # outermost: it also counts the 413s
 
     @app.post("/recommend", response_model=RecommendResponse,
               dependencies=[Depends(bearer_guard(token))])  # fmt: skip
@@ -171,3 +214,18 @@ def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0,
                 "aligner_version": state.aligner_version, "refreshed_at": state.refreshed_at}
 
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app of ``said serve`` (a uvicorn factory: every worker process builds its own)."""
+    import torch
+
+    from said.settings import get_settings
+
+    # One small query at a time: intra-op threads only contend with concurrent requests
+    # (measured: SASRec query 1.2 ms with 2 threads, 0.53 ms with 1).
+    torch.set_num_threads(1)
+    settings = get_settings()
+    state = ServingState.from_settings(settings)
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    return create_app(state.engine, state, token=token)

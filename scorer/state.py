@@ -65,6 +65,19 @@ class ServingState:
         self._snapshot_at = time.monotonic()
         self.refresh()
 
+    @classmethod
+    def from_settings(cls, settings) -> ServingState:
+        """The state of ``said serve``: the active aligner's catalogue and index folder."""
+        import torch
+
+        from said.db import make_engine
+        from updater.full_align import load_active_bundle
+
+        engine = make_engine(settings.database_url)
+        bundle = load_active_bundle(engine, torch.device("cpu"))
+        return cls(engine, bundle.version, bundle.aligner.cfg.hidden, settings.data_dir / "index",
+                   settings.snapshot_every_s, settings.hnsw_min_items)  # fmt: skip
+
     @property
     def version(self) -> str:
         return self.served.scorer.version

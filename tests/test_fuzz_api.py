@@ -55,5 +55,5 @@ def test_maximal_request_is_answered_fast(app):
             assert r.status_code == 200
         over = c.post("/recommend", content=b'{"history": [' + b'"x",' * 100_000 + b'"x"]}',
                       headers={"content-type": "application/json"})  # fmt: skip
-    assert over.status_code == 422 and over.json()["detail"]
+    assert over.status_code == 413 and over.json()["detail"], "bodies are size-limited"
     assert sorted(took)[len(took) // 2] < 0.25, f"median {sorted(took)[10]:.3f}s for a maximal request"

@@ -3,7 +3,13 @@
 Two tiers, both keyed by the catalogue's dense item index:
 - ``main``: built in bulk; exact inner product (``IndexFlatIP``) below ``hnsw_min_items``,
   HNSW above it, where a linear scan per query is too slow (HNSW cannot delete, so it is
-  never modified after the build);
+  never modified after the build). Scorer logits are inner products of vectors whose norms
+  vary widely, which an inner-product HNSW graph navigates poorly (recall@10 0.93 on SASRec
+  queries). So items are split into ``NORM_BANDS`` bands by norm (each within 2x), and each band's HNSW
+  searches the nearest L2 neighbour of ``[x, sqrt(M^2 - |x|^2)]`` for ``[q, 0]``, whose order
+  is exactly the inner-product order (Bachrach et al., 2014); banding keeps the added
+  coordinate small, which the transform alone does not (recall 0.44 -> 0.99 on log-normal
+  norms; see tests/test_index.py and benchmarks/scorer_latency.py);
 - ``delta``: an exact ``IndexIDMap2`` that takes every add and replacement at once
   (remove + add, no rebuild). An id present in ``delta`` is masked out of ``main`` with a
   FAISS ID selector, so a replaced vector never scores twice.
@@ -29,6 +35,7 @@ HNSW_MIN_ITEMS = 50_000  # exact search below this many items (~2 ms per query a
 HNSW_M = 32  # graph degree
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128  # measured recall@10 vs exact: see benchmarks/scorer_latency.py
+NORM_BANDS = 16  # HNSW graphs by norm: (M/2, M], (M/4, M/2], ..., and the rest below M/2^15
 
 
 class CorruptSnapshot(RuntimeError):
@@ -40,7 +47,7 @@ class ItemIndex:
 
     def __init__(self, dim: int, hnsw_min_items: int = HNSW_MIN_ITEMS) -> None:
         self.dim, self.hnsw_min_items = dim, hnsw_min_items
-        self.main = self._flat()
+        self.mains: list[faiss.IndexIDMap2] = [self._flat()]  # one exact tier, or HNSW bands
         self.delta = self._flat()
         self._reset_masks()
 
@@ -49,19 +56,24 @@ class ItemIndex:
 
     @property
     def approximate(self) -> bool:
-        return not isinstance(faiss.downcast_index(self.main.index), faiss.IndexFlat)
+        return any(m.d == self.dim + 1 for m in self.mains)  # augmented HNSW bands
 
     def __len__(self) -> int:
-        return self.main.ntotal - len(self._masked) + self.delta.ntotal
+        return self._main_total() - len(self._masked) + self.delta.ntotal
+
+    def _main_total(self) -> int:
+        return sum(m.ntotal for m in self.mains)
 
     def _reset_masks(self) -> None:
         """Recompute what ``upsert`` keeps incrementally: main's ids, masked ids, selector."""
-        main_ids = faiss.vector_to_array(self.main.id_map)
+        main_ids = np.concatenate([faiss.vector_to_array(m.id_map) for m in self.mains])
         self._in_main = np.zeros(int(main_ids.max(initial=0)) + 1, dtype=bool)
         self._in_main[main_ids] = True
         delta_ids = faiss.vector_to_array(self.delta.id_map)
         self._masked = set(delta_ids[self._contains_main(delta_ids)].tolist())
         self._delta_sel = faiss.IDSelectorBatch(delta_ids) if len(delta_ids) else None
+        # M^2 of each augmented band: all its stored vectors have exactly this norm
+        self._m2 = [_first_norm2(m) for m in self.mains]
 
     def _contains_main(self, ids: np.ndarray) -> np.ndarray:
         inside = ids < len(self._in_main)
@@ -70,16 +82,19 @@ class ItemIndex:
         return out
 
     def build(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Replace everything with these items: HNSW when there are many, exact otherwise."""
+        """Replace everything with these items: HNSW bands when many, exact otherwise."""
         ids, vectors = self._check(ids, vectors)
         if len(ids) >= self.hnsw_min_items:
-            hnsw = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-            hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-            main = faiss.IndexIDMap2(hnsw)
+            mains = []
+            for band in _norm_bands(vectors):
+                hnsw = faiss.IndexHNSWFlat(self.dim + 1, HNSW_M)  # L2 on augmented vectors
+                hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+                mains.append(faiss.IndexIDMap2(hnsw))
+                mains[-1].add_with_ids(_augment(vectors[band]), ids[band])
         else:
-            main = self._flat()
-        main.add_with_ids(vectors, ids)
-        self.main, self.delta = main, self._flat()
+            mains = [self._flat()]
+            mains[0].add_with_ids(vectors, ids)
+        self.mains, self.delta = mains, self._flat()
         self._reset_masks()
 
     def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -92,17 +107,18 @@ class ItemIndex:
 
     def needs_compaction(self) -> bool:
         """Past this the delta's exact scan costs more than a compaction saves."""
-        return self.delta.ntotal > max(1000, min(self.main.ntotal // 20, 20_000))
+        return self.delta.ntotal > max(1000, min(self._main_total() // 20, 20_000))
 
     def compact(self) -> None:
         """Fold the delta tier into a freshly built main tier (minutes for 1M HNSW items)."""
-        ids, vectors = self.items()
-        self.build(ids, vectors)
+        self.build(*self.items())
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """Every current (ids, vectors): main's unmasked entries, then the delta tier."""
-        main_ids, main_vecs = _contents(self.main)
-        delta_ids, delta_vecs = _contents(self.delta)
+        parts = [_contents(m, self.dim) for m in self.mains]
+        main_ids = np.concatenate([i for i, _ in parts])
+        main_vecs = np.concatenate([v for _, v in parts])
+        delta_ids, delta_vecs = _contents(self.delta, self.dim)
         keep = ~np.isin(main_ids, delta_ids)
         return (np.concatenate([main_ids[keep], delta_ids]),
                 np.concatenate([main_vecs[keep], delta_vecs]))  # fmt: skip
@@ -116,33 +132,36 @@ class ItemIndex:
         hide_main = [s for s in (excl, self._delta_sel) if s is not None]
         main_sel = (faiss.IDSelectorOr(*hide_main) if len(hide_main) == 2
                     else hide_main[0] if hide_main else None)  # fmt: skip
-        results = [self._search_tier(self.main, queries, k, main_sel)]
+        results = [self._search_tier(m, m2, queries, k, main_sel)
+                   for m, m2 in zip(self.mains, self._m2, strict=True)]  # fmt: skip
         if self.delta.ntotal:
-            results.append(self._search_tier(self.delta, queries, k, excl))
+            results.append(self._search_tier(self.delta, 0.0, queries, k, excl))
         scores = np.concatenate([s for s, _ in results], axis=1)
         ids = np.concatenate([i for _, i in results], axis=1)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
-    def _search_tier(self, tier, queries, k, hide):
+    def _search_tier(self, tier, m2: float, queries, k, hide):
         """Search one tier for ids not selected by ``hide`` (an ID selector or None)."""
         if tier.ntotal == 0:
             return (np.full((len(queries), k), -np.inf, dtype=np.float32),
                     np.full((len(queries), k), -1, dtype=np.int64))  # fmt: skip
         sel = faiss.IDSelectorNot(hide) if hide is not None else None
-        if isinstance(faiss.downcast_index(tier.index), faiss.IndexFlat):
-            params = faiss.SearchParameters(sel=sel)
-        else:
+        if tier.d == self.dim:
+            scores, ids = tier.search(queries, k, params=faiss.SearchParameters(sel=sel))
+        else:  # augmented L2: |q|^2 + M^2 - 2 q.x = distance, so q.x follows from it
             params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(HNSW_EF_SEARCH, k))
-        scores, ids = tier.search(queries, k, params=params)
+            padded = np.hstack([queries, np.zeros((len(queries), 1), dtype=np.float32)])
+            dist, ids = tier.search(padded, k, params=params)
+            scores = (np.square(queries).sum(1, keepdims=True) + m2 - dist) / 2
         scores[ids < 0] = -np.inf
         return scores, ids
 
     def vector(self, item_id: int) -> np.ndarray:
         """The item's current vector; RuntimeError when it is not indexed."""
-        for tier in (self.delta, self.main):
+        for tier in (self.delta, *self.mains):
             try:
-                return tier.reconstruct(int(item_id))
+                return tier.reconstruct(int(item_id))[: self.dim]  # drops the augmentation
             except RuntimeError:
                 continue
         raise RuntimeError(f"item {item_id} is not indexed")
@@ -157,14 +176,18 @@ class ItemIndex:
         return ids, vectors
 
     # --- snapshots ---------------------------------------------------------------------
-    def save(self, folder: Path, name: str) -> Path:
-        """Write ``index-<name>.faiss`` (both tiers) atomically with its checksum."""
+    def save(self, folder: Path, name: str, keep: int = 3) -> Path:
+        """Write ``index-<name>.faiss`` (every tier) atomically with its checksum, then
+        delete all but the newest ``keep`` snapshots (a periodic writer must not fill the disk)."""
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"index-{name}.faiss"
-        main = faiss.serialize_index(self.main).tobytes()
-        data = len(main).to_bytes(8, "little") + main + faiss.serialize_index(self.delta).tobytes()
+        parts = [faiss.serialize_index(t).tobytes() for t in (self.delta, *self.mains)]
+        data = b"".join(len(b).to_bytes(8, "little") + b for b in parts)
         _write_atomic(path, data)
         _write_atomic(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
+        for old in sorted(folder.glob("index-*.faiss"), key=lambda p: p.stat().st_mtime)[:-keep]:
+            old.with_suffix(".sha256").unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -177,26 +200,48 @@ class ItemIndex:
             raise CorruptSnapshot(f"{path}: missing file {exc.filename}") from exc
         if hashlib.sha256(data).hexdigest() != expected:
             raise CorruptSnapshot(f"{path}: checksum mismatch")
-        cut = 8 + int.from_bytes(data[:8], "little")
+        tiers, at = [], 0
         try:
-            tiers = [faiss.deserialize_index(np.frombuffer(b, dtype=np.uint8))
-                     for b in (data[8:cut], data[cut:])]  # fmt: skip
+            while at < len(data):
+                size = int.from_bytes(data[at : at + 8], "little")
+                tiers.append(faiss.deserialize_index(np.frombuffer(data[at + 8 : at + 8 + size], np.uint8)))
+                at += 8 + size
         except RuntimeError as exc:
             raise CorruptSnapshot(f"{path}: {exc}") from exc
-        if not all(isinstance(t, faiss.IndexIDMap2) for t in tiers):
+        if len(tiers) < 2 or not all(isinstance(t, faiss.IndexIDMap2) for t in tiers):
             raise CorruptSnapshot(f"{path}: not an ID-mapped index")
-        out = cls(tiers[0].d, hnsw_min_items)
-        out.main, out.delta = tiers  # keep these objects: a downcast proxy would outlive its owner
+        out = cls(tiers[0].d, hnsw_min_items)  # the delta tier is never augmented
+        out.delta, out.mains = tiers[0], tiers[1:]  # keep these objects: proxies outlive owners
         out._reset_masks()
         return out
 
 
-def _contents(tier: faiss.IndexIDMap2) -> tuple[np.ndarray, np.ndarray]:
+def _norm_bands(vectors: np.ndarray) -> list[np.ndarray]:
+    """Row indexes by norm band: (M/2, M], (M/4, M/2], ... and the rest, M the largest norm.
+    Within a band norms differ at most 2x, so the augmented coordinate stays small."""
+    norms = np.linalg.norm(vectors, axis=1)
+    band = np.floor(np.log2(norms.max() / np.maximum(norms, 1e-30)))
+    band = np.clip(band, 0, NORM_BANDS - 1).astype(int)
+    return [np.flatnonzero(band == b) for b in range(NORM_BANDS) if (band == b).any()]
+
+
+def _first_norm2(tier: faiss.IndexIDMap2) -> float:
+    ids = faiss.vector_to_array(tier.id_map)
+    return float(np.square(tier.reconstruct(int(ids[0]))).sum()) if len(ids) else 0.0
+
+
+def _augment(vectors: np.ndarray) -> np.ndarray:
+    """(n, d) -> (n, d+1) of equal norm M = max |x|: L2 order of [q, 0] = inner-product order."""
+    norms2 = np.square(vectors).sum(1)
+    return np.hstack([vectors, np.sqrt(norms2.max() - norms2)[:, None]]).astype(np.float32)
+
+
+def _contents(tier: faiss.IndexIDMap2, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, vectors) stored in a tier, read from its flat storage without a search."""
     inner = faiss.downcast_index(tier.index)
     storage = inner if isinstance(inner, faiss.IndexFlat) else faiss.downcast_index(inner.storage)
     vecs = faiss.rev_swig_ptr(storage.get_xb(), tier.ntotal * tier.d).reshape(tier.ntotal, tier.d)
-    return faiss.vector_to_array(tier.id_map), vecs.copy()
+    return faiss.vector_to_array(tier.id_map), vecs[:, :dim].copy()
 
 
 def latest_snapshot(folder: Path, prefix: str = "") -> Path | None:

@@ -22,6 +22,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 
 from models.sasrec import SASRec, SASRecConfig
+from said import metrics as metrics_
 from said.catalogue import load_embeddings, user_sequences
 from said.tables import interactions, items, model_versions
 from scorer.model import load_sasrec, save_scorer
@@ -119,6 +120,8 @@ def retrain_once(engine: Engine, aligner_version: str, out_dir: Path, cfg: Retra
             version=version, kind="scorer", path=str(path.resolve()),
             status="active" if promote else "rejected", metrics=metrics,
             created_at=datetime.now(UTC)))  # fmt: skip
+    metrics_.SCORER_RETRAINS.labels("promoted" if promote else "rejected").inc()
+    metrics_.SCORER_VAL_NDCG.set(ndcg)
     log.info("scorer %s: val NDCG@10 %.4f vs active %.4f -> %s", version, ndcg, active_ndcg,
              "promoted" if promote else "rejected")  # fmt: skip
     return metrics | {"version": version}

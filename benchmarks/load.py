@@ -1,0 +1,208 @@
+"""Sustained load: interactions at a fixed rate while the updater aligns and the scorer serves.
+
+Method: the production processes, started through the CLI as in docker-compose: ``said
+consume items``, ``said consume interactions``, ``said update`` and ``said serve``, on an
+embedded broker and a throwaway PostgreSQL. Set-up replays a Beauty slice (``--items``) and
+runs ``said align --epochs 1`` (quality is not the point). Then, for ``--seconds``, this
+process produces interactions at ``--rate`` events/s (10 ms ticks) over the slice's items,
+publishes a brand-new item every 10 s (real Beauty titles outside the slice) and asks the
+scorer for recommendations ~20 times a second. Every 5 s it samples the interaction
+consumer's lag (its ``said_consumer_lag`` metric) and every process's RSS. At the end it
+waits for the consumer to drain and checks that the catalogue holds every produced event.
+
+    python benchmarks/load.py [--rate 34692] [--seconds 300] [--items 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from confluent_kafka import Producer
+from sqlalchemy import func, select
+
+from models.data import load_dataset
+from said.broker import EmbeddedBroker, ensure_topics, free_port
+from said.db import make_engine
+from said.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
+from said.pgcluster import ThrowawayPostgres, find_pg_bin
+from said.tables import interactions, item_embeddings
+
+DATASET = Path(__file__).resolve().parents[2] / "shared/data/amazon-beauty"
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def lag(port: int) -> int:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return int(sum(float(v) for v in re.findall(r'^said_consumer_lag\{[^}]*\} (\S+)$', text, re.M)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dataset", type=Path, default=DATASET)
+    ap.add_argument("--rate", type=int, default=34_692, help="events/s (the ingestion benchmark's)")
+    ap.add_argument("--seconds", type=float, default=300)
+    ap.add_argument("--items", type=int, default=100)
+    ap.add_argument("--llm-cache", type=Path, default=None, help="a converted SmolLM2 folder")
+    args = ap.parse_args()
+    full = load_dataset(args.dataset)
+    ds = load_dataset(args.dataset, args.items)
+    fresh_titles = [t for i, t in zip(full.item_ids, full.titles, strict=True) if i not in set(ds.item_ids)]
+    pg = ThrowawayPostgres(find_pg_bin()).start()
+    procs: dict[str, subprocess.Popen] = {}
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(free_port()) as broker:
+        if args.llm_cache:
+            os.symlink(args.llm_cache.resolve(), Path(tmp) / "llm")
+        ports = {name: free_port() for name in ("items", "interactions", "update", "serve")}
+        env = os.environ | {"SAID_DATABASE_URL": pg.create_database(), "SAID_DATA_DIR": tmp,
+                            "SAID_KAFKA_BOOTSTRAP": broker.bootstrap, "SAID_LOG_LEVEL": "WARNING",
+                            "SAID_SESSION_TIMEOUT_MS": "6000"}  # fmt: skip
+        said = [sys.executable, "-m", "said.cli"]
+
+        def run(*cmd: str) -> None:
+            subprocess.run([*said, *cmd], env=env, check=True)
+
+        def start(name: str, *cmd: str) -> None:
+            procs[name] = subprocess.Popen([*said, *cmd], env=env | {"SAID_METRICS_PORT": str(ports[name])})
+
+        try:
+            ensure_topics({"bootstrap.servers": broker.bootstrap})
+            run("db", "upgrade")
+            run("produce", "--dataset", str(args.dataset), "--limit", str(args.items))
+            run("consume", "items", "--idle-exit", "3")
+            run("consume", "interactions", "--idle-exit", "3")
+            run("align", "--epochs", "1")
+            engine = make_engine(env["SAID_DATABASE_URL"])
+            base = _count(engine)
+            start("items", "consume", "items")
+            start("interactions", "consume", "interactions")
+            start("update", "update")
+            procs["serve"] = subprocess.Popen([*said, "serve", "--port", str(ports["serve"])], env=env)
+            _wait_http(f"http://127.0.0.1:{ports['serve']}/readyz")
+            time.sleep(8)  # consumers join their groups
+            report = _drive(args, broker.bootstrap, ds.item_ids, fresh_titles, ports, procs)
+            t0 = time.monotonic()
+            while _count(engine) < base + report["produced"] and time.monotonic() - t0 < 600:
+                time.sleep(1)
+            report["drain_s"] = time.monotonic() - t0
+            report["stored"] = _count(engine) - base
+            refined = select(func.count()).select_from(item_embeddings).where(
+                item_embeddings.c.kind == "refined")  # fmt: skip
+            with engine.connect() as conn:
+                report["fresh_aligned"] = conn.execute(refined).scalar()
+            report["rss_end"] = {n: rss_mib(p.pid) for n, p in procs.items()}
+        finally:
+            for p in procs.values():
+                p.terminate()
+            for p in procs.values():
+                p.wait(30)
+            pg.close()
+    _print(args, report)
+
+
+def _drive(args, bootstrap, item_ids, fresh_titles, ports, procs) -> dict:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
+                         "queue.buffering.max.messages": 2_000_000})  # fmt: skip
+    stop, scorer = threading.Event(), {"ok": 0, "failed": 0}
+    threading.Thread(target=_ask_scorer, args=(ports["serve"], stop, scorer), daemon=True).start()
+    rss_start = {n: rss_mib(p.pid) for n, p in procs.items()}
+    lags, produced, fresh = [], 0, 0
+    t_start = time.monotonic()
+    next_sample = next_item = t_start
+    while (now := time.monotonic()) - t_start < args.seconds:
+        due = int((now - t_start) * args.rate) - produced
+        for e in range(produced, produced + due):
+            item = item_ids[e % len(item_ids)]
+            value = (f'{{"event_id":"L{e}","user_id":"u{e % 10000}","item_id":"{item}",'
+                     f'"type":"click","event_time":"2026-06-01T00:00:00Z"}}')  # fmt: skip
+            while True:
+                try:
+                    producer.produce(TOPIC_INTERACTIONS, key=f"u{e % 10000}", value=value)
+                    break
+                except BufferError:
+                    producer.poll(0.01)
+        produced += due
+        producer.poll(0)
+        if now >= next_item:
+            title = fresh_titles[fresh % len(fresh_titles)]
+            producer.produce(TOPIC_ITEMS, key=f"load-{fresh}", value=(
+                f'{{"item_id":"load-{fresh}","title":{_json_str(title)},"description":null,'
+                f'"advertiser_id":"load","event_time":"2026-06-01T00:00:00Z"}}'))  # fmt: skip
+            fresh += 1
+            next_item += 10
+        if now >= next_sample:
+            lags.append((now - t_start, lag(ports["interactions"])))
+            next_sample += 5
+        time.sleep(0.01)
+    assert producer.flush(120) == 0
+    stop.set()
+    return {"produced": produced, "produce_s": time.monotonic() - t_start, "fresh": fresh,
+            "lags": lags, "rss_start": rss_start, "scorer": scorer}  # fmt: skip
+
+
+def _json_str(s: str) -> str:
+    import json
+
+    return json.dumps(s)
+
+
+def _ask_scorer(port: int, stop: threading.Event, counts: dict) -> None:
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+        n = 0
+        while not stop.is_set():
+            r = c.post("/recommend", json={"user_id": f"u{n % 10000}", "k": 10})
+            counts["ok" if r.status_code in (200, 404) else "failed"] += 1  # 404: no clicks yet
+            n += 1
+            time.sleep(0.05)
+
+
+def _wait_http(url: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def _count(engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(interactions)).scalar()
+
+
+def _print(args, r: dict) -> None:
+    rate = r["produced"] / r["produce_s"]
+    print(f"target {args.rate:,} ev/s for {args.seconds:.0f} s; produced {r['produced']:,} "
+          f"({rate:,.0f} ev/s), stored {r['stored']:,}, lost {r['produced'] - r['stored']:,}; "
+          f"drained {r['drain_s']:.0f} s after the load stopped")  # fmt: skip
+    print(f"fresh items published {r['fresh']}, refined by the updater {r['fresh_aligned']}; "
+          f"scorer requests ok {r['scorer']['ok']}, failed {r['scorer']['failed']}")  # fmt: skip
+    lags = r["lags"]
+    print("consumer lag (messages) every 5 s: " + ", ".join(f"{v:,}" for _, v in lags))
+    third = max(1, len(lags) // 3)
+    print(f"lag max {max(v for _, v in lags):,}; mean of first third "
+          f"{sum(v for _, v in lags[:third]) / third:,.0f}, of last third "
+          f"{sum(v for _, v in lags[-third:]) / third:,.0f}")  # fmt: skip
+    print("| process | RSS start MiB | RSS end MiB |\n|---|---|---|")
+    for name in r["rss_start"]:
+        print(f"| {name} | {r['rss_start'][name]:.0f} | {r['rss_end'][name]:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
