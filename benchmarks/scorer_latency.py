@@ -10,8 +10,10 @@ previous serving path: cosine similarity of 576-d SAID vectors, exact search
 of the 2 cores) with C connections on 1 thread, posting ``/recommend`` with a random 5-item
 history (Lua) and k=10 for D seconds after a 2 s warm-up; wrk's latency percentiles are
 client-side. Without wrk, a Python thread pool (httpx) stands in, and the table says so.
-Figures are medians over runs. Recall@10 of the HNSW index against exact search is
-measured in-process on 500 queries from random histories.
+Each catalogue is served by one and by two uvicorn worker processes (``said serve
+--workers``). Figures are medians over runs. Recall@10 of the HNSW index against exact
+search is measured in-process on 500 SASRec queries from random histories over item
+vectors with log-normal norms.
 
     python benchmarks/scorer_latency.py [--sizes 12101,100000,1000000] [--clients 4]
 """
@@ -19,6 +21,7 @@ measured in-process on 500 queries from random histories.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -106,18 +109,26 @@ def hnsw_recall(n: int, queries: int = 500) -> tuple[float, float]:
     return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, e, strict=True)])), build_s
 
 
-def serve(url: str, index_dir: str, port: int) -> None:
+def factory():
+    """The app for one uvicorn worker process (as ``said serve``'s ``app_from_env``)."""
     import torch
-    import uvicorn
 
     from said.db import make_engine
     from scorer.app import create_app
     from scorer.state import ServingState
 
     torch.set_num_threads(1)  # as `said serve` does
-    engine = make_engine(url)
-    state = ServingState(engine, "bench", SAID_DIM, Path(index_dir))
-    uvicorn.run(create_app(engine, state), port=port, log_level="warning")
+    engine = make_engine(os.environ["BENCH_URL"])
+    state = ServingState(engine, "bench", SAID_DIM, Path(os.environ["BENCH_INDEX"]))
+    return create_app(engine, state)
+
+
+def serve(url: str, index_dir: str, port: int, workers: int) -> None:
+    import uvicorn
+
+    os.environ |= {"BENCH_URL": url, "BENCH_INDEX": index_dir}
+    uvicorn.run("scorer_latency:factory", factory=True, port=port, workers=workers,
+                app_dir=str(Path(__file__).parent), log_level="warning")  # fmt: skip
 
 
 WRK_LUA = """
@@ -183,27 +194,38 @@ def load(port: int, n: int, clients: int, seconds: float) -> dict[str, float]:
             "rps": len(a) / wall, "errors": errors[0]}  # fmt: skip
 
 
-def measure(n: int, mode: str, generator, args) -> dict[str, float]:
+def measure(n: int, mode: str, generator, args) -> list[dict[str, float]]:
+    """One catalogue of n items, served by 1 then 2 worker processes: a row each."""
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         url = build(Path(tmp), n, mode)
-        port = free_port()
-        proc = subprocess.Popen([sys.executable, __file__, "--serve", url, f"{tmp}/index", str(port)])
-        try:
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.5)
-            generator(port, n, args.clients, 2.0)  # warm-up
-            runs = [generator(port, n, args.clients, args.seconds) for _ in range(args.runs)]
-            rss = _rss_mib(proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait()
-    out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    return out | {"errors": sum(r["errors"] for r in runs), "rss": rss}
+        for workers in (1, 2):
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, __file__, "--serve", url, f"{tmp}/index",
+                                     str(port), str(workers)])  # fmt: skip
+            try:
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:
+                    try:
+                        if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        time.sleep(0.5)
+                time.sleep(2 * workers)  # every worker process is ready
+                generator(port, n, args.clients, 2.0)  # warm-up
+                runs = [generator(port, n, args.clients, args.seconds) for _ in range(args.runs)]
+                rss = _rss_mib(proc.pid) + sum(_rss_mib(c) for c in _children(proc.pid))
+            finally:
+                proc.terminate()
+                proc.wait()
+            out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            rows.append(out | {"errors": sum(r["errors"] for r in runs), "rss": rss, "workers": workers})
+    return rows
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
 
 
 def _rss_mib(pid: int) -> float:
@@ -216,31 +238,32 @@ def _rss_mib(pid: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="12101,100000,1000000")
-    ap.add_argument("--baseline-sizes", default="12101,100000", help="cosine 576-d exact")
+    ap.add_argument("--baseline-sizes", default="12101", help="cosine 576-d, the former path")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--serve", nargs=3, metavar=("URL", "INDEX_DIR", "PORT"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve", nargs=4, metavar=("URL", "INDEX_DIR", "PORT", "WORKERS"),
+                    help=argparse.SUPPRESS)  # fmt: skip
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve[0], args.serve[1], int(args.serve[2]))
+        serve(args.serve[0], args.serve[1], int(args.serve[2]), int(args.serve[3]))
         return
     import shutil
 
     generator = load_wrk if shutil.which("wrk") else load
     print(f"load generator: {'wrk' if generator is load_wrk else 'python threads (no wrk)'}, "
           f"{args.clients} connections, {args.runs} runs of {args.seconds:.0f} s, medians")  # fmt: skip
-    print("| scorer | items | index | p50 ms | p99 ms | requests/s | errors | server RSS MiB |\n"
-          "|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print("| scorer | items | index | workers | p50 ms | p99 ms | requests/s | errors | server RSS MiB |\n"
+          "|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     from updater.index import HNSW_MIN_ITEMS
 
     jobs = [("cosine 576-d (baseline)", "cosine", int(x)) for x in args.baseline_sizes.split(",") if x]
     jobs += [("SASRec 64-d", "sasrec", int(x)) for x in args.sizes.split(",")]
     for label, mode, n in jobs:
-        m = measure(n, mode, generator, args)
         kind = "HNSW" if n >= HNSW_MIN_ITEMS else "exact"
-        print(f"| {label} | {n:,} | {kind} | {m['p50_ms']:.1f} | {m['p99_ms']:.1f} | "
-              f"{m['rps']:.0f} | {m['errors']} | {m['rss']:.0f} |", flush=True)  # fmt: skip
+        for m in measure(n, mode, generator, args):
+            print(f"| {label} | {n:,} | {kind} | {m['workers']} | {m['p50_ms']:.1f} | {m['p99_ms']:.1f} | "
+                  f"{m['rps']:.0f} | {m['errors']} | {m['rss']:.0f} |", flush=True)  # fmt: skip
     print("\n| items | HNSW recall@10 vs exact | HNSW build s |\n|---|---|---|")
     for n in [int(x) for x in args.sizes.split(",") if int(x) >= HNSW_MIN_ITEMS]:
         recall, build_s = hnsw_recall(n)

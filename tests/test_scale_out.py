@@ -17,7 +17,7 @@ from said.events import TOPIC_INTERACTIONS
 from said.tables import interactions, item_embeddings
 from tests.kafka_util import produce_json
 from tests.test_consumers import _click
-from tests.test_crash_and_outage import _load_items
+from tests.test_faults import _load_items
 from tests.test_updater import _add, aligned  # noqa: F401 - fixture
 from updater.leases import pending_count
 from updater.worker import UpdateWorker, WorkerConfig

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -114,3 +115,30 @@ def test_killed_worker_lease_expires_and_another_finishes(aligned, tiny_hf_folde
                                .where(item_embeddings.c.item_idx > 24)).scalars().all()  # fmt: skip
     assert refined == ["refined"] * 6
     assert AlignerBundle.load(active_aligner_path(engine), CPU).version == bundle.version
+
+
+def test_a_new_item_is_estimated_while_another_batch_refines(aligned):
+    engine, bundle, llm, tok, _ = aligned
+    _add(engine, 24, 4)
+    worker = UpdateWorker(engine, bundle, llm, tok, CPU, WorkerConfig(batch=4, refine_epochs=100_000))
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while _kind(engine, 25) != "estimate":  # the first batch is in refinement now
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        _add(engine, 28, 1)
+        t0 = time.monotonic()
+        while _kind(engine, 29) != "estimate":
+            assert time.monotonic() - t0 < 30, "the new item waited behind the refinement"
+            time.sleep(0.05)
+        assert _kind(engine, 25) == "estimate", "the first batch is still refining"
+    finally:
+        worker.stop()
+        thread.join(60)
+
+
+def _kind(engine, idx: int) -> str | None:
+    with engine.connect() as conn:
+        return conn.execute(select(item_embeddings.c.kind).where(item_embeddings.c.item_idx == idx)).scalar()

@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -142,10 +143,12 @@ def refine_fresh(
     lr: float = 0.2,
     target_loss: float | None = None,
     progress: bool = False,
+    after_epoch: Callable[[], object] | None = None,
 ) -> list[float]:
     """Train only the fresh rows (projector frozen); mean loss after each epoch.
 
-    Stops early once the epoch mean loss reaches ``target_loss``.
+    Stops early once the epoch mean loss reaches ``target_loss``. ``after_epoch`` runs
+    between passes (the worker gives newly arrived items their estimate there).
     """
     opt = torch.optim.Adam([fresh.rows], lr=lr)
     lengths = [len(t) for t in tokens]
@@ -159,6 +162,8 @@ def refine_fresh(
             total += per_item.sum().item()
             n += len(b)
         history.append(total / n)
+        if after_epoch is not None:
+            after_epoch()
         if target_loss is not None and history[-1] <= target_loss:
             break
     return history

@@ -8,6 +8,7 @@ waiting on each other. SQLite: the engine begins every transaction with ``BEGIN 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -29,7 +30,8 @@ class Lease:
 MAX_ATTEMPTS = 5  # an item that failed this often is marked failed, not retried forever
 
 
-def lease_jobs(conn: Connection, owner: str, limit: int, ttl_s: float) -> list[Lease]:
+def lease_jobs(conn: Connection, owner: str, limit: int, ttl_s: float,
+               held: Collection[int] = ()) -> list[Lease]:  # fmt: skip
     """Lease up to ``limit`` free or expired jobs for ``owner``; call inside a transaction.
 
     The owner's own live leases count as free: after a step that failed half-way (say,
@@ -39,7 +41,8 @@ def lease_jobs(conn: Connection, owner: str, limit: int, ttl_s: float) -> list[L
     free = or_(alignment_jobs.c.lease_expires_at.is_(None), alignment_jobs.c.lease_expires_at < now,
                alignment_jobs.c.lease_owner == owner)  # fmt: skip
     query = (select(alignment_jobs.c.item_idx)
-             .where(free, alignment_jobs.c.attempts < MAX_ATTEMPTS)
+             .where(free, alignment_jobs.c.attempts < MAX_ATTEMPTS,
+                    alignment_jobs.c.item_idx.not_in(list(held)))
              .order_by(alignment_jobs.c.item_idx))  # fmt: skip
     query = query.limit(limit)
     if conn.dialect.name == "postgresql":

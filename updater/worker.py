@@ -1,6 +1,6 @@
 """``said update``: the streaming worker that makes fresh items servable.
 
-Per leased micro-batch of pending items:
+Per leased micro-batch of pending items (new ones are leased between refinement passes too):
   1. **estimate**: pooled LLM text features -> ridge map -> item rows -> frozen projector;
      the vectors are written (kind ``estimate``) at once; every scorer replica picks them
      up from the catalogue within its poll period, so the item is recommendable in seconds;
@@ -45,6 +45,11 @@ class WorkerConfig:
     refine_lr: float = 0.2  # Adam rate for the fresh rows
 
 
+class Stopping(Exception):
+    """Raised between refinement passes once ``stop()`` was called; the batch stays leased
+    to this worker and is redone on its next start (or by another after the lease expires)."""
+
+
 class UpdateWorker:
     def __init__(self, engine: Engine, bundle: AlignerBundle, llm, tok, device: torch.device,
                  cfg: WorkerConfig | None = None) -> None:  # fmt: skip
@@ -55,6 +60,8 @@ class UpdateWorker:
         self.stopping = False
         self.done = 0
         self.fresh_losses: list[float] = []  # recent refined losses (the drift numerator)
+        # estimated, leased, not yet refined: (leases, rows), oldest first
+        self.backlog: list[tuple[list[Lease], torch.Tensor]] = []
 
     def stop(self) -> None:
         self.stopping = True
@@ -73,6 +80,7 @@ class UpdateWorker:
             except Exception as exc:
                 if not is_outage(exc):
                     raise
+                self.backlog.clear()  # still leased to us: re-leased and redone after the outage
                 log.warning("database unavailable (%s); retrying in %.1fs", type(exc).__name__, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -86,24 +94,52 @@ class UpdateWorker:
         return self.done
 
     def step(self) -> int:
-        """Lease, estimate, refine and complete one micro-batch; returns items leased."""
-        with self.engine.begin() as conn:
-            leases = lease_jobs(conn, self.owner, self.cfg.batch, self.cfg.lease_ttl_s)
-            metrics.PENDING_ITEMS.set(pending_count(conn))
-        if not leases:
-            return 0
+        """Estimate what is new, then refine and complete the oldest estimated micro-batch.
+
+        New items get their estimate between refinement passes too (``_estimate_new``), so
+        a fresh item never waits behind a long refinement to become servable.
+        Returns items estimated or refined.
+        """
+        estimated = self._estimate_new()
+        if not self.backlog:
+            return estimated
+        leases, rows = self.backlog.pop(0)
         try:
-            rows = self._estimate(leases)
             self._refine(leases, rows)
+        except Stopping:
+            return estimated
         except Exception as exc:
             if is_outage(exc):
                 raise
             log.exception("alignment of items %s failed", [x.item_idx for x in leases])
             with self.engine.begin() as conn:
                 fail_jobs(conn, self.owner, leases, f"{type(exc).__name__}: {exc}")
-            return len(leases)
+            return estimated + len(leases)
         with self.engine.begin() as conn:
             self.done += complete_jobs(conn, self.owner, leases)
+        return estimated + len(leases)
+
+    def _between_passes(self) -> None:
+        if self.stopping:
+            raise Stopping
+        self._estimate_new()
+
+    def _estimate_new(self) -> int:
+        """Lease pending items (not those we hold) and publish their first estimate."""
+        held = [x.item_idx for leases, _ in self.backlog for x in leases]
+        with self.engine.begin() as conn:
+            leases = lease_jobs(conn, self.owner, self.cfg.batch, self.cfg.lease_ttl_s, held)
+            metrics.PENDING_ITEMS.set(pending_count(conn))
+        if not leases:
+            return 0
+        try:
+            self.backlog.append((leases, self._estimate(leases)))
+        except Exception as exc:
+            if is_outage(exc):
+                raise
+            log.exception("estimate of items %s failed", [x.item_idx for x in leases])
+            with self.engine.begin() as conn:
+                fail_jobs(conn, self.owner, leases, f"{type(exc).__name__}: {exc}")
         return len(leases)
 
     def _publish(self, leases: list[Lease], vectors: np.ndarray, kind: str, losses) -> None:
@@ -128,7 +164,8 @@ class UpdateWorker:
         fresh = FreshRows(self.bundle.aligner.projector, rows)
         pad, eos = self.tok.pad_token_id, self.tok.eos_token_id
         refine_fresh(fresh, self.llm, self.prefix, tokens, self.device, pad,
-                     self.cfg.refine_epochs, lr=self.cfg.refine_lr)  # fmt: skip
+                     self.cfg.refine_epochs, lr=self.cfg.refine_lr,
+                     after_epoch=self._between_passes)  # fmt: skip
         local = list(range(len(leases)))
         losses = fidelity(fresh.soft_tokens, self.llm, self.prefix, tokens, local, self.device,
                           pad, eos, reconstruct=False)["loss"]  # fmt: skip
