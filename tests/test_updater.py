@@ -142,3 +142,31 @@ def test_a_new_item_is_estimated_while_another_batch_refines(aligned):
 def _kind(engine, idx: int) -> str | None:
     with engine.connect() as conn:
         return conn.execute(select(item_embeddings.c.kind).where(item_embeddings.c.item_idx == idx)).scalar()
+
+
+def test_a_poison_item_is_failed_with_its_reason_and_does_not_block_others(aligned, monkeypatch):
+    from said.tables import alignment_jobs
+    from updater.leases import MAX_ATTEMPTS
+
+    engine, bundle, llm, tok, _ = aligned
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        upsert_items(conn, [ItemEvent("poison", "\u2028 breaks the tokenizer", None, None, now)], now)
+    _add(engine, 25, 3)
+    worker = UpdateWorker(engine, bundle, llm, tok, CPU, WorkerConfig(batch=1, refine_epochs=1))
+    real = worker._refine
+
+    def refine(leases, rows):
+        if leases[0].text.startswith("\u2028"):
+            raise ValueError("cannot tokenize")
+        real(leases, rows)
+
+    monkeypatch.setattr(worker, "_refine", refine)
+    worker.run(idle_exit=0.5)
+    with engine.connect() as conn:
+        status = dict(conn.execute(select(items.c.item_id, items.c.status)).all())
+        job = conn.execute(select(alignment_jobs.c.attempts, alignment_jobs.c.last_error)).one()
+        assert pending_count(conn) == 0
+    assert status["poison"] == "failed" and job.attempts == MAX_ATTEMPTS
+    assert "ValueError: cannot tokenize" in job.last_error
+    assert {status[f"i{i}"] for i in range(25, 28)} == {"aligned"}

@@ -109,11 +109,7 @@ class UpdateWorker:
         except Stopping:
             return estimated
         except Exception as exc:
-            if is_outage(exc):
-                raise
-            log.exception("alignment of items %s failed", [x.item_idx for x in leases])
-            with self.engine.begin() as conn:
-                fail_jobs(conn, self.owner, leases, f"{type(exc).__name__}: {exc}")
+            self._fail(leases, exc, "refinement")
             return estimated + len(leases)
         with self.engine.begin() as conn:
             self.done += complete_jobs(conn, self.owner, leases)
@@ -135,12 +131,16 @@ class UpdateWorker:
         try:
             self.backlog.append((leases, self._estimate(leases)))
         except Exception as exc:
-            if is_outage(exc):
-                raise
-            log.exception("estimate of items %s failed", [x.item_idx for x in leases])
-            with self.engine.begin() as conn:
-                fail_jobs(conn, self.owner, leases, f"{type(exc).__name__}: {exc}")
+            self._fail(leases, exc, "estimate")
         return len(leases)
+
+    def _fail(self, leases: list[Lease], exc: Exception, stage: str) -> None:
+        """An outage propagates (``run`` backs off); anything else fails these jobs, with why."""
+        if is_outage(exc):
+            raise exc
+        log.exception("%s of items %s failed", stage, [x.item_idx for x in leases])
+        with self.engine.begin() as conn:
+            fail_jobs(conn, self.owner, leases, f"{type(exc).__name__}: {exc}")
 
     def _publish(self, leases: list[Lease], vectors: np.ndarray, kind: str, losses) -> None:
         with self.engine.begin() as conn:
