@@ -25,6 +25,7 @@ from tests.kafka_util import produce_json
 from tests.test_updater import NAMES
 from training.align import AlignConfig
 from updater.full_align import align_catalogue
+from updater.retrain import RetrainConfig, retrain_once
 from updater.worker import UpdateWorker, WorkerConfig
 
 CPU = torch.device("cpu")
@@ -35,21 +36,35 @@ def _item(i: int, title: str) -> dict:
             "event_time": "2026-01-01T00:00:00Z"}  # fmt: skip
 
 
+def _clicks() -> list[dict]:
+    """u1 clicked two lip balms; 40 more users each click three items of one kind in a row."""
+    out = [{"event_id": f"e{i}", "user_id": "u1", "item_id": f"i{i}", "type": "click",
+            "event_time": "2026-01-01T00:00:01Z"} for i in (0, 8)]  # fmt: skip
+    for u in range(40):
+        kind = range(u % 8, 24, 8)
+        out += [{"event_id": f"v{u}-{s}", "user_id": f"v{u}", "item_id": f"i{i}", "type": "click",
+                 "event_time": f"2026-01-01T00:00:0{s}Z"} for s, i in enumerate(kind)]  # fmt: skip
+    return out
+
+
 @pytest.mark.slow
-def test_new_item_enters_a_similar_users_top_k(settings, smollm_folder, llm_cache, tmp_path):
+@pytest.mark.parametrize("scorer", ["cosine", "sasrec"])
+def test_new_item_enters_a_similar_users_top_k(settings, smollm_folder, llm_cache, tmp_path, scorer):
     engine = make_engine(settings.database_url)
     produce_json(settings.kafka_bootstrap, TOPIC_ITEMS,
                  [_item(i, f"{NAMES[i % 8]} pack {i}") for i in range(24)], "item_id")  # fmt: skip
-    history = [{"event_id": f"e{i}", "user_id": "u1", "item_id": f"i{i}", "type": "click",
-                "event_time": "2026-01-01T00:00:01Z"} for i in (0, 8)]  # fmt: skip
-    produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, history, "user_id")
+    produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, _clicks(), "user_id")
     ConsumeLoop(ItemsHandler(settings), engine, settings).run(idle_exit=1.0)
     ConsumeLoop(InteractionsHandler(settings), engine, settings).run(idle_exit=1.0)
     llm, tok = load_llm(None, llm_cache, CPU)
     bundle = align_catalogue(engine, llm, tok, CPU, tmp_path, AlignConfig(epochs=3, batch_size=8),
                              k=1, item_dim=32, progress=False)  # fmt: skip
+    if scorer == "sasrec":  # the production path once clicks exist: a promoted SASRec scorer
+        promoted = retrain_once(engine, bundle.version, tmp_path, RetrainConfig(epochs=20), CPU, False)
+        assert promoted["promoted"]
 
     state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, tmp_path / "index")
+    assert state.version.startswith(scorer)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, state, poll_s=0.2), port=port,
                                            log_level="warning"))  # fmt: skip
@@ -82,7 +97,7 @@ def test_new_item_enters_a_similar_users_top_k(settings, smollm_folder, llm_cach
                 found_after = time.monotonic() - t0
                 break
             time.sleep(0.1)
-        print(f"fresh item servable in the user's top-5 after {found_after}s")
+        print(f"{scorer}: fresh item servable in the user's top-5 after {found_after}s")
         assert found_after is not None, f"i99 never entered the top-5: {top}"
     finally:
         server.should_exit = True
