@@ -1,0 +1,92 @@
+"""``said demo`` end to end in a subprocess (tiny real-tokenizer LLM, generated data set):
+the summary, the plots, and a Ctrl-C that leaves no broker process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from said.broker import free_port
+from tests.test_updater import NAMES
+
+
+def _dataset(folder: Path) -> Path:
+    """60 items of 8 kinds; 120 users who click 3-5 items of one kind, in order."""
+    folder.mkdir()
+    rows = [f"{i}\t{NAMES[i % 8]} model {i}" for i in range(1, 61)]
+    (folder / "items.tsv").write_text("item_id\ttitle\n" + "\n".join(rows) + "\n")
+    seqs = [f"{u} " + " ".join(str(i) for i in range(u % 8 + 1, 61, 8)[: 3 + u % 3]) for u in range(120)]
+    (folder / "sequences.txt").write_text("\n".join(seqs) + "\n")
+    return folder
+
+
+def _demo(tmp_path: Path, tiny_hf_folder: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    env = os.environ | {"SAID_LLM": str(tiny_hf_folder), "SAID_DATA_DIR": str(tmp_path / "data"),
+                        "SAID_DATABASE_URL": f"sqlite:///{tmp_path}/demo.db", "SAID_DEVICE": "cpu",
+                        "SAID_LOG_LEVEL": "INFO"}  # fmt: skip
+    cmd = [sys.executable, "-m", "said.cli", "demo", "--dataset", str(_dataset(tmp_path / "ds")),
+           "--items", "60", "--align-epochs", "1", "--fresh", "3", "--port", str(port), *extra]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True), port  # fmt: skip
+
+
+@pytest.mark.slow
+def test_demo_prints_the_summary_and_writes_the_plots(tmp_path, tiny_hf_folder):
+    proc, _ = _demo(tmp_path, tiny_hf_folder)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    for line in ("catalogue items / interactions", "SASRec (said) NDCG@10", "event -> servable seconds",
+                 "fresh items in their user's top-10 (refined)", "wall seconds"):  # fmt: skip
+        assert line in out, f"{line!r} missing from the summary:\n{out[-3000:]}"
+    plots = sorted(p.name for p in (tmp_path / "data" / "plots").glob("*.png"))
+    assert plots == ["alignment_loss.png", "fresh_vs_reference.png", "freshness.png"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_demo_and_its_broker(tmp_path, tiny_hf_folder):
+    proc, port = _demo(tmp_path, tiny_hf_folder, "--keep-serving")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # up once the API answers after the summary
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        if (tmp_path / "data" / "plots" / "freshness.png").exists() and _answers(port):
+            break
+        time.sleep(0.5)
+    family = _descendants(proc.pid)
+    assert any("tansu" in _cmdline(p) for p in family), "the broker runs as a child"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 130
+    time.sleep(0.5)
+    assert [p for p in family if Path(f"/proc/{p}").exists()] == [], "no orphaned process"
+
+
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        path = Path(f"/proc/{p}/task/{p}/children")
+        kids = [int(c) for c in path.read_text().split()] if path.exists() else []
+        out += kids
+        todo += kids
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
