@@ -7,9 +7,10 @@ clustered 64-d item vectors are written; ``said serve``'s app runs in its own pr
 ``SAID_HNSW_MIN_ITEMS`` (50,000) and HNSW above. The baseline, in the same run, is the
 previous serving path: cosine similarity of 576-d SAID vectors, exact search
 (``--baseline-sizes``). The load generator is ``wrk`` (Debian package; C, so it takes little
-of the 2 cores) with C connections on 1 thread, posting ``/recommend`` with a random 5-item
-history (Lua) and k=10 for D seconds after a 2 s warm-up; wrk's latency percentiles are
-client-side. Without wrk, a Python thread pool (httpx) stands in, and the table says so.
+of the 2 cores) on 1 thread with 1 connection (latency alone) and 4 (under load), posting
+``/recommend`` with a random 5-item history (Lua) and k=10 for D seconds after a 2 s
+warm-up; wrk's latency percentiles are client-side. Without wrk, a Python thread pool
+(httpx) stands in, and the table says so.
 Each catalogue is served by one and by two uvicorn worker processes (``said serve
 --workers``). Figures are medians over runs. Recall@10 of the HNSW index against exact
 search is measured in-process on 500 SASRec queries from random histories over item
@@ -212,14 +213,18 @@ def measure(n: int, mode: str, generator, args) -> list[dict[str, float]]:
                     except httpx.TransportError:
                         time.sleep(0.5)
                 time.sleep(2 * workers)  # every worker process is ready
-                generator(port, n, args.clients, 2.0)  # warm-up
-                runs = [generator(port, n, args.clients, args.seconds) for _ in range(args.runs)]
+                generator(port, n, max(args.clients), 2.0)  # warm-up
+                for clients in args.clients:
+                    runs = [generator(port, n, clients, args.seconds) for _ in range(args.runs)]
+                    out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                    rows.append(out | {"errors": sum(r["errors"] for r in runs), "workers": workers,
+                                       "clients": clients})  # fmt: skip
                 rss = _rss_mib(proc.pid) + sum(_rss_mib(c) for c in _children(proc.pid))
+                for row in rows[-len(args.clients):]:
+                    row["rss"] = rss
             finally:
                 proc.terminate()
                 proc.wait()
-            out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            rows.append(out | {"errors": sum(r["errors"] for r in runs), "rss": rss, "workers": workers})
     return rows
 
 
@@ -239,12 +244,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="12101,100000,1000000")
     ap.add_argument("--baseline-sizes", default="12101", help="cosine 576-d, the former path")
-    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--clients", default="1,4", help="connections: 1 = latency alone, 4 = under load")
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--serve", nargs=4, metavar=("URL", "INDEX_DIR", "PORT", "WORKERS"),
                     help=argparse.SUPPRESS)  # fmt: skip
     args = ap.parse_args()
+    args.clients = [int(c) for c in args.clients.split(",")]
     if args.serve:
         serve(args.serve[0], args.serve[1], int(args.serve[2]), int(args.serve[3]))
         return
@@ -252,9 +258,9 @@ def main() -> None:
 
     generator = load_wrk if shutil.which("wrk") else load
     print(f"load generator: {'wrk' if generator is load_wrk else 'python threads (no wrk)'}, "
-          f"{args.clients} connections, {args.runs} runs of {args.seconds:.0f} s, medians")  # fmt: skip
-    print("| scorer | items | index | workers | p50 ms | p99 ms | requests/s | errors | server RSS MiB |\n"
-          "|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+          f"{args.runs} runs of {args.seconds:.0f} s, medians")  # fmt: skip
+    print("| scorer | items | index | workers | connections | p50 ms | p99 ms | requests/s | errors "
+          "| server RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     from updater.index import HNSW_MIN_ITEMS
 
     jobs = [("cosine 576-d (baseline)", "cosine", int(x)) for x in args.baseline_sizes.split(",") if x]
@@ -262,8 +268,9 @@ def main() -> None:
     for label, mode, n in jobs:
         kind = "HNSW" if n >= HNSW_MIN_ITEMS else "exact"
         for m in measure(n, mode, generator, args):
-            print(f"| {label} | {n:,} | {kind} | {m['workers']} | {m['p50_ms']:.1f} | {m['p99_ms']:.1f} | "
-                  f"{m['rps']:.0f} | {m['errors']} | {m['rss']:.0f} |", flush=True)  # fmt: skip
+            print(f"| {label} | {n:,} | {kind} | {m['workers']} | {m['clients']} | {m['p50_ms']:.1f} | "
+                  f"{m['p99_ms']:.1f} | {m['rps']:.0f} | {m['errors']} | {m['rss']:.0f} |",
+                  flush=True)  # fmt: skip
     print("\n| items | HNSW recall@10 vs exact | HNSW build s |\n|---|---|---|")
     for n in [int(x) for x in args.sizes.split(",") if int(x) >= HNSW_MIN_ITEMS]:
         recall, build_s = hnsw_recall(n)
