@@ -143,8 +143,11 @@ def run_demo(settings: Settings, dataset: Path, n_items: int, align_epochs: int,
             stop_retrainer.set()
             worker.stop()
             item_loop.stop()
-            for t in threads:
-                t.join(30)
+            deadline = time.monotonic() + 20  # one budget for all: a stuck thread (daemon)
+            for t in threads:  # must not hold Ctrl-C up for minutes
+                t.join(max(0.1, deadline - time.monotonic()))
+                if t.is_alive():
+                    log.warning("thread %s did not stop in time; exiting anyway", t.name)
     summary["database"] = settings.redacted()["database_url"]
     return summary
 

@@ -34,14 +34,18 @@ def _demo(tmp_path: Path, tiny_hf_folder: Path, *extra: str) -> tuple[subprocess
                         "SAID_LOG_LEVEL": "INFO"}  # fmt: skip
     cmd = [sys.executable, "-m", "said.cli", "demo", "--dataset", str(_dataset(tmp_path / "ds")),
            "--items", "60", "--align-epochs", "1", "--fresh", "3", "--port", str(port), *extra]  # fmt: skip
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    # output to a file, not a pipe: nobody reads a pipe while the demo serves, and a full pipe
+    # (64 KiB of progress bars on a slow machine) would block the demo's writes
+    log = open(tmp_path / "demo.log", "w")  # noqa: SIM115 - the child holds it; closed with it
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True), port  # fmt: skip
 
 
 @pytest.mark.slow
 def test_demo_prints_the_summary_and_writes_the_plots(tmp_path, tiny_hf_folder):
     proc, _ = _demo(tmp_path, tiny_hf_folder)
-    out, _ = proc.communicate(timeout=600)
+    proc.wait(600)
+    out = (tmp_path / "demo.log").read_text()
     assert proc.returncode == 0, out[-3000:]
     for line in ("catalogue items / interactions", "SASRec (said) NDCG@10", "event -> servable seconds",
                  "fresh items in their user's top-10 (refined)", "wall seconds"):  # fmt: skip
@@ -55,14 +59,21 @@ def test_ctrl_c_stops_the_demo_and_its_broker(tmp_path, tiny_hf_folder):
     proc, port = _demo(tmp_path, tiny_hf_folder, "--keep-serving")
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:  # up once the API answers after the summary
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert proc.poll() is None, (tmp_path / "demo.log").read_text()[-3000:]
         if (tmp_path / "data" / "plots" / "freshness.png").exists() and _answers(port):
             break
         time.sleep(0.5)
     family = _descendants(proc.pid)
     assert any("tansu" in _cmdline(p) for p in family), "the broker runs as a child"
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 130
+    try:
+        proc.wait(90)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # the CLI dumps every thread's stack: say where it hangs
+        time.sleep(2)
+        proc.kill()
+        pytest.fail("the demo did not stop:\n" + (tmp_path / "demo.log").read_text()[-8000:])
+    assert proc.returncode == 130
     time.sleep(0.5)
     assert [p for p in family if Path(f"/proc/{p}").exists()] == [], "no orphaned process"
 
