@@ -108,6 +108,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     dataset = Path(args.dataset) if args.dataset else DEFAULT_DATASET
     if not (dataset / "items.tsv").exists():
         raise SystemExit(f"no data set at {dataset}: pass --dataset DIR")
+    # Ctrl-C and SIGTERM both stop the demo cleanly, also when it was started from a shell
+    # that ignores SIGINT (background jobs, CI runners): Python then installs no handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     settings = get_settings()
     summary = run_demo(settings, dataset, args.items, args.align_epochs, args.fresh, args.port,
                        args.keep_serving)  # fmt: skip
