@@ -61,7 +61,8 @@ class ServingState:
         self.item_id: dict[int, str] = {}
         self.idx_of: dict[str, int] = {}
         self.refreshed_at: datetime | None = None
-        self.served = self._load(self._wanted_scorer())
+        self._declined: str | None = None  # an active scorer of another aligner: not served
+        self.served = self._load(self._scorer_for(active_scorer(engine)))
         self._snapshot_at = time.monotonic()
         self.refresh()
 
@@ -83,12 +84,13 @@ class ServingState:
         return self.served.scorer.version
 
     # --- versions ----------------------------------------------------------------------
-    def _wanted_scorer(self) -> Scorer:
-        active = active_scorer(self.engine)
+    def _scorer_for(self, active: tuple[str, Path] | None) -> Scorer:
+        """The scorer to serve for the active version (None: none was ever promoted)."""
         if active is not None:
             model, meta = load_sasrec(active[1])
             if meta.get("aligner_version") == self.aligner_version:
                 return SASRecScorer(model, active[0])
+            self._declined = active[0]  # not loaded again on every refresh
             log.warning("scorer %s was trained on aligner %s, not %s: serving cosine similarity",
                         active[0], meta.get("aligner_version"), self.aligner_version)  # fmt: skip
         return CosineScorer(self.aligner_version, self.said_dim)
@@ -125,8 +127,8 @@ class ServingState:
     def refresh(self) -> int:
         """Swap to a new scorer version if one was promoted, then apply new embeddings."""
         wanted = active_scorer(self.engine)
-        if wanted is not None and wanted[0] != self.version:
-            scorer = self._wanted_scorer()
+        if wanted is not None and wanted[0] not in (self.version, self._declined):
+            scorer = self._scorer_for(wanted)
             if scorer.version != self.version:
                 served = self._load(scorer)  # slow part first, off the lock
                 with self.lock:
