@@ -5,6 +5,7 @@ WORKDIR /app
 # torch from the CPU index keeps the image small; a GPU host can swap in a CUDA base image.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md alembic.ini ./
+COPY core core
 COPY said said
 COPY consumers consumers
 COPY updater updater

@@ -26,15 +26,15 @@ from sqlalchemy import select
 
 from consumers.items import ItemsHandler
 from consumers.runner import ConsumeLoop
-from models.data import load_dataset
+from core.dataset import load_dataset
+from core.db import make_engine
+from core.events import TOPIC_ITEMS
+from core.settings import Settings
+from core.tables import item_embeddings
 from models.llm import load_llm, pick_device
 from said.broker import EmbeddedBroker, ensure_topics, free_port
-from said.db import make_engine
-from said.events import TOPIC_ITEMS
 from said.migrate import upgrade
 from said.produce import produce_events, replay_dataset
-from said.settings import Settings
-from said.tables import item_embeddings
 from scorer.state import ServingState
 from training.align import AlignConfig
 from updater.full_align import align_catalogue
@@ -54,11 +54,16 @@ def main() -> None:
     args = ap.parse_args()
     full = load_dataset(args.dataset)
     ds = load_dataset(args.dataset, args.items)
-    new_titles = [t for i, t in zip(full.item_ids, full.titles, strict=True)
-                  if i not in set(ds.item_ids)][: args.fresh]  # fmt: skip
+    new_titles = [t for i, t in zip(full.item_ids, full.titles, strict=True) if i not in set(ds.item_ids)][
+        : args.fresh
+    ]
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(free_port()) as broker:
-        settings = Settings(database_url=f"sqlite:///{tmp}/said.db", data_dir=Path(tmp),
-                            kafka_bootstrap=broker.bootstrap, session_timeout_ms=2000)  # fmt: skip
+        settings = Settings(
+            database_url=f"sqlite:///{tmp}/said.db",
+            data_dir=Path(tmp),
+            kafka_bootstrap=broker.bootstrap,
+            session_timeout_ms=2000,
+        )
         ensure_topics(settings.kafka_config())
         upgrade(settings.database_url)
         engine = make_engine(settings.database_url)
@@ -66,13 +71,17 @@ def main() -> None:
         ConsumeLoop(ItemsHandler(settings), engine, settings).run(idle_exit=2.0)
         device = pick_device("auto")
         llm, tok = load_llm(None, args.llm_cache, device)
-        bundle = align_catalogue(engine, llm, tok, device, Path(tmp),
-                                 AlignConfig(epochs=args.align_epochs), 1, 128)  # fmt: skip
+        bundle = align_catalogue(
+            engine, llm, tok, device, Path(tmp), AlignConfig(epochs=args.align_epochs), 1, 128
+        )
         state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, Path(tmp) / "ix")
         worker = UpdateWorker(engine, bundle, llm, tok, device)
         loop, stop = ConsumeLoop(ItemsHandler(settings), engine, settings), threading.Event()
-        threads = [threading.Thread(target=worker.run), threading.Thread(target=loop.run),
-                   threading.Thread(target=state.run_refresher, args=(0.2, stop))]  # fmt: skip
+        threads = [
+            threading.Thread(target=worker.run),
+            threading.Thread(target=loop.run),
+            threading.Thread(target=state.run_refresher, args=(0.2, stop)),
+        ]
         for t in threads:
             t.start()
         time.sleep(3)  # the consumer joins its group
@@ -84,8 +93,13 @@ def main() -> None:
             while len(refined) < len(new_titles) and time.monotonic() - t_next < 600:
                 if len(published) < len(new_titles) and time.monotonic() >= t_next:
                     k = len(published)
-                    ev = {"item_id": f"fresh-{k}", "title": new_titles[k], "description": None,
-                          "advertiser_id": "bench", "event_time": datetime.now(UTC).isoformat()}
+                    ev = {
+                        "item_id": f"fresh-{k}",
+                        "title": new_titles[k],
+                        "description": None,
+                        "advertiser_id": "bench",
+                        "event_time": datetime.now(UTC).isoformat(),
+                    }
                     produce_events(settings.kafka_config(), TOPIC_ITEMS, iter([(ev["item_id"], ev)]), 1)
                     published[ev["item_id"]] = time.monotonic()
                     t_next += args.every
@@ -97,13 +111,16 @@ def main() -> None:
             stop.set()
             for t in threads:
                 t.join(60)
-    print(f"{len(new_titles)} fresh items, one every {args.every} s, device {device}, "
-          f"slice {args.items} items")  # fmt: skip
+    print(
+        f"{len(new_titles)} fresh items, one every {args.every} s, device {device}, slice {args.items} items"
+    )
     print("| stage | n | median s | p95 s | max s |\n|---|---|---|---|---|")
     for name, done in (("event -> servable (first estimate)", servable), ("event -> refined", refined)):
         secs = np.array([done[i] - published[i] for i in done])
-        print(f"| {name} | {len(secs)} | {np.median(secs):.2f} | {np.percentile(secs, 95):.2f} | "
-              f"{secs.max():.2f} |")  # fmt: skip
+        print(
+            f"| {name} | {len(secs)} | {np.median(secs):.2f} | {np.percentile(secs, 95):.2f} | "
+            f"{secs.max():.2f} |"
+        )
 
 
 def _observe(engine, state: ServingState, published, servable, refined) -> None:
@@ -119,9 +136,13 @@ def _observe(engine, state: ServingState, published, servable, refined) -> None:
     waiting = [state.idx_of[i] for i in published if i not in refined and i in state.idx_of]
     if waiting:
         with engine.connect() as conn:
-            done = set(conn.execute(select(item_embeddings.c.item_idx).where(
-                item_embeddings.c.item_idx.in_(waiting),
-                item_embeddings.c.kind == "refined")).scalars())  # fmt: skip
+            done = set(
+                conn.execute(
+                    select(item_embeddings.c.item_idx).where(
+                        item_embeddings.c.item_idx.in_(waiting), item_embeddings.c.kind == "refined"
+                    )
+                ).scalars()
+            )
         for item_id in published:
             if state.idx_of.get(item_id) in done and item_id not in refined:
                 refined[item_id] = now

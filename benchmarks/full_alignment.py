@@ -21,7 +21,7 @@ import torch
 from models.llm import pick_device
 from training.align import AlignConfig
 from training.evaluate import format_table, run
-from training.scorer import ScorerTrainConfig
+from training.recommender import ScorerTrainConfig
 
 
 def main() -> None:
@@ -55,20 +55,27 @@ def main() -> None:
         scorer_cfg=ScorerTrainConfig(batch_size=args.scorer_batch, lr=args.scorer_lr),
         progress=not args.no_progress,
     )
-    results = run(variants=["id", "text", "said"], cold_fraction=0.1, k=1,
-                  results_path=args.out / "results_k1.json", **common)  # fmt: skip
+    results = run(
+        variants=["id", "text", "said"],
+        cold_fraction=0.1,
+        k=1,
+        results_path=args.out / "results_k1.json",
+        **common,
+    )
     print(format_table(results["summary"]))
     logging.info("k=1 done after %.0fs", time.time() - t0)
     if time.time() - t0 < args.budget_s:
-        extra = run(variants=["said"], cold_fraction=0.0, k=4,
-                    results_path=args.out / "results_k4.json", **common)  # fmt: skip
+        extra = run(
+            variants=["said"], cold_fraction=0.0, k=4, results_path=args.out / "results_k4.json", **common
+        )
         print(format_table(extra["summary"]))
     for name in ("results_k1.json", "results_k4.json"):
         path = args.out / name
         if path.exists():
             rep = json.loads(path.read_text()).get("said_report_standard", {})
-            print(name, json.dumps({k: rep.get(k) for k in ("fidelity", "items_per_second",
-                                                             "align_seconds")}))  # fmt: skip
+            print(
+                name, json.dumps({k: rep.get(k) for k in ("fidelity", "items_per_second", "align_seconds")})
+            )
     logging.info("total %.0fs", time.time() - t0)
 
 

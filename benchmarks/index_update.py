@@ -24,8 +24,8 @@ import torch
 from scorer_latency import SAID_DIM, synthetic  # a sibling script: same synthetic vectors
 
 from models.sasrec import SASRec, SASRecConfig
+from scorer.index import ItemIndex
 from scorer.model import SASRecScorer
-from updater.index import ItemIndex
 
 
 def run(n: int, batch: int, seconds: float, updating: bool) -> dict[str, float]:
@@ -71,9 +71,13 @@ def run(n: int, batch: int, seconds: float, updating: bool) -> dict[str, float]:
     stop.set()
     thread.join()
     a = np.array(lat) * 1000
-    return {"items_per_s": updated / seconds, "p50_ms": float(np.percentile(a, 50)),
-            "p99_ms": float(np.percentile(a, 99)), "searches_per_s": len(a) / seconds,
-            "compactions": compactions}  # fmt: skip
+    return {
+        "items_per_s": updated / seconds,
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "searches_per_s": len(a) / seconds,
+        "compactions": compactions,
+    }
 
 
 def main() -> None:
@@ -84,15 +88,20 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     print(f"batch {args.batch}, {args.runs} runs of {args.seconds:.0f} s, medians")
-    print("| items | updates | items/s upserted | search p50 ms | search p99 ms | searches/s | "
-          "compactions |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        "| items | updates | items/s upserted | search p50 ms | search p99 ms | searches/s | "
+        "compactions |\n|---|---|---|---|---|---|---|"
+    )
     for n in [int(x) for x in args.sizes.split(",")]:
         for updating in (False, True):
             runs = [run(n, args.batch, args.seconds, updating) for _ in range(args.runs)]
             m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            print(f"| {n:,} | {'yes' if updating else 'no (baseline)'} | {m['items_per_s']:.0f} | "
-                  f"{m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['searches_per_s']:.0f} | "
-                  f"{m['compactions']:.0f} |", flush=True)  # fmt: skip
+            print(
+                f"| {n:,} | {'yes' if updating else 'no (baseline)'} | {m['items_per_s']:.0f} | "
+                f"{m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['searches_per_s']:.0f} | "
+                f"{m['compactions']:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -29,28 +29,47 @@ from confluent_kafka import Consumer, Producer
 from consumers.interactions import InteractionsHandler
 from consumers.items import ItemsHandler
 from consumers.runner import ConsumeLoop
+from core.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
+from core.settings import Settings
 from said.broker import EmbeddedBroker, ensure_topics, free_port
-from said.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
 from said.migrate import upgrade
-from said.pgcluster import ThrowawayPostgres, find_pg_bin
-from said.settings import Settings
+from tests.support.pgcluster import ThrowawayPostgres, find_pg_bin
 
 N_ITEMS = 1000
 
 
 def produce(bootstrap: str, n_events: int) -> None:
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
-                  "queue.buffering.max.messages": 1_000_000})  # fmt: skip
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "queue.buffering.max.messages": 1_000_000})
     for i in range(N_ITEMS):
-        p.produce(TOPIC_ITEMS, key=f"i{i}", value=json.dumps({
-            "item_id": f"i{i}", "title": f"Item {i}", "description": None,
-            "advertiser_id": None, "event_time": "2026-01-01T00:00:00Z"}))  # fmt: skip
+        p.produce(
+            TOPIC_ITEMS,
+            key=f"i{i}",
+            value=json.dumps(
+                {
+                    "item_id": f"i{i}",
+                    "title": f"Item {i}",
+                    "description": None,
+                    "advertiser_id": None,
+                    "event_time": "2026-01-01T00:00:00Z",
+                }
+            ),
+        )
     for e in range(n_events):
         while True:
             try:
-                p.produce(TOPIC_INTERACTIONS, key=f"u{e % 5000}", value=json.dumps({
-                    "event_id": f"e{e}", "user_id": f"u{e % 5000}", "item_id": f"i{e % N_ITEMS}",
-                    "type": "click", "event_time": "2026-01-01T00:00:01Z"}))  # fmt: skip
+                p.produce(
+                    TOPIC_INTERACTIONS,
+                    key=f"u{e % 5000}",
+                    value=json.dumps(
+                        {
+                            "event_id": f"e{e}",
+                            "user_id": f"u{e % 5000}",
+                            "item_id": f"i{e % N_ITEMS}",
+                            "type": "click",
+                            "event_time": "2026-01-01T00:00:01Z",
+                        }
+                    ),
+                )
                 break
             except BufferError:
                 p.poll(0.1)
@@ -61,9 +80,10 @@ def produce(bootstrap: str, n_events: int) -> None:
 def fresh_db(pg: ThrowawayPostgres, bootstrap: str) -> Settings:
     url = pg.create_database()
     upgrade(url)
-    s = Settings(database_url=url, kafka_bootstrap=bootstrap, group_id=uuid.uuid4().hex,
-                 session_timeout_ms=2000)  # fmt: skip
-    from said.db import make_engine
+    s = Settings(
+        database_url=url, kafka_bootstrap=bootstrap, group_id=uuid.uuid4().hex, session_timeout_ms=2000
+    )
+    from core.db import make_engine
 
     ConsumeLoop(ItemsHandler(s), make_engine(url), s).run(idle_exit=1.0)
     return s
@@ -71,7 +91,7 @@ def fresh_db(pg: ThrowawayPostgres, bootstrap: str) -> Settings:
 
 def run_batch(settings: Settings, n: int, out) -> None:
     """Child process: the production consumer until n events are stored."""
-    from said.db import make_engine
+    from core.db import make_engine
 
     loop = ConsumeLoop(InteractionsHandler(settings), make_engine(settings.database_url), settings)
     first = []
@@ -94,16 +114,23 @@ def run_naive(settings: Settings, n: int, out) -> None:
     from sqlalchemy import create_engine, select
     from sqlalchemy.orm import Session, registry
 
-    from said.tables import interactions, items
+    from core.tables import interactions, items
 
     class Interaction:
         pass
 
     registry().map_imperatively(Interaction, interactions)
     engine = create_engine(settings.database_url)
-    c = Consumer(settings.kafka_config() | {"group.id": settings.group_id + "n",
-                 "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                 "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000})  # fmt: skip
+    c = Consumer(
+        settings.kafka_config()
+        | {
+            "group.id": settings.group_id + "n",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
+        }
+    )
     c.subscribe([TOPIC_INTERACTIONS])
     done, start = 0, None
     with Session(engine) as session:
@@ -159,11 +186,12 @@ def main() -> None:
             rows = []
             for run in range(args.runs):
                 fast_s, fast_rss = measure(run_batch, fresh_db(pg, broker.bootstrap), args.events)
-                naive_s, naive_rss = measure(run_naive, fresh_db(pg, broker.bootstrap),
-                                             args.naive_events)  # fmt: skip
+                naive_s, naive_rss = measure(run_naive, fresh_db(pg, broker.bootstrap), args.naive_events)
                 rows.append((args.events / fast_s, fast_rss, args.naive_events / naive_s, naive_rss))
-                print(f"run {run + 1}: batch {rows[-1][0]:,.0f} ev/s (peak RSS {fast_rss:.0f} MiB), "
-                      f"naive {rows[-1][2]:,.0f} ev/s (peak RSS {naive_rss:.0f} MiB)")  # fmt: skip
+                print(
+                    f"run {run + 1}: batch {rows[-1][0]:,.0f} ev/s (peak RSS {fast_rss:.0f} MiB), "
+                    f"naive {rows[-1][2]:,.0f} ev/s (peak RSS {naive_rss:.0f} MiB)"
+                )
     finally:
         pg.close()
     fast = statistics.median(r[0] for r in rows)

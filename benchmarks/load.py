@@ -30,12 +30,12 @@ import httpx
 from confluent_kafka import Producer
 from sqlalchemy import func, select
 
-from models.data import load_dataset
+from core.dataset import load_dataset
+from core.db import make_engine
+from core.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
+from core.tables import interactions, item_embeddings
 from said.broker import EmbeddedBroker, ensure_topics, free_port
-from said.db import make_engine
-from said.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
-from said.pgcluster import ThrowawayPostgres, find_pg_bin
-from said.tables import interactions, item_embeddings
+from tests.support.pgcluster import ThrowawayPostgres, find_pg_bin
 
 DATASET = Path(__file__).resolve().parents[2] / "shared/data/amazon-beauty"
 
@@ -49,7 +49,7 @@ def rss_mib(pid: int) -> float:
 
 def lag(port: int) -> int:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    return int(sum(float(v) for v in re.findall(r'^said_consumer_lag\{[^}]*\} (\S+)$', text, re.M)))
+    return int(sum(float(v) for v in re.findall(r"^said_consumer_lag\{[^}]*\} (\S+)$", text, re.M)))
 
 
 def main() -> None:
@@ -69,9 +69,13 @@ def main() -> None:
         if args.llm_cache:
             os.symlink(args.llm_cache.resolve(), Path(tmp) / "llm")
         ports = {name: free_port() for name in ("items", "interactions", "update", "serve")}
-        env = os.environ | {"SAID_DATABASE_URL": pg.create_database(), "SAID_DATA_DIR": tmp,
-                            "SAID_KAFKA_BOOTSTRAP": broker.bootstrap, "SAID_LOG_LEVEL": "WARNING",
-                            "SAID_SESSION_TIMEOUT_MS": "6000"}  # fmt: skip
+        env = os.environ | {
+            "SAID_DATABASE_URL": pg.create_database(),
+            "SAID_DATA_DIR": tmp,
+            "SAID_KAFKA_BOOTSTRAP": broker.bootstrap,
+            "SAID_LOG_LEVEL": "WARNING",
+            "SAID_SESSION_TIMEOUT_MS": "6000",
+        }
         said = [sys.executable, "-m", "said.cli"]
 
         def run(*cmd: str) -> None:
@@ -101,8 +105,9 @@ def main() -> None:
                 time.sleep(1)
             report["drain_s"] = time.monotonic() - t0
             report["stored"] = _count(engine) - base
-            refined = select(func.count()).select_from(item_embeddings).where(
-                item_embeddings.c.kind == "refined")  # fmt: skip
+            refined = (
+                select(func.count()).select_from(item_embeddings).where(item_embeddings.c.kind == "refined")
+            )
             with engine.connect() as conn:
                 report["fresh_aligned"] = conn.execute(refined).scalar()
             report["rss"].append({n: rss_mib(p.pid) for n, p in procs.items()})
@@ -116,8 +121,9 @@ def main() -> None:
 
 
 def _drive(args, bootstrap, item_ids, fresh_titles, ports, procs) -> dict:
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
-                         "queue.buffering.max.messages": 2_000_000})  # fmt: skip
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 20, "queue.buffering.max.messages": 2_000_000}
+    )
     stop, scorer = threading.Event(), {"ok": 0, "failed": 0}
     threading.Thread(target=_ask_scorer, args=(ports["serve"], stop, scorer), daemon=True).start()
     rss = [{n: rss_mib(p.pid) for n, p in procs.items()}]  # one sample per 5 s
@@ -128,8 +134,10 @@ def _drive(args, bootstrap, item_ids, fresh_titles, ports, procs) -> dict:
         due = int((now - t_start) * args.rate) - produced
         for e in range(produced, produced + due):
             item = item_ids[e % len(item_ids)]
-            value = (f'{{"event_id":"L{e}","user_id":"u{e % 10000}","item_id":"{item}",'
-                     f'"type":"click","event_time":"2026-06-01T00:00:00Z"}}')  # fmt: skip
+            value = (
+                f'{{"event_id":"L{e}","user_id":"u{e % 10000}","item_id":"{item}",'
+                f'"type":"click","event_time":"2026-06-01T00:00:00Z"}}'
+            )
             while True:
                 try:
                     producer.produce(TOPIC_INTERACTIONS, key=f"u{e % 10000}", value=value)
@@ -140,9 +148,14 @@ def _drive(args, bootstrap, item_ids, fresh_titles, ports, procs) -> dict:
         producer.poll(0)
         if now >= next_item:
             title = fresh_titles[fresh % len(fresh_titles)]
-            producer.produce(TOPIC_ITEMS, key=f"load-{fresh}", value=(
-                f'{{"item_id":"load-{fresh}","title":{_json_str(title)},"description":null,'
-                f'"advertiser_id":"load","event_time":"2026-06-01T00:00:00Z"}}'))  # fmt: skip
+            producer.produce(
+                TOPIC_ITEMS,
+                key=f"load-{fresh}",
+                value=(
+                    f'{{"item_id":"load-{fresh}","title":{_json_str(title)},"description":null,'
+                    f'"advertiser_id":"load","event_time":"2026-06-01T00:00:00Z"}}'
+                ),
+            )
             fresh += 1
             next_item += 10
         if now >= next_sample:
@@ -152,8 +165,14 @@ def _drive(args, bootstrap, item_ids, fresh_titles, ports, procs) -> dict:
         time.sleep(0.01)
     assert producer.flush(120) == 0
     stop.set()
-    return {"produced": produced, "produce_s": time.monotonic() - t_start, "fresh": fresh,
-            "lags": lags, "rss": rss, "scorer": scorer}  # fmt: skip
+    return {
+        "produced": produced,
+        "produce_s": time.monotonic() - t_start,
+        "fresh": fresh,
+        "lags": lags,
+        "rss": rss,
+        "scorer": scorer,
+    }
 
 
 def _json_str(s: str) -> str:
@@ -190,17 +209,23 @@ def _count(engine) -> int:
 
 def _print(args, r: dict) -> None:
     rate = r["produced"] / r["produce_s"]
-    print(f"target {args.rate:,} ev/s for {args.seconds:.0f} s; produced {r['produced']:,} "
-          f"({rate:,.0f} ev/s), stored {r['stored']:,}, lost {r['produced'] - r['stored']:,}; "
-          f"drained {r['drain_s']:.0f} s after the load stopped")  # fmt: skip
-    print(f"fresh items published {r['fresh']}, refined by the updater {r['fresh_aligned']}; "
-          f"scorer requests ok {r['scorer']['ok']}, failed {r['scorer']['failed']}")  # fmt: skip
+    print(
+        f"target {args.rate:,} ev/s for {args.seconds:.0f} s; produced {r['produced']:,} "
+        f"({rate:,.0f} ev/s), stored {r['stored']:,}, lost {r['produced'] - r['stored']:,}; "
+        f"drained {r['drain_s']:.0f} s after the load stopped"
+    )
+    print(
+        f"fresh items published {r['fresh']}, refined by the updater {r['fresh_aligned']}; "
+        f"scorer requests ok {r['scorer']['ok']}, failed {r['scorer']['failed']}"
+    )
     lags = r["lags"]
     print("consumer lag (messages) every 5 s: " + ", ".join(f"{v:,}" for _, v in lags))
     third = max(1, len(lags) // 3)
-    print(f"lag max {max(v for _, v in lags):,}; mean of first third "
-          f"{sum(v for _, v in lags[:third]) / third:,.0f}, of last third "
-          f"{sum(v for _, v in lags[-third:]) / third:,.0f}")  # fmt: skip
+    print(
+        f"lag max {max(v for _, v in lags):,}; mean of first third "
+        f"{sum(v for _, v in lags[:third]) / third:,.0f}, of last third "
+        f"{sum(v for _, v in lags[-third:]) / third:,.0f}"
+    )
     # the worker's first refinement allocates its activations: "warm" is 60 s into the load
     warm = r["rss"][min(12, len(r["rss"]) - 1)]
     print("| process | RSS at start MiB | after 60 s | at the end |\n|---|---|---|---|")

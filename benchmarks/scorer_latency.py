@@ -51,12 +51,12 @@ def build(folder: Path, n: int, mode: str) -> str:
     """A catalogue of n items plus the snapshot the scorer loads; mode sasrec | cosine."""
     import torch
 
+    from core.db import make_engine
+    from core.tables import items, model_versions
     from models.sasrec import SASRec, SASRecConfig
-    from said.db import make_engine
     from said.migrate import upgrade
-    from said.tables import items, model_versions
+    from scorer.index import ItemIndex
     from scorer.model import CosineScorer, save_scorer
-    from updater.index import ItemIndex
 
     url = f"sqlite:///{folder}/bench.db"
     upgrade(url)
@@ -64,18 +64,37 @@ def build(folder: Path, n: int, mode: str) -> str:
     now = datetime.now(UTC)
     with engine.begin() as conn:
         for s in range(1, n + 1, 20_000):
-            conn.execute(items.insert(), [
-                {"idx": i, "item_id": f"i{i}", "title": f"item {i}", "event_time": now,
-                 "text_hash": "x", "status": "aligned", "received_at": now, "updated_at": now}
-                for i in range(s, min(s + 20_000, n + 1))])  # fmt: skip
+            conn.execute(
+                items.insert(),
+                [
+                    {
+                        "idx": i,
+                        "item_id": f"i{i}",
+                        "title": f"item {i}",
+                        "event_time": now,
+                        "text_hash": "x",
+                        "status": "aligned",
+                        "received_at": now,
+                        "updated_at": now,
+                    }
+                    for i in range(s, min(s + 20_000, n + 1))
+                ],
+            )
     if mode == "sasrec":
         torch.manual_seed(0)
         model = SASRec(SASRecConfig(n_items=2), torch.randn(3, SAID_DIM))
         path = save_scorer(folder / "scorer.pt", model, {"aligner_version": "bench"})
         with engine.begin() as conn:
-            conn.execute(model_versions.insert().values(
-                version="sasrec-bench", kind="scorer", path=str(path), status="active",
-                metrics={}, created_at=now))  # fmt: skip
+            conn.execute(
+                model_versions.insert().values(
+                    version="sasrec-bench",
+                    kind="scorer",
+                    path=str(path),
+                    status="active",
+                    metrics={},
+                    created_at=now,
+                )
+            )
         version, vecs = "sasrec-bench", synthetic(n, model.cfg.hidden)
     else:
         scorer = CosineScorer("bench", SAID_DIM)
@@ -92,8 +111,8 @@ def hnsw_recall(n: int, queries: int = 500) -> tuple[float, float]:
     import torch
 
     from models.sasrec import SASRec, SASRecConfig
+    from scorer.index import ItemIndex
     from scorer.model import SASRecScorer
-    from updater.index import ItemIndex
 
     rng = np.random.default_rng(2)
     vecs = synthetic(n, 64) * rng.lognormal(0, 0.7, (n, 1)).astype(np.float32)
@@ -114,7 +133,7 @@ def factory():
     """The app for one uvicorn worker process (as ``said serve``'s ``app_from_env``)."""
     import torch
 
-    from said.db import make_engine
+    from core.db import make_engine
     from scorer.app import create_app
     from scorer.state import ServingState
 
@@ -128,8 +147,14 @@ def serve(url: str, index_dir: str, port: int, workers: int) -> None:
     import uvicorn
 
     os.environ |= {"BENCH_URL": url, "BENCH_INDEX": index_dir}
-    uvicorn.run("scorer_latency:factory", factory=True, port=port, workers=workers,
-                app_dir=str(Path(__file__).parent), log_level="warning")  # fmt: skip
+    uvicorn.run(
+        "scorer_latency:factory",
+        factory=True,
+        port=port,
+        workers=workers,
+        app_dir=str(Path(__file__).parent),
+        log_level="warning",
+    )
 
 
 WRK_LUA = """
@@ -150,18 +175,33 @@ def load_wrk(port: int, n: int, clients: int, seconds: float) -> dict[str, float
 
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(WRK_LUA % n)
-    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--latency", "-s",
-                          f.name, f"http://127.0.0.1:{port}/recommend"], capture_output=True,
-                         text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{clients}",
+            f"-d{int(seconds)}s",
+            "--latency",
+            "-s",
+            f.name,
+            f"http://127.0.0.1:{port}/recommend",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
     def ms(label: str) -> float:
         value, unit = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out).groups()
         return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"p50_ms": ms("50"), "p99_ms": ms("99"),
-            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "errors": int(errors.group(1)) if errors else 0}  # fmt: skip
+    return {
+        "p50_ms": ms("50"),
+        "p99_ms": ms("99"),
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "errors": int(errors.group(1)) if errors else 0,
+    }
 
 
 def load(port: int, n: int, clients: int, seconds: float) -> dict[str, float]:
@@ -191,8 +231,12 @@ def load(port: int, n: int, clients: int, seconds: float) -> dict[str, float]:
         t.join()
     wall = time.perf_counter() - t0
     a = np.array(lat) * 1000
-    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
-            "rps": len(a) / wall, "errors": errors[0]}  # fmt: skip
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "rps": len(a) / wall,
+        "errors": errors[0],
+    }
 
 
 def measure(n: int, mode: str, generator, args) -> list[dict[str, float]]:
@@ -202,8 +246,9 @@ def measure(n: int, mode: str, generator, args) -> list[dict[str, float]]:
         url = build(Path(tmp), n, mode)
         for workers in (1, 2):
             port = free_port()
-            proc = subprocess.Popen([sys.executable, __file__, "--serve", url, f"{tmp}/index",
-                                     str(port), str(workers)])  # fmt: skip
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--serve", url, f"{tmp}/index", str(port), str(workers)]
+            )
             try:
                 deadline = time.monotonic() + 600
                 while time.monotonic() < deadline:
@@ -217,10 +262,12 @@ def measure(n: int, mode: str, generator, args) -> list[dict[str, float]]:
                 for clients in args.clients:
                     runs = [generator(port, n, clients, args.seconds) for _ in range(args.runs)]
                     out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                    rows.append(out | {"errors": sum(r["errors"] for r in runs), "workers": workers,
-                                       "clients": clients})  # fmt: skip
+                    rows.append(
+                        out
+                        | {"errors": sum(r["errors"] for r in runs), "workers": workers, "clients": clients}
+                    )
                 rss = _rss_mib(proc.pid) + sum(_rss_mib(c) for c in _children(proc.pid))
-                for row in rows[-len(args.clients):]:
+                for row in rows[-len(args.clients) :]:
                     row["rss"] = rss
             finally:
                 proc.terminate()
@@ -247,8 +294,9 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4", help="connections: 1 = latency alone, 4 = under load")
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--serve", nargs=4, metavar=("URL", "INDEX_DIR", "PORT", "WORKERS"),
-                    help=argparse.SUPPRESS)  # fmt: skip
+    ap.add_argument(
+        "--serve", nargs=4, metavar=("URL", "INDEX_DIR", "PORT", "WORKERS"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     if args.serve:
@@ -257,22 +305,28 @@ def main() -> None:
     import shutil
 
     generator = load_wrk if shutil.which("wrk") else load
-    print(f"load generator: {'wrk' if generator is load_wrk else 'python threads (no wrk)'}, "
-          f"{args.runs} runs of {args.seconds:.0f} s, medians")  # fmt: skip
-    print("| scorer | items | index | workers | connections | p50 ms | p99 ms | requests/s | errors "
-          "| server RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
-    from updater.index import HNSW_MIN_ITEMS
+    print(
+        f"load generator: {'wrk' if generator is load_wrk else 'python threads (no wrk)'}, "
+        f"{args.runs} runs of {args.seconds:.0f} s, medians"
+    )
+    print(
+        "| scorer | items | index | workers | connections | p50 ms | p99 ms | requests/s | errors "
+        "| server RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    from core.settings import DEFAULTS
 
     jobs = [("cosine 576-d (baseline)", "cosine", int(x)) for x in args.baseline_sizes.split(",") if x]
     jobs += [("SASRec 64-d", "sasrec", int(x)) for x in args.sizes.split(",")]
     for label, mode, n in jobs:
-        kind = "HNSW" if n >= HNSW_MIN_ITEMS else "exact"
+        kind = "HNSW" if n >= DEFAULTS.hnsw_min_items else "exact"
         for m in measure(n, mode, generator, args):
-            print(f"| {label} | {n:,} | {kind} | {m['workers']} | {m['clients']} | {m['p50_ms']:.1f} | "
-                  f"{m['p99_ms']:.1f} | {m['rps']:.0f} | {m['errors']} | {m['rss']:.0f} |",
-                  flush=True)  # fmt: skip
+            print(
+                f"| {label} | {n:,} | {kind} | {m['workers']} | {m['clients']} | {m['p50_ms']:.1f} | "
+                f"{m['p99_ms']:.1f} | {m['rps']:.0f} | {m['errors']} | {m['rss']:.0f} |",
+                flush=True,
+            )
     print("\n| items | HNSW recall@10 vs exact | HNSW build s |\n|---|---|---|")
-    for n in [int(x) for x in args.sizes.split(",") if int(x) >= HNSW_MIN_ITEMS]:
+    for n in [int(x) for x in args.sizes.split(",") if int(x) >= DEFAULTS.hnsw_min_items]:
         recall, build_s = hnsw_recall(n)
         print(f"| {n:,} | {recall:.3f} | {build_s:.0f} |", flush=True)
 

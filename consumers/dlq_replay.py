@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, Producer
 
 from consumers.runner import consumer_config, next_offsets
-from said.events import TOPIC_DLQ
-from said.settings import Settings
+from core.events import TOPIC_DLQ
+from core.kafka import DeliveryTracker
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,7 @@ def replay_dlq(settings: Settings, reason_prefix: str, idle_exit: float = 5.0) -
     consumer.subscribe([TOPIC_DLQ])
     stats = ReplayStats()
     idle_since = time.monotonic() + settings.session_timeout_ms / 1000
-    failures: list[str] = []
-
-    def on_delivery(err, _msg) -> None:
-        if err is not None:
-            failures.append(str(err))
-
+    tracker = DeliveryTracker()
     try:
         while time.monotonic() - idle_since < idle_exit:
             messages = [m for m in consumer.consume(1000, timeout=0.5) if m.error() is None]
@@ -52,11 +48,11 @@ def replay_dlq(settings: Settings, reason_prefix: str, idle_exit: float = 5.0) -
                 if not headers.get("said-error", "").startswith(reason_prefix):
                     stats.skipped += 1
                     continue
-                producer.produce(headers["said-source-topic"], key=m.key(), value=m.value(),
-                                 on_delivery=on_delivery)  # fmt: skip
+                producer.produce(
+                    headers["said-source-topic"], key=m.key(), value=m.value(), on_delivery=tracker
+                )
                 stats.replayed += 1
-            if producer.flush(30) or failures:
-                raise RuntimeError(f"replay delivery failed: {failures[:3]}; DLQ offsets kept")
+            tracker.flush(producer, 30, "replay stopped, DLQ offsets kept")
             consumer.commit(offsets=next_offsets(messages), asynchronous=False)
     finally:
         consumer.close()

@@ -14,9 +14,9 @@ from confluent_kafka import Message
 from sqlalchemy.engine import Engine
 
 from consumers.runner import Rejected
-from said.catalogue import insert_interactions, resolve_item_ids
-from said.events import TOPIC_INTERACTIONS, InteractionEvent, Invalid, parse_interaction
-from said.settings import Settings
+from core.catalogue import insert_interactions, resolve_item_ids
+from core.events import TOPIC_INTERACTIONS, InteractionEvent, Invalid, parse_interaction
+from core.settings import Settings
 
 
 class InteractionsHandler:

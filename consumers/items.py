@@ -9,9 +9,9 @@ from confluent_kafka import Message
 from sqlalchemy.engine import Engine
 
 from consumers.runner import Rejected
-from said.catalogue import upsert_items
-from said.events import TOPIC_ITEMS, Invalid, ItemEvent, parse_item
-from said.settings import Settings
+from core.catalogue import upsert_items
+from core.events import TOPIC_ITEMS, Invalid, ItemEvent, parse_item
+from core.settings import Settings
 
 
 class ItemsHandler:
@@ -30,9 +30,7 @@ class ItemsHandler:
         for m in messages:
             try:
                 valid.append(
-                    parse_item(
-                        m.value(), max_bytes=self.max_bytes, max_text_chars=self.max_text_chars
-                    )
+                    parse_item(m.value(), max_bytes=self.max_bytes, max_text_chars=self.max_text_chars)
                 )
             except Invalid as exc:
                 rejected.append(Rejected(m, exc.reason))

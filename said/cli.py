@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from said.settings import get_settings
+from core.settings import from_settings, get_settings
+from core.versions import NoActiveVersion
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
@@ -38,7 +39,7 @@ def _cmd_db(args: argparse.Namespace) -> int:
 
 
 def _cmd_produce(args: argparse.Namespace) -> int:
-    from models.data import load_dataset
+    from core.dataset import load_dataset
     from said.broker import ensure_topics
     from said.produce import replay_dataset
 
@@ -56,8 +57,8 @@ def _cmd_consume(args: argparse.Namespace) -> int:
     from consumers.interactions import InteractionsHandler
     from consumers.items import ItemsHandler
     from consumers.runner import ConsumeLoop
-    from said.db import make_engine
-    from said.metrics import serve_metrics
+    from core.db import make_engine
+    from core.metrics import serve_metrics
 
     settings = get_settings()
     serve_metrics(settings.metrics_port)
@@ -68,8 +69,11 @@ def _cmd_consume(args: argparse.Namespace) -> int:
     stats = loop.run(idle_exit=args.idle_exit)
     logging.info(
         "consumed %d: stored %d, dead-lettered %d %s",
-        stats.consumed, stats.stored, stats.dead_lettered, stats.reasons,
-    )  # fmt: skip
+        stats.consumed,
+        stats.stored,
+        stats.dead_lettered,
+        stats.reasons,
+    )
     return 0
 
 
@@ -77,7 +81,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from models.llm import pick_device
     from training.align import AlignConfig
     from training.evaluate import format_table, run, write_results
-    from training.scorer import ScorerTrainConfig
+    from training.recommender import ScorerTrainConfig
 
     settings = get_settings()
     device = pick_device(settings.device)
@@ -90,10 +94,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         device,
         settings.llm,
         settings.data_dir / "llm",
-        AlignConfig(epochs=args.align_epochs, batch_size=args.align_batch),
+        from_settings(AlignConfig, settings, epochs=args.align_epochs, batch_size=args.align_batch),
         k=settings.soft_tokens,
         item_dim=settings.item_dim,
-        scorer_cfg=ScorerTrainConfig(epochs=args.scorer_epochs),
+        scorer_cfg=from_settings(ScorerTrainConfig, settings, epochs=args.scorer_epochs),
     )
     out = args.out or settings.data_dir / "results" / f"evaluate-{'-'.join(args.variant)}.json"
     write_results(results, out)
@@ -113,8 +117,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     settings = get_settings()
-    summary = run_demo(settings, dataset, args.items, args.align_epochs, args.fresh, args.port,
-                       args.keep_serving)  # fmt: skip
+    summary = run_demo(
+        settings, dataset, args.items, args.align_epochs, args.fresh, args.port, args.keep_serving
+    )
     print(format_summary(summary))
     return 0
 
@@ -128,30 +133,46 @@ def _load_llm(settings):
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
-    from said.db import make_engine
+    from core.db import make_engine
     from training.align import AlignConfig
     from updater.full_align import align_catalogue
 
     settings = get_settings()
     llm, tok, device = _load_llm(settings)
-    cfg = AlignConfig(epochs=args.epochs, batch_size=args.batch)
-    align_catalogue(make_engine(settings.database_url), llm, tok, device, settings.data_dir, cfg,
-                    settings.soft_tokens, settings.item_dim)  # fmt: skip
+    cfg = from_settings(AlignConfig, settings, epochs=args.epochs, batch_size=args.batch)
+    align_catalogue(
+        make_engine(settings.database_url),
+        llm,
+        tok,
+        device,
+        settings.data_dir,
+        cfg,
+        settings.soft_tokens,
+        settings.item_dim,
+        prompt=settings.prompt,
+    )
     return 0
 
 
 def _cmd_update(args: argparse.Namespace) -> int:
-    from said.db import make_engine
-    from said.metrics import serve_metrics
-    from updater.full_align import load_active_bundle
+    from core.db import make_engine
+    from core.metrics import serve_metrics
+    from core.versions import require_active
+    from models.bundle import AlignerBundle
     from updater.worker import UpdateWorker, WorkerConfig
 
     settings = get_settings()
     engine = make_engine(settings.database_url)
     llm, tok, device = _load_llm(settings)
-    bundle = load_active_bundle(engine, device)
+    bundle = AlignerBundle.load(require_active(engine, "aligner")[1], device)
     serve_metrics(settings.metrics_port)
-    cfg = WorkerConfig(batch=args.batch, refine_epochs=args.refine_epochs, lease_ttl_s=args.lease_ttl)
+    cfg = from_settings(
+        WorkerConfig,
+        settings,
+        batch=args.batch,
+        refine_epochs=args.refine_epochs,
+        lease_ttl_s=args.lease_ttl,
+    )
     worker = UpdateWorker(engine, bundle, llm, tok, device, cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
@@ -164,8 +185,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
     state = ServingState.from_settings(get_settings())
     out = state.rebuild()
-    logging.info("rebuilt the index of %s with %d items: %s", state.version,
-                 len(state.served.index), out)  # fmt: skip
+    logging.info("rebuilt the index of %s with %d items: %s", state.version, len(state.served.index), out)
     return 0
 
 
@@ -173,32 +193,36 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     # Each worker process builds its own state from the environment (stateless replicas).
-    uvicorn.run("scorer.app:app_from_env", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level="warning")  # fmt: skip
+    uvicorn.run(
+        "scorer.app:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level="warning",
+    )
     return 0
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
     import threading
 
-    from said.db import make_engine
-    from said.metrics import serve_metrics
-    from updater.full_align import active_aligner_version
-    from updater.retrain import RetrainConfig, activate, retrain_once, run_retrainer
+    from core.db import make_engine
+    from core.metrics import serve_metrics
+    from core.versions import activate, require_active
+    from updater.retrain import RetrainConfig, retrain_once, run_retrainer
 
     settings = get_settings()
     engine = make_engine(settings.database_url)
     if args.activate:
-        activate(engine, args.activate)
-        logging.info("scorer %s is active; replicas swap to it within their poll period",
-                     args.activate)  # fmt: skip
+        activate(engine, "scorer", args.activate)
+        logging.info("scorer %s is active; replicas swap to it within their poll period", args.activate)
         return 0
     from models.llm import pick_device
 
     device = pick_device(settings.device)
-    cfg = RetrainConfig(min_new_interactions=settings.retrain_min_interactions,
-                        min_new_items=settings.retrain_min_items, epochs=args.epochs)  # fmt: skip
-    version, out = active_aligner_version(engine), settings.data_dir / "scorer"
+    cfg = from_settings(RetrainConfig, settings, epochs=args.epochs)
+    version, out = require_active(engine, "aligner")[0], settings.data_dir / "scorer"
     out.mkdir(parents=True, exist_ok=True)
     if not args.watch:
         retrain_once(engine, version, out, cfg, device)
@@ -227,6 +251,7 @@ def _cmd_topics(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    s = get_settings()  # every default comes from the settings (and so the environment)
     p = argparse.ArgumentParser(prog="said", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -260,22 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--variant", nargs="+", choices=["id", "text", "said"], default=["id"])
     e.add_argument("--seeds", default="0,1,2", help="comma-separated scorer seeds")
     e.add_argument("--cold-fraction", type=float, default=0.1, help="0 skips cold-start")
-    e.add_argument("--align-epochs", type=int, default=20)
-    e.add_argument("--align-batch", type=int, default=16)
-    e.add_argument("--scorer-epochs", type=int, default=200)
+    e.add_argument("--align-epochs", type=int, default=s.align_epochs)
+    e.add_argument("--align-batch", type=int, default=s.align_batch)
+    e.add_argument("--scorer-epochs", type=int, default=s.scorer_epochs)
     e.add_argument("--out", type=Path, default=None, help="results JSON path")
     e.set_defaults(fn=_cmd_evaluate)
 
     a = sub.add_parser("align", help="full SAID alignment of every catalogue item")
-    a.add_argument("--epochs", type=int, default=20)
-    a.add_argument("--batch", type=int, default=16)
+    a.add_argument("--epochs", type=int, default=s.align_epochs, help="most passes")
+    a.add_argument("--batch", type=int, default=s.align_batch)
     a.set_defaults(fn=_cmd_align)
 
     u = sub.add_parser("update", help="the streaming worker: align fresh items")
     u.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS")
-    u.add_argument("--batch", type=int, default=16)
-    u.add_argument("--refine-epochs", type=int, default=20)
-    u.add_argument("--lease-ttl", type=float, default=600.0, metavar="SECONDS")
+    u.add_argument("--batch", type=int, default=s.worker_batch)
+    u.add_argument("--refine-epochs", type=int, default=s.refine_epochs, help="most passes")
+    u.add_argument("--lease-ttl", type=float, default=s.worker_lease_ttl_s, metavar="SECONDS")
     u.set_defaults(fn=_cmd_update)
 
     ix = sub.add_parser("index", help="FAISS index maintenance")
@@ -289,9 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     dq.set_defaults(fn=_cmd_dlq)
 
     rt = sub.add_parser("retrain", help="train the SASRec scorer; promote it if not worse")
-    rt.add_argument("--watch", action="store_true",
-                    help="keep running; retrain when SAID_RETRAIN_MIN_* new events arrived")
-    rt.add_argument("--epochs", type=int, default=30, help="upper bound per retrain")
+    rt.add_argument(
+        "--watch",
+        action="store_true",
+        help="keep running; retrain when SAID_RETRAIN_MIN_* new events arrived",
+    )
+    rt.add_argument("--epochs", type=int, default=s.retrain_epochs, help="upper bound per retrain")
     rt.add_argument("--activate", metavar="VERSION", help="roll back/forward to a scorer version")
     rt.set_defaults(fn=_cmd_retrain)
 
@@ -321,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.debug("settings: %s", get_settings().redacted())  # secrets masked, never logged
     try:
         return args.fn(args)
+    except NoActiveVersion as exc:
+        logging.error("%s", exc)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -23,17 +23,17 @@ import uvicorn
 from consumers.interactions import InteractionsHandler
 from consumers.items import ItemsHandler
 from consumers.runner import ConsumeLoop
-from models.data import load_dataset
+from core.catalogue import count_rows
+from core.dataset import load_dataset
+from core.db import make_engine
+from core.events import TOPIC_ITEMS
+from core.settings import Settings, from_settings
+from core.tables import interactions, items
 from models.llm import load_llm, pick_device
 from said.broker import EmbeddedBroker, ensure_topics, free_port
-from said.catalogue import count_rows
-from said.db import make_engine
-from said.events import TOPIC_ITEMS
 from said.migrate import upgrade
 from said.plots import alignment_curve, fresh_vs_reference, freshness
 from said.produce import produce_events, replay_dataset
-from said.settings import Settings
-from said.tables import interactions, items
 from scorer.app import create_app
 from scorer.state import ServingState
 from training.align import AlignConfig
@@ -45,26 +45,34 @@ log = logging.getLogger(__name__)
 DEFAULT_DATASET = Path(__file__).resolve().parents[1].parent / "shared/data/amazon-beauty"
 
 
-def run_demo(settings: Settings, dataset: Path, n_items: int, align_epochs: int,
-             n_fresh: int = 5, port: int = 8000, keep_serving: bool = False
-             ) -> dict[str, object]:  # fmt: skip
+def run_demo(
+    settings: Settings,
+    dataset: Path,
+    n_items: int,
+    align_epochs: int,
+    n_fresh: int = 5,
+    port: int = 8000,
+    keep_serving: bool = False,
+) -> dict[str, object]:
     """Run the pipeline once and return the summary it prints."""
     ds = load_dataset(dataset, n_items)
-    summary: dict[str, object] = {"dataset": str(dataset), "items in slice": len(ds.item_ids),
-                                  "interactions in slice": ds.n_interactions}  # fmt: skip
+    summary: dict[str, object] = {
+        "dataset": str(dataset),
+        "items in slice": len(ds.item_ids),
+        "interactions in slice": ds.n_interactions,
+    }
     t_start = time.perf_counter()
     with EmbeddedBroker(free_port()) as broker:
-        settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap,
-                                               "session_timeout_ms": 2000})  # fmt: skip
+        settings = settings.model_copy(
+            update={"kafka_bootstrap": broker.bootstrap, "session_timeout_ms": 2000}
+        )
         ensure_topics(settings.kafka_config())
         upgrade(settings.database_url)
         engine = make_engine(settings.database_url)
         replay_dataset(settings.kafka_config(), ds)
         for handler in (ItemsHandler(settings), InteractionsHandler(settings)):
             stats = ConsumeLoop(handler, engine, settings).run(idle_exit=2.0)
-            summary[f"{handler.name}: stored / dead-lettered"] = (
-                f"{stats.stored} / {stats.dead_lettered}"
-            )
+            summary[f"{handler.name}: stored / dead-lettered"] = f"{stats.stored} / {stats.dead_lettered}"
         with engine.connect() as conn:
             summary["catalogue items / interactions"] = (
                 f"{count_rows(conn, items)} / {count_rows(conn, interactions)}"
@@ -73,35 +81,53 @@ def run_demo(settings: Settings, dataset: Path, n_items: int, align_epochs: int,
         device = pick_device(settings.device)
         llm, tok = load_llm(settings.llm, settings.data_dir / "llm", device)
         t0 = time.perf_counter()
-        bundle = align_catalogue(engine, llm, tok, device, settings.data_dir,
-                                 AlignConfig(epochs=align_epochs), settings.soft_tokens,
-                                 settings.item_dim)  # fmt: skip
+        bundle = align_catalogue(
+            engine,
+            llm,
+            tok,
+            device,
+            settings.data_dir,
+            from_settings(AlignConfig, settings, epochs=align_epochs),
+            settings.soft_tokens,
+            settings.item_dim,
+            prompt=settings.prompt,
+        )
         summary["alignment seconds"] = round(time.perf_counter() - t0, 1)
         summary["alignment mean loss (reference)"] = round(bundle.reference_loss, 3)
 
         t0 = time.perf_counter()
-        rcfg = RetrainConfig(min_new_interactions=settings.retrain_min_interactions,
-                             min_new_items=settings.retrain_min_items, poll_s=5.0)  # fmt: skip
+        rcfg = from_settings(RetrainConfig, settings, poll_s=5.0)
         scorer_dir = settings.data_dir / "scorer"
         scorer_dir.mkdir(parents=True, exist_ok=True)
         scorer = retrain_once(engine, bundle.version, scorer_dir, rcfg, device)
         summary["scorer training seconds"] = round(time.perf_counter() - t0, 1)
         summary["SASRec (said) NDCG@10, held-out last items"] = (
-            f"{scorer['val_ndcg@10']:.4f} ({min(rcfg.valid_users, len(ds.sequences))} users max)")
+            f"{scorer['val_ndcg@10']:.4f} ({min(rcfg.valid_users, len(ds.sequences))} users max)"
+        )
         summary["random ranking NDCG@10 (same items)"] = f"{_random_ndcg(len(ds.item_ids)):.4f}"
 
-        state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden,
-                             settings.data_dir / "index")  # fmt: skip
-        server = uvicorn.Server(uvicorn.Config(create_app(engine, state, poll_s=0.2), port=port,
-                                               log_level="warning"))  # fmt: skip
-        worker = UpdateWorker(engine, bundle, llm, tok, device,
-                              WorkerConfig(batch=8, refine_epochs=10))  # fmt: skip
+        state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, settings.data_dir / "index")
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(engine, state, poll_s=0.2), port=port, log_level="warning")
+        )
+        worker = UpdateWorker(
+            engine,
+            bundle,
+            llm,
+            tok,
+            device,
+            from_settings(WorkerConfig, settings, batch=8, refine_epochs=10),
+        )
         item_loop = ConsumeLoop(ItemsHandler(settings), engine, settings)
         stop_retrainer = threading.Event()
-        threads = [threading.Thread(target=f, daemon=True)
-                   for f in (server.run, worker.run, item_loop.run)]  # fmt: skip
-        threads.append(threading.Thread(target=run_retrainer, daemon=True, args=(
-            engine, bundle.version, scorer_dir, rcfg, device, stop_retrainer)))  # fmt: skip
+        threads = [threading.Thread(target=f, daemon=True) for f in (server.run, worker.run, item_loop.run)]
+        threads.append(
+            threading.Thread(
+                target=run_retrainer,
+                daemon=True,
+                args=(engine, bundle.version, scorer_dir, rcfg, device, stop_retrainer),
+            )
+        )
         for t in threads:
             t.start()
         url = f"http://127.0.0.1:{port}"
@@ -111,9 +137,7 @@ def run_demo(settings: Settings, dataset: Path, n_items: int, align_epochs: int,
             fresh = _publish_fresh_items(settings, ds, n_fresh, url)
             secs = [f["servable_s"] for f in fresh if f["servable_s"] is not None]
             if secs:
-                summary["event -> servable seconds (median, max)"] = (
-                    f"{np.median(secs):.2f}, {max(secs):.2f}"
-                )
+                summary["event -> servable seconds (median, max)"] = f"{np.median(secs):.2f}, {max(secs):.2f}"
             refined = [f["refined_s"] for f in fresh if f.get("refined_s") is not None]
             if refined:
                 summary["event -> refined seconds (median, max)"] = (
@@ -182,12 +206,29 @@ def _publish_fresh_items(settings: Settings, ds, n: int, url: str) -> list[dict]
         if top["item_id"] in used:  # one new edition per item: no duplicate titles
             continue
         used.add(top["item_id"])
-        fresh.append({"user": user, "item_id": f"fresh-{len(fresh)}", "servable_s": None,
-                      "title": f"{titles[top['item_id']]} - new edition"})  # fmt: skip
+        fresh.append(
+            {
+                "user": user,
+                "item_id": f"fresh-{len(fresh)}",
+                "servable_s": None,
+                "title": f"{titles[top['item_id']]} - new edition",
+            }
+        )
         if len(fresh) == n:
             break
-    events = [(f["item_id"], {"item_id": f["item_id"], "title": f["title"], "description": None,
-                              "advertiser_id": "demo", "event_time": now}) for f in fresh]  # fmt: skip
+    events = [
+        (
+            f["item_id"],
+            {
+                "item_id": f["item_id"],
+                "title": f["title"],
+                "description": None,
+                "advertiser_id": "demo",
+                "event_time": now,
+            },
+        )
+        for f in fresh
+    ]
     t0 = time.monotonic()
     produce_events(settings.kafka_config(), TOPIC_ITEMS, iter(events), len(events))
     _wait_for(url, fresh, t0, lambda item: item["servable"], "servable_s")

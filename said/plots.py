@@ -18,10 +18,15 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def alignment_curve(history: list[float], path: Path) -> Path:
+def alignment_curve(history: list[dict], path: Path) -> Path:
+    """Loss and teacher-forced token accuracy of the items trained in each pass."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(range(1, len(history) + 1), history, marker="o")
-    ax.set(xlabel="pass over all items", ylabel="mean cross-entropy", title="SAID alignment loss")
+    passes = [h["pass"] for h in history]
+    ax.plot(passes, [h["loss"] for h in history], marker="o", label="cross-entropy")
+    ax.set(xlabel="pass", ylabel="mean cross-entropy", title="SAID alignment")
+    acc = ax.twinx()
+    acc.plot(passes, [h["token_accuracy"] for h in history], marker="s", color="tab:green")
+    acc.set(ylabel="token accuracy", ylim=(0, 1))
     return _save(fig, path)
 
 
@@ -39,6 +44,5 @@ def fresh_vs_reference(reference: list[float], fresh: list[float], path: Path) -
 def freshness(seconds: list[float], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.hist(seconds, bins=max(5, len(seconds)), color="tab:green")
-    ax.set(xlabel="seconds from item event to a user's top-10", ylabel="items",
-           title="Freshness")  # fmt: skip
+    ax.set(xlabel="seconds from item event to a user's top-10", ylabel="items", title="Freshness")
     return _save(fig, path)

@@ -14,8 +14,9 @@ from datetime import UTC, datetime, timedelta
 from confluent_kafka import Producer
 from tqdm import tqdm
 
-from models.data import Dataset
-from said.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
+from core.dataset import Dataset
+from core.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
+from core.kafka import DeliveryTracker
 
 log = logging.getLogger(__name__)
 BASE_TIME = datetime(2014, 1, 1, tzinfo=UTC)
@@ -23,62 +24,56 @@ BASE_TIME = datetime(2014, 1, 1, tzinfo=UTC)
 
 def item_events(ds: Dataset) -> Iterator[tuple[str, dict]]:
     for item_id, title, desc in zip(ds.item_ids, ds.titles, ds.descriptions, strict=True):
-        yield item_id, {
-            "item_id": item_id,
-            "title": title,
-            "description": desc,
-            "advertiser_id": None,
-            "event_time": BASE_TIME.isoformat(),
-        }
+        yield (
+            item_id,
+            {
+                "item_id": item_id,
+                "title": title,
+                "description": desc,
+                "advertiser_id": None,
+                "event_time": BASE_TIME.isoformat(),
+            },
+        )
 
 
 def interaction_events(ds: Dataset) -> Iterator[tuple[str, dict]]:
     for user_id, seq in ds.sequences:
         for pos, item_id in enumerate(seq):
-            yield user_id, {
-                "event_id": f"{user_id}:{pos}",
-                "user_id": user_id,
-                "item_id": item_id,
-                "type": "click",
-                "event_time": (BASE_TIME + timedelta(seconds=pos)).isoformat(),
-            }
+            yield (
+                user_id,
+                {
+                    "event_id": f"{user_id}:{pos}",
+                    "user_id": user_id,
+                    "item_id": item_id,
+                    "type": "click",
+                    "event_time": (BASE_TIME + timedelta(seconds=pos)).isoformat(),
+                },
+            )
 
 
-def produce_events(
-    kafka_config: dict, topic: str, events: Iterator[tuple[str, dict]], total: int
-) -> int:
+def produce_events(kafka_config: dict, topic: str, events: Iterator[tuple[str, dict]], total: int) -> int:
     """Produce keyed JSON events with a progress bar; raises if any delivery failed."""
     producer = Producer(
-        kafka_config
-        | {"linger.ms": 20, "queue.buffering.max.messages": 500_000, "enable.idempotence": True}
+        kafka_config | {"linger.ms": 20, "queue.buffering.max.messages": 500_000, "enable.idempotence": True}
     )
-    failures: list[str] = []
-
-    def on_delivery(err, _msg) -> None:
-        if err is not None:
-            failures.append(str(err))
-
+    tracker = DeliveryTracker()
     sent = 0
     for key, value in tqdm(events, total=total, desc=f"produce {topic}", unit="ev"):
         payload = json.dumps(value, ensure_ascii=False).encode()
         while True:
             try:
-                producer.produce(topic, key=key.encode(), value=payload, on_delivery=on_delivery)
+                producer.produce(topic, key=key.encode(), value=payload, on_delivery=tracker)
                 break
             except BufferError:  # local queue full: let deliveries drain, then retry
                 producer.poll(0.1)
         producer.poll(0)
         sent += 1
-    left = producer.flush(60)
-    if failures or left:
-        raise RuntimeError(f"{len(failures)} failed and {left} undelivered: {failures[:3]}")
+    tracker.flush(producer, 60, f"not every {topic} event was published")
     return sent
 
 
 def replay_dataset(kafka_config: dict, ds: Dataset) -> tuple[int, int]:
     """Items first, then interactions, so that every interaction's item already exists."""
     n_items = produce_events(kafka_config, TOPIC_ITEMS, item_events(ds), len(ds.item_ids))
-    n_inter = produce_events(
-        kafka_config, TOPIC_INTERACTIONS, interaction_events(ds), ds.n_interactions
-    )
+    n_inter = produce_events(kafka_config, TOPIC_INTERACTIONS, interaction_events(ds), ds.n_interactions)
     return n_items, n_inter

@@ -19,19 +19,22 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Header, HTTPException
 from prometheus_client import Counter, Histogram, make_asgi_app
 from pydantic import BaseModel, Field, model_validator
-from sqlalchemy import select, text
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from said.catalogue import user_history
-from said.tables import item_embeddings, items
+from core.catalogue import item_status, user_history
 from scorer.state import ServingState
 
 log = logging.getLogger(__name__)
 MAX_HISTORY = 200
 MAX_BODY_BYTES = 64 * 1024  # a maximal valid request is ~10 KB
 REQUESTS = Counter("said_scorer_requests_total", "Scorer requests.", ["endpoint", "status"])
-LATENCY = Histogram("said_scorer_seconds", "Scorer request latency.", ["endpoint"],
-                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1))  # fmt: skip
+LATENCY = Histogram(
+    "said_scorer_seconds",
+    "Scorer request latency.",
+    ["endpoint"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
+)
 
 
 class RecommendRequest(BaseModel):
@@ -122,8 +125,9 @@ class BodyLimitMiddleware:
 
 async def _too_large(send) -> None:
     body = json.dumps({"detail": f"request body over {MAX_BODY_BYTES} bytes"}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+    await send(
+        {"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]}
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -135,14 +139,12 @@ def bearer_guard(token: str | None):
             return
         given = (authorization or "").removeprefix("Bearer ").encode()
         if not authorization or not hmac.compare_digest(given, token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     return check
 
 
-def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0,
-               token: str | None = None) -> FastAPI:  # fmt: skip
+def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0, token: str | None = None) -> FastAPI:
     """The API; with ``token``, /recommend requires it (health and metrics stay open)."""
     stop = threading.Event()
 
@@ -159,8 +161,7 @@ def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0,
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(ObserveMiddleware)  # outermost: it also counts the 413s
 
-    @app.post("/recommend", response_model=RecommendResponse,
-              dependencies=[Depends(bearer_guard(token))])  # fmt: skip
+    @app.post("/recommend", response_model=RecommendResponse, dependencies=[Depends(bearer_guard(token))])
     def recommend(req: RecommendRequest) -> RecommendResponse:
         unknown: list[str] = []
         if req.user_id is not None:
@@ -180,21 +181,18 @@ def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0,
         ranked, version, size = state.recommend(history, req.k, exclude)
         return RecommendResponse(
             items=[Recommended(item_id=state.item_id[i], score=s) for i, s in ranked],
-            model_version=version, index_items=size, unknown_items=unknown,
+            model_version=version,
+            index_items=size,
+            unknown_items=unknown,
         )
 
     @app.get("/items/{item_id}")
     def item(item_id: str) -> dict:
         with engine.connect() as conn:
-            row = conn.execute(select(items).where(items.c.item_id == item_id)).first()
-            if row is None:
-                raise HTTPException(404, f"unknown item {item_id!r}")
-            kind = conn.execute(select(item_embeddings.c.kind).where(
-                item_embeddings.c.item_idx == row.idx,
-                item_embeddings.c.model_version == state.aligner_version)).scalar()  # fmt: skip
-        return {"item_id": row.item_id, "idx": row.idx, "title": row.title,
-                "description": row.description, "status": row.status,
-                "embedding": kind, "servable": kind is not None}  # fmt: skip
+            found = item_status(conn, item_id, state.aligner_version)
+        if found is None:
+            raise HTTPException(404, f"unknown item {item_id!r}")
+        return found
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -210,8 +208,13 @@ def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0,
         size = len(state.served.index)
         if size == 0:
             raise HTTPException(503, "index is empty")
-        return {"status": "ready", "index_items": size, "model_version": state.version,
-                "aligner_version": state.aligner_version, "refreshed_at": state.refreshed_at}
+        return {
+            "status": "ready",
+            "index_items": size,
+            "model_version": state.version,
+            "aligner_version": state.aligner_version,
+            "refreshed_at": state.refreshed_at,
+        }
 
     return app
 
@@ -220,7 +223,7 @@ def app_from_env() -> FastAPI:
     """The app of ``said serve`` (a uvicorn factory: every worker process builds its own)."""
     import torch
 
-    from said.settings import get_settings
+    from core.settings import get_settings
 
     # One small query at a time: intra-op threads only contend with concurrent requests
     # (measured: SASRec query 1.2 ms with 2 threads, 0.53 ms with 1).

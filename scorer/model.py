@@ -11,14 +11,10 @@ Two scorers share one small interface (``version``, ``dim``, ``item_vectors``, `
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from models.sasrec import SASRec, SASRecConfig
-from training.align import save_atomic
+from models.sasrec import SASRec
 
 
 def normalise(v: np.ndarray) -> np.ndarray:
@@ -50,28 +46,3 @@ class SASRecScorer:
         x = torch.from_numpy(history[-self.model.cfg.max_len :])[None]  # (1, T, h)
         valid = torch.ones(x.shape[:2], dtype=torch.bool)
         return self.model.encode(x, valid)[:, -1].numpy()  # (1, h)
-
-
-def save_scorer(path: Path, model: SASRec, meta: dict) -> Path:
-    """Weights (not the table: serving maps items with the adapter) plus metadata, atomically."""
-    state = {k: v.cpu() for k, v in model.state_dict().items()}
-    save_atomic({"config": asdict(model.cfg), "frozen_dim": model.feat_mean.shape[0],
-                 "state": state, "meta": meta}, path)  # fmt: skip
-    return path
-
-
-def load_sasrec(path: Path, table: torch.Tensor | None = None) -> tuple[SASRec, dict]:
-    """A saved scorer; with ``table`` (N+1, D) it can also score by item index (training).
-
-    Without a table, a small placeholder satisfies the constructor; the saved
-    standardisation overwrites the placeholder's, and ``adapt`` maps any item's vector.
-    """
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = SASRecConfig(**saved["config"])
-    if table is None:
-        cfg, table = replace(cfg, n_items=2), torch.zeros(3, saved["frozen_dim"])
-    else:
-        cfg = replace(cfg, n_items=table.shape[0] - 1)
-    model = SASRec(cfg, table)
-    model.load_state_dict(saved["state"])
-    return model, saved["meta"]

@@ -23,11 +23,14 @@ import faiss
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from said import metrics
-from said.catalogue import embeddings_since, item_ids_after, load_embeddings
-from scorer.model import CosineScorer, SASRecScorer, load_sasrec
-from updater.index import HNSW_MIN_ITEMS, CorruptSnapshot, ItemIndex, latest_snapshot
-from updater.retrain import active_scorer
+from core import metrics
+from core.catalogue import embeddings_since, item_ids_after, load_embeddings
+from core.settings import DEFAULTS
+from core.versions import active_version, require_active
+from models.bundle import AlignerBundle
+from models.sasrec import load_sasrec
+from scorer.index import CorruptSnapshot, ItemIndex, latest_snapshot
+from scorer.model import CosineScorer, SASRecScorer
 
 log = logging.getLogger(__name__)
 # Re-read a short window before the watermark: a row committed late with an earlier
@@ -49,8 +52,15 @@ class Served:
 
 
 class ServingState:
-    def __init__(self, engine: Engine, aligner_version: str, said_dim: int, index_dir: Path,
-                 snapshot_every_s: float = 300.0, hnsw_min_items: int = HNSW_MIN_ITEMS) -> None:  # fmt: skip
+    def __init__(
+        self,
+        engine: Engine,
+        aligner_version: str,
+        said_dim: int,
+        index_dir: Path,
+        snapshot_every_s: float = DEFAULTS.snapshot_every_s,
+        hnsw_min_items: int = DEFAULTS.hnsw_min_items,
+    ) -> None:
         # One query at a time gains nothing from OpenMP threads, and their spin-waiting under
         # concurrent requests costs tens of milliseconds (measured: p50 45 ms -> see README).
         faiss.omp_set_num_threads(1)
@@ -62,7 +72,7 @@ class ServingState:
         self.idx_of: dict[str, int] = {}
         self.refreshed_at: datetime | None = None
         self._declined: str | None = None  # an active scorer of another aligner: not served
-        self.served = self._load(self._scorer_for(active_scorer(engine)))
+        self.served = self._load(self._scorer_for(active_version(engine, "scorer")))
         self._snapshot_at = time.monotonic()
         self.refresh()
 
@@ -71,13 +81,18 @@ class ServingState:
         """The state of ``said serve``: the active aligner's catalogue and index folder."""
         import torch
 
-        from said.db import make_engine
-        from updater.full_align import load_active_bundle
+        from core.db import make_engine
 
         engine = make_engine(settings.database_url)
-        bundle = load_active_bundle(engine, torch.device("cpu"))
-        return cls(engine, bundle.version, bundle.aligner.cfg.hidden, settings.data_dir / "index",
-                   settings.snapshot_every_s, settings.hnsw_min_items)  # fmt: skip
+        bundle = AlignerBundle.load(require_active(engine, "aligner")[1], torch.device("cpu"))
+        return cls(
+            engine,
+            bundle.version,
+            bundle.aligner.cfg.hidden,
+            settings.data_dir / "index",
+            settings.snapshot_every_s,
+            settings.hnsw_min_items,
+        )
 
     @property
     def version(self) -> str:
@@ -91,8 +106,12 @@ class ServingState:
             if meta.get("aligner_version") == self.aligner_version:
                 return SASRecScorer(model, active[0])
             self._declined = active[0]  # not loaded again on every refresh
-            log.warning("scorer %s was trained on aligner %s, not %s: serving cosine similarity",
-                        active[0], meta.get("aligner_version"), self.aligner_version)  # fmt: skip
+            log.warning(
+                "scorer %s was trained on aligner %s, not %s: serving cosine similarity",
+                active[0],
+                meta.get("aligner_version"),
+                self.aligner_version,
+            )
         return CosineScorer(self.aligner_version, self.said_dim)
 
     def _load(self, scorer: Scorer) -> Served:
@@ -126,7 +145,7 @@ class ServingState:
     # --- refresh -----------------------------------------------------------------------
     def refresh(self) -> int:
         """Swap to a new scorer version if one was promoted, then apply new embeddings."""
-        wanted = active_scorer(self.engine)
+        wanted = active_version(self.engine, "scorer")
         if wanted is not None and wanted[0] not in (self.version, self._declined):
             scorer = self._scorer_for(wanted)
             if scorer.version != self.version:
@@ -137,8 +156,7 @@ class ServingState:
         served = self.served
         with self.engine.connect() as conn:
             new_ids = item_ids_after(conn, max(self.item_id, default=0))
-            ids, vectors, newest = embeddings_since(conn, self.aligner_version,
-                                                    served.watermark - OVERLAP)  # fmt: skip
+            ids, vectors, newest = embeddings_since(conn, self.aligner_version, served.watermark - OVERLAP)
         mapped = served.scorer.item_vectors(vectors) if len(ids) else None
         with self.lock:
             self.item_id.update(new_ids)
@@ -170,8 +188,9 @@ class ServingState:
                 log.exception("index refresh failed; serving the previous state")
 
     # --- requests ----------------------------------------------------------------------
-    def recommend(self, history: list[int], k: int, exclude: set[int]
-                  ) -> tuple[list[tuple[int, float]], str, int]:  # fmt: skip
+    def recommend(
+        self, history: list[int], k: int, exclude: set[int]
+    ) -> tuple[list[tuple[int, float]], str, int]:
         """Top-k (item, score) for a history, with the scorer version and index size used."""
         served = self.served  # one consistent pair, even if a swap happens meanwhile
         with self.lock:

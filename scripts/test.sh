@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 python3 -m ruff check .
+python3 -m ruff format --check .
 # Dependency audit: reported, never fatal (an advisory service outage must not block CI).
 # Where the advisory services are unreachable it says "could not be audited" per package.
 echo "--- pip-audit (installed packages) ---"

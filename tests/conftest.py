@@ -13,11 +13,14 @@ import uuid
 
 import pytest
 
+from core.settings import Settings
 from said.broker import EmbeddedBroker, ensure_topics, free_port
 from said.migrate import upgrade
-from said.pgcluster import ThrowawayPostgres, find_pg_bin
-from said.settings import Settings
-from tests.llm_fixtures import llm_cache, smollm_folder, tiny_hf_folder  # noqa: F401
+from tests.support.pgcluster import ThrowawayPostgres, find_pg_bin
+
+# Shared fixtures live in tests/support; registering them here keeps test modules from
+# importing fixtures from each other.
+pytest_plugins = ["tests.support.llm_fixtures", "tests.support.catalogue"]
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +70,7 @@ def settings(broker, db_url, tmp_path) -> Settings:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    from tests import faultlog
+    from tests.support import faultlog
 
     if faultlog.ROWS:
         terminalreporter.write_sep("-", "fault injection")

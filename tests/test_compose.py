@@ -7,12 +7,19 @@ from pathlib import Path
 
 import yaml
 
-from said.settings import Settings
+from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-SAID_SERVICES = {"migrate", "topics", "consumer-items", "consumer-interactions", "updater",
-                 "updater-gpu", "scorer"}  # fmt: skip
+SAID_SERVICES = {
+    "migrate",
+    "topics",
+    "consumer-items",
+    "consumer-interactions",
+    "updater",
+    "updater-gpu",
+    "scorer",
+}
 
 
 def test_every_said_env_key_is_a_setting():

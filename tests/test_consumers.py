@@ -9,22 +9,12 @@ from sqlalchemy import select
 from consumers.interactions import InteractionsHandler
 from consumers.items import ItemsHandler
 from consumers.runner import ConsumeLoop
-from said import metrics
-from said.catalogue import count_rows
-from said.db import make_engine
-from said.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
-from said.tables import alignment_jobs, interactions, items
-from tests.kafka_util import dlq_reasons, produce_json, produce_raw
-
-
-def _item(i: int, title: str | None = None, t: str = "2026-01-01T00:00:00Z") -> dict:
-    return {"item_id": f"i{i}", "title": title or f"Product number {i}", "description": None,
-            "advertiser_id": "adv", "event_time": t}  # fmt: skip
-
-
-def _click(e: int, item: int, user: str = "u1") -> dict:
-    return {"event_id": f"e{e}", "user_id": user, "item_id": f"i{item}", "type": "click",
-            "event_time": "2026-01-01T00:00:01Z"}  # fmt: skip
+from core import metrics
+from core.catalogue import count_rows
+from core.db import make_engine
+from core.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
+from core.tables import alignment_jobs, interactions, items
+from tests.support.kafka_util import click_event, dlq_reasons, item_event, produce_json, produce_raw
 
 
 def consume(settings, handler_cls, idle: float = 1.5):
@@ -33,8 +23,8 @@ def consume(settings, handler_cls, idle: float = 1.5):
 
 
 def test_items_then_interactions_are_stored_and_replay_is_harmless(settings):
-    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [_item(i) for i in range(50)], "item_id")
-    clicks = [_click(e, e % 50) for e in range(300)]
+    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [item_event(i) for i in range(50)], "item_id")
+    clicks = [click_event(e, e % 50) for e in range(300)]
     produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, clicks, "user_id")
     stats, engine = consume(settings, ItemsHandler)
     assert stats.stored == 50
@@ -54,13 +44,13 @@ def test_items_then_interactions_are_stored_and_replay_is_harmless(settings):
 
 def test_changed_text_goes_back_to_pending_and_stale_events_are_ignored(settings):
     engine = make_engine(settings.database_url)
-    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [_item(1), _item(2)], "item_id")
+    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [item_event(1), item_event(2)], "item_id")
     consume(settings, ItemsHandler)
     with engine.begin() as conn:
         conn.execute(items.update().values(status="aligned"))
         conn.execute(alignment_jobs.delete())
-    newer = _item(1, "Product number 1, now in blue", "2026-01-02T00:00:00Z")
-    older = _item(2, "An old title that arrived late", "2025-12-31T00:00:00Z")
+    newer = item_event(1, "Product number 1, now in blue", "2026-01-02T00:00:00Z")
+    older = item_event(2, "An old title that arrived late", "2025-12-31T00:00:00Z")
     produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [newer, older], "item_id")
     consume(settings, ItemsHandler)
     with engine.connect() as conn:
@@ -75,25 +65,26 @@ def test_bad_input_goes_to_dlq_with_reason_and_good_messages_are_kept(settings):
     big = "x" * 600
     bad_items = {
         b"{broken json": "malformed_json",
-        json.dumps(_item(90, title=None) | {"title": 12}).encode(): "wrong_type:title",
-        json.dumps({k: v for k, v in _item(91).items() if k != "item_id"}).encode():
-            "missing_field:item_id",
-        json.dumps(_item(92) | {"title": ""}).encode(): "empty_field:title",
-        json.dumps(_item(93) | {"title": big}).encode(): "too_long:title",
+        json.dumps(item_event(90, title=None) | {"title": 12}).encode(): "wrong_type:title",
+        json.dumps(
+            {k: v for k, v in item_event(91).items() if k != "item_id"}
+        ).encode(): "missing_field:item_id",
+        json.dumps(item_event(92) | {"title": ""}).encode(): "empty_field:title",
+        json.dumps(item_event(93) | {"title": big}).encode(): "too_long:title",
         b"\xc3\x28\xa0\xa1": "invalid_utf8",
-    }  # fmt: skip
-    bad_clicks = {
-        json.dumps(_click(900, 1) | {"type": "like"}).encode(): "unknown_enum:type",
-        json.dumps(_click(901, 777)).encode(): "unknown_item",
     }
-    good_items = [_item(i) for i in range(10)]
+    bad_clicks = {
+        json.dumps(click_event(900, 1) | {"type": "like"}).encode(): "unknown_enum:type",
+        json.dumps(click_event(901, 777)).encode(): "unknown_item",
+    }
+    good_items = [item_event(i) for i in range(10)]
     raw_items = []
     for n, bad in enumerate(bad_items):  # interleave bad between good messages
         raw_items.append((b"k", json.dumps(good_items[n]).encode()))
         raw_items.append((b"k", bad))
-    raw_items += [(b"k", json.dumps(g).encode()) for g in good_items[len(bad_items):]]
+    raw_items += [(b"k", json.dumps(g).encode()) for g in good_items[len(bad_items) :]]
     produce_raw(settings.kafka_bootstrap, TOPIC_ITEMS, raw_items)
-    good_clicks = [_click(e, e % 10) for e in range(20)]
+    good_clicks = [click_event(e, e % 10) for e in range(20)]
     produce_raw(
         settings.kafka_bootstrap,
         TOPIC_INTERACTIONS,
@@ -118,12 +109,14 @@ def test_bad_input_goes_to_dlq_with_reason_and_good_messages_are_kept(settings):
 def test_dlq_replay_recovers_an_interaction_that_arrived_before_its_item(settings):
     from consumers.dlq_replay import replay_dlq
 
-    produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, [_click(1, 5), _click(2, 6)], "user_id")
+    produce_json(
+        settings.kafka_bootstrap, TOPIC_INTERACTIONS, [click_event(1, 5), click_event(2, 6)], "user_id"
+    )
     produce_raw(settings.kafka_bootstrap, TOPIC_ITEMS, [(b"k", b"{bad")])
     stats, engine = consume(settings, InteractionsHandler)
     assert stats.dead_lettered == 2
     consume(settings, ItemsHandler)  # the bad item goes to the DLQ too
-    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [_item(5)], "item_id")
+    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [item_event(5)], "item_id")
     consume(settings, ItemsHandler)
     replayed = replay_dlq(settings, "unknown_item", idle_exit=1.5)
     assert (replayed.replayed, replayed.skipped) == (2, 1)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from said.broker import free_port
-from tests.test_updater import NAMES
+from tests.support.catalogue import NAMES
 
 
 def _dataset(folder: Path) -> Path:
@@ -29,16 +29,34 @@ def _dataset(folder: Path) -> Path:
 
 def _demo(tmp_path: Path, tiny_hf_folder: Path, *extra: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    env = os.environ | {"SAID_LLM": str(tiny_hf_folder), "SAID_DATA_DIR": str(tmp_path / "data"),
-                        "SAID_DATABASE_URL": f"sqlite:///{tmp_path}/demo.db", "SAID_DEVICE": "cpu",
-                        "SAID_LOG_LEVEL": "INFO"}  # fmt: skip
-    cmd = [sys.executable, "-m", "said.cli", "demo", "--dataset", str(_dataset(tmp_path / "ds")),
-           "--items", "60", "--align-epochs", "1", "--fresh", "3", "--port", str(port), *extra]  # fmt: skip
+    env = os.environ | {
+        "SAID_LLM": str(tiny_hf_folder),
+        "SAID_DATA_DIR": str(tmp_path / "data"),
+        "SAID_DATABASE_URL": f"sqlite:///{tmp_path}/demo.db",
+        "SAID_DEVICE": "cpu",
+        "SAID_LOG_LEVEL": "INFO",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "said.cli",
+        "demo",
+        "--dataset",
+        str(_dataset(tmp_path / "ds")),
+        "--items",
+        "60",
+        "--align-epochs",
+        "1",
+        "--fresh",
+        "3",
+        "--port",
+        str(port),
+        *extra,
+    ]
     # output to a file, not a pipe: nobody reads a pipe while the demo serves, and a full pipe
     # (64 KiB of progress bars on a slow machine) would block the demo's writes
     log = open(tmp_path / "demo.log", "w")  # noqa: SIM115 - the child holds it; closed with it
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True), port  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), port
 
 
 @pytest.mark.slow
@@ -47,8 +65,13 @@ def test_demo_prints_the_summary_and_writes_the_plots(tmp_path, tiny_hf_folder):
     proc.wait(600)
     out = (tmp_path / "demo.log").read_text()
     assert proc.returncode == 0, out[-3000:]
-    for line in ("catalogue items / interactions", "SASRec (said) NDCG@10", "event -> servable seconds",
-                 "fresh items in their user's top-10 (refined)", "wall seconds"):  # fmt: skip
+    for line in (
+        "catalogue items / interactions",
+        "SASRec (said) NDCG@10",
+        "event -> servable seconds",
+        "fresh items in their user's top-10 (refined)",
+        "wall seconds",
+    ):
         assert line in out, f"{line!r} missing from the summary:\n{out[-3000:]}"
     plots = sorted(p.name for p in (tmp_path / "data" / "plots").glob("*.png"))
     assert plots == ["alignment_loss.png", "fresh_vs_reference.png", "freshness.png"]

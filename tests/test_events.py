@@ -6,15 +6,25 @@ import json
 
 import pytest
 
-from said.events import Invalid, parse_interaction, parse_item
+from core.events import Invalid, parse_interaction, parse_item
 
-ITEM = {"item_id": "a1", "title": "Rose lip balm", "description": None,
-        "advertiser_id": "adv", "event_time": "2026-01-01T00:00:00Z"}  # fmt: skip
-CLICK = {"event_id": "e1", "user_id": "u1", "item_id": "a1", "type": "click",
-         "event_time": "2026-01-01T00:00:01+00:00"}  # fmt: skip
+ITEM = {
+    "item_id": "a1",
+    "title": "Rose lip balm",
+    "description": None,
+    "advertiser_id": "adv",
+    "event_time": "2026-01-01T00:00:00Z",
+}
+CLICK = {
+    "event_id": "e1",
+    "user_id": "u1",
+    "item_id": "a1",
+    "type": "click",
+    "event_time": "2026-01-01T00:00:01+00:00",
+}
 
 
-def _item(**change) -> bytes:
+def item_event(**change) -> bytes:
     return json.dumps({**ITEM, **change}).encode()
 
 
@@ -25,15 +35,14 @@ def _item(**change) -> bytes:
         (b"\xff\xfe\x00garbage", "invalid_utf8"),
         (b"[1, 2]", "not_an_object"),
         (None, "empty_value"),
-        (_item(title=5), "wrong_type:title"),
-        (_item(title="   "), "empty_field:title"),
-        (_item(title="x" * 600), "too_long:title"),
-        (_item(title="x" * 300, description="y" * 300), "text_too_long"),
-        (json.dumps({k: v for k, v in ITEM.items() if k != "item_id"}).encode(),
-         "missing_field:item_id"),
-        (_item(event_time="yesterday"), "bad_time:event_time"),
-        (_item(event_time="2026-01-01T00:00:00"), "bad_time:event_time"),
-        (_item(title="a\x00b"), "nul_char:title"),
+        (item_event(title=5), "wrong_type:title"),
+        (item_event(title="   "), "empty_field:title"),
+        (item_event(title="x" * 600), "too_long:title"),
+        (item_event(title="x" * 300, description="y" * 300), "text_too_long"),
+        (json.dumps({k: v for k, v in ITEM.items() if k != "item_id"}).encode(), "missing_field:item_id"),
+        (item_event(event_time="yesterday"), "bad_time:event_time"),
+        (item_event(event_time="2026-01-01T00:00:00"), "bad_time:event_time"),
+        (item_event(title="a\x00b"), "nul_char:title"),
         (b"[" * 100_000 + b"]" * 100_000, "too_large"),
     ],
 )
@@ -51,17 +60,20 @@ def test_deep_json_is_rejected_not_crashing():
 
 
 def test_valid_item_text_and_hash():
-    ev = parse_item(_item(description="Tinted"), max_bytes=64_000, max_text_chars=500)
+    ev = parse_item(item_event(description="Tinted"), max_bytes=64_000, max_text_chars=500)
     assert ev.text == "Rose lip balm\nTinted"
-    assert ev.text_hash != parse_item(_item(), max_bytes=64_000, max_text_chars=500).text_hash
+    assert ev.text_hash != parse_item(item_event(), max_bytes=64_000, max_text_chars=500).text_hash
     assert ev.event_time.tzinfo is not None
 
 
 @pytest.mark.parametrize(
     ("change", "reason"),
-    [({"type": "like"}, "unknown_enum:type"), ({"type": None}, "missing_field:type"),
-     ({"user_id": 7}, "wrong_type:user_id")],
-)  # fmt: skip
+    [
+        ({"type": "like"}, "unknown_enum:type"),
+        ({"type": None}, "missing_field:type"),
+        ({"user_id": 7}, "wrong_type:user_id"),
+    ],
+)
 def test_interaction_rejections(change, reason):
     with pytest.raises(Invalid) as err:
         parse_interaction(json.dumps({**CLICK, **change}).encode(), max_bytes=64_000)

@@ -19,18 +19,16 @@ import torch
 from sqlalchemy import func, select
 
 from consumers.interactions import InteractionsHandler
-from consumers.items import ItemsHandler
 from consumers.runner import ConsumeLoop
+from core.catalogue import count_rows, write_embeddings
+from core.db import make_engine
+from core.events import TOPIC_INTERACTIONS
+from core.tables import interactions, item_embeddings
 from said.broker import ensure_topics
-from said.catalogue import count_rows, write_embeddings
-from said.db import make_engine
-from said.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
-from said.tables import interactions, item_embeddings
-from tests import faultlog
-from tests.kafka_util import produce_json
-from tests.test_consumers import _click, _item
-from tests.test_updater import _add, aligned  # noqa: F401 - fixture
-from updater.index import CorruptSnapshot, ItemIndex, latest_snapshot
+from scorer.index import CorruptSnapshot, ItemIndex, latest_snapshot
+from tests.support import faultlog
+from tests.support.catalogue import add_items
+from tests.support.kafka_util import click_event, load_items, produce_json
 from updater.leases import pending_count
 from updater.worker import UpdateWorker, WorkerConfig
 
@@ -38,13 +36,17 @@ pytestmark = pytest.mark.faults
 
 
 def _env(settings, **extra) -> dict:
-    return os.environ | {
-        "SAID_DATABASE_URL": settings.database_url,
-        "SAID_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "SAID_GROUP_ID": settings.group_id,
-        "SAID_SESSION_TIMEOUT_MS": "2000",
-        "SAID_LOG_LEVEL": "WARNING",
-    } | extra
+    return (
+        os.environ
+        | {
+            "SAID_DATABASE_URL": settings.database_url,
+            "SAID_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "SAID_GROUP_ID": settings.group_id,
+            "SAID_SESSION_TIMEOUT_MS": "2000",
+            "SAID_LOG_LEVEL": "WARNING",
+        }
+        | extra
+    )
 
 
 def _rows(engine) -> int:
@@ -64,16 +66,10 @@ def _wait(cond, timeout: float, what: str) -> float:
     return time.monotonic() - t0
 
 
-def _load_items(settings, n: int) -> None:
-    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [_item(i) for i in range(n)], "item_id")
-    stats = ConsumeLoop(ItemsHandler(settings), make_engine(settings.database_url), settings).run(1.5)
-    assert stats.stored == n
-
-
 @pytest.mark.slow
 def test_sigkill_three_times_loses_and_duplicates_nothing(settings):
-    _load_items(settings, 100)
-    distinct = [_click(e, e % 100, user=f"u{e % 97}") for e in range(18_000)]
+    load_items(settings, 100)
+    distinct = [click_event(e, e % 100, user=f"u{e % 97}") for e in range(18_000)]
     events = distinct + distinct[:2000]  # 2k replays by the producer
     produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, events, "user_id")
     engine = make_engine(settings.database_url)
@@ -93,22 +89,29 @@ def test_sigkill_three_times_loses_and_duplicates_nothing(settings):
         at_kill = _rows(engine)
         assert at_kill < len(distinct), "the kill must land mid-stream"
     rows = _rows(engine)
-    faultlog.record(f"consumer SIGKILL mid-stream ({engine.dialect.name})", 3,
-                    len(distinct) - rows, 0, max(recoveries))  # fmt: skip
+    faultlog.record(
+        f"consumer SIGKILL mid-stream ({engine.dialect.name})", 3, len(distinct) - rows, 0, max(recoveries)
+    )
     assert rows == len(distinct)
 
 
 @pytest.mark.slow
 def test_database_outage_mid_stream_counts_exact(broker, pg):
+    from core.settings import Settings
     from said.migrate import upgrade
-    from said.settings import Settings
 
     url = pg.create_database()
     upgrade(url)
-    settings = Settings(database_url=url, kafka_bootstrap=broker.bootstrap, group_id="outage",
-                        session_timeout_ms=2000, consume_batch=200, db_retry_max_s=0.5)  # fmt: skip
-    _load_items(settings, 50)
-    events = [_click(e, e % 50, user=f"u{e % 31}") for e in range(10_000)]
+    settings = Settings(
+        database_url=url,
+        kafka_bootstrap=broker.bootstrap,
+        group_id="outage",
+        session_timeout_ms=2000,
+        consume_batch=200,
+        db_retry_max_s=0.5,
+    )
+    load_items(settings, 50)
+    events = [click_event(e, e % 50, user=f"u{e % 31}") for e in range(10_000)]
     produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, events, "user_id")
     engine = make_engine(url)
     loop = ConsumeLoop(InteractionsHandler(settings), make_engine(url), settings)
@@ -148,7 +151,7 @@ def test_broker_restarted_mid_stream(settings, broker):
     """The consumer outlives broker restarts: it reconnects, re-joins and takes up the new
     log with no operator action. Tansu keeps data in memory only, so each phase is consumed
     before its restart; with Apache Kafka the log itself would also survive."""
-    _load_items(settings, 50)
+    load_items(settings, 50)
     engine = make_engine(settings.database_url)
     loop = ConsumeLoop(InteractionsHandler(settings), engine, settings)
     thread = threading.Thread(target=loop.run)
@@ -156,7 +159,7 @@ def test_broker_restarted_mid_stream(settings, broker):
     expected, recoveries = 0, []
     try:
         for phase in range(4):
-            events = [_click(phase * 10_000 + e, e % 50, user=f"u{e % 13}") for e in range(2000)]
+            events = [click_event(phase * 10_000 + e, e % 50, user=f"u{e % 13}") for e in range(2000)]
             produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, events, "user_id")
             expected += len(events)
             took = _wait(lambda: _rows(engine) == expected, 90, f"phase {phase}")  # noqa: B023
@@ -172,8 +175,13 @@ def test_broker_restarted_mid_stream(settings, broker):
         loop.stop()
         thread.join(30)
     rows = _rows(engine)
-    faultlog.record(f"broker SIGKILLed and restarted, consumer running ({engine.dialect.name})", 3,
-                    expected - rows, 0, max(recoveries))  # fmt: skip
+    faultlog.record(
+        f"broker SIGKILLed and restarted, consumer running ({engine.dialect.name})",
+        3,
+        expected - rows,
+        0,
+        max(recoveries),
+    )
     assert rows == expected
 
 
@@ -187,12 +195,13 @@ def test_postgres_restarted_while_the_worker_holds_a_lease(pg, tiny_hf_folder, t
     url = pg.create_database()
     upgrade(url)
     engine = make_engine(url)
-    _add(engine, 0, 16)
+    add_items(engine, 0, 16)
     cpu = torch.device("cpu")
     llm, tok = load_llm(str(tiny_hf_folder), tmp_path, cpu)
-    bundle = align_catalogue(engine, llm, tok, cpu, tmp_path, AlignConfig(epochs=1, batch_size=8),
-                             k=1, item_dim=16, progress=False)  # fmt: skip
-    _add(engine, 16, 8)
+    bundle = align_catalogue(
+        engine, llm, tok, cpu, tmp_path, AlignConfig(epochs=1, batch_size=8), k=1, item_dim=16, progress=False
+    )
+    add_items(engine, 16, 8)
     worker = UpdateWorker(engine, bundle, llm, tok, cpu, WorkerConfig(batch=8, refine_epochs=400))
     thread = threading.Thread(target=worker.run, kwargs={"idle_exit": 2.0})
     thread.start()
@@ -203,18 +212,35 @@ def test_postgres_restarted_while_the_worker_holds_a_lease(pg, tiny_hf_folder, t
     recovery = _wait(lambda: not thread.is_alive(), 300, "worker finished after the outage")
     with engine.connect() as conn:
         assert pending_count(conn) == 0
-        per_item = conn.execute(select(func.count()).select_from(item_embeddings)
-                                .group_by(item_embeddings.c.item_idx)).scalars().all()  # fmt: skip
-    faultlog.record("PostgreSQL restarted while the worker holds a lease", 1,
-                    24 - len(per_item), sum(n - 1 for n in per_item), recovery)  # fmt: skip
+        per_item = (
+            conn.execute(
+                select(func.count()).select_from(item_embeddings).group_by(item_embeddings.c.item_idx)
+            )
+            .scalars()
+            .all()
+        )
+    faultlog.record(
+        "PostgreSQL restarted while the worker holds a lease",
+        1,
+        24 - len(per_item),
+        sum(n - 1 for n in per_item),
+        recovery,
+    )
     assert _kinds(engine) == ["refined"] * 8 and len(per_item) == 24 and set(per_item) == {1}
 
 
 def _kinds(engine) -> list[str] | None:
     try:
         with engine.connect() as conn:
-            return conn.execute(select(item_embeddings.c.kind).where(item_embeddings.c.item_idx > 16)
-                                .order_by(item_embeddings.c.item_idx)).scalars().all()  # fmt: skip
+            return (
+                conn.execute(
+                    select(item_embeddings.c.kind)
+                    .where(item_embeddings.c.item_idx > 16)
+                    .order_by(item_embeddings.c.item_idx)
+                )
+                .scalars()
+                .all()
+            )
     except Exception:  # noqa: BLE001 - the database is down on purpose; poll again
         return None
 
@@ -222,7 +248,7 @@ def _kinds(engine) -> list[str] | None:
 SNAPSHOT_WRITER = """
 import sys, numpy as np
 from pathlib import Path
-from updater.index import ItemIndex
+from scorer.index import ItemIndex
 n = int(sys.argv[2])
 index = ItemIndex(64)
 index.build(np.arange(1, n + 1), np.random.default_rng(0).standard_normal((n, 64)).astype("float32"))
@@ -236,8 +262,9 @@ def test_snapshot_writer_killed_mid_write_never_yields_a_torn_index(tmp_path):
     n, kills, recoveries, mid_write = 100_000, 0, [], 0
     rng = np.random.default_rng(0)
     while mid_write < 3 and kills < 12:
-        proc = subprocess.Popen([sys.executable, "-c", SNAPSHOT_WRITER, str(tmp_path), str(n)],
-                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SNAPSHOT_WRITER, str(tmp_path), str(n)], stdout=subprocess.PIPE, text=True
+        )
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(float(rng.uniform(0.2, 1.0)))  # writes of ~26 MB are in progress now
         proc.send_signal(signal.SIGKILL)
@@ -254,16 +281,18 @@ def test_snapshot_writer_killed_mid_write_never_yields_a_torn_index(tmp_path):
         assert loaded == n, "whatever loads is complete"
     assert mid_write, "at least one kill must land inside a write"
     assert len(list(tmp_path.glob("index-*.faiss"))) <= 4, "old snapshots are pruned"
-    faultlog.record(f"snapshot writer SIGKILLed ({mid_write} of them mid-write)", kills, 0, 0,
-                    max(recoveries))  # fmt: skip
+    faultlog.record(
+        f"snapshot writer SIGKILLed ({mid_write} of them mid-write)", kills, 0, 0, max(recoveries)
+    )
 
 
-def test_disk_full_snapshot_write_keeps_serving_and_the_old_snapshot(aligned, monkeypatch):  # noqa: F811
+def test_disk_full_snapshot_write_keeps_serving_and_the_old_snapshot(aligned, monkeypatch):
     from scorer.state import ServingState
 
     engine, bundle, _llm, _tok, data = aligned
-    state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, data / "index",
-                         snapshot_every_s=0.0)  # fmt: skip
+    state = ServingState(
+        engine, bundle.version, bundle.aligner.cfg.hidden, data / "index", snapshot_every_s=0.0
+    )
     good = state.rebuild()
     real_fsync, failures = os.fsync, []
 
@@ -272,12 +301,13 @@ def test_disk_full_snapshot_write_keeps_serving_and_the_old_snapshot(aligned, mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    _add(engine, 24, 4)
+    add_items(engine, 24, 4)
     # the worker's embeddings arrive; refresh applies them, then its snapshot write fails
     vecs = np.random.default_rng(1).standard_normal((4, bundle.aligner.cfg.hidden)).astype("float32")
     with engine.begin() as conn:
-        write_embeddings(conn, bundle.version, "estimate", [25, 26, 27, 28], ["h"] * 4, vecs,
-                         [None] * 4, datetime.now(UTC))  # fmt: skip
+        write_embeddings(
+            conn, bundle.version, "estimate", [25, 26, 27, 28], ["h"] * 4, vecs, [None] * 4, datetime.now(UTC)
+        )
     with pytest.raises(OSError, match="No space"):
         state.refresh()
     assert failures and len(state.served.index) == 28, "the new items are served anyway"
@@ -290,5 +320,6 @@ def test_disk_full_snapshot_write_keeps_serving_and_the_old_snapshot(aligned, mo
     recovery = time.monotonic() - t0
     newest = latest_snapshot(data / "index")
     assert newest != good and len(ItemIndex.load(newest)) == 28
-    faultlog.record(f"snapshot write fails with ENOSPC ({engine.dialect.name})", len(failures), 0, 0,
-                    recovery)  # fmt: skip
+    faultlog.record(
+        f"snapshot write fails with ENOSPC ({engine.dialect.name})", len(failures), 0, 0, recovery
+    )

@@ -15,14 +15,14 @@ import uvicorn
 from consumers.interactions import InteractionsHandler
 from consumers.items import ItemsHandler
 from consumers.runner import ConsumeLoop
+from core.db import make_engine
+from core.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
 from models.llm import load_llm
 from said.broker import free_port
-from said.db import make_engine
-from said.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
 from scorer.app import create_app
 from scorer.state import ServingState
-from tests.kafka_util import produce_json
-from tests.test_updater import NAMES
+from tests.support.catalogue import NAMES
+from tests.support.kafka_util import produce_json
 from training.align import AlignConfig
 from updater.full_align import align_catalogue
 from updater.retrain import RetrainConfig, retrain_once
@@ -32,18 +32,39 @@ CPU = torch.device("cpu")
 
 
 def _item(i: int, title: str) -> dict:
-    return {"item_id": f"i{i}", "title": title, "description": None, "advertiser_id": "a",
-            "event_time": "2026-01-01T00:00:00Z"}  # fmt: skip
+    return {
+        "item_id": f"i{i}",
+        "title": title,
+        "description": None,
+        "advertiser_id": "a",
+        "event_time": "2026-01-01T00:00:00Z",
+    }
 
 
 def _clicks() -> list[dict]:
     """u1 clicked two lip balms; 40 more users each click three items of one kind in a row."""
-    out = [{"event_id": f"e{i}", "user_id": "u1", "item_id": f"i{i}", "type": "click",
-            "event_time": "2026-01-01T00:00:01Z"} for i in (0, 8)]  # fmt: skip
+    out = [
+        {
+            "event_id": f"e{i}",
+            "user_id": "u1",
+            "item_id": f"i{i}",
+            "type": "click",
+            "event_time": "2026-01-01T00:00:01Z",
+        }
+        for i in (0, 8)
+    ]
     for u in range(40):
         kind = range(u % 8, 24, 8)
-        out += [{"event_id": f"v{u}-{s}", "user_id": f"v{u}", "item_id": f"i{i}", "type": "click",
-                 "event_time": f"2026-01-01T00:00:0{s}Z"} for s, i in enumerate(kind)]  # fmt: skip
+        out += [
+            {
+                "event_id": f"v{u}-{s}",
+                "user_id": f"v{u}",
+                "item_id": f"i{i}",
+                "type": "click",
+                "event_time": f"2026-01-01T00:00:0{s}Z",
+            }
+            for s, i in enumerate(kind)
+        ]
     return out
 
 
@@ -51,14 +72,19 @@ def _clicks() -> list[dict]:
 @pytest.mark.parametrize("scorer", ["cosine", "sasrec"])
 def test_new_item_enters_a_similar_users_top_k(settings, smollm_folder, llm_cache, tmp_path, scorer):
     engine = make_engine(settings.database_url)
-    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS,
-                 [_item(i, f"{NAMES[i % 8]} pack {i}") for i in range(24)], "item_id")  # fmt: skip
+    produce_json(
+        settings.kafka_bootstrap,
+        TOPIC_ITEMS,
+        [_item(i, f"{NAMES[i % 8]} pack {i}") for i in range(24)],
+        "item_id",
+    )
     produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, _clicks(), "user_id")
     ConsumeLoop(ItemsHandler(settings), engine, settings).run(idle_exit=1.0)
     ConsumeLoop(InteractionsHandler(settings), engine, settings).run(idle_exit=1.0)
     llm, tok = load_llm(None, llm_cache, CPU)
-    bundle = align_catalogue(engine, llm, tok, CPU, tmp_path, AlignConfig(epochs=3, batch_size=8),
-                             k=1, item_dim=32, progress=False)  # fmt: skip
+    bundle = align_catalogue(
+        engine, llm, tok, CPU, tmp_path, AlignConfig(epochs=3, batch_size=8), k=1, item_dim=32, progress=False
+    )
     if scorer == "sasrec":  # the production path once clicks exist: a promoted SASRec scorer
         promoted = retrain_once(engine, bundle.version, tmp_path, RetrainConfig(epochs=20), CPU, False)
         assert promoted["promoted"]
@@ -66,15 +92,19 @@ def test_new_item_enters_a_similar_users_top_k(settings, smollm_folder, llm_cach
     state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, tmp_path / "index")
     assert state.version.startswith(scorer)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, state, poll_s=0.2), port=port,
-                                           log_level="warning"))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, state, poll_s=0.2), port=port, log_level="warning")
+    )
     # No refinement passes: this test is about the first estimate reaching users through the
     # whole pipeline; refinement is covered in test_updater.py. With passes, whether the
     # short window between estimate and refined vector is observed depends on CPU load.
     worker = UpdateWorker(engine, bundle, llm, tok, CPU, WorkerConfig(batch=4, refine_epochs=0))
     items_loop = ConsumeLoop(ItemsHandler(settings), engine, settings)
-    threads = [threading.Thread(target=server.run), threading.Thread(target=worker.run),
-               threading.Thread(target=items_loop.run)]  # fmt: skip
+    threads = [
+        threading.Thread(target=server.run),
+        threading.Thread(target=worker.run),
+        threading.Thread(target=items_loop.run),
+    ]
     for t in threads:
         t.start()
     try:
@@ -88,8 +118,7 @@ def test_new_item_enters_a_similar_users_top_k(settings, smollm_folder, llm_cach
                 time.sleep(0.1)
         time.sleep(3)  # the item consumer has joined its group by now
         t0 = time.monotonic()
-        produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [_item(99, "rose lip balm pack 99")],
-                     "item_id")  # fmt: skip
+        produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [_item(99, "rose lip balm pack 99")], "item_id")
         found_after = None
         while time.monotonic() - t0 < 60:
             top = httpx.post(url, json={"user_id": "u1", "k": 5}).json()["items"]

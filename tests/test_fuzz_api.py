@@ -13,14 +13,13 @@ from hypothesis import settings
 
 from scorer.app import MAX_HISTORY, create_app
 from scorer.state import ServingState
-from tests.test_scorer import _users
-from tests.test_updater import aligned  # noqa: F401 - fixture
+from tests.support.catalogue import add_users
 
 
 @pytest.fixture
-def app(aligned):  # noqa: F811
+def app(aligned):
     engine, bundle, _llm, _tok, data = aligned
-    _users(engine)
+    add_users(engine)
     state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, data / "index")
     return create_app(engine, state)
 
@@ -40,8 +39,10 @@ def test_generated_requests_never_get_a_5xx(case):
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         assert response.json().get("detail"), "a rejection says why"
-    case.validate_response(response, checks=[schemathesis.checks.not_a_server_error,
-                                             schemathesis.checks.response_schema_conformance])  # fmt: skip
+    case.validate_response(
+        response,
+        checks=[schemathesis.checks.not_a_server_error, schemathesis.checks.response_schema_conformance],
+    )
 
 
 def test_maximal_request_is_answered_fast(app):
@@ -53,7 +54,10 @@ def test_maximal_request_is_answered_fast(app):
             r = c.post("/recommend", json=body)
             took.append(time.perf_counter() - t0)
             assert r.status_code == 200
-        over = c.post("/recommend", content=b'{"history": [' + b'"x",' * 100_000 + b'"x"]}',
-                      headers={"content-type": "application/json"})  # fmt: skip
+        over = c.post(
+            "/recommend",
+            content=b'{"history": [' + b'"x",' * 100_000 + b'"x"]}',
+            headers={"content-type": "application/json"},
+        )
     assert over.status_code == 413 and over.json()["detail"], "bodies are size-limited"
     assert sorted(took)[len(took) // 2] < 0.25, f"median {sorted(took)[10]:.3f}s for a maximal request"

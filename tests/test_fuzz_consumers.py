@@ -18,37 +18,65 @@ from hypothesis import strategies as st
 from consumers.interactions import InteractionsHandler
 from consumers.items import ItemsHandler
 from consumers.runner import ConsumeLoop
+from core.catalogue import count_rows
+from core.db import make_engine
+from core.events import TOPIC_INTERACTIONS, TOPIC_ITEMS, Invalid, parse_interaction, parse_item
+from core.settings import Settings
+from core.tables import interactions, items
 from said.broker import EmbeddedBroker, ensure_topics, free_port
-from said.catalogue import count_rows
-from said.db import make_engine
-from said.events import TOPIC_INTERACTIONS, TOPIC_ITEMS, Invalid, parse_interaction, parse_item
 from said.migrate import upgrade
-from said.settings import Settings
-from said.tables import interactions, items
-from tests.kafka_util import produce_raw, read_topic
+from tests.support.kafka_util import produce_raw, read_topic
 
 MAX_BYTES = 64_000
 # all of unicode, lone surrogates (which JSON escapes can carry) included
 ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=60)
-JSON_LEAF = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | ANY_TEXT
-             | st.integers(min_value=10**300, max_value=10**320))  # fmt: skip
-JSON = st.recursive(JSON_LEAF, lambda kids: st.lists(kids, max_size=4)
-                    | st.dictionaries(ANY_TEXT, kids, max_size=4), max_leaves=30)  # fmt: skip
-TIMES = st.sampled_from(["2026-01-01T00:00:00Z", "0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00",
-                         "2026-13-01T00:00:00Z", "2026-01-01T00:00:00", "yesterday", ""])  # fmt: skip
+JSON_LEAF = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True)
+    | ANY_TEXT
+    | st.integers(min_value=10**300, max_value=10**320)
+)
+JSON = st.recursive(
+    JSON_LEAF,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(ANY_TEXT, kids, max_size=4),
+    max_leaves=30,
+)
+TIMES = st.sampled_from(
+    [
+        "2026-01-01T00:00:00Z",
+        "0001-01-01T00:00:00+14:00",
+        "9999-12-31T23:59:59-14:00",
+        "2026-13-01T00:00:00Z",
+        "2026-01-01T00:00:00",
+        "yesterday",
+        "",
+    ]
+)
 
 
 def _field(good: st.SearchStrategy) -> st.SearchStrategy:
     return st.one_of(good, good, JSON, st.just(None))
 
 
-ITEM = st.fixed_dictionaries({"item_id": _field(st.sampled_from(["a", "b", "c"])),
-                              "title": _field(ANY_TEXT), "event_time": _field(TIMES)},
-                             optional={"description": _field(ANY_TEXT), "advertiser_id": JSON})
-CLICK = st.fixed_dictionaries({"event_id": _field(ANY_TEXT), "user_id": _field(ANY_TEXT),
-                               "item_id": _field(st.sampled_from(["a", "b", "zz"])),
-                               "type": _field(st.sampled_from(["click", "view", "conversion"])),
-                               "event_time": _field(TIMES)})  # fmt: skip
+ITEM = st.fixed_dictionaries(
+    {
+        "item_id": _field(st.sampled_from(["a", "b", "c"])),
+        "title": _field(ANY_TEXT),
+        "event_time": _field(TIMES),
+    },
+    optional={"description": _field(ANY_TEXT), "advertiser_id": JSON},
+)
+CLICK = st.fixed_dictionaries(
+    {
+        "event_id": _field(ANY_TEXT),
+        "user_id": _field(ANY_TEXT),
+        "item_id": _field(st.sampled_from(["a", "b", "zz"])),
+        "type": _field(st.sampled_from(["click", "view", "conversion"])),
+        "event_time": _field(TIMES),
+    }
+)
 
 
 def _encode(obj) -> bytes:
@@ -59,8 +87,12 @@ def _deep(depth: int) -> bytes:
     return b"[" * depth + b"]" * depth
 
 
-RAW = st.one_of(st.binary(max_size=300), st.builds(_deep, st.integers(1, 200_000)),
-                st.just(None), st.just(b'{"title": "' + b"x" * MAX_BYTES + b'"}'))  # fmt: skip
+RAW = st.one_of(
+    st.binary(max_size=300),
+    st.builds(_deep, st.integers(1, 200_000)),
+    st.just(None),
+    st.just(b'{"title": "' + b"x" * MAX_BYTES + b'"}'),
+)
 
 
 def _clean(event) -> None:
@@ -102,8 +134,13 @@ def test_every_message_ends_in_the_catalogue_or_the_dlq(item_msgs, click_msgs):
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(free_port()) as broker:
         url = f"sqlite:///{tmp}/fuzz.db"
         upgrade(url)
-        cfg = Settings(database_url=url, kafka_bootstrap=broker.bootstrap, session_timeout_ms=2000,
-                       group_id=f"fuzz-{free_port()}", max_message_bytes=MAX_BYTES)  # fmt: skip
+        cfg = Settings(
+            database_url=url,
+            kafka_bootstrap=broker.bootstrap,
+            session_timeout_ms=2000,
+            group_id=f"fuzz-{free_port()}",
+            max_message_bytes=MAX_BYTES,
+        )
         ensure_topics(cfg.kafka_config())
         produce_raw(broker.bootstrap, TOPIC_ITEMS, [(b"k", m) for m in item_msgs])
         produce_raw(broker.bootstrap, TOPIC_INTERACTIONS, [(b"k", m) for m in click_msgs])

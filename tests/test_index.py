@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from updater.index import CorruptSnapshot, ItemIndex, latest_snapshot
+from scorer.index import CorruptSnapshot, ItemIndex, latest_snapshot
 
 
 def _vecs(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:

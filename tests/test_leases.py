@@ -7,18 +7,17 @@ from datetime import UTC, datetime
 
 from sqlalchemy import select
 
-from said.catalogue import upsert_items
-from said.db import make_engine
-from said.events import ItemEvent
-from said.tables import alignment_jobs, items
+from core.catalogue import upsert_items
+from core.db import make_engine
+from core.events import ItemEvent
+from core.tables import alignment_jobs, items
 from updater.leases import complete_jobs, lease_jobs, pending_count
 
 
 def _add_items(engine, n: int, title: str = "Item") -> None:
     now = datetime.now(UTC)
     with engine.begin() as conn:
-        upsert_items(conn, [ItemEvent(f"i{i}", f"{title} {i}", None, None, now)
-                            for i in range(n)], now)  # fmt: skip
+        upsert_items(conn, [ItemEvent(f"i{i}", f"{title} {i}", None, None, now) for i in range(n)], now)
 
 
 def test_concurrent_workers_lease_disjoint_sets_and_finish_everything(db_url):

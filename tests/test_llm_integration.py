@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.data import load_dataset
+from core.dataset import load_dataset
+from models.aligner import AlignerConfig, ItemAligner, Prefix, tokenize_texts
 from models.llm import load_llm, resolve_llm_folder
-from models.said import AlignerConfig, ItemAligner, Prefix, tokenize_texts
 from training.align import AlignConfig, fidelity, train_full
 
 BEAUTY = Path(__file__).resolve().parents[2] / "shared/data/amazon-beauty"
@@ -43,13 +43,30 @@ def test_alignment_on_real_titles_beats_random_table(smollm):
     idx = list(range(1, len(titles) + 1))
     torch.manual_seed(0)
     aligner = ItemAligner(AlignerConfig(n_items=len(titles), hidden=llm.config.hidden_size, k=2))
-    random_table = fidelity(aligner.soft_tokens, llm, prefix, tokens, idx, CPU,
-                            tok.pad_token_id, tok.eos_token_id, reconstruct=False)  # fmt: skip
+    random_table = fidelity(
+        aligner.soft_tokens,
+        llm,
+        prefix,
+        tokens,
+        idx,
+        CPU,
+        tok.pad_token_id,
+        tok.eos_token_id,
+        reconstruct=False,
+    )
     cfg = AlignConfig(epochs=6, batch_size=16, lr_rows=0.2, lr_proj=1e-2)
-    history = train_full(aligner, llm, prefix, tokens, idx, cfg, CPU, tok.pad_token_id,
-                         progress=False)  # fmt: skip
-    aligned = fidelity(aligner.soft_tokens, llm, prefix, tokens, idx, CPU,
-                       tok.pad_token_id, tok.eos_token_id, reconstruct=False)  # fmt: skip
-    assert history[-1] < history[0] * 0.8, history
+    history = train_full(aligner, llm, prefix, tokens, idx, cfg, CPU, tok.pad_token_id, progress=False)
+    aligned = fidelity(
+        aligner.soft_tokens,
+        llm,
+        prefix,
+        tokens,
+        idx,
+        CPU,
+        tok.pad_token_id,
+        tok.eos_token_id,
+        reconstruct=False,
+    )
+    assert history[-1]["loss"] < history[0]["loss"] * 0.8, history
     assert aligned["mean_loss"] < random_table["mean_loss"] - 0.5
     assert aligned["mean_token_accuracy"] > random_table["mean_token_accuracy"]

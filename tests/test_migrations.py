@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import command
 from sqlalchemy import inspect
 
-from said.db import make_engine
+from core.db import make_engine
 from said.migrate import alembic_config, upgrade
 
 
@@ -21,7 +21,7 @@ def test_upgrade_is_idempotent_and_downgrade_drops_everything(db_url):
 
 
 def test_settings_redact_secrets():
-    from said.settings import Settings
+    from core.settings import Settings
 
     s = Settings(database_url="postgresql+psycopg://u:hunter2@h/db", kafka_sasl_password="s3cret")
     shown = str(s.redacted())

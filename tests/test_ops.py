@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-import said.metrics  # noqa: F401 - registers the metrics
+import core.metrics  # noqa: F401 - registers the metrics
 import scorer.app  # noqa: F401 - registers the scorer metrics
 
 OPS = Path(__file__).resolve().parents[1] / "ops"
@@ -30,11 +30,9 @@ def _promtool() -> str:
 
 def test_alert_rules_unit_tests_pass():
     tool = _promtool()
-    check = subprocess.run([tool, "check", "rules", "alerts.yml"], cwd=OPS, capture_output=True,
-                           text=True)  # fmt: skip
+    check = subprocess.run([tool, "check", "rules", "alerts.yml"], cwd=OPS, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    run = subprocess.run([tool, "test", "rules", "alerts_test.yml"], cwd=OPS, capture_output=True,
-                         text=True)  # fmt: skip
+    run = subprocess.run([tool, "test", "rules", "alerts_test.yml"], cwd=OPS, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
 
 
@@ -48,8 +46,10 @@ def _exported_names() -> set[str]:
 
 def test_dashboard_and_alerts_reference_only_exported_metrics():
     exported = _exported_names()
-    texts = [json.dumps(json.loads((OPS / "grafana-dashboard.json").read_text())),
-             (OPS / "alerts.yml").read_text()]  # fmt: skip
+    texts = [
+        json.dumps(json.loads((OPS / "grafana-dashboard.json").read_text())),
+        (OPS / "alerts.yml").read_text(),
+    ]
     used = set()
     for text in texts:
         used |= set(re.findall(r"\bsaid_[a-z_]+", text))

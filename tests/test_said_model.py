@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.said import (
+from models.aligner import (
     AlignerConfig,
     FreshRows,
     ItemAligner,
@@ -17,11 +17,19 @@ from models.said import (
     pad_batch,
     tokenize_texts,
 )
-from tests.tiny import CharTokenizer, tiny_llm
+from tests.support.tiny import CharTokenizer, tiny_llm
 from training.align import AlignConfig, fidelity, refine_fresh, train_full
 
-TITLES = ["rose lip balm", "argan oil shampoo 250ml", "matte lipstick red", "nail file",
-          "vitamin c serum", "eye shadow palette nude", "hair clip", "sun cream spf 50"]  # fmt: skip
+TITLES = [
+    "rose lip balm",
+    "argan oil shampoo 250ml",
+    "matte lipstick red",
+    "nail file",
+    "vitamin c serum",
+    "eye shadow palette nude",
+    "hair clip",
+    "sun cream spf 50",
+]
 CPU = torch.device("cpu")
 
 
@@ -65,7 +73,7 @@ def test_full_alignment_lowers_loss_and_resumes_from_checkpoint(tmp_path):
     cfg = AlignConfig(epochs=4, batch_size=4, lr_rows=0.1, lr_proj=1e-2, checkpoint_every_s=0)
     ckpt = tmp_path / "align.pt"
     hist = train_full(aligner, llm, prefix, tokens, idx, cfg, CPU, 2, ckpt, progress=False)
-    assert hist[-1] < hist[0]
+    assert hist[-1]["loss"] < hist[0]["loss"]
     # a rerun with more epochs resumes at epoch 4, not from scratch
     resumed = ItemAligner(aligner.cfg)
     cfg.epochs = 5
@@ -82,7 +90,7 @@ def test_fresh_rows_leave_old_rows_and_projector_bit_identical():
     fresh = FreshRows(aligner.projector, torch.randn(3, 16))
     start = fresh.rows.detach().clone()
     hist = refine_fresh(fresh, llm, prefix, tokens[:3], CPU, 2, epochs=5, batch_size=2, lr=0.1)
-    assert hist[-1] < hist[0]
+    assert hist[-1]["loss"] < hist[0]["loss"]
     assert not torch.equal(fresh.rows, start), "fresh rows were trained"
     assert torch.equal(aligner.items.weight, before_rows)
     for key, value in aligner.projector.state_dict().items():

@@ -11,26 +11,25 @@ from sqlalchemy import func, select
 
 from consumers.interactions import InteractionsHandler
 from consumers.runner import ConsumeLoop
-from said.catalogue import count_rows
-from said.db import make_engine
-from said.events import TOPIC_INTERACTIONS
-from said.tables import interactions, item_embeddings
-from tests.kafka_util import produce_json
-from tests.test_consumers import _click
-from tests.test_faults import _load_items
-from tests.test_updater import _add, aligned  # noqa: F401 - fixture
+from core.catalogue import count_rows
+from core.db import make_engine
+from core.events import TOPIC_INTERACTIONS
+from core.tables import interactions, item_embeddings
+from tests.support.catalogue import add_items
+from tests.support.kafka_util import click_event, load_items, produce_json
 from updater.leases import pending_count
 from updater.worker import UpdateWorker, WorkerConfig
 
 
 def test_two_consumers_in_one_group_split_the_partitions(settings):
-    _load_items(settings, 50)
-    events = [_click(e, e % 50, user=f"u{e % 101}") for e in range(8000)]
-    loops = [ConsumeLoop(InteractionsHandler(settings), make_engine(settings.database_url),
-                         settings) for _ in range(2)]  # fmt: skip
+    load_items(settings, 50)
+    events = [click_event(e, e % 50, user=f"u{e % 101}") for e in range(8000)]
+    loops = [
+        ConsumeLoop(InteractionsHandler(settings), make_engine(settings.database_url), settings)
+        for _ in range(2)
+    ]
     results: dict[int, object] = {}
-    threads = [threading.Thread(target=lambda n=n: results.setdefault(n, loops[n].run()))
-               for n in range(2)]  # fmt: skip
+    threads = [threading.Thread(target=lambda n=n: results.setdefault(n, loops[n].run())) for n in range(2)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30  # produce only once both members own partitions
@@ -55,11 +54,13 @@ def test_two_consumers_in_one_group_split_the_partitions(settings):
         assert count_rows(conn, interactions) == 8000
 
 
-def test_two_workers_split_fresh_items_without_overlap(aligned):  # noqa: F811
+def test_two_workers_split_fresh_items_without_overlap(aligned):
     engine, bundle, llm, tok, data = aligned
-    _add(engine, 24, 16)
-    workers = [UpdateWorker(engine, bundle, llm, tok, torch.device("cpu"),
-                            WorkerConfig(batch=2, refine_epochs=1)) for _ in range(2)]  # fmt: skip
+    add_items(engine, 24, 16)
+    workers = [
+        UpdateWorker(engine, bundle, llm, tok, torch.device("cpu"), WorkerConfig(batch=2, refine_epochs=1))
+        for _ in range(2)
+    ]
     threads = [threading.Thread(target=w.run, kwargs={"idle_exit": 0.5}) for w in workers]
     for t in threads:
         t.start()
@@ -69,6 +70,11 @@ def test_two_workers_split_fresh_items_without_overlap(aligned):  # noqa: F811
     assert sum(done) == 16 and all(d > 0 for d in done), done
     with engine.connect() as conn:
         assert pending_count(conn) == 0
-        per_item = conn.execute(select(func.count()).select_from(item_embeddings)
-                                .group_by(item_embeddings.c.item_idx)).scalars().all()  # fmt: skip
+        per_item = (
+            conn.execute(
+                select(func.count()).select_from(item_embeddings).group_by(item_embeddings.c.item_idx)
+            )
+            .scalars()
+            .all()
+        )
     assert len(per_item) == 40 and set(per_item) == {1}

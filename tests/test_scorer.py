@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -13,36 +12,14 @@ import torch
 import uvicorn
 from fastapi.testclient import TestClient
 
+from core.versions import activate, active_version
 from said.broker import free_port
-from said.catalogue import insert_interactions
-from said.events import InteractionEvent
 from scorer.app import create_app
 from scorer.state import ServingState
-from tests.test_updater import aligned  # noqa: F401 - fixture
 from updater import retrain
-from updater.retrain import RetrainConfig, activate, active_scorer, is_due, retrain_once
+from updater.retrain import RetrainConfig, is_due, retrain_once
 
 CPU = torch.device("cpu")
-
-
-def _users(engine, n_users: int = 30) -> None:
-    """Users who click items of one product kind (item i has kind i % 8) in a row."""
-    t0 = datetime(2026, 1, 1, tzinfo=UTC)
-    evs, ids = [], {f"i{i}": i + 1 for i in range(24)}
-    for u in range(n_users):
-        for step, i in enumerate(range(u % 8, 24, 8)):
-            evs.append(InteractionEvent(f"u{u}-{step}", f"u{u}", f"i{i}", "click",
-                                        t0 + timedelta(minutes=step)))  # fmt: skip
-    with engine.begin() as conn:
-        insert_interactions(conn, evs, ids)
-
-
-@pytest.fixture
-def served(aligned):  # noqa: F811
-    engine, bundle, _llm, _tok, data = aligned
-    _users(engine)
-    return engine, bundle, data, ServingState(engine, bundle.version, bundle.aligner.cfg.hidden,
-                                              data / "index")  # fmt: skip
 
 
 @pytest.fixture
@@ -67,9 +44,15 @@ def test_recommend_by_history_and_by_user(client):
 
 @pytest.mark.parametrize(
     "body",
-    [{}, {"user_id": "u1", "history": ["i0"]}, {"history": ["i0"], "k": 0},
-     {"history": ["i0"], "k": 1000}, {"history": ["x"] * 201}, {"history": "i0"}],
-)  # fmt: skip
+    [
+        {},
+        {"user_id": "u1", "history": ["i0"]},
+        {"history": ["i0"], "k": 0},
+        {"history": ["i0"], "k": 1000},
+        {"history": ["x"] * 201},
+        {"history": "i0"},
+    ],
+)
 def test_invalid_bodies_get_4xx_with_a_reason(client, body):
     r = client.post("/recommend", json=body)
     assert r.status_code == 422 and r.json()["detail"]
@@ -90,8 +73,7 @@ def test_a_token_protects_recommend_but_not_health(served):
     with TestClient(create_app(engine, state, token="s3cret")) as c:
         body = {"history": ["i0"]}
         assert c.post("/recommend", json=body).status_code == 401
-        assert c.post("/recommend", json=body, headers={"Authorization": "Bearer nope"}
-                      ).status_code == 401  # fmt: skip
+        assert c.post("/recommend", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
         ok = c.post("/recommend", json=body, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and c.get("/healthz").status_code == 200
 
@@ -109,7 +91,7 @@ def test_retraining_is_event_driven_and_promotes_only_if_not_worse(served, monke
     cfg = RetrainConfig(min_new_interactions=50, min_new_items=5, epochs=3)
     assert is_due(engine, cfg), "no scorer yet and interactions exist"
     first = retrain_once(engine, bundle.version, data, cfg, CPU, progress=False)
-    assert first["promoted"] and active_scorer(engine)[0] == first["version"]
+    assert first["promoted"] and active_version(engine, "scorer")[0] == first["version"]
     assert first["val_ndcg@10"] > 0
     assert not is_due(engine, cfg), "nothing new since the last attempt"
     state.refresh()
@@ -127,18 +109,20 @@ def test_retraining_is_event_driven_and_promotes_only_if_not_worse(served, monke
     second = retrain_once(engine, bundle.version, data, cfg, CPU, progress=False)
     assert not second["promoted"] and second["val_ndcg@10"] < first["val_ndcg@10"]
     assert second["warm_start"] == first["version"]
-    assert active_scorer(engine)[0] == first["version"], "a worse candidate is not promoted"
+    assert active_version(engine, "scorer")[0] == first["version"], "a worse candidate is not promoted"
 
 
 @pytest.mark.slow
 def test_no_failed_request_while_versions_swap_under_load(served):
     engine, bundle, data, state = served
     cfg = RetrainConfig(epochs=2)
-    versions = [retrain_once(engine, bundle.version, data, cfg, CPU, progress=False)["version"]
-                for _ in range(2)]  # fmt: skip
+    versions = [
+        retrain_once(engine, bundle.version, data, cfg, CPU, progress=False)["version"] for _ in range(2)
+    ]
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, state, poll_s=0.05), port=port,
-                                           log_level="warning"))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, state, poll_s=0.05), port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run)
     thread.start()
     statuses, seen_versions, stop = [], set(), threading.Event()
@@ -158,7 +142,7 @@ def test_no_failed_request_while_versions_swap_under_load(served):
         c.start()
     try:
         for n in range(8):  # roll back and forth between the two versions
-            activate(engine, versions[n % 2])
+            activate(engine, "scorer", versions[n % 2])
             time.sleep(0.4)
     finally:
         stop.set()

@@ -12,10 +12,8 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from said.settings import Settings
+from core.settings import Settings
 from scorer.app import MAX_BODY_BYTES, create_app
-from tests.test_scorer import served  # noqa: F401 - fixture
-from tests.test_updater import aligned  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,8 +22,12 @@ def test_secrets_have_no_default_and_print_redacted():
     secret_fields = [n for n, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)]
     assert set(secret_fields) >= {"kafka_sasl_password", "api_token", "kafka_ssl_key_password"}
     assert all(Settings.model_fields[n].default is None for n in secret_fields)
-    s = Settings(database_url="postgresql+psycopg://u:hunter2@h/db?sslmode=verify-full",
-                 kafka_sasl_password="s3cret", api_token="t0ken", kafka_ssl_key_password="k3y")  # fmt: skip
+    s = Settings(
+        database_url="postgresql+psycopg://u:hunter2@h/db?sslmode=verify-full",
+        kafka_sasl_password="s3cret",
+        api_token="t0ken",
+        kafka_ssl_key_password="k3y",
+    )
     shown = str(s.redacted())
     assert not {"hunter2", "s3cret", "t0ken", "k3y"} & set(re.findall(r"\w+", shown))
     assert "sslmode=verify-full" in shown, "database TLS options pass through in the URL"
@@ -33,23 +35,43 @@ def test_secrets_have_no_default_and_print_redacted():
 
 
 def test_kafka_sasl_and_tls_settings_pass_through():
-    s = Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512",
-                 kafka_sasl_username="said", kafka_sasl_password="pw", kafka_ssl_ca_location="/ca.pem",
-                 kafka_ssl_certificate_location="/c.pem", kafka_ssl_key_location="/k.pem",
-                 kafka_ssl_key_password="kp")  # fmt: skip
+    s = Settings(
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="SCRAM-SHA-512",
+        kafka_sasl_username="said",
+        kafka_sasl_password="pw",
+        kafka_ssl_ca_location="/ca.pem",
+        kafka_ssl_certificate_location="/c.pem",
+        kafka_ssl_key_location="/k.pem",
+        kafka_ssl_key_password="kp",
+    )
     assert s.kafka_config() == {
-        "bootstrap.servers": "127.0.0.1:9092", "security.protocol": "SASL_SSL",
-        "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "said", "sasl.password": "pw",
-        "ssl.ca.location": "/ca.pem", "ssl.certificate.location": "/c.pem",
-        "ssl.key.location": "/k.pem", "ssl.key.password": "kp",
-    }  # fmt: skip
+        "bootstrap.servers": "127.0.0.1:9092",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "said",
+        "sasl.password": "pw",
+        "ssl.ca.location": "/ca.pem",
+        "ssl.certificate.location": "/c.pem",
+        "ssl.key.location": "/k.pem",
+        "ssl.key.password": "kp",
+    }
 
 
 def test_a_debug_log_of_a_command_shows_no_secret(tmp_path):
-    env = os.environ | {"SAID_DATABASE_URL": f"sqlite:///{tmp_path}/s.db", "SAID_LOG_LEVEL": "DEBUG",
-                        "SAID_KAFKA_SASL_PASSWORD": "topsecret1", "SAID_API_TOKEN": "topsecret2"}  # fmt: skip
-    out = subprocess.run([sys.executable, "-m", "said.cli", "db", "upgrade"], env=env,
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    env = os.environ | {
+        "SAID_DATABASE_URL": f"sqlite:///{tmp_path}/s.db",
+        "SAID_LOG_LEVEL": "DEBUG",
+        "SAID_KAFKA_SASL_PASSWORD": "topsecret1",
+        "SAID_API_TOKEN": "topsecret2",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "said.cli", "db", "upgrade"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     logs = out.stdout + out.stderr
     assert "settings:" in logs and "'***'" in logs, "the settings are logged, masked"
     assert "topsecret1" not in logs and "topsecret2" not in logs
@@ -58,16 +80,16 @@ def test_a_debug_log_of_a_command_shows_no_secret(tmp_path):
 def test_no_sql_is_built_from_strings():
     built = re.compile(r"""(execute|exec_driver_sql|text)\(\s*(f["']|["'][^"']*["']\s*(%|\.format|\+))""")
     offenders = []
-    for folder in ("said", "consumers", "updater", "scorer", "training", "models", "migrations"):
+    for folder in ("said", "core", "consumers", "updater", "scorer", "training", "models", "migrations"):
         for path in (ROOT / folder).rglob("*.py"):
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 if built.search(line):
                     offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     # the one exception: CREATE DATABASE of a generated name in the throwaway test cluster
-    assert offenders == [o for o in offenders if o.startswith("said/pgcluster.py")], offenders
+    assert offenders == [o for o in offenders if o.startswith("tests/support/pgcluster.py")], offenders
 
 
-def test_request_bodies_are_size_limited(served):  # noqa: F811
+def test_request_bodies_are_size_limited(served):
     engine, _, _, state = served
     with TestClient(create_app(engine, state)) as c:
         big = b'{"history": [' + b'"x",' * (MAX_BODY_BYTES // 4) + b'"x"]}'

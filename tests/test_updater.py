@@ -20,42 +20,19 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from models.llm import load_llm
-from said.catalogue import load_embeddings, upsert_items
-from said.db import make_engine
-from said.events import ItemEvent
-from said.tables import item_embeddings, items
-from training.align import AlignConfig
-from updater.bundle import AlignerBundle
-from updater.full_align import active_aligner_path, align_catalogue
+from core.catalogue import load_embeddings, upsert_items
+from core.events import ItemEvent
+from core.tables import item_embeddings, items
+from core.versions import active_version
+from models.bundle import AlignerBundle
+from tests.support.catalogue import CPU, add_items
 from updater.leases import pending_count
 from updater.worker import UpdateWorker, WorkerConfig
-
-CPU = torch.device("cpu")
-NAMES = ["rose lip balm", "argan oil shampoo", "matte red lipstick", "nail file set",
-         "vitamin c face serum", "nude eye shadow palette", "hair clips", "sun cream spf 50"]  # fmt: skip
-
-
-def _add(engine, start: int, n: int) -> None:
-    now = datetime.now(UTC)
-    evs = [ItemEvent(f"i{i}", f"{NAMES[i % 8]} no. {i}", None, None, now) for i in range(start, start + n)]
-    with engine.begin() as conn:
-        upsert_items(conn, evs, now)
-
-
-@pytest.fixture
-def aligned(db_url, tiny_hf_folder, tmp_path):
-    engine = make_engine(db_url)
-    _add(engine, 0, 24)
-    llm, tok = load_llm(str(tiny_hf_folder), tmp_path, CPU)
-    bundle = align_catalogue(engine, llm, tok, CPU, tmp_path, AlignConfig(epochs=2, batch_size=8),
-                             k=1, item_dim=16, progress=False)  # fmt: skip
-    return engine, bundle, llm, tok, tmp_path
 
 
 def test_full_alignment_activates_a_version_and_embeds_every_item(aligned):
     engine, bundle, *_ = aligned
-    assert active_aligner_path(engine).exists()
+    assert active_version(engine, "aligner")[1].exists()
     with engine.connect() as conn:
         ids, vecs = load_embeddings(conn, bundle.version)
         assert pending_count(conn) == 0
@@ -69,7 +46,7 @@ def test_worker_aligns_fresh_items_without_touching_old_ones(aligned):
     proj = {k: v.clone() for k, v in bundle.aligner.projector.state_dict().items()}
     with engine.connect() as conn:
         _, old_vecs = load_embeddings(conn, bundle.version)
-    _add(engine, 24, 10)
+    add_items(engine, 24, 10)
     worker = UpdateWorker(engine, bundle, llm, tok, CPU, WorkerConfig(batch=4, refine_epochs=3))
     assert worker.run(idle_exit=0.3) == 10
     with engine.connect() as conn:
@@ -87,18 +64,25 @@ def test_worker_aligns_fresh_items_without_touching_old_ones(aligned):
 @pytest.mark.slow
 def test_killed_worker_lease_expires_and_another_finishes(aligned, tiny_hf_folder):
     engine, bundle, llm, tok, data = aligned
-    _add(engine, 24, 6)
+    add_items(engine, 24, 6)
     url = engine.url.render_as_string(hide_password=False)
-    env = os.environ | {"SAID_DATABASE_URL": url, "SAID_DATA_DIR": str(data),
-                        "SAID_LLM": str(tiny_hf_folder), "SAID_DEVICE": "cpu",
-                        "SAID_LOG_LEVEL": "WARNING"}  # fmt: skip
+    env = os.environ | {
+        "SAID_DATABASE_URL": url,
+        "SAID_DATA_DIR": str(data),
+        "SAID_LLM": str(tiny_hf_folder),
+        "SAID_DEVICE": "cpu",
+        "SAID_LOG_LEVEL": "WARNING",
+    }
     cmd = [sys.executable, "-m", "said.cli", "update", "--batch", "6", "--lease-ttl", "3"]
     victim = subprocess.Popen([*cmd, "--refine-epochs", "100000"], env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait until it is inside refinement
         with engine.connect() as conn:
-            kinds = conn.execute(select(item_embeddings.c.kind)
-                                 .where(item_embeddings.c.item_idx > 24)).scalars().all()  # fmt: skip
+            kinds = (
+                conn.execute(select(item_embeddings.c.kind).where(item_embeddings.c.item_idx > 24))
+                .scalars()
+                .all()
+            )
         if len(kinds) == 6:
             break
         assert victim.poll() is None
@@ -107,19 +91,21 @@ def test_killed_worker_lease_expires_and_another_finishes(aligned, tiny_hf_folde
     victim.wait()
     with engine.connect() as conn:
         assert pending_count(conn) == 6, "killed mid-refinement: nothing completed"
-    subprocess.run([*cmd, "--refine-epochs", "2", "--idle-exit", "5"], env=env, check=True,
-                   timeout=180)  # fmt: skip
+    subprocess.run([*cmd, "--refine-epochs", "2", "--idle-exit", "5"], env=env, check=True, timeout=180)
     with engine.connect() as conn:
         assert pending_count(conn) == 0
-        refined = conn.execute(select(item_embeddings.c.kind)
-                               .where(item_embeddings.c.item_idx > 24)).scalars().all()  # fmt: skip
+        refined = (
+            conn.execute(select(item_embeddings.c.kind).where(item_embeddings.c.item_idx > 24))
+            .scalars()
+            .all()
+        )
     assert refined == ["refined"] * 6
-    assert AlignerBundle.load(active_aligner_path(engine), CPU).version == bundle.version
+    assert AlignerBundle.load(active_version(engine, "aligner")[1], CPU).version == bundle.version
 
 
 def test_a_new_item_is_estimated_while_another_batch_refines(aligned):
     engine, bundle, llm, tok, _ = aligned
-    _add(engine, 24, 4)
+    add_items(engine, 24, 4)
     worker = UpdateWorker(engine, bundle, llm, tok, CPU, WorkerConfig(batch=4, refine_epochs=100_000))
     thread = threading.Thread(target=worker.run)
     thread.start()
@@ -128,7 +114,7 @@ def test_a_new_item_is_estimated_while_another_batch_refines(aligned):
         while _kind(engine, 25) != "estimate":  # the first batch is in refinement now
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        _add(engine, 28, 1)
+        add_items(engine, 28, 1)
         t0 = time.monotonic()
         while _kind(engine, 29) != "estimate":
             assert time.monotonic() - t0 < 30, "the new item waited behind the refinement"
@@ -145,14 +131,14 @@ def _kind(engine, idx: int) -> str | None:
 
 
 def test_a_poison_item_is_failed_with_its_reason_and_does_not_block_others(aligned, monkeypatch):
-    from said.tables import alignment_jobs
+    from core.tables import alignment_jobs
     from updater.leases import MAX_ATTEMPTS
 
     engine, bundle, llm, tok, _ = aligned
     now = datetime.now(UTC)
     with engine.begin() as conn:
         upsert_items(conn, [ItemEvent("poison", "\u2028 breaks the tokenizer", None, None, now)], now)
-    _add(engine, 25, 3)
+    add_items(engine, 25, 3)
     worker = UpdateWorker(engine, bundle, llm, tok, CPU, WorkerConfig(batch=1, refine_epochs=1))
     real = worker._refine
 

@@ -7,7 +7,6 @@ epoch), which removes most padding without biasing what an epoch sees.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
@@ -18,8 +17,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.llm import autocast
-from models.said import (
+from core.files import save_torch
+from core.settings import setting
+from models.aligner import (
     FreshRows,
     ItemAligner,
     Prefix,
@@ -27,18 +27,27 @@ from models.said import (
     greedy_reconstruct,
     pad_batch,
 )
+from models.llm import autocast
+from training.optim import RowAdam, batch_scaled_lr, lr_factor, row_optimizer
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class AlignConfig:
-    epochs: int = 20  # passes over all items
-    batch_size: int = 16  # items per step
-    lr_rows: float = 0.2  # item rows get one update per pass, so a large rate
-    lr_proj: float = 1e-2  # projector (shared by all items)
-    seed: int = 0
-    checkpoint_every_s: float = 120.0  # mid-epoch checkpoints, so a kill loses little
+    """Alignment hyper-parameters; each default and its meaning live in ``core.settings``."""
+
+    epochs: int = setting("align_epochs")  # most passes (converged items sit passes out)
+    batch_size: int = setting("align_batch")
+    lr_rows: float = setting("align_lr_rows")  # one update a pass per row, so a large rate
+    lr_proj: float = setting("align_lr_proj")  # at batch 16; scaled by sqrt(batch / 16)
+    row_optimizer: str = setting("align_row_optimizer")  # training.optim.ROW_OPTIMIZERS
+    lr_final: float = setting("align_lr_final")
+    warmup: float = setting("align_warmup")
+    acc_bar: float = setting("align_acc_bar")
+    recheck_every: int = setting("align_recheck_every")
+    seed: int = setting("align_seed")
+    checkpoint_every_s: float = setting("align_checkpoint_every_s")
 
 
 def length_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
@@ -49,25 +58,40 @@ def length_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[
     return batches
 
 
-def _train_step(llm, prefix, soft_fn, keys: torch.Tensor, texts: list[list[int]], pad_id: int,
-                device: torch.device, optimizers: list) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """One teacher-forced step on a batch; returns detached (per-item loss, mean loss)."""
+def _train_step(
+    llm,
+    prefix,
+    soft_fn,
+    keys: torch.Tensor,
+    texts: list[list[int]],
+    pad_id: int,
+    device: torch.device,
+    optimizers: list,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One teacher-forced step on a batch; returns detached (per-item loss, per-item token
+    accuracy), both measured before the update."""
     text = pad_batch(texts, pad_id).to(device)
     with autocast(device):
-        per_item, _, loss = alignment_loss(llm, prefix, soft_fn(keys), text)
+        per_item, acc, loss = alignment_loss(llm, prefix, soft_fn(keys), text)
     for opt in optimizers:
         opt.zero_grad()
     loss.backward()
     for opt in optimizers:
         opt.step()
-    return per_item.detach(), loss.detach()
+    return per_item.detach(), acc.detach()
 
 
-def save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def _pass_members(state: dict, n: int, cfg: AlignConfig) -> list[int]:
+    """Positions trained in this pass: the unconverged ones, or all of them on a re-check
+    pass (every ``recheck_every`` passes, and whenever all had converged)."""
+    active = [i for i in range(n) if not state["converged"][i]]
+    recheck = (state["epoch"] + 1) % cfg.recheck_every == 0
+    return list(range(n)) if recheck or not active else active
 
 
 def train_full(
@@ -81,15 +105,31 @@ def train_full(
     pad_id: int,
     checkpoint: Path | None = None,
     progress: bool = True,
-) -> list[float]:
-    """Train rows and projector on (item_idx[i], tokens[i]); returns mean loss per epoch.
+) -> list[dict]:
+    """Train rows and projector on (item_idx[i], tokens[i]); returns one record per pass:
+    mean loss and token accuracy of the items it trained, how many, and seconds.
+
+    Per-item convergence: an item whose teacher-forced token accuracy (read in its training
+    step, before the update) reaches ``acc_bar`` sits the next passes out, and is trained
+    and re-checked on every ``recheck_every``-th pass, since the shared projector moves.
+    The run ends early after a re-check pass in which every item met the bar.
 
     With ``checkpoint``, state is saved atomically every ``checkpoint_every_s`` and at each
-    epoch end, and a rerun resumes at the exact batch where the last save stopped.
+    pass end, and a rerun resumes at the exact batch where the last save stopped.
     """
-    opt_rows = torch.optim.SparseAdam(list(aligner.items.parameters()), lr=cfg.lr_rows)
-    opt_proj = torch.optim.Adam(aligner.projector.parameters(), lr=cfg.lr_proj)
-    state = {"epoch": 0, "batch": 0, "history": [], "running": [0.0, 0]}
+    opt_rows = row_optimizer(cfg.row_optimizer, list(aligner.items.parameters()), cfg.lr_rows)
+    lr_proj = batch_scaled_lr(cfg.lr_proj, cfg.batch_size)
+    opt_proj = torch.optim.Adam(aligner.projector.parameters(), lr=lr_proj)
+    n = len(tokens)
+    state = {
+        "epoch": 0,
+        "batch": 0,
+        "history": [],
+        "running": [0.0, 0.0, 0, 0.0],
+        "converged": [False] * n,
+        "members": None,
+        "done": False,
+    }
     if checkpoint and checkpoint.exists():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
         aligner.load_state_dict(saved["aligner"])
@@ -100,34 +140,89 @@ def train_full(
 
     def save() -> None:
         if checkpoint:
-            save_atomic({"aligner": aligner.state_dict(), "opt_rows": opt_rows.state_dict(),
-                          "opt_proj": opt_proj.state_dict(), "state": state,
-                          "config": asdict(cfg)}, checkpoint)  # fmt: skip
+            save_torch(
+                {
+                    "aligner": aligner.state_dict(),
+                    "opt_rows": opt_rows.state_dict(),
+                    "opt_proj": opt_proj.state_dict(),
+                    "state": state,
+                    "config": asdict(cfg),
+                },
+                checkpoint,
+            )
 
     lengths = [len(t) for t in tokens]
     last_save = time.monotonic()
-    while state["epoch"] < cfg.epochs:
-        batches = length_batches(lengths, cfg.batch_size, cfg.seed * 100_003 + state["epoch"])
-        bar = tqdm(batches, desc=f"align epoch {state['epoch'] + 1}/{cfg.epochs}",
-                   initial=state["batch"], total=len(batches), disable=not progress)  # fmt: skip
+    while state["epoch"] < cfg.epochs and not state["done"]:
+        if state["members"] is None:
+            state["members"] = _pass_members(state, n, cfg)
+        members = state["members"]
+        batches = length_batches(
+            [lengths[i] for i in members], cfg.batch_size, cfg.seed * 100_003 + state["epoch"]
+        )
+        bar = tqdm(
+            batches,
+            desc=f"align pass {state['epoch'] + 1}/{cfg.epochs}",
+            initial=state["batch"],
+            total=len(batches),
+            disable=not progress,
+        )
+        started = time.monotonic()
         for b in batches[state["batch"] :]:
-            idx = torch.tensor([item_idx[i] for i in b], device=device)
-            _, loss = _train_step(llm, prefix, aligner.soft_tokens, idx, [tokens[i] for i in b],
-                                  pad_id, device, [opt_rows, opt_proj])  # fmt: skip
+            pos = [members[j] for j in b]
+            frac = (state["epoch"] + state["batch"] / len(batches)) / cfg.epochs
+            _set_lr(opt_rows, cfg.lr_rows * lr_factor(frac, 0.0, cfg.lr_final))
+            _set_lr(opt_proj, lr_proj * lr_factor(frac, cfg.warmup, cfg.lr_final))
+            idx = torch.tensor([item_idx[i] for i in pos], device=device)
+            per_item, acc = _train_step(
+                llm,
+                prefix,
+                aligner.soft_tokens,
+                idx,
+                [tokens[i] for i in pos],
+                pad_id,
+                device,
+                [opt_rows, opt_proj],
+            )
+            for i, a in zip(pos, acc.tolist(), strict=True):
+                state["converged"][i] = a >= cfg.acc_bar
+            run = state["running"]
+            run[0] += per_item.sum().item()
+            run[1] += acc.sum().item()
+            run[2] += len(pos)
             state["batch"] += 1
-            state["running"][0] += loss.item() * len(b)
-            state["running"][1] += len(b)
             bar.update(1)
-            bar.set_postfix(loss=f"{state['running'][0] / state['running'][1]:.3f}")
+            bar.set_postfix(loss=f"{run[0] / run[2]:.3f}", acc=f"{run[1] / run[2]:.3f}")
             if time.monotonic() - last_save > cfg.checkpoint_every_s:
+                run[3] += time.monotonic() - started
+                started = time.monotonic()
                 save()
                 last_save = time.monotonic()
         bar.close()
-        state["history"].append(state["running"][0] / max(1, state["running"][1]))
-        log.info("align epoch %d/%d: mean loss %.4f", state["epoch"] + 1, cfg.epochs,
-                 state["history"][-1])  # fmt: skip
-        state.update(epoch=state["epoch"] + 1, batch=0, running=[0.0, 0])
+        run = state["running"]
+        record = {
+            "pass": state["epoch"] + 1,
+            "loss": run[0] / max(1, run[2]),
+            "token_accuracy": run[1] / max(1, run[2]),
+            "trained": run[2],
+            "seconds": run[3] + time.monotonic() - started,
+        }
+        state["history"].append(record)
+        log.info(
+            "align pass %d/%d: %d items trained, loss %.4f, token accuracy %.4f, %.0fs",
+            record["pass"],
+            cfg.epochs,
+            record["trained"],
+            record["loss"],
+            record["token_accuracy"],
+            record["seconds"],
+        )
+        everyone = len(members) == n
+        done = everyone and all(state["converged"])
+        state.update(epoch=state["epoch"] + 1, batch=0, running=[0.0, 0.0, 0, 0.0], members=None, done=done)
         save()
+        if done:
+            log.info("every item reached token accuracy %.2f: alignment done", cfg.acc_bar)
     return state["history"]
 
 
@@ -141,31 +236,46 @@ def refine_fresh(
     epochs: int,
     batch_size: int = 16,
     lr: float = 0.2,
-    target_loss: float | None = None,
+    target_accuracy: float | None = None,
     progress: bool = False,
     after_epoch: Callable[[], object] | None = None,
-) -> list[float]:
-    """Train only the fresh rows (projector frozen); mean loss after each epoch.
+) -> list[dict]:
+    """Train only the fresh rows (projector frozen); one record per pass (mean loss and
+    token accuracy of the items it trained, and how many).
 
-    Stops early once the epoch mean loss reaches ``target_loss``. ``after_epoch`` runs
-    between passes (the worker gives newly arrived items their estimate there).
+    An item whose token accuracy reaches ``target_accuracy`` (the catalogue's bar) leaves
+    the refinement; it ends when every item has, or after ``epochs`` passes. ``after_epoch``
+    runs between passes (the worker gives newly arrived items their estimate there).
     """
-    opt = torch.optim.Adam([fresh.rows], lr=lr)
+    opt = RowAdam([fresh.rows], lr=lr)
     lengths = [len(t) for t in tokens]
+    done = [False] * len(tokens)
     history = []
     for epoch in tqdm(range(epochs), desc="refine fresh", disable=not progress):
-        total, n = 0.0, 0
-        for b in length_batches(lengths, batch_size, epoch):
-            local = torch.tensor(b, device=device)
-            per_item, _ = _train_step(llm, prefix, fresh.soft_tokens, local, [tokens[i] for i in b],
-                                      pad_id, device, [opt])  # fmt: skip
-            total += per_item.sum().item()
-            n += len(b)
-        history.append(total / n)
+        members = [i for i, d in enumerate(done) if not d]
+        if not members:
+            break
+        loss_sum, acc_sum = 0.0, 0.0
+        for b in length_batches([lengths[i] for i in members], batch_size, epoch):
+            pos = [members[j] for j in b]
+            local = torch.tensor(pos, device=device)
+            per_item, acc = _train_step(
+                llm, prefix, fresh.soft_tokens, local, [tokens[i] for i in pos], pad_id, device, [opt]
+            )
+            loss_sum += per_item.sum().item()
+            acc_sum += acc.sum().item()
+            for i, a in zip(pos, acc.tolist(), strict=True):
+                done[i] = target_accuracy is not None and a >= target_accuracy
+        history.append(
+            {
+                "pass": epoch + 1,
+                "loss": loss_sum / len(members),
+                "token_accuracy": acc_sum / len(members),
+                "trained": len(members),
+            }
+        )
         if after_epoch is not None:
             after_epoch()
-        if target_loss is not None and history[-1] <= target_loss:
-            break
     return history
 
 

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from models.data import Dataset, load_dataset
+from core.dataset import Dataset, load_dataset
+from core.events import item_text
 from models.sasrec import SASRec, SASRecConfig
 from training.align import AlignConfig
-from training.scorer import ScorerTrainConfig, evaluate, train_scorer
-from training.tables import said_table, text_table
+from training.recommender import ScorerTrainConfig, evaluate, train_scorer
+from training.variants import said_table, text_table
 
 log = logging.getLogger(__name__)
 VARIANTS = ("id", "text", "said")
@@ -93,7 +94,7 @@ def run(
     idx_of = {item_id: i + 1 for i, item_id in enumerate(ds.item_ids)}
     seqs = [[idx_of[i] for i in s] for _, s in ds.sequences]
     n = len(ds.item_ids)
-    texts = [t if not d else f"{t}\n{d}" for t, d in zip(ds.titles, ds.descriptions, strict=True)]
+    texts = [item_text(t, d) for t, d in zip(ds.titles, ds.descriptions, strict=True)]
     art = artifacts / f"{Path(dataset).name}-{dataset_key(ds)}"
     scorer_cfg = scorer_cfg or ScorerTrainConfig()
     llm = tok = None
@@ -103,8 +104,13 @@ def run(
         llm, tok = load_llm(llm_spec, llm_cache, device)
     feats = text_table(llm, tok, texts, device, art / "text.pt", progress) if llm else None
 
-    results: dict = {"dataset": str(dataset), "items": n, "users": len(seqs),
-                     "align": asdict(align_cfg) | {"k": k}, "runs": []}  # fmt: skip
+    results: dict = {
+        "dataset": str(dataset),
+        "items": n,
+        "users": len(seqs),
+        "align": asdict(align_cfg) | {"k": k},
+        "runs": [],
+    }
     protocols = [("standard", set())]
     if cold_fraction:
         protocols.append(("cold", held_out_items(n, cold_fraction, 12345)))
@@ -115,8 +121,9 @@ def run(
             tables["text"] = feats
         if "said" in variants:
             name = f"said-k{k}-{protocol}-s{align_cfg.seed}-e{align_cfg.epochs}.pt"
-            built = said_table(llm, tok, texts, feats, held, align_cfg, k, item_dim, device,
-                               art / name, progress=progress)  # fmt: skip
+            built = said_table(
+                llm, tok, texts, feats, held, align_cfg, k, item_dim, device, art / name, progress=progress
+            )
             tables["said"] = built["vectors"]
             results[f"said_report_{protocol}"] = _summarise_report(built["report"])
         for variant in variants:
@@ -126,8 +133,9 @@ def run(
                 cfg = ScorerTrainConfig(**(asdict(scorer_cfg) | {"seed": seed}))
                 model, info = train_scorer(model, split.train, split.valid, cfg, device, progress)
                 metrics = evaluate(model, *split.test, device)
-                results["runs"].append({"protocol": protocol, "variant": variant, "seed": seed,
-                                        **metrics, **info})  # fmt: skip
+                results["runs"].append(
+                    {"protocol": protocol, "variant": variant, "seed": seed, **metrics, **info}
+                )
                 log.info("%s %s seed %d: %s", protocol, variant, seed, metrics)
                 if results_path:
                     write_results(results | {"summary": summarise(results["runs"])}, results_path)
@@ -164,8 +172,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 def format_table(summary: list[dict]) -> str:
     cols = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20")
-    lines = ["| protocol | variant | " + " | ".join(cols) + " |",
-             "|---|---|" + "---|" * len(cols)]  # fmt: skip
+    lines = ["| protocol | variant | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for r in summary:
         cells = [f"{r[c]:.4f} ± {r[c + '_sd']:.4f}" if c in r else "-" for c in cols]
         lines.append(f"| {r['protocol']} | {r['variant']} | " + " | ".join(cells) + " |")

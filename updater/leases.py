@@ -3,7 +3,7 @@ lease expires so another finishes its items.
 
 PostgreSQL: ``SELECT .. FOR UPDATE SKIP LOCKED`` lets workers lease concurrently without
 waiting on each other. SQLite: the engine begins every transaction with ``BEGIN IMMEDIATE``
-(said.db), so lease transactions are serialised, which is the safe equivalent.
+(core.db), so lease transactions are serialised, which is the safe equivalent.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.engine import Connection
 
-from said.catalogue import utc
-from said.tables import alignment_jobs, items
+from core.catalogue import utc
+from core.events import item_text
+from core.tables import alignment_jobs, items
 
 
 @dataclass(frozen=True)
@@ -30,20 +31,25 @@ class Lease:
 MAX_ATTEMPTS = 5  # an item that failed this often is marked failed, not retried forever
 
 
-def lease_jobs(conn: Connection, owner: str, limit: int, ttl_s: float,
-               held: Collection[int] = ()) -> list[Lease]:  # fmt: skip
+def lease_jobs(
+    conn: Connection, owner: str, limit: int, ttl_s: float, held: Collection[int] = ()
+) -> list[Lease]:
     """Lease up to ``limit`` free or expired jobs for ``owner``; call inside a transaction.
 
     The owner's own live leases count as free: after a step that failed half-way (say,
     the database restarted) the same worker redoes them at once instead of waiting ``ttl_s``.
     """
     now = datetime.now(UTC)
-    free = or_(alignment_jobs.c.lease_expires_at.is_(None), alignment_jobs.c.lease_expires_at < now,
-               alignment_jobs.c.lease_owner == owner)  # fmt: skip
-    query = (select(alignment_jobs.c.item_idx)
-             .where(free, alignment_jobs.c.attempts < MAX_ATTEMPTS,
-                    alignment_jobs.c.item_idx.not_in(list(held)))
-             .order_by(alignment_jobs.c.item_idx))  # fmt: skip
+    free = or_(
+        alignment_jobs.c.lease_expires_at.is_(None),
+        alignment_jobs.c.lease_expires_at < now,
+        alignment_jobs.c.lease_owner == owner,
+    )
+    query = (
+        select(alignment_jobs.c.item_idx)
+        .where(free, alignment_jobs.c.attempts < MAX_ATTEMPTS, alignment_jobs.c.item_idx.not_in(list(held)))
+        .order_by(alignment_jobs.c.item_idx)
+    )
     query = query.limit(limit)
     if conn.dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
@@ -60,14 +66,11 @@ def lease_jobs(conn: Connection, owner: str, limit: int, ttl_s: float,
         )
     )
     rows = conn.execute(
-        select(items.c.idx, items.c.text_hash, items.c.title, items.c.description,
-               items.c.received_at).where(items.c.idx.in_(ids)).order_by(items.c.idx)
-    )  # fmt: skip
-    return [
-        Lease(r.idx, r.text_hash, r.title if not r.description else f"{r.title}\n{r.description}",
-              utc(r.received_at))  # fmt: skip
-        for r in rows
-    ]
+        select(items.c.idx, items.c.text_hash, items.c.title, items.c.description, items.c.received_at)
+        .where(items.c.idx.in_(ids))
+        .order_by(items.c.idx)
+    )
+    return [Lease(r.idx, r.text_hash, item_text(r.title, r.description), utc(r.received_at)) for r in rows]
 
 
 def complete_jobs(conn: Connection, owner: str, leases: list[Lease]) -> int:
@@ -78,13 +81,17 @@ def complete_jobs(conn: Connection, owner: str, leases: list[Lease]) -> int:
     """
     done = 0
     for lease in leases:
-        still_ours = and_(alignment_jobs.c.item_idx == lease.item_idx,
-                          alignment_jobs.c.text_hash == lease.text_hash,
-                          alignment_jobs.c.lease_owner == owner)  # fmt: skip
+        still_ours = and_(
+            alignment_jobs.c.item_idx == lease.item_idx,
+            alignment_jobs.c.text_hash == lease.text_hash,
+            alignment_jobs.c.lease_owner == owner,
+        )
         if conn.execute(delete(alignment_jobs).where(still_ours)).rowcount:
-            conn.execute(update(items).where(items.c.idx == lease.item_idx,
-                                             items.c.text_hash == lease.text_hash)
-                         .values(status="aligned"))  # fmt: skip
+            conn.execute(
+                update(items)
+                .where(items.c.idx == lease.item_idx, items.c.text_hash == lease.text_hash)
+                .values(status="aligned")
+            )
             done += 1
     return done
 
@@ -93,15 +100,20 @@ def fail_jobs(conn: Connection, owner: str, leases: list[Lease], error: str) -> 
     """Release leases after an error (kept with the job); at MAX_ATTEMPTS the item is failed."""
     ids = [x.item_idx for x in leases]
     mine = and_(alignment_jobs.c.item_idx.in_(ids), alignment_jobs.c.lease_owner == owner)
-    conn.execute(update(alignment_jobs).where(mine)
-                 .values(lease_owner=None, lease_expires_at=None, last_error=error[:2000]))  # fmt: skip
-    dead = select(alignment_jobs.c.item_idx).where(alignment_jobs.c.item_idx.in_(ids),
-                                                   alignment_jobs.c.attempts >= MAX_ATTEMPTS)  # fmt: skip
+    conn.execute(
+        update(alignment_jobs)
+        .where(mine)
+        .values(lease_owner=None, lease_expires_at=None, last_error=error[:2000])
+    )
+    dead = select(alignment_jobs.c.item_idx).where(
+        alignment_jobs.c.item_idx.in_(ids), alignment_jobs.c.attempts >= MAX_ATTEMPTS
+    )
     conn.execute(update(items).where(items.c.idx.in_(dead)).values(status="failed"))
 
 
 def pending_count(conn: Connection) -> int:
     from sqlalchemy import func
 
-    return conn.execute(select(func.count()).select_from(alignment_jobs)
-                        .where(alignment_jobs.c.attempts < MAX_ATTEMPTS)).scalar_one()  # fmt: skip
+    return conn.execute(
+        select(func.count()).select_from(alignment_jobs).where(alignment_jobs.c.attempts < MAX_ATTEMPTS)
+    ).scalar_one()

@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from sqlalchemy.engine import Engine
 
+from core import metrics
+from core.catalogue import write_embeddings
+from core.db import is_outage
+from core.settings import setting
+from models.aligner import FreshRows, Prefix, estimate_rows, tokenize_texts
+from models.bundle import AlignerBundle
 from models.llm import pooled_text_features
-from models.said import FreshRows, Prefix, estimate_rows, tokenize_texts
-from said import metrics
-from said.catalogue import write_embeddings
-from said.db import is_outage
 from training.align import fidelity, refine_fresh
-from updater.bundle import AlignerBundle
 from updater.leases import Lease, complete_jobs, fail_jobs, lease_jobs, pending_count
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class WorkerConfig:
-    batch: int = 16  # items leased per micro-batch
-    lease_ttl_s: float = 600.0  # a crashed worker's items return after this
-    refine_epochs: int = 20  # passes over a micro-batch during refinement
-    refine_lr: float = 0.2  # Adam rate for the fresh rows
+    """Worker knobs; each default and its meaning live in ``core.settings``."""
+
+    batch: int = setting("worker_batch")
+    lease_ttl_s: float = setting("worker_lease_ttl_s")
+    refine_epochs: int = setting("refine_epochs")
+    refine_lr: float = setting("refine_lr")
+    retry_max_s: float = setting("db_retry_max_s")  # cap of the database-outage backoff
 
 
 class Stopping(Exception):
@@ -51,8 +55,15 @@ class Stopping(Exception):
 
 
 class UpdateWorker:
-    def __init__(self, engine: Engine, bundle: AlignerBundle, llm, tok, device: torch.device,
-                 cfg: WorkerConfig | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        engine: Engine,
+        bundle: AlignerBundle,
+        llm,
+        tok,
+        device: torch.device,
+        cfg: WorkerConfig | None = None,
+    ) -> None:
         self.engine, self.bundle, self.llm, self.tok, self.device = engine, bundle, llm, tok, device
         self.cfg = cfg or WorkerConfig()
         self.owner = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
@@ -83,7 +94,7 @@ class UpdateWorker:
                 self.backlog.clear()  # still leased to us: re-leased and redone after the outage
                 log.warning("database unavailable (%s); retrying in %.1fs", type(exc).__name__, backoff)
                 time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, self.cfg.retry_max_s)
                 continue
             if leased:
                 idle_since = time.monotonic()
@@ -144,9 +155,16 @@ class UpdateWorker:
 
     def _publish(self, leases: list[Lease], vectors: np.ndarray, kind: str, losses) -> None:
         with self.engine.begin() as conn:
-            write_embeddings(conn, self.bundle.version, kind, [x.item_idx for x in leases],
-                             [x.text_hash for x in leases], vectors, losses,
-                             datetime.now(UTC))  # fmt: skip
+            write_embeddings(
+                conn,
+                self.bundle.version,
+                kind,
+                [x.item_idx for x in leases],
+                [x.text_hash for x in leases],
+                vectors,
+                losses,
+                datetime.now(UTC),
+            )
 
     def _estimate(self, leases: list[Lease]) -> torch.Tensor:
         feats = pooled_text_features(self.llm, self.tok, [x.text for x in leases], self.device)
@@ -163,12 +181,21 @@ class UpdateWorker:
         tokens = tokenize_texts(self.tok, [x.text for x in leases])
         fresh = FreshRows(self.bundle.aligner.projector, rows)
         pad, eos = self.tok.pad_token_id, self.tok.eos_token_id
-        refine_fresh(fresh, self.llm, self.prefix, tokens, self.device, pad,
-                     self.cfg.refine_epochs, lr=self.cfg.refine_lr,
-                     after_epoch=self._between_passes)  # fmt: skip
+        refine_fresh(
+            fresh,
+            self.llm,
+            self.prefix,
+            tokens,
+            self.device,
+            pad,
+            self.cfg.refine_epochs,
+            lr=self.cfg.refine_lr,
+            after_epoch=self._between_passes,
+        )
         local = list(range(len(leases)))
-        losses = fidelity(fresh.soft_tokens, self.llm, self.prefix, tokens, local, self.device,
-                          pad, eos, reconstruct=False)["loss"]  # fmt: skip
+        losses = fidelity(
+            fresh.soft_tokens, self.llm, self.prefix, tokens, local, self.device, pad, eos, reconstruct=False
+        )["loss"]
         with torch.no_grad():
             vectors = fresh.soft_tokens(torch.tensor(local, device=self.device)).mean(1)
         self._publish(leases, vectors.float().cpu().numpy(), "refined", losses)
@@ -177,5 +204,6 @@ class UpdateWorker:
         self.fresh_losses = (self.fresh_losses + losses)[-1000:]
         ratio = float(np.mean(self.fresh_losses)) / max(self.bundle.reference_loss, 1e-9)
         metrics.DRIFT_RATIO.set(ratio)
-        log.info("refined %d items: mean loss %.3f, drift ratio %.2f", len(leases),
-                 float(np.mean(losses)), ratio)  # fmt: skip
+        log.info(
+            "refined %d items: mean loss %.3f, drift ratio %.2f", len(leases), float(np.mean(losses)), ratio
+        )

@@ -53,25 +53,41 @@ class ThrowawayPostgres:
     def start(self) -> ThrowawayPostgres:
         if not os.path.exists(self.data):
             self._run(
-                os.path.join(self.bin, "initdb"), "-D", self.data, "-U", "said",
-                "--auth=trust", "-E", "UTF8", "--no-sync",
-            )  # fmt: skip
+                os.path.join(self.bin, "initdb"),
+                "-D",
+                self.data,
+                "-U",
+                "said",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            )
         opts = (
             f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
             "-c full_page_writes=off -c max_connections=100"
         )
         out = self._run(
-            os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-o", opts,
-            "-l", os.path.join(self.dir, "log"), "-w", "-t", "30", "start", check=False,
-        )  # fmt: skip
+            os.path.join(self.bin, "pg_ctl"),
+            "-D",
+            self.data,
+            "-o",
+            opts,
+            "-l",
+            os.path.join(self.dir, "log"),
+            "-w",
+            "-t",
+            "30",
+            "start",
+            check=False,
+        )
         if out.returncode != 0:
             log = open(os.path.join(self.dir, "log")).read()[-2000:]
             raise RuntimeError(f"PostgreSQL did not start: {out.stderr}\n{log}")
         return self
 
     def stop(self, mode: str = "fast") -> None:
-        self._run(os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop",
-                  check=False)  # fmt: skip
+        self._run(os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop", check=False)
 
     def restart_after(self, seconds: float) -> None:
         """Stop now, start again after ``seconds`` (the outage tests)."""

@@ -16,8 +16,7 @@ class CharTokenizer:
     def __call__(self, texts, add_special_tokens=False, **_):
         single = isinstance(texts, str)
         texts = [texts] if single else texts
-        ids = [[self.specials[t]] if t in self.specials else [3 + (ord(c) % 90) for c in t]
-               for t in texts]  # fmt: skip
+        ids = [[self.specials[t]] if t in self.specials else [3 + (ord(c) % 90) for c in t] for t in texts]
         return {"input_ids": ids[0] if single else ids}
 
     def decode(self, ids):
@@ -26,8 +25,15 @@ class CharTokenizer:
 
 def tiny_llm(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     model = LlamaForCausalLM(cfg).eval()
     model.requires_grad_(False)
     return model

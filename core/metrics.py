@@ -8,12 +8,8 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
 
-MESSAGES = Counter(
-    "said_messages_total", "Kafka messages by final outcome.", ["topic", "outcome"]
-)
-CONSUMER_LAG = Gauge(
-    "said_consumer_lag", "Messages behind the high watermark.", ["topic", "partition"]
-)
+MESSAGES = Counter("said_messages_total", "Kafka messages by final outcome.", ["topic", "outcome"])
+CONSUMER_LAG = Gauge("said_consumer_lag", "Messages behind the high watermark.", ["topic", "partition"])
 BATCH_SECONDS = Histogram(
     "said_consumer_batch_seconds",
     "Time to validate, store and commit one consumed batch.",

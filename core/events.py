@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from said.tables import INTERACTION_TYPES
+from core.tables import INTERACTION_TYPES
 
 TOPIC_ITEMS = "said.items"
 TOPIC_INTERACTIONS = "said.interactions"
@@ -38,7 +38,7 @@ class ItemEvent:
     @property
     def text(self) -> str:
         """The text the LLM must reproduce: title, then description when present."""
-        return self.title if not self.description else f"{self.title}\n{self.description}"
+        return item_text(self.title, self.description)
 
     @property
     def text_hash(self) -> str:
@@ -52,6 +52,11 @@ class InteractionEvent:
     item_id: str
     type: str
     event_time: datetime
+
+
+def item_text(title: str, description: str | None) -> str:
+    """The text an item is aligned on: its title, then its description on a new line."""
+    return title if not description else f"{title}\n{description}"
 
 
 def text_hash(text: str) -> str:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from models.said import AlignerConfig, ItemAligner
-from training.align import save_atomic
+from core.files import save_torch
+from models.aligner import AlignerConfig, ItemAligner
 
 
 @dataclass
@@ -28,11 +28,19 @@ class AlignerBundle:
 
     def save(self, folder: Path) -> Path:
         path = folder / f"aligner-{self.version}.pt"
-        save_atomic({"version": self.version, "config": asdict(self.aligner.cfg),
-                     "aligner": {k: v.cpu() for k, v in self.aligner.state_dict().items()},
-                     "ridge": self.ridge.cpu(), "reference_loss": self.reference_loss,
-                     "prompt": self.prompt, "history": self.history,
-                     "reference_losses": self.reference_losses}, path)  # fmt: skip
+        save_torch(
+            {
+                "version": self.version,
+                "config": asdict(self.aligner.cfg),
+                "aligner": {k: v.cpu() for k, v in self.aligner.state_dict().items()},
+                "ridge": self.ridge.cpu(),
+                "reference_loss": self.reference_loss,
+                "prompt": self.prompt,
+                "history": self.history,
+                "reference_losses": self.reference_losses,
+            },
+            path,
+        )
         return path
 
     @classmethod
@@ -41,6 +49,12 @@ class AlignerBundle:
         aligner = ItemAligner(AlignerConfig(**saved["config"]))
         aligner.load_state_dict(saved["aligner"])
         aligner.requires_grad_(False)
-        return cls(saved["version"], aligner.to(device), saved["ridge"], saved["reference_loss"],
-                   saved["prompt"], saved.get("history", []),
-                   saved.get("reference_losses", []))  # fmt: skip
+        return cls(
+            saved["version"],
+            aligner.to(device),
+            saved["ridge"],
+            saved["reference_loss"],
+            saved["prompt"],
+            saved.get("history", []),
+            saved.get("reference_losses", []),
+        )

@@ -12,8 +12,8 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from said.events import InteractionEvent, ItemEvent
-from said.tables import alignment_jobs, interactions, item_embeddings, items
+from core.events import InteractionEvent, ItemEvent
+from core.tables import alignment_jobs, interactions, item_embeddings, items
 
 _CHUNK = 1000  # keeps IN-lists and multi-row VALUES under every driver's parameter limit
 _ITEMS_LOCK_KEY = 0x5A1D  # PostgreSQL advisory lock guarding dense-index assignment
@@ -80,8 +80,7 @@ def upsert_items(conn: Connection, events: Sequence[ItemEvent], now: datetime) -
         }
         if row is None:
             new_rows.append(
-                {"idx": next_idx, "item_id": item_id, "status": "pending", "received_at": now}
-                | fields
+                {"idx": next_idx, "item_id": item_id, "status": "pending", "received_at": now} | fields
             )
             changed[item_id] = next_idx
             next_idx += 1
@@ -123,9 +122,7 @@ def resolve_item_ids(conn: Connection, item_ids: Iterable[str]) -> dict[str, int
     return found
 
 
-def insert_interactions(
-    conn: Connection, events: Sequence[InteractionEvent], idx_of: dict[str, int]
-) -> None:
+def insert_interactions(conn: Connection, events: Sequence[InteractionEvent], idx_of: dict[str, int]) -> None:
     """Insert interactions whose item is known; a replayed ``event_id`` is skipped."""
     rows = [(ev.event_id, ev.user_id, idx_of[ev.item_id], ev.type, ev.event_time) for ev in events]
     if not rows:
@@ -142,9 +139,7 @@ _STAGE_DDL = (
     "CREATE TEMP TABLE IF NOT EXISTS said_stage_interactions (event_id text, user_id text, "
     "item_idx integer, type text, event_time timestamptz) ON COMMIT DELETE ROWS"
 )
-_STAGE_COPY = (
-    "COPY said_stage_interactions (event_id, user_id, item_idx, type, event_time) FROM STDIN"
-)
+_STAGE_COPY = "COPY said_stage_interactions (event_id, user_id, item_idx, type, event_time) FROM STDIN"
 _STAGE_MERGE = (
     "INSERT INTO interactions (event_id, user_id, item_idx, type, event_time) "
     "SELECT event_id, user_id, item_idx, type, event_time FROM said_stage_interactions "
@@ -187,9 +182,15 @@ def write_embeddings(
 
     vectors = np.asarray(vectors, dtype="<f4")
     rows = [
-        {"item_idx": int(i), "model_version": model_version, "text_hash": h,
-         "vector": vectors[n].tobytes(), "loss": None if loss is None else float(loss),
-         "kind": kind, "created_at": now}  # fmt: skip
+        {
+            "item_idx": int(i),
+            "model_version": model_version,
+            "text_hash": h,
+            "vector": vectors[n].tobytes(),
+            "loss": None if loss is None else float(loss),
+            "kind": kind,
+            "created_at": now,
+        }
         for n, (i, h, loss) in enumerate(zip(item_idx, text_hashes, losses, strict=True))
     ]
     for chunk in _chunks(rows):
@@ -221,10 +222,10 @@ def embeddings_since(conn: Connection, model_version: str, since: datetime):
     import numpy as np
 
     rows = conn.execute(
-        select(item_embeddings.c.item_idx, item_embeddings.c.vector, item_embeddings.c.created_at)
-        .where(item_embeddings.c.model_version == model_version,
-               item_embeddings.c.created_at >= since)
-    ).all()  # fmt: skip
+        select(item_embeddings.c.item_idx, item_embeddings.c.vector, item_embeddings.c.created_at).where(
+            item_embeddings.c.model_version == model_version, item_embeddings.c.created_at >= since
+        )
+    ).all()
     if not rows:
         return np.zeros(0, dtype=np.int64), None, since
     ids = np.array([r.item_idx for r in rows], dtype=np.int64)
@@ -239,21 +240,50 @@ def item_ids_after(conn: Connection, after_idx: int) -> dict[int, str]:
     return {r.idx: r.item_id for r in rows}
 
 
+def item_status(conn: Connection, item_id: str, model_version: str) -> dict | None:
+    """An item's catalogue row and the kind of its embedding in ``model_version`` (None:
+    not servable yet); None for an unknown item."""
+    row = conn.execute(select(items).where(items.c.item_id == item_id)).first()
+    if row is None:
+        return None
+    kind = conn.execute(
+        select(item_embeddings.c.kind).where(
+            item_embeddings.c.item_idx == row.idx, item_embeddings.c.model_version == model_version
+        )
+    ).scalar()
+    return {
+        "item_id": row.item_id,
+        "idx": row.idx,
+        "title": row.title,
+        "description": row.description,
+        "status": row.status,
+        "embedding": kind,
+        "servable": kind is not None,
+    }
+
+
 def user_history(conn: Connection, user_id: str, limit: int) -> list[int]:
     """The user's last ``limit`` item indexes, oldest first."""
-    rows = conn.execute(
-        select(interactions.c.item_idx).where(interactions.c.user_id == user_id)
-        .order_by(interactions.c.event_time.desc(), interactions.c.id.desc()).limit(limit)
-    ).scalars().all()  # fmt: skip
+    rows = (
+        conn.execute(
+            select(interactions.c.item_idx)
+            .where(interactions.c.user_id == user_id)
+            .order_by(interactions.c.event_time.desc(), interactions.c.id.desc())
+            .limit(limit)
+        )
+        .scalars()
+        .all()
+    )
     return list(reversed(rows))
 
 
 def user_sequences(conn: Connection) -> list[list[int]]:
     """Every user's item indexes in event order (the scorer's training data)."""
     rows = conn.execute(
-        select(interactions.c.user_id, interactions.c.item_idx)
-        .order_by(interactions.c.user_id, interactions.c.event_time, interactions.c.id)
-    ).all()  # fmt: skip
+        select(interactions.c.user_id, interactions.c.item_idx).order_by(
+            interactions.c.user_id, interactions.c.event_time, interactions.c.id
+        )
+    ).all()
     seqs: dict[str, list[int]] = {}
     for user, idx in rows:
         seqs.setdefault(user, []).append(idx)

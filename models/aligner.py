@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.settings import DEFAULTS
 from models.llm import backbone
 
 
@@ -25,8 +26,8 @@ from models.llm import backbone
 class AlignerConfig:
     n_items: int  # rows 1..n_items; row 0 is padding
     hidden: int  # LLM hidden size
-    item_dim: int = 128  # width of the ID embedding rows
-    k: int = 1  # soft tokens per item
+    item_dim: int = DEFAULTS.item_dim  # width of the ID embedding rows
+    k: int = DEFAULTS.soft_tokens  # soft tokens per item
     init_std: float = 1.0
 
 
@@ -101,7 +102,7 @@ def pad_batch(token_lists: list[list[int]], pad_id: int) -> TextBatch:
 class Prefix:
     """The fixed tokens around the soft tokens: a lead token and a short prompt."""
 
-    def __init__(self, tok, prompt: str = " Item text:", lead: str = "<|im_start|>") -> None:
+    def __init__(self, tok, prompt: str = DEFAULTS.prompt, lead: str = "<|im_start|>") -> None:
         lead_ids = tok(lead, add_special_tokens=False)["input_ids"] if lead else []
         self.lead = torch.tensor(lead_ids, dtype=torch.long)
         self.prompt = torch.tensor(tok(prompt, add_special_tokens=False)["input_ids"])
@@ -166,8 +167,7 @@ def greedy_reconstruct(
         if done.all():
             break
         attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=attn.device)], 1)
-        out = llm(input_ids=nxt.unsqueeze(1), attention_mask=attn, past_key_values=past,
-                  use_cache=True)  # fmt: skip
+        out = llm(input_ids=nxt.unsqueeze(1), attention_mask=attn, past_key_values=past, use_cache=True)
         past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
     result = []
     for row in tokens.tolist():
@@ -189,6 +189,19 @@ class FreshRows(nn.Module):
 
     def soft_tokens(self, local_idx: torch.Tensor) -> torch.Tensor:
         return self.projector(self.rows[local_idx])  # (B, k, H)
+
+
+def text_init_rows(features: torch.Tensor, item_dim: int, std: float = 1.0) -> torch.Tensor:
+    """Starting rows from pooled text features: their top ``item_dim`` principal components,
+    scaled to ``std``. Items with similar text start close, so the projector's first passes
+    already see structure instead of noise. (N, H) -> (N, item_dim)."""
+    x = (features - features.mean(0)).double()  # (N, H)
+    _, vecs = torch.linalg.eigh(x.T @ x)  # ascending eigenvalues: (H, H)
+    q = min(item_dim, vecs.shape[1])
+    rows = x @ vecs[:, -q:].flip(1)  # (N, q), strongest component first
+    if q < item_dim:
+        rows = torch.cat([rows, torch.zeros(len(rows), item_dim - q, dtype=rows.dtype)], 1)
+    return (rows * (std / rows.std().clamp(min=1e-12))).float()
 
 
 def fit_text_to_rows(features: torch.Tensor, rows: torch.Tensor, l2: float = 1.0) -> torch.Tensor:

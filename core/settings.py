@@ -7,9 +7,10 @@ instead of failing deep inside a consumer.
 
 from __future__ import annotations
 
+from dataclasses import field, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,10 +47,38 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device choice.")
     soft_tokens: int = Field(1, ge=1, le=16, description="k soft tokens per item.")
     item_dim: int = Field(128, ge=8, description="Width of the item ID embedding rows.")
+    prompt: str = Field(" Item text:", description="Fixed prompt between soft tokens and text.")
+
+    # --- alignment (`said align`, `said evaluate`) ------------------------------------
+    align_epochs: int = Field(20, ge=1, description="Most passes over all items.")
+    align_batch: int = Field(16, ge=1, description="Items per alignment step.")
+    align_lr_rows: float = Field(0.2, gt=0, description="Rate of the item rows (one step a pass).")
+    align_lr_proj: float = Field(1e-2, gt=0, description="Projector rate at batch 16 (sqrt-scaled).")
+    align_row_optimizer: str = Field("sparseadam", description="rowadam | adagrad | sparseadam.")
+    align_lr_final: float = Field(1.0, gt=0, le=1, description="Cosine decay of the rates to this.")
+    align_warmup: float = Field(0.0, ge=0, lt=1, description="Projector warm-up, share of the run.")
+    align_acc_bar: float = Field(1.01, gt=0, le=1.01, description="Token accuracy that ends an item.")
+    align_recheck_every: int = Field(3, ge=1, description="Passes between re-checks of done items.")
+    align_checkpoint_every_s: float = Field(120.0, gt=0, description="Mid-pass checkpoint period.")
+    align_seed: int = Field(0, description="Seed of the alignment.")
+
+    # --- streaming worker (`said update`) --------------------------------------------
+    worker_batch: int = Field(16, ge=1, description="Items leased per micro-batch.")
+    worker_lease_ttl_s: float = Field(600.0, gt=0, description="A crashed worker's items return after.")
+    refine_epochs: int = Field(20, ge=1, description="Most refinement passes over a micro-batch.")
+    refine_lr: float = Field(0.2, gt=0, description="Rate of the fresh rows.")
 
     # --- scorer and retraining ------------------------------------------------------
     retrain_min_interactions: int = Field(10_000, ge=1, description="New interactions -> retrain.")
     retrain_min_items: int = Field(500, ge=1, description="New items -> scorer retrain.")
+    retrain_epochs: int = Field(30, ge=1, description="Most epochs per retrain (early stopping).")
+    retrain_valid_users: int = Field(2000, ge=1, description="Validation slice of a retrain.")
+    retrain_poll_s: float = Field(30.0, gt=0, description="How often the retrainer checks counts.")
+    scorer_epochs: int = Field(200, ge=1, description="Most SASRec epochs (early stopping).")
+    scorer_batch: int = Field(256, ge=1, description="Users per SASRec step.")
+    scorer_lr: float = Field(1e-3, gt=0, description="SASRec Adam rate.")
+    scorer_patience: int = Field(8, ge=1, description="Validations without gain before stopping.")
+    scorer_eval_every: int = Field(2, ge=1, description="Epochs between validations.")
     hnsw_min_items: int = Field(50_000, ge=1, description="Index size from which HNSW replaces exact search.")
     snapshot_every_s: float = Field(300.0, gt=0, description="Scorer's index snapshot period (seconds).")
     api_token: SecretStr | None = Field(None, description="If set, /recommend needs this bearer token.")
@@ -94,6 +123,27 @@ def _mask_url_password(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+# The defaults alone (no environment): what dataclass configs fall back to, so that every
+# default is written once, here.
+DEFAULTS = Settings.model_construct()
+T = TypeVar("T")
+
+
+def setting(key: str) -> Any:
+    """A dataclass field whose default (and meaning, and environment variable) is the
+    ``Settings`` field ``key``; ``from_settings`` fills it from a ``Settings``."""
+    return field(default=getattr(DEFAULTS, key), metadata={"setting": key})
+
+
+def from_settings(cls: type[T], settings: Settings, **overrides: Any) -> T:
+    """An instance of the dataclass ``cls`` with every ``setting(...)`` field read from
+    ``settings`` (so from the environment), then ``overrides`` (CLI flags, tests)."""
+    values = {
+        f.name: getattr(settings, f.metadata["setting"]) for f in fields(cls) if "setting" in f.metadata
+    }
+    return cls(**(values | overrides))
 
 
 @lru_cache(maxsize=1)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from models.said import (
+from core.files import save_torch
+from models.aligner import (
     AlignerConfig,
     FreshRows,
     ItemAligner,
@@ -24,7 +25,7 @@ from models.said import (
     fit_text_to_rows,
     tokenize_texts,
 )
-from training.align import AlignConfig, fidelity, refine_fresh, save_atomic, train_full
+from training.align import AlignConfig, fidelity, refine_fresh, train_full
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def text_table(llm, tok, texts: list[str], device, cache: Path, progress: bool =
     if cache.exists():
         return torch.load(cache).float()
     feats = with_padding_row(pooled_text_features(llm, tok, texts, device, progress=progress))
-    save_atomic(feats.half(), cache)
+    save_torch(feats.half(), cache)
     return feats
 
 
@@ -78,22 +79,57 @@ def said_table(
     aligner = ItemAligner(cfg).to(device)
     warm = [i for i in range(1, n + 1) if i not in held_out]
     t0 = time.perf_counter()
-    history = train_full(aligner, llm, prefix, [tokens[i - 1] for i in warm], warm, acfg, device,
-                         pad, out.with_suffix(".ckpt"), progress)  # fmt: skip
+    history = train_full(
+        aligner,
+        llm,
+        prefix,
+        [tokens[i - 1] for i in warm],
+        warm,
+        acfg,
+        device,
+        pad,
+        out.with_suffix(".ckpt"),
+        progress,
+    )
     align_s = time.perf_counter() - t0
-    report = {"config": asdict(acfg) | {"k": k, "item_dim": item_dim}, "history": history,
-              "align_seconds": align_s, "items_aligned": len(warm),
-              "items_per_second": len(warm) * acfg.epochs / max(align_s, 1e-9)}  # fmt: skip
-    fid = fidelity(aligner.soft_tokens, llm, prefix, [tokens[i - 1] for i in warm], warm, device,
-                   pad, eos, progress=progress)  # fmt: skip
+    report = {
+        "config": asdict(acfg) | {"k": k, "item_dim": item_dim},
+        "history": history,
+        "align_seconds": align_s,
+        "items_aligned": len(warm),
+        "items_per_second": len(warm) * acfg.epochs / max(align_s, 1e-9),
+    }
+    fid = fidelity(
+        aligner.soft_tokens,
+        llm,
+        prefix,
+        [tokens[i - 1] for i in warm],
+        warm,
+        device,
+        pad,
+        eos,
+        progress=progress,
+    )
     report["fidelity"] = {k_: v for k_, v in fid.items() if k_ not in ("loss", "token_accuracy")}
     report["reference_losses"] = fid["loss"]
     if held_out:
-        report["fresh"] = _add_fresh(aligner, llm, prefix, tokens, text_features, sorted(held_out),
-                                     warm, device, pad, eos, fresh_epochs, acfg.lr_rows)  # fmt: skip
+        report["fresh"] = _add_fresh(
+            aligner,
+            llm,
+            prefix,
+            tokens,
+            text_features,
+            sorted(held_out),
+            warm,
+            device,
+            pad,
+            eos,
+            fresh_epochs,
+            acfg.lr_rows,
+        )
     state = {k_: v.cpu() for k_, v in aligner.state_dict().items()}
     result = {"aligner": state, "aligner_config": asdict(cfg), "report": report}
-    save_atomic(result, out)
+    save_torch(result, out)
     out.with_suffix(".ckpt").unlink(missing_ok=True)
     return result | {"vectors": _vectors(state, asdict(cfg))}
 
@@ -104,8 +140,7 @@ def _vectors(state: dict, config: dict) -> torch.Tensor:
     return aligner.item_vectors().float()
 
 
-def _add_fresh(aligner, llm, prefix, tokens, text_features, cold, warm, device, pad, eos,
-               epochs, lr) -> dict:  # fmt: skip
+def _add_fresh(aligner, llm, prefix, tokens, text_features, cold, warm, device, pad, eos, epochs, lr) -> dict:
     """The incremental path on the held-out items; compares the estimate with random init."""
     rows = aligner.items.weight.detach()
     w = fit_text_to_rows(text_features[warm], rows[warm].cpu())
@@ -116,21 +151,20 @@ def _add_fresh(aligner, llm, prefix, tokens, text_features, cold, warm, device, 
 
     def check(fresh: FreshRows) -> dict:
         f = fidelity(fresh.soft_tokens, llm, prefix, cold_tokens, local, device, pad, eos)
-        return {k: v for k, v in f.items() if k not in ("loss", "token_accuracy")} | {
-            "losses": f["loss"]}
+        return {k: v for k, v in f.items() if k not in ("loss", "token_accuracy")} | {"losses": f["loss"]}
 
     t0 = time.perf_counter()
     fresh = FreshRows(aligner.projector, est)
     report["estimate"] = check(fresh)
     report["estimate"]["seconds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    report["refine_history"] = refine_fresh(fresh, llm, prefix, cold_tokens, device, pad,
-                                            epochs, lr=lr)  # fmt: skip
+    report["refine_history"] = refine_fresh(fresh, llm, prefix, cold_tokens, device, pad, epochs, lr=lr)
     report["refine_seconds"] = time.perf_counter() - t0
     report["refined"] = check(fresh)
     random_start = FreshRows(aligner.projector, torch.randn_like(est) * rows[warm].std())
-    report["random_start_history"] = refine_fresh(random_start, llm, prefix, cold_tokens, device,
-                                                  pad, epochs, lr=lr)  # fmt: skip
+    report["random_start_history"] = refine_fresh(
+        random_start, llm, prefix, cold_tokens, device, pad, epochs, lr=lr
+    )
     with torch.no_grad():
         aligner.items.weight[cold] = fresh.rows.detach()
     return report

@@ -7,7 +7,10 @@ import time
 
 from confluent_kafka import Consumer, Producer
 
-from said.events import TOPIC_DLQ
+from consumers.items import ItemsHandler
+from consumers.runner import ConsumeLoop
+from core.db import make_engine
+from core.events import TOPIC_DLQ, TOPIC_ITEMS
 
 
 def produce_raw(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]):
@@ -30,11 +33,16 @@ def produce_json(bootstrap: str, topic: str, events: list[dict], key: str) -> No
 
 def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 20.0) -> list:
     """Read ``expected`` messages from the start of ``topic`` (fails on timeout)."""
-    c = Consumer({
-        "bootstrap.servers": bootstrap, "group.id": f"reader-{time.time_ns()}",
-        "auto.offset.reset": "earliest", "enable.auto.commit": False,
-        "session.timeout.ms": 2000, "heartbeat.interval.ms": 400,
-    })  # fmt: skip
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{time.time_ns()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 2000,
+            "heartbeat.interval.ms": 400,
+        }
+    )
     c.subscribe([topic])
     out, deadline = [], time.monotonic() + timeout
     while len(out) < expected and time.monotonic() < deadline:
@@ -49,3 +57,29 @@ def dlq_reasons(bootstrap: str, expected: int) -> dict[bytes, str]:
     """DLQ messages as original value -> reason header."""
     msgs = read_topic(bootstrap, TOPIC_DLQ, expected)
     return {m.value(): dict(m.headers())["said-error"].decode() for m in msgs}
+
+
+def item_event(i: int, title: str | None = None, t: str = "2026-01-01T00:00:00Z") -> dict:
+    return {
+        "item_id": f"i{i}",
+        "title": title or f"Product number {i}",
+        "description": None,
+        "advertiser_id": "adv",
+        "event_time": t,
+    }
+
+
+def click_event(e: int, item: int, user: str = "u1") -> dict:
+    return {
+        "event_id": f"e{e}",
+        "user_id": user,
+        "item_id": f"i{item}",
+        "type": "click",
+        "event_time": "2026-01-01T00:00:01Z",
+    }
+
+
+def load_items(settings, n: int) -> None:
+    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [item_event(i) for i in range(n)], "item_id")
+    stats = ConsumeLoop(ItemsHandler(settings), make_engine(settings.database_url), settings).run(1.5)
+    assert stats.stored == n

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from models.metrics import recall_ndcg, target_ranks
+from core.settings import setting
+from models.ranking import recall_ndcg, target_ranks
 from models.sasrec import SASRec
 
 log = logging.getLogger(__name__)
@@ -17,12 +18,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ScorerTrainConfig:
-    epochs: int = 200  # upper bound; early stopping usually ends sooner
-    batch_size: int = 256  # users per step
-    lr: float = 1e-3  # Adam
+    epochs: int = setting("scorer_epochs")  # upper bound; early stopping usually ends sooner
+    batch_size: int = setting("scorer_batch")  # users per step
+    lr: float = setting("scorer_lr")  # Adam
     weight_decay: float = 0.0
-    patience: int = 8  # validation passes without NDCG@10 gain before stopping
-    eval_every: int = 2  # epochs between validation passes
+    patience: int = setting("scorer_patience")  # validations without NDCG@10 gain, then stop
+    eval_every: int = setting("scorer_eval_every")  # epochs between validation passes
     seed: int = 0
 
 

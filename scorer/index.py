@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from core.files import write_atomic
+from core.settings import DEFAULTS
+
 log = logging.getLogger(__name__)
-HNSW_MIN_ITEMS = 50_000  # exact search below this many items (~2 ms per query at 64-d)
 HNSW_M = 32  # graph degree
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128  # measured recall@10 vs exact: see benchmarks/scorer_latency.py
@@ -45,7 +46,7 @@ class CorruptSnapshot(RuntimeError):
 class ItemIndex:
     """Inner-product search over item vectors keyed by item index."""
 
-    def __init__(self, dim: int, hnsw_min_items: int = HNSW_MIN_ITEMS) -> None:
+    def __init__(self, dim: int, hnsw_min_items: int = DEFAULTS.hnsw_min_items) -> None:
         self.dim, self.hnsw_min_items = dim, hnsw_min_items
         self.mains: list[faiss.IndexIDMap2] = [self._flat()]  # one exact tier, or HNSW bands
         self.delta = self._flat()
@@ -120,20 +121,22 @@ class ItemIndex:
         main_vecs = np.concatenate([v for _, v in parts])
         delta_ids, delta_vecs = _contents(self.delta, self.dim)
         keep = ~np.isin(main_ids, delta_ids)
-        return (np.concatenate([main_ids[keep], delta_ids]),
-                np.concatenate([main_vecs[keep], delta_vecs]))  # fmt: skip
+        return (np.concatenate([main_ids[keep], delta_ids]), np.concatenate([main_vecs[keep], delta_vecs]))
 
-    def search(self, queries: np.ndarray, k: int, exclude: set[int] | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    def search(
+        self, queries: np.ndarray, k: int, exclude: set[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query row, never an id in ``exclude``; -1 pads the ids."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         exclude_ids = np.fromiter(exclude or (), dtype=np.int64)
         excl = faiss.IDSelectorBatch(exclude_ids) if len(exclude_ids) else None
         hide_main = [s for s in (excl, self._delta_sel) if s is not None]
-        main_sel = (faiss.IDSelectorOr(*hide_main) if len(hide_main) == 2
-                    else hide_main[0] if hide_main else None)  # fmt: skip
-        results = [self._search_tier(m, m2, queries, k, main_sel)
-                   for m, m2 in zip(self.mains, self._m2, strict=True)]  # fmt: skip
+        main_sel = (
+            faiss.IDSelectorOr(*hide_main) if len(hide_main) == 2 else hide_main[0] if hide_main else None
+        )
+        results = [
+            self._search_tier(m, m2, queries, k, main_sel) for m, m2 in zip(self.mains, self._m2, strict=True)
+        ]
         if self.delta.ntotal:
             results.append(self._search_tier(self.delta, 0.0, queries, k, excl))
         scores = np.concatenate([s for s, _ in results], axis=1)
@@ -144,8 +147,10 @@ class ItemIndex:
     def _search_tier(self, tier, m2: float, queries, k, hide):
         """Search one tier for ids not selected by ``hide`` (an ID selector or None)."""
         if tier.ntotal == 0:
-            return (np.full((len(queries), k), -np.inf, dtype=np.float32),
-                    np.full((len(queries), k), -1, dtype=np.int64))  # fmt: skip
+            return (
+                np.full((len(queries), k), -np.inf, dtype=np.float32),
+                np.full((len(queries), k), -1, dtype=np.int64),
+            )
         sel = faiss.IDSelectorNot(hide) if hide is not None else None
         if tier.d == self.dim:
             scores, ids = tier.search(queries, k, params=faiss.SearchParameters(sel=sel))
@@ -183,15 +188,15 @@ class ItemIndex:
         path = folder / f"index-{name}.faiss"
         parts = [faiss.serialize_index(t).tobytes() for t in (self.delta, *self.mains)]
         data = b"".join(len(b).to_bytes(8, "little") + b for b in parts)
-        _write_atomic(path, data)
-        _write_atomic(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
+        write_atomic(path, data)
+        write_atomic(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
         for old in sorted(folder.glob("index-*.faiss"), key=lambda p: p.stat().st_mtime)[:-keep]:
             old.with_suffix(".sha256").unlink(missing_ok=True)
             old.unlink(missing_ok=True)
         return path
 
     @classmethod
-    def load(cls, path: Path, hnsw_min_items: int = HNSW_MIN_ITEMS) -> ItemIndex:
+    def load(cls, path: Path, hnsw_min_items: int = DEFAULTS.hnsw_min_items) -> ItemIndex:
         """Load a snapshot, verifying its checksum; raises :class:`CorruptSnapshot`."""
         try:
             data = path.read_bytes()
@@ -248,18 +253,3 @@ def latest_snapshot(folder: Path, prefix: str = "") -> Path | None:
     """The newest ``index-<prefix>*.faiss`` in ``folder``, by modification time."""
     snaps = sorted(folder.glob(f"index-{prefix}*.faiss"), key=lambda p: p.stat().st_mtime)
     return snaps[-1] if snaps else None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename: readers see the old file or the new one, never half of one.
-    A failed write (disk full) removes its temp file and raises; the old file stays."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -1,0 +1,109 @@
+"""Sweep of alignment optimiser candidates on one slice, same LLM, same passes, same seed.
+
+Each candidate aligns the same N items (a seeded sample of the data set) for P passes with
+the real LLM, then the script reports the teacher-forced token accuracy after every pass and,
+at the end, the fidelity check (token accuracy and greedy exact reconstruction). Per-item
+stopping is off (``acc_bar`` 1.01) so every candidate trains on the same items every pass.
+
+    python benchmarks/alignment_sweep.py --dataset ../shared/data/amazon-beauty-2k \\
+        --items 160 --passes 8 --out sweep.json [--candidates base,rowadam,adagrad,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from core.dataset import load_dataset
+from models.aligner import AlignerConfig, ItemAligner, Prefix, text_init_rows, tokenize_texts
+from models.llm import load_llm, pick_device, pooled_text_features
+from training.align import AlignConfig, fidelity, train_full
+
+# name -> (AlignConfig changes, start rows from text?)
+CANDIDATES = {
+    "base": (dict(row_optimizer="sparseadam", lr_final=1.0, warmup=0.0), False),  # main today
+    "rowadam": (dict(row_optimizer="rowadam", lr_final=0.1, warmup=0.05), False),
+    "adagrad": (dict(row_optimizer="adagrad", lr_rows=0.3, lr_final=0.1, warmup=0.05), False),
+    "rowadam-text": (dict(row_optimizer="rowadam", lr_final=0.1, warmup=0.05), True),
+    "adagrad-text": (dict(row_optimizer="adagrad", lr_rows=0.3, lr_final=0.1, warmup=0.05), True),
+    "rowadam-text-lr05": (dict(row_optimizer="rowadam", lr_rows=0.5, lr_final=0.1, warmup=0.05), True),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--items", type=int, default=160)
+    p.add_argument("--passes", type=int, default=8)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--candidates", default=",".join(CANDIDATES))
+    p.add_argument("--llm", default=None)
+    p.add_argument("--llm-cache", type=Path, default=Path("said-data/llm"))
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    device = pick_device("auto")
+    llm, tok = load_llm(args.llm, args.llm_cache, device)
+    ds = load_dataset(args.dataset)
+    pick = sorted(random.Random(0).sample(range(len(ds.titles)), args.items))
+    texts = [ds.titles[i] for i in pick]
+    tokens = tokenize_texts(tok, texts)
+    feats = pooled_text_features(llm, tok, texts, device)
+    idx = list(range(1, len(texts) + 1))
+    prefix = Prefix(tok)
+    results = {
+        "items": len(texts),
+        "passes": args.passes,
+        "k": args.k,
+        "batch": args.batch,
+        "mean_text_tokens": sum(map(len, tokens)) / len(tokens),
+        "runs": {},
+    }
+    for name in args.candidates.split(","):
+        changes, from_text = CANDIDATES[name]
+        cfg = replace(
+            AlignConfig(epochs=args.passes, batch_size=args.batch, acc_bar=1.01, checkpoint_every_s=1e9),
+            **changes,
+        )
+        torch.manual_seed(0)
+        aligner = ItemAligner(AlignerConfig(n_items=len(texts), hidden=llm.config.hidden_size, k=args.k))
+        if from_text:
+            with torch.no_grad():
+                aligner.items.weight[1:] = text_init_rows(feats, aligner.cfg.item_dim)
+        aligner.to(device)
+        t0 = time.perf_counter()
+        history = train_full(aligner, llm, prefix, tokens, idx, cfg, device, tok.pad_token_id, progress=False)
+        seconds = time.perf_counter() - t0
+        fid = fidelity(
+            aligner.soft_tokens, llm, prefix, tokens, idx, device, tok.pad_token_id, tok.eos_token_id
+        )
+        results["runs"][name] = {
+            "config": changes | {"text_init": from_text},
+            "acc_per_pass": [round(h["token_accuracy"], 4) for h in history],
+            "loss_per_pass": [round(h["loss"], 4) for h in history],
+            "token_accuracy": fid["mean_token_accuracy"],
+            "exact": fid["exact_match"],
+            "mean_loss": fid["mean_loss"],
+            "seconds": seconds,
+            "items_per_second": len(texts) * args.passes / seconds,
+        }
+        logging.info("%s: %s", name, json.dumps(results["runs"][name]))
+        args.out.write_text(json.dumps(results, indent=1))
+    print(f"{'candidate':20s} {'acc/pass':60s} {'tok acc':>8s} {'exact':>6s} {'items/s':>8s}")
+    for name, r in results["runs"].items():
+        accs = " ".join(f"{a:.2f}" for a in r["acc_per_pass"])
+        print(
+            f"{name:20s} {accs:60s} {r['token_accuracy']:8.3f} {r['exact']:6.2f} {r['items_per_second']:8.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""The one Kafka delivery tracker: a producer's failed deliveries, checked at a flush.
+
+librdkafka reports each delivery through a callback, long after ``produce()`` returned, so
+every producer of ours (dataset replay, dead-lettering, DLQ replay) needs the same rule:
+collect the errors, flush, and refuse to go on (commit offsets, report success) if any
+message failed or is still queued.
+"""
+
+from __future__ import annotations
+
+from confluent_kafka import Producer
+
+
+class DeliveryFailed(RuntimeError):
+    """Some produced messages were not acknowledged by the broker."""
+
+
+class DeliveryTracker:
+    """Pass as ``on_delivery``; call ``flush`` where the messages must be safe."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    def __call__(self, err, _msg) -> None:
+        if err is not None:
+            self.failures.append(str(err))
+
+    def flush(self, producer: Producer, timeout_s: float, consequence: str) -> None:
+        """Flush ``producer``; raise ``DeliveryFailed`` (saying ``consequence``) if any
+        message failed or stayed undelivered. The failure list starts afresh either way."""
+        left = producer.flush(timeout_s)
+        failures, self.failures = self.failures, []
+        if failures or left:
+            raise DeliveryFailed(
+                f"delivery failed ({len(failures)} failed, {left} undelivered, errors: "
+                f"{failures[:3]}); {consequence}"
+            )

@@ -1,0 +1,90 @@
+"""Queries on ``model_versions``: which aligner and scorer are active, and changing that.
+
+One home for every statement on the table, so the rules (one active version per kind, the
+newest first) are written once for ``said align``, the retrainer, the worker and the scorer.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.engine import Connection, Engine
+
+from core.tables import model_versions
+
+
+class NoActiveVersion(RuntimeError):
+    """No version of this kind was ever activated (e.g. ``said align`` never ran)."""
+
+
+def active_version(engine: Engine, kind: str) -> tuple[str, Path] | None:
+    """(version, path) of the active version of ``kind`` (``aligner`` | ``scorer``)."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(model_versions.c.version, model_versions.c.path)
+            .where(model_versions.c.kind == kind, model_versions.c.status == "active")
+            .order_by(model_versions.c.created_at.desc())
+        ).first()
+    return (row.version, Path(row.path)) if row else None
+
+
+def require_active(engine: Engine, kind: str) -> tuple[str, Path]:
+    """Like ``active_version``, with a clear error when there is none."""
+    found = active_version(engine, kind)
+    if found is None:
+        hint = "run `said align` once first" if kind == "aligner" else "train one with `said retrain`"
+        raise NoActiveVersion(f"no active {kind}: {hint}")
+    return found
+
+
+def newest_metrics(engine: Engine, kind: str) -> dict | None:
+    """Metrics of the newest version of ``kind``, active or not (rejections count too)."""
+    with engine.connect() as conn:
+        return conn.execute(
+            select(model_versions.c.metrics)
+            .where(model_versions.c.kind == kind)
+            .order_by(model_versions.c.created_at.desc())
+            .limit(1)
+        ).scalar()
+
+
+def record_version(conn: Connection, kind: str, version: str, path: Path, metrics: dict, status: str) -> None:
+    """Insert a version; ``status="active"`` retires the active one of its kind first."""
+    if status == "active":
+        _retire_active(conn, kind)
+    conn.execute(
+        model_versions.insert().values(
+            version=version,
+            kind=kind,
+            path=str(path.resolve()),
+            status=status,
+            metrics=metrics,
+            created_at=datetime.now(UTC),
+        )
+    )
+
+
+def activate(engine: Engine, kind: str, version: str) -> None:
+    """Make an existing ``version`` the active one of its kind (operator rollback)."""
+    with engine.begin() as conn:
+        found = conn.execute(
+            select(model_versions.c.version).where(
+                model_versions.c.kind == kind, model_versions.c.version == version
+            )
+        ).first()
+        if found is None:
+            raise ValueError(f"no {kind} version {version!r}")
+        _retire_active(conn, kind)
+        conn.execute(
+            update(model_versions).where(model_versions.c.version == version).values(status="active")
+        )
+
+
+def _retire_active(conn: Connection, kind: str) -> None:
+    conn.execute(
+        update(model_versions)
+        .where(model_versions.c.kind == kind, model_versions.c.status == "active")
+        .values(status="retired")
+    )

@@ -1,0 +1,72 @@
+"""A small real catalogue for the updater, scorer and fault tests: items, users, and the
+``aligned`` and ``served`` fixtures (a tiny real-tokenizer LLM aligned over it)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import torch
+
+from core.catalogue import insert_interactions, upsert_items
+from core.db import make_engine
+from core.events import InteractionEvent, ItemEvent
+from models.llm import load_llm
+from scorer.state import ServingState
+from training.align import AlignConfig
+from updater.full_align import align_catalogue
+
+CPU = torch.device("cpu")
+NAMES = [
+    "rose lip balm",
+    "argan oil shampoo",
+    "matte red lipstick",
+    "nail file set",
+    "vitamin c face serum",
+    "nude eye shadow palette",
+    "hair clips",
+    "sun cream spf 50",
+]
+
+
+def add_items(engine, start: int, n: int) -> None:
+    now = datetime.now(UTC)
+    evs = [ItemEvent(f"i{i}", f"{NAMES[i % 8]} no. {i}", None, None, now) for i in range(start, start + n)]
+    with engine.begin() as conn:
+        upsert_items(conn, evs, now)
+
+
+@pytest.fixture
+def aligned(db_url, tiny_hf_folder, tmp_path):
+    engine = make_engine(db_url)
+    add_items(engine, 0, 24)
+    llm, tok = load_llm(str(tiny_hf_folder), tmp_path, CPU)
+    bundle = align_catalogue(
+        engine, llm, tok, CPU, tmp_path, AlignConfig(epochs=2, batch_size=8), k=1, item_dim=16, progress=False
+    )
+    return engine, bundle, llm, tok, tmp_path
+
+
+def add_users(engine, n_users: int = 30) -> None:
+    """Users who click items of one product kind (item i has kind i % 8) in a row."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    evs, ids = [], {f"i{i}": i + 1 for i in range(24)}
+    for u in range(n_users):
+        for step, i in enumerate(range(u % 8, 24, 8)):
+            evs.append(
+                InteractionEvent(f"u{u}-{step}", f"u{u}", f"i{i}", "click", t0 + timedelta(minutes=step))
+            )
+    with engine.begin() as conn:
+        insert_interactions(conn, evs, ids)
+
+
+@pytest.fixture
+def served(aligned):
+    engine, bundle, _llm, _tok, data = aligned
+    add_users(engine)
+    return (
+        engine,
+        bundle,
+        data,
+        ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, data / "index"),
+    )
