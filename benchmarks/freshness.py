@@ -74,7 +74,7 @@ def main() -> None:
         bundle = align_catalogue(
             engine, llm, tok, device, Path(tmp), AlignConfig(epochs=args.align_epochs), 1, 128
         )
-        state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, Path(tmp) / "ix")
+        state = ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, Path(tmp) / "ix")
         worker = UpdateWorker(engine, bundle, llm, tok, device)
         loop, stop = ConsumeLoop(ItemsHandler(settings), engine, settings), threading.Event()
         threads = [

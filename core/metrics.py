@@ -23,7 +23,24 @@ ALIGNMENT_LOSS = Histogram(
     ["cohort"],
     buckets=(0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8),
 )
-DRIFT_RATIO = Gauge("said_alignment_drift_ratio", "Mean fresh loss / mean reference loss.")
+TOKEN_ACCURACY = Histogram(
+    "said_alignment_token_accuracy",
+    "Per-item teacher-forced token accuracy of the aligned text.",
+    ["cohort"],
+    buckets=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0),
+)
+RECONSTRUCTED = Counter(
+    "said_alignment_reconstructions_total",
+    "Items whose text greedy decoding from their soft tokens rebuilt exactly, or not.",
+    ["cohort", "outcome"],
+)
+REFERENCE_TOKEN_ACCURACY = Gauge(
+    "said_alignment_reference_token_accuracy",
+    "Token accuracy of the reference cohort of the active aligner (the fresh items' bar).",
+)
+DRIFT_RATIO = Gauge(
+    "said_alignment_drift_ratio", "Mean fresh loss / mean loss of the reference cohort (same path, same bar)."
+)
 PENDING_ITEMS = Gauge("said_pending_items", "Items waiting for alignment.")
 FRESH_ITEM_SECONDS = Histogram(
     "said_fresh_item_seconds",

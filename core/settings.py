@@ -45,19 +45,20 @@ class Settings(BaseSettings):
     # --- model ---------------------------------------------------------------------
     llm: str | None = Field(None, description="Local HF folder or .gguf; default SmolLM2 GGUF.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device choice.")
-    soft_tokens: int = Field(1, ge=1, le=16, description="k soft tokens per item.")
+    soft_tokens: int = Field(4, ge=1, le=16, description="k soft tokens per item.")
     item_dim: int = Field(128, ge=8, description="Width of the item ID embedding rows.")
     prompt: str = Field(" Item text:", description="Fixed prompt between soft tokens and text.")
+    lora_rank: int = Field(0, ge=0, le=256, description="LoRA rank trained with the aligner; 0 = frozen LLM.")
 
     # --- alignment (`said align`, `said evaluate`) ------------------------------------
-    align_epochs: int = Field(20, ge=1, description="Most passes over all items.")
+    align_epochs: int = Field(24, ge=1, description="Most passes over all items.")
     align_batch: int = Field(16, ge=1, description="Items per alignment step.")
-    align_lr_rows: float = Field(0.2, gt=0, description="Rate of the item rows (one step a pass).")
+    align_lr_rows: float = Field(0.3, gt=0, description="Rate of the item rows (one step a pass).")
     align_lr_proj: float = Field(1e-2, gt=0, description="Projector rate at batch 16 (sqrt-scaled).")
-    align_row_optimizer: str = Field("sparseadam", description="rowadam | adagrad | sparseadam.")
-    align_lr_final: float = Field(1.0, gt=0, le=1, description="Cosine decay of the rates to this.")
-    align_warmup: float = Field(0.0, ge=0, lt=1, description="Projector warm-up, share of the run.")
-    align_acc_bar: float = Field(1.01, gt=0, le=1.01, description="Token accuracy that ends an item.")
+    align_row_optimizer: str = Field("adagrad", description="rowadam | adagrad | sparseadam.")
+    align_lr_final: float = Field(0.1, gt=0, le=1, description="Cosine decay of the rates to this.")
+    align_warmup: float = Field(0.05, ge=0, lt=1, description="Projector warm-up, share of the run.")
+    align_acc_bar: float = Field(1.0, gt=0, le=1.01, description="Token accuracy that ends an item.")
     align_recheck_every: int = Field(3, ge=1, description="Passes between re-checks of done items.")
     align_checkpoint_every_s: float = Field(120.0, gt=0, description="Mid-pass checkpoint period.")
     align_seed: int = Field(0, description="Seed of the alignment.")
@@ -66,7 +67,7 @@ class Settings(BaseSettings):
     worker_batch: int = Field(16, ge=1, description="Items leased per micro-batch.")
     worker_lease_ttl_s: float = Field(600.0, gt=0, description="A crashed worker's items return after.")
     refine_epochs: int = Field(20, ge=1, description="Most refinement passes over a micro-batch.")
-    refine_lr: float = Field(0.2, gt=0, description="Rate of the fresh rows.")
+    refine_lr: float = Field(0.3, gt=0, description="Rate of the fresh rows.")
 
     # --- scorer and retraining ------------------------------------------------------
     retrain_min_interactions: int = Field(10_000, ge=1, description="New interactions -> retrain.")

@@ -30,6 +30,19 @@ class AlignerConfig:
     k: int = DEFAULTS.soft_tokens  # soft tokens per item
     init_std: float = 1.0
 
+    @property
+    def vector_dim(self) -> int:
+        """Width of the downstream item vector: all k soft tokens, concatenated."""
+        return self.k * self.hidden
+
+
+def item_vector(soft: torch.Tensor) -> torch.Tensor:
+    """The downstream vector of items from their soft tokens: (B, k, H) -> (B, k*H).
+
+    All k tokens are kept (concatenated): their mean would fold k different positions of
+    the prompt into one and lose what the LLM reads from each."""
+    return soft.flatten(1)
+
 
 class Projector(nn.Module):
     """MLP from an item row (d) to k soft tokens in the LLM's space (k, H)."""
@@ -65,10 +78,10 @@ class ItemAligner(nn.Module):
 
     @torch.no_grad()
     def item_vectors(self, batch_size: int = 4096) -> torch.Tensor:
-        """Downstream embedding of every item: the soft tokens, mean over k. (N+1, H)."""
+        """Downstream vector of every item (``item_vector``): (N+1, k*H)."""
         rows = self.items.weight
         return torch.cat(
-            [self.projector(rows[s : s + batch_size]).mean(1) for s in range(0, len(rows), batch_size)]
+            [item_vector(self.projector(rows[s : s + batch_size])) for s in range(0, len(rows), batch_size)]
         )
 
 

@@ -2,7 +2,9 @@
 
 Written by ``said align`` (full alignment) and read by ``said update``. It holds the frozen
 projector and table, the ridge map from pooled text features to rows (the fresh-item
-estimator), and the reference loss of aligned items (the denominator of the drift ratio).
+estimator), the catalogue's fidelity (whose token accuracy is the bar fresh items are
+refined to) and the reference cohort put through the fresh-item path (the denominator of
+the drift ratio).
 """
 
 from __future__ import annotations
@@ -21,10 +23,26 @@ class AlignerBundle:
     version: str
     aligner: ItemAligner
     ridge: torch.Tensor  # (H+1, d): [pooled text feature, 1] -> item row
-    reference_loss: float  # mean per-item loss of the fully aligned items
     prompt: str
-    history: list[float] = field(default_factory=list)  # mean loss per alignment pass
-    reference_losses: list[float] = field(default_factory=list)  # per aligned item
+    history: list[dict] = field(default_factory=list)  # one record per alignment pass
+    fidelity: dict = field(default_factory=dict)  # catalogue cohort (no per-item lists)
+    reference: dict = field(default_factory=dict)  # fresh-path cohort, with per-item "losses"
+    adapters: dict = field(default_factory=dict)  # LoRA weights of the LLM (empty: frozen LLM)
+    lora_rank: int = 0
+
+    @property
+    def reference_loss(self) -> float:
+        """Mean loss of the reference cohort: the denominator of the drift ratio."""
+        return self.reference["mean_loss"]
+
+    @property
+    def reference_losses(self) -> list[float]:
+        return self.reference["losses"]
+
+    @property
+    def target_accuracy(self) -> float:
+        """Token accuracy a fresh item is refined to: the catalogue's."""
+        return self.fidelity["mean_token_accuracy"]
 
     def save(self, folder: Path) -> Path:
         path = folder / f"aligner-{self.version}.pt"
@@ -34,10 +52,12 @@ class AlignerBundle:
                 "config": asdict(self.aligner.cfg),
                 "aligner": {k: v.cpu() for k, v in self.aligner.state_dict().items()},
                 "ridge": self.ridge.cpu(),
-                "reference_loss": self.reference_loss,
                 "prompt": self.prompt,
                 "history": self.history,
-                "reference_losses": self.reference_losses,
+                "fidelity": self.fidelity,
+                "reference": self.reference,
+                "adapters": self.adapters,
+                "lora_rank": self.lora_rank,
             },
             path,
         )
@@ -53,8 +73,10 @@ class AlignerBundle:
             saved["version"],
             aligner.to(device),
             saved["ridge"],
-            saved["reference_loss"],
             saved["prompt"],
-            saved.get("history", []),
-            saved.get("reference_losses", []),
+            saved["history"],
+            saved["fidelity"],
+            saved["reference"],
+            saved["adapters"],
+            saved["lora_rank"],
         )

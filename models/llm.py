@@ -101,6 +101,32 @@ def load_llm(
     return model.to(device).eval(), tok
 
 
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights of ``model`` by parameter name (empty without LoRA): what an aligner
+    bundle stores beside its projector when the LLM was adapted during alignment."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def lora_rank_of(model: nn.Module) -> int:
+    """The LoRA rank ``load_llm`` gave ``model`` (0: a frozen LLM without adapters)."""
+    config = getattr(model, "peft_config", {}).get("default")
+    return config.r if config is not None else 0
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], trainable: bool = False) -> None:
+    """Put saved LoRA weights back; frozen unless ``trainable`` (a resumed alignment), since
+    fresh items never change the LLM."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(state) - set(params))
+    if missing:
+        raise ValueError(f"the LLM has no LoRA parameters {missing[:3]}: load it with the bundle's lora_rank")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+    if not trainable:
+        model.requires_grad_(False)
+
+
 def backbone(model: nn.Module) -> nn.Module:
     """The transformer without its LM head (works through a peft wrapper too)."""
     return model.get_base_model().model if hasattr(model, "get_base_model") else model.model

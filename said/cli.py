@@ -97,6 +97,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from_settings(AlignConfig, settings, epochs=args.align_epochs, batch_size=args.align_batch),
         k=settings.soft_tokens,
         item_dim=settings.item_dim,
+        lora_rank=settings.lora_rank,
         scorer_cfg=from_settings(ScorerTrainConfig, settings, epochs=args.scorer_epochs),
     )
     out = args.out or settings.data_dir / "results" / f"evaluate-{'-'.join(args.variant)}.json"
@@ -124,11 +125,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_llm(settings):
+def _load_llm(settings, lora_rank: int):
     from models.llm import load_llm, pick_device
 
     device = pick_device(settings.device)
-    llm, tok = load_llm(settings.llm, settings.data_dir / "llm", device)
+    llm, tok = load_llm(settings.llm, settings.data_dir / "llm", device, lora_rank)
     return llm, tok, device
 
 
@@ -138,7 +139,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
     from updater.full_align import align_catalogue
 
     settings = get_settings()
-    llm, tok, device = _load_llm(settings)
+    llm, tok, device = _load_llm(settings, settings.lora_rank)
     cfg = from_settings(AlignConfig, settings, epochs=args.epochs, batch_size=args.batch)
     align_catalogue(
         make_engine(settings.database_url),
@@ -159,12 +160,15 @@ def _cmd_update(args: argparse.Namespace) -> int:
     from core.metrics import serve_metrics
     from core.versions import require_active
     from models.bundle import AlignerBundle
+    from models.llm import load_adapter_state, pick_device
     from updater.worker import UpdateWorker, WorkerConfig
 
     settings = get_settings()
     engine = make_engine(settings.database_url)
-    llm, tok, device = _load_llm(settings)
-    bundle = AlignerBundle.load(require_active(engine, "aligner")[1], device)
+    bundle = AlignerBundle.load(require_active(engine, "aligner")[1], pick_device(settings.device))
+    llm, tok, device = _load_llm(settings, bundle.lora_rank)
+    if bundle.adapters:
+        load_adapter_state(llm, bundle.adapters)
     serve_metrics(settings.metrics_port)
     cfg = from_settings(
         WorkerConfig,

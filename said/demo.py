@@ -79,7 +79,7 @@ def run_demo(
             )
 
         device = pick_device(settings.device)
-        llm, tok = load_llm(settings.llm, settings.data_dir / "llm", device)
+        llm, tok = load_llm(settings.llm, settings.data_dir / "llm", device, settings.lora_rank)
         t0 = time.perf_counter()
         bundle = align_catalogue(
             engine,
@@ -93,7 +93,15 @@ def run_demo(
             prompt=settings.prompt,
         )
         summary["alignment seconds"] = round(time.perf_counter() - t0, 1)
-        summary["alignment mean loss (reference)"] = round(bundle.reference_loss, 3)
+        fid, ref = bundle.fidelity, bundle.reference
+        summary["alignment passes, token accuracy, exact rebuild"] = (
+            f"{len(bundle.history)}, {fid['mean_token_accuracy']:.3f}, {fid['exact_match']:.2f}"
+            f" ({fid['items']} items, {fid['exact_items']} decoded)"
+        )
+        summary["fresh-path reference: token accuracy, exact, s/item"] = (
+            f"{ref['mean_token_accuracy']:.3f}, {ref['exact_match']:.2f}, {ref['seconds_per_item']:.1f}"
+            f" ({ref['items']} catalogue items as if new)"
+        )
 
         t0 = time.perf_counter()
         rcfg = from_settings(RetrainConfig, settings, poll_s=5.0)
@@ -106,7 +114,9 @@ def run_demo(
         )
         summary["random ranking NDCG@10 (same items)"] = f"{_random_ndcg(len(ds.item_ids)):.4f}"
 
-        state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, settings.data_dir / "index")
+        state = ServingState(
+            engine, bundle.version, bundle.aligner.cfg.vector_dim, settings.data_dir / "index"
+        )
         server = uvicorn.Server(
             uvicorn.Config(create_app(engine, state, poll_s=0.2), port=port, log_level="warning")
         )
@@ -150,6 +160,11 @@ def run_demo(
                 ranks = " -> ".join(str(f[k] or ">100") for k in ("rank_estimate", "rank_refined"))
                 summary[f"  user {f['user']}"] = f"{f['title'][:44]!r}: rank {ranks}"
             worker_losses = list(worker.fresh_losses)
+            if worker.fresh_accuracy:
+                exact, refined_n = worker.fresh_exact
+                summary["fresh items refined: token accuracy, exact rebuild"] = (
+                    f"{np.mean(worker.fresh_accuracy):.3f}, {exact} of {refined_n}"
+                )
             plots = settings.data_dir / "plots"
             alignment_curve(bundle.history, plots / "alignment_loss.png")
             fresh_vs_reference(bundle.reference_losses, worker_losses, plots / "fresh_vs_reference.png")

@@ -88,7 +88,7 @@ class ServingState:
         return cls(
             engine,
             bundle.version,
-            bundle.aligner.cfg.hidden,
+            bundle.aligner.cfg.vector_dim,
             settings.data_dir / "index",
             settings.snapshot_every_s,
             settings.hnsw_min_items,

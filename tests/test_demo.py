@@ -67,6 +67,9 @@ def test_demo_prints_the_summary_and_writes_the_plots(tmp_path, tiny_hf_folder):
     assert proc.returncode == 0, out[-3000:]
     for line in (
         "catalogue items / interactions",
+        "alignment passes, token accuracy, exact rebuild",
+        "fresh-path reference: token accuracy, exact",
+        "fresh items refined: token accuracy, exact rebuild",
         "SASRec (said) NDCG@10",
         "event -> servable seconds",
         "fresh items in their user's top-10 (refined)",

@@ -291,7 +291,7 @@ def test_disk_full_snapshot_write_keeps_serving_and_the_old_snapshot(aligned, mo
 
     engine, bundle, _llm, _tok, data = aligned
     state = ServingState(
-        engine, bundle.version, bundle.aligner.cfg.hidden, data / "index", snapshot_every_s=0.0
+        engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index", snapshot_every_s=0.0
     )
     good = state.rebuild()
     real_fsync, failures = os.fsync, []
@@ -303,7 +303,7 @@ def test_disk_full_snapshot_write_keeps_serving_and_the_old_snapshot(aligned, mo
     monkeypatch.setattr(os, "fsync", full_disk)
     add_items(engine, 24, 4)
     # the worker's embeddings arrive; refresh applies them, then its snapshot write fails
-    vecs = np.random.default_rng(1).standard_normal((4, bundle.aligner.cfg.hidden)).astype("float32")
+    vecs = np.random.default_rng(1).standard_normal((4, bundle.aligner.cfg.vector_dim)).astype("float32")
     with engine.begin() as conn:
         write_embeddings(
             conn, bundle.version, "estimate", [25, 26, 27, 28], ["h"] * 4, vecs, [None] * 4, datetime.now(UTC)

@@ -89,7 +89,7 @@ def test_new_item_enters_a_similar_users_top_k(settings, smollm_folder, llm_cach
         promoted = retrain_once(engine, bundle.version, tmp_path, RetrainConfig(epochs=20), CPU, False)
         assert promoted["promoted"]
 
-    state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, tmp_path / "index")
+    state = ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, tmp_path / "index")
     assert state.version.startswith(scorer)
     port = free_port()
     server = uvicorn.Server(

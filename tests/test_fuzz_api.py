@@ -20,7 +20,7 @@ from tests.support.catalogue import add_users
 def app(aligned):
     engine, bundle, _llm, _tok, data = aligned
     add_users(engine)
-    state = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, data / "index")
+    state = ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index")
     return create_app(engine, state)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models.aligner import (
@@ -15,10 +16,12 @@ from models.aligner import (
     fit_text_to_rows,
     greedy_reconstruct,
     pad_batch,
+    text_init_rows,
     tokenize_texts,
 )
+from models.llm import autocast
 from tests.support.tiny import CharTokenizer, tiny_llm
-from training.align import AlignConfig, fidelity, refine_fresh, train_full
+from training.align import AlignConfig, _pass_members, fidelity, refine_fresh, train_full
 
 TITLES = [
     "rose lip balm",
@@ -79,8 +82,7 @@ def test_full_alignment_lowers_loss_and_resumes_from_checkpoint(tmp_path):
     cfg.epochs = 5
     hist2 = train_full(resumed, llm, prefix, tokens, idx, cfg, CPU, 2, ckpt, progress=False)
     assert len(hist2) == 5 and hist2[:4] == hist
-    fid = fidelity(resumed.soft_tokens, llm, prefix, tokens, idx, CPU, 2, 2)
-    assert 0 <= fid["exact_match"] <= 1 and len(fid["loss"]) == len(TITLES)
+    assert hist2[-1]["trained"] == len(TITLES)
 
 
 def test_fresh_rows_leave_old_rows_and_projector_bit_identical():
@@ -111,3 +113,79 @@ def test_ridge_estimator_recovers_a_linear_map():
     rows = torch.cat([feats, torch.ones(200, 1)], 1) @ true_w
     w = fit_text_to_rows(feats, rows, l2=1e-6)
     assert torch.allclose(estimate_rows(feats, w), rows, atol=1e-3)
+
+
+def test_fidelity_counts_exact_rebuilds_and_token_accuracy():
+    # Make the targets what greedy decoding produces: then every item is rebuilt exactly
+    # and teacher forcing predicts every token; one wrong token breaks exactly one item.
+    tok, llm, prefix, _, aligner = setup()
+    keys = [1, 2, 3, 4]
+    with autocast(CPU):  # as fidelity decodes
+        targets = greedy_reconstruct(
+            llm, prefix, aligner.soft_tokens(torch.tensor(keys)), 10, tok.eos_token_id
+        )
+    fid = fidelity(aligner.soft_tokens, llm, prefix, targets, keys, CPU, 2, 2, batch_size=4)
+    assert fid["exact_match"] == 1.0 and fid["token_accuracy"] == [1.0] * 4
+    broken = [t[:] for t in targets]
+    broken[2][-1] = 3 if broken[2][-1] != 3 else 4  # the last: the context of no other token
+    fid2 = fidelity(aligner.soft_tokens, llm, prefix, broken, keys, CPU, 2, 2, batch_size=4)
+    assert fid2["exact_match"] == 0.75
+    assert fid2["token_accuracy"] == pytest.approx([1.0, 1.0, 1 - 1 / len(broken[2]), 1.0])
+
+
+def test_pass_members_skip_converged_items_and_recheck_them():
+    cfg = AlignConfig(recheck_every=3)
+    state = {"epoch": 0, "converged": [True, False, True, False]}
+    assert _pass_members(state, 4, cfg) == [1, 3]
+    state["epoch"] = 2  # the third pass re-checks every item
+    assert _pass_members(state, 4, cfg) == [0, 1, 2, 3]
+    state.update(epoch=4, converged=[True] * 4)  # all converged: a re-check pass
+    assert _pass_members(state, 4, cfg) == [0, 1, 2, 3]
+
+
+def test_alignment_ends_once_a_recheck_finds_every_item_at_the_bar():
+    tok, llm, prefix, tokens, aligner = setup()
+    idx = list(range(1, len(TITLES) + 1))
+    done = train_full(
+        aligner,
+        llm,
+        prefix,
+        tokens,
+        idx,
+        AlignConfig(epochs=6, batch_size=4, acc_bar=0.0),
+        CPU,
+        2,
+        progress=False,
+    )
+    assert [h["trained"] for h in done] == [len(TITLES)], "every item met the bar in pass 1"
+    never = train_full(
+        aligner,
+        llm,
+        prefix,
+        tokens,
+        idx,
+        AlignConfig(epochs=3, batch_size=4, acc_bar=1.01),
+        CPU,
+        2,
+        progress=False,
+    )
+    assert [h["trained"] for h in never] == [len(TITLES)] * 3
+
+
+def test_fresh_refinement_stops_at_the_target_accuracy():
+    tok, llm, prefix, tokens, aligner = setup()
+    fresh = FreshRows(aligner.projector, torch.randn(4, 16))
+    hist = refine_fresh(fresh, llm, prefix, tokens[:4], CPU, 2, epochs=5, batch_size=2, target_accuracy=0.0)
+    assert [h["trained"] for h in hist] == [4]
+    hist = refine_fresh(fresh, llm, prefix, tokens[:4], CPU, 2, epochs=3, batch_size=2, target_accuracy=1.01)
+    assert [h["trained"] for h in hist] == [4, 4, 4]
+
+
+def test_text_init_rows_keep_similar_texts_close():
+    torch.manual_seed(0)
+    base = torch.randn(3, 40)
+    feats = torch.cat([base + 0.01 * torch.randn(3, 40) for _ in range(4)])  # 4 near-copies each
+    rows = text_init_rows(feats, 8)
+    assert rows.shape == (12, 8) and abs(rows.std().item() - 1.0) < 1e-4
+    d = torch.cdist(rows, rows)
+    assert d[0, 3] < 0.1 * d[0, 1], "copies of one text start together, other texts apart"

@@ -82,7 +82,7 @@ def test_corrupt_snapshot_is_rebuilt_from_the_catalogue(served):
     engine, bundle, data, state = served
     snap = state.rebuild()
     snap.write_bytes(b"garbage")
-    again = ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, data / "index")
+    again = ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index")
     assert len(again.served.index) == 24 and again.recommend([1], 3, {1})[0]
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from core.files import save_torch
-from core.settings import setting
+from core.settings import DEFAULTS, setting
 from models.aligner import (
     FreshRows,
     ItemAligner,
@@ -27,8 +27,8 @@ from models.aligner import (
     greedy_reconstruct,
     pad_batch,
 )
-from models.llm import autocast
-from training.optim import RowAdam, batch_scaled_lr, lr_factor, row_optimizer
+from models.llm import adapter_state, autocast, load_adapter_state
+from training.optim import batch_scaled_lr, lr_factor, row_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ def train_full(
     """
     opt_rows = row_optimizer(cfg.row_optimizer, list(aligner.items.parameters()), cfg.lr_rows)
     lr_proj = batch_scaled_lr(cfg.lr_proj, cfg.batch_size)
-    opt_proj = torch.optim.Adam(aligner.projector.parameters(), lr=lr_proj)
+    adapters = [p for p in llm.parameters() if p.requires_grad]  # LoRA, when the LLM has it
+    opt_proj = torch.optim.Adam(list(aligner.projector.parameters()) + adapters, lr=lr_proj)
     n = len(tokens)
     state = {
         "epoch": 0,
@@ -133,6 +134,8 @@ def train_full(
     if checkpoint and checkpoint.exists():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
         aligner.load_state_dict(saved["aligner"])
+        if saved["adapters"]:
+            load_adapter_state(llm, saved["adapters"], trainable=True)
         opt_rows.load_state_dict(saved["opt_rows"])
         opt_proj.load_state_dict(saved["opt_proj"])
         state = saved["state"]
@@ -145,6 +148,7 @@ def train_full(
                     "aligner": aligner.state_dict(),
                     "opt_rows": opt_rows.state_dict(),
                     "opt_proj": opt_proj.state_dict(),
+                    "adapters": adapter_state(llm),
                     "state": state,
                     "config": asdict(cfg),
                 },
@@ -247,7 +251,7 @@ def refine_fresh(
     the refinement; it ends when every item has, or after ``epochs`` passes. ``after_epoch``
     runs between passes (the worker gives newly arrived items their estimate there).
     """
-    opt = RowAdam([fresh.rows], lr=lr)
+    opt = row_optimizer(DEFAULTS.align_row_optimizer, [fresh.rows], lr)  # as the catalogue's rows
     lengths = [len(t) for t in tokens]
     done = [False] * len(tokens)
     history = []

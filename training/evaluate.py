@@ -20,6 +20,8 @@ import torch
 
 from core.dataset import Dataset, load_dataset
 from core.events import item_text
+from core.settings import DEFAULTS
+from models.llm import load_llm
 from models.sasrec import SASRec, SASRecConfig
 from training.align import AlignConfig
 from training.recommender import ScorerTrainConfig, evaluate, train_scorer
@@ -79,9 +81,10 @@ def run(
     llm_spec: str | None,
     llm_cache: Path,
     align_cfg: AlignConfig,
-    k: int = 1,
-    item_dim: int = 128,
+    k: int = DEFAULTS.soft_tokens,
+    item_dim: int = DEFAULTS.item_dim,
     scorer_cfg: ScorerTrainConfig | None = None,
+    lora_rank: int = DEFAULTS.lora_rank,
     progress: bool = True,
     results_path: Path | None = None,
 ) -> dict:
@@ -99,8 +102,6 @@ def run(
     scorer_cfg = scorer_cfg or ScorerTrainConfig()
     llm = tok = None
     if "text" in variants or "said" in variants or cold_fraction:
-        from models.llm import load_llm
-
         llm, tok = load_llm(llm_spec, llm_cache, device)
     feats = text_table(llm, tok, texts, device, art / "text.pt", progress) if llm else None
 
@@ -108,7 +109,7 @@ def run(
         "dataset": str(dataset),
         "items": n,
         "users": len(seqs),
-        "align": asdict(align_cfg) | {"k": k},
+        "align": asdict(align_cfg) | {"k": k, "item_dim": item_dim, "lora_rank": lora_rank},
         "runs": [],
     }
     protocols = [("standard", set())]
@@ -120,7 +121,10 @@ def run(
         if "text" in variants:
             tables["text"] = feats
         if "said" in variants:
-            name = f"said-k{k}-{protocol}-s{align_cfg.seed}-e{align_cfg.epochs}.pt"
+            config = json.dumps(results["align"] | {"llm": llm_spec}, sort_keys=True)
+            name = f"said-{protocol}-{hashlib.sha256(config.encode()).hexdigest()[:12]}.pt"
+            if lora_rank:  # each alignment adapts its own copy of the LLM
+                llm, tok = load_llm(llm_spec, llm_cache, device, lora_rank)
             built = said_table(
                 llm, tok, texts, feats, held, align_cfg, k, item_dim, device, art / name, progress=progress
             )
@@ -145,7 +149,8 @@ def run(
 
 def _summarise_report(report: dict) -> dict:
     """Drop the per-item loss lists from what goes into the results JSON."""
-    out = {k: v for k, v in report.items() if k != "reference_losses"}
+    out = dict(report)
+    out["reference"] = {k: v for k, v in report["reference"].items() if k not in ("losses", "token_accuracy")}
     if "fresh" in out:
         fresh = dict(out["fresh"])
         for part in ("estimate", "refined"):

@@ -16,16 +16,10 @@ from pathlib import Path
 import torch
 
 from core.files import save_torch
-from models.aligner import (
-    AlignerConfig,
-    FreshRows,
-    ItemAligner,
-    Prefix,
-    estimate_rows,
-    fit_text_to_rows,
-    tokenize_texts,
-)
-from training.align import AlignConfig, fidelity, refine_fresh, train_full
+from core.settings import DEFAULTS
+from models.aligner import AlignerConfig, FreshRows, ItemAligner, Prefix, estimate_rows, tokenize_texts
+from training.align import AlignConfig, refine_fresh
+from training.fit_aligner import RefineConfig, cohort_fidelity, fit_aligner
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +51,13 @@ def said_table(
     item_dim: int,
     device: torch.device,
     out: Path,
-    fresh_epochs: int = 30,
+    refine: RefineConfig | None = None,
     progress: bool = True,
+    prompt: str = DEFAULTS.prompt,
 ) -> dict:
     """Align all items except ``held_out`` (1-based indexes), then add those incrementally.
 
-    ``text_features`` is (N+1, H), row i = item i. Returns {"vectors": (N+1, H),
+    ``text_features`` is (N+1, H), row i = item i. Returns {"vectors": (N+1, k*H),
     "aligner": state, "report": {...}}; the file caches all but the vectors, which the
     projector recomputes in milliseconds. The alignment checkpoints next to ``out`` and
     resumes after a kill; the checkpoint is removed once the table is written.
@@ -70,68 +65,44 @@ def said_table(
     if out.exists():
         saved = torch.load(out, weights_only=False)
         return saved | {"vectors": _vectors(saved["aligner"], saved["aligner_config"])}
+    refine = refine or RefineConfig()
     n = len(texts)
-    tokens = tokenize_texts(tok, texts)
-    prefix = Prefix(tok)
-    pad, eos = tok.pad_token_id, tok.eos_token_id
-    cfg = AlignerConfig(n_items=n, hidden=llm.config.hidden_size, item_dim=item_dim, k=k)
-    torch.manual_seed(acfg.seed)
-    aligner = ItemAligner(cfg).to(device)
     warm = [i for i in range(1, n + 1) if i not in held_out]
-    t0 = time.perf_counter()
-    history = train_full(
-        aligner,
+    fit = fit_aligner(
         llm,
-        prefix,
-        [tokens[i - 1] for i in warm],
+        tok,
+        [texts[i - 1] for i in warm],
         warm,
+        n,
         acfg,
+        k,
+        item_dim,
         device,
-        pad,
+        prompt,
         out.with_suffix(".ckpt"),
-        progress,
-    )
-    align_s = time.perf_counter() - t0
-    report = {
-        "config": asdict(acfg) | {"k": k, "item_dim": item_dim},
-        "history": history,
-        "align_seconds": align_s,
-        "items_aligned": len(warm),
-        "items_per_second": len(warm) * acfg.epochs / max(align_s, 1e-9),
-    }
-    fid = fidelity(
-        aligner.soft_tokens,
-        llm,
-        prefix,
-        [tokens[i - 1] for i in warm],
-        warm,
-        device,
-        pad,
-        eos,
+        refine,
         progress=progress,
     )
-    report["fidelity"] = {k_: v for k_, v in fid.items() if k_ not in ("loss", "token_accuracy")}
-    report["reference_losses"] = fid["loss"]
+    trained = sum(h["trained"] for h in fit.history)
+    report = {
+        "config": asdict(acfg) | {"k": k, "item_dim": item_dim},
+        "history": fit.history,
+        "passes": len(fit.history),
+        "align_seconds": fit.seconds,
+        "items_aligned": len(warm),
+        "items_per_second": trained / max(fit.seconds, 1e-9),
+        "fidelity": {key: v for key, v in fit.fidelity.items() if key not in ("losses", "token_accuracy")},
+        "reference": fit.reference,
+    }
     if held_out:
         report["fresh"] = _add_fresh(
-            aligner,
-            llm,
-            prefix,
-            tokens,
-            text_features,
-            sorted(held_out),
-            warm,
-            device,
-            pad,
-            eos,
-            fresh_epochs,
-            acfg.lr_rows,
+            fit, llm, tok, texts, text_features, sorted(held_out), device, refine, prompt
         )
-    state = {k_: v.cpu() for k_, v in aligner.state_dict().items()}
-    result = {"aligner": state, "aligner_config": asdict(cfg), "report": report}
+    state = {key: v.cpu() for key, v in fit.aligner.state_dict().items()}
+    result = {"aligner": state, "aligner_config": asdict(fit.aligner.cfg), "report": report}
     save_torch(result, out)
     out.with_suffix(".ckpt").unlink(missing_ok=True)
-    return result | {"vectors": _vectors(state, asdict(cfg))}
+    return result | {"vectors": _vectors(state, asdict(fit.aligner.cfg))}
 
 
 def _vectors(state: dict, config: dict) -> torch.Tensor:
@@ -140,31 +111,33 @@ def _vectors(state: dict, config: dict) -> torch.Tensor:
     return aligner.item_vectors().float()
 
 
-def _add_fresh(aligner, llm, prefix, tokens, text_features, cold, warm, device, pad, eos, epochs, lr) -> dict:
-    """The incremental path on the held-out items; compares the estimate with random init."""
-    rows = aligner.items.weight.detach()
-    w = fit_text_to_rows(text_features[warm], rows[warm].cpu())
-    est = estimate_rows(text_features[cold], w).to(device)
-    cold_tokens = [tokens[i - 1] for i in cold]
+def _add_fresh(fit, llm, tok, texts, text_features, cold, device, refine: RefineConfig, prompt: str) -> dict:
+    """The incremental path on the held-out items, as the worker runs it: the ridge
+    estimate, then refinement of their rows alone to the catalogue's token accuracy."""
+    prefix = Prefix(tok, prompt=prompt)
+    cold_tokens = tokenize_texts(tok, [texts[i - 1] for i in cold])
     local = list(range(len(cold)))
-    report = {"items": len(cold)}
+    fresh = FreshRows(fit.aligner.projector, estimate_rows(text_features[cold], fit.ridge).to(device))
 
-    def check(fresh: FreshRows) -> dict:
-        f = fidelity(fresh.soft_tokens, llm, prefix, cold_tokens, local, device, pad, eos)
-        return {k: v for k, v in f.items() if k not in ("loss", "token_accuracy")} | {"losses": f["loss"]}
+    def check() -> dict:
+        f = cohort_fidelity(fresh.soft_tokens, llm, tok, prefix, cold_tokens, local, device, len(cold))
+        return {key: v for key, v in f.items() if key != "token_accuracy"}
 
+    report = {"items": len(cold), "target_accuracy": fit.target_accuracy, "estimate": check()}
     t0 = time.perf_counter()
-    fresh = FreshRows(aligner.projector, est)
-    report["estimate"] = check(fresh)
-    report["estimate"]["seconds"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    report["refine_history"] = refine_fresh(fresh, llm, prefix, cold_tokens, device, pad, epochs, lr=lr)
-    report["refine_seconds"] = time.perf_counter() - t0
-    report["refined"] = check(fresh)
-    random_start = FreshRows(aligner.projector, torch.randn_like(est) * rows[warm].std())
-    report["random_start_history"] = refine_fresh(
-        random_start, llm, prefix, cold_tokens, device, pad, epochs, lr=lr
+    report["refine_history"] = refine_fresh(
+        fresh,
+        llm,
+        prefix,
+        cold_tokens,
+        device,
+        tok.pad_token_id,
+        refine.max_passes,
+        lr=refine.lr,
+        target_accuracy=fit.target_accuracy,
     )
+    report["refine_seconds_per_item"] = (time.perf_counter() - t0) / len(cold)
+    report["refined"] = check()
     with torch.no_grad():
-        aligner.items.weight[cold] = fresh.rows.detach()
+        fit.aligner.items.weight[cold] = fresh.rows.detach()
     return report

@@ -2,7 +2,8 @@
 
 Resumable: the training checkpoint is keyed by the set of item texts, so a killed run
 continues at the batch where it stopped. At the end the bundle (projector, table, ridge map,
-reference loss) is saved, every item gets its embedding, and the version becomes active.
+fidelity, fresh-path reference cohort) is saved, every item gets its embedding, and the
+version becomes active. See ``training.fit_aligner`` for the steps and what is measured.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from core.events import item_text
 from core.settings import DEFAULTS
 from core.tables import items
 from core.versions import record_version
-from models.aligner import AlignerConfig, ItemAligner, Prefix, fit_text_to_rows, tokenize_texts
 from models.bundle import AlignerBundle
-from models.llm import pooled_text_features
-from training.align import AlignConfig, fidelity, train_full
+from models.llm import lora_rank_of
+from training.align import AlignConfig
+from training.fit_aligner import RefineConfig, fit_aligner
 from updater.leases import complete_jobs, lease_jobs
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ def align_catalogue(
     item_dim: int,
     progress: bool = True,
     prompt: str = DEFAULTS.prompt,
+    refine: RefineConfig | None = None,
 ) -> AlignerBundle:
     """Align all catalogue items and activate the result; see the module docstring."""
     owner = f"align-{int(time.time())}"
@@ -55,51 +57,53 @@ def align_catalogue(
     texts = [item_text(r.title, r.description) for r in rows]
     idx = [r.idx for r in rows]
     key = hashlib.sha256("\n".join(r.text_hash for r in rows).encode()).hexdigest()[:12]
-    tokens = tokenize_texts(tok, texts)
-    prefix = Prefix(tok, prompt=prompt)
-    torch.manual_seed(acfg.seed)
-    cfg = AlignerConfig(n_items=max(idx), hidden=llm.config.hidden_size, item_dim=item_dim, k=k)
-    aligner = ItemAligner(cfg).to(device)
     ckpt = data_dir / "align" / f"checkpoint-{key}-k{k}.pt"
-    history = train_full(aligner, llm, prefix, tokens, idx, acfg, device, tok.pad_token_id, ckpt, progress)
-    fid = fidelity(
-        aligner.soft_tokens,
-        llm,
-        prefix,
-        tokens,
-        idx,
-        device,
-        tok.pad_token_id,
-        tok.eos_token_id,
-        reconstruct=False,
-        progress=progress,
+    fit = fit_aligner(
+        llm, tok, texts, idx, max(idx), acfg, k, item_dim, device, prompt, ckpt, refine, progress=progress
     )
-    feats = pooled_text_features(llm, tok, texts, device, progress=progress)
-    ridge = fit_text_to_rows(feats, aligner.items.weight.detach()[idx].cpu())
     version = datetime.now(UTC).strftime("said-%Y%m%d%H%M%S")
+    summary = {key_: v for key_, v in fit.fidelity.items() if key_ not in ("losses", "token_accuracy")}
     bundle = AlignerBundle(
-        version, aligner.requires_grad_(False), ridge, fid["mean_loss"], prompt, history, fid["loss"]
+        version,
+        fit.aligner,
+        fit.ridge,
+        prompt,
+        fit.history,
+        summary,
+        fit.reference,
+        fit.adapters,
+        lora_rank_of(llm),
     )
     path = bundle.save(data_dir / "aligner")
-    vectors = aligner.item_vectors()[idx].float().cpu().numpy()
+    vectors = fit.aligner.item_vectors()[idx].float().cpu().numpy()
     now = datetime.now(UTC)
     with engine.begin() as conn:
-        write_embeddings(conn, version, "full", idx, [r.text_hash for r in rows], vectors, fid["loss"], now)
+        losses = fit.fidelity["losses"]
+        write_embeddings(conn, version, "full", idx, [r.text_hash for r in rows], vectors, losses, now)
         complete_jobs(conn, owner, leases)
         record_version(
             conn,
             "aligner",
             version,
             path,
-            {"mean_loss": fid["mean_loss"], "token_accuracy": fid["mean_token_accuracy"], "items": len(idx)},
+            summary | {"passes": len(fit.history), "align_seconds": fit.seconds},
             "active",
         )
     ckpt.unlink(missing_ok=True)
+    ref = fit.reference
     log.info(
-        "aligner %s active: %d items, mean loss %.3f, token accuracy %.3f",
+        "aligner %s active: %d items after %d passes (%.0f s): token accuracy %.3f, exact %.3f "
+        "(%d items decoded), loss %.3f; fresh-path reference: token accuracy %.3f, exact %.3f, %.1f s/item",
         version,
         len(idx),
-        fid["mean_loss"],
-        fid["mean_token_accuracy"],
+        len(fit.history),
+        fit.seconds,
+        summary["mean_token_accuracy"],
+        summary["exact_match"],
+        summary["exact_items"],
+        summary["mean_loss"],
+        ref["mean_token_accuracy"],
+        ref["exact_match"],
+        ref["seconds_per_item"],
     )
     return bundle

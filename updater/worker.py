@@ -5,7 +5,8 @@ Per leased micro-batch of pending items (new ones are leased between refinement 
      the vectors are written (kind ``estimate``) at once; every scorer replica picks them
      up from the catalogue within its poll period, so the item is recommendable in seconds;
   2. **refine**: the rows alone are trained against the frozen LLM and projector (no old row
-     or projector weight changes), written again (kind ``refined``) with their loss;
+     or projector weight changes) until each reaches the catalogue's token accuracy (or
+     ``refine_epochs`` passes), written again (kind ``refined``) with their loss;
   3. the jobs are completed, and loss, drift and freshness metrics are exported.
 The worker reads the catalogue, never Kafka, so long CPU/GPU steps cannot get a consumer
 evicted from its group; it owns no index (scorer replicas derive theirs from the catalogue).
@@ -29,7 +30,7 @@ from core import metrics
 from core.catalogue import write_embeddings
 from core.db import is_outage
 from core.settings import setting
-from models.aligner import FreshRows, Prefix, estimate_rows, tokenize_texts
+from models.aligner import FreshRows, Prefix, estimate_rows, item_vector, tokenize_texts
 from models.bundle import AlignerBundle
 from models.llm import pooled_text_features
 from training.align import fidelity, refine_fresh
@@ -68,9 +69,12 @@ class UpdateWorker:
         self.cfg = cfg or WorkerConfig()
         self.owner = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.prefix = Prefix(tok, prompt=bundle.prompt)
+        metrics.REFERENCE_TOKEN_ACCURACY.set(bundle.reference["mean_token_accuracy"])
         self.stopping = False
         self.done = 0
         self.fresh_losses: list[float] = []  # recent refined losses (the drift numerator)
+        self.fresh_accuracy: list[float] = []  # recent refined token accuracies
+        self.fresh_exact = [0, 0]  # refined items rebuilt exactly by greedy decoding, of all
         # estimated, leased, not yet refined: (leases, rows), oldest first
         self.backlog: list[tuple[list[Lease], torch.Tensor]] = []
 
@@ -170,7 +174,7 @@ class UpdateWorker:
         feats = pooled_text_features(self.llm, self.tok, [x.text for x in leases], self.device)
         rows = estimate_rows(feats, self.bundle.ridge).to(self.device)  # (B, d)
         with torch.no_grad():
-            vectors = self.bundle.aligner.projector(rows).mean(1).float().cpu().numpy()
+            vectors = item_vector(self.bundle.aligner.projector(rows)).float().cpu().numpy()
         self._publish(leases, vectors, "estimate", [None] * len(leases))
         now = datetime.now(UTC)
         for x in leases:
@@ -190,20 +194,36 @@ class UpdateWorker:
             pad,
             self.cfg.refine_epochs,
             lr=self.cfg.refine_lr,
+            target_accuracy=self.bundle.target_accuracy,
             after_epoch=self._between_passes,
         )
         local = list(range(len(leases)))
-        losses = fidelity(
-            fresh.soft_tokens, self.llm, self.prefix, tokens, local, self.device, pad, eos, reconstruct=False
-        )["loss"]
+        fid = fidelity(fresh.soft_tokens, self.llm, self.prefix, tokens, local, self.device, pad, eos)
         with torch.no_grad():
-            vectors = fresh.soft_tokens(torch.tensor(local, device=self.device)).mean(1)
-        self._publish(leases, vectors.float().cpu().numpy(), "refined", losses)
-        for loss in losses:
+            vectors = item_vector(fresh.soft_tokens(torch.tensor(local, device=self.device)))
+        self._publish(leases, vectors.float().cpu().numpy(), "refined", fid["loss"])
+        for loss, acc in zip(fid["loss"], fid["token_accuracy"], strict=True):
             metrics.ALIGNMENT_LOSS.labels("fresh").observe(loss)
-        self.fresh_losses = (self.fresh_losses + losses)[-1000:]
+            metrics.TOKEN_ACCURACY.labels("fresh").observe(acc)
+        metrics.RECONSTRUCTED.labels("fresh", "exact").inc(round(fid["exact_match"] * len(leases)))
+        metrics.RECONSTRUCTED.labels("fresh", "inexact").inc(
+            len(leases) - round(fid["exact_match"] * len(leases))
+        )
+        self.fresh_losses = (self.fresh_losses + fid["loss"])[-1000:]
+        self.fresh_accuracy = (self.fresh_accuracy + fid["token_accuracy"])[-1000:]
+        exact = round(fid["exact_match"] * len(leases))
+        self.fresh_exact = [self.fresh_exact[0] + exact, self.fresh_exact[1] + len(leases)]
+        # like with like: the reference cohort went through this same path to the same bar
         ratio = float(np.mean(self.fresh_losses)) / max(self.bundle.reference_loss, 1e-9)
         metrics.DRIFT_RATIO.set(ratio)
+        metrics.RECONSTRUCTED.labels("fresh", "exact").inc(exact)
+        metrics.RECONSTRUCTED.labels("fresh", "inexact").inc(len(leases) - exact)
         log.info(
-            "refined %d items: mean loss %.3f, drift ratio %.2f", len(leases), float(np.mean(losses)), ratio
+            "refined %d items: token accuracy %.3f (bar %.3f), exact %.2f, loss %.3f, drift ratio %.2f",
+            len(leases),
+            fid["mean_token_accuracy"],
+            self.bundle.target_accuracy,
+            fid["exact_match"],
+            fid["mean_loss"],
+            ratio,
         )

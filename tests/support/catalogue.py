@@ -68,5 +68,5 @@ def served(aligned):
         engine,
         bundle,
         data,
-        ServingState(engine, bundle.version, bundle.aligner.cfg.hidden, data / "index"),
+        ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index"),
     )
