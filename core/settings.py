@@ -55,19 +55,28 @@ class Settings(BaseSettings):
     align_batch: int = Field(16, ge=1, description="Items per alignment step.")
     align_lr_rows: float = Field(0.3, gt=0, description="Rate of the item rows (one step a pass).")
     align_lr_proj: float = Field(1e-2, gt=0, description="Projector rate at batch 16 (sqrt-scaled).")
-    align_row_optimizer: str = Field("adagrad", description="rowadam | adagrad | sparseadam.")
+    align_row_optimizer: str = Field("adagrad", description="rowadam, adagrad or sparseadam.")
     align_lr_final: float = Field(0.1, gt=0, le=1, description="Cosine decay of the rates to this.")
     align_warmup: float = Field(0.05, ge=0, lt=1, description="Projector warm-up, share of the run.")
     align_acc_bar: float = Field(1.0, gt=0, le=1.01, description="Token accuracy that ends an item.")
     align_recheck_every: int = Field(3, ge=1, description="Passes between re-checks of done items.")
     align_checkpoint_every_s: float = Field(120.0, gt=0, description="Mid-pass checkpoint period.")
     align_seed: int = Field(0, description="Seed of the alignment.")
+    fidelity_exact_items: int = Field(
+        512, ge=1, description="Items greedily decoded to measure exact rebuild."
+    )
+    reference_items: int = Field(
+        32, ge=1, description="Catalogue items put through the fresh path as reference."
+    )
 
     # --- streaming worker (`said update`) --------------------------------------------
     worker_batch: int = Field(16, ge=1, description="Items leased per micro-batch.")
     worker_lease_ttl_s: float = Field(600.0, gt=0, description="A crashed worker's items return after.")
     refine_epochs: int = Field(20, ge=1, description="Most refinement passes over a micro-batch.")
     refine_lr: float = Field(0.3, gt=0, description="Rate of the fresh rows.")
+    refine_target_accuracy: float | None = Field(
+        None, gt=0, le=1.01, description="Token accuracy fresh rows are refined to; unset = the catalogue's."
+    )
 
     # --- scorer and retraining ------------------------------------------------------
     retrain_min_interactions: int = Field(10_000, ge=1, description="New interactions -> retrain.")
@@ -82,6 +91,10 @@ class Settings(BaseSettings):
     scorer_eval_every: int = Field(2, ge=1, description="Epochs between validations.")
     hnsw_min_items: int = Field(50_000, ge=1, description="Index size from which HNSW replaces exact search.")
     snapshot_every_s: float = Field(300.0, gt=0, description="Scorer's index snapshot period (seconds).")
+    api_port: int = Field(8000, ge=1, le=65535, description="Port of `said serve` and the demo's API.")
+    demo_items: int = Field(500, ge=10, description="Size of the demo's item slice.")
+    demo_align_epochs: int = Field(4, ge=1, description="Most alignment passes in the demo.")
+    demo_fresh: int = Field(5, ge=1, description="Brand-new items the demo publishes.")
     api_token: SecretStr | None = Field(None, description="If set, /recommend needs this bearer token.")
 
     # --- observability -------------------------------------------------------------

@@ -329,16 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="the HTTP scorer")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=int, default=s.api_port)
     sv.add_argument("--workers", type=int, default=1, help="processes; one per core")
     sv.set_defaults(fn=_cmd_serve)
 
     dm = sub.add_parser("demo", help="the pipeline end to end on the embedded defaults")
     dm.add_argument("--dataset", default=None, help="default: ../shared/data/amazon-beauty")
-    dm.add_argument("--items", type=int, default=500, help="size of the item slice")
-    dm.add_argument("--align-epochs", type=int, default=4, help="passes of the full alignment")
-    dm.add_argument("--fresh", type=int, default=5, help="brand-new items to publish")
-    dm.add_argument("--port", type=int, default=8000, help="scorer API port")
+    dm.add_argument("--items", type=int, default=s.demo_items, help="size of the item slice")
+    dm.add_argument("--align-epochs", type=int, default=s.demo_align_epochs, help="most alignment passes")
+    dm.add_argument("--fresh", type=int, default=s.demo_fresh, help="brand-new items to publish")
+    dm.add_argument("--port", type=int, default=s.api_port, help="scorer API port")
     dm.add_argument("--keep-serving", action="store_true", help="leave the API up at the end")
     dm.set_defaults(fn=_cmd_demo)
     return p

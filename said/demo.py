@@ -50,8 +50,8 @@ def run_demo(
     dataset: Path,
     n_items: int,
     align_epochs: int,
-    n_fresh: int = 5,
-    port: int = 8000,
+    n_fresh: int,
+    port: int,
     keep_serving: bool = False,
 ) -> dict[str, object]:
     """Run the pipeline once and return the summary it prints."""

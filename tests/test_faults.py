@@ -202,7 +202,9 @@ def test_postgres_restarted_while_the_worker_holds_a_lease(pg, tiny_hf_folder, t
         engine, llm, tok, cpu, tmp_path, AlignConfig(epochs=1, batch_size=8), k=1, item_dim=16, progress=False
     )
     add_items(engine, 16, 8)
-    worker = UpdateWorker(engine, bundle, llm, tok, cpu, WorkerConfig(batch=8, refine_epochs=400))
+    worker = UpdateWorker(
+        engine, bundle, llm, tok, cpu, WorkerConfig(batch=8, refine_epochs=400, target_accuracy=1.01)
+    )
     thread = threading.Thread(target=worker.run, kwargs={"idle_exit": 2.0})
     thread.start()
     _wait(lambda: _kinds(engine) == ["estimate"] * 8, 60, "worker estimated and leased")

@@ -189,3 +189,23 @@ def test_text_init_rows_keep_similar_texts_close():
     assert rows.shape == (12, 8) and abs(rows.std().item() - 1.0) < 1e-4
     d = torch.cdist(rows, rows)
     assert d[0, 3] < 0.1 * d[0, 1], "copies of one text start together, other texts apart"
+
+
+def test_a_checkpoint_of_another_config_is_refused(tmp_path):
+    tok, llm, prefix, tokens, aligner = setup()
+    idx = list(range(1, len(TITLES) + 1))
+    ckpt = tmp_path / "align.pt"
+    train_full(aligner, llm, prefix, tokens, idx, AlignConfig(epochs=1, batch_size=4), CPU, 2, ckpt, False)
+    with pytest.raises(ValueError, match="lr_rows"):
+        train_full(
+            aligner,
+            llm,
+            prefix,
+            tokens,
+            idx,
+            AlignConfig(epochs=2, batch_size=4, lr_rows=0.01),
+            CPU,
+            2,
+            ckpt,
+            False,
+        )

@@ -106,7 +106,9 @@ def test_killed_worker_lease_expires_and_another_finishes(aligned, tiny_hf_folde
 def test_a_new_item_is_estimated_while_another_batch_refines(aligned):
     engine, bundle, llm, tok, _ = aligned
     add_items(engine, 24, 4)
-    worker = UpdateWorker(engine, bundle, llm, tok, CPU, WorkerConfig(batch=4, refine_epochs=100_000))
+    worker = UpdateWorker(
+        engine, bundle, llm, tok, CPU, WorkerConfig(batch=4, refine_epochs=100_000, target_accuracy=1.01)
+    )
     thread = threading.Thread(target=worker.run)
     thread.start()
     try:

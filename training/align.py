@@ -94,6 +94,18 @@ def _pass_members(state: dict, n: int, cfg: AlignConfig) -> list[int]:
     return list(range(n)) if recheck or not active else active
 
 
+def _check_resumable(saved: dict, wanted: dict, path: Path) -> None:
+    """A checkpoint resumes only the run it came from; more passes may be asked for."""
+    differ = sorted(
+        k for k in saved.keys() | wanted.keys() if k != "epochs" and saved.get(k) != wanted.get(k)
+    )
+    if differ:
+        raise ValueError(
+            f"{path} was written with another alignment config ({', '.join(differ)} differ): "
+            "remove it to start afresh, or run with the same settings"
+        )
+
+
 def train_full(
     aligner: ItemAligner,
     llm: nn.Module,
@@ -133,6 +145,7 @@ def train_full(
     }
     if checkpoint and checkpoint.exists():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        _check_resumable(saved["config"], asdict(cfg), checkpoint)
         aligner.load_state_dict(saved["aligner"])
         if saved["adapters"]:
             load_adapter_state(llm, saved["adapters"], trainable=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from core.settings import setting
+from core.settings import DEFAULTS, setting
 from models.aligner import (
     AlignerConfig,
     FreshRows,
@@ -75,8 +75,8 @@ def fit_aligner(
     prompt: str,
     checkpoint: Path | None = None,
     refine: RefineConfig | None = None,
-    exact_sample: int = 512,
-    reference_items: int = 32,
+    exact_sample: int = DEFAULTS.fidelity_exact_items,
+    reference_items: int = DEFAULTS.reference_items,
     progress: bool = True,
 ) -> FittedAligner:
     """Align ``texts`` (item ``keys[i]`` has ``texts[i]``) in a table of ``n_rows`` rows."""

@@ -47,6 +47,7 @@ class WorkerConfig:
     lease_ttl_s: float = setting("worker_lease_ttl_s")
     refine_epochs: int = setting("refine_epochs")
     refine_lr: float = setting("refine_lr")
+    target_accuracy: float | None = setting("refine_target_accuracy")  # None: the catalogue's
     retry_max_s: float = setting("db_retry_max_s")  # cap of the database-outage backoff
 
 
@@ -69,6 +70,7 @@ class UpdateWorker:
         self.cfg = cfg or WorkerConfig()
         self.owner = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.prefix = Prefix(tok, prompt=bundle.prompt)
+        self.target_accuracy = self.cfg.target_accuracy or bundle.target_accuracy
         metrics.REFERENCE_TOKEN_ACCURACY.set(bundle.reference["mean_token_accuracy"])
         self.stopping = False
         self.done = 0
@@ -194,7 +196,7 @@ class UpdateWorker:
             pad,
             self.cfg.refine_epochs,
             lr=self.cfg.refine_lr,
-            target_accuracy=self.bundle.target_accuracy,
+            target_accuracy=self.target_accuracy,
             after_epoch=self._between_passes,
         )
         local = list(range(len(leases)))
@@ -222,7 +224,7 @@ class UpdateWorker:
             "refined %d items: token accuracy %.3f (bar %.3f), exact %.2f, loss %.3f, drift ratio %.2f",
             len(leases),
             fid["mean_token_accuracy"],
-            self.bundle.target_accuracy,
+            self.target_accuracy,
             fid["exact_match"],
             fid["mean_loss"],
             ratio,
