@@ -32,7 +32,7 @@ from core.settings import from_settings, get_settings
 from models.aligner import Prefix, tokenize_texts
 from models.llm import autocast, load_llm, pick_device
 from training.align import AlignConfig
-from training.fit_aligner import RefineConfig
+from training.fit_aligner import FidelityConfig, RefineConfig
 from training.variants import said_table, text_table
 
 
@@ -90,6 +90,7 @@ def main() -> None:
         args.out / "said.pt",
         from_settings(RefineConfig, settings),
         prompt=settings.prompt,
+        fidelity_cfg=from_settings(FidelityConfig, settings),
     )
     rep = built["report"]
     tokens = tokenize_texts(tok, texts)

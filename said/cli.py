@@ -81,6 +81,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from models.llm import pick_device
     from training.align import AlignConfig
     from training.evaluate import format_table, run, write_results
+    from training.fit_aligner import FidelityConfig, RefineConfig
     from training.recommender import ScorerTrainConfig
 
     settings = get_settings()
@@ -98,6 +99,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         k=settings.soft_tokens,
         item_dim=settings.item_dim,
         lora_rank=settings.lora_rank,
+        prompt=settings.prompt,
+        refine=from_settings(RefineConfig, settings),
+        fidelity_cfg=from_settings(FidelityConfig, settings),
         scorer_cfg=from_settings(ScorerTrainConfig, settings, epochs=args.scorer_epochs),
     )
     out = args.out or settings.data_dir / "results" / f"evaluate-{'-'.join(args.variant)}.json"
@@ -136,6 +140,7 @@ def _load_llm(settings, lora_rank: int):
 def _cmd_align(args: argparse.Namespace) -> int:
     from core.db import make_engine
     from training.align import AlignConfig
+    from training.fit_aligner import FidelityConfig, RefineConfig
     from updater.full_align import align_catalogue
 
     settings = get_settings()
@@ -151,6 +156,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
         settings.soft_tokens,
         settings.item_dim,
         prompt=settings.prompt,
+        refine=from_settings(RefineConfig, settings),
+        fidelity_cfg=from_settings(FidelityConfig, settings),
     )
     return 0
 

@@ -37,6 +37,7 @@ from said.produce import produce_events, replay_dataset
 from scorer.app import create_app
 from scorer.state import ServingState
 from training.align import AlignConfig
+from training.fit_aligner import FidelityConfig, RefineConfig
 from updater.full_align import align_catalogue
 from updater.retrain import RetrainConfig, retrain_once, run_retrainer
 from updater.worker import UpdateWorker, WorkerConfig
@@ -91,6 +92,8 @@ def run_demo(
             settings.soft_tokens,
             settings.item_dim,
             prompt=settings.prompt,
+            refine=from_settings(RefineConfig, settings),
+            fidelity_cfg=from_settings(FidelityConfig, settings),
         )
         summary["alignment seconds"] = round(time.perf_counter() - t0, 1)
         fid, ref = bundle.fidelity, bundle.reference
@@ -115,7 +118,12 @@ def run_demo(
         summary["random ranking NDCG@10 (same items)"] = f"{_random_ndcg(len(ds.item_ids)):.4f}"
 
         state = ServingState(
-            engine, bundle.version, bundle.aligner.cfg.vector_dim, settings.data_dir / "index"
+            engine,
+            bundle.version,
+            bundle.aligner.cfg.vector_dim,
+            settings.data_dir / "index",
+            settings.snapshot_every_s,
+            settings.hnsw_min_items,
         )
         server = uvicorn.Server(
             uvicorn.Config(create_app(engine, state, poll_s=0.2), port=port, log_level="warning")

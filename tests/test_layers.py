@@ -19,20 +19,29 @@ ALSO_ALLOWED = {("updater", "training"), ("migrations", "core"), ("said", "migra
 PROJECT = set(RANK) | {"migrations", "tests", "benchmarks"}
 
 
-def project_imports(path: Path) -> set[str]:
-    """Top-level project packages that ``path`` imports, anywhere in the file."""
+def project_imports(path: Path, root: Path) -> set[str]:
+    """Top-level project packages that ``path`` imports, anywhere in the file (relative
+    imports resolved against the file's own package)."""
     found = set()
+    package = path.relative_to(root).parts[:-1]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - node.level + 1]
+            names = [".".join([*base, node.module] if node.module else base)]
+        elif isinstance(node, ast.ImportFrom) and node.module:
             names = [node.module]
         else:
             continue
         # the test harness (tests.support: throwaway PostgreSQL, tiny models) is its own node,
         # so benchmarks may share it without depending on test modules
         found |= {
-            "tests.support" if n.startswith("tests.support") else n.split(".")[0]
+            "tests.support"
+            if n.startswith("tests.support")
+            else "tests.test"
+            if n.startswith("tests.test")
+            else n.split(".")[0]
             for n in names
             if n.split(".")[0] in PROJECT
         }
@@ -42,6 +51,8 @@ def project_imports(path: Path) -> set[str]:
 def allowed(src: str, dst: str) -> bool:
     if src == dst or (src, dst) in ALSO_ALLOWED:
         return True
+    if dst == "tests.test":
+        return False  # test modules share fixtures through conftest and tests/support only
     if src in ("tests", "benchmarks"):
         return dst != "tests" or src == "tests"  # "tests.support" is not "tests"
     if src not in RANK or dst not in RANK:
@@ -50,10 +61,14 @@ def allowed(src: str, dst: str) -> bool:
 
 
 def violations(root: Path) -> list[str]:
-    out = []
+    out = [
+        f"{d.name}/ is a package of no known layer"
+        for d in sorted(root.iterdir())
+        if d.is_dir() and (d / "__init__.py").exists() and d.name not in PROJECT
+    ]
     for package in sorted(PROJECT):
         for path in sorted((root / package).rglob("*.py")):
-            for dst in sorted(project_imports(path)):
+            for dst in sorted(project_imports(path, root)):
                 if not allowed(package, dst):
                     out.append(f"{path.relative_to(root)} imports {dst}")
     return out
@@ -63,9 +78,24 @@ def test_every_import_points_down_the_layers():
     assert violations(ROOT) == []
 
 
-def test_the_checker_catches_an_upward_and_a_sideways_import(tmp_path):
-    # the guard itself: a kernel module importing a service, and scorer importing updater
-    for package, source in [("core", "from scorer.app import x\n"), ("scorer", "import updater.worker\n")]:
-        (tmp_path / package).mkdir()
-        (tmp_path / package / "bad.py").write_text(f"def f():\n    {source}")
-    assert violations(tmp_path) == ["core/bad.py imports scorer", "scorer/bad.py imports updater"]
+def test_the_checker_catches_upward_sideways_relative_and_test_imports(tmp_path):
+    # the guard itself: a kernel module importing a service, scorer importing updater (once
+    # by a relative import), a test module importing another, and a package of no layer
+    cases = [
+        ("core", "from scorer.app import x"),
+        ("scorer", "import updater.worker"),
+        ("scorer/sub", "from ...updater import worker"),
+        ("tests", "from tests.test_x import helper"),
+        ("extra", "import core"),
+    ]
+    for package, source in cases:
+        (tmp_path / package).mkdir(parents=True)
+        (tmp_path / package / "__init__.py").write_text("")
+        (tmp_path / package / "bad.py").write_text(f"def f():\n    {source}\n")
+    assert violations(tmp_path) == [
+        "extra/ is a package of no known layer",
+        "core/bad.py imports scorer",
+        "scorer/bad.py imports updater",
+        "scorer/sub/bad.py imports updater",
+        "tests/bad.py imports tests.test",
+    ]

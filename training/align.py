@@ -251,9 +251,10 @@ def refine_fresh(
     device: torch.device,
     pad_id: int,
     epochs: int,
-    batch_size: int = 16,
-    lr: float = 0.2,
+    batch_size: int = DEFAULTS.worker_batch,
+    lr: float = DEFAULTS.refine_lr,
     target_accuracy: float | None = None,
+    optimizer: str = DEFAULTS.align_row_optimizer,
     progress: bool = False,
     after_epoch: Callable[[], object] | None = None,
 ) -> list[dict]:
@@ -264,7 +265,7 @@ def refine_fresh(
     the refinement; it ends when every item has, or after ``epochs`` passes. ``after_epoch``
     runs between passes (the worker gives newly arrived items their estimate there).
     """
-    opt = row_optimizer(DEFAULTS.align_row_optimizer, [fresh.rows], lr)  # as the catalogue's rows
+    opt = row_optimizer(optimizer, [fresh.rows], lr)
     lengths = [len(t) for t in tokens]
     done = [False] * len(tokens)
     history = []

@@ -24,6 +24,7 @@ from core.settings import DEFAULTS
 from models.llm import load_llm
 from models.sasrec import SASRec, SASRecConfig
 from training.align import AlignConfig
+from training.fit_aligner import FidelityConfig, RefineConfig
 from training.recommender import ScorerTrainConfig, evaluate, train_scorer
 from training.variants import said_table, text_table
 
@@ -85,6 +86,9 @@ def run(
     item_dim: int = DEFAULTS.item_dim,
     scorer_cfg: ScorerTrainConfig | None = None,
     lora_rank: int = DEFAULTS.lora_rank,
+    prompt: str = DEFAULTS.prompt,
+    refine: RefineConfig | None = None,
+    fidelity_cfg: FidelityConfig | None = None,
     progress: bool = True,
     results_path: Path | None = None,
 ) -> dict:
@@ -109,7 +113,9 @@ def run(
         "dataset": str(dataset),
         "items": n,
         "users": len(seqs),
-        "align": asdict(align_cfg) | {"k": k, "item_dim": item_dim, "lora_rank": lora_rank},
+        "align": asdict(align_cfg)
+        | {"k": k, "item_dim": item_dim, "lora_rank": lora_rank, "prompt": prompt}
+        | {"refine": asdict(refine or RefineConfig()), "fidelity": asdict(fidelity_cfg or FidelityConfig())},
         "runs": [],
     }
     protocols = [("standard", set())]
@@ -126,7 +132,20 @@ def run(
             if lora_rank:  # each alignment adapts its own copy of the LLM
                 llm, tok = load_llm(llm_spec, llm_cache, device, lora_rank)
             built = said_table(
-                llm, tok, texts, feats, held, align_cfg, k, item_dim, device, art / name, progress=progress
+                llm,
+                tok,
+                texts,
+                feats,
+                held,
+                align_cfg,
+                k,
+                item_dim,
+                device,
+                art / name,
+                refine,
+                progress,
+                prompt,
+                fidelity_cfg,
             )
             tables["said"] = built["vectors"]
             results[f"said_report_{protocol}"] = _summarise_report(built["report"])

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from core.settings import DEFAULTS, setting
+from core.settings import setting
 from models.aligner import (
     AlignerConfig,
     FreshRows,
@@ -44,6 +44,15 @@ class RefineConfig:
 
     max_passes: int = setting("refine_epochs")
     lr: float = setting("refine_lr")
+    optimizer: str = setting("align_row_optimizer")  # as the catalogue's rows
+
+
+@dataclass
+class FidelityConfig:
+    """How much fidelity is measured; defaults live in ``core.settings``."""
+
+    exact_items: int = setting("fidelity_exact_items")  # greedily decoded (the slow part)
+    reference_items: int = setting("reference_items")  # catalogue items put through the fresh path
 
 
 @dataclass
@@ -75,12 +84,11 @@ def fit_aligner(
     prompt: str,
     checkpoint: Path | None = None,
     refine: RefineConfig | None = None,
-    exact_sample: int = DEFAULTS.fidelity_exact_items,
-    reference_items: int = DEFAULTS.reference_items,
+    fidelity_cfg: FidelityConfig | None = None,
     progress: bool = True,
 ) -> FittedAligner:
     """Align ``texts`` (item ``keys[i]`` has ``texts[i]``) in a table of ``n_rows`` rows."""
-    refine = refine or RefineConfig()
+    refine, fcfg = refine or RefineConfig(), fidelity_cfg or FidelityConfig()
     tokens = tokenize_texts(tok, texts)
     prefix = Prefix(tok, prompt=prompt)
     feats = pooled_text_features(llm, tok, texts, device, progress=progress)  # (N, H)
@@ -99,12 +107,14 @@ def fit_aligner(
     aligner.requires_grad_(False)
     llm.requires_grad_(False)  # LoRA (if any) is part of the aligner from here on
     fid = cohort_fidelity(
-        aligner.soft_tokens, llm, tok, prefix, tokens, keys, device, exact_sample, acfg.seed
+        aligner.soft_tokens, llm, tok, prefix, tokens, keys, device, fcfg.exact_items, acfg.seed
     )
     rows = aligner.items.weight.detach()[keys].cpu()
     ridge = fit_text_to_rows(feats, rows)
 
-    pick = sorted(random.Random(acfg.seed).sample(range(len(keys)), min(reference_items, len(keys) // 2)))
+    pick = sorted(
+        random.Random(acfg.seed).sample(range(len(keys)), min(fcfg.reference_items, len(keys) // 2))
+    )
     rest = sorted(set(range(len(keys))) - set(pick))
     held_ridge = fit_text_to_rows(feats[rest], rows[rest])
     fresh = FreshRows(aligner.projector, estimate_rows(feats[pick], held_ridge).to(device))
@@ -120,6 +130,7 @@ def fit_aligner(
         refine.max_passes,
         lr=refine.lr,
         target_accuracy=fid["mean_token_accuracy"],
+        optimizer=refine.optimizer,
     )
     per_item_s = (time.perf_counter() - t1) / max(1, len(pick))
     local = list(range(len(pick)))

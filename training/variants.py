@@ -19,7 +19,7 @@ from core.files import save_torch
 from core.settings import DEFAULTS
 from models.aligner import AlignerConfig, FreshRows, ItemAligner, Prefix, estimate_rows, tokenize_texts
 from training.align import AlignConfig, refine_fresh
-from training.fit_aligner import RefineConfig, cohort_fidelity, fit_aligner
+from training.fit_aligner import FidelityConfig, RefineConfig, cohort_fidelity, fit_aligner
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ def said_table(
     refine: RefineConfig | None = None,
     progress: bool = True,
     prompt: str = DEFAULTS.prompt,
+    fidelity_cfg: FidelityConfig | None = None,
 ) -> dict:
     """Align all items except ``held_out`` (1-based indexes), then add those incrementally.
 
@@ -81,6 +82,7 @@ def said_table(
         prompt,
         out.with_suffix(".ckpt"),
         refine,
+        fidelity_cfg,
         progress=progress,
     )
     trained = sum(h["trained"] for h in fit.history)
@@ -134,6 +136,7 @@ def _add_fresh(fit, llm, tok, texts, text_features, cold, device, refine: Refine
         tok.pad_token_id,
         refine.max_passes,
         lr=refine.lr,
+        optimizer=refine.optimizer,
         target_accuracy=fit.target_accuracy,
     )
     report["refine_seconds_per_item"] = (time.perf_counter() - t0) / len(cold)

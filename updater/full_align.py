@@ -26,7 +26,7 @@ from core.versions import record_version
 from models.bundle import AlignerBundle
 from models.llm import lora_rank_of
 from training.align import AlignConfig
-from training.fit_aligner import RefineConfig, fit_aligner
+from training.fit_aligner import FidelityConfig, RefineConfig, fit_aligner
 from updater.leases import complete_jobs, lease_jobs
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ def align_catalogue(
     progress: bool = True,
     prompt: str = DEFAULTS.prompt,
     refine: RefineConfig | None = None,
+    fidelity_cfg: FidelityConfig | None = None,
 ) -> AlignerBundle:
     """Align all catalogue items and activate the result; see the module docstring."""
     owner = f"align-{int(time.time())}"
@@ -59,7 +60,20 @@ def align_catalogue(
     key = hashlib.sha256("\n".join(r.text_hash for r in rows).encode()).hexdigest()[:12]
     ckpt = data_dir / "align" / f"checkpoint-{key}-k{k}.pt"
     fit = fit_aligner(
-        llm, tok, texts, idx, max(idx), acfg, k, item_dim, device, prompt, ckpt, refine, progress=progress
+        llm,
+        tok,
+        texts,
+        idx,
+        max(idx),
+        acfg,
+        k,
+        item_dim,
+        device,
+        prompt,
+        ckpt,
+        refine,
+        fidelity_cfg,
+        progress,
     )
     version = datetime.now(UTC).strftime("said-%Y%m%d%H%M%S")
     summary = {key_: v for key_, v in fit.fidelity.items() if key_ not in ("losses", "token_accuracy")}

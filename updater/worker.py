@@ -48,6 +48,7 @@ class WorkerConfig:
     refine_epochs: int = setting("refine_epochs")
     refine_lr: float = setting("refine_lr")
     target_accuracy: float | None = setting("refine_target_accuracy")  # None: the catalogue's
+    row_optimizer: str = setting("align_row_optimizer")  # fresh rows train as catalogue rows did
     retry_max_s: float = setting("db_retry_max_s")  # cap of the database-outage backoff
 
 
@@ -196,6 +197,7 @@ class UpdateWorker:
             pad,
             self.cfg.refine_epochs,
             lr=self.cfg.refine_lr,
+            optimizer=self.cfg.row_optimizer,
             target_accuracy=self.target_accuracy,
             after_epoch=self._between_passes,
         )
