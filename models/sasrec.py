@@ -30,7 +30,14 @@ class SASRecConfig:
 
 
 class SASRec(nn.Module):
-    def __init__(self, cfg: SASRecConfig, frozen_table: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        cfg: SASRecConfig,
+        frozen_table: torch.Tensor | None = None,
+        standardise_on: torch.Tensor | None = None,
+    ) -> None:
+        """``standardise_on``: the item ids whose rows fit the feature standardisation (the
+        warm items of a cold-start split: held-out rows must not shape it); default all."""
         super().__init__()
         self.cfg = cfg
         if frozen_table is None:
@@ -52,8 +59,9 @@ class SASRec(nn.Module):
             self.register_buffer("table", table.clone(), persistent=False)  # (N+1, D)
             # a fixed per-dimension standardisation (saved, never trained) puts LLM-scale
             # features on the scale the adapter's init expects; a warm start keeps it
-            self.register_buffer("feat_mean", table[1:].mean(0))
-            self.register_buffer("feat_std", table[1:].std(0).clamp(min=1e-6))
+            fit = table[1:] if standardise_on is None else table[standardise_on]
+            self.register_buffer("feat_mean", fit.mean(0))
+            self.register_buffer("feat_std", fit.std(0).clamp(min=1e-6))
             d = table.shape[1]
             self.adapter = nn.Sequential(
                 nn.Linear(d, d // 2), nn.Dropout(cfg.dropout), nn.Linear(d // 2, cfg.hidden)
@@ -87,29 +95,49 @@ class SASRec(nn.Module):
         return self.encode(self.item_vectors(seqs), seqs > 0)
 
     def encode(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """(B, T, hidden) item vectors and (B, T) bool of real steps -> (B, T, hidden)."""
-        T = x.shape[1]
-        x = x * self.cfg.hidden**0.5 + self.pos_emb(torch.arange(T, device=x.device))
+        """(B, T, hidden) item vectors, left-padded, and (B, T) bool of real steps ->
+        (B, T, hidden).
+
+        One encoding for training (batches trimmed to their longest history), offline
+        evaluation (padded to ``max_len``) and serving (no padding): positions count back
+        from the newest step, which is always position ``max_len - 1``, and padding is
+        masked as attention keys, so padding changes nothing a real step computes.
+        """
+        B, T = valid.shape
+        pos = torch.arange(self.cfg.max_len - T, self.cfg.max_len, device=x.device)  # (T,)
+        x = x * self.cfg.hidden**0.5 + self.pos_emb(pos)
         x = self.drop(x) * valid.unsqueeze(-1)
-        causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), 1)
-        x = self.blocks(x, mask=causal)
+        blocked = torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), 1)  # (T, T) causal
+        blocked = blocked | ~valid[:, None, :]  # (B, T, T): no query reads a padding key ...
+        blocked &= ~torch.eye(T, dtype=torch.bool, device=x.device)  # ... but each reads itself
+        mask = torch.zeros(blocked.shape, device=x.device).masked_fill(blocked, float("-inf"))
+        x = self.blocks(x, mask=mask.repeat_interleave(self.cfg.heads, 0))  # (B*heads, T, T)
         return self.norm(x) * valid.unsqueeze(-1)
 
-    def forward(self, seqs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean full-softmax cross-entropy of next-item prediction over non-padding steps."""
+    def forward(
+        self, seqs: torch.Tensor, targets: torch.Tensor, blocked: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean full-softmax cross-entropy of next-item prediction over non-padding steps.
+
+        ``blocked``: item ids left out of the softmax (-inf), e.g. the held-out items of a
+        cold-start split, which must not be pushed down as negatives before they exist."""
         feats = self.log2feats(seqs)  # (B, T, h)
         sel = targets > 0
         logits = feats[sel] @ self.item_vectors().T  # (N_sel, N+1), only where needed
         logits[:, 0] = float("-inf")
+        if blocked is not None:
+            logits[:, blocked] = float("-inf")
         return F.cross_entropy(logits, targets[sel])
 
     def user_vector(self, seqs: torch.Tensor) -> torch.Tensor:
         return self.log2feats(seqs)[:, -1]  # (B, h): the last position sees the whole history
 
-    def predict(self, seqs: torch.Tensor) -> torch.Tensor:
-        """Scores of every item for each history: (B, N+1); padding scores -inf."""
+    def predict(self, seqs: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of every item for each history: (B, N+1); padding and ``blocked`` score -inf."""
         scores = self.user_vector(seqs) @ self.item_vectors().T
         scores[:, 0] = float("-inf")
+        if blocked is not None:
+            scores[:, blocked] = float("-inf")
         return scores
 
 

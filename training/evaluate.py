@@ -52,7 +52,7 @@ def leave_one_out(seqs: list[list[int]], held_out: set[int]) -> Split:
             continue
         train.append([i for i in s[:-2] if i not in held_out])
         if s[-2] not in held_out:
-            vh.append(s[:-2])
+            vh.append(train[-1])  # filtered like training: held-out items do not exist yet
             vt.append(s[-2])
         if not held_out or s[-1] in held_out:
             th.append(s[:-1])
@@ -152,9 +152,12 @@ def run(
         for variant in variants:
             for seed in seeds:
                 torch.manual_seed(seed)
-                model = SASRec(SASRecConfig(n_items=n), tables[variant])
+                warm = torch.tensor(sorted(set(range(1, n + 1)) - held)) if held else None
+                model = SASRec(SASRecConfig(n_items=n), tables[variant], standardise_on=warm)
                 cfg = ScorerTrainConfig(**(asdict(scorer_cfg) | {"seed": seed}))
-                model, info = train_scorer(model, split.train, split.valid, cfg, device, progress)
+                model, info = train_scorer(
+                    model, split.train, split.valid, cfg, device, progress, blocked=sorted(held)
+                )
                 metrics = evaluate(model, *split.test, device)
                 results["runs"].append(
                     {"protocol": protocol, "variant": variant, "seed": seed, **metrics, **info}

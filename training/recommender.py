@@ -44,14 +44,16 @@ def evaluate(
     targets: list[int],
     device: torch.device,
     batch_size: int = 512,
+    blocked: list[int] | None = None,
 ) -> dict[str, float]:
-    """Recall/NDCG@5/10/20 ranking each target against all items."""
+    """Recall/NDCG@5/10/20 ranking each target against all items but ``blocked``."""
+    block = torch.tensor(sorted(blocked), dtype=torch.long, device=device) if blocked else None
     model.eval()
     ranks = []
     for s in range(0, len(histories), batch_size):
         seqs = left_pad(histories[s : s + batch_size], model.cfg.max_len).to(device)
         tgt = torch.tensor(targets[s : s + batch_size], device=device)
-        ranks.append(target_ranks(model.predict(seqs).float(), tgt).cpu())
+        ranks.append(target_ranks(model.predict(seqs, block).float(), tgt).cpu())
     if not ranks:
         return {}
     out = recall_ndcg(torch.cat(ranks))
@@ -66,8 +68,13 @@ def train_scorer(
     cfg: ScorerTrainConfig,
     device: torch.device,
     progress: bool = True,
+    blocked: list[int] | None = None,
 ) -> tuple[SASRec, dict]:
-    """Train with full-softmax CE; keep the weights with the best validation NDCG@10."""
+    """Train with full-softmax CE; keep the weights with the best validation NDCG@10.
+
+    ``blocked`` items (held out of a cold-start split) are out of every softmax, in training
+    and in validation, as if they did not exist yet."""
+    block = torch.tensor(sorted(blocked), dtype=torch.long, device=device) if blocked else None
     torch.manual_seed(cfg.seed)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -87,14 +94,14 @@ def train_scorer(
         for s in range(0, len(perm), cfg.batch_size):
             b = perm[s : s + cfg.batch_size]
             width = int(lengths[b].max())  # drop columns that are padding for the whole batch
-            loss = model(inputs[b, -width:].to(device), targets[b, -width:].to(device))
+            loss = model(inputs[b, -width:].to(device), targets[b, -width:].to(device), block)
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item() * len(b)
         if (epoch + 1) % cfg.eval_every:
             continue
-        ndcg = evaluate(model, *valid, device)["ndcg@10"]
+        ndcg = evaluate(model, *valid, device, blocked=blocked)["ndcg@10"]
         bar.set_postfix(loss=f"{total / len(perm):.3f}", val_ndcg10=f"{ndcg:.4f}")
         if ndcg > best:
             best, best_state, bad = ndcg, copy.deepcopy(model.state_dict()), 0
