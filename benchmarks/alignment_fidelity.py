@@ -29,11 +29,11 @@ import torch
 from core.dataset import load_dataset
 from core.events import item_text
 from core.settings import from_settings, get_settings
-from models.aligner import Prefix, tokenize_texts
+from models.aligner import AlignerConfig, ItemAligner, Prefix, fit_text_to_rows, tokenize_texts
 from models.llm import autocast, load_llm, pick_device
 from training.align import AlignConfig
-from training.fit_aligner import FidelityConfig, RefineConfig
-from training.variants import said_table, text_table
+from training.fit_aligner import FidelityConfig, FittedAligner, RefineConfig
+from training.variants import add_fresh, said_table, text_table
 
 
 def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
@@ -56,6 +56,21 @@ def flops_per_item(llm, tokens_per_item: float, text_tokens: float) -> float:
     return 2 * forward
 
 
+def redo_fresh(built: dict, rep: dict, llm, tok, texts, feats, cold, device, settings) -> dict:
+    """The fresh items' path again, from the cached aligner (its ridge map refitted on the
+    warm rows exactly as ``fit_aligner`` fits it)."""
+    aligner = ItemAligner(AlignerConfig(**built["aligner_config"]))
+    aligner.load_state_dict(built["aligner"])
+    aligner.to(device).requires_grad_(False)
+    warm = sorted(set(range(1, len(texts) + 1)) - set(cold))
+    ridge = fit_text_to_rows(feats[warm], aligner.items.weight.detach()[warm].cpu())
+    fit = FittedAligner(
+        aligner, ridge, rep["history"], rep["fidelity"], rep["reference"], rep["align_seconds"], {}
+    )
+    refine = from_settings(RefineConfig, settings)
+    return add_fresh(fit, llm, tok, texts, feats, cold, device, refine, settings.prompt)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dataset", required=True)
@@ -63,6 +78,11 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="most passes (default: SAID_ALIGN_EPOCHS)")
     p.add_argument("--batch", type=int, default=None, help="default: SAID_ALIGN_BATCH")
     p.add_argument("--fresh-fraction", type=float, default=0.01)
+    p.add_argument(
+        "--fresh-only",
+        action="store_true",
+        help="keep the cached alignment in OUT and redo only the fresh items' path (new refine settings)",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = get_settings()
@@ -93,6 +113,8 @@ def main() -> None:
         fidelity_cfg=from_settings(FidelityConfig, settings),
     )
     rep = built["report"]
+    if args.fresh_only:
+        rep["fresh"] = redo_fresh(built, rep, llm, tok, texts, feats, sorted(fresh), device, settings)
     tokens = tokenize_texts(tok, texts)
     text_len = sum(map(len, tokens)) / n
     per_item = flops_per_item(

@@ -34,6 +34,7 @@ CANDIDATES = {
     "rowadam-text": (dict(row_optimizer="rowadam", lr_final=0.1, warmup=0.05), True),
     "adagrad-text": (dict(row_optimizer="adagrad", lr_rows=0.3, lr_final=0.1, warmup=0.05), True),
     "rowadam-text-lr05": (dict(row_optimizer="rowadam", lr_rows=0.5, lr_final=0.1, warmup=0.05), True),
+    "default": (dict(acc_bar=1.0), True),  # the product defaults (core/settings.py), per-item stop on
 }
 
 
@@ -47,14 +48,20 @@ def main() -> None:
     p.add_argument("--candidates", default=",".join(CANDIDATES))
     p.add_argument("--llm", default=None)
     p.add_argument("--llm-cache", type=Path, default=Path("said-data/llm"))
+    p.add_argument("--lora-rank", type=int, default=0)
+    p.add_argument("--first", action="store_true", help="the first N items (the demo's slice), not a sample")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = pick_device("auto")
-    llm, tok = load_llm(args.llm, args.llm_cache, device)
     ds = load_dataset(args.dataset)
-    pick = sorted(random.Random(0).sample(range(len(ds.titles)), args.items))
+    pick = (
+        list(range(args.items))
+        if args.first
+        else sorted(random.Random(0).sample(range(len(ds.titles)), args.items))
+    )
     texts = [ds.titles[i] for i in pick]
+    llm, tok = load_llm(args.llm, args.llm_cache, device)
     tokens = tokenize_texts(tok, texts)
     feats = pooled_text_features(llm, tok, texts, device)
     idx = list(range(1, len(texts) + 1))
@@ -68,6 +75,7 @@ def main() -> None:
         "runs": {},
     }
     for name in args.candidates.split(","):
+        llm, tok = load_llm(args.llm, args.llm_cache, device, args.lora_rank)  # fresh LoRA per run
         changes, from_text = CANDIDATES[name]
         cfg = replace(
             AlignConfig(epochs=args.passes, batch_size=args.batch, acc_bar=1.01, checkpoint_every_s=1e9),

@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     # --- streaming worker (`said update`) --------------------------------------------
     worker_batch: int = Field(16, ge=1, description="Items leased per micro-batch.")
     worker_lease_ttl_s: float = Field(600.0, gt=0, description="A crashed worker's items return after.")
-    refine_epochs: int = Field(20, ge=1, description="Most refinement passes over a micro-batch.")
+    refine_epochs: int = Field(100, ge=1, description="Most refinement passes over a micro-batch.")
     refine_lr: float = Field(0.3, gt=0, description="Rate of the fresh rows.")
     refine_target_accuracy: float | None = Field(
         None, gt=0, le=1.01, description="Token accuracy fresh rows are refined to; unset = the catalogue's."

@@ -97,7 +97,7 @@ def said_table(
         "reference": fit.reference,
     }
     if held_out:
-        report["fresh"] = _add_fresh(
+        report["fresh"] = add_fresh(
             fit, llm, tok, texts, text_features, sorted(held_out), device, refine, prompt
         )
     state = {key: v.cpu() for key, v in fit.aligner.state_dict().items()}
@@ -113,7 +113,7 @@ def _vectors(state: dict, config: dict) -> torch.Tensor:
     return aligner.item_vectors().float()
 
 
-def _add_fresh(fit, llm, tok, texts, text_features, cold, device, refine: RefineConfig, prompt: str) -> dict:
+def add_fresh(fit, llm, tok, texts, text_features, cold, device, refine: RefineConfig, prompt: str) -> dict:
     """The incremental path on the held-out items, as the worker runs it: the ridge
     estimate, then refinement of their rows alone to the catalogue's token accuracy."""
     prefix = Prefix(tok, prompt=prompt)
