@@ -88,7 +88,7 @@ def run_demo(
             tok,
             device,
             settings.data_dir,
-            from_settings(AlignConfig, settings, epochs=align_epochs),
+            from_settings(AlignConfig, settings, epochs=align_epochs, batch_size=settings.demo_align_batch),
             settings.soft_tokens,
             settings.item_dim,
             prompt=settings.prompt,
