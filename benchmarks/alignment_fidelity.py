@@ -89,7 +89,7 @@ def main() -> None:
     device = pick_device(settings.device)
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch)) if v}
     acfg = from_settings(AlignConfig, settings, **overrides)
-    llm, tok = load_llm(settings.llm, settings.data_dir / "llm", device)
+    llm, tok = load_llm(settings.llm, settings.data_dir / "llm", device, settings.lora_rank)
     ds = load_dataset(args.dataset)
     texts = [item_text(t, d) for t, d in zip(ds.titles, ds.descriptions, strict=True)]
     n = len(texts)
@@ -147,7 +147,9 @@ def main() -> None:
         "history": [{k: round(v, 4) for k, v in h.items()} for h in rep["history"]],
     }
     (args.out / "fidelity.json").write_text(json.dumps(result, indent=1))
-    print(f"SAID alignment of {args.dataset} ({n} items, k={settings.soft_tokens}, {device})")
+    print(
+        f"SAID alignment of {args.dataset} ({n} items, k={settings.soft_tokens}, LoRA rank {settings.lora_rank}, {device})"
+    )
     for key in (
         "passes",
         "align_minutes",

@@ -66,6 +66,8 @@ class AlignerBundle:
     @classmethod
     def load(cls, path: Path, device: torch.device) -> AlignerBundle:
         saved = torch.load(path, map_location="cpu", weights_only=False)
+        if "fidelity" not in saved:
+            raise ValueError(f"{path} is an aligner bundle of an older format: run `said align` once")
         aligner = ItemAligner(AlignerConfig(**saved["config"]))
         aligner.load_state_dict(saved["aligner"])
         aligner.requires_grad_(False)

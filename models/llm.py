@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -157,7 +158,11 @@ def pooled_text_features(
         enc = tok(
             [texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True, max_length=max_tokens
         ).to(device)
-        with autocast(device):
+        # the base LLM's view of the text, also when LoRA adapters were trained: features
+        # must not depend on which alignment adapted the model (the ridge map is fitted
+        # before the adapters are trained and applied after)
+        adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+        with autocast(device), adapters_off:
             h = backbone(model)(**enc).last_hidden_state.float()  # (B, T, H)
         mask = enc["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
         out[idx] = ((h * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()

@@ -27,7 +27,7 @@ from models.aligner import (
     greedy_reconstruct,
     pad_batch,
 )
-from models.llm import adapter_state, autocast, load_adapter_state
+from models.llm import adapter_state, autocast, load_adapter_state, lora_rank_of
 from training.optim import batch_scaled_lr, lr_factor, row_optimizer
 
 log = logging.getLogger(__name__)
@@ -94,11 +94,21 @@ def _pass_members(state: dict, n: int, cfg: AlignConfig) -> list[int]:
     return list(range(n)) if recheck or not active else active
 
 
+def _run_identity(cfg: AlignConfig, aligner: ItemAligner, prefix: Prefix, llm: nn.Module) -> dict:
+    """What a checkpoint must share with the run that resumes it (more passes may be asked
+    for, and the save period may change)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "checkpoint_every_s")} | {
+        "aligner": asdict(aligner.cfg),
+        "prompt": prefix.prompt.tolist(),
+        "lead": prefix.lead.tolist(),
+        "lora_rank": lora_rank_of(llm),
+        "llm": llm.config.name_or_path,
+    }
+
+
 def _check_resumable(saved: dict, wanted: dict, path: Path) -> None:
-    """A checkpoint resumes only the run it came from; more passes may be asked for."""
-    differ = sorted(
-        k for k in saved.keys() | wanted.keys() if k != "epochs" and saved.get(k) != wanted.get(k)
-    )
+    """A checkpoint resumes only the run it came from."""
+    differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
     if differ:
         raise ValueError(
             f"{path} was written with another alignment config ({', '.join(differ)} differ): "
@@ -145,9 +155,9 @@ def train_full(
     }
     if checkpoint and checkpoint.exists():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
-        _check_resumable(saved["config"], asdict(cfg), checkpoint)
+        _check_resumable(saved.get("identity", {}), _run_identity(cfg, aligner, prefix, llm), checkpoint)
         aligner.load_state_dict(saved["aligner"])
-        if saved["adapters"]:
+        if saved.get("adapters"):
             load_adapter_state(llm, saved["adapters"], trainable=True)
         opt_rows.load_state_dict(saved["opt_rows"])
         opt_proj.load_state_dict(saved["opt_proj"])
@@ -164,6 +174,7 @@ def train_full(
                     "adapters": adapter_state(llm),
                     "state": state,
                     "config": asdict(cfg),
+                    "identity": _run_identity(cfg, aligner, prefix, llm),
                 },
                 checkpoint,
             )
@@ -265,7 +276,7 @@ def refine_fresh(
     the refinement; it ends when every item has, or after ``epochs`` passes. ``after_epoch``
     runs between passes (the worker gives newly arrived items their estimate there).
     """
-    opt = row_optimizer(optimizer, [fresh.rows], lr)
+    opt = row_optimizer(optimizer, [fresh.rows], lr, sparse_grads=False)
     lengths = [len(t) for t in tokens]
     done = [False] * len(tokens)
     history = []

@@ -127,7 +127,9 @@ def run(
         if "text" in variants:
             tables["text"] = feats
         if "said" in variants:
-            config = json.dumps(results["align"] | {"llm": llm_spec}, sort_keys=True)
+            config = json.dumps(
+                results["align"] | {"llm": llm_spec, "held_out": sorted(held)}, sort_keys=True
+            )
             name = f"said-{protocol}-{hashlib.sha256(config.encode()).hexdigest()[:12]}.pt"
             if lora_rank:  # each alignment adapts its own copy of the LLM
                 llm, tok = load_llm(llm_spec, llm_cache, device, lora_rank)

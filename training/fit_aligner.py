@@ -113,9 +113,9 @@ def fit_aligner(
     ridge = fit_text_to_rows(feats, rows)
 
     pick = sorted(
-        random.Random(acfg.seed).sample(range(len(keys)), min(fcfg.reference_items, len(keys) // 2))
+        random.Random(acfg.seed).sample(range(len(keys)), min(fcfg.reference_items, max(1, len(keys) // 2)))
     )
-    rest = sorted(set(range(len(keys))) - set(pick))
+    rest = sorted(set(range(len(keys))) - set(pick)) or pick  # a one-item catalogue: itself
     held_ridge = fit_text_to_rows(feats[rest], rows[rest])
     fresh = FreshRows(aligner.projector, estimate_rows(feats[pick], held_ridge).to(device))
     ref_tokens = [tokens[i] for i in pick]

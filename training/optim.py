@@ -51,9 +51,11 @@ class RowAdam(torch.optim.Optimizer):
                 p[rows] -= group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])
 
 
-def row_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    """The optimiser of the item rows, by name (``ROW_OPTIMIZERS``)."""
-    if name == "rowadam":
+def row_optimizer(name: str, params, lr: float, sparse_grads: bool = True) -> torch.optim.Optimizer:
+    """The optimiser of the item rows, by name (``ROW_OPTIMIZERS``). ``sparse_grads``: the
+    rows are an ``nn.Embedding(sparse=True)``; fresh rows are a dense parameter, which
+    SparseAdam refuses, so there it falls back to its per-row-step equivalent."""
+    if name == "rowadam" or (name == "sparseadam" and not sparse_grads):
         return RowAdam(params, lr=lr)
     if name == "adagrad":
         return torch.optim.Adagrad(params, lr=lr)

@@ -209,10 +209,6 @@ class UpdateWorker:
         for loss, acc in zip(fid["loss"], fid["token_accuracy"], strict=True):
             metrics.ALIGNMENT_LOSS.labels("fresh").observe(loss)
             metrics.TOKEN_ACCURACY.labels("fresh").observe(acc)
-        metrics.RECONSTRUCTED.labels("fresh", "exact").inc(round(fid["exact_match"] * len(leases)))
-        metrics.RECONSTRUCTED.labels("fresh", "inexact").inc(
-            len(leases) - round(fid["exact_match"] * len(leases))
-        )
         self.fresh_losses = (self.fresh_losses + fid["loss"])[-1000:]
         self.fresh_accuracy = (self.fresh_accuracy + fid["token_accuracy"])[-1000:]
         exact = round(fid["exact_match"] * len(leases))
