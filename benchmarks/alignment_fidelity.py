@@ -127,6 +127,7 @@ def main() -> None:
         "items": n,
         "device": str(device),
         "k": settings.soft_tokens,
+        "lora_rank": settings.lora_rank,
         "config": rep["config"],
         "passes": rep["passes"],
         "align_minutes": rep["align_seconds"] / 60,
@@ -148,7 +149,8 @@ def main() -> None:
     }
     (args.out / "fidelity.json").write_text(json.dumps(result, indent=1))
     print(
-        f"SAID alignment of {args.dataset} ({n} items, k={settings.soft_tokens}, LoRA rank {settings.lora_rank}, {device})"
+        f"SAID alignment of {args.dataset} ({n} items, k={settings.soft_tokens}, "
+        f"LoRA rank {settings.lora_rank}, {device})"
     )
     for key in (
         "passes",
