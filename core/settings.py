@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     soft_tokens: int = Field(4, ge=1, le=16, description="k soft tokens per item.")
     item_dim: int = Field(128, ge=8, description="Width of the item ID embedding rows.")
     prompt: str = Field(" Item text:", description="Fixed prompt between soft tokens and text.")
-    lora_rank: int = Field(8, ge=0, le=256, description="LoRA rank trained with the aligner; 0 = frozen LLM.")
+    lora_rank: int = Field(0, ge=0, le=256, description="LoRA rank trained with the aligner; 0 = frozen LLM.")
 
     # --- alignment (`said align`, `said evaluate`) ------------------------------------
     align_epochs: int = Field(24, ge=1, description="Most passes over all items.")
@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     snapshot_every_s: float = Field(300.0, gt=0, description="Scorer's index snapshot period (seconds).")
     api_port: int = Field(8000, ge=1, le=65535, description="Port of `said serve` and the demo's API.")
     demo_items: int = Field(200, ge=10, description="Size of the demo's item slice.")
-    demo_align_epochs: int = Field(12, ge=1, description="Most alignment passes in the demo.")
+    demo_align_epochs: int = Field(16, ge=1, description="Most alignment passes in the demo.")
     demo_align_batch: int = Field(
         8, ge=1, description="Alignment batch of the demo (more projector steps a pass)."
     )

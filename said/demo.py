@@ -134,7 +134,7 @@ def run_demo(
             llm,
             tok,
             device,
-            from_settings(WorkerConfig, settings, batch=8, refine_epochs=10),
+            from_settings(WorkerConfig, settings, batch=8),
         )
         item_loop = ConsumeLoop(ItemsHandler(settings), engine, settings)
         stop_retrainer = threading.Event()
