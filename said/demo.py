@@ -117,14 +117,7 @@ def run_demo(
         )
         summary["random ranking NDCG@10 (same items)"] = f"{_random_ndcg(len(ds.item_ids)):.4f}"
 
-        state = ServingState(
-            engine,
-            bundle.version,
-            bundle.aligner.cfg.vector_dim,
-            settings.data_dir / "index",
-            settings.snapshot_every_s,
-            settings.hnsw_min_items,
-        )
+        state = ServingState.for_bundle(engine, bundle, settings)
         server = uvicorn.Server(
             uvicorn.Config(create_app(engine, state, poll_s=0.2), port=port, log_level="warning")
         )

@@ -85,6 +85,11 @@ class ServingState:
 
         engine = make_engine(settings.database_url)
         bundle = AlignerBundle.load(require_active(engine, "aligner")[1], torch.device("cpu"))
+        return cls.for_bundle(engine, bundle, settings)
+
+    @classmethod
+    def for_bundle(cls, engine: Engine, bundle: AlignerBundle, settings) -> ServingState:
+        """The state serving ``bundle``'s vectors, configured from ``settings``."""
         return cls(
             engine,
             bundle.version,

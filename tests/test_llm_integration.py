@@ -54,7 +54,7 @@ def test_alignment_on_real_titles_beats_random_table(smollm):
         tok.eos_token_id,
         reconstruct=False,
     )
-    cfg = AlignConfig(epochs=6, batch_size=16, lr_rows=0.2, lr_proj=1e-2)
+    cfg = AlignConfig(epochs=10, batch_size=16)  # the default rates and schedule
     history = train_full(aligner, llm, prefix, tokens, idx, cfg, CPU, tok.pad_token_id, progress=False)
     aligned = fidelity(
         aligner.soft_tokens,
