@@ -15,6 +15,9 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The scorer variants ``said evaluate`` compares (training.evaluate builds each one).
+Variant = Literal["id", "text", "said", "said+text", "prompt", "hybrid"]
+
 
 class Settings(BaseSettings):
     """Typed settings; ``SAID_<FIELD>`` in the environment overrides each default."""
@@ -89,6 +92,9 @@ class Settings(BaseSettings):
     scorer_lr: float = Field(1e-3, gt=0, description="SASRec Adam rate.")
     scorer_patience: int = Field(8, ge=1, description="Validations without gain before stopping.")
     scorer_eval_every: int = Field(2, ge=1, description="Epochs between validations.")
+    evaluate_variant: Variant = Field(
+        "said", description="Variant `said evaluate` compares with id by default (best on validation)."
+    )
     hnsw_min_items: int = Field(50_000, ge=1, description="Index size from which HNSW replaces exact search.")
     snapshot_every_s: float = Field(300.0, gt=0, description="Scorer's index snapshot period (seconds).")
     api_port: int = Field(8000, ge=1, le=65535, description="Port of `said serve` and the demo's API.")

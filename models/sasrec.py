@@ -35,9 +35,16 @@ class SASRec(nn.Module):
         cfg: SASRecConfig,
         frozen_table: torch.Tensor | None = None,
         standardise_on: torch.Tensor | None = None,
+        residual_on: torch.Tensor | None = None,
     ) -> None:
         """``standardise_on``: the item ids whose rows fit the feature standardisation (the
-        warm items of a cold-start split: held-out rows must not shape it); default all."""
+        warm items of a cold-start split: held-out rows must not shape it); default all.
+
+        ``residual_on`` (with a frozen table) makes the hybrid: each of these item ids also
+        gets a learned ID row, zero-initialised and added to its adapted vector, so warm
+        items keep what ID rows learn. Every other item's residual is fixed at zero (no
+        gradient reaches it, not even as a negative), so cold items keep what the text gives.
+        """
         super().__init__()
         self.cfg = cfg
         if frozen_table is None:
@@ -66,6 +73,14 @@ class SASRec(nn.Module):
             self.adapter = nn.Sequential(
                 nn.Linear(d, d // 2), nn.Dropout(cfg.dropout), nn.Linear(d // 2, cfg.hidden)
             )
+            self.residual = None
+            if residual_on is not None:
+                self.residual = nn.Embedding(cfg.n_items + 1, cfg.hidden, padding_idx=0)
+                nn.init.zeros_(self.residual.weight)
+                seen = torch.zeros(cfg.n_items + 1, 1)
+                seen[residual_on] = 1.0
+                seen[0] = 0.0
+                self.register_buffer("residual_seen", seen)  # (N+1, 1)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
         layer = nn.TransformerEncoderLayer(
@@ -84,7 +99,11 @@ class SASRec(nn.Module):
         """Vectors of ``idx`` (any shape) or of all items (N+1, hidden)."""
         if self.table is None:
             return self.id_emb.weight if idx is None else self.id_emb(idx)
-        return self.adapt(self.table if idx is None else self.table[idx])
+        if self.residual is None:
+            return self.adapt(self.table if idx is None else self.table[idx])
+        if idx is None:
+            return self.adapt(self.table) + self.residual.weight * self.residual_seen
+        return self.adapt(self.table[idx]) + self.residual(idx) * self.residual_seen[idx]
 
     def adapt(self, rows: torch.Tensor) -> torch.Tensor:
         """(..., D) frozen-table rows (also of items added after training) -> (..., hidden)."""

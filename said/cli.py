@@ -9,8 +9,9 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
-from core.settings import from_settings, get_settings
+from core.settings import Variant, from_settings, get_settings
 from core.versions import NoActiveVersion
 
 
@@ -80,7 +81,7 @@ def _cmd_consume(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from models.llm import pick_device
     from training.align import AlignConfig
-    from training.evaluate import format_table, run, write_results
+    from training.evaluate import format_table, paired, run, write_results
     from training.fit_aligner import FidelityConfig, RefineConfig
     from training.recommender import ScorerTrainConfig
 
@@ -103,10 +104,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         refine=from_settings(RefineConfig, settings),
         fidelity_cfg=from_settings(FidelityConfig, settings),
         scorer_cfg=from_settings(ScorerTrainConfig, settings, epochs=args.scorer_epochs),
+        align_seeds=[int(s) for s in args.align_seeds.split(",")],
     )
     out = args.out or settings.data_dir / "results" / f"evaluate-{'-'.join(args.variant)}.json"
     write_results(results, out)
-    print(format_table(results["summary"]))
+    print(format_table(results["summary"], paired(results["runs"])))
     logging.info("results written to %s", out)
     return 0
 
@@ -293,8 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="offline leave-one-out evaluation of scorer variants")
     e.add_argument("--dataset", required=True)
-    e.add_argument("--variant", nargs="+", choices=["id", "text", "said"], default=["id"])
+    e.add_argument(
+        "--variant",
+        nargs="+",
+        choices=get_args(Variant),
+        default=["id", s.evaluate_variant],
+        help="scorer variants (default: the id baseline and SAID_EVALUATE_VARIANT, the best on "
+        "validation in benchmarks/quality.py)",
+    )
     e.add_argument("--seeds", default="0,1,2", help="comma-separated scorer seeds")
+    e.add_argument("--align-seeds", default=str(s.align_seed), help="comma-separated alignment seeds")
     e.add_argument("--cold-fraction", type=float, default=0.1, help="0 skips cold-start")
     e.add_argument("--align-epochs", type=int, default=s.align_epochs)
     e.add_argument("--align-batch", type=int, default=s.align_batch)

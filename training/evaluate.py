@@ -15,21 +15,24 @@ import random
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from core.dataset import Dataset, load_dataset
 from core.events import item_text
-from core.settings import DEFAULTS
+from core.settings import DEFAULTS, Variant
 from models.llm import load_llm
 from models.sasrec import SASRec, SASRecConfig
 from training.align import AlignConfig
 from training.fit_aligner import FidelityConfig, RefineConfig
 from training.recommender import ScorerTrainConfig, evaluate, train_scorer
-from training.variants import said_table, text_table
+from training.variants import prompt_table, said_table, text_table
 
 log = logging.getLogger(__name__)
-VARIANTS = ("id", "text", "said")
+VARIANTS = get_args(Variant)
+SAID_VARIANTS = {"said", "said+text", "prompt", "hybrid"}  # they depend on the alignment
+METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "best_val_ndcg@10")
 
 
 @dataclass
@@ -72,6 +75,29 @@ def dataset_key(ds: Dataset) -> str:
     return h.hexdigest()[:12]
 
 
+def align_meta(
+    align_cfg: AlignConfig,
+    k: int,
+    item_dim: int,
+    lora_rank: int,
+    prompt: str,
+    refine: RefineConfig | None,
+    fidelity_cfg: FidelityConfig | None,
+) -> dict:
+    """Everything that changes an alignment's result (its cache key, with the LLM and the
+    held-out set): the schedule, rates, batch, passes and seed, k, item_dim, LoRA, prompt."""
+    return (
+        {key: v for key, v in asdict(align_cfg).items() if key != "checkpoint_every_s"}
+        | {"k": k, "item_dim": item_dim, "lora_rank": lora_rank, "prompt": prompt}
+        | {"refine": asdict(refine or RefineConfig()), "fidelity": asdict(fidelity_cfg or FidelityConfig())}
+    )
+
+
+def said_cache_path(art: Path, meta: dict, llm_spec: str | None, held: set[int]) -> Path:
+    config = json.dumps(meta | {"llm": llm_spec, "held_out": sorted(held)}, sort_keys=True)
+    return art / f"said-{hashlib.sha256(config.encode()).hexdigest()[:12]}.pt"
+
+
 def run(
     dataset: str | Path,
     variants: list[str],
@@ -91,12 +117,23 @@ def run(
     fidelity_cfg: FidelityConfig | None = None,
     progress: bool = True,
     results_path: Path | None = None,
+    align_seeds: list[int] | None = None,
 ) -> dict:
-    """Evaluate each variant over seeds, standard and (if ``cold_fraction``) cold-start.
+    """Evaluate each variant over alignment and scorer seeds, standard and cold-start.
+
+    One alignment per alignment seed serves every variant and both protocols: the cold
+    items (``cold_fraction``, a fixed seeded sample) are held out of it and enter through
+    the incremental path, as new items do in production. The standard protocol then
+    trains on every item's interactions; the cold one never shows the scorer a cold item.
+    Variants that do not depend on the alignment run once per scorer seed.
 
     With ``results_path``, results so far are rewritten after every run, so a long
     evaluation that is stopped still leaves every finished number on disk.
     """
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    align_seeds = align_seeds if align_seeds is not None else [align_cfg.seed]
     ds = load_dataset(dataset)
     idx_of = {item_id: i + 1 for i, item_id in enumerate(ds.item_ids)}
     seqs = [[idx_of[i] for i in s] for _, s in ds.sequences]
@@ -104,71 +141,89 @@ def run(
     texts = [item_text(t, d) for t, d in zip(ds.titles, ds.descriptions, strict=True)]
     art = artifacts / f"{Path(dataset).name}-{dataset_key(ds)}"
     scorer_cfg = scorer_cfg or ScorerTrainConfig()
+    held = held_out_items(n, cold_fraction, 12345) if cold_fraction else set()
     llm = tok = None
-    if "text" in variants or "said" in variants or cold_fraction:
-        llm, tok = load_llm(llm_spec, llm_cache, device)
+    if set(variants) - {"id"} or cold_fraction:
+        llm, tok = load_llm(llm_spec, llm_cache, device, lora_rank)
     feats = text_table(llm, tok, texts, device, art / "text.pt", progress) if llm else None
-
-    results: dict = {
-        "dataset": str(dataset),
-        "items": n,
-        "users": len(seqs),
-        "align": asdict(align_cfg)
-        | {"k": k, "item_dim": item_dim, "lora_rank": lora_rank, "prompt": prompt}
-        | {"refine": asdict(refine or RefineConfig()), "fidelity": asdict(fidelity_cfg or FidelityConfig())},
-        "runs": [],
-    }
-    protocols = [("standard", set())]
-    if cold_fraction:
-        protocols.append(("cold", held_out_items(n, cold_fraction, 12345)))
-    for protocol, held in protocols:
-        split = leave_one_out(seqs, held)
-        tables: dict[str, torch.Tensor | None] = {"id": None}
-        if "text" in variants:
-            tables["text"] = feats
-        if "said" in variants:
-            config = json.dumps(
-                results["align"] | {"llm": llm_spec, "held_out": sorted(held)}, sort_keys=True
-            )
-            name = f"said-{protocol}-{hashlib.sha256(config.encode()).hexdigest()[:12]}.pt"
-            if lora_rank:  # each alignment adapts its own copy of the LLM
+    meta = align_meta(align_cfg, k, item_dim, lora_rank, prompt, refine, fidelity_cfg)
+    results: dict = {"dataset": str(dataset), "items": n, "users": len(seqs), "align": meta, "runs": []}
+    protocols = [("standard", set())] + ([("cold", held)] if held else [])
+    splits = {name: leave_one_out(seqs, h) for name, h in protocols}
+    for a, align_seed in enumerate(align_seeds):
+        tables: dict[str, torch.Tensor | None] = {"id": None, "text": feats}
+        if set(variants) & SAID_VARIANTS:
+            if lora_rank and a:  # each alignment adapts its own fresh copy of the LLM
                 llm, tok = load_llm(llm_spec, llm_cache, device, lora_rank)
+            seed_meta = meta | {"seed": align_seed}
+            path = said_cache_path(art, seed_meta, llm_spec, held)
+            acfg = AlignConfig(**(asdict(align_cfg) | {"seed": align_seed}))
             built = said_table(
                 llm,
                 tok,
                 texts,
                 feats,
                 held,
-                align_cfg,
+                acfg,
                 k,
                 item_dim,
                 device,
-                art / name,
+                path,
                 refine,
                 progress,
                 prompt,
                 fidelity_cfg,
             )
-            tables["said"] = built["vectors"]
-            results[f"said_report_{protocol}"] = _summarise_report(built["report"])
-        for variant in variants:
-            for seed in seeds:
-                torch.manual_seed(seed)
-                warm = torch.tensor(sorted(set(range(1, n + 1)) - held)) if held else None
-                model = SASRec(SASRecConfig(n_items=n), tables[variant], standardise_on=warm)
-                cfg = ScorerTrainConfig(**(asdict(scorer_cfg) | {"seed": seed}))
-                model, info = train_scorer(
-                    model, split.train, split.valid, cfg, device, progress, blocked=sorted(held)
+            tables["said"] = tables["hybrid"] = built["vectors"]
+            tables["said+text"] = torch.cat([built["vectors"], feats], 1)
+            if "prompt" in variants:
+                tables["prompt"] = prompt_table(
+                    built, llm, tok, prompt, device, path.with_suffix(".prompt.pt")
                 )
-                metrics = evaluate(model, *split.test, device)
-                results["runs"].append(
-                    {"protocol": protocol, "variant": variant, "seed": seed, **metrics, **info}
-                )
-                log.info("%s %s seed %d: %s", protocol, variant, seed, metrics)
-                if results_path:
-                    write_results(results | {"summary": summarise(results["runs"])}, results_path)
+            results[f"said_report_align{align_seed}"] = _summarise_report(built["report"])
+        for protocol, held_here in protocols:
+            split = splits[protocol]
+            for variant in variants:
+                if a and variant not in SAID_VARIANTS:
+                    continue  # does not depend on the alignment: measured once
+                for seed in seeds:
+                    metrics = train_and_test(
+                        variant, tables[variant], split, held_here, n, scorer_cfg, seed, device, progress
+                    )
+                    run_row = {"protocol": protocol, "variant": variant, "seed": seed}
+                    run_row["align_seed"] = align_seed if variant in SAID_VARIANTS else None
+                    results["runs"].append(run_row | metrics)
+                    log.info(
+                        "%s %s align %s seed %d: %s", protocol, variant, run_row["align_seed"], seed, metrics
+                    )
+                    if results_path:
+                        write_results(results | {"summary": summarise(results["runs"])}, results_path)
     results["summary"] = summarise(results["runs"])
+    results["paired"] = paired(results["runs"])
     return results
+
+
+def train_and_test(
+    variant: str,
+    table: torch.Tensor | None,
+    split: Split,
+    held: set[int],
+    n: int,
+    scorer_cfg: ScorerTrainConfig,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+) -> dict:
+    """Train one scorer (early-stopped on validation) and measure it on the test users."""
+    torch.manual_seed(seed)
+    warm = torch.tensor(sorted(set(range(1, n + 1)) - held)) if held else None
+    residual_on = None
+    if variant == "hybrid":  # ID rows only for items the scorer trains on; zero for the rest
+        residual_on = torch.tensor(sorted({i for s in split.train for i in s}))
+    model = SASRec(SASRecConfig(n_items=n), table, standardise_on=warm, residual_on=residual_on)
+    cfg = ScorerTrainConfig(**(asdict(scorer_cfg) | {"seed": seed}))
+    model, info = train_scorer(model, split.train, split.valid, cfg, device, progress, blocked=sorted(held))
+    return evaluate(model, *split.test, device) | info
 
 
 def _summarise_report(report: dict) -> dict:
@@ -184,13 +239,14 @@ def _summarise_report(report: dict) -> dict:
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """Mean and sample standard deviation over seeds, per protocol and variant."""
+    """Mean and sample standard deviation over all seeds (alignment x scorer), per protocol
+    and variant. ``best_val_ndcg@10`` is the validation figure early stopping chose on; the
+    others are test figures, on users the scorer never validated on."""
     rows = []
-    keys = sorted({(r["protocol"], r["variant"]) for r in runs})
-    for protocol, variant in keys:
+    for protocol, variant in sorted({(r["protocol"], r["variant"]) for r in runs}):
         group = [r for r in runs if (r["protocol"], r["variant"]) == (protocol, variant)]
-        row = {"protocol": protocol, "variant": variant, "seeds": len(group)}
-        for m in ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20"):
+        row = {"protocol": protocol, "variant": variant, "runs": len(group)}
+        for m in METRICS:
             vals = [r[m] for r in group if m in r]
             if vals:
                 row[m] = statistics.mean(vals)
@@ -199,12 +255,64 @@ def summarise(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def format_table(summary: list[dict]) -> str:
-    cols = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20")
-    lines = ["| protocol | variant | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+def paired(runs: list[dict], baseline: str = "id", metric: str = "ndcg@10") -> list[dict]:
+    """Each variant against ``baseline`` with the same scorer seed and protocol: the mean
+    difference, the ratio of means, and in how many of the pairs the variant won."""
+    runs = [r for r in runs if metric in r]  # a protocol with no test users has none
+    base = {(r["protocol"], r["seed"]): r[metric] for r in runs if r["variant"] == baseline}
+    out = []
+    for protocol, variant in sorted({(r["protocol"], r["variant"]) for r in runs}):
+        if variant == baseline:
+            continue
+        pairs = [
+            (r[metric], base[(protocol, r["seed"])])
+            for r in runs
+            if (r["protocol"], r["variant"]) == (protocol, variant) and (protocol, r["seed"]) in base
+        ]
+        if not pairs:
+            continue
+        diffs = [v - b for v, b in pairs]
+        mean_base = statistics.mean(b for _, b in pairs)
+        out.append(
+            {
+                "protocol": protocol,
+                "variant": variant,
+                "baseline": baseline,
+                "pairs": len(pairs),
+                "mean_diff": statistics.mean(diffs),
+                "diff_sd": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                "ratio": statistics.mean(v for v, _ in pairs) / mean_base if mean_base else float("nan"),
+                "wins": sum(d > 0 for d in diffs),
+            }
+        )
+    return out
+
+
+def pick_default(summary: list[dict], protocol: str = "standard") -> str:
+    """The variant with the best mean validation NDCG@10: chosen without looking at test."""
+    rows = [r for r in summary if r["protocol"] == protocol and "best_val_ndcg@10" in r]
+    return max(rows, key=lambda r: r["best_val_ndcg@10"])["variant"]
+
+
+def format_table(summary: list[dict], pairs: list[dict] | None = None) -> str:
+    cols = METRICS
+    head = "| protocol | variant | runs | " + " | ".join(c.replace("best_val_", "val ") for c in cols) + " |"
+    lines = [head, "|---|---|---|" + "---|" * len(cols)]
     for r in summary:
         cells = [f"{r[c]:.4f} ± {r[c + '_sd']:.4f}" if c in r else "-" for c in cols]
-        lines.append(f"| {r['protocol']} | {r['variant']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['protocol']} | {r['variant']} | {r['runs']} | " + " | ".join(cells) + " |")
+    if pairs:
+        lines += [
+            "",
+            "| protocol | variant vs id | pairs | NDCG@10 diff | ratio | wins |",
+            "|---|---|---|---|---|---|",
+        ]
+        for p in pairs:
+            lines.append(
+                f"| {p['protocol']} | {p['variant']} | {p['pairs']} "
+                f"| {p['mean_diff']:+.4f} ± {p['diff_sd']:.4f} "
+                f"| {p['ratio']:.3f} | {p['wins']}/{p['pairs']} |"
+            )
     return "\n".join(lines)
 
 

@@ -3,7 +3,9 @@
 - ``text``: mean-pooled LLM hidden states of each item text;
 - ``said``: SAID-aligned soft tokens; with held-out (cold) items, the aligner never sees
   them and they enter through the incremental path: ridge estimate, then refinement of
-  their rows alone against the frozen projector.
+  their rows alone against the frozen projector;
+- ``prompt``: the LLM's last hidden state at the end of the prompt that follows an item's
+  soft tokens, i.e. the state that decodes the item's first text token.
 """
 
 from __future__ import annotations
@@ -108,9 +110,41 @@ def said_table(
 
 
 def _vectors(state: dict, config: dict) -> torch.Tensor:
+    return load_aligner(state, config).item_vectors().float()
+
+
+def load_aligner(state: dict, config: dict) -> ItemAligner:
     aligner = ItemAligner(AlignerConfig(**config))
     aligner.load_state_dict(state)
-    return aligner.item_vectors().float()
+    return aligner.requires_grad_(False)
+
+
+@torch.no_grad()
+def prompt_table(
+    built: dict, llm, tok, prompt: str, device: torch.device, cache: Path, batch_size: int = 64
+) -> torch.Tensor:
+    """(N+1, H) final hidden state at the last prompt position of each item, cached as fp16.
+
+    This is what the LLM decodes the text from, so it is a candidate item vector of its own
+    (one H-wide vector instead of the k*H concatenated soft tokens)."""
+    from models.aligner import build_inputs
+    from models.llm import autocast, backbone
+
+    if cache.exists():
+        return torch.load(cache).float()
+    aligner = load_aligner(built["aligner"], built["aligner_config"]).to(device)
+    prefix = Prefix(tok, prompt=prompt)
+    n = aligner.cfg.n_items
+    out = []
+    for s in range(1, n + 1, batch_size):
+        idx = torch.arange(s, min(s + batch_size, n + 1), device=device)
+        with autocast(device):
+            inputs, attn = build_inputs(llm, prefix, aligner.soft_tokens(idx), None)  # (B, P, H)
+            h = backbone(llm)(inputs_embeds=inputs, attention_mask=attn).last_hidden_state
+        out.append(h[:, -1].float().cpu())  # (B, H)
+    table = with_padding_row(torch.cat(out))
+    save_torch(table.half(), cache)
+    return table
 
 
 def add_fresh(fit, llm, tok, texts, text_features, cold, device, refine: RefineConfig, prompt: str) -> dict:
