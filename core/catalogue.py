@@ -277,8 +277,8 @@ def user_history(conn: Connection, user_id: str, limit: int) -> list[int]:
     return list(reversed(rows))
 
 
-def user_sequences(conn: Connection) -> list[list[int]]:
-    """Every user's item indexes in event order (the scorer's training data)."""
+def user_sequences(conn: Connection) -> dict[str, list[int]]:
+    """Every user's item indexes in event order (the scorer's training data), by user id."""
     rows = conn.execute(
         select(interactions.c.user_id, interactions.c.item_idx).order_by(
             interactions.c.user_id, interactions.c.event_time, interactions.c.id
@@ -287,4 +287,4 @@ def user_sequences(conn: Connection) -> list[list[int]]:
     seqs: dict[str, list[int]] = {}
     for user, idx in rows:
         seqs.setdefault(user, []).append(idx)
-    return list(seqs.values())
+    return seqs

@@ -17,7 +17,7 @@ from said.broker import free_port
 from scorer.app import create_app
 from scorer.state import ServingState
 from updater import retrain
-from updater.retrain import RetrainConfig, is_due, retrain_once
+from updater.retrain import RetrainConfig, is_due, retrain_once, validation_slices
 
 CPU = torch.device("cpu")
 
@@ -92,7 +92,7 @@ def test_retraining_is_event_driven_and_promotes_only_if_not_worse(served, monke
     assert is_due(engine, cfg), "no scorer yet and interactions exist"
     first = retrain_once(engine, bundle.version, data, cfg, CPU, progress=False)
     assert first["promoted"] and active_version(engine, "scorer")[0] == first["version"]
-    assert first["val_ndcg@10"] > 0
+    assert first["ndcg@10"] > 0 and first["val_ndcg@10"] > 0
     assert not is_due(engine, cfg), "nothing new since the last attempt"
     state.refresh()
     assert state.version == first["version"], "the replica swapped to the promoted scorer"
@@ -103,13 +103,27 @@ def test_retraining_is_event_driven_and_promotes_only_if_not_worse(served, monke
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.randn_like(p) * 5)
-        return model, {"epochs": 1}
+        return model, {"epochs": 1, "best_val_ndcg@10": 0.0}
 
     monkeypatch.setattr(retrain, "train_scorer", ruined)
     second = retrain_once(engine, bundle.version, data, cfg, CPU, progress=False)
-    assert not second["promoted"] and second["val_ndcg@10"] < first["val_ndcg@10"]
+    assert not second["promoted"] and second["ndcg@10"] < first["ndcg@10"]
     assert second["warm_start"] == first["version"]
     assert active_version(engine, "scorer")[0] == first["version"], "a worse candidate is not promoted"
+
+
+def test_promotion_slice_is_disjoint_from_early_stopping_and_stable_as_users_arrive():
+    def slices(n_users: int) -> tuple[set[str], set[str]]:
+        # each user's last item names it, so a slice's targets say which users it holds
+        by_user = {f"u{i}": [1, 2, 3, 10_000 + i] for i in range(n_users)}
+        name = {s[-1]: u for u, s in by_user.items()}
+        stop, promote = validation_slices(by_user, 100_000, seed=0)
+        return {name[t] for t in stop[1]}, {name[t] for t in promote[1]}
+
+    stop, promote = slices(400)
+    assert not stop & promote and len(stop | promote) == 400 and min(len(stop), len(promote)) > 150
+    stop_later, promote_later = slices(700)
+    assert stop <= stop_later and promote <= promote_later, "a user keeps its slice across retrains"
 
 
 @pytest.mark.slow

@@ -2,14 +2,18 @@
 
 A retrain is due when ``min_new_interactions`` interactions or ``min_new_items`` items have
 arrived since the last scorer attempt. It trains a candidate on the catalogue's sequences
-(warm-started from the active version, the SAID table frozen), scores candidate and active
-version on the same validation slice (each user's last item), and promotes the candidate
-only if it is not worse. Promotion is one transaction on ``model_versions``; every scorer
+(warm-started from the active version, the SAID table frozen), early-stops it on one slice
+of users (each user's last item), scores candidate and active version on a second,
+disjoint slice, and promotes the candidate only if it is not worse there. The slices are
+fixed by a hash of the user id, so no scorer is ever compared on users it early-stopped on
+(a candidate picked for its best score on a slice would be favoured there). Promotion is
+one transaction on ``model_versions``; every scorer
 replica notices it and swaps model and index together (``scorer/state.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
@@ -39,7 +43,7 @@ class RetrainConfig:
     min_new_interactions: int = setting("retrain_min_interactions")
     min_new_items: int = setting("retrain_min_items")
     epochs: int = setting("retrain_epochs")
-    valid_users: int = setting("retrain_valid_users")
+    valid_users: int = setting("retrain_valid_users")  # per slice: early stopping, promotion
     poll_s: float = setting("retrain_poll_s")
     seed: int = 0
 
@@ -62,6 +66,36 @@ def is_due(engine: Engine, cfg: RetrainConfig) -> bool:
     )
 
 
+@dataclass
+class TrainingData:
+    """What a retrain trains and judges on, read from the catalogue in one go."""
+
+    table: torch.Tensor  # (max item index + 1, D) aligner vectors, 0 where none yet
+    train: list[list[int]]  # every user's history without its last item
+    stopping: tuple[list[list[int]], list[int]]  # early-stopping slice (histories, targets)
+    promotion: tuple[list[list[int]], list[int]]  # promotion slice, disjoint from stopping
+
+
+def training_data(engine: Engine, aligner_version: str, cfg: RetrainConfig) -> TrainingData:
+    with engine.connect() as conn:
+        by_user = user_sequences(conn)
+        ids, vectors = load_embeddings(conn, aligner_version)
+    if vectors is None:
+        raise RuntimeError(f"no embeddings of aligner {aligner_version}: run `said align` first")
+    table = torch.zeros(int(ids.max()) + 1, vectors.shape[1])
+    table[torch.from_numpy(ids)] = torch.from_numpy(vectors)
+    embedded = set(ids.tolist())
+    by_user = {u: [i for i in s if i in embedded] for u, s in by_user.items()}  # pending: no input yet
+    stopping, promotion = validation_slices(by_user, cfg.valid_users, cfg.seed)
+    if not stopping[0] or not promotion[0]:
+        raise RuntimeError("too few users with 3 interactions to early-stop and compare a scorer")
+    return TrainingData(table, [s[:-1] for s in by_user.values()], stopping, promotion)
+
+
+def train_config(cfg: RetrainConfig) -> ScorerTrainConfig:
+    return ScorerTrainConfig(epochs=cfg.epochs, eval_every=1, patience=3, seed=cfg.seed)
+
+
 def retrain_once(
     engine: Engine,
     aligner_version: str,
@@ -72,39 +106,23 @@ def retrain_once(
 ) -> dict:
     """Train, validate and maybe promote one candidate; returns its metrics."""
     seen = counts(engine)
-    with engine.connect() as conn:
-        seqs = user_sequences(conn)
-        ids, vectors = load_embeddings(conn, aligner_version)
-    if vectors is None:
-        raise RuntimeError(f"no embeddings of aligner {aligner_version}: run `said align` first")
-    table = torch.zeros(int(ids.max()) + 1, vectors.shape[1])
-    table[torch.from_numpy(ids)] = torch.from_numpy(vectors)
-    embedded = set(ids.tolist())
-    seqs = [[i for i in s if i in embedded] for s in seqs]  # pending items cannot be inputs yet
-    train = [s[:-1] for s in seqs]
-    rng = random.Random(cfg.seed)
-    valid_seqs = rng.sample(
-        [s for s in seqs if len(s) >= 3], min(cfg.valid_users, sum(len(s) >= 3 for s in seqs))
-    )
-    valid = ([s[:-1] for s in valid_seqs], [s[-1] for s in valid_seqs])
-    if not valid_seqs:
-        raise RuntimeError("no user has 3 interactions yet: nothing to validate a scorer on")
-
+    data = training_data(engine, aligner_version, cfg)
+    table, train, stopping, promotion = data.table, data.train, data.stopping, data.promotion
     active = active_version(engine, "scorer")
     candidate = SASRec(SASRecConfig(n_items=table.shape[0] - 1), table)
     active_ndcg = -1.0
     if active is not None:
         current, _ = load_sasrec(active[1], table)
-        active_ndcg = evaluate(current.to(device), *valid, device)["ndcg@10"]
+        active_ndcg = evaluate(current.to(device), *promotion, device)["ndcg@10"]
         candidate.load_state_dict(current.state_dict())  # warm start, same standardisation
-    tcfg = ScorerTrainConfig(epochs=cfg.epochs, eval_every=1, patience=3, seed=cfg.seed)
-    candidate, info = train_scorer(candidate, train, valid, tcfg, device, progress)
-    ndcg = evaluate(candidate, *valid, device)["ndcg@10"]  # what is promoted, measured again
+    candidate, info = train_scorer(candidate, train, stopping, train_config(cfg), device, progress)
+    ndcg = evaluate(candidate, *promotion, device)["ndcg@10"]
     promote = ndcg >= active_ndcg
     version = datetime.now(UTC).strftime("sasrec-%Y%m%d%H%M%S%f")
     record = seen | {
-        "val_ndcg@10": ndcg,
-        "active_val_ndcg@10": active_ndcg,
+        "val_ndcg@10": info["best_val_ndcg@10"],  # the early-stopping slice
+        "ndcg@10": ndcg,  # the promotion slice, which no scorer early-stopped on
+        "active_ndcg@10": active_ndcg,
         "epochs": info["epochs"],
         "aligner_version": aligner_version,
         "warm_start": active[0] if active else None,
@@ -116,13 +134,32 @@ def retrain_once(
     metrics.SCORER_RETRAINS.labels("promoted" if promote else "rejected").inc()
     metrics.SCORER_VAL_NDCG.set(ndcg)
     log.info(
-        "scorer %s: val NDCG@10 %.4f vs active %.4f -> %s",
+        "scorer %s: NDCG@10 %.4f vs active %.4f on the promotion slice -> %s",
         version,
         ndcg,
         active_ndcg,
         "promoted" if promote else "rejected",
     )
     return record | {"version": version}
+
+
+def validation_slices(
+    by_user: dict[str, list[int]], per_slice: int, seed: int
+) -> tuple[tuple[list[list[int]], list[int]], tuple[list[list[int]], list[int]]]:
+    """(histories, last items) of two disjoint user slices: early stopping and promotion.
+
+    A user's slice is fixed by a hash of its id, not by a sample of today's population, so
+    it stays the same across retrains: the active scorer never early-stopped on a user of
+    the promotion slice either. Users with fewer than 3 interactions are in neither."""
+    pools: tuple[list[list[int]], list[list[int]]] = ([], [])
+    for user, seq in sorted(by_user.items()):
+        if len(seq) >= 3:
+            pools[hashlib.sha256(user.encode()).digest()[0] & 1].append(seq)
+    slices = []
+    for pool in pools:
+        chosen = random.Random(seed).sample(pool, min(per_slice, len(pool)))
+        slices.append(([s[:-1] for s in chosen], [s[-1] for s in chosen]))
+    return slices[0], slices[1]
 
 
 def run_retrainer(
