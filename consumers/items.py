@@ -1,16 +1,19 @@
-"""``said.items`` -> catalogue items (+ alignment jobs for new or changed text)."""
+"""``said.items`` -> catalogue items (+ alignment jobs for new or changed text), and the
+interactions parked for them applied in the same transaction."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from confluent_kafka import Message
 from sqlalchemy.engine import Engine
 
 from consumers.runner import Rejected
+from core import metrics
 from core.catalogue import upsert_items
 from core.events import TOPIC_ITEMS, Invalid, ItemEvent, parse_item
+from core.parking import apply_parked
 from core.settings import Settings
 
 
@@ -23,17 +26,32 @@ class ItemsHandler:
     def __init__(self, settings: Settings) -> None:
         self.max_bytes = settings.max_message_bytes
         self.max_text_chars = settings.max_text_chars
+        self.skew = timedelta(seconds=settings.max_future_skew_s)
 
     def process(self, engine: Engine, messages: Sequence[Message]) -> list[Rejected]:
         valid: list[ItemEvent] = []
         rejected: list[Rejected] = []
+        now = datetime.now(UTC)
         for m in messages:
             try:
                 valid.append(
-                    parse_item(m.value(), max_bytes=self.max_bytes, max_text_chars=self.max_text_chars)
+                    parse_item(
+                        m.value(),
+                        max_bytes=self.max_bytes,
+                        max_text_chars=self.max_text_chars,
+                        latest=now + self.skew,
+                    )
                 )
             except Invalid as exc:
                 rejected.append(Rejected(m, exc.reason))
         with engine.begin() as conn:
-            upsert_items(conn, valid, datetime.now(UTC))
+            upsert_items(conn, valid, now)
+            applied = apply_parked(conn, {ev.item_id for ev in valid})  # under the items lock
+        metrics.PARKED.labels("applied").inc(applied)
         return rejected
+
+    def expired(self, engine: Engine) -> list[Rejected]:
+        return []  # items are never parked
+
+    def forget(self, engine: Engine, rejected: Sequence[Rejected]) -> None:
+        return None

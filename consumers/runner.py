@@ -2,7 +2,10 @@
 
 Per batch, in the quix-streams checkpoint order:
   1. validate and write the batch to the catalogue in one transaction (retried while the
-     database is down);
+     database is down); a batch that fails for any other reason is split in halves until
+     the message that breaks it (a poison pill) is alone, and that one is dead-lettered
+     with the reason ``processing_error:<exception>``, so no message can crash-loop a
+     partition;
   2. produce rejected messages to ``said.dlq`` and flush the producer, failing on any
      undelivered message;
   3. commit the batch's offsets synchronously.
@@ -21,19 +24,22 @@ from typing import Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from sqlalchemy.engine import Engine
 
+from consumers.dead_letter import dlq_copy
 from core import metrics
-from core.db import retry_on_outage
+from core.db import is_outage, retry_on_outage
 from core.events import TOPIC_DLQ
-from core.kafka import DeliveryTracker
+from core.kafka import DeliveryTracker, produce
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
+SWEEP_EVERY_S = 5.0  # how often a loop looks for parked messages past their age
 
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    message: Message
+    message: Message  # or a ``consumers.dead_letter.StoredMessage``
     reason: str
+    parked_id: str | None = None  # the parked interaction it comes from, if any
 
 
 class Handler(Protocol):
@@ -43,6 +49,14 @@ class Handler(Protocol):
     name: str
 
     def process(self, engine: Engine, messages: Sequence[Message]) -> list[Rejected]: ...
+
+    def expired(self, engine: Engine) -> list[Rejected]:
+        """Stored messages that waited too long and must go to the DLQ now."""
+        ...
+
+    def forget(self, engine: Engine, rejected: Sequence[Rejected]) -> None:
+        """Remove what :meth:`expired` returned, once its DLQ copies are safe."""
+        ...
 
 
 @dataclass
@@ -77,15 +91,6 @@ def _record_lag(stats_json: str) -> None:
             lag = pstats.get("consumer_lag", -1)
             if part != "-1" and lag >= 0:
                 metrics.CONSUMER_LAG.labels(topic, part).set(lag)
-
-
-def _dlq_headers(msg: Message, reason: str) -> list[tuple[str, bytes]]:
-    return [
-        ("said-error", reason.encode()),
-        ("said-source-topic", msg.topic().encode()),
-        ("said-partition", str(msg.partition()).encode()),
-        ("said-offset", str(msg.offset()).encode()),
-    ]
 
 
 def next_offsets(messages: Sequence[Message]) -> list[TopicPartition]:
@@ -126,8 +131,12 @@ class ConsumeLoop:
         # Joining a group takes up to a session timeout: idleness counts from then, and from
         # every (re)assignment, so a slow join is never mistaken for an empty topic.
         self._idle_since = time.monotonic() + self.settings.session_timeout_ms / 1000
+        next_sweep = 0.0
         try:
             while not self.stopping:
+                if time.monotonic() >= next_sweep:
+                    self._sweep()
+                    next_sweep = time.monotonic() + SWEEP_EVERY_S
                 messages = self._poll()
                 if not messages:
                     if idle_exit is not None and time.monotonic() - self._idle_since > idle_exit:
@@ -156,12 +165,7 @@ class ConsumeLoop:
     def _process(self, messages: list[Message]) -> None:
         topic = self.handler.topic
         with metrics.BATCH_SECONDS.labels(topic).time():
-            rejected = retry_on_outage(
-                lambda: self.handler.process(self.engine, messages),
-                max_backoff_s=self.settings.db_retry_max_s,
-                should_stop=lambda: self.stopping,
-                on_retry=lambda _e: metrics.DB_RETRIES.inc(),
-            )
+            rejected = self._store(messages)
             self._dead_letter(rejected)
             try:
                 self.consumer.commit(offsets=next_offsets(messages), asynchronous=False)
@@ -178,18 +182,48 @@ class ConsumeLoop:
         metrics.MESSAGES.labels(topic, "stored").inc(stored)
         metrics.MESSAGES.labels(topic, "dlq").inc(len(rejected))
 
+    def _sweep(self) -> None:
+        """Dead-letter what the handler kept too long (parked interactions), then forget
+        it: a crash between the two dead-letters it twice, never zero times."""
+        expired = retry_on_outage(
+            lambda: self.handler.expired(self.engine),
+            max_backoff_s=self.settings.db_retry_max_s,
+            should_stop=lambda: self.stopping,
+            on_retry=lambda _e: metrics.DB_RETRIES.inc(),
+        )
+        if expired:
+            self._dead_letter(expired)
+            self.handler.forget(self.engine, expired)
+            self.stats.dead_lettered += len(expired)
+
+    def _store(self, messages: list[Message]) -> list[Rejected]:
+        """Process ``messages`` (one transaction, retried through outages); if that fails
+        for another reason, bisect until the poison message is isolated, and reject it."""
+        try:
+            return retry_on_outage(
+                lambda: self.handler.process(self.engine, messages),
+                max_backoff_s=self.settings.db_retry_max_s,
+                should_stop=lambda: self.stopping,
+                on_retry=lambda _e: metrics.DB_RETRIES.inc(),
+            )
+        except Exception as exc:
+            if is_outage(exc):  # a stop requested during an outage: replay after restart
+                raise
+            if len(messages) == 1:
+                m = messages[0]
+                log.exception("poison message %s[%d]@%d isolated", m.topic(), m.partition(), m.offset())
+                return [Rejected(m, f"processing_error:{type(exc).__name__}")]
+            half = len(messages) // 2
+            return self._store(messages[:half]) + self._store(messages[half:])
+
     def _dead_letter(self, rejected: list[Rejected]) -> None:
         tracker = DeliveryTracker()
         for r in rejected:
             m = r.message
-            self.producer.produce(
-                TOPIC_DLQ,
-                key=m.key(),
-                value=m.value(),
-                headers=_dlq_headers(m, r.reason),
-                on_delivery=tracker,
-            )
+            copy = dlq_copy(m, r.reason, self.settings.max_message_bytes)
+            produce(self.producer, TOPIC_DLQ, on_delivery=tracker, **copy)
             self.stats.reasons[r.reason] = self.stats.reasons.get(r.reason, 0) + 1
+            metrics.DEAD_LETTERS.labels(m.topic(), r.reason).inc()
             log.info("dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), r.reason)
         tracker.flush(self.producer, 30, "DLQ offsets not committed, the batch will be replayed")
 

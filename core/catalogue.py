@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from core.events import InteractionEvent, ItemEvent
+from core.events import InteractionEvent, ItemEvent, content_hash
 from core.tables import alignment_jobs, interactions, item_embeddings, items
 
 _CHUNK = 1000  # keeps IN-lists and multi-row VALUES under every driver's parameter limit
@@ -39,29 +39,45 @@ def _chunks(seq: Sequence, size: int = _CHUNK) -> Iterable[Sequence]:
         yield seq[start : start + size]
 
 
+def lock_item_index(conn: Connection) -> None:
+    """Serialise transactions that add items (or must see every committed one) until commit.
+
+    PostgreSQL: a transaction-scoped advisory lock. SQLite: ``BEGIN IMMEDIATE`` already
+    holds the database's one write lock (``core.db``)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ITEMS_LOCK_KEY})
+
+
 def upsert_items(conn: Connection, events: Sequence[ItemEvent], now: datetime) -> dict[str, int]:
     """Insert new items and apply changed ones; returns item_id -> idx of those that changed.
 
     New items get the next dense indexes under a lock, so indexes have no gaps even with
     several consumers. An event older than the stored one is ignored (out-of-order
     delivery); a text change sends the item back to ``pending`` with a fresh alignment job.
+    The winner of two events is decided by ``ItemEvent.version`` (time, then content), so
+    any delivery order of the same events gives the same row.
     """
     latest: dict[str, ItemEvent] = {}
     for ev in events:
         kept = latest.get(ev.item_id)
-        if kept is None or ev.event_time >= kept.event_time:
+        if kept is None or ev.version > kept.version:
             latest[ev.item_id] = ev
     if not latest:
         return {}
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ITEMS_LOCK_KEY})
+    lock_item_index(conn)
 
     existing = {}
     for chunk in _chunks(list(latest)):
         rows = conn.execute(
-            select(items.c.item_id, items.c.idx, items.c.text_hash, items.c.event_time).where(
-                items.c.item_id.in_(chunk)
-            )
+            select(
+                items.c.item_id,
+                items.c.idx,
+                items.c.text_hash,
+                items.c.event_time,
+                items.c.title,
+                items.c.description,
+                items.c.advertiser_id,
+            ).where(items.c.item_id.in_(chunk))
         )
         existing.update({r.item_id: r for r in rows})
 
@@ -84,9 +100,7 @@ def upsert_items(conn: Connection, events: Sequence[ItemEvent], now: datetime) -
             )
             changed[item_id] = next_idx
             next_idx += 1
-        elif ev.event_time > utc(row.event_time) or (
-            ev.event_time == utc(row.event_time) and ev.text_hash != row.text_hash
-        ):
+        elif ev.version > (utc(row.event_time), content_hash(row.title, row.description, row.advertiser_id)):
             text_changed = ev.text_hash != row.text_hash
             values = fields | ({"status": "pending", "received_at": now} if text_changed else {})
             conn.execute(update(items).where(items.c.idx == row.idx).values(**values))

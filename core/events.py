@@ -44,6 +44,13 @@ class ItemEvent:
     def text_hash(self) -> str:
         return text_hash(self.text)
 
+    @property
+    def version(self) -> tuple[datetime, str]:
+        """Which of two events of one item wins: the later ``event_time``, and between equal
+        times the greater content hash. A rule on content alone, so every delivery order
+        of the same events (replays, duplicates, shuffles) ends with the same row."""
+        return self.event_time, content_hash(self.title, self.description, self.advertiser_id)
+
 
 @dataclass(frozen=True, slots=True)
 class InteractionEvent:
@@ -62,6 +69,11 @@ def item_text(title: str, description: str | None) -> str:
 def text_hash(text: str) -> str:
     """Stable fingerprint of an item's text; a change means the item must be re-aligned."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def content_hash(title: str, description: str | None, advertiser_id: str | None) -> str:
+    """Fingerprint of everything an item event stores (the tie-break of equal times)."""
+    return hashlib.sha256(json.dumps([title, description, advertiser_id]).encode()).hexdigest()
 
 
 def _decode(raw: bytes | None, max_bytes: int) -> dict:
@@ -103,7 +115,9 @@ def _str(obj: dict, key: str, *, optional: bool = False, max_len: int = 256) -> 
     return value
 
 
-def _time(obj: dict) -> datetime:
+def _time(obj: dict, latest: datetime) -> datetime:
+    """``event_time`` in UTC; later than ``latest`` (now plus the allowed clock skew) is
+    refused: an item stamped in year 9999 would otherwise win every later update."""
     raw = _str(obj, "event_time", max_len=64)
     try:
         ts = datetime.fromisoformat(raw)
@@ -112,13 +126,17 @@ def _time(obj: dict) -> datetime:
     if ts.tzinfo is None:
         raise Invalid("bad_time:event_time")  # RFC 3339 requires an offset
     try:
-        return ts.astimezone(UTC)  # year 1 at +14:00 has no UTC instant: reject, not crash
+        ts = ts.astimezone(UTC)  # year 1 at +14:00 has no UTC instant: reject, not crash
     except OverflowError:
         raise Invalid("bad_time:event_time") from None
+    if ts > latest:
+        raise Invalid("future_time")
+    return ts
 
 
-def parse_item(raw: bytes | None, *, max_bytes: int, max_text_chars: int) -> ItemEvent:
-    """Validate a ``said.items`` value or raise :class:`Invalid`."""
+def parse_item(raw: bytes | None, *, max_bytes: int, max_text_chars: int, latest: datetime) -> ItemEvent:
+    """Validate a ``said.items`` value or raise :class:`Invalid`; ``latest`` is the
+    latest acceptable ``event_time`` (now plus the allowed skew)."""
     obj = _decode(raw, max_bytes)
     title = _str(obj, "title", max_len=max_text_chars)
     description = _str(obj, "description", optional=True, max_len=max_text_chars)
@@ -129,12 +147,13 @@ def parse_item(raw: bytes | None, *, max_bytes: int, max_text_chars: int) -> Ite
         title=title,
         description=description or None,
         advertiser_id=_str(obj, "advertiser_id", optional=True),
-        event_time=_time(obj),
+        event_time=_time(obj, latest),
     )
 
 
-def parse_interaction(raw: bytes | None, *, max_bytes: int) -> InteractionEvent:
-    """Validate a ``said.interactions`` value or raise :class:`Invalid`."""
+def parse_interaction(raw: bytes | None, *, max_bytes: int, latest: datetime) -> InteractionEvent:
+    """Validate a ``said.interactions`` value or raise :class:`Invalid` (``latest``: as
+    for :func:`parse_item`)."""
     obj = _decode(raw, max_bytes)
     kind = _str(obj, "type", max_len=32)
     if kind not in INTERACTION_TYPES:
@@ -144,5 +163,5 @@ def parse_interaction(raw: bytes | None, *, max_bytes: int) -> InteractionEvent:
         user_id=_str(obj, "user_id"),
         item_id=_str(obj, "item_id"),
         type=kind,
-        event_time=_time(obj),
+        event_time=_time(obj, latest),
     )

@@ -35,3 +35,14 @@ class DeliveryTracker:
                 f"delivery failed ({len(failures)} failed, {left} undelivered, errors: "
                 f"{failures[:3]}); {consequence}"
             )
+
+
+def produce(producer: Producer, topic: str, **kwargs) -> None:
+    """``producer.produce`` that waits for room when the local queue is full (BufferError)
+    instead of failing a batch that the broker would accept a moment later."""
+    while True:
+        try:
+            producer.produce(topic, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.1)

@@ -9,6 +9,15 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 log = logging.getLogger(__name__)
 
 MESSAGES = Counter("said_messages_total", "Kafka messages by final outcome.", ["topic", "outcome"])
+DEAD_LETTERS = Counter(
+    "said_dead_letters_total", "Messages written to the DLQ, by source topic and reason.", ["topic", "reason"]
+)
+PARKED = Counter(
+    "said_parked_interactions_total",
+    "Interactions that arrived before their item: parked, applied when it came, or expired to the DLQ.",
+    ["outcome"],
+)
+PARKED_NOW = Gauge("said_parked_interactions_waiting", "Interactions parked now, waiting for their item.")
 CONSUMER_LAG = Gauge("said_consumer_lag", "Messages behind the high watermark.", ["topic", "partition"])
 BATCH_SECONDS = Histogram(
     "said_consumer_batch_seconds",

@@ -41,7 +41,18 @@ class Settings(BaseSettings):
     group_id: str = Field("said", description="Consumer-group prefix; '.items' etc. appended.")
     session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka group session timeout.")
     consume_batch: int = Field(5000, ge=1, le=100_000, description="Messages per consume batch.")
-    max_message_bytes: int = Field(64_000, ge=256, description="Larger messages go to the DLQ.")
+    max_message_bytes: int = Field(
+        64_000, ge=256, le=900_000, description="Larger messages go to the DLQ, cut to this many bytes."
+    )
+    max_future_skew_s: float = Field(
+        3600.0, gt=0, description="Events stamped further ahead of now go to the DLQ (future_time)."
+    )
+    dlq_max_attempts: int = Field(
+        5, ge=1, description="`said dlq replay` leaves messages dead-lettered this often."
+    )
+    park_max_age_s: float = Field(
+        86_400.0, gt=0, description="Parked interactions whose item never came go to the DLQ after."
+    )
     max_text_chars: int = Field(2000, ge=16, description="Longest accepted title+description.")
     db_retry_max_s: float = Field(30.0, gt=0, description="Cap of the DB-outage backoff.")
 

@@ -57,6 +57,23 @@ interactions = Table(
     Index("ix_interactions_user_time", "user_id", "event_time"),
 )
 
+# Interactions that arrived before their item: applied when the item arrives (same
+# transaction as the item's insert), dead-lettered with their original bytes once older
+# than ``park_max_age_s``. The message itself is kept so its DLQ copy loses nothing.
+parked_interactions = Table(
+    "parked_interactions",
+    metadata,
+    Column("event_id", String(256), primary_key=True),
+    Column("user_id", String(256), nullable=False),
+    Column("item_id", String(256), nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("event_time", DateTime(timezone=True), nullable=False),
+    Column("parked_at", DateTime(timezone=True), nullable=False),
+    Column("message", JSON, nullable=False),  # topic, partition, offset, timestamp, key, value, headers
+    Index("ix_parked_interactions_item", "item_id"),
+    Index("ix_parked_interactions_parked_at", "parked_at"),
+)
+
 item_embeddings = Table(
     "item_embeddings",
     metadata,

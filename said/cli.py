@@ -251,8 +251,16 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 def _cmd_dlq(args: argparse.Namespace) -> int:
     from consumers.dlq_replay import replay_dlq
 
-    stats = replay_dlq(get_settings(), args.reason, args.idle_exit)
-    logging.info("replayed %d dead-lettered messages, skipped %d", stats.replayed, stats.skipped)
+    try:
+        stats = replay_dlq(get_settings(), args.reason, args.max_attempts)
+    except ValueError as exc:
+        raise SystemExit(f"said dlq replay: {exc}") from None
+    logging.info(
+        "replayed %d dead-lettered messages; skipped %d of other reasons, left %d at the attempt limit",
+        stats.replayed,
+        stats.skipped,
+        stats.exhausted,
+    )
     return 0
 
 
@@ -331,7 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     dq = sub.add_parser("dlq", help="dead-letter queue operations")
     dq.add_argument("action", choices=["replay"])
     dq.add_argument("--reason", required=True, help="replay messages whose reason starts so")
-    dq.add_argument("--idle-exit", type=float, default=5.0, metavar="SECONDS")
+    dq.add_argument(
+        "--max-attempts",
+        type=int,
+        default=s.dlq_max_attempts,
+        help="leave messages dead-lettered this many times where they are",
+    )
     dq.set_defaults(fn=_cmd_dlq)
 
     rt = sub.add_parser("retrain", help="train the SASRec scorer; promote it if not worse")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
+import time
 
+import pytest
 from sqlalchemy import select
 
 from consumers.interactions import InteractionsHandler
@@ -12,9 +16,17 @@ from consumers.runner import ConsumeLoop
 from core import metrics
 from core.catalogue import count_rows
 from core.db import make_engine
-from core.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
+from core.events import TOPIC_DLQ, TOPIC_INTERACTIONS, TOPIC_ITEMS, content_hash
+from core.parking import count_parked
 from core.tables import alignment_jobs, interactions, items
-from tests.support.kafka_util import click_event, dlq_reasons, item_event, produce_json, produce_raw
+from tests.support.kafka_util import (
+    click_event,
+    dlq_reasons,
+    item_event,
+    produce_json,
+    produce_raw,
+    read_topic,
+)
 
 
 def consume(settings, handler_cls, idle: float = 1.5):
@@ -75,7 +87,7 @@ def test_bad_input_goes_to_dlq_with_reason_and_good_messages_are_kept(settings):
     }
     bad_clicks = {
         json.dumps(click_event(900, 1) | {"type": "like"}).encode(): "unknown_enum:type",
-        json.dumps(click_event(901, 777)).encode(): "unknown_item",
+        json.dumps(click_event(901, 1) | {"event_time": "9999-01-01T00:00:00Z"}).encode(): "future_time",
     }
     good_items = [item_event(i) for i in range(10)]
     raw_items = []
@@ -106,21 +118,141 @@ def test_bad_input_goes_to_dlq_with_reason_and_good_messages_are_kept(settings):
         assert count_rows(conn, interactions) == 20
 
 
-def test_dlq_replay_recovers_an_interaction_that_arrived_before_its_item(settings):
+def test_an_interaction_before_its_item_is_parked_applied_or_dead_lettered_after_its_age(settings):
     from consumers.dlq_replay import replay_dlq
 
-    produce_json(
-        settings.kafka_bootstrap, TOPIC_INTERACTIONS, [click_event(1, 5), click_event(2, 6)], "user_id"
+    engine = make_engine(settings.database_url)
+    clicks = [click_event(1, 5), click_event(2, 6)]
+    produce_raw(
+        settings.kafka_bootstrap,
+        TOPIC_INTERACTIONS,
+        [(b"u1", json.dumps(c).encode()) for c in clicks],
+        headers=[("trace", b"abc"), ("empty", None)],
     )
-    produce_raw(settings.kafka_bootstrap, TOPIC_ITEMS, [(b"k", b"{bad")])
-    stats, engine = consume(settings, InteractionsHandler)
-    assert stats.dead_lettered == 2
-    consume(settings, ItemsHandler)  # the bad item goes to the DLQ too
+    stats, _ = consume(settings, InteractionsHandler)
+    assert (stats.stored, stats.dead_lettered) == (2, 0), "parked, not dead-lettered"
     produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [item_event(5)], "item_id")
     consume(settings, ItemsHandler)
-    replayed = replay_dlq(settings, "unknown_item", idle_exit=1.5)
-    assert (replayed.replayed, replayed.skipped) == (2, 1)
-    stats, _ = consume(settings, InteractionsHandler)
-    assert (stats.stored, stats.dead_lettered) == (1, 1), "item 6 is still unknown"
     with engine.connect() as conn:
-        assert count_rows(conn, interactions) == 1
+        assert count_rows(conn, interactions) == 1, "item 5's arrival applied its parked click"
+        assert count_parked(conn) == 1
+
+    settings.park_max_age_s = 0.01  # item 6 never comes: its click ages out to the DLQ
+    stats, _ = consume(settings, InteractionsHandler, idle=0.5)
+    assert stats.dead_lettered == 1
+    (dead,) = read_topic(settings.kafka_bootstrap, TOPIC_DLQ, 1)
+    headers = dict(dead.headers())
+    assert (
+        headers["said-error"] == b"unknown_item" and headers["trace"] == b"abc" and headers["empty"] is None
+    )
+    assert json.loads(dead.value())["item_id"] == "i6" and dead.key() == b"u1"
+    with engine.connect() as conn:
+        assert count_parked(conn) == 0
+
+    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [item_event(6)], "item_id")
+    consume(settings, ItemsHandler)
+    assert replay_dlq(settings, "unknown_item").replayed == 1
+    consume(settings, InteractionsHandler)
+    with engine.connect() as conn:
+        assert count_rows(conn, interactions) == 2
+
+
+def test_dlq_replay_is_bounded_keeps_context_and_leaves_exhausted_messages(settings):
+    from consumers.dlq_replay import replay_dlq
+
+    def dead(reason: str, n: int, attempts: int, ts: int) -> tuple:
+        headers = [("said-error", reason.encode()), ("said-source-topic", TOPIC_INTERACTIONS.encode())]
+        headers += [("said-attempts", str(attempts).encode()), ("trace", None)]
+        return (b"u", json.dumps(click_event(n, 1)).encode(), headers, ts)
+
+    ts = 1_700_000_000_000
+    produce_raw(
+        settings.kafka_bootstrap,
+        TOPIC_DLQ,
+        [],
+        records=[
+            dead("unknown_item", 1, 1, ts),
+            dead("malformed_json", 2, 1, ts),
+            dead("unknown_item", 3, 5, ts),
+        ],
+    )
+    with pytest.raises(ValueError, match="--reason"):
+        replay_dlq(settings, "")
+    keep_writing = threading.Event()
+
+    def writer():  # consumers re-dead-lettering while the replay runs
+        n = 100
+        while not keep_writing.is_set():
+            produce_raw(settings.kafka_bootstrap, TOPIC_DLQ, [], records=[dead("unknown_item", n, 1, ts)])
+            n += 1
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    stats = replay_dlq(settings, "unknown_item", max_attempts=5)
+    keep_writing.set()
+    thread.join()
+    assert time.monotonic() - t0 < 30, "the replay ends at the offsets it started with"
+    assert (stats.skipped, stats.exhausted) == (1, 1) and stats.replayed >= 1
+    (back,) = [m for m in read_topic(settings.kafka_bootstrap, TOPIC_INTERACTIONS, 1) if b'"e1"' in m.value()]
+    assert back.timestamp()[1] == ts and back.key() == b"u"
+    assert dict(back.headers()) == {"said-attempts": b"1", "trace": None}, "said-error etc. dropped"
+
+
+def test_a_message_over_the_broker_default_goes_to_the_dlq_as_a_prefix(settings):
+    big = json.dumps(item_event(1, title="x" * 1_000_000)).encode()
+    assert len(big) > 1_000_000
+    produce_raw(
+        settings.kafka_bootstrap,
+        TOPIC_ITEMS,
+        [(b"big", big)] + [(b"k", json.dumps(item_event(i)).encode()) for i in range(2, 5)],
+        max_bytes=2_000_000,
+    )
+    stats, engine = consume(settings, ItemsHandler)
+    assert (stats.stored, stats.dead_lettered) == (3, 1)
+    (dead,) = read_topic(settings.kafka_bootstrap, TOPIC_DLQ, 1)
+    headers = dict(dead.headers())
+    assert headers["said-error"] == b"too_large" and headers["said-truncated-from"] == str(len(big)).encode()
+    assert dead.value() == big[: settings.max_message_bytes] and dead.key() == b"big"
+    with engine.connect() as conn:
+        assert count_rows(conn, items) == 3
+
+
+class PoisonedItems(ItemsHandler):
+    """The real handler, failing (as a bug would) on any batch that holds the poison key."""
+
+    def process(self, engine, messages):
+        if any(m.key() == b"poison" for m in messages):
+            raise ValueError("a bug this message triggers")
+        return super().process(engine, messages)
+
+
+def test_a_batch_that_fails_is_bisected_to_its_poison_message(settings):
+    good = [(b"k", json.dumps(item_event(i)).encode()) for i in range(20)]
+    produce_raw(settings.kafka_bootstrap, TOPIC_ITEMS, good[:7] + [(b"poison", b"{}")] + good[7:])
+    stats, engine = consume(settings, PoisonedItems)
+    assert (stats.stored, stats.dead_lettered) == (20, 1)
+    assert dlq_reasons(settings.kafka_bootstrap, 1) == {b"{}": "processing_error:ValueError"}
+    again, _ = consume(settings, PoisonedItems)
+    assert again.consumed == 0, "offsets committed: no crash loop on restart"
+    with engine.connect() as conn:
+        assert count_rows(conn, items) == 20
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_the_same_item_events_in_any_order_give_the_same_row(settings, order):
+    events = [item_event(1, "Title A"), item_event(1, "Title B"), item_event(1, "Title A")]
+    events[1]["advertiser_id"] = "other"
+    engine = make_engine(settings.database_url)
+    for i in order:  # one batch per event: the stored row must decide, not the batch
+        produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [events[i]], "item_id")
+        consume(settings, ItemsHandler, idle=0.3)
+    with engine.connect() as conn:
+        row = conn.execute(select(items.c.title, items.c.advertiser_id)).one()
+    assert tuple(row) == WINNER
+
+
+WINNER = max(
+    [("Title A", "adv"), ("Title B", "other")],
+    key=lambda r: content_hash(r[0], None, r[1]),
+)

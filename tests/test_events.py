@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 
 from core.events import Invalid, parse_interaction, parse_item
+
+LATEST = datetime(2100, 1, 1, tzinfo=UTC)
 
 ITEM = {
     "item_id": "a1",
@@ -43,26 +46,31 @@ def item_event(**change) -> bytes:
         (item_event(event_time="yesterday"), "bad_time:event_time"),
         (item_event(event_time="2026-01-01T00:00:00"), "bad_time:event_time"),
         (item_event(title="a\x00b"), "nul_char:title"),
+        (item_event(event_time="9999-12-31T23:59:59Z"), "future_time"),
+        (item_event(event_time="2100-01-01T00:00:01+00:00"), "future_time"),
         (b"[" * 100_000 + b"]" * 100_000, "too_large"),
     ],
 )
 def test_item_rejections(raw, reason):
     with pytest.raises(Invalid) as err:
-        parse_item(raw, max_bytes=64_000, max_text_chars=500)
+        parse_item(raw, max_bytes=64_000, latest=LATEST, max_text_chars=500)
     assert err.value.reason == reason
 
 
 def test_deep_json_is_rejected_not_crashing():
     raw = b"[" * 20_000 + b"]" * 20_000
     with pytest.raises(Invalid) as err:
-        parse_item(raw, max_bytes=64_000, max_text_chars=500)
+        parse_item(raw, max_bytes=64_000, latest=LATEST, max_text_chars=500)
     assert err.value.reason in {"malformed_json", "not_an_object"}
 
 
 def test_valid_item_text_and_hash():
-    ev = parse_item(item_event(description="Tinted"), max_bytes=64_000, max_text_chars=500)
+    ev = parse_item(item_event(description="Tinted"), max_bytes=64_000, latest=LATEST, max_text_chars=500)
     assert ev.text == "Rose lip balm\nTinted"
-    assert ev.text_hash != parse_item(item_event(), max_bytes=64_000, max_text_chars=500).text_hash
+    assert (
+        ev.text_hash
+        != parse_item(item_event(), max_bytes=64_000, latest=LATEST, max_text_chars=500).text_hash
+    )
     assert ev.event_time.tzinfo is not None
 
 
@@ -72,14 +80,15 @@ def test_valid_item_text_and_hash():
         ({"type": "like"}, "unknown_enum:type"),
         ({"type": None}, "missing_field:type"),
         ({"user_id": 7}, "wrong_type:user_id"),
+        ({"event_time": "9999-01-01T00:00:00Z"}, "future_time"),
     ],
 )
 def test_interaction_rejections(change, reason):
     with pytest.raises(Invalid) as err:
-        parse_interaction(json.dumps({**CLICK, **change}).encode(), max_bytes=64_000)
+        parse_interaction(json.dumps({**CLICK, **change}).encode(), max_bytes=64_000, latest=LATEST)
     assert err.value.reason == reason
 
 
 def test_valid_interaction():
-    ev = parse_interaction(json.dumps(CLICK).encode(), max_bytes=64_000)
+    ev = parse_interaction(json.dumps(CLICK).encode(), max_bytes=64_000, latest=LATEST)
     assert (ev.event_id, ev.type) == ("e1", "click")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from datetime import UTC
+from datetime import UTC, datetime
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,6 +28,7 @@ from said.migrate import upgrade
 from tests.support.kafka_util import produce_raw, read_topic
 
 MAX_BYTES = 64_000
+LATEST = datetime(2100, 1, 1, tzinfo=UTC)  # no fuzzed time is rejected as future_time
 # all of unicode, lone surrogates (which JSON escapes can carry) included
 ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=60)
 JSON_LEAF = (
@@ -110,7 +111,7 @@ def _clean(event) -> None:
 @given(st.one_of(RAW, ITEM.map(_encode), JSON.map(_encode)))
 def test_item_validator_accepts_clean_events_or_rejects_with_a_reason(raw):
     try:
-        _clean(parse_item(raw, max_bytes=MAX_BYTES, max_text_chars=2000))
+        _clean(parse_item(raw, max_bytes=MAX_BYTES, latest=LATEST, max_text_chars=2000))
     except Invalid as exc:
         assert exc.reason and len(exc.reason) < 64
 
@@ -119,7 +120,7 @@ def test_item_validator_accepts_clean_events_or_rejects_with_a_reason(raw):
 @given(st.one_of(RAW, CLICK.map(_encode), JSON.map(_encode)))
 def test_interaction_validator_accepts_clean_events_or_rejects_with_a_reason(raw):
     try:
-        _clean(parse_interaction(raw, max_bytes=MAX_BYTES))
+        _clean(parse_interaction(raw, max_bytes=MAX_BYTES, latest=LATEST))
     except Invalid as exc:
         assert exc.reason and len(exc.reason) < 64
 
@@ -149,12 +150,14 @@ def test_every_message_ends_in_the_catalogue_or_the_dlq(item_msgs, click_msgs):
         s_clicks = ConsumeLoop(InteractionsHandler(cfg), engine, cfg).run(idle_exit=1.0)
         for stats, sent in ((s_items, item_msgs), (s_clicks, click_msgs)):
             assert stats.consumed == len(sent) == stats.stored + stats.dead_lettered
-        valid_items = _valid(item_msgs, lambda m: parse_item(m, max_bytes=MAX_BYTES, max_text_chars=2000))
+        valid_items = _valid(
+            item_msgs, lambda m: parse_item(m, max_bytes=MAX_BYTES, latest=LATEST, max_text_chars=2000)
+        )
         with engine.connect() as conn:
             assert count_rows(conn, items) == len({e.item_id for e in valid_items})
             stored_items = {r.item_id for r in conn.execute(items.select())}
             n_clicks = count_rows(conn, interactions)
-        valid_clicks = _valid(click_msgs, lambda m: parse_interaction(m, max_bytes=MAX_BYTES))
+        valid_clicks = _valid(click_msgs, lambda m: parse_interaction(m, max_bytes=MAX_BYTES, latest=LATEST))
         landed = [e for e in valid_clicks if e.item_id in stored_items]
         assert n_clicks == len({e.event_id for e in landed})
         dlq = read_topic(broker.bootstrap, "said.dlq", s_items.dead_lettered + s_clicks.dead_lettered)

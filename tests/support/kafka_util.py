@@ -13,14 +13,27 @@ from core.db import make_engine
 from core.events import TOPIC_DLQ, TOPIC_ITEMS
 
 
-def produce_raw(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]):
-    """Produce (key, value) byte pairs exactly as given and wait for delivery."""
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
-    errors = []
-    for key, value in messages:
+def produce_raw(
+    bootstrap: str,
+    topic: str,
+    messages: list[tuple[bytes | None, bytes | None]],
+    headers: list | None = None,
+    records: list[tuple] = (),
+    max_bytes: int = 1_000_000,
+):
+    """Produce (key, value) byte pairs exactly as given (each with ``headers``), then
+    (key, value, headers, timestamp ms) ``records``, and wait for delivery."""
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "message.max.bytes": max_bytes})
+    errors: list = []
+    rows = [(k, v, headers, None) for k, v in messages] + list(records)
+    for key, value, hdrs, ts in rows:
+        extra = {"headers": hdrs} if hdrs else {}
+        extra |= {"timestamp": ts} if ts else {}
         while True:
             try:
-                p.produce(topic, key=key, value=value, on_delivery=lambda e, _m: e and errors.append(e))
+                p.produce(
+                    topic, key=key, value=value, on_delivery=lambda e, _m: e and errors.append(e), **extra
+                )
                 break
             except BufferError:
                 p.poll(0.1)
