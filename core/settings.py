@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The scorer variants ``said evaluate`` compares (training.evaluate builds each one).
@@ -38,6 +38,15 @@ class Settings(BaseSettings):
     kafka_ssl_certificate_location: str | None = Field(None, description="Client cert (mTLS).")
     kafka_ssl_key_location: str | None = Field(None, description="Client key (mTLS).")
     kafka_ssl_key_password: SecretStr | None = Field(None, description="Client key password.")
+    kafka_topic_partitions: int = Field(
+        4, ge=1, description="Partitions of topics `said topics create` makes."
+    )
+    kafka_replication_factor: int = Field(
+        1, ge=1, description="Replicas of each topic it makes (production: 3)."
+    )
+    kafka_min_insync_replicas: int = Field(
+        1, ge=1, description="Topic min.insync.replicas it sets (production: 2; acks=all writes need them)."
+    )
     group_id: str = Field("said", description="Consumer-group prefix; '.items' etc. appended.")
     session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka group session timeout.")
     consume_batch: int = Field(5000, ge=1, le=100_000, description="Messages per consume batch.")
@@ -115,7 +124,9 @@ class Settings(BaseSettings):
         8, ge=1, description="Alignment batch of the demo (more projector steps a pass)."
     )
     demo_fresh: int = Field(5, ge=1, description="Brand-new items the demo publishes.")
-    api_token: SecretStr | None = Field(None, description="If set, /recommend needs this bearer token.")
+    api_token: SecretStr | None = Field(
+        None, description="Bearer token of /recommend and /items; required off loopback. Never empty."
+    )
 
     # --- observability -------------------------------------------------------------
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 = off.")
@@ -142,6 +153,14 @@ class Settings(BaseSettings):
         }
         conf.update({k: v for k, v in optional.items() if v is not None})
         return conf
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_not_empty(cls, v: SecretStr | None) -> SecretStr | None:
+        # SAID_API_TOKEN="" must not mean "no auth": a typo in a deployment fails closed.
+        if v is not None and not v.get_secret_value().strip():
+            raise ValueError("SAID_API_TOKEN is empty: unset it (loopback only) or set a real token")
+        return v
 
     def redacted(self) -> dict[str, object]:
         """Settings safe to log: secrets and URL passwords are masked."""

@@ -82,11 +82,19 @@ class EmbeddedBroker:
         self.stop()
 
 
-def ensure_topics(kafka_config: dict, partitions: int = 4, replication: int = 1) -> None:
-    """Create the said topics if absent (idempotent; an existing topic is left as it is)."""
+def ensure_topics(kafka_config: dict, partitions: int = 4, replication: int = 1, min_insync: int = 1) -> None:
+    """Create the said topics if absent (idempotent; an existing topic is left as it is).
+
+    With ``replication`` 3 and ``min_insync`` 2, a write acknowledged by ``acks=all`` (our
+    idempotent producers) survives the loss of any one broker."""
+    if min_insync > replication:
+        raise ValueError(
+            f"min.insync.replicas {min_insync} > replication factor {replication}: no write could succeed"
+        )
     admin = AdminClient(kafka_config)
     existing = set(admin.list_topics(timeout=10).topics)
-    wanted = [NewTopic(t, partitions, replication) for t in TOPICS if t not in existing]
+    config = {"min.insync.replicas": str(min_insync)} if min_insync > 1 else {}
+    wanted = [NewTopic(t, partitions, replication, config=config) for t in TOPICS if t not in existing]
     if not wanted:
         return
     for topic, fut in admin.create_topics(wanted).items():

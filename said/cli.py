@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import ipaddress
 import logging
 import signal
 import sys
@@ -205,6 +206,11 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    if not is_loopback(args.host) and get_settings().api_token is None and not args.insecure:
+        raise SystemExit(
+            f"said serve: refusing to listen on {args.host} without SAID_API_TOKEN: anyone who can "
+            "reach it could read the catalogue. Set a token, listen on 127.0.0.1, or pass --insecure."
+        )
     # Each worker process builds its own state from the environment (stateless replicas).
     uvicorn.run(
         "scorer.app:app_from_env",
@@ -215,6 +221,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log_level="warning",
     )
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
@@ -267,7 +283,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
 def _cmd_topics(args: argparse.Namespace) -> int:
     from said.broker import ensure_topics
 
-    ensure_topics(get_settings().kafka_config(), args.partitions, args.replication)
+    ensure_topics(get_settings().kafka_config(), args.partitions, args.replication, args.min_insync)
     return 0
 
 
@@ -282,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tp = sub.add_parser("topics", help="create the said topics if absent (idempotent)")
     tp.add_argument("action", choices=["create"])
-    tp.add_argument("--partitions", type=int, default=4)
-    tp.add_argument("--replication", type=int, default=1)
+    tp.add_argument("--partitions", type=int, default=s.kafka_topic_partitions)
+    tp.add_argument("--replication", type=int, default=s.kafka_replication_factor)
+    tp.add_argument("--min-insync", type=int, default=s.kafka_min_insync_replicas)
     tp.set_defaults(fn=_cmd_topics)
 
     d = sub.add_parser("db", help="catalogue schema")
@@ -358,7 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     rt.set_defaults(fn=_cmd_retrain)
 
     sv = sub.add_parser("serve", help="the HTTP scorer")
-    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--host", default="127.0.0.1", help="listen address (loopback by default)")
+    sv.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback address without SAID_API_TOKEN (an open API: only behind your own auth)",
+    )
     sv.add_argument("--port", type=int, default=s.api_port)
     sv.add_argument("--workers", type=int, default=1, help="processes; one per core")
     sv.set_defaults(fn=_cmd_serve)

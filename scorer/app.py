@@ -131,21 +131,38 @@ async def _too_large(send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def bearer_credentials(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, else None.
+
+    RFC 7235: the scheme is case-insensitive and separated from the credentials by
+    whitespace; a bare token with no scheme, or another scheme, is not a bearer token."""
+    scheme, _, credentials = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return None
+    return credentials.strip()
+
+
 def bearer_guard(token: str | None):
-    """A dependency that admits only ``Authorization: Bearer <token>`` when a token is set."""
+    """A dependency that admits only ``Authorization: Bearer <token>`` when a token is set.
+
+    Without a token the API is open: ``said serve`` allows that only on a loopback address
+    (or with an explicit ``--insecure``)."""
+    if token is not None and not token.strip():
+        raise ValueError("an empty API token would let anyone in; leave it unset or set a real one")
 
     def check(authorization: str | None = Header(None)) -> None:
         if token is None:
             return
-        given = (authorization or "").removeprefix("Bearer ").encode()
-        if not authorization or not hmac.compare_digest(given, token.encode()):
+        given = bearer_credentials(authorization)
+        if given is None or not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     return check
 
 
 def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0, token: str | None = None) -> FastAPI:
-    """The API; with ``token``, /recommend requires it (health and metrics stay open)."""
+    """The API; with ``token``, every data endpoint (/recommend, /items) requires it; health
+    and metrics stay open (they show no catalogue data)."""
     stop = threading.Event()
 
     @asynccontextmanager
@@ -160,8 +177,9 @@ def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0, token: 
 
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(ObserveMiddleware)  # outermost: it also counts the 413s
+    guarded = [Depends(bearer_guard(token))]
 
-    @app.post("/recommend", response_model=RecommendResponse, dependencies=[Depends(bearer_guard(token))])
+    @app.post("/recommend", response_model=RecommendResponse, dependencies=guarded)
     def recommend(req: RecommendRequest) -> RecommendResponse:
         unknown: list[str] = []
         if req.user_id is not None:
@@ -186,7 +204,7 @@ def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0, token: 
             unknown_items=unknown,
         )
 
-    @app.get("/items/{item_id}")
+    @app.get("/items/{item_id}", dependencies=guarded)  # it shows titles of unlaunched items
     def item(item_id: str) -> dict:
         with engine.connect() as conn:
             found = item_status(conn, item_id, state.aligner_version)

@@ -54,9 +54,24 @@ def test_prometheus_scrapes_every_service_on_its_port():
     for name in ("consumer-items", "consumer-interactions", "updater"):
         port = services[name]["environment"]["SAID_METRICS_PORT"]
         assert f"{name}:{port}" in targets
-    assert "scorer:8000" in targets and "8000:8000" in services["scorer"]["ports"]
+    assert "scorer:8000" in targets and "127.0.0.1:8000:8000" in services["scorer"]["ports"]
     assert "/etc/prometheus/alerts.yml" in prom["rule_files"]
 
 
 def test_dockerfile_runs_as_non_root():
     assert re.search(r"^USER (?!root)\w+", (ROOT / "Dockerfile").read_text(), re.M)
+
+
+def test_nothing_is_published_open_and_every_secret_is_required():
+    services = COMPOSE["services"]
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    required = {
+        ("scorer", "SAID_API_TOKEN"): "${SAID_API_TOKEN:?",
+        ("grafana", "GF_SECURITY_ADMIN_PASSWORD"): "${GRAFANA_ADMIN_PASSWORD:?",
+        ("postgres", "POSTGRES_PASSWORD"): "${POSTGRES_PASSWORD:?",
+    }
+    for (name, key), prefix in required.items():
+        assert str(services[name]["environment"][key]).startswith(prefix), f"{name}: {key} not required"
+    assert services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"

@@ -11,7 +11,9 @@ import pytest
 import torch
 import uvicorn
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
+from core.settings import get_settings
 from core.versions import activate, active_version
 from said.broker import free_port
 from scorer.app import create_app
@@ -68,14 +70,41 @@ def test_items_health_ready_metrics_openapi(client):
     assert "/recommend" in client.get("/openapi.json").json()["paths"]
 
 
-def test_a_token_protects_recommend_but_not_health(served):
+def test_a_token_protects_every_data_endpoint_but_not_health(served):
     engine, _, _, state = served
     with TestClient(create_app(engine, state, token="s3cret")) as c:
         body = {"history": ["i0"]}
-        assert c.post("/recommend", json=body).status_code == 401
-        assert c.post("/recommend", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
-        ok = c.post("/recommend", json=body, headers={"Authorization": "Bearer s3cret"})
-        assert ok.status_code == 200 and c.get("/healthz").status_code == 200
+        for auth, status in [
+            (None, 401),
+            ("Bearer nope", 401),
+            ("s3cret", 401),  # no scheme
+            ("Basic s3cret", 401),
+            ("Bearer s3cret", 200),
+            ("bearer s3cret", 200),  # RFC 7235: the scheme is case-insensitive
+            ("BEARER   s3cret ", 200),
+        ]:
+            headers = {"Authorization": auth} if auth else {}
+            assert c.post("/recommend", json=body, headers=headers).status_code == status, auth
+            assert c.get("/items/i0", headers=headers).status_code == status, auth
+        assert c.get("/healthz").status_code == 200 and c.get("/metrics/").status_code == 200
+    with pytest.raises(ValueError, match="empty"):
+        create_app(engine, state, token=" ")
+
+
+def test_serve_refuses_an_open_api_off_loopback(monkeypatch):
+    from said.cli import is_loopback, main
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("scorer")
+    monkeypatch.delenv("SAID_API_TOKEN", raising=False)
+    get_settings.cache_clear()
+    with pytest.raises(SystemExit, match="without SAID_API_TOKEN"):
+        main(["serve", "--host", "0.0.0.0"])
+    monkeypatch.setenv("SAID_API_TOKEN", "")
+    get_settings.cache_clear()
+    with pytest.raises(ValidationError, match="empty"):
+        get_settings()
+    get_settings.cache_clear()
 
 
 def test_corrupt_snapshot_is_rebuilt_from_the_catalogue(served):
