@@ -32,6 +32,7 @@ from core.kafka import DeliveryTracker, produce
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
+JOIN_WAIT_S = 60.0  # an idle-exit loop with no partition after this long gives up
 SWEEP_EVERY_S = 5.0  # how often a loop looks for parked messages past their age
 
 
@@ -121,26 +122,27 @@ class ConsumeLoop:
         self.stopping = True
 
     def run(self, idle_exit: float | None = None) -> RunStats:
-        """Consume until :meth:`stop` or ``idle_exit`` seconds without a message."""
+        """Consume until :meth:`stop` or ``idle_exit`` seconds without a message.
+
+        Idleness counts only while partitions are assigned (a slow group join under load is
+        not an empty topic); a loop never assigned any gives up after ``JOIN_WAIT_S``."""
         self.consumer.subscribe(
             [self.handler.topic],
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
-        # Joining a group takes up to a session timeout: idleness counts from then, and from
-        # every (re)assignment, so a slow join is never mistaken for an empty topic.
-        self._idle_since = time.monotonic() + self.settings.session_timeout_ms / 1000
+        self._idle_since = time.monotonic()  # reset by every (re)assignment
+        started = time.monotonic()
         next_sweep = 0.0
         try:
             while not self.stopping:
                 if time.monotonic() >= next_sweep:
-                    self._sweep()
+                    self.sweep()
                     next_sweep = time.monotonic() + SWEEP_EVERY_S
                 messages = self._poll()
                 if not messages:
-                    if idle_exit is not None and time.monotonic() - self._idle_since > idle_exit:
-                        log.info("idle for %.1fs, exiting", idle_exit)
+                    if idle_exit is not None and self._idle(idle_exit, started):
                         break
                     continue
                 self._process(messages)
@@ -149,6 +151,16 @@ class ConsumeLoop:
             self.consumer.close()  # leaves the group at once; offsets are already committed
             self.producer.flush(10)
         return self.stats
+
+    def _idle(self, idle_exit: float, started: float) -> bool:
+        now = time.monotonic()
+        if self.assigned and now - self._idle_since > idle_exit:
+            log.info("idle for %.1fs, exiting", idle_exit)
+            return True
+        if not self.assigned and now - started > JOIN_WAIT_S + idle_exit:
+            log.warning("no partition assigned in %.0fs, exiting", JOIN_WAIT_S)
+            return True
+        return False
 
     def _poll(self) -> list[Message]:
         good = []
@@ -182,7 +194,7 @@ class ConsumeLoop:
         metrics.MESSAGES.labels(topic, "stored").inc(stored)
         metrics.MESSAGES.labels(topic, "dlq").inc(len(rejected))
 
-    def _sweep(self) -> None:
+    def sweep(self) -> None:
         """Dead-letter what the handler kept too long (parked interactions), then forget
         it: a crash between the two dead-letters it twice, never zero times."""
         expired = retry_on_outage(

@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     scorer_lr: float = Field(1e-3, gt=0, description="SASRec Adam rate.")
     scorer_patience: int = Field(8, ge=1, description="Validations without gain before stopping.")
     scorer_eval_every: int = Field(2, ge=1, description="Epochs between validations.")
+    scorer_length_batches: bool = Field(
+        False, description="Batch users of similar history length: 3x faster on CPU, a little worse."
+    )
     evaluate_variant: Variant = Field(
         "said", description="Variant `said evaluate` compares with id by default (best on validation)."
     )

@@ -181,11 +181,11 @@ def run(
                     built, llm, tok, prompt, device, path.with_suffix(".prompt.pt")
                 )
             results[f"said_report_align{align_seed}"] = _summarise_report(built["report"])
-        for protocol, held_here in protocols:
-            split = splits[protocol]
-            for variant in variants:
-                if a and variant not in SAID_VARIANTS:
-                    continue  # does not depend on the alignment: measured once
+        for variant in variants:  # variant first: a stopped run has whole variants
+            if a and variant not in SAID_VARIANTS:
+                continue  # does not depend on the alignment: measured once
+            for protocol, held_here in protocols:
+                split = splits[protocol]
                 for seed in seeds:
                     metrics = train_and_test(
                         variant, tables[variant], split, held_here, n, scorer_cfg, seed, device, progress
