@@ -65,7 +65,7 @@ class AlignerBundle:
 
     @classmethod
     def load(cls, path: Path, device: torch.device) -> AlignerBundle:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
         if "fidelity" not in saved:
             raise ValueError(f"{path} is an aligner bundle of an older format: run `said align` once")
         aligner = ItemAligner(AlignerConfig(**saved["config"]))

@@ -176,7 +176,7 @@ def load_sasrec(path: Path, table: torch.Tensor | None = None) -> tuple[SASRec, 
     Without a table, a small placeholder satisfies the constructor; the saved
     standardisation overwrites the placeholder's, and ``adapt`` maps any item's vector.
     """
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     cfg = SASRecConfig(**saved["config"])
     if table is None:
         cfg, table = replace(cfg, n_items=2), torch.zeros(3, saved["frozen_dim"])

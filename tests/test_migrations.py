@@ -27,3 +27,14 @@ def test_settings_redact_secrets():
     shown = str(s.redacted())
     assert "hunter2" not in shown and "s3cret" not in shown
     assert s.kafka_config()["sasl.password"] == "s3cret"
+
+
+def test_sqlite_commits_survive_a_power_cut(tmp_path):
+    """synchronous=FULL: in WAL mode NORMAL may roll back a committed transaction on power
+    loss, after the consumer has committed its Kafka offsets for it."""
+    from core.db import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path}/said.db")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"

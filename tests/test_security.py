@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
@@ -106,3 +108,26 @@ def test_request_bodies_are_size_limited(served):
         assert r.status_code == 413
         assert c.post("/recommend", json={"history": ["i0"]}).status_code == 200
         assert 'said_scorer_requests_total{endpoint="other",status="413"}' in c.get("/metrics/").text
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_model_file_cannot_run_code_when_loaded(tmp_path, monkeypatch):
+    """Anyone who can write a path into model_versions must not get code execution."""
+    import pickle
+
+    from models.bundle import AlignerBundle
+    from models.sasrec import load_sasrec
+
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "model.pt"
+    torch.save({"config": _Exploit()}, bad, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    for load in (lambda: AlignerBundle.load(bad, torch.device("cpu")), lambda: load_sasrec(bad)):
+        with pytest.raises(pickle.UnpicklingError):
+            load()
+    assert not (tmp_path / "PWNED").exists()

@@ -154,7 +154,7 @@ def train_full(
         "done": False,
     }
     if checkpoint and checkpoint.exists():
-        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        saved = torch.load(checkpoint, map_location=device, weights_only=True)
         _check_resumable(saved.get("identity", {}), _run_identity(cfg, aligner, prefix, llm), checkpoint)
         aligner.load_state_dict(saved["aligner"])
         if saved.get("adapters"):

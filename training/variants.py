@@ -66,7 +66,7 @@ def said_table(
     resumes after a kill; the checkpoint is removed once the table is written.
     """
     if out.exists():
-        saved = torch.load(out, weights_only=False)
+        saved = torch.load(out, weights_only=True)
         return saved | {"vectors": _vectors(saved["aligner"], saved["aligner_config"])}
     refine = refine or RefineConfig()
     n = len(texts)
