@@ -18,6 +18,7 @@ Results are rewritten after every run (``--out``), so a stopped run keeps what i
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -38,12 +39,14 @@ def main() -> None:
     p.add_argument("--align-seeds", default="0,1")
     p.add_argument("--seeds", default="0,1,2", help="scorer seeds")
     p.add_argument("--cold-fraction", type=float, default=0.1)
+    p.add_argument("--resume", action="store_true", help="keep the finished runs of OUT/results.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = get_settings()
     device = pick_device(settings.device)
     t0 = time.perf_counter()
     out = args.out / "results.json"
+    done = json.loads(out.read_text())["runs"] if args.resume and out.exists() else []
     results = run(
         args.dataset,
         args.variant,
@@ -63,6 +66,7 @@ def main() -> None:
         scorer_cfg=from_settings(ScorerTrainConfig, settings),
         results_path=out,
         align_seeds=[int(s) for s in args.align_seeds.split(",")],
+        done=done,
     )
     results["default_variant"] = pick_default(results["summary"])
     results["minutes"] = (time.perf_counter() - t0) / 60

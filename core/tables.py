@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 metadata = MetaData()
@@ -109,4 +110,12 @@ model_versions = Table(
     Column("metrics", JSON),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_model_versions_kind_status", "kind", "status"),
+    # one active version per kind, enforced by the database, not only by the code
+    Index(
+        "ux_model_versions_one_active",
+        "kind",
+        unique=True,
+        postgresql_where=text("status = 'active'"),
+        sqlite_where=text("status = 'active'"),
+    ),
 )

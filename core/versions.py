@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.engine import Connection, Engine
 
 from core.tables import model_versions
@@ -19,15 +19,30 @@ class NoActiveVersion(RuntimeError):
     """No version of this kind was ever activated (e.g. ``said align`` never ran)."""
 
 
+_LOCK_KEYS = {"aligner": 0x5A1E01, "scorer": 0x5A1E02}  # PostgreSQL advisory locks
+
+
 def active_version(engine: Engine, kind: str) -> tuple[str, Path] | None:
     """(version, path) of the active version of ``kind`` (``aligner`` | ``scorer``)."""
     with engine.connect() as conn:
-        row = conn.execute(
-            select(model_versions.c.version, model_versions.c.path)
-            .where(model_versions.c.kind == kind, model_versions.c.status == "active")
-            .order_by(model_versions.c.created_at.desc())
-        ).first()
+        return _active(conn, kind)
+
+
+def _active(conn: Connection, kind: str) -> tuple[str, Path] | None:
+    # at most one row: a partial unique index enforces one active version per kind
+    row = conn.execute(
+        select(model_versions.c.version, model_versions.c.path).where(
+            model_versions.c.kind == kind, model_versions.c.status == "active"
+        )
+    ).first()
     return (row.version, Path(row.path)) if row else None
+
+
+def _lock_kind(conn: Connection, kind: str) -> None:
+    """Serialise every change of ``kind``'s active version until commit (PostgreSQL; on
+    SQLite ``BEGIN IMMEDIATE`` already holds the one write lock)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEYS.get(kind, 0x5A1E00)})
 
 
 def require_active(engine: Engine, kind: str) -> tuple[str, Path]:
@@ -53,6 +68,7 @@ def newest_metrics(engine: Engine, kind: str) -> dict | None:
 def record_version(conn: Connection, kind: str, version: str, path: Path, metrics: dict, status: str) -> None:
     """Insert a version; ``status="active"`` retires the active one of its kind first."""
     if status == "active":
+        _lock_kind(conn, kind)
         _retire_active(conn, kind)
     conn.execute(
         model_versions.insert().values(
@@ -66,9 +82,29 @@ def record_version(conn: Connection, kind: str, version: str, path: Path, metric
     )
 
 
+def promote(
+    conn: Connection, kind: str, version: str, path: Path, metrics: dict, expected_active: str | None
+) -> bool:
+    """Record ``version`` as active only if the active version is still ``expected_active``
+    (what the candidate was compared with); otherwise record it ``rejected``.
+
+    Checked under the kind's lock in the promoting transaction: an operator's ``activate``
+    made while the candidate trained is never silently undone."""
+    _lock_kind(conn, kind)
+    current = _active(conn, kind)
+    if (current[0] if current else None) != expected_active:
+        record_version(
+            conn, kind, version, path, metrics | {"superseded_by": current and current[0]}, "rejected"
+        )
+        return False
+    record_version(conn, kind, version, path, metrics, "active")
+    return True
+
+
 def activate(engine: Engine, kind: str, version: str) -> None:
     """Make an existing ``version`` the active one of its kind (operator rollback)."""
     with engine.begin() as conn:
+        _lock_kind(conn, kind)
         found = conn.execute(
             select(model_versions.c.version).where(
                 model_versions.c.kind == kind, model_versions.c.version == version

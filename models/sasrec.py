@@ -27,6 +27,7 @@ class SASRecConfig:
     layers: int = 2  # transformer blocks
     heads: int = 1  # attention heads
     dropout: float = 0.3  # dropout everywhere
+    max_input: int = 576  # a wider frozen table enters through its top principal axes
 
 
 class SASRec(nn.Module):
@@ -69,7 +70,16 @@ class SASRec(nn.Module):
             fit = table[1:] if standardise_on is None else table[standardise_on]
             self.register_buffer("feat_mean", fit.mean(0))
             self.register_buffer("feat_std", fit.std(0).clamp(min=1e-6))
-            d = table.shape[1]
+            # A fixed projection on the top principal axes (fitted like the standardisation)
+            # keeps the adapter's cost that of a 576-d table: with k=4 SAID vectors (2,304-d)
+            # the full-width adapter made an epoch 10x slower than the ID scorer's on CPU.
+            d = min(table.shape[1], cfg.max_input)
+            axes = None
+            if d < table.shape[1]:
+                axes = principal_axes((fit - self.feat_mean) / self.feat_std, d)
+            self.register_buffer("axes", axes)  # (D, d) or None
+            # the table's adapter input, computed once (table, scaling and axes are fixed)
+            self.register_buffer("table_in", self._adapter_input(table), persistent=False)  # (N+1, d)
             self.adapter = nn.Sequential(
                 nn.Linear(d, d // 2), nn.Dropout(cfg.dropout), nn.Linear(d // 2, cfg.hidden)
             )
@@ -95,19 +105,32 @@ class SASRec(nn.Module):
         self.blocks = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.hidden)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module``'s, then recompute the cached adapter input from the loaded
+        standardisation and axes (a warm start or a saved scorer brings its own)."""
+        result = super().load_state_dict(state_dict, strict, assign)
+        if self.table is not None:
+            self.table_in = self._adapter_input(self.table)
+        return result
+
     def item_vectors(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         """Vectors of ``idx`` (any shape) or of all items (N+1, hidden)."""
         if self.table is None:
             return self.id_emb.weight if idx is None else self.id_emb(idx)
+        vectors = self.adapter(self.table_in if idx is None else self.table_in[idx])
         if self.residual is None:
-            return self.adapt(self.table if idx is None else self.table[idx])
+            return vectors
         if idx is None:
-            return self.adapt(self.table) + self.residual.weight * self.residual_seen
-        return self.adapt(self.table[idx]) + self.residual(idx) * self.residual_seen[idx]
+            return vectors + self.residual.weight * self.residual_seen
+        return vectors + self.residual(idx) * self.residual_seen[idx]
 
     def adapt(self, rows: torch.Tensor) -> torch.Tensor:
         """(..., D) frozen-table rows (also of items added after training) -> (..., hidden)."""
-        return self.adapter((rows - self.feat_mean) / self.feat_std)
+        return self.adapter(self._adapter_input(rows))
+
+    def _adapter_input(self, rows: torch.Tensor) -> torch.Tensor:
+        z = (rows - self.feat_mean) / self.feat_std  # (..., D)
+        return z if self.axes is None else z @ self.axes  # (..., d)
 
     def log2feats(self, seqs: torch.Tensor) -> torch.Tensor:
         """(B, T) left-padded item ids -> (B, T, hidden) causal sequence features."""
@@ -160,6 +183,15 @@ class SASRec(nn.Module):
         return scores
 
 
+def principal_axes(z: torch.Tensor, d: int) -> torch.Tensor:
+    """(D, d) top principal axes of the rows of ``z`` (already centred); zeros when there
+    are too few rows (a placeholder that ``load_state_dict`` then overwrites)."""
+    if z.shape[0] <= d:
+        return torch.zeros(z.shape[1], d)
+    _, _, vh = torch.linalg.svd(z, full_matrices=False)  # (min(N, D), D)
+    return vh[:d].T.contiguous()
+
+
 def save_scorer(path: Path, model: SASRec, meta: dict) -> Path:
     """Weights (not the table: serving maps items with the adapter) plus metadata, atomically."""
     state = {k: v.cpu() for k, v in model.state_dict().items()}
@@ -177,7 +209,8 @@ def load_sasrec(path: Path, table: torch.Tensor | None = None) -> tuple[SASRec, 
     standardisation overwrites the placeholder's, and ``adapt`` maps any item's vector.
     """
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = SASRecConfig(**saved["config"])
+    # scorers saved before the principal-axes input had full-width adapters
+    cfg = SASRecConfig(**({"max_input": saved["frozen_dim"]} | saved["config"]))
     if table is None:
         cfg, table = replace(cfg, n_items=2), torch.zeros(3, saved["frozen_dim"])
     else:

@@ -12,9 +12,12 @@ import torch
 import uvicorn
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
 
 from core.settings import get_settings
-from core.versions import activate, active_version
+from core.tables import model_versions
+from core.versions import activate, active_version, record_version
 from said.broker import free_port
 from scorer.app import create_app
 from scorer.state import ServingState
@@ -139,6 +142,28 @@ def test_retraining_is_event_driven_and_promotes_only_if_not_worse(served, monke
     assert not second["promoted"] and second["ndcg@10"] < first["ndcg@10"]
     assert second["warm_start"] == first["version"]
     assert active_version(engine, "scorer")[0] == first["version"], "a worse candidate is not promoted"
+
+
+def test_an_activation_during_training_is_not_undone_and_two_actives_are_refused(served, monkeypatch):
+    engine, bundle, data, _ = served
+    cfg = RetrainConfig(epochs=2)
+    first = retrain_once(engine, bundle.version, data, cfg, CPU, progress=False)
+    first_path = active_version(engine, "scorer")[1]
+    with engine.begin() as conn:
+        record_version(conn, "scorer", "operator-pick", first_path, {}, "retired")
+    real = retrain.train_scorer
+
+    def operator_rolls_back_meanwhile(*args, **kwargs):
+        activate(engine, "scorer", "operator-pick")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(retrain, "train_scorer", operator_rolls_back_meanwhile)
+    second = retrain_once(engine, bundle.version, data, cfg, CPU, progress=False)
+    assert second["warm_start"] == first["version"] and not second["promoted"]
+    assert active_version(engine, "scorer")[0] == "operator-pick", "the operator's choice stands"
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        record_version(conn, "scorer", "x1", data / "x1.pt", {}, "retired")
+        conn.execute(update(model_versions).where(model_versions.c.kind == "scorer").values(status="active"))
 
 
 def test_promotion_slice_is_disjoint_from_early_stopping_and_stable_as_users_arrive():

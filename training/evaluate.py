@@ -118,6 +118,7 @@ def run(
     progress: bool = True,
     results_path: Path | None = None,
     align_seeds: list[int] | None = None,
+    done: list[dict] | None = None,
 ) -> dict:
     """Evaluate each variant over alignment and scorer seeds, standard and cold-start.
 
@@ -128,7 +129,8 @@ def run(
     Variants that do not depend on the alignment run once per scorer seed.
 
     With ``results_path``, results so far are rewritten after every run, so a long
-    evaluation that is stopped still leaves every finished number on disk.
+    evaluation that is stopped still leaves every finished number on disk; ``done`` (the
+    runs of such a file) are kept and not run again.
     """
     unknown = set(variants) - set(VARIANTS)
     if unknown:
@@ -148,6 +150,8 @@ def run(
     feats = text_table(llm, tok, texts, device, art / "text.pt", progress) if llm else None
     meta = align_meta(align_cfg, k, item_dim, lora_rank, prompt, refine, fidelity_cfg)
     results: dict = {"dataset": str(dataset), "items": n, "users": len(seqs), "align": meta, "runs": []}
+    results["runs"] = list(done or [])
+    finished = {(r["protocol"], r["variant"], r["align_seed"], r["seed"]) for r in results["runs"]}
     protocols = [("standard", set())] + ([("cold", held)] if held else [])
     splits = {name: leave_one_out(seqs, h) for name, h in protocols}
     for a, align_seed in enumerate(align_seeds):
@@ -187,6 +191,9 @@ def run(
             for protocol, held_here in protocols:
                 split = splits[protocol]
                 for seed in seeds:
+                    key = (protocol, variant, align_seed if variant in SAID_VARIANTS else None, seed)
+                    if key in finished:
+                        continue
                     metrics = train_and_test(
                         variant, tables[variant], split, held_here, n, scorer_cfg, seed, device, progress
                     )

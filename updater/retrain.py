@@ -30,6 +30,7 @@ from core.catalogue import load_embeddings, user_sequences
 from core.settings import setting
 from core.tables import interactions, items
 from core.versions import active_version, newest_metrics, record_version
+from core.versions import promote as promote_if_current
 from models.sasrec import SASRec, SASRecConfig, load_sasrec, save_scorer
 from training.recommender import ScorerTrainConfig, evaluate, train_scorer
 
@@ -117,7 +118,7 @@ def retrain_once(
         candidate.load_state_dict(current.state_dict())  # warm start, same standardisation
     candidate, info = train_scorer(candidate, train, stopping, train_config(cfg), device, progress)
     ndcg = evaluate(candidate, *promotion, device)["ndcg@10"]
-    promote = ndcg >= active_ndcg
+    better = ndcg >= active_ndcg
     version = datetime.now(UTC).strftime("sasrec-%Y%m%d%H%M%S%f")
     record = seen | {
         "val_ndcg@10": info["best_val_ndcg@10"],  # the early-stopping slice
@@ -126,11 +127,15 @@ def retrain_once(
         "epochs": info["epochs"],
         "aligner_version": aligner_version,
         "warm_start": active[0] if active else None,
-        "promoted": promote,
     }
     path = save_scorer(out_dir / f"scorer-{version}.pt", candidate.cpu(), record)
-    with engine.begin() as conn:
-        record_version(conn, "scorer", version, path, record, "active" if promote else "rejected")
+    with engine.begin() as conn:  # promotes only if the active version is still the compared one
+        if better:
+            promote = promote_if_current(conn, "scorer", version, path, record, active[0] if active else None)
+        else:
+            record_version(conn, "scorer", version, path, record | {"promoted": False}, "rejected")
+            promote = False
+    record["promoted"] = promote
     metrics.SCORER_RETRAINS.labels("promoted" if promote else "rejected").inc()
     metrics.SCORER_VAL_NDCG.set(ndcg)
     log.info(
