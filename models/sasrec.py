@@ -184,12 +184,13 @@ class SASRec(nn.Module):
 
 
 def principal_axes(z: torch.Tensor, d: int) -> torch.Tensor:
-    """(D, d) top principal axes of the rows of ``z`` (already centred); zeros when there
-    are too few rows (a placeholder that ``load_state_dict`` then overwrites)."""
-    if z.shape[0] <= d:
-        return torch.zeros(z.shape[1], d)
+    """(D, d) top principal axes of the rows of ``z`` (already centred). With fewer rows
+    than ``d`` the axes beyond their rank are zero columns (inputs the adapter ignores)."""
     _, _, vh = torch.linalg.svd(z, full_matrices=False)  # (min(N, D), D)
-    return vh[:d].T.contiguous()
+    axes = torch.zeros(z.shape[1], d)
+    k = min(d, vh.shape[0])
+    axes[:, :k] = vh[:k].T
+    return axes
 
 
 def save_scorer(path: Path, model: SASRec, meta: dict) -> Path:

@@ -47,3 +47,17 @@ def test_leave_one_out_filters_held_out_items_from_validation_histories():
     assert split.train == [[1, 2], [1, 2], [1, 2]]
     assert split.valid == ([[1, 2], [1, 2]], [3, 3]), "no held-out item in a validation history"
     assert split.test == ([[1, 5, 2, 3]], [5]), "cold protocol: only held-out targets, which exist by then"
+
+
+@pytest.mark.parametrize("rows", [30, 700], ids=["fewer-rows-than-axes", "more-rows"])
+def test_a_wide_table_enters_through_fixed_axes_that_survive_save_and_load(tmp_path, rows):
+    from models.sasrec import load_sasrec, save_scorer
+
+    torch.manual_seed(0)
+    table = torch.randn(rows + 1, 800)
+    model = SASRec(SASRecConfig(n_items=rows, hidden=8, max_input=64), table).eval()
+    assert model.axes.shape == (800, 64) and model.adapter[0].in_features == 64
+    with torch.no_grad():
+        assert torch.allclose(model.item_vectors()[1:], model.adapt(table[1:]), atol=1e-5)
+        loaded, _ = load_sasrec(save_scorer(tmp_path / "s.pt", model, {}))  # no table: serving
+        assert torch.allclose(loaded.eval().adapt(table[3:9]), model.adapt(table[3:9]), atol=1e-5)
