@@ -18,7 +18,8 @@ ERROR = "said-error"
 SOURCE_TOPIC = "said-source-topic"
 ATTEMPTS = "said-attempts"
 TRUNCATED_FROM = "said-truncated-from"  # original value length, when the copy is a prefix
-OURS = (ERROR, SOURCE_TOPIC, "said-partition", "said-offset", TRUNCATED_FROM)  # not replayed
+HEADERS_DROPPED = "said-headers-dropped"  # original headers too large to keep (their count)
+OURS = (ERROR, SOURCE_TOPIC, "said-partition", "said-offset", TRUNCATED_FROM, HEADERS_DROPPED)
 
 
 def header(headers: list[tuple[str, bytes | None]] | None, name: str) -> str | None:
@@ -33,13 +34,14 @@ def header(headers: list[tuple[str, bytes | None]] | None, name: str) -> str | N
 def attempts(headers: list[tuple[str, bytes | None]] | None) -> int:
     """How many times the message was dead-lettered before (0 if never, or unreadable)."""
     raw = header(headers, ATTEMPTS)
-    return int(raw) if raw is not None and raw.isdigit() else 0
+    ok = raw is not None and raw.isascii() and raw.isdigit() and len(raw) < 10  # not "²", not 5k digits
+    return int(raw) if ok else 0
 
 
 def dlq_copy(msg: Message, reason: str, max_value_bytes: int) -> dict:
     """``Producer.produce`` keyword arguments of ``msg``'s DLQ copy."""
     original = [(k, v) for k, v in (msg.headers() or []) if k not in OURS and k != ATTEMPTS]
-    value = msg.value()
+    key, value = msg.key(), msg.value()
     ours = [
         (ERROR, reason.encode()),
         (SOURCE_TOPIC, msg.topic().encode()),
@@ -47,10 +49,19 @@ def dlq_copy(msg: Message, reason: str, max_value_bytes: int) -> dict:
         ("said-offset", str(msg.offset()).encode()),
         (ATTEMPTS, str(attempts(msg.headers()) + 1).encode()),
     ]
-    if value is not None and len(value) > max_value_bytes:
+    # the whole record must fit: key and headers count too, and cannot crowd out the reason
+    if _size(key, original) > max_value_bytes // 2:
+        ours.append((HEADERS_DROPPED, str(len(original)).encode()))
+        original, key = [], None if key is None else key[:1024]
+    room = max(0, max_value_bytes - _size(key, original + ours))
+    if value is not None and len(value) > room:
         ours.append((TRUNCATED_FROM, str(len(value)).encode()))
-        value = value[:max_value_bytes]
-    return {"key": msg.key(), "value": value, "headers": original + ours} | _timestamp(msg)
+        value = value[:room]
+    return {"key": key, "value": value, "headers": original + ours} | _timestamp(msg)
+
+
+def _size(key: bytes | None, headers: list[tuple[str, bytes | None]]) -> int:
+    return len(key or b"") + sum(len(k) + len(v or b"") + 16 for k, v in headers)
 
 
 def replay_copy(msg: Message) -> dict:

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
-from consumers.dead_letter import ERROR, SOURCE_TOPIC, attempts, header, replay_copy
+from consumers.dead_letter import (
+    ERROR,
+    HEADERS_DROPPED,
+    SOURCE_TOPIC,
+    TRUNCATED_FROM,
+    attempts,
+    header,
+    replay_copy,
+)
 from consumers.runner import consumer_config, next_offsets
 from core.events import TOPIC_DLQ
 from core.kafka import DeliveryTracker, produce
@@ -46,7 +54,7 @@ def replay_dlq(
     malformed ones, into the live topics) and ``TimeoutError`` if the broker stops serving
     the captured range for ``stall_s`` seconds."""
     if not reason_prefix.strip():
-        raise ValueError("--reason must name the reasons to replay, e.g. unknown_item or too_large")
+        raise ValueError("--reason must name the reasons to replay, e.g. unknown_item or malformed_json")
     max_attempts = max_attempts or settings.dlq_max_attempts
     consumer = Consumer(consumer_config(settings, f"{settings.group_id}.dlq-replay", lambda _s: None))
     producer = Producer(settings.kafka_config() | {"enable.idempotence": True})
@@ -104,6 +112,8 @@ def _replay_one(
     source = header(headers, SOURCE_TOPIC)
     if not (header(headers, ERROR) or "").startswith(prefix) or not source:
         stats.skipped += 1
+    elif header(headers, TRUNCATED_FROM) is not None or header(headers, HEADERS_DROPPED) is not None:
+        stats.skipped += 1  # a cut-down copy: replaying it would publish a corrupt event
     elif attempts(headers) >= max_attempts:
         stats.exhausted += 1
     else:

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from sqlalchemy.engine import Engine
@@ -32,6 +32,7 @@ from core.kafka import DeliveryTracker, produce
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 JOIN_WAIT_S = 60.0  # an idle-exit loop with no partition after this long gives up
 SWEEP_EVERY_S = 5.0  # how often a loop looks for parked messages past their age
 
@@ -194,30 +195,29 @@ class ConsumeLoop:
         metrics.MESSAGES.labels(topic, "stored").inc(stored)
         metrics.MESSAGES.labels(topic, "dlq").inc(len(rejected))
 
-    def sweep(self) -> None:
-        """Dead-letter what the handler kept too long (parked interactions), then forget
-        it: a crash between the two dead-letters it twice, never zero times."""
-        expired = retry_on_outage(
-            lambda: self.handler.expired(self.engine),
+    def _with_retries(self, fn: Callable[[], T]) -> T:
+        """``fn`` (one transaction) retried while the database is down."""
+        return retry_on_outage(
+            fn,
             max_backoff_s=self.settings.db_retry_max_s,
             should_stop=lambda: self.stopping,
             on_retry=lambda _e: metrics.DB_RETRIES.inc(),
         )
+
+    def sweep(self) -> None:
+        """Dead-letter what the handler kept too long (parked interactions), then forget
+        it: a crash between the two dead-letters it twice, never zero times."""
+        expired = self._with_retries(lambda: self.handler.expired(self.engine))
         if expired:
             self._dead_letter(expired)
-            self.handler.forget(self.engine, expired)
+            self._with_retries(lambda: self.handler.forget(self.engine, expired))
             self.stats.dead_lettered += len(expired)
 
     def _store(self, messages: list[Message]) -> list[Rejected]:
         """Process ``messages`` (one transaction, retried through outages); if that fails
         for another reason, bisect until the poison message is isolated, and reject it."""
         try:
-            return retry_on_outage(
-                lambda: self.handler.process(self.engine, messages),
-                max_backoff_s=self.settings.db_retry_max_s,
-                should_stop=lambda: self.stopping,
-                on_retry=lambda _e: metrics.DB_RETRIES.inc(),
-            )
+            return self._with_retries(lambda: self.handler.process(self.engine, messages))
         except Exception as exc:
             if is_outage(exc):  # a stop requested during an outage: replay after restart
                 raise

@@ -163,6 +163,8 @@ class Settings(BaseSettings):
         # SAID_API_TOKEN="" must not mean "no auth": a typo in a deployment fails closed.
         if v is not None and not v.get_secret_value().strip():
             raise ValueError("SAID_API_TOKEN is empty: unset it (loopback only) or set a real token")
+        if v is not None and v.get_secret_value() != v.get_secret_value().strip():
+            raise ValueError("SAID_API_TOKEN has surrounding whitespace, which no client can send")
         return v
 
     def redacted(self) -> dict[str, object]:

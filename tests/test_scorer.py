@@ -103,10 +103,11 @@ def test_serve_refuses_an_open_api_off_loopback(monkeypatch):
     get_settings.cache_clear()
     with pytest.raises(SystemExit, match="without SAID_API_TOKEN"):
         main(["serve", "--host", "0.0.0.0"])
-    monkeypatch.setenv("SAID_API_TOKEN", "")
-    get_settings.cache_clear()
-    with pytest.raises(ValidationError, match="empty"):
-        get_settings()
+    for token, error in (("", "empty"), (" s3cret ", "whitespace")):
+        monkeypatch.setenv("SAID_API_TOKEN", token)
+        get_settings.cache_clear()
+        with pytest.raises(ValidationError, match=error):
+            get_settings()
     get_settings.cache_clear()
 
 
