@@ -6,14 +6,16 @@ Every write is idempotent: replaying a batch (at-least-once delivery) changes no
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import numpy as np
 from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from core.events import InteractionEvent, ItemEvent, content_hash
-from core.tables import alignment_jobs, interactions, item_embeddings, items
+from core.tables import alignment_jobs, interactions, item_embeddings, items, sequences
 
 _CHUNK = 1000  # keeps IN-lists and multi-row VALUES under every driver's parameter limit
 _ITEMS_LOCK_KEY = 0x5A1D  # PostgreSQL advisory lock guarding dense-index assignment
@@ -111,19 +113,46 @@ def upsert_items(conn: Connection, events: Sequence[ItemEvent], now: datetime) -
     for item_id, idx in changed.items():
         jobs.append({"item_idx": idx, "text_hash": latest[item_id].text_hash, "attempts": 0})
     for chunk in _chunks(jobs):
-        stmt = dialect_insert(conn, alignment_jobs).values(list(chunk))
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["item_idx"],
-            set_={
-                "text_hash": stmt.excluded.text_hash,
-                "lease_owner": None,
-                "lease_expires_at": None,
-                "attempts": 0,
-                "last_error": None,
-            },
-        )
-        conn.execute(stmt)
+        conn.execute(_queue_jobs(dialect_insert(conn, alignment_jobs).values(list(chunk))))
     return changed
+
+
+def _queue_jobs(stmt):
+    """An alignment-job insert that, for an existing job, starts it over: new text, no lease
+    (the epoch bump fences whoever held it), no failures."""
+    return stmt.on_conflict_do_update(
+        index_elements=["item_idx"],
+        set_={
+            "text_hash": stmt.excluded.text_hash,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "attempts": 0,
+            "failures": 0,
+            "last_error": None,
+            "lease_epoch": alignment_jobs.c.lease_epoch + 1,
+        },
+    )
+
+
+def queue_missing(conn: Connection, model_version: str) -> int:
+    """Queue an alignment job for every item without a vector of its current text in
+    ``model_version``; returns how many. Called when an aligner version becomes active:
+    items that workers completed in the previous version meanwhile (or whose text changed
+    during a long ``said align``) then get a vector in the active one."""
+    has_vector = (
+        select(item_embeddings.c.item_idx)
+        .where(
+            item_embeddings.c.item_idx == items.c.idx,
+            item_embeddings.c.model_version == model_version,
+            item_embeddings.c.text_hash == items.c.text_hash,
+        )
+        .exists()
+    )
+    missing = select(items.c.idx, items.c.text_hash).where(~has_vector)
+    stmt = dialect_insert(conn, alignment_jobs).from_select(["item_idx", "text_hash"], missing)
+    queued = conn.execute(_queue_jobs(stmt)).rowcount
+    conn.execute(update(items).where(~has_vector).values(status="pending"))
+    return queued
 
 
 def resolve_item_ids(conn: Connection, item_ids: Iterable[str]) -> dict[str, int]:
@@ -181,6 +210,18 @@ def count_rows(conn: Connection, table) -> int:
     return conn.execute(select(func.count()).select_from(table)).scalar_one()
 
 
+def next_seq(conn: Connection, name: str, n: int) -> int:
+    """Reserve ``n`` values of the counter ``name``; returns the first.
+
+    The ``UPDATE`` locks the counter's row until this transaction commits, so writers get
+    values in commit order: a reader that saw value ``v`` committed has seen every value
+    below it (a database sequence cannot promise that: a later ``nextval`` may commit first).
+    The cost is that embedding writers queue on this row for the rest of their transaction;
+    theirs are short (one upsert)."""
+    conn.execute(update(sequences).where(sequences.c.name == name).values(value=sequences.c.value + n))
+    return conn.execute(select(sequences.c.value).where(sequences.c.name == name)).scalar_one() - n + 1
+
+
 def write_embeddings(
     conn: Connection,
     model_version: str,
@@ -191,10 +232,12 @@ def write_embeddings(
     losses: Sequence[float | None],
     now: datetime,
 ) -> None:
-    """Upsert one embedding per item for ``model_version`` (float32 bytes, with its loss)."""
-    import numpy as np
-
+    """Upsert one embedding per item for ``model_version`` (float32 bytes, with its loss),
+    each with a fresh commit-ordered ``seq`` (the scorer reads what is new by it)."""
+    if not len(item_idx):
+        return
     vectors = np.asarray(vectors, dtype="<f4")
+    first = next_seq(conn, "embeddings", len(item_idx))
     rows = [
         {
             "item_idx": int(i),
@@ -204,6 +247,7 @@ def write_embeddings(
             "loss": None if loss is None else float(loss),
             "kind": kind,
             "created_at": now,
+            "seq": first + n,
         }
         for n, (i, h, loss) in enumerate(zip(item_idx, text_hashes, losses, strict=True))
     ]
@@ -211,40 +255,47 @@ def write_embeddings(
         stmt = dialect_insert(conn, item_embeddings)
         stmt = stmt.on_conflict_do_update(
             index_elements=["item_idx", "model_version"],
-            set_={c: stmt.excluded[c] for c in ("text_hash", "vector", "loss", "kind", "created_at")},
+            set_={c: stmt.excluded[c] for c in ("text_hash", "vector", "loss", "kind", "created_at", "seq")},
         )
         conn.execute(stmt, list(chunk))
 
 
-def load_embeddings(conn: Connection, model_version: str):
-    """(ids int64 (n,), vectors float32 (n, dim)) of every stored embedding of a version."""
-    import numpy as np
+@dataclass(frozen=True)
+class EmbeddingRows:
+    """Embeddings read in one statement, with their items' external ids."""
 
+    ids: np.ndarray  # (n,) int64 dense item indexes
+    item_ids: list[str]  # (n,) external ids of the same items
+    vectors: np.ndarray | None  # (n, dim) float32; None when n == 0
+    newest: int  # the greatest seq read (the caller's next watermark)
+
+
+def embeddings_since(conn: Connection, model_version: str, after_seq: int = 0) -> EmbeddingRows:
+    """Embeddings of ``model_version`` with ``seq > after_seq`` and their items' ids.
+
+    One statement, so every returned index has its external id (reading items and
+    embeddings separately let a reader index a vector it could not name).
+    ``after_seq=0`` reads the whole version."""
     rows = conn.execute(
-        select(item_embeddings.c.item_idx, item_embeddings.c.vector)
-        .where(item_embeddings.c.model_version == model_version)
+        select(item_embeddings.c.item_idx, items.c.item_id, item_embeddings.c.vector, item_embeddings.c.seq)
+        .join(items, items.c.idx == item_embeddings.c.item_idx)
+        .where(item_embeddings.c.model_version == model_version, item_embeddings.c.seq > after_seq)
         .order_by(item_embeddings.c.item_idx)
     ).all()
     if not rows:
-        return np.zeros(0, dtype=np.int64), None
-    ids = np.array([r.item_idx for r in rows], dtype=np.int64)
-    return ids, np.stack([np.frombuffer(r.vector, dtype="<f4") for r in rows])
+        return EmbeddingRows(np.zeros(0, dtype=np.int64), [], None, after_seq)
+    return EmbeddingRows(
+        np.array([r.item_idx for r in rows], dtype=np.int64),
+        [r.item_id for r in rows],
+        np.stack([np.frombuffer(r.vector, dtype="<f4") for r in rows]),
+        max(r.seq for r in rows),
+    )
 
 
-def embeddings_since(conn: Connection, model_version: str, since: datetime):
-    """Embeddings of ``model_version`` written at or after ``since``: (ids, vectors, newest)."""
-    import numpy as np
-
-    rows = conn.execute(
-        select(item_embeddings.c.item_idx, item_embeddings.c.vector, item_embeddings.c.created_at).where(
-            item_embeddings.c.model_version == model_version, item_embeddings.c.created_at >= since
-        )
-    ).all()
-    if not rows:
-        return np.zeros(0, dtype=np.int64), None, since
-    ids = np.array([r.item_idx for r in rows], dtype=np.int64)
-    vectors = np.stack([np.frombuffer(r.vector, dtype="<f4") for r in rows])
-    return ids, vectors, max(utc(r.created_at) for r in rows)
+def load_embeddings(conn: Connection, model_version: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(ids int64 (n,), vectors float32 (n, dim)) of every stored embedding of a version."""
+    found = embeddings_since(conn, model_version)
+    return found.ids, found.vectors
 
 
 def item_ids_after(conn: Connection, after_idx: int) -> dict[int, str]:

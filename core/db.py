@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import create_engine, event, func, select
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,15 @@ def make_engine(url: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def db_now(conn: Connection) -> datetime:
+    """The database's clock (PostgreSQL: the transaction's start time), so that lease times
+    written and compared by workers on different hosts share one clock. SQLite is embedded:
+    its clock is this host's."""
+    if conn.dialect.name == "postgresql":
+        return conn.execute(select(func.now())).scalar_one()
+    return datetime.now(UTC)
 
 
 def is_outage(exc: BaseException) -> bool:

@@ -51,6 +51,12 @@ DRIFT_RATIO = Gauge(
     "said_alignment_drift_ratio", "Mean fresh loss / mean loss of the reference cohort (same path, same bar)."
 )
 PENDING_ITEMS = Gauge("said_pending_items", "Items waiting for alignment.")
+FAILED_ITEMS = Gauge(
+    "said_failed_items", "Items whose alignment failed too often (alignment_jobs.last_error)."
+)
+FENCED_WRITES = Counter(
+    "said_fenced_writes_total", "Vectors a worker did not write because it had lost the item's lease."
+)
 FRESH_ITEM_SECONDS = Histogram(
     "said_fresh_item_seconds",
     "Seconds from an item event's arrival to the item being servable.",

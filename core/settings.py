@@ -95,6 +95,14 @@ class Settings(BaseSettings):
     # --- streaming worker (`said update`) --------------------------------------------
     worker_batch: int = Field(16, ge=1, description="Items leased per micro-batch.")
     worker_lease_ttl_s: float = Field(600.0, gt=0, description="A crashed worker's items return after.")
+    worker_id: str | None = Field(
+        None,
+        min_length=1,
+        description="Lease owner id, unique per worker and stable across its restarts; unset = host name.",
+    )
+    worker_version_check_s: float = Field(
+        5.0, gt=0, description="How often the worker checks for a newly activated aligner."
+    )
     refine_epochs: int = Field(100, ge=1, description="Most refinement passes over a micro-batch.")
     refine_lr: float = Field(0.3, gt=0, description="Rate of the fresh rows.")
     refine_target_accuracy: float | None = Field(

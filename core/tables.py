@@ -84,8 +84,20 @@ item_embeddings = Table(
     Column("vector", LargeBinary, nullable=False),  # float32 little-endian
     Column("loss", Float),
     Column("kind", String(16), nullable=False),  # estimate | refined | full
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),  # the writer's clock: informational
+    # commit order (``sequences`` row lock, see catalogue.next_seq): the scorer's watermark
+    Column("seq", BigInteger, nullable=False),
     Index("ix_item_embeddings_created_at", "created_at"),
+    Index("ix_item_embeddings_version_seq", "model_version", "seq"),
+)
+
+# Named counters whose row lock is held until the writer commits, so values are handed out
+# in commit order (a database sequence is not: a later nextval can commit first).
+sequences = Table(
+    "sequences",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", BigInteger, nullable=False),
 )
 
 alignment_jobs = Table(
@@ -95,8 +107,12 @@ alignment_jobs = Table(
     Column("text_hash", String(64), nullable=False),
     Column("lease_owner", String(128)),
     Column("lease_expires_at", DateTime(timezone=True)),
-    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("attempts", Integer, nullable=False, server_default="0"),  # leases taken
     Column("last_error", Text),
+    # bumped by every lease: a write or completion must name the epoch it leased
+    Column("lease_epoch", BigInteger, nullable=False, server_default="0"),
+    # errors, expired leases and restarts while holding it; outages do not count
+    Column("failures", Integer, nullable=False, server_default="0"),
     Index("ix_alignment_jobs_lease", "lease_expires_at"),
 )
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from sqlalchemy import select, text, update
 from sqlalchemy.engine import Connection, Engine
 
+from core.catalogue import queue_missing
 from core.tables import model_versions
 
 
@@ -102,7 +103,10 @@ def promote(
 
 
 def activate(engine: Engine, kind: str, version: str) -> None:
-    """Make an existing ``version`` the active one of its kind (operator rollback)."""
+    """Make an existing ``version`` the active one of its kind (operator rollback).
+
+    An aligner version also gets a job for every item it has no vector of (items that
+    arrived or changed while it was not active), in the same transaction."""
     with engine.begin() as conn:
         _lock_kind(conn, kind)
         found = conn.execute(
@@ -116,6 +120,8 @@ def activate(engine: Engine, kind: str, version: str) -> None:
         conn.execute(
             update(model_versions).where(model_versions.c.version == version).values(status="active")
         )
+        if kind == "aligner":
+            queue_missing(conn, version)
 
 
 def _retire_active(conn: Connection, kind: str) -> None:

@@ -4,10 +4,16 @@ Start-up takes the active scorer version (``CosineScorer`` until one is promoted
 newest index snapshot of that version (rebuilding from the catalogue when it is missing or
 corrupt) and applies catalogue embeddings newer than the snapshot. A background thread then
 every ``poll_s`` seconds: applies new embeddings, so a fresh item is servable as soon as the
-worker writes its first estimate; swaps to a newly promoted scorer version, whose index is
-built off the request path first, so no request ever sees a model with the wrong index;
-compacts the index's delta tier; and writes a snapshot now and then. Searches and index
-updates share one lock, because a FAISS index must not be searched while it is modified.
+worker writes its first estimate; swaps to a newly activated aligner or promoted scorer
+version, whose index is built off the request path first, so no request ever sees a model
+with the wrong index; compacts the index's delta tier; and writes a snapshot now and then.
+Searches and index updates share one lock, because a FAISS index must not be searched while
+it is modified.
+
+"New" means a greater ``item_embeddings.seq``: handed out in commit order by the database,
+so a row is applied whatever the writer's clock said, and the watermark (kept in the
+snapshot name) survives restarts. Each embedding is read with its item's external id in one
+statement, so an indexed item can always be named.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import faiss
@@ -24,7 +30,7 @@ import numpy as np
 from sqlalchemy.engine import Engine
 
 from core import metrics
-from core.catalogue import embeddings_since, item_ids_after, load_embeddings
+from core.catalogue import EmbeddingRows, embeddings_since, item_ids_after
 from core.settings import DEFAULTS
 from core.versions import active_version, require_active
 from models.bundle import AlignerBundle
@@ -33,9 +39,6 @@ from scorer.index import CorruptSnapshot, ItemIndex, latest_snapshot
 from scorer.model import CosineScorer, SASRecScorer
 
 log = logging.getLogger(__name__)
-# Re-read a short window before the watermark: a row committed late with an earlier
-# timestamp is still picked up (re-applying a row is harmless: upsert).
-OVERLAP = timedelta(seconds=5)
 Scorer = CosineScorer | SASRecScorer
 
 
@@ -45,10 +48,18 @@ class Served:
 
     scorer: Scorer
     index: ItemIndex
-    watermark: datetime  # embeddings created before this are in the index
+    watermark: int  # every embedding with seq <= this is in the index
 
     def snapshot_name(self) -> str:
-        return f"{self.scorer.version}-{int(self.watermark.timestamp() * 1000)}"
+        return f"{self.scorer.version}-q{self.watermark}"
+
+
+def snapshot_watermark(snapshot: Path) -> int:
+    """The watermark in a snapshot's name; ValueError for a name of another format."""
+    tail = snapshot.stem.rsplit("-", 1)[1]
+    if not tail.startswith("q"):
+        raise ValueError(f"{snapshot.name}: no sequence watermark in the name")
+    return int(tail[1:])
 
 
 class ServingState:
@@ -125,20 +136,48 @@ class ServingState:
         if snap is not None:
             try:
                 index = ItemIndex.load(snap, self.hnsw_min_items)
-                ms = int(snap.stem.rsplit("-", 1)[1])
-                return Served(scorer, index, datetime.fromtimestamp(ms / 1000, UTC))
+                return Served(scorer, index, snapshot_watermark(snap))
             except (CorruptSnapshot, ValueError) as exc:
                 log.warning("%s: rebuilding the index from the catalogue", exc)
         return self._build(scorer)
 
     def _build(self, scorer: Scorer) -> Served:
-        started = datetime.now(UTC)
         with self.engine.connect() as conn:
-            ids, vectors = load_embeddings(conn, self.aligner_version)
+            found = embeddings_since(conn, self.aligner_version)
+        self._name(found)
         index = ItemIndex(scorer.dim, self.hnsw_min_items)
-        if len(ids):
-            index.build(ids, scorer.item_vectors(vectors))
-        return Served(scorer, index, started)
+        if len(found.ids):
+            index.build(found.ids, scorer.item_vectors(found.vectors))
+        return Served(scorer, index, found.newest)
+
+    def _name(self, found: EmbeddingRows | dict[int, str]) -> None:
+        """Learn external ids (of embedding rows, or idx -> id); only ever added to."""
+        named = (
+            dict(zip(found.ids.tolist(), found.item_ids, strict=True))
+            if isinstance(found, EmbeddingRows)
+            else found
+        )
+        with self.lock:
+            self.item_id.update(named)
+            self.idx_of.update({v: k for k, v in named.items()})
+
+    def _follow_aligner(self) -> None:
+        """Serve the active aligner's vectors: on a change, build its index (cosine until a
+        scorer of that aligner is promoted) off the request path, then swap."""
+        active = active_version(self.engine, "aligner")
+        if active is None or active[0] == self.aligner_version:
+            return
+        import torch
+
+        bundle = AlignerBundle.load(active[1], torch.device("cpu"))
+        self.aligner_version, self.said_dim = bundle.version, bundle.aligner.cfg.vector_dim
+        self._declined = None
+        served = self._load(self._scorer_for(active_version(self.engine, "scorer")))
+        with self.lock:
+            self.served = served
+        log.info(
+            "aligner %s is active: now serving %s (%d items)", bundle.version, self.version, len(served.index)
+        )
 
     def rebuild(self) -> Path:
         """``said index rebuild``: a new index from the catalogue, swapped in and saved."""
@@ -149,7 +188,8 @@ class ServingState:
 
     # --- refresh -----------------------------------------------------------------------
     def refresh(self) -> int:
-        """Swap to a new scorer version if one was promoted, then apply new embeddings."""
+        """Follow the active aligner and scorer versions, then apply new embeddings."""
+        self._follow_aligner()
         wanted = active_version(self.engine, "scorer")
         if wanted is not None and wanted[0] not in (self.version, self._declined):
             scorer = self._scorer_for(wanted)
@@ -160,19 +200,19 @@ class ServingState:
                 log.info("now serving scorer %s (%d items)", scorer.version, len(served.index))
         served = self.served
         with self.engine.connect() as conn:
-            new_ids = item_ids_after(conn, max(self.item_id, default=0))
-            ids, vectors, newest = embeddings_since(conn, self.aligner_version, served.watermark - OVERLAP)
-        mapped = served.scorer.item_vectors(vectors) if len(ids) else None
+            new_ids = item_ids_after(conn, max(self.item_id, default=0))  # history ids, vector or not
+            found = embeddings_since(conn, self.aligner_version, served.watermark)
+        mapped = served.scorer.item_vectors(found.vectors) if len(found.ids) else None
+        self._name(new_ids)
+        self._name(found)  # before the upsert: every indexed item has a name
         with self.lock:
-            self.item_id.update(new_ids)
-            self.idx_of.update({v: k for k, v in new_ids.items()})
             if mapped is not None:
-                served.index.upsert(ids, mapped)
-            served.watermark = max(served.watermark, newest)
+                served.index.upsert(found.ids, mapped)
+            served.watermark = max(served.watermark, found.newest)
             self.refreshed_at = datetime.now(UTC)
             metrics.INDEX_ITEMS.set(len(served.index))
         self._maintain(served)
-        return len(ids)
+        return len(found.ids)
 
     def _maintain(self, served: Served) -> None:
         """Compaction and snapshots; only this thread writes the index, so reads are safe."""

@@ -23,7 +23,7 @@ from consumers.runner import ConsumeLoop
 from core.catalogue import count_rows, write_embeddings
 from core.db import make_engine
 from core.events import TOPIC_INTERACTIONS
-from core.tables import interactions, item_embeddings
+from core.tables import interactions, item_embeddings, items
 from said.broker import ensure_topics
 from scorer.index import CorruptSnapshot, ItemIndex, latest_snapshot
 from tests.support import faultlog
@@ -324,4 +324,175 @@ def test_disk_full_snapshot_write_keeps_serving_and_the_old_snapshot(aligned, mo
     assert newest != good and len(ItemIndex.load(newest)) == 28
     faultlog.record(
         f"snapshot write fails with ENOSPC ({engine.dialect.name})", len(failures), 0, 0, recovery
+    )
+
+
+def _embedding(engine, idx: int):
+    with engine.connect() as conn:
+        return conn.execute(
+            select(item_embeddings.c.kind, item_embeddings.c.text_hash, item_embeddings.c.seq).where(
+                item_embeddings.c.item_idx == idx
+            )
+        ).first()
+
+
+def _worker_env(engine, data, llm_folder, worker_id: str) -> dict:
+    return os.environ | {
+        "SAID_DATABASE_URL": engine.url.render_as_string(hide_password=False),
+        "SAID_DATA_DIR": str(data),
+        "SAID_LLM": str(llm_folder),
+        "SAID_DEVICE": "cpu",
+        "SAID_LOG_LEVEL": "WARNING",
+        "SAID_WORKER_ID": worker_id,
+        "SAID_REFINE_TARGET_ACCURACY": "1.01",  # refine every pass, whatever the tiny LLM reaches
+    }
+
+
+def _pause_outside_a_write(proc, engine) -> None:
+    """SIGSTOP ``proc``; on SQLite, again until it is not holding the database's one write
+    lock (a paused SQLite writer stalls every writer: the embedded backend's known limit)."""
+    import sqlite3
+
+    while True:
+        proc.send_signal(signal.SIGSTOP)
+        if engine.dialect.name != "sqlite":
+            return
+        probe = sqlite3.connect(engine.url.database, timeout=0.2, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:  # locked by the paused process: let it finish
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
+        finally:
+            probe.close()
+
+
+@pytest.mark.slow
+def test_a_paused_worker_writes_nothing_once_its_lease_is_gone(aligned, tiny_hf_folder):
+    """Pause nemesis: a real worker process is SIGSTOPped mid-refinement while holding the
+    lease; the item's text changes and another worker aligns the new text; on SIGCONT the
+    paused worker must not write its old text's vector over the new one."""
+    from core.catalogue import upsert_items
+    from core.events import ItemEvent
+
+    engine, bundle, llm, tok, data = aligned
+    add_items(engine, 24, 1)  # idx 25
+    cmd = [
+        sys.executable,
+        "-m",
+        "said.cli",
+        "update",
+        "--batch",
+        "1",
+        "--refine-epochs",
+        "400",
+        "--idle-exit",
+        "2",
+    ]
+    victim = subprocess.Popen(cmd, env=_worker_env(engine, data, tiny_hf_folder, "paused"))
+    try:
+        _wait(lambda: (_embedding(engine, 25) or [None])[0] == "estimate", 120, "victim is refining")
+        _pause_outside_a_write(victim, engine)
+        now = datetime.now(UTC)
+        with engine.begin() as conn:
+            upsert_items(conn, [ItemEvent("i24", "renamed item while paused", None, None, now)], now)
+        t0 = time.monotonic()
+        cfg = WorkerConfig(batch=1, refine_epochs=1, worker_id="other")
+        assert UpdateWorker(engine, bundle, llm, tok, torch.device("cpu"), cfg).run(idle_exit=0.5) == 1
+        recovery = time.monotonic() - t0  # the new text is aligned while the victim sleeps
+        aligned_row = _embedding(engine, 25)
+        assert aligned_row.kind == "refined"
+        victim.send_signal(signal.SIGCONT)
+        assert victim.wait(timeout=300) == 0
+    finally:
+        victim.kill()
+    final = _embedding(engine, 25)
+    with engine.connect() as conn:
+        current = conn.execute(select(items.c.text_hash).where(items.c.idx == 25)).scalar_one()
+    stale = int(final.text_hash != current)
+    rewritten = int(final.seq != aligned_row.seq)
+    faultlog.record(
+        f"worker SIGSTOPped holding a lease, text changed meanwhile ({engine.dialect.name})",
+        1,
+        stale,
+        rewritten,
+        recovery,
+    )
+    assert aligned_row.text_hash == current
+    assert stale == 0 and rewritten == 0, "the paused worker wrote after losing its lease"
+
+
+def _missing_in(engine, version: str) -> int:
+    """Items without a vector of their current text in ``version``."""
+    with engine.connect() as conn:
+        have = {
+            (r.item_idx, r.text_hash)
+            for r in conn.execute(
+                select(item_embeddings.c.item_idx, item_embeddings.c.text_hash).where(
+                    item_embeddings.c.model_version == version
+                )
+            )
+        }
+        current = conn.execute(select(items.c.idx, items.c.text_hash)).all()
+    return sum((r.idx, r.text_hash) not in have for r in current)
+
+
+def _settled(engine, version: str) -> bool:
+    """Nothing pending, and every item has a vector of its current text in ``version``."""
+    with engine.connect() as conn:
+        if pending_count(conn):
+            return False
+    return _missing_in(engine, version) == 0
+
+
+@pytest.mark.slow
+def test_a_new_aligner_version_activated_under_load_strands_no_item(aligned):
+    """Items keep arriving while ``said align`` runs and activates v2 beside a running worker:
+    every item ends with a v2 vector of its current text (none stays on v1 only)."""
+    from training.align import AlignConfig
+    from updater.full_align import align_catalogue
+
+    engine, _bundle, llm, tok, data = aligned
+    worker = UpdateWorker(
+        engine,
+        _bundle,
+        llm,
+        tok,
+        torch.device("cpu"),
+        WorkerConfig(batch=2, refine_epochs=1, worker_id="w", version_check_s=0.2),
+    )
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    feeding, added = threading.Event(), [0]
+
+    def feed() -> None:
+        while not feeding.wait(0.3):
+            add_items(engine, 24 + added[0], 1)
+            added[0] += 1
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        time.sleep(1.0)
+        cfg = AlignConfig(epochs=1, batch_size=8)
+        v2 = align_catalogue(
+            engine, llm, tok, torch.device("cpu"), data, cfg, k=1, item_dim=16, progress=False
+        )
+        time.sleep(1.0)  # items keep arriving after the activation too
+        feeding.set()
+        feeder.join()
+        recovery = _wait(lambda: _settled(engine, v2.version), 240, "every item has a v2 vector")
+    finally:
+        feeding.set()
+        worker.stop()
+        runner.join(120)
+    assert worker.bundle.version == v2.version and added[0] >= 4
+    faultlog.record(
+        f"aligner v2 activated while items arrive and a worker runs ({engine.dialect.name})",
+        1,
+        _missing_in(engine, v2.version),
+        0,
+        recovery,
     )

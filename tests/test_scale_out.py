@@ -58,8 +58,15 @@ def test_two_workers_split_fresh_items_without_overlap(aligned):
     engine, bundle, llm, tok, data = aligned
     add_items(engine, 24, 16)
     workers = [
-        UpdateWorker(engine, bundle, llm, tok, torch.device("cpu"), WorkerConfig(batch=2, refine_epochs=1))
-        for _ in range(2)
+        UpdateWorker(
+            engine,
+            bundle,
+            llm,
+            tok,
+            torch.device("cpu"),
+            WorkerConfig(batch=2, refine_epochs=1, worker_id=f"w{n}"),
+        )
+        for n in range(2)
     ]
     threads = [threading.Thread(target=w.run, kwargs={"idle_exit": 0.5}) for w in workers]
     for t in threads:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
 import httpx
+import numpy as np
 import pytest
 import torch
 import uvicorn
@@ -21,6 +23,7 @@ from core.versions import activate, active_version, record_version
 from said.broker import free_port
 from scorer.app import create_app
 from scorer.state import ServingState
+from tests.support.catalogue import add_items
 from updater import retrain
 from updater.retrain import RetrainConfig, is_due, retrain_once, validation_slices
 
@@ -221,3 +224,46 @@ def test_no_failed_request_while_versions_swap_under_load(served):
         thread.join(10)
     assert len(statuses) > 50 and set(statuses) == {200}, set(statuses)
     assert set(versions) <= seen_versions, "both versions served"
+
+
+def _write_vector(engine, bundle, idx: int, created_at: datetime) -> None:
+    from core.catalogue import write_embeddings
+
+    vec = np.random.default_rng(idx).standard_normal((1, bundle.aligner.cfg.vector_dim)).astype("float32")
+    with engine.begin() as conn:
+        write_embeddings(conn, bundle.version, "estimate", [idx], ["h"], vec, [None], created_at)
+
+
+def test_writers_with_skewed_clocks_are_still_served_and_after_a_restart(served):
+    """The watermark is the database's commit-ordered seq, not writers' clocks: a writer
+    an hour ahead must not hide later rows, one an hour behind must not be skipped."""
+    engine, bundle, data, state = served
+    add_items(engine, 24, 3)  # idx 25, 26, 27
+    now = datetime.now(UTC)
+    _write_vector(engine, bundle, 25, now + timedelta(hours=1))
+    state.refresh()
+    _write_vector(engine, bundle, 26, now)
+    _write_vector(engine, bundle, 27, now - timedelta(hours=1))
+    state.refresh()
+    assert len(state.served.index) == 27
+    state.rebuild()  # a snapshot carries the watermark; a restarted replica resumes from it
+    again = ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index")
+    add_items(engine, 27, 1)
+    _write_vector(engine, bundle, 28, now - timedelta(hours=2))
+    again.refresh()
+    assert len(again.served.index) == 28 and again.item_id[28] == "i27"
+
+
+def test_every_indexed_item_is_named_even_if_the_items_read_misses_it(served, monkeypatch):
+    """Items and embeddings used to be read in two statements: an embedding committed
+    between them was indexed without a name, and naming it in a response raised KeyError."""
+    from scorer import state as state_module
+
+    engine, bundle, _data, state = served
+    add_items(engine, 24, 1)
+    _write_vector(engine, bundle, 25, datetime.now(UTC))
+    monkeypatch.setattr(state_module, "item_ids_after", lambda conn, after: {})
+    state.refresh()
+    ranked, _, _ = state.recommend([25], 30, set())
+    assert 25 in {i for i, _ in ranked}
+    assert all(i in state.item_id for i, _ in ranked)

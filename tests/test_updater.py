@@ -135,7 +135,7 @@ def _kind(engine, idx: int) -> str | None:
 
 def test_a_poison_item_is_failed_with_its_reason_and_does_not_block_others(aligned, monkeypatch):
     from core.tables import alignment_jobs
-    from updater.leases import MAX_ATTEMPTS
+    from updater.leases import MAX_FAILURES
 
     engine, bundle, llm, tok, _ = aligned
     now = datetime.now(UTC)
@@ -154,8 +154,8 @@ def test_a_poison_item_is_failed_with_its_reason_and_does_not_block_others(align
     worker.run(idle_exit=0.5)
     with engine.connect() as conn:
         status = dict(conn.execute(select(items.c.item_id, items.c.status)).all())
-        job = conn.execute(select(alignment_jobs.c.attempts, alignment_jobs.c.last_error)).one()
+        job = conn.execute(select(alignment_jobs.c.failures, alignment_jobs.c.last_error)).one()
         assert pending_count(conn) == 0
-    assert status["poison"] == "failed" and job.attempts == MAX_ATTEMPTS
+    assert status["poison"] == "failed" and job.failures == MAX_FAILURES
     assert "ValueError: cannot tokenize" in job.last_error
     assert {status[f"i{i}"] for i in range(25, 28)} == {"aligned"}

@@ -1,16 +1,18 @@
 """``said align``: full SAID alignment of every catalogue item, as a new aligner version.
 
 Resumable: the training checkpoint is keyed by the set of item texts, so a killed run
-continues at the batch where it stopped. At the end the bundle (projector, table, ridge map,
-fidelity, fresh-path reference cohort) is saved, every item gets its embedding, and the
-version becomes active. See ``training.fit_aligner`` for the steps and what is measured.
+continues at the batch where it stopped. It leases nothing (a kill strands no job), so the
+worker keeps serving fresh items in the active version meanwhile. At the end, in one
+transaction that holds the item-index lock (no text changes meanwhile): every item whose
+text is still the one aligned gets its embedding and its job finished, the version becomes
+active, and every other item (new, or changed during the run) is queued for the workers,
+which switch to the new version. See ``training.fit_aligner`` for the steps and metrics.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from core.catalogue import write_embeddings
+from core.catalogue import lock_item_index, queue_missing, write_embeddings
+from core.db import db_now
 from core.events import item_text
 from core.settings import DEFAULTS
 from core.tables import items
@@ -27,7 +30,7 @@ from models.bundle import AlignerBundle
 from models.llm import lora_rank_of
 from training.align import AlignConfig
 from training.fit_aligner import FidelityConfig, RefineConfig, fit_aligner
-from updater.leases import complete_jobs, lease_jobs
+from updater.leases import complete_aligned
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +50,7 @@ def align_catalogue(
     fidelity_cfg: FidelityConfig | None = None,
 ) -> AlignerBundle:
     """Align all catalogue items and activate the result; see the module docstring."""
-    owner = f"align-{int(time.time())}"
-    with engine.begin() as conn:
-        leases = lease_jobs(conn, owner, 10_000_000, ttl_s=7 * 24 * 3600)
+    with engine.connect() as conn:
         rows = conn.execute(
             select(items.c.idx, items.c.title, items.c.description, items.c.text_hash).order_by(items.c.idx)
         ).all()
@@ -75,7 +76,7 @@ def align_catalogue(
         fidelity_cfg,
         progress,
     )
-    version = datetime.now(UTC).strftime("said-%Y%m%d%H%M%S")
+    version = datetime.now(UTC).strftime("said-%Y%m%d%H%M%S%f")  # unique: two runs may share a second
     summary = {key_: v for key_, v in fit.fidelity.items() if key_ not in ("losses", "token_accuracy")}
     bundle = AlignerBundle(
         version,
@@ -90,11 +91,21 @@ def align_catalogue(
     )
     path = bundle.save(data_dir / "aligner")
     vectors = fit.aligner.item_vectors()[idx].float().cpu().numpy()
-    now = datetime.now(UTC)
     with engine.begin() as conn:
-        losses = fit.fidelity["losses"]
-        write_embeddings(conn, version, "full", idx, [r.text_hash for r in rows], vectors, losses, now)
-        complete_jobs(conn, owner, leases)
+        lock_item_index(conn)  # item texts cannot change until this commits
+        current = dict(conn.execute(select(items.c.idx, items.c.text_hash)).all())
+        same = [n for n, r in enumerate(rows) if current.get(r.idx) == r.text_hash]
+        write_embeddings(
+            conn,
+            version,
+            "full",
+            [idx[n] for n in same],
+            [rows[n].text_hash for n in same],
+            vectors[same],
+            [fit.fidelity["losses"][n] for n in same],
+            db_now(conn),
+        )
+        complete_aligned(conn, {idx[n]: rows[n].text_hash for n in same})
         record_version(
             conn,
             "aligner",
@@ -103,7 +114,10 @@ def align_catalogue(
             summary | {"passes": len(fit.history), "align_seconds": fit.seconds},
             "active",
         )
+        queued = queue_missing(conn, version)
     ckpt.unlink(missing_ok=True)
+    if queued:
+        log.info("%d items are new or changed since the run read them: queued for the workers", queued)
     ref = fit.reference
     log.info(
         "aligner %s active: %d items after %d passes (%.0f s): token accuracy %.3f, exact %.3f "

@@ -8,6 +8,10 @@ Per leased micro-batch of pending items (new ones are leased between refinement 
      or projector weight changes) until each reaches the catalogue's token accuracy (or
      ``refine_epochs`` passes), written again (kind ``refined``) with their loss;
   3. the jobs are completed, and loss, drift and freshness metrics are exported.
+Every write and completion is fenced by the lease (``updater.leases.held``): a worker that
+was paused past its lease, or whose item's text changed, writes nothing. The worker follows
+the active aligner version: when ``said align`` (or an operator) activates another, it
+switches bundles and drops its backlog (the activation re-queued those items).
 The worker reads the catalogue, never Kafka, so long CPU/GPU steps cannot get a consumer
 evicted from its group; it owns no index (scorer replicas derive theirs from the catalogue).
 A crash leaves the lease to expire; another worker redoes the batch.
@@ -18,7 +22,6 @@ from __future__ import annotations
 import logging
 import socket
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -28,15 +31,26 @@ from sqlalchemy.engine import Engine
 
 from core import metrics
 from core.catalogue import write_embeddings
-from core.db import is_outage
+from core.db import db_now, is_outage
 from core.settings import setting
+from core.versions import active_version
 from models.aligner import FreshRows, Prefix, estimate_rows, item_vector, tokenize_texts
 from models.bundle import AlignerBundle
-from models.llm import pooled_text_features
+from models.llm import load_adapter_state, lora_rank_of, pooled_text_features
 from training.align import fidelity, refine_fresh
-from updater.leases import Lease, complete_jobs, fail_jobs, lease_jobs, pending_count
+from updater.leases import (
+    Lease,
+    complete_jobs,
+    fail_jobs,
+    failed_count,
+    held,
+    lease_jobs,
+    pending_count,
+    release_own,
+)
 
 log = logging.getLogger(__name__)
+BETWEEN_PASSES_POLL_S = 0.5  # a new item waits at most this (plus one pass) for its estimate
 
 
 @dataclass
@@ -50,6 +64,8 @@ class WorkerConfig:
     target_accuracy: float | None = setting("refine_target_accuracy")  # None: the catalogue's
     row_optimizer: str = setting("align_row_optimizer")  # fresh rows train as catalogue rows did
     retry_max_s: float = setting("db_retry_max_s")  # cap of the database-outage backoff
+    worker_id: str | None = setting("worker_id")  # None: the host name
+    version_check_s: float = setting("worker_version_check_s")
 
 
 class Stopping(Exception):
@@ -69,10 +85,12 @@ class UpdateWorker:
     ) -> None:
         self.engine, self.bundle, self.llm, self.tok, self.device = engine, bundle, llm, tok, device
         self.cfg = cfg or WorkerConfig()
-        self.owner = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-        self.prefix = Prefix(tok, prompt=bundle.prompt)
-        self.target_accuracy = self.cfg.target_accuracy or bundle.target_accuracy
-        metrics.REFERENCE_TOKEN_ACCURACY.set(bundle.reference["mean_token_accuracy"])
+        # stable across restarts, so a restarted worker releases its old leases at once
+        self.owner = self.cfg.worker_id or socket.gethostname()
+        self._use(bundle)
+        self._released = False  # the previous process's leases, released on the first step
+        self._version_checked = time.monotonic()
+        self._looked_at = 0.0  # last lease attempt (monotonic seconds)
         self.stopping = False
         self.done = 0
         self.fresh_losses: list[float] = []  # recent refined losses (the drift numerator)
@@ -81,8 +99,39 @@ class UpdateWorker:
         # estimated, leased, not yet refined: (leases, rows), oldest first
         self.backlog: list[tuple[list[Lease], torch.Tensor]] = []
 
+    def _use(self, bundle: AlignerBundle) -> None:
+        self.bundle = bundle
+        self.prefix = Prefix(self.tok, prompt=bundle.prompt)
+        self.target_accuracy = self.cfg.target_accuracy or bundle.target_accuracy
+        metrics.REFERENCE_TOKEN_ACCURACY.set(bundle.reference["mean_token_accuracy"])
+
     def stop(self) -> None:
         self.stopping = True
+
+    def follow_active(self) -> bool:
+        """Switch to the active aligner version if it changed; True when it did.
+
+        The activation re-queued every item without a vector in the new version, which
+        also fenced the leases in our backlog, so the backlog is dropped, not finished.
+        A version whose LoRA rank differs from the loaded LLM's needs a restart: raises."""
+        self._version_checked = time.monotonic()
+        active = active_version(self.engine, "aligner")
+        if active is None or active[0] == self.bundle.version:
+            return False
+        bundle = AlignerBundle.load(active[1], self.device)
+        if bundle.lora_rank != lora_rank_of(self.llm):
+            raise RuntimeError(
+                f"aligner {bundle.version} needs LoRA rank {bundle.lora_rank}, the loaded LLM has "
+                f"{lora_rank_of(self.llm)}: restart the worker to load it"
+            )
+        if bundle.adapters:
+            load_adapter_state(self.llm, bundle.adapters)
+        log.info(
+            "aligner %s is active (was %s): switching, backlog dropped", bundle.version, self.bundle.version
+        )
+        self.backlog.clear()
+        self._use(bundle)
+        return True
 
     def run(self, idle_exit: float | None = None) -> int:
         """Process micro-batches until stopped or idle; returns items completed.
@@ -118,32 +167,52 @@ class UpdateWorker:
         a fresh item never waits behind a long refinement to become servable.
         Returns items estimated or refined.
         """
+        if not self._released:
+            with self.engine.begin() as conn:
+                if n := release_own(conn, self.owner):
+                    log.warning("released %d leases a previous %s process held", n, self.owner)
+            self._released = True
+        if time.monotonic() - self._version_checked > self.cfg.version_check_s:
+            self.follow_active()
         estimated = self._estimate_new()
         if not self.backlog:
             return estimated
-        leases, rows = self.backlog.pop(0)
+        leases, rows = self.backlog[0]  # kept there while refining: never re-leased by us
         try:
             self._refine(leases, rows)
         except Stopping:
             return estimated
         except Exception as exc:
+            self.backlog.pop(0)
             self._fail(leases, exc, "refinement")
             return estimated + len(leases)
+        self.backlog.pop(0)
         with self.engine.begin() as conn:
-            self.done += complete_jobs(conn, self.owner, leases)
+            done = complete_jobs(conn, self.owner, leases)
+        self.done += done
+        if done < len(leases):  # lost leases: maybe another aligner version is active now
+            self._version_checked = 0.0
         return estimated + len(leases)
 
     def _between_passes(self) -> None:
+        """Between refinement passes: stop if asked, and look for new items at most every
+        ``BETWEEN_PASSES_POLL_S`` (a pass can take milliseconds; each look is a write
+        transaction, which on SQLite holds the one write lock)."""
         if self.stopping:
             raise Stopping
-        self._estimate_new()
+        if time.monotonic() - self._looked_at >= BETWEEN_PASSES_POLL_S:
+            self._estimate_new()
 
     def _estimate_new(self) -> int:
         """Lease pending items (not those we hold) and publish their first estimate."""
-        held = [x.item_idx for leases, _ in self.backlog for x in leases]
+        self._looked_at = time.monotonic()
+        mine = [x.item_idx for leases, _ in self.backlog for x in leases]
         with self.engine.begin() as conn:
-            leases = lease_jobs(conn, self.owner, self.cfg.batch, self.cfg.lease_ttl_s, held)
+            leases = lease_jobs(
+                conn, self.owner, self.cfg.batch, self.cfg.lease_ttl_s, mine, self.bundle.version
+            )
             metrics.PENDING_ITEMS.set(pending_count(conn))
+            metrics.FAILED_ITEMS.set(failed_count(conn))
         if not leases:
             return 0
         try:
@@ -161,17 +230,26 @@ class UpdateWorker:
             fail_jobs(conn, self.owner, leases, f"{type(exc).__name__}: {exc}")
 
     def _publish(self, leases: list[Lease], vectors: np.ndarray, kind: str, losses) -> None:
+        """Write the vectors of the leases still held (locked until commit); a lost lease's
+        vector is dropped: another worker owns that item now, or its text changed."""
         with self.engine.begin() as conn:
+            keep = {x.item_idx for x in held(conn, self.owner, leases)}
+            rows = [n for n, x in enumerate(leases) if x.item_idx in keep]
             write_embeddings(
                 conn,
                 self.bundle.version,
                 kind,
-                [x.item_idx for x in leases],
-                [x.text_hash for x in leases],
-                vectors,
-                losses,
-                datetime.now(UTC),
+                [leases[n].item_idx for n in rows],
+                [leases[n].text_hash for n in rows],
+                vectors[rows],
+                [losses[n] for n in rows],
+                db_now(conn),
             )
+        if len(rows) < len(leases):
+            lost = sorted({x.item_idx for x in leases} - keep)
+            metrics.FENCED_WRITES.inc(len(lost))
+            self._version_checked = 0.0  # check for a new active version at the next step
+            log.warning("lost the leases of items %s: their %s vectors were not written", lost, kind)
 
     def _estimate(self, leases: list[Lease]) -> torch.Tensor:
         feats = pooled_text_features(self.llm, self.tok, [x.text for x in leases], self.device)
