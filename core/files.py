@@ -4,14 +4,27 @@ Write to a unique temp file in the same folder, fsync it, rename it over the tar
 fsync the folder, so after a crash or power cut a reader finds the old file or the new one,
 never half of one, and the rename itself is durable. Unique temp names let several
 processes (uvicorn workers) write the same target without sharing an inode.
+
+Checked files (index snapshots, model files) carry their SHA-256 in a header of the same
+file, so data and checksum land in one rename; ``read_checked`` refuses a torn, truncated
+or altered file with :class:`CorruptFile`, and the reader falls back to an older one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
+import time
 from pathlib import Path
+
+MAGIC = b"SAIDSUM1"  # then the 32-byte SHA-256 of the payload, then the payload
+STALE_TEMP_S = 3600.0  # a temp file this old belongs to a writer that died
+
+
+class CorruptFile(RuntimeError):
+    """A checked file that is missing, truncated, or whose bytes do not match its checksum."""
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -31,13 +44,55 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def write_checked(path: Path, data: bytes) -> None:
+    """``write_atomic`` of ``data`` behind a header holding its checksum."""
+    write_atomic(path, MAGIC + hashlib.sha256(data).digest() + data)
+
+
+def read_checked(path: Path) -> bytes:
+    """The payload of a checked file; :class:`CorruptFile` unless it is whole."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CorruptFile(f"{path}: missing") from exc
+    head = len(MAGIC) + 32
+    if len(raw) < head or not raw.startswith(MAGIC):
+        raise CorruptFile(f"{path}: no checksum header (torn or not a checked file)")
+    if hashlib.sha256(raw[head:]).digest() != raw[len(MAGIC) : head]:
+        raise CorruptFile(f"{path}: checksum mismatch")
+    return raw[head:]
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Delete temp files that writers killed mid-write left behind (old enough that no
+    live writer still owns them)."""
+    for tmp in folder.glob(".*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > STALE_TEMP_S:
+                tmp.unlink()
+        except FileNotFoundError:  # another process removed it first
+            continue
+
+
 def save_torch(obj: object, path: Path) -> None:
-    """``torch.save`` through ``write_atomic``."""
+    """``torch.save`` through ``write_checked``."""
     import torch
 
     buf = io.BytesIO()
     torch.save(obj, buf)
-    write_atomic(path, buf.getvalue())
+    write_checked(path, buf.getvalue())
+
+
+def load_torch(path: Path, map_location: object = "cpu"):
+    """``torch.load`` (tensors and plain containers only, never code) of a checked file.
+    Files from before checksums (no header) load as they are: torch's own zip CRCs still
+    catch most damage there."""
+    import torch
+
+    with open(path, "rb") as f:
+        legacy = f.read(len(MAGIC)) != MAGIC
+    data = path.read_bytes() if legacy else read_checked(path)
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from core.files import save_torch
+from core.files import load_torch, save_torch
 from models.aligner import AlignerConfig, ItemAligner
 
 
@@ -65,7 +65,7 @@ class AlignerBundle:
 
     @classmethod
     def load(cls, path: Path, device: torch.device) -> AlignerBundle:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_torch(path)
         if "fidelity" not in saved:
             raise ValueError(f"{path} is an aligner bundle of an older format: run `said align` once")
         aligner = ItemAligner(AlignerConfig(**saved["config"]))

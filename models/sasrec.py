@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.files import save_torch
+from core.files import load_torch, save_torch
 
 
 @dataclass
@@ -209,7 +209,7 @@ def load_sasrec(path: Path, table: torch.Tensor | None = None) -> tuple[SASRec, 
     Without a table, a small placeholder satisfies the constructor; the saved
     standardisation overwrites the placeholder's, and ``adapt`` maps any item's vector.
     """
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = load_torch(path)
     # scorers saved before the principal-axes input had full-width adapters
     cfg = SASRecConfig(**({"max_input": saved["frozen_dim"]} | saved["config"]))
     if table is None:

@@ -15,21 +15,21 @@ Two tiers, both keyed by the catalogue's dense item index:
   FAISS ID selector, so a replaced vector never scores twice.
 ``compact()`` folds ``delta`` into a new ``main`` when it grows past a fraction of the index.
 
-Snapshots are versioned files written atomically (temp file, fsync, rename) with a SHA-256
-sidecar, so a torn or corrupt snapshot is detected at load and the index is rebuilt from the
-catalogue, which is the source of truth.
+Snapshots are versioned files written atomically (temp file, fsync, rename, folder fsync)
+with their SHA-256 in the same file (``core.files.write_checked``), so a torn or corrupt
+snapshot is detected at load; the reader then takes the previous good snapshot, or rebuilds
+from the catalogue, which is the source of truth.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from core.files import write_atomic
+from core.files import CorruptFile, read_checked, remove_stale_temps, write_checked
 from core.settings import DEFAULTS
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ HNSW_EF_SEARCH = 128  # measured recall@10 vs exact: see benchmarks/scorer_laten
 NORM_BANDS = 16  # HNSW graphs by norm: (M/2, M], (M/4, M/2], ..., and the rest below M/2^15
 
 
-class CorruptSnapshot(RuntimeError):
+class CorruptSnapshot(CorruptFile):
     """A snapshot whose bytes do not match its recorded checksum, or that FAISS rejects."""
 
 
@@ -182,29 +182,25 @@ class ItemIndex:
 
     # --- snapshots ---------------------------------------------------------------------
     def save(self, folder: Path, name: str, keep: int = 3) -> Path:
-        """Write ``index-<name>.faiss`` (every tier) atomically with its checksum, then
-        delete all but the newest ``keep`` snapshots (a periodic writer must not fill the disk)."""
+        """Write ``index-<name>.faiss`` (every tier, with its checksum) atomically, then
+        delete all but the newest ``keep`` snapshots and dead writers' temp files (a
+        periodic writer must not fill the disk)."""
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"index-{name}.faiss"
         parts = [faiss.serialize_index(t).tobytes() for t in (self.delta, *self.mains)]
-        data = b"".join(len(b).to_bytes(8, "little") + b for b in parts)
-        write_atomic(path, data)
-        write_atomic(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
-        for old in sorted(folder.glob("index-*.faiss"), key=lambda p: p.stat().st_mtime)[:-keep]:
-            old.with_suffix(".sha256").unlink(missing_ok=True)
+        write_checked(path, b"".join(len(b).to_bytes(8, "little") + b for b in parts))
+        for old in snapshots(folder)[keep:]:
             old.unlink(missing_ok=True)
+        remove_stale_temps(folder)
         return path
 
     @classmethod
     def load(cls, path: Path, hnsw_min_items: int = DEFAULTS.hnsw_min_items) -> ItemIndex:
         """Load a snapshot, verifying its checksum; raises :class:`CorruptSnapshot`."""
         try:
-            data = path.read_bytes()
-            expected = path.with_suffix(".sha256").read_text().strip()
-        except FileNotFoundError as exc:
-            raise CorruptSnapshot(f"{path}: missing file {exc.filename}") from exc
-        if hashlib.sha256(data).hexdigest() != expected:
-            raise CorruptSnapshot(f"{path}: checksum mismatch")
+            data = read_checked(path)
+        except CorruptFile as exc:
+            raise CorruptSnapshot(str(exc)) from exc
         tiers, at = [], 0
         try:
             while at < len(data):
@@ -249,7 +245,18 @@ def _contents(tier: faiss.IndexIDMap2, dim: int) -> tuple[np.ndarray, np.ndarray
     return faiss.vector_to_array(tier.id_map), vecs[:, :dim].copy()
 
 
+def snapshots(folder: Path, prefix: str = "") -> list[Path]:
+    """``index-<prefix>*.faiss`` in ``folder``, newest first (by modification time)."""
+    found = []
+    for path in folder.glob(f"index-{prefix}*.faiss"):
+        try:
+            found.append((path.stat().st_mtime, path))
+        except FileNotFoundError:  # pruned by another writer meanwhile
+            continue
+    return [p for _, p in sorted(found, reverse=True)]
+
+
 def latest_snapshot(folder: Path, prefix: str = "") -> Path | None:
-    """The newest ``index-<prefix>*.faiss`` in ``folder``, by modification time."""
-    snaps = sorted(folder.glob(f"index-{prefix}*.faiss"), key=lambda p: p.stat().st_mtime)
-    return snaps[-1] if snaps else None
+    """The newest ``index-<prefix>*.faiss`` in ``folder``."""
+    found = snapshots(folder, prefix)
+    return found[0] if found else None

@@ -35,7 +35,7 @@ from core.settings import DEFAULTS
 from core.versions import active_version, require_active
 from models.bundle import AlignerBundle
 from models.sasrec import load_sasrec
-from scorer.index import CorruptSnapshot, ItemIndex, latest_snapshot
+from scorer.index import CorruptSnapshot, ItemIndex, snapshots
 from scorer.model import CosineScorer, SASRecScorer
 
 log = logging.getLogger(__name__)
@@ -131,14 +131,15 @@ class ServingState:
         return CosineScorer(self.aligner_version, self.said_dim)
 
     def _load(self, scorer: Scorer) -> Served:
-        """The newest snapshot of this scorer's index, or a build from the catalogue."""
-        snap = latest_snapshot(self.index_dir, f"{scorer.version}-")
-        if snap is not None:
+        """The newest good snapshot of this scorer's index (a torn or corrupt newer one is
+        skipped, and the embeddings after the older one's watermark are applied by the next
+        refresh), or a build from the catalogue when there is none."""
+        for snap in snapshots(self.index_dir, f"{scorer.version}-"):
             try:
                 index = ItemIndex.load(snap, self.hnsw_min_items)
                 return Served(scorer, index, snapshot_watermark(snap))
             except (CorruptSnapshot, ValueError) as exc:
-                log.warning("%s: rebuilding the index from the catalogue", exc)
+                log.warning("skipping snapshot: %s", exc)
         return self._build(scorer)
 
     def _build(self, scorer: Scorer) -> Served:
@@ -222,8 +223,8 @@ class ServingState:
             with self.lock:
                 served.index = fresh
         if time.monotonic() - self._snapshot_at > self.snapshot_every_s:
+            self._snapshot_at = time.monotonic()  # first: a failed write (disk full) waits a period
             served.index.save(self.index_dir, served.snapshot_name())
-            self._snapshot_at = time.monotonic()
 
     def run_refresher(self, poll_s: float, stop: threading.Event) -> None:
         while not stop.wait(poll_s):

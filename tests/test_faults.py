@@ -25,7 +25,7 @@ from core.db import make_engine
 from core.events import TOPIC_INTERACTIONS
 from core.tables import interactions, item_embeddings, items
 from said.broker import ensure_topics
-from scorer.index import CorruptSnapshot, ItemIndex, latest_snapshot
+from scorer.index import ItemIndex, latest_snapshot
 from tests.support import faultlog
 from tests.support.catalogue import add_items
 from tests.support.kafka_util import click_event, load_items, produce_json
@@ -248,9 +248,14 @@ def _kinds(engine) -> list[str] | None:
 
 
 SNAPSHOT_WRITER = """
-import sys, numpy as np
+import os, sys, time, numpy as np
 from pathlib import Path
 from scorer.index import ItemIndex
+real_fsync = os.fsync
+def slow_fsync(fd):  # a slow disk: most of the writer's time is inside a write
+    time.sleep(0.3)
+    real_fsync(fd)
+os.fsync = slow_fsync
 n = int(sys.argv[2])
 index = ItemIndex(64)
 index.build(np.arange(1, n + 1), np.random.default_rng(0).standard_normal((n, 64)).astype("float32"))
@@ -274,11 +279,7 @@ def test_snapshot_writer_killed_mid_write_never_yields_a_torn_index(tmp_path):
         kills += 1
         mid_write += any(tmp_path.glob("*.tmp"))  # the kill cut a write short
         t0 = time.monotonic()
-        snaps = sorted(tmp_path.glob("index-*.faiss"), key=lambda p: p.stat().st_mtime)
-        try:
-            loaded = len(ItemIndex.load(snaps[-1]))
-        except CorruptSnapshot:  # killed between the data file and its checksum
-            loaded = len(ItemIndex.load(snaps[-2]))
+        loaded = len(ItemIndex.load(latest_snapshot(tmp_path)))  # data and checksum: one rename
         recoveries.append(time.monotonic() - t0)
         assert loaded == n, "whatever loads is complete"
     assert mid_write, "at least one kill must land inside a write"
@@ -496,3 +497,72 @@ def test_a_new_aligner_version_activated_under_load_strands_no_item(aligned):
         0,
         recovery,
     )
+
+
+def _torn(kind: str, good: bytes, folder, newer: str) -> None:
+    """Leave ``folder`` as a crash at one step of writing snapshot ``newer`` would."""
+    target = folder / f"index-{newer}.faiss"
+    if kind == "temp file half written":
+        (folder / f".{target.name}.dead1.tmp").write_bytes(good[: len(good) // 2])
+    elif kind == "temp file written, not renamed":
+        (folder / f".{target.name}.dead2.tmp").write_bytes(good)
+    elif kind == "renamed but truncated (power cut before the data reached the disk)":
+        target.write_bytes(good[: len(good) // 3])
+    elif kind == "checksum header missing":
+        target.write_bytes(good[40:])
+    elif kind == "one bit flipped":
+        flipped = bytearray(good)
+        flipped[-5] ^= 1
+        target.write_bytes(bytes(flipped))
+
+
+TORN = (
+    "temp file half written",
+    "temp file written, not renamed",
+    "renamed but truncated (power cut before the data reached the disk)",
+    "checksum header missing",
+    "one bit flipped",
+)
+
+
+def test_torn_snapshots_fall_back_to_the_previous_good_one(served, monkeypatch):
+    """At every step of a snapshot write a crash leaves a different mess; a restarted
+    replica must load the previous good snapshot (not a torn one, and without rebuilding),
+    then catch up from the catalogue; a later save removes dead writers' temp files."""
+    from core import files
+    from scorer.state import ServingState
+
+    engine, bundle, data, state = served
+    folder = data / "index"
+    wrong, seconds = 0, []
+    for n, kind in enumerate(TORN):
+        good = state.rebuild()
+        _torn(kind, good.read_bytes(), folder, f"{state.version}-q{10**6 + n}")
+        monkeypatch.setattr(ServingState, "_build", lambda *_, k=kind: pytest.fail(f"rebuilt after: {k}"))
+        t0 = time.monotonic()
+        again = ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, folder)
+        seconds.append(time.monotonic() - t0)
+        monkeypatch.undo()
+        wrong += again.served.watermark != state.served.watermark or len(again.served.index) != 24
+    monkeypatch.setattr(files, "STALE_TEMP_S", -1.0)
+    state.rebuild()
+    assert not list(folder.glob(".*.tmp")), "dead writers' temp files are removed"
+    faultlog.record(
+        f"torn snapshot files, one per write step ({engine.dialect.name})", len(TORN), wrong, 0, max(seconds)
+    )
+    assert wrong == 0
+
+
+def test_a_torn_model_file_is_refused_with_a_reason(tmp_path):
+    import torch
+
+    from core.files import CorruptFile, load_torch, save_torch
+
+    path = tmp_path / "scorer.pt"
+    save_torch({"w": torch.ones(3)}, path)
+    assert torch.equal(load_torch(path)["w"], torch.ones(3))
+    whole = path.read_bytes()
+    for torn in (whole[: len(whole) // 2], whole[:30]):
+        path.write_bytes(torn)
+        with pytest.raises(CorruptFile):
+            load_torch(path)

@@ -58,7 +58,10 @@ def test_snapshot_roundtrip_and_corruption_detected(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptSnapshot, match="checksum"):
         ItemIndex.load(path)
-    path.with_suffix(".sha256").unlink()
+    path.write_bytes(bytes(data[:20]))  # cut inside the header
+    with pytest.raises(CorruptSnapshot, match="no checksum header"):
+        ItemIndex.load(path)
+    path.unlink()
     with pytest.raises(CorruptSnapshot, match="missing"):
         ItemIndex.load(path)
 

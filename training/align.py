@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from core.files import save_torch
+from core.files import load_torch, save_torch
 from core.settings import DEFAULTS, setting
 from models.aligner import (
     FreshRows,
@@ -154,7 +154,7 @@ def train_full(
         "done": False,
     }
     if checkpoint and checkpoint.exists():
-        saved = torch.load(checkpoint, map_location=device, weights_only=True)
+        saved = load_torch(checkpoint, map_location=device)
         _check_resumable(saved.get("identity", {}), _run_identity(cfg, aligner, prefix, llm), checkpoint)
         aligner.load_state_dict(saved["aligner"])
         if saved.get("adapters"):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from core.files import save_torch
+from core.files import load_torch, save_torch
 from core.settings import DEFAULTS
 from models.aligner import AlignerConfig, FreshRows, ItemAligner, Prefix, estimate_rows, tokenize_texts
 from training.align import AlignConfig, refine_fresh
@@ -36,7 +36,7 @@ def text_table(llm, tok, texts: list[str], device, cache: Path, progress: bool =
     from models.llm import pooled_text_features
 
     if cache.exists():
-        return torch.load(cache).float()
+        return load_torch(cache).float()
     feats = with_padding_row(pooled_text_features(llm, tok, texts, device, progress=progress))
     save_torch(feats.half(), cache)
     return feats
@@ -66,7 +66,7 @@ def said_table(
     resumes after a kill; the checkpoint is removed once the table is written.
     """
     if out.exists():
-        saved = torch.load(out, weights_only=True)
+        saved = load_torch(out)
         return saved | {"vectors": _vectors(saved["aligner"], saved["aligner_config"])}
     refine = refine or RefineConfig()
     n = len(texts)
@@ -131,7 +131,7 @@ def prompt_table(
     from models.llm import autocast, backbone
 
     if cache.exists():
-        return torch.load(cache).float()
+        return load_torch(cache).float()
     aligner = load_aligner(built["aligner"], built["aligner_config"]).to(device)
     prefix = Prefix(tok, prompt=prompt)
     n = aligner.cfg.n_items
