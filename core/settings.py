@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     group_id: str = Field("said", description="Consumer-group prefix; '.items' etc. appended.")
     session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka group session timeout.")
     consume_batch: int = Field(5000, ge=1, le=100_000, description="Messages per consume batch.")
+    consumer_audit_log: Path | None = Field(
+        None,
+        description="Append `topic partition offset` of each processed message (re-deliveries audit).",
+    )
     max_message_bytes: int = Field(
         64_000, ge=256, le=900_000, description="Larger messages go to the DLQ, cut to this many bytes."
     )
