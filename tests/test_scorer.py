@@ -14,7 +14,7 @@ import torch
 import uvicorn
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from core.settings import get_settings
@@ -23,6 +23,7 @@ from core.versions import activate, active_version, record_version
 from said.broker import free_port
 from scorer.app import create_app
 from scorer.state import ServingState
+from tests.support import faultlog
 from tests.support.catalogue import add_items
 from updater import retrain
 from updater.retrain import RetrainConfig, is_due, retrain_once, validation_slices
@@ -162,9 +163,20 @@ def test_an_activation_during_training_is_not_undone_and_two_actives_are_refused
         return real(*args, **kwargs)
 
     monkeypatch.setattr(retrain, "train_scorer", operator_rolls_back_meanwhile)
+    t0 = time.monotonic()
     second = retrain_once(engine, bundle.version, data, cfg, CPU, progress=False)
+    settled = time.monotonic() - t0  # the retrain, from the operator's activate to its verdict
+    with engine.connect() as conn:
+        actives = conn.execute(
+            select(model_versions.c.version).where(
+                model_versions.c.kind == "scorer", model_versions.c.status == "active"
+            )
+        ).all()
+    undone = int(active_version(engine, "scorer")[0] != "operator-pick")
+    name = f"promotion racing an operator's activate ({engine.dialect.name})"
+    faultlog.record(name, 1, undone, len(actives) - 1, settled)
     assert second["warm_start"] == first["version"] and not second["promoted"]
-    assert active_version(engine, "scorer")[0] == "operator-pick", "the operator's choice stands"
+    assert not undone, "the operator's choice stands"
     with pytest.raises(IntegrityError), engine.begin() as conn:
         record_version(conn, "scorer", "x1", data / "x1.pt", {}, "retired")
         conn.execute(update(model_versions).where(model_versions.c.kind == "scorer").values(status="active"))
@@ -240,18 +252,22 @@ def test_writers_with_skewed_clocks_are_still_served_and_after_a_restart(served)
     engine, bundle, data, state = served
     add_items(engine, 24, 3)  # idx 25, 26, 27
     now = datetime.now(UTC)
+    t0 = time.monotonic()
     _write_vector(engine, bundle, 25, now + timedelta(hours=1))
-    state.refresh()
+    applied = [state.refresh()]
     _write_vector(engine, bundle, 26, now)
     _write_vector(engine, bundle, 27, now - timedelta(hours=1))
-    state.refresh()
+    applied.append(state.refresh())
     assert len(state.served.index) == 27
     state.rebuild()  # a snapshot carries the watermark; a restarted replica resumes from it
     again = ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index")
     add_items(engine, 27, 1)
     _write_vector(engine, bundle, 28, now - timedelta(hours=2))
-    again.refresh()
+    applied.append(again.refresh())
+    name = f"writers' clocks 1-2 h ahead and behind, scorer restarted ({engine.dialect.name})"
+    faultlog.record(name, 3, 28 - len(again.served.index), sum(applied) - 4, time.monotonic() - t0)
     assert len(again.served.index) == 28 and again.item_id[28] == "i27"
+    assert applied == [1, 2, 1], "each row applied once: no overlap window re-reads"
 
 
 def test_every_indexed_item_is_named_even_if_the_items_read_misses_it(served, monkeypatch):
