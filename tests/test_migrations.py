@@ -38,3 +38,39 @@ def test_sqlite_commits_survive_a_power_cut(tmp_path):
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_0005_numbers_existing_embeddings_in_commit_order(db_url):
+    """Rows written before the sequence existed get seq in created_at order, and the counter
+    continues after them."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import select, text
+
+    from core.catalogue import write_embeddings
+    from core.tables import item_embeddings
+
+    command.downgrade(alembic_config(db_url), "0004")
+    engine = make_engine(db_url)
+    now = datetime.now(UTC)
+    item = (
+        "INSERT INTO items (idx, item_id, title, event_time, text_hash, status, received_at, updated_at) "
+        "VALUES (:i, :i, 't', :t, 'h', 'aligned', :t, :t)"
+    )
+    vector = (
+        "INSERT INTO item_embeddings (item_idx, model_version, text_hash, vector, kind, created_at) "
+        "VALUES (:i, 'v', 'h', :vec, 'full', :t)"
+    )
+    with engine.begin() as conn:
+        for idx, minutes in ((1, 5), (2, 1), (3, 3)):  # created_at order: 2, 3, 1
+            conn.execute(text(item), {"i": idx, "t": now})
+            conn.execute(text(vector), {"i": idx, "vec": b"\0\0\0\0", "t": now + timedelta(minutes=minutes)})
+    engine.dispose()
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        seq = dict(conn.execute(select(item_embeddings.c.item_idx, item_embeddings.c.seq)).all())
+        assert seq == {2: 1, 3: 2, 1: 3}
+        write_embeddings(conn, "v", "full", [1], ["h"], [[0.0]], [None], now)
+        again = select(item_embeddings.c.seq).where(item_embeddings.c.item_idx == 1)
+        assert conn.execute(again).scalar() == 4
