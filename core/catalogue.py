@@ -210,6 +210,14 @@ def count_rows(conn: Connection, table) -> int:
     return conn.execute(select(func.count()).select_from(table)).scalar_one()
 
 
+def lock_sequence(conn: Connection, name: str = "embeddings") -> None:
+    """Take the counter's row lock now (PostgreSQL; SQLite writers are serialised anyway).
+    Embedding writers that also lock job rows take this first, like ``said align`` does, so
+    two writers never wait on each other in opposite orders."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(sequences.c.value).where(sequences.c.name == name).with_for_update())
+
+
 def next_seq(conn: Connection, name: str, n: int) -> int:
     """Reserve ``n`` values of the counter ``name``; returns the first.
 

@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     worker_id: str | None = Field(
         None,
         min_length=1,
-        description="Lease owner id, unique per worker and stable across its restarts; unset = host name.",
+        description="Lease owner id, unique per worker and stable across its restarts; unset = host-pid.",
     )
     worker_version_check_s: float = Field(
         5.0, gt=0, description="How often the worker checks for a newly activated aligner."

@@ -81,6 +81,7 @@ class ServingState:
         self.lock = threading.RLock()
         self.item_id: dict[int, str] = {}
         self.idx_of: dict[str, int] = {}
+        self._named_through = 0  # every item up to this idx is named (item_ids_after)
         self.refreshed_at: datetime | None = None
         self._declined: str | None = None  # an active scorer of another aligner: not served
         self.served = self._load(self._scorer_for(active_version(engine, "scorer")))
@@ -171,9 +172,14 @@ class ServingState:
         import torch
 
         bundle = AlignerBundle.load(active[1], torch.device("cpu"))
+        before = self.aligner_version, self.said_dim, self._declined
         self.aligner_version, self.said_dim = bundle.version, bundle.aligner.cfg.vector_dim
         self._declined = None
-        served = self._load(self._scorer_for(active_version(self.engine, "scorer")))
+        try:
+            served = self._load(self._scorer_for(active_version(self.engine, "scorer")))
+        except Exception:  # keep serving the old version whole; the next refresh tries again
+            self.aligner_version, self.said_dim, self._declined = before
+            raise
         with self.lock:
             self.served = served
         log.info(
@@ -201,10 +207,11 @@ class ServingState:
                 log.info("now serving scorer %s (%d items)", scorer.version, len(served.index))
         served = self.served
         with self.engine.connect() as conn:
-            new_ids = item_ids_after(conn, max(self.item_id, default=0))  # history ids, vector or not
+            new_ids = item_ids_after(conn, self._named_through)  # history ids, vector or not
             found = embeddings_since(conn, self.aligner_version, served.watermark)
         mapped = served.scorer.item_vectors(found.vectors) if len(found.ids) else None
         self._name(new_ids)
+        self._named_through = max(new_ids, default=self._named_through)
         self._name(found)  # before the upsert: every indexed item has a name
         with self.lock:
             if mapped is not None:

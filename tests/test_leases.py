@@ -167,7 +167,10 @@ def test_lease_times_come_from_the_database_clock(pg, monkeypatch):
         def now(cls, tz=None):
             return datetime.now(tz) + timedelta(hours=2)
 
+    import updater.leases
+
     monkeypatch.setattr(core.db, "datetime", Ahead)
+    monkeypatch.setattr(updater.leases, "datetime", Ahead)  # a regression to the local clock fails
     with engine.begin() as conn:
         assert lease_jobs(conn, "skewed", 2, ttl_s=60) == []
 

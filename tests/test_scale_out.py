@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from consumers.interactions import InteractionsHandler
 from consumers.runner import ConsumeLoop
+from core import metrics
 from core.catalogue import count_rows
 from core.db import make_engine
 from core.events import TOPIC_INTERACTIONS
@@ -68,6 +69,7 @@ def test_two_workers_split_fresh_items_without_overlap(aligned):
         )
         for n in range(2)
     ]
+    fenced = metrics.FENCED_WRITES._value.get()
     threads = [threading.Thread(target=w.run, kwargs={"idle_exit": 0.5}) for w in workers]
     for t in threads:
         t.start()
@@ -84,3 +86,4 @@ def test_two_workers_split_fresh_items_without_overlap(aligned):
             .all()
         )
     assert kinds == ["refined"] * 16
+    assert metrics.FENCED_WRITES._value.get() == fenced, "no item was leased by both workers at once"

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from core.catalogue import lock_item_index, queue_missing, write_embeddings
-from core.db import db_now
+from core.db import db_now, retry_on_outage
 from core.events import item_text
 from core.settings import DEFAULTS
 from core.tables import items
@@ -91,30 +91,9 @@ def align_catalogue(
     )
     path = bundle.save(data_dir / "aligner")
     vectors = fit.aligner.item_vectors()[idx].float().cpu().numpy()
-    with engine.begin() as conn:
-        lock_item_index(conn)  # item texts cannot change until this commits
-        current = dict(conn.execute(select(items.c.idx, items.c.text_hash)).all())
-        same = [n for n, r in enumerate(rows) if current.get(r.idx) == r.text_hash]
-        write_embeddings(
-            conn,
-            version,
-            "full",
-            [idx[n] for n in same],
-            [rows[n].text_hash for n in same],
-            vectors[same],
-            [fit.fidelity["losses"][n] for n in same],
-            db_now(conn),
-        )
-        complete_aligned(conn, {idx[n]: rows[n].text_hash for n in same})
-        record_version(
-            conn,
-            "aligner",
-            version,
-            path,
-            summary | {"passes": len(fit.history), "align_seconds": fit.seconds},
-            "active",
-        )
-        queued = queue_missing(conn, version)
+    queued = retry_on_outage(
+        lambda: _publish(engine, version, path, rows, vectors, fit, summary), max_backoff_s=30.0
+    )
     ckpt.unlink(missing_ok=True)
     if queued:
         log.info("%d items are new or changed since the run read them: queued for the workers", queued)
@@ -135,3 +114,35 @@ def align_catalogue(
         ref["seconds_per_item"],
     )
     return bundle
+
+
+def _publish(engine: Engine, version: str, path: Path, rows, vectors, fit, summary: dict) -> int:
+    """One transaction (retried whole on an outage or a deadlock): the vectors of items
+    whose text is still the one aligned, their jobs finished, the version activated, every
+    other item queued for it. Returns how many were queued.
+
+    Locks in the order every writer uses: item index, embedding counter, job rows."""
+    with engine.begin() as conn:
+        lock_item_index(conn)  # item texts cannot change until this commits
+        current = dict(conn.execute(select(items.c.idx, items.c.text_hash)).all())
+        same = [n for n, r in enumerate(rows) if current.get(r.idx) == r.text_hash]
+        write_embeddings(
+            conn,
+            version,
+            "full",
+            [rows[n].idx for n in same],
+            [rows[n].text_hash for n in same],
+            vectors[same],
+            [fit.fidelity["losses"][n] for n in same],
+            db_now(conn),
+        )
+        complete_aligned(conn, {rows[n].idx: rows[n].text_hash for n in same})
+        record_version(
+            conn,
+            "aligner",
+            version,
+            path,
+            summary | {"passes": len(fit.history), "align_seconds": fit.seconds},
+            "active",
+        )
+        return queue_missing(conn, version)

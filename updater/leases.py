@@ -186,6 +186,28 @@ def fail_jobs(conn: Connection, owner: str, leases: list[Lease], error: str) -> 
         _count_failure(conn, _still_ours(owner, leases[start : start + _PAGE]), error)
 
 
+def release_jobs(conn: Connection, owner: str, leases: list[Lease]) -> None:
+    """Give leases back without counting a failure (a worker asked to stop)."""
+    for start in range(0, len(leases), _PAGE):
+        conn.execute(
+            update(alignment_jobs)
+            .where(_still_ours(owner, leases[start : start + _PAGE]))
+            .values(lease_owner=None, lease_expires_at=None)
+        )
+
+
+def renew_jobs(conn: Connection, owner: str, leases: list[Lease], ttl_s: float) -> None:
+    """Extend the leases ``owner`` still holds by ``ttl_s`` from now (database clock): a
+    worker that is alive and working never has its leases expire and counted as failures."""
+    until = db_now(conn) + timedelta(seconds=ttl_s)
+    for start in range(0, len(leases), _PAGE):
+        conn.execute(
+            update(alignment_jobs)
+            .where(_still_ours(owner, leases[start : start + _PAGE]))
+            .values(lease_expires_at=until)
+        )
+
+
 def release_own(conn: Connection, owner: str) -> int:
     """At a worker's start: release the leases a previous process with this owner id held
     (it crashed or was killed while working on them), one failure each, so they are redone

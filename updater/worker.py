@@ -20,6 +20,7 @@ A crash leaves the lease to expire; another worker redoes the batch.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import torch
 from sqlalchemy.engine import Engine
 
 from core import metrics
-from core.catalogue import write_embeddings
+from core.catalogue import lock_sequence, write_embeddings
 from core.db import db_now, is_outage
 from core.settings import setting
 from core.versions import active_version
@@ -46,11 +47,14 @@ from updater.leases import (
     held,
     lease_jobs,
     pending_count,
+    release_jobs,
     release_own,
+    renew_jobs,
 )
 
 log = logging.getLogger(__name__)
 BETWEEN_PASSES_POLL_S = 0.5  # a new item waits at most this (plus one pass) for its estimate
+MAX_BACKLOG = 4  # estimated batches waiting for refinement: more would outlive their leases
 
 
 @dataclass
@@ -64,7 +68,7 @@ class WorkerConfig:
     target_accuracy: float | None = setting("refine_target_accuracy")  # None: the catalogue's
     row_optimizer: str = setting("align_row_optimizer")  # fresh rows train as catalogue rows did
     retry_max_s: float = setting("db_retry_max_s")  # cap of the database-outage backoff
-    worker_id: str | None = setting("worker_id")  # None: the host name
+    worker_id: str | None = setting("worker_id")  # None: host and pid
     version_check_s: float = setting("worker_version_check_s")
 
 
@@ -85,12 +89,14 @@ class UpdateWorker:
     ) -> None:
         self.engine, self.bundle, self.llm, self.tok, self.device = engine, bundle, llm, tok, device
         self.cfg = cfg or WorkerConfig()
-        # stable across restarts, so a restarted worker releases its old leases at once
-        self.owner = self.cfg.worker_id or socket.gethostname()
+        # SAID_WORKER_ID: stable across restarts, so a restarted worker releases its old
+        # leases at once; without it, host and pid (unique, but a restart waits for the TTL)
+        self.owner = self.cfg.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self._use(bundle)
         self._released = False  # the previous process's leases, released on the first step
         self._version_checked = time.monotonic()
         self._looked_at = 0.0  # last lease attempt (monotonic seconds)
+        self._renewed_at = time.monotonic()  # last lease renewal
         self.stopping = False
         self.done = 0
         self.fresh_losses: list[float] = []  # recent refined losses (the drift numerator)
@@ -158,7 +164,19 @@ class UpdateWorker:
                 break
             else:
                 time.sleep(0.2)
+        self._give_back()
         return self.done
+
+    def _give_back(self) -> None:
+        """On a stop, hand the backlog's leases back (no failure counted) for others to take."""
+        leases = [x for batch, _ in self.backlog for x in batch]
+        self.backlog.clear()
+        if leases:
+            try:
+                with self.engine.begin() as conn:
+                    release_jobs(conn, self.owner, leases)
+            except Exception as exc:  # the leases expire on their own; say why they were kept
+                log.warning("could not release %d leases on stop (%s); they expire", len(leases), exc)
 
     def step(self) -> int:
         """Estimate what is new, then refine and complete the oldest estimated micro-batch.
@@ -200,7 +218,12 @@ class UpdateWorker:
         transaction, which on SQLite holds the one write lock)."""
         if self.stopping:
             raise Stopping
-        if time.monotonic() - self._looked_at >= BETWEEN_PASSES_POLL_S:
+        if time.monotonic() - self._renewed_at >= self.cfg.lease_ttl_s / 3:
+            self._renewed_at = time.monotonic()
+            mine = [x for batch, _ in self.backlog for x in batch]
+            with self.engine.begin() as conn:
+                renew_jobs(conn, self.owner, mine, self.cfg.lease_ttl_s)
+        if len(self.backlog) < MAX_BACKLOG and time.monotonic() - self._looked_at >= BETWEEN_PASSES_POLL_S:
             self._estimate_new()
 
     def _estimate_new(self) -> int:
@@ -233,6 +256,7 @@ class UpdateWorker:
         """Write the vectors of the leases still held (locked until commit); a lost lease's
         vector is dropped: another worker owns that item now, or its text changed."""
         with self.engine.begin() as conn:
+            lock_sequence(conn)  # first, as every embedding writer does: no lock-order cycle
             keep = {x.item_idx for x in held(conn, self.owner, leases)}
             rows = [n for n, x in enumerate(leases) if x.item_idx in keep]
             write_embeddings(
