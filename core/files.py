@@ -55,6 +55,11 @@ def read_checked(path: Path) -> bytes:
         raw = path.read_bytes()
     except FileNotFoundError as exc:
         raise CorruptFile(f"{path}: missing") from exc
+    return _payload(raw, path)
+
+
+def _payload(raw: bytes, path: Path) -> bytes:
+    """The checked payload of a file's bytes; :class:`CorruptFile` unless it is whole."""
     head = len(MAGIC) + 32
     if len(raw) < head or not raw.startswith(MAGIC):
         raise CorruptFile(f"{path}: no checksum header (torn or not a checked file)")
@@ -89,9 +94,8 @@ def load_torch(path: Path, map_location: object = "cpu"):
     catch most damage there."""
     import torch
 
-    with open(path, "rb") as f:
-        legacy = f.read(len(MAGIC)) != MAGIC
-    data = path.read_bytes() if legacy else read_checked(path)
+    raw = path.read_bytes()  # read once
+    data = _payload(raw, path) if raw.startswith(MAGIC) else raw
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
 
 

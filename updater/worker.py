@@ -167,9 +167,13 @@ class UpdateWorker:
         self._give_back()
         return self.done
 
+    def _backlog_leases(self) -> list[Lease]:
+        """Every lease this worker holds: the estimated batches, the one refining first."""
+        return [x for batch, _ in self.backlog for x in batch]
+
     def _give_back(self) -> None:
         """On a stop, hand the backlog's leases back (no failure counted) for others to take."""
-        leases = [x for batch, _ in self.backlog for x in batch]
+        leases = self._backlog_leases()
         self.backlog.clear()
         if leases:
             try:
@@ -220,7 +224,7 @@ class UpdateWorker:
             raise Stopping
         if time.monotonic() - self._renewed_at >= self.cfg.lease_ttl_s / 3:
             self._renewed_at = time.monotonic()
-            mine = [x for batch, _ in self.backlog for x in batch]
+            mine = self._backlog_leases()
             with self.engine.begin() as conn:
                 renew_jobs(conn, self.owner, mine, self.cfg.lease_ttl_s)
         if len(self.backlog) < MAX_BACKLOG and time.monotonic() - self._looked_at >= BETWEEN_PASSES_POLL_S:
@@ -229,7 +233,7 @@ class UpdateWorker:
     def _estimate_new(self) -> int:
         """Lease pending items (not those we hold) and publish their first estimate."""
         self._looked_at = time.monotonic()
-        mine = [x.item_idx for leases, _ in self.backlog for x in leases]
+        mine = [x.item_idx for x in self._backlog_leases()]
         with self.engine.begin() as conn:
             leases = lease_jobs(
                 conn, self.owner, self.cfg.batch, self.cfg.lease_ttl_s, mine, self.bundle.version
