@@ -23,12 +23,8 @@ import logging
 import time
 from pathlib import Path
 
-from core.settings import from_settings, get_settings
-from models.llm import pick_device
-from training.align import AlignConfig
-from training.evaluate import VARIANTS, format_table, paired, pick_default, run, write_results
-from training.fit_aligner import FidelityConfig, RefineConfig
-from training.recommender import ScorerTrainConfig
+from core.settings import get_settings
+from training.evaluate import VARIANTS, format_table, paired, pick_default, run_from_settings, write_results
 
 
 def main() -> None:
@@ -39,39 +35,40 @@ def main() -> None:
     p.add_argument("--align-seeds", default="0,1")
     p.add_argument("--seeds", default="0,1,2", help="scorer seeds")
     p.add_argument("--cold-fraction", type=float, default=0.1)
-    p.add_argument("--resume", action="store_true", help="keep the finished runs of OUT/results.json")
+    p.add_argument("--resume", action="store_true", help="keep the finished runs of the results file")
+    p.add_argument("--results", default="results.json", help="results file name, in OUT")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an SASRecConfig field for every run (an experiment: runs are labelled with it)",
+    )
     args = p.parse_args()
+    options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.option)}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = get_settings()
-    device = pick_device(settings.device)
     t0 = time.perf_counter()
-    out = args.out / "results.json"
+    out = args.out / args.results
     done = json.loads(out.read_text())["runs"] if args.resume and out.exists() else []
-    results = run(
+    results = run_from_settings(
+        settings,
         args.dataset,
         args.variant,
         [int(s) for s in args.seeds.split(",")],
+        [int(s) for s in args.align_seeds.split(",")],
         args.cold_fraction,
         args.out,
-        device,
-        settings.llm,
-        settings.data_dir / "llm",
-        from_settings(AlignConfig, settings),
-        k=settings.soft_tokens,
-        item_dim=settings.item_dim,
-        lora_rank=settings.lora_rank,
-        prompt=settings.prompt,
-        refine=from_settings(RefineConfig, settings),
-        fidelity_cfg=from_settings(FidelityConfig, settings),
-        scorer_cfg=from_settings(ScorerTrainConfig, settings),
         results_path=out,
-        align_seeds=[int(s) for s in args.align_seeds.split(",")],
         done=done,
+        model_options=options,
     )
     results["default_variant"] = pick_default(results["summary"])
     results["minutes"] = (time.perf_counter() - t0) / 60
     write_results(results, out)
-    print(f"Quality of {args.dataset} ({results['items']} items, {results['users']} users, {device})")
+    print(
+        f"Quality of {args.dataset} ({results['items']} items, {results['users']} users, {results['device']})"
+    )
     print("test NDCG/Recall; 'val ndcg@10' is the validation figure early stopping used")
     print(format_table(results["summary"], paired(results["runs"])))
     print(f"default variant (best mean validation NDCG@10, standard protocol): {results['default_variant']}")

@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The scorer variants ``said evaluate`` compares (training.evaluate builds each one).
-Variant = Literal["id", "text", "said", "said+text", "prompt", "hybrid"]
+Variant = Literal["id", "text", "said", "said+text", "prompt", "hybrid", "said-init"]
 
 
 class Settings(BaseSettings):

@@ -28,6 +28,8 @@ class SASRecConfig:
     heads: int = 1  # attention heads
     dropout: float = 0.3  # dropout everywhere
     max_input: int = 576  # a wider frozen table enters through its top principal axes
+    whiten: bool = False  # frozen-table input PCA-whitened (unit variance per axis), not only standardised
+    residual_dropout: float = 0.0  # hybrid: chance an item's ID residual is zeroed in a training step
 
 
 class SASRec(nn.Module):
@@ -48,6 +50,7 @@ class SASRec(nn.Module):
         """
         super().__init__()
         self.cfg = cfg
+        self.residual = None  # the hybrid's learned ID rows (below)
         if frozen_table is None:
             self.id_emb = nn.Embedding(cfg.n_items + 1, cfg.hidden, padding_idx=0)
             # std 1/sqrt(hidden): scores (LayerNormed features . item vector) start near unit
@@ -75,15 +78,14 @@ class SASRec(nn.Module):
             # the full-width adapter made an epoch 10x slower than the ID scorer's on CPU.
             d = min(table.shape[1], cfg.max_input)
             axes = None
-            if d < table.shape[1]:
-                axes = principal_axes((fit - self.feat_mean) / self.feat_std, d)
+            if d < table.shape[1] or cfg.whiten:
+                axes = principal_axes((fit - self.feat_mean) / self.feat_std, d, cfg.whiten)
             self.register_buffer("axes", axes)  # (D, d) or None
             # the table's adapter input, computed once (table, scaling and axes are fixed)
             self.register_buffer("table_in", self._adapter_input(table), persistent=False)  # (N+1, d)
             self.adapter = nn.Sequential(
                 nn.Linear(d, d // 2), nn.Dropout(cfg.dropout), nn.Linear(d // 2, cfg.hidden)
             )
-            self.residual = None
             if residual_on is not None:
                 self.residual = nn.Embedding(cfg.n_items + 1, cfg.hidden, padding_idx=0)
                 nn.init.zeros_(self.residual.weight)
@@ -113,16 +115,31 @@ class SASRec(nn.Module):
             self.table_in = self._adapter_input(self.table)
         return result
 
-    def item_vectors(self, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Vectors of ``idx`` (any shape) or of all items (N+1, hidden)."""
+    def item_vectors(self, idx: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Vectors of ``idx`` (any shape) or of all items (N+1, hidden); ``keep`` (N+1, 1)
+        scales the hybrid's residuals (``residual_keep``)."""
         if self.table is None:
             return self.id_emb.weight if idx is None else self.id_emb(idx)
         vectors = self.adapter(self.table_in if idx is None else self.table_in[idx])
         if self.residual is None:
             return vectors
+        seen = self.residual_seen if keep is None else self.residual_seen * keep  # (N+1, 1)
         if idx is None:
-            return vectors + self.residual.weight * self.residual_seen
-        return vectors + self.residual(idx) * self.residual_seen[idx]
+            return vectors + self.residual.weight * seen
+        return vectors + self.residual(idx) * seen[idx]
+
+    def residual_keep(self) -> torch.Tensor | None:
+        """(N+1, 1) 0/1 per item for one training step, or None: the hybrid's residual dropout.
+
+        As DropoutNet (Volkovs et al., NeurIPS 2017) drops preference inputs so that a model
+        also scores items that have none: an item whose residual is dropped is scored as a
+        cold item is, from the adapted frozen vector alone, so the adapter cannot lean on
+        the residuals and cold items compete on the same scale as warm ones. One draw per
+        step, shared by the history and the candidates, as an item is either cold or not.
+        """
+        if not (self.training and self.residual is not None and self.cfg.residual_dropout):
+            return None
+        return (torch.rand_like(self.residual_seen) >= self.cfg.residual_dropout).float()
 
     def adapt(self, rows: torch.Tensor) -> torch.Tensor:
         """(..., D) frozen-table rows (also of items added after training) -> (..., hidden)."""
@@ -163,9 +180,10 @@ class SASRec(nn.Module):
 
         ``blocked``: item ids left out of the softmax (-inf), e.g. the held-out items of a
         cold-start split, which must not be pushed down as negatives before they exist."""
-        feats = self.log2feats(seqs)  # (B, T, h)
+        keep = self.residual_keep()  # (N+1, 1) or None
+        feats = self.encode(self.item_vectors(seqs, keep), seqs > 0)  # (B, T, h)
         sel = targets > 0
-        logits = feats[sel] @ self.item_vectors().T  # (N_sel, N+1), only where needed
+        logits = feats[sel] @ self.item_vectors(keep=keep).T  # (N_sel, N+1), only where needed
         logits[:, 0] = float("-inf")
         if blocked is not None:
             logits[:, blocked] = float("-inf")
@@ -183,14 +201,39 @@ class SASRec(nn.Module):
         return scores
 
 
-def principal_axes(z: torch.Tensor, d: int) -> torch.Tensor:
+def principal_axes(z: torch.Tensor, d: int, whiten: bool = False) -> torch.Tensor:
     """(D, d) top principal axes of the rows of ``z`` (already centred). With fewer rows
-    than ``d`` the axes beyond their rank are zero columns (inputs the adapter ignores)."""
-    _, _, vh = torch.linalg.svd(z, full_matrices=False)  # (min(N, D), D)
+    than ``d`` the axes beyond their rank are zero columns (inputs the adapter ignores).
+
+    ``whiten`` divides each axis by its standard deviation, so projected rows have unit
+    variance on every axis: WhitenRec (Zhang et al., 2024) found whitened text embeddings
+    far better inputs to a sequential recommender than raw ones, whose variance sits in a
+    few directions (anisotropy)."""
+    _, sv, vh = torch.linalg.svd(z, full_matrices=False)  # (min(N, D),), (min(N, D), D)
     axes = torch.zeros(z.shape[1], d)
     k = min(d, vh.shape[0])
     axes[:, :k] = vh[:k].T
+    if whiten:
+        std = sv[:k] / max(z.shape[0] - 1, 1) ** 0.5  # (k,) spread of the rows along each axis
+        axes[:, :k] /= std.clamp(min=1e-6 * float(std[0]))
     return axes
+
+
+@torch.no_grad()
+def init_id_rows(model: SASRec, table: torch.Tensor, fit_on: torch.Tensor | None = None) -> None:
+    """Start an ID scorer's item rows from a frozen table's top ``hidden`` principal axes.
+
+    LLM-ESR (Liu et al., NeurIPS 2024) and LLMInit initialise ID embeddings from reduced
+    LLM embeddings and train them as usual: warm rows keep all the freedom of ID rows but
+    start where the text puts them. The axes are fitted on ``fit_on`` rows (warm items);
+    the rows are scaled to the ID table's own initial spread, row 0 (padding) stays zero.
+    """
+    rows = table[1:] if fit_on is None else table[fit_on]
+    mean, std = rows.mean(0), rows.std(0).clamp(min=1e-6)
+    init = ((table - mean) / std) @ principal_axes((rows - mean) / std, model.cfg.hidden)  # (N+1, h)
+    init *= model.cfg.hidden**-0.5 / init[1:].std()
+    init[0] = 0.0
+    model.id_emb.weight.copy_(init)
 
 
 def save_scorer(path: Path, model: SASRec, meta: dict) -> Path:

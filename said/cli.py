@@ -80,32 +80,19 @@ def _cmd_consume(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from models.llm import pick_device
-    from training.align import AlignConfig
-    from training.evaluate import format_table, paired, run, write_results
-    from training.fit_aligner import FidelityConfig, RefineConfig
-    from training.recommender import ScorerTrainConfig
+    from training.evaluate import format_table, paired, run_from_settings, write_results
 
     settings = get_settings()
-    device = pick_device(settings.device)
-    results = run(
+    results = run_from_settings(
+        settings,
         args.dataset,
         args.variant,
         [int(s) for s in args.seeds.split(",")],
+        [int(s) for s in args.align_seeds.split(",")],
         args.cold_fraction,
         settings.data_dir / "artifacts",
-        device,
-        settings.llm,
-        settings.data_dir / "llm",
-        from_settings(AlignConfig, settings, epochs=args.align_epochs, batch_size=args.align_batch),
-        k=settings.soft_tokens,
-        item_dim=settings.item_dim,
-        lora_rank=settings.lora_rank,
-        prompt=settings.prompt,
-        refine=from_settings(RefineConfig, settings),
-        fidelity_cfg=from_settings(FidelityConfig, settings),
-        scorer_cfg=from_settings(ScorerTrainConfig, settings, epochs=args.scorer_epochs),
-        align_seeds=[int(s) for s in args.align_seeds.split(",")],
+        align_overrides={"epochs": args.align_epochs, "batch_size": args.align_batch},
+        scorer_overrides={"epochs": args.scorer_epochs},
     )
     out = args.out or settings.data_dir / "results" / f"evaluate-{'-'.join(args.variant)}.json"
     write_results(results, out)

@@ -77,3 +77,88 @@ def test_paired_comparison_matches_each_run_with_the_baseline_of_its_scorer_seed
 def test_default_variant_is_chosen_on_validation_not_test():
     summary = summarise(_runs())
     assert pick_default(summary) == "id", "said is better on test but worse on validation"
+
+
+def test_residual_dropout_scores_dropped_items_as_cold_ones_in_training_only():
+    torch.manual_seed(0)
+    table = torch.randn(13, 10)
+    cfg = SASRecConfig(n_items=12, hidden=8, max_len=6, dropout=0.0, residual_dropout=1.0)
+    model = SASRec(cfg, table, residual_on=torch.tensor([1, 2, 3, 4]))
+    with torch.no_grad():
+        model.residual.weight.normal_()
+    model.train()
+    keep = model.residual_keep()
+    assert keep is not None and keep.sum() == 0, "p = 1 drops every residual"
+    with torch.no_grad():
+        assert torch.allclose(model.item_vectors(keep=keep), model.adapt(table)), "dropped: adapter alone"
+    model(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]])).backward()
+    assert model.residual.weight.grad.abs().max() == 0, "a dropped residual learns nothing that step"
+    model.eval()
+    assert model.residual_keep() is None, "never at evaluation or serving"
+    with torch.no_grad():
+        assert not torch.allclose(model.item_vectors()[1:5], model.adapt(table)[1:5])
+    half = SASRec(replace(cfg, residual_dropout=0.5), table, residual_on=torch.tensor([1, 2, 3, 4])).train()
+    kept = torch.stack([half.residual_keep() for _ in range(400)]).mean()
+    assert 0.4 < float(kept) < 0.6
+
+
+def test_whitened_input_has_unit_variance_on_every_axis():
+    torch.manual_seed(0)
+    mix = torch.randn(16, 16) * torch.logspace(0, 3, 16)  # anisotropic: spreads from 1 to 1000
+    table = torch.cat([torch.zeros(1, 16), torch.randn(300, 16) @ mix])
+    plain = SASRec(SASRecConfig(n_items=300, hidden=8), table)
+    white = SASRec(SASRecConfig(n_items=300, hidden=8, whiten=True), table)
+    cov = torch.cov(white.table_in[1:].T)  # (16, 16)
+    assert torch.allclose(cov, torch.eye(16), atol=1e-3)
+    spread = torch.linalg.eigvalsh(torch.cov(plain.table_in[1:].T))
+    assert spread.max() / spread.min() > 100, "standardising alone leaves it anisotropic"
+
+
+def test_id_rows_can_start_from_the_said_table_fitted_on_warm_items():
+    from models.sasrec import init_id_rows
+
+    torch.manual_seed(0)
+    table = torch.cat([torch.zeros(1, 32), torch.randn(40, 3) @ torch.randn(3, 32)])  # rank 3
+    model = SASRec(SASRecConfig(n_items=40, hidden=8))
+    init_id_rows(model, table, fit_on=torch.arange(1, 31))
+    rows = model.id_emb.weight.detach()
+    assert rows[0].abs().max() == 0, "padding stays zero"
+    assert abs(float(rows[1:].std()) - 8**-0.5) < 1e-4, "the ID table's own initial spread"
+    fit = table[1:31]
+    z = (table[1:] - fit.mean(0)) / fit.std(0)  # the table as the fit standardised it
+    near = torch.cdist(rows[1:], rows[1:]).argsort(1)[:, 1]
+    expect = torch.cdist(z, z).argsort(1)[:, 1]
+    assert torch.equal(near, expect), "neighbours as in the table, also for the 10 rows not fitted on"
+
+
+def test_said_evaluate_runs_every_variant_on_both_protocols_and_writes_the_table(tmp_path, tiny_hf_folder):
+    """`said evaluate` end to end (tiny real-tokenizer LLM, generated data): one alignment
+    with the cold items held out and added incrementally, then each variant's scorer per
+    protocol; the cold protocol tests only users whose target was held out."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_demo import _dataset
+
+    out = tmp_path / "results.json"
+    env = os.environ | {
+        "SAID_LLM": str(tiny_hf_folder),
+        "SAID_DATA_DIR": str(tmp_path / "data"),
+        "SAID_DEVICE": "cpu",
+    }
+    variants = ["id", "said", "hybrid", "said-init"]
+    cmd = [sys.executable, "-m", "said.cli", "evaluate", "--dataset", str(_dataset(tmp_path / "ds"))]
+    cmd += ["--variant", *variants, "--seeds", "0", "--align-epochs", "1", "--scorer-epochs", "2"]
+    cmd += ["--cold-fraction", "0.2", "--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    got = {(r["protocol"], r["variant"]) for r in results["runs"]}
+    assert got == {(p, v) for p in ("standard", "cold") for v in variants}
+    users = {r["protocol"]: r["users"] for r in results["runs"]}
+    assert 0 < users["cold"] < users["standard"] == 120
+    assert all(0 <= r["ndcg@10"] <= r["recall@10"] <= 1 for r in results["runs"])
+    assert results["said_report_align0"]["fresh"]["items"] == 12, "20% of 60 items added incrementally"
+    assert "| cold | said-init |" in done.stdout

@@ -21,9 +21,9 @@ import torch
 
 from core.dataset import Dataset, load_dataset
 from core.events import item_text
-from core.settings import DEFAULTS, Variant
-from models.llm import load_llm
-from models.sasrec import SASRec, SASRecConfig
+from core.settings import DEFAULTS, Settings, Variant, from_settings
+from models.llm import load_llm, pick_device
+from models.sasrec import SASRec, SASRecConfig, init_id_rows
 from training.align import AlignConfig
 from training.fit_aligner import FidelityConfig, RefineConfig
 from training.recommender import ScorerTrainConfig, evaluate, train_scorer
@@ -31,7 +31,7 @@ from training.variants import prompt_table, said_table, text_table
 
 log = logging.getLogger(__name__)
 VARIANTS = get_args(Variant)
-SAID_VARIANTS = {"said", "said+text", "prompt", "hybrid"}  # they depend on the alignment
+SAID_VARIANTS = {"said", "said+text", "prompt", "hybrid", "said-init"}  # they depend on the alignment
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "best_val_ndcg@10")
 
 
@@ -119,6 +119,7 @@ def run(
     results_path: Path | None = None,
     align_seeds: list[int] | None = None,
     done: list[dict] | None = None,
+    model_options: dict | None = None,
 ) -> dict:
     """Evaluate each variant over alignment and scorer seeds, standard and cold-start.
 
@@ -130,7 +131,8 @@ def run(
 
     With ``results_path``, results so far are rewritten after every run, so a long
     evaluation that is stopped still leaves every finished number on disk; ``done`` (the
-    runs of such a file) are kept and not run again.
+    runs of such a file) are kept and not run again. ``model_options`` (``SASRecConfig``
+    fields) run an experiment; its runs are labelled by ``variant_label``.
     """
     unknown = set(variants) - set(VARIANTS)
     if unknown:
@@ -149,7 +151,8 @@ def run(
         llm, tok = load_llm(llm_spec, llm_cache, device, lora_rank)
     feats = text_table(llm, tok, texts, device, art / "text.pt", progress) if llm else None
     meta = align_meta(align_cfg, k, item_dim, lora_rank, prompt, refine, fidelity_cfg)
-    results: dict = {"dataset": str(dataset), "items": n, "users": len(seqs), "align": meta, "runs": []}
+    results: dict = {"dataset": str(dataset), "items": n, "users": len(seqs), "device": str(device)}
+    results |= {"align": meta, "runs": []}
     results["runs"] = list(done or [])
     finished = {(r["protocol"], r["variant"], r["align_seed"], r["seed"]) for r in results["runs"]}
     protocols = [("standard", set())] + ([("cold", held)] if held else [])
@@ -178,7 +181,7 @@ def run(
                 prompt,
                 fidelity_cfg,
             )
-            tables["said"] = tables["hybrid"] = built["vectors"]
+            tables["said"] = tables["hybrid"] = tables["said-init"] = built["vectors"]
             tables["said+text"] = torch.cat([built["vectors"], feats], 1)
             if "prompt" in variants:
                 tables["prompt"] = prompt_table(
@@ -191,23 +194,72 @@ def run(
             for protocol, held_here in protocols:
                 split = splits[protocol]
                 for seed in seeds:
-                    key = (protocol, variant, align_seed if variant in SAID_VARIANTS else None, seed)
+                    label = variant_label(variant, model_options)
+                    key = (protocol, label, align_seed if variant in SAID_VARIANTS else None, seed)
                     if key in finished:
                         continue
                     metrics = train_and_test(
-                        variant, tables[variant], split, held_here, n, scorer_cfg, seed, device, progress
+                        variant,
+                        tables[variant],
+                        split,
+                        held_here,
+                        n,
+                        scorer_cfg,
+                        seed,
+                        device,
+                        progress,
+                        model_options,
                     )
-                    run_row = {"protocol": protocol, "variant": variant, "seed": seed}
+                    run_row = {"protocol": protocol, "variant": label, "seed": seed}
                     run_row["align_seed"] = align_seed if variant in SAID_VARIANTS else None
                     results["runs"].append(run_row | metrics)
                     log.info(
-                        "%s %s align %s seed %d: %s", protocol, variant, run_row["align_seed"], seed, metrics
+                        "%s %s align %s seed %d: %s", protocol, label, run_row["align_seed"], seed, metrics
                     )
                     if results_path:
                         write_results(results | {"summary": summarise(results["runs"])}, results_path)
     results["summary"] = summarise(results["runs"])
     results["paired"] = paired(results["runs"])
     return results
+
+
+def run_from_settings(
+    settings: Settings,
+    dataset: str | Path,
+    variants: list[str],
+    seeds: list[int],
+    align_seeds: list[int],
+    cold_fraction: float,
+    artifacts: Path,
+    align_overrides: dict | None = None,
+    scorer_overrides: dict | None = None,
+    **options,
+) -> dict:
+    """``run`` with the device, LLM, alignment and scorer configuration from ``settings``
+    (so from the environment), as `said evaluate` and ``benchmarks/quality.py`` both run it.
+
+    ``*_overrides``: config fields set by command-line flags; ``options``: ``run``'s own
+    keyword arguments (results path, finished runs, model options)."""
+    return run(
+        dataset,
+        variants,
+        seeds,
+        cold_fraction,
+        artifacts,
+        pick_device(settings.device),
+        settings.llm,
+        settings.data_dir / "llm",
+        from_settings(AlignConfig, settings, **(align_overrides or {})),
+        k=settings.soft_tokens,
+        item_dim=settings.item_dim,
+        lora_rank=settings.lora_rank,
+        prompt=settings.prompt,
+        refine=from_settings(RefineConfig, settings),
+        fidelity_cfg=from_settings(FidelityConfig, settings),
+        scorer_cfg=from_settings(ScorerTrainConfig, settings, **(scorer_overrides or {})),
+        align_seeds=align_seeds,
+        **options,
+    )
 
 
 def train_and_test(
@@ -220,17 +272,32 @@ def train_and_test(
     seed: int,
     device: torch.device,
     progress: bool,
+    model_options: dict | None = None,
 ) -> dict:
-    """Train one scorer (early-stopped on validation) and measure it on the test users."""
+    """Train one scorer (early-stopped on validation) and measure it on the test users.
+
+    ``model_options``: ``SASRecConfig`` fields other than the defaults (an experiment)."""
     torch.manual_seed(seed)
     warm = torch.tensor(sorted(set(range(1, n + 1)) - held)) if held else None
     residual_on = None
     if variant == "hybrid":  # ID rows only for items the scorer trains on; zero for the rest
         residual_on = torch.tensor(sorted({i for s in split.train for i in s}))
-    model = SASRec(SASRecConfig(n_items=n), table, standardise_on=warm, residual_on=residual_on)
+    mcfg = SASRecConfig(n_items=n, **(model_options or {}))
+    if variant == "said-init":  # an ID scorer whose rows start from the SAID vectors
+        model = SASRec(mcfg)
+        init_id_rows(model, table, warm)
+    else:
+        model = SASRec(mcfg, table, standardise_on=warm, residual_on=residual_on)
     cfg = ScorerTrainConfig(**(asdict(scorer_cfg) | {"seed": seed}))
     model, info = train_scorer(model, split.train, split.valid, cfg, device, progress, blocked=sorted(held))
     return evaluate(model, *split.test, device) | info
+
+
+def variant_label(variant: str, model_options: dict | None) -> str:
+    """How a run is named in the results: the variant, plus any model options, e.g.
+    ``hybrid[residual_dropout=0.5]``, so experiments never mix with the defaults' rows."""
+    opts = ",".join(f"{k}={v}" for k, v in sorted((model_options or {}).items()))
+    return f"{variant}[{opts}]" if opts else variant
 
 
 def _summarise_report(report: dict) -> dict:
