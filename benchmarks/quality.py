@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--cold-fraction", type=float, default=0.1)
     p.add_argument("--resume", action="store_true", help="keep the finished runs of the results file")
     p.add_argument("--results", default="results.json", help="results file name, in OUT")
+    p.add_argument("--protocol", choices=["standard", "cold"], default=None, help="only this protocol")
     p.add_argument(
         "--option",
         action="append",
@@ -62,6 +63,7 @@ def main() -> None:
         results_path=out,
         done=done,
         model_options=options,
+        only_protocol=args.protocol,
     )
     results["default_variant"] = pick_default(results["summary"])
     results["minutes"] = (time.perf_counter() - t0) / 60

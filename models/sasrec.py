@@ -30,6 +30,7 @@ class SASRecConfig:
     max_input: int = 576  # a wider frozen table enters through its top principal axes
     whiten: bool = False  # frozen-table input PCA-whitened (unit variance per axis), not only standardised
     residual_dropout: float = 0.0  # hybrid: chance an item's ID residual is zeroed in a training step
+    residual_impute_k: int = 0  # hybrid: an item with no learned residual takes its k nearest items' mean
 
 
 class SASRec(nn.Module):
@@ -140,6 +141,27 @@ class SASRec(nn.Module):
         if not (self.training and self.residual is not None and self.cfg.residual_dropout):
             return None
         return (torch.rand_like(self.residual_seen) >= self.cfg.residual_dropout).float()
+
+    @torch.no_grad()
+    def impute_residuals(self) -> None:
+        """After training: give each item that learned no residual (a cold item) the mean
+        residual of its ``residual_impute_k`` nearest trained items, by cosine of their
+        frozen vectors. Warm items' residuals carry collaborative signal (popularity, taste
+        clusters) that a cold item otherwise lacks when it competes with them; its text
+        neighbours' is the best guess, as in neighbour-based warm-up of cold ID embeddings
+        (e.g. Zhu et al., SIGIR 2021). No-op unless the option is set."""
+        k = self.cfg.residual_impute_k
+        if self.residual is None or not k:
+            return
+        seen = self.residual_seen[:, 0] > 0  # (N+1,)
+        cold = ~seen
+        cold[0] = False  # padding stays zero
+        if not cold.any() or not seen.any():
+            return
+        z = F.normalize(self.table_in, dim=1)  # (N+1, d)
+        near = (z[cold] @ z[seen].T).topk(min(k, int(seen.sum())), dim=1).indices  # (C, k)
+        self.residual.weight[cold] = self.residual.weight[seen][near].mean(1)  # (C, h)
+        self.residual_seen[cold] = 1.0
 
     def adapt(self, rows: torch.Tensor) -> torch.Tensor:
         """(..., D) frozen-table rows (also of items added after training) -> (..., hidden)."""

@@ -162,3 +162,24 @@ def test_said_evaluate_runs_every_variant_on_both_protocols_and_writes_the_table
     assert all(0 <= r["ndcg@10"] <= r["recall@10"] <= 1 for r in results["runs"])
     assert results["said_report_align0"]["fresh"]["items"] == 12, "20% of 60 items added incrementally"
     assert "| cold | said-init |" in done.stdout
+
+
+def test_imputed_residuals_come_from_the_nearest_trained_items():
+    table = torch.zeros(7, 4)
+    table[1:] = torch.tensor(
+        [[1, 0, 0, 0], [0, 1, 0, 0], [0.9, 0.1, 0, 0], [0.1, 0.9, 0, 0], [1, 0.2, 0, 0], [0, 0, 1, 0]]
+    )
+    cfg = SASRecConfig(n_items=6, hidden=2, max_len=4, residual_impute_k=2)
+    model = SASRec(cfg, table, residual_on=torch.tensor([1, 2, 3, 4]))
+    with torch.no_grad():
+        model.residual.weight[1:5] = torch.tensor([[1.0, 0], [0, 1.0], [3.0, 0], [0, 3.0]])
+    model.impute_residuals()
+    got = model.residual.weight.detach() * model.residual_seen
+    assert torch.allclose(got[5], torch.tensor([2.0, 0])), "item 5 is nearest to items 1 and 3"
+    assert torch.allclose(got[1:5], torch.tensor([[1.0, 0], [0, 1.0], [3.0, 0], [0, 3.0]])), (
+        "trained ones kept"
+    )
+    assert got[0].abs().max() == 0, "padding stays zero"
+    plain = SASRec(replace(cfg, residual_impute_k=0), table, residual_on=torch.tensor([1, 2, 3, 4]))
+    plain.impute_residuals()
+    assert plain.residual_seen[5:].abs().max() == 0, "off by default: cold items keep what the text gives"

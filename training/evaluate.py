@@ -120,6 +120,7 @@ def run(
     align_seeds: list[int] | None = None,
     done: list[dict] | None = None,
     model_options: dict | None = None,
+    only_protocol: str | None = None,
 ) -> dict:
     """Evaluate each variant over alignment and scorer seeds, standard and cold-start.
 
@@ -132,7 +133,8 @@ def run(
     With ``results_path``, results so far are rewritten after every run, so a long
     evaluation that is stopped still leaves every finished number on disk; ``done`` (the
     runs of such a file) are kept and not run again. ``model_options`` (``SASRecConfig``
-    fields) run an experiment; its runs are labelled by ``variant_label``.
+    fields) run an experiment; its runs are labelled by ``variant_label``. ``only_protocol``
+    ("standard" or "cold") runs one protocol.
     """
     unknown = set(variants) - set(VARIANTS)
     if unknown:
@@ -156,6 +158,7 @@ def run(
     results["runs"] = list(done or [])
     finished = {(r["protocol"], r["variant"], r["align_seed"], r["seed"]) for r in results["runs"]}
     protocols = [("standard", set())] + ([("cold", held)] if held else [])
+    protocols = [(name, h) for name, h in protocols if only_protocol in (None, name)]
     splits = {name: leave_one_out(seqs, h) for name, h in protocols}
     for a, align_seed in enumerate(align_seeds):
         tables: dict[str, torch.Tensor | None] = {"id": None, "text": feats}
@@ -290,6 +293,7 @@ def train_and_test(
         model = SASRec(mcfg, table, standardise_on=warm, residual_on=residual_on)
     cfg = ScorerTrainConfig(**(asdict(scorer_cfg) | {"seed": seed}))
     model, info = train_scorer(model, split.train, split.valid, cfg, device, progress, blocked=sorted(held))
+    model.impute_residuals()
     return evaluate(model, *split.test, device) | info
 
 
