@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from core.settings import get_settings
+from models.sasrec import SASRecConfig
 from training.evaluate import VARIANTS, format_table, paired, pick_default, run_from_settings, write_results
 
 
@@ -43,10 +44,12 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="an SASRecConfig field for every run (an experiment: runs are labelled with it)",
+        help="an SASRecConfig field (JSON value) for every run of every --variant given: an "
+        "experiment, its runs labelled with it; give it only with the variants it changes",
     )
     args = p.parse_args()
     options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.option)}
+    SASRecConfig(n_items=1, **options)  # an unknown or mistyped option fails now, not after the alignment
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = get_settings()
     t0 = time.perf_counter()

@@ -171,9 +171,9 @@ class SASRec(nn.Module):
         z = (rows - self.feat_mean) / self.feat_std  # (..., D)
         return z if self.axes is None else z @ self.axes  # (..., d)
 
-    def log2feats(self, seqs: torch.Tensor) -> torch.Tensor:
+    def log2feats(self, seqs: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) left-padded item ids -> (B, T, hidden) causal sequence features."""
-        return self.encode(self.item_vectors(seqs), seqs > 0)
+        return self.encode(self.item_vectors(seqs, keep), seqs > 0)
 
     def encode(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, T, hidden) item vectors, left-padded, and (B, T) bool of real steps ->
@@ -203,7 +203,7 @@ class SASRec(nn.Module):
         ``blocked``: item ids left out of the softmax (-inf), e.g. the held-out items of a
         cold-start split, which must not be pushed down as negatives before they exist."""
         keep = self.residual_keep()  # (N+1, 1) or None
-        feats = self.encode(self.item_vectors(seqs, keep), seqs > 0)  # (B, T, h)
+        feats = self.log2feats(seqs, keep)  # (B, T, h)
         sel = targets > 0
         logits = feats[sel] @ self.item_vectors(keep=keep).T  # (N_sel, N+1), only where needed
         logits[:, 0] = float("-inf")
@@ -236,8 +236,11 @@ def principal_axes(z: torch.Tensor, d: int, whiten: bool = False) -> torch.Tenso
     k = min(d, vh.shape[0])
     axes[:, :k] = vh[:k].T
     if whiten:
-        std = sv[:k] / max(z.shape[0] - 1, 1) ** 0.5  # (k,) spread of the rows along each axis
-        axes[:, :k] /= std.clamp(min=1e-6 * float(std[0]))
+        # axes past the rows' numerical rank carry only rounding noise: dropped, not scaled up
+        rank = int((sv[:k] > sv[0] * max(z.shape) * torch.finfo(z.dtype).eps).sum())
+        axes[:, rank:] = 0.0
+        std = sv[:rank] / max(z.shape[0] - 1, 1) ** 0.5  # (rank,) spread of the rows along each axis
+        axes[:, :rank] /= std
     return axes
 
 
@@ -250,10 +253,11 @@ def init_id_rows(model: SASRec, table: torch.Tensor, fit_on: torch.Tensor | None
     start where the text puts them. The axes are fitted on ``fit_on`` rows (warm items);
     the rows are scaled to the ID table's own initial spread, row 0 (padding) stays zero.
     """
-    rows = table[1:] if fit_on is None else table[fit_on]
+    fit = slice(1, None) if fit_on is None else fit_on
+    rows = table[fit]
     mean, std = rows.mean(0), rows.std(0).clamp(min=1e-6)
     init = ((table - mean) / std) @ principal_axes((rows - mean) / std, model.cfg.hidden)  # (N+1, h)
-    init *= model.cfg.hidden**-0.5 / init[1:].std()
+    init *= model.cfg.hidden**-0.5 / init[fit].std()
     init[0] = 0.0
     model.id_emb.weight.copy_(init)
 

@@ -14,17 +14,7 @@ import httpx
 import pytest
 
 from said.broker import free_port
-from tests.support.catalogue import NAMES
-
-
-def _dataset(folder: Path) -> Path:
-    """60 items of 8 kinds; 120 users who click 3-5 items of one kind, in order."""
-    folder.mkdir()
-    rows = [f"{i}\t{NAMES[i % 8]} model {i}" for i in range(1, 61)]
-    (folder / "items.tsv").write_text("item_id\ttitle\n" + "\n".join(rows) + "\n")
-    seqs = [f"{u} " + " ".join(str(i) for i in range(u % 8 + 1, 61, 8)[: 3 + u % 3]) for u in range(120)]
-    (folder / "sequences.txt").write_text("\n".join(seqs) + "\n")
-    return folder
+from tests.support.catalogue import write_dataset
 
 
 def _demo(tmp_path: Path, tiny_hf_folder: Path, *extra: str) -> tuple[subprocess.Popen, int]:
@@ -42,7 +32,7 @@ def _demo(tmp_path: Path, tiny_hf_folder: Path, *extra: str) -> tuple[subprocess
         "said.cli",
         "demo",
         "--dataset",
-        str(_dataset(tmp_path / "ds")),
+        str(write_dataset(tmp_path / "ds")),
         "--items",
         "60",
         "--align-epochs",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from models.sasrec import SASRec, SASRecConfig
@@ -93,6 +94,11 @@ def test_residual_dropout_scores_dropped_items_as_cold_ones_in_training_only():
         assert torch.allclose(model.item_vectors(keep=keep), model.adapt(table)), "dropped: adapter alone"
     model(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]])).backward()
     assert model.residual.weight.grad.abs().max() == 0, "a dropped residual learns nothing that step"
+    draws = []
+    model.residual_keep = lambda: draws.append(1) or keep  # one draw per step, for history and candidates
+    model(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]))
+    assert draws == [1]
+    del model.residual_keep
     model.eval()
     assert model.residual_keep() is None, "never at evaluation or serving"
     with torch.no_grad():
@@ -121,16 +127,21 @@ def test_id_rows_can_start_from_the_said_table_fitted_on_warm_items():
     table = torch.cat([torch.zeros(1, 32), torch.randn(40, 3) @ torch.randn(3, 32)])  # rank 3
     model = SASRec(SASRecConfig(n_items=40, hidden=8))
     init_id_rows(model, table, fit_on=torch.arange(1, 31))
-    rows = model.id_emb.weight.detach()
+    rows = model.id_emb.weight.detach().clone()
     assert rows[0].abs().max() == 0, "padding stays zero"
-    assert abs(float(rows[1:].std()) - 8**-0.5) < 1e-4, "the ID table's own initial spread"
+    assert abs(float(rows[1:31].std()) - 8**-0.5) < 1e-4, "the ID table's own initial spread"
     fit = table[1:31]
     z = (table[1:] - fit.mean(0)) / fit.std(0)  # the table as the fit standardised it
     near = torch.cdist(rows[1:], rows[1:]).argsort(1)[:, 1]
     expect = torch.cdist(z, z).argsort(1)[:, 1]
     assert torch.equal(near, expect), "neighbours as in the table, also for the 10 rows not fitted on"
+    far = table.clone()
+    far[31:] *= 50  # held-out rows, far out: they must not shape the fit
+    init_id_rows(model, far, fit_on=torch.arange(1, 31))
+    assert torch.allclose(model.id_emb.weight.detach()[1:31], rows[1:31], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_said_evaluate_runs_every_variant_on_both_protocols_and_writes_the_table(tmp_path, tiny_hf_folder):
     """`said evaluate` end to end (tiny real-tokenizer LLM, generated data): one alignment
     with the cold items held out and added incrementally, then each variant's scorer per
@@ -140,7 +151,7 @@ def test_said_evaluate_runs_every_variant_on_both_protocols_and_writes_the_table
     import subprocess
     import sys
 
-    from tests.test_demo import _dataset
+    from tests.support.catalogue import write_dataset
 
     out = tmp_path / "results.json"
     env = os.environ | {
@@ -149,7 +160,7 @@ def test_said_evaluate_runs_every_variant_on_both_protocols_and_writes_the_table
         "SAID_DEVICE": "cpu",
     }
     variants = ["id", "said", "hybrid", "said-init"]
-    cmd = [sys.executable, "-m", "said.cli", "evaluate", "--dataset", str(_dataset(tmp_path / "ds"))]
+    cmd = [sys.executable, "-m", "said.cli", "evaluate", "--dataset", str(write_dataset(tmp_path / "ds"))]
     cmd += ["--variant", *variants, "--seeds", "0", "--align-epochs", "1", "--scorer-epochs", "2"]
     cmd += ["--cold-fraction", "0.2", "--out", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

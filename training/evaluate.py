@@ -15,7 +15,7 @@ import random
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import torch
 
@@ -158,6 +158,8 @@ def run(
     results["runs"] = list(done or [])
     finished = {(r["protocol"], r["variant"], r["align_seed"], r["seed"]) for r in results["runs"]}
     protocols = [("standard", set())] + ([("cold", held)] if held else [])
+    if only_protocol not in (None, *(name for name, _ in protocols)):
+        raise ValueError(f"no protocol {only_protocol!r} here; choose from {[n for n, _ in protocols]}")
     protocols = [(name, h) for name, h in protocols if only_protocol in (None, name)]
     splits = {name: leave_one_out(seqs, h) for name, h in protocols}
     for a, align_seed in enumerate(align_seeds):
@@ -236,7 +238,7 @@ def run_from_settings(
     artifacts: Path,
     align_overrides: dict | None = None,
     scorer_overrides: dict | None = None,
-    **options,
+    **options: Any,
 ) -> dict:
     """``run`` with the device, LLM, alignment and scorer configuration from ``settings``
     (so from the environment), as `said evaluate` and ``benchmarks/quality.py`` both run it.
@@ -366,10 +368,11 @@ def paired(runs: list[dict], baseline: str = "id", metric: str = "ndcg@10") -> l
     return out
 
 
-def pick_default(summary: list[dict], protocol: str = "standard") -> str:
-    """The variant with the best mean validation NDCG@10: chosen without looking at test."""
+def pick_default(summary: list[dict], protocol: str = "standard") -> str | None:
+    """The variant with the best mean validation NDCG@10: chosen without looking at test.
+    None when the summary has no run of ``protocol`` (a cold-only experiment)."""
     rows = [r for r in summary if r["protocol"] == protocol and "best_val_ndcg@10" in r]
-    return max(rows, key=lambda r: r["best_val_ndcg@10"])["variant"]
+    return max(rows, key=lambda r: r["best_val_ndcg@10"])["variant"] if rows else None
 
 
 def format_table(summary: list[dict], pairs: list[dict] | None = None) -> str:

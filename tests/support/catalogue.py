@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,16 @@ NAMES = [
     "hair clips",
     "sun cream spf 50",
 ]
+
+
+def write_dataset(folder: Path) -> Path:
+    """A data-set folder: 60 items of 8 kinds; 120 users who click 3-5 items of one kind, in order."""
+    folder.mkdir()
+    rows = [f"{i}\t{NAMES[i % 8]} model {i}" for i in range(1, 61)]
+    (folder / "items.tsv").write_text("item_id\ttitle\n" + "\n".join(rows) + "\n")
+    seqs = [f"{u} " + " ".join(str(i) for i in range(u % 8 + 1, 61, 8)[: 3 + u % 3]) for u in range(120)]
+    (folder / "sequences.txt").write_text("\n".join(seqs) + "\n")
+    return folder
 
 
 def add_items(engine, start: int, n: int) -> None:
