@@ -128,7 +128,7 @@ class Settings(BaseSettings):
         False, description="Batch users of similar history length: 3x faster on CPU, a little worse."
     )
     evaluate_variant: Variant = Field(
-        "hybrid", description="Variant `said evaluate` compares with id by default (best on validation)."
+        "said-init", description="Variant `said evaluate` compares with id by default (best on validation)."
     )
     hnsw_min_items: int = Field(50_000, ge=1, description="Index size from which HNSW replaces exact search.")
     snapshot_every_s: float = Field(300.0, gt=0, description="Scorer's index snapshot period (seconds).")
