@@ -55,9 +55,9 @@ def replay_dlq(
     the captured range for ``stall_s`` seconds."""
     if not reason_prefix.strip():
         raise ValueError("--reason must name the reasons to replay, e.g. unknown_item or malformed_json")
-    max_attempts = max_attempts or settings.dlq_max_attempts
-    consumer = Consumer(consumer_config(settings, f"{settings.group_id}.dlq-replay", lambda _s: None))
-    producer = Producer(settings.kafka_config() | {"enable.idempotence": True})
+    max_attempts = max_attempts or settings.consume.dlq_max_attempts
+    consumer = Consumer(consumer_config(settings, f"{settings.consume.group_id}.dlq-replay", lambda _s: None))
+    producer = Producer(settings.kafka.client_config() | {"enable.idempotence": True})
     stats, tracker = ReplayStats(), DeliveryTracker()
     try:
         todo = _assign_up_to_end(consumer)

@@ -30,9 +30,9 @@ class InteractionsHandler:
     name = "interactions"
 
     def __init__(self, settings: Settings) -> None:
-        self.max_bytes = settings.max_message_bytes
-        self.skew = timedelta(seconds=settings.max_future_skew_s)
-        self.max_age = timedelta(seconds=settings.park_max_age_s)
+        self.max_bytes = settings.consume.max_message_bytes
+        self.skew = timedelta(seconds=settings.consume.max_future_skew_s)
+        self.max_age = timedelta(seconds=settings.consume.park_max_age_s)
         # item_id -> idx never changes once assigned, so a process-wide cache is safe.
         self.idx_of: dict[str, int] = {}
 

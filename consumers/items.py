@@ -24,9 +24,9 @@ class ItemsHandler:
     name = "items"
 
     def __init__(self, settings: Settings) -> None:
-        self.max_bytes = settings.max_message_bytes
-        self.max_text_chars = settings.max_text_chars
-        self.skew = timedelta(seconds=settings.max_future_skew_s)
+        self.max_bytes = settings.consume.max_message_bytes
+        self.max_text_chars = settings.consume.max_text_chars
+        self.skew = timedelta(seconds=settings.consume.max_future_skew_s)
 
     def process(self, engine: Engine, messages: Sequence[Message]) -> list[Rejected]:
         valid: list[ItemEvent] = []

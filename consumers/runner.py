@@ -34,7 +34,6 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 JOIN_WAIT_S = 60.0  # an idle-exit loop with no partition after this long gives up
-SWEEP_EVERY_S = 5.0  # how often a loop looks for parked messages past their age
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,14 +71,14 @@ class RunStats:
 
 
 def consumer_config(settings: Settings, group: str, stats_cb: Callable[[str], None]) -> dict:
-    return settings.kafka_config() | {
+    return settings.kafka.client_config() | {
         "group.id": group,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "partition.assignment.strategy": "cooperative-sticky",
-        "session.timeout.ms": settings.session_timeout_ms,
-        "heartbeat.interval.ms": max(100, settings.session_timeout_ms // 5),
-        "max.poll.interval.ms": max(300_000, settings.session_timeout_ms + 1),
+        "session.timeout.ms": settings.consume.session_timeout_ms,
+        "heartbeat.interval.ms": max(100, settings.consume.session_timeout_ms // 5),
+        "max.poll.interval.ms": max(300_000, settings.consume.session_timeout_ms + 1),
         "statistics.interval.ms": 5000,
         "stats_cb": stats_cb,
     }
@@ -114,9 +113,11 @@ class ConsumeLoop:
         self.stats = RunStats()
         self.stopping = False
         self.assigned: set[tuple[str, int]] = set()  # owned partitions, from the callbacks
-        group = f"{settings.group_id}.{handler.name}"
+        group = f"{settings.consume.group_id}.{handler.name}"
         self.consumer = Consumer(consumer_config(settings, group, _record_lag))
-        self.producer = Producer(settings.kafka_config() | {"enable.idempotence": True, "linger.ms": 5})
+        self.producer = Producer(
+            settings.kafka.client_config() | {"enable.idempotence": True, "linger.ms": 5}
+        )
 
     def stop(self) -> None:
         """Ask the loop to finish its current batch and exit (signal-handler safe)."""
@@ -140,7 +141,7 @@ class ConsumeLoop:
             while not self.stopping:
                 if time.monotonic() >= next_sweep:
                     self.sweep()
-                    next_sweep = time.monotonic() + SWEEP_EVERY_S
+                    next_sweep = time.monotonic() + self.settings.consume.park_sweep_s
                 messages = self._poll()
                 if not messages:
                     if idle_exit is not None and self._idle(idle_exit, started):
@@ -165,7 +166,7 @@ class ConsumeLoop:
 
     def _poll(self) -> list[Message]:
         good = []
-        for m in self.consumer.consume(self.settings.consume_batch, timeout=0.5):
+        for m in self.consumer.consume(self.settings.consume.batch, timeout=0.5):
             err = m.error()
             if err is None:
                 good.append(m)
@@ -200,9 +201,9 @@ class ConsumeLoop:
         """With ``consumer_audit_log`` set: one line per processed message, written after
         its batch is stored and before its offsets are committed, so the log counts every
         delivery, re-deliveries after a crash included."""
-        if self.settings.consumer_audit_log is None:
+        if self.settings.consume.audit_log is None:
             return
-        with open(self.settings.consumer_audit_log, "a") as f:
+        with open(self.settings.consume.audit_log, "a") as f:
             f.writelines(f"{m.topic()} {m.partition()} {m.offset()}\n" for m in messages)
 
     def _with_retries(self, fn: Callable[[], T]) -> T:
@@ -242,7 +243,7 @@ class ConsumeLoop:
         tracker = DeliveryTracker()
         for r in rejected:
             m = r.message
-            copy = dlq_copy(m, r.reason, self.settings.max_message_bytes)
+            copy = dlq_copy(m, r.reason, self.settings.consume.max_message_bytes)
             produce(self.producer, TOPIC_DLQ, on_delivery=tracker, **copy)
             self.stats.reasons[r.reason] = self.stats.reasons.get(r.reason, 0) + 1
             metrics.DEAD_LETTERS.labels(m.topic(), r.reason).inc()

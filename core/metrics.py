@@ -65,6 +65,13 @@ FRESH_ITEM_SECONDS = Histogram(
 INDEX_ITEMS = Gauge("said_index_items", "Vectors in the served FAISS index.")
 SCORER_RETRAINS = Counter("said_scorer_retrains_total", "Scorer retrains by outcome.", ["outcome"])
 SCORER_VAL_NDCG = Gauge("said_scorer_val_ndcg10", "Validation NDCG@10 of the last candidate.")
+SCORER_REQUESTS = Counter("said_scorer_requests_total", "Scorer requests.", ["endpoint", "status"])
+SCORER_SECONDS = Histogram(
+    "said_scorer_seconds",
+    "Scorer request latency.",
+    ["endpoint"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
+)
 
 
 def serve_metrics(port: int) -> None:

@@ -1,58 +1,95 @@
-"""All configuration, read once from the environment (prefix ``SAID_``).
+"""All configuration, read once from the environment (prefix ``SAID_``), in sections.
 
 One place for every key keeps config from spreading over modules; each field says its
 type, default and meaning, and pydantic rejects a bad value at start-up with a clear error
 instead of failing deep inside a consumer.
+
+Values that travel together form a section (``align``, ``scorer``, ``retrain``, ...): a
+service takes its section whole, and an override is ``section.model_copy(update=...)``
+(sections are frozen, so nobody changes a shared one in place). The environment names stay
+flat, as documented in the README: a section field's variable is ``SAID_`` + the section's
+``env_prefix`` + the field name (``SAID_ALIGN_EPOCHS`` is ``align.epochs``), or the name in
+its ``env`` extra where the historical name differs (``SAID_SOFT_TOKENS`` is ``align.k``).
+``Settings(kafka_bootstrap=...)`` takes the same flat names, for tests and tools.
 """
 
 from __future__ import annotations
 
-from dataclasses import field, fields
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 # The scorer variants ``said evaluate`` compares (training.evaluate builds each one).
 Variant = Literal["id", "text", "said", "said+text", "prompt", "hybrid", "said-init"]
 
 
-class Settings(BaseSettings):
-    """Typed settings; ``SAID_<FIELD>`` in the environment overrides each default."""
+def env(name: str) -> dict[str, str]:
+    """A field's environment name (without ``SAID_``) where it is not prefix + field name."""
+    return {"env": name}
 
-    model_config = SettingsConfigDict(env_prefix="SAID_", extra="ignore")
 
-    # --- storage -------------------------------------------------------------------
-    database_url: str = Field("sqlite:///./said.db", description="SQLAlchemy URL of the catalogue.")
-    data_dir: Path = Field(Path("./said-data"), description="Snapshots, weights, LLM cache.")
+class Section(BaseModel):
+    """A group of settings that always travel together; frozen (override: ``model_copy``)."""
 
-    # --- kafka ---------------------------------------------------------------------
-    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
-    kafka_security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT|SSL|SASL_SSL|...")
-    kafka_sasl_mechanism: str | None = Field(None, description="e.g. PLAIN, SCRAM-SHA-512.")
-    kafka_sasl_username: str | None = Field(None, description="SASL user name.")
-    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (no default).")
-    kafka_ssl_ca_location: str | None = Field(None, description="CA bundle for broker TLS.")
-    kafka_ssl_certificate_location: str | None = Field(None, description="Client cert (mTLS).")
-    kafka_ssl_key_location: str | None = Field(None, description="Client key (mTLS).")
-    kafka_ssl_key_password: SecretStr | None = Field(None, description="Client key password.")
-    kafka_topic_partitions: int = Field(
-        4, ge=1, description="Partitions of topics `said topics create` makes."
-    )
-    kafka_replication_factor: int = Field(
-        1, ge=1, description="Replicas of each topic it makes (production: 3)."
-    )
-    kafka_min_insync_replicas: int = Field(
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    env_prefix: ClassVar[str] = ""
+
+
+class KafkaSettings(Section):
+    """How to reach the brokers, and how `said topics create` makes topics."""
+
+    env_prefix: ClassVar[str] = "kafka_"
+    bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
+    security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT|SSL|SASL_SSL|...")
+    sasl_mechanism: str | None = Field(None, description="e.g. PLAIN, SCRAM-SHA-512.")
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (no default).")
+    ssl_ca_location: str | None = Field(None, description="CA bundle for broker TLS.")
+    ssl_certificate_location: str | None = Field(None, description="Client cert (mTLS).")
+    ssl_key_location: str | None = Field(None, description="Client key (mTLS).")
+    ssl_key_password: SecretStr | None = Field(None, description="Client key password.")
+    topic_partitions: int = Field(4, ge=1, description="Partitions of topics `said topics create` makes.")
+    replication_factor: int = Field(1, ge=1, description="Replicas of each topic it makes (production: 3).")
+    min_insync_replicas: int = Field(
         1, ge=1, description="Topic min.insync.replicas it sets (production: 2; acks=all writes need them)."
     )
+
+    def client_config(self) -> dict[str, str]:
+        """librdkafka settings shared by producers and consumers, security passed through."""
+        conf = {"bootstrap.servers": self.bootstrap, "security.protocol": self.security_protocol}
+        optional = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password.get_secret_value() if self.sasl_password else None,
+            "ssl.ca.location": self.ssl_ca_location,
+            "ssl.certificate.location": self.ssl_certificate_location,
+            "ssl.key.location": self.ssl_key_location,
+            "ssl.key.password": self.ssl_key_password.get_secret_value() if self.ssl_key_password else None,
+        }
+        conf.update({k: v for k, v in optional.items() if v is not None})
+        return conf
+
+
+class ConsumeSettings(Section):
+    """The consumers: groups, batches, and what they refuse or park."""
+
     group_id: str = Field("said", description="Consumer-group prefix; '.items' etc. appended.")
     session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka group session timeout.")
-    consume_batch: int = Field(5000, ge=1, le=100_000, description="Messages per consume batch.")
-    consumer_audit_log: Path | None = Field(
+    batch: int = Field(
+        5000,
+        ge=1,
+        le=100_000,
+        description="Messages per consume batch.",
+        json_schema_extra=env("consume_batch"),
+    )
+    audit_log: Path | None = Field(
         None,
         description="Append `topic partition offset` of each processed message (re-deliveries audit).",
+        json_schema_extra=env("consumer_audit_log"),
     )
     max_message_bytes: int = Field(
         64_000, ge=256, le=900_000, description="Larger messages go to the DLQ, cut to this many bytes."
@@ -66,110 +103,166 @@ class Settings(BaseSettings):
     park_max_age_s: float = Field(
         86_400.0, gt=0, description="Parked interactions whose item never came go to the DLQ after."
     )
+    park_sweep_s: float = Field(
+        5.0, gt=0, description="How often a consumer looks for parked interactions past their age."
+    )
     max_text_chars: int = Field(2000, ge=16, description="Longest accepted title+description.")
-    db_retry_max_s: float = Field(30.0, gt=0, description="Cap of the DB-outage backoff.")
 
-    # --- model ---------------------------------------------------------------------
-    llm: str | None = Field(None, description="Local HF folder or .gguf; default SmolLM2 GGUF.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device choice.")
-    soft_tokens: int = Field(4, ge=1, le=16, description="k soft tokens per item.")
-    item_dim: int = Field(128, ge=8, description="Width of the item ID embedding rows.")
-    prompt: str = Field(" Item text:", description="Fixed prompt between soft tokens and text.")
-    lora_rank: int = Field(0, ge=0, le=256, description="LoRA rank trained with the aligner; 0 = frozen LLM.")
 
-    # --- alignment (`said align`, `said evaluate`) ------------------------------------
-    align_epochs: int = Field(24, ge=1, description="Most passes over all items.")
-    align_batch: int = Field(16, ge=1, description="Items per alignment step.")
-    align_lr_rows: float = Field(0.3, gt=0, description="Rate of the item rows (one step a pass).")
-    align_lr_proj: float = Field(1e-2, gt=0, description="Projector rate at batch 16 (sqrt-scaled).")
-    align_row_optimizer: str = Field("adagrad", description="rowadam, adagrad or sparseadam.")
-    align_lr_final: float = Field(0.1, gt=0, le=1, description="Cosine decay of the rates to this.")
-    align_warmup: float = Field(0.05, ge=0, lt=1, description="Projector warm-up, share of the run.")
-    align_acc_bar: float = Field(1.0, gt=0, le=1.01, description="Token accuracy that ends an item.")
-    align_recheck_every: int = Field(3, ge=1, description="Passes between re-checks of done items.")
-    align_checkpoint_every_s: float = Field(120.0, gt=0, description="Mid-pass checkpoint period.")
-    align_seed: int = Field(0, description="Seed of the alignment.")
-    fidelity_exact_items: int = Field(
-        512, ge=1, description="Items greedily decoded to measure exact rebuild."
+class RefineSettings(Section):
+    """How fresh rows are refined alone (projector and LLM frozen): the worker's path."""
+
+    env_prefix: ClassVar[str] = "refine_"
+    max_passes: int = Field(
+        100,
+        ge=0,
+        description="Most refinement passes over a micro-batch (0: first estimates only).",
+        json_schema_extra=env("refine_epochs"),
+    )
+    lr: float = Field(0.3, gt=0, description="Rate of the fresh rows.")
+    target_accuracy: float | None = Field(
+        None, gt=0, le=1.01, description="Token accuracy fresh rows are refined to; unset = the catalogue's."
+    )
+    batch: int = Field(
+        16,
+        ge=1,
+        description="Fresh rows per refinement step (worker, reference cohort, evaluation).",
+    )
+
+
+class FidelitySettings(Section):
+    """How much of an alignment's fidelity is measured (decoding is the slow part)."""
+
+    exact_items: int = Field(
+        512,
+        ge=1,
+        description="Items greedily decoded to measure exact rebuild.",
+        json_schema_extra=env("fidelity_exact_items"),
     )
     reference_items: int = Field(
         16, ge=1, description="Catalogue items put through the fresh path as reference."
     )
 
-    # --- streaming worker (`said update`) --------------------------------------------
-    worker_batch: int = Field(16, ge=1, description="Items leased per micro-batch.")
-    worker_lease_ttl_s: float = Field(600.0, gt=0, description="A crashed worker's items return after.")
-    worker_id: str | None = Field(
+
+class AlignSettings(Section):
+    """One SAID alignment: the aligner's shape, the schedule, and its fresh-row path."""
+
+    env_prefix: ClassVar[str] = "align_"
+    k: int = Field(
+        4, ge=1, le=16, description="k soft tokens per item.", json_schema_extra=env("soft_tokens")
+    )
+    item_dim: int = Field(
+        128, ge=8, description="Width of the item ID embedding rows.", json_schema_extra=env("item_dim")
+    )
+    prompt: str = Field(
+        " Item text:",
+        description="Fixed prompt between soft tokens and text.",
+        json_schema_extra=env("prompt"),
+    )
+    lora_rank: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="LoRA rank trained with the aligner; 0 = frozen LLM.",
+        json_schema_extra=env("lora_rank"),
+    )
+    epochs: int = Field(24, ge=1, description="Most passes over all items.")
+    batch_size: int = Field(
+        16, ge=1, description="Items per alignment step.", json_schema_extra=env("align_batch")
+    )
+    lr_rows: float = Field(0.3, gt=0, description="Rate of the item rows (one step a pass).")
+    lr_proj: float = Field(1e-2, gt=0, description="Projector rate at batch 16 (sqrt-scaled).")
+    row_optimizer: str = Field("adagrad", description="rowadam, adagrad or sparseadam (fresh rows too).")
+    lr_final: float = Field(0.1, gt=0, le=1, description="Cosine decay of the rates to this.")
+    warmup: float = Field(0.05, ge=0, lt=1, description="Projector warm-up, share of the run.")
+    acc_bar: float = Field(1.0, gt=0, le=1.01, description="Token accuracy that ends an item.")
+    recheck_every: int = Field(3, ge=1, description="Passes between re-checks of done items.")
+    checkpoint_every_s: float = Field(120.0, gt=0, description="Mid-pass checkpoint period.")
+    seed: int = Field(0, description="Seed of the alignment.")
+    refine: RefineSettings = Field(default_factory=RefineSettings)
+    fidelity: FidelitySettings = Field(default_factory=FidelitySettings)
+
+    def schedule(self) -> dict[str, Any]:
+        """What a training checkpoint must share with the run that resumes it: everything
+        but the number of passes (more may be asked for) and the save period."""
+        return self.model_dump(
+            exclude={"epochs", "checkpoint_every_s", "refine", "fidelity", "prompt", "lora_rank"}
+        )
+
+
+class WorkerSettings(Section):
+    """The streaming worker (`said update`)."""
+
+    env_prefix: ClassVar[str] = "worker_"
+    batch: int = Field(16, ge=1, description="Items leased per micro-batch.")
+    lease_ttl_s: float = Field(600.0, gt=0, description="A crashed worker's items return after.")
+    id: str | None = Field(
         None,
         min_length=1,
         description="Lease owner id, unique per worker and stable across its restarts; unset = host-pid.",
     )
-    worker_version_check_s: float = Field(
+    version_check_s: float = Field(
         5.0, gt=0, description="How often the worker checks for a newly activated aligner."
     )
-    refine_epochs: int = Field(100, ge=1, description="Most refinement passes over a micro-batch.")
-    refine_lr: float = Field(0.3, gt=0, description="Rate of the fresh rows.")
-    refine_target_accuracy: float | None = Field(
-        None, gt=0, le=1.01, description="Token accuracy fresh rows are refined to; unset = the catalogue's."
-    )
 
-    # --- scorer and retraining ------------------------------------------------------
-    retrain_min_interactions: int = Field(10_000, ge=1, description="New interactions -> retrain.")
-    retrain_min_items: int = Field(500, ge=1, description="New items -> scorer retrain.")
-    retrain_epochs: int = Field(30, ge=1, description="Most epochs per retrain (early stopping).")
-    retrain_valid_users: int = Field(2000, ge=1, description="Validation slice of a retrain.")
-    retrain_poll_s: float = Field(30.0, gt=0, description="How often the retrainer checks counts.")
-    scorer_epochs: int = Field(200, ge=1, description="Most SASRec epochs (early stopping).")
-    scorer_batch: int = Field(256, ge=1, description="Users per SASRec step.")
-    scorer_lr: float = Field(1e-3, gt=0, description="SASRec Adam rate.")
-    scorer_patience: int = Field(8, ge=1, description="Validations without gain before stopping.")
-    scorer_eval_every: int = Field(2, ge=1, description="Epochs between validations.")
-    scorer_length_batches: bool = Field(
+
+class ScorerSettings(Section):
+    """How a SASRec scorer trains (`said evaluate` and `said retrain` alike)."""
+
+    env_prefix: ClassVar[str] = "scorer_"
+    epochs: int = Field(200, ge=1, description="Most SASRec epochs (early stopping).")
+    batch_size: int = Field(
+        256, ge=1, description="Users per SASRec step.", json_schema_extra=env("scorer_batch")
+    )
+    lr: float = Field(1e-3, gt=0, description="SASRec Adam rate.")
+    weight_decay: float = Field(
+        0.0, ge=0, description="SASRec Adam weight decay (said-init's cold rows need 0)."
+    )
+    patience: int = Field(8, ge=1, description="Validations without gain before stopping.")
+    eval_every: int = Field(2, ge=1, description="Epochs between validations.")
+    length_batches: bool = Field(
         False, description="Batch users of similar history length: 3x faster on CPU, a little worse."
     )
-    evaluate_variant: Variant = Field(
-        "said-init", description="Variant `said evaluate` compares with id by default (best on validation)."
+    seed: int = Field(0, description="Seed of a scorer training (and of a retrain's validation slices).")
+
+
+class RetrainSettings(Section):
+    """When `said retrain --watch` retrains, and how much it validates on."""
+
+    env_prefix: ClassVar[str] = "retrain_"
+    min_interactions: int = Field(10_000, ge=1, description="New interactions -> retrain.")
+    min_items: int = Field(500, ge=1, description="New items -> scorer retrain.")
+    epochs: int = Field(
+        30, ge=1, description="Most epochs per retrain (early stopping); overrides SAID_SCORER_EPOCHS."
     )
+    valid_users: int = Field(2000, ge=1, description="Validation slice of a retrain.")
+    poll_s: float = Field(30.0, gt=0, description="How often the retrainer checks counts.")
+
+
+class IndexSettings(Section):
+    """Each scorer replica's FAISS index."""
+
     hnsw_min_items: int = Field(50_000, ge=1, description="Index size from which HNSW replaces exact search.")
     snapshot_every_s: float = Field(300.0, gt=0, description="Scorer's index snapshot period (seconds).")
-    api_port: int = Field(8000, ge=1, le=65535, description="Port of `said serve` and the demo's API.")
-    demo_items: int = Field(200, ge=10, description="Size of the demo's item slice.")
-    demo_align_epochs: int = Field(16, ge=1, description="Most alignment passes in the demo.")
-    demo_align_batch: int = Field(
-        8, ge=1, description="Alignment batch of the demo (more projector steps a pass)."
+    refresh_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often a replica applies new embeddings and versions.",
+        json_schema_extra=env("index_refresh_s"),
     )
-    demo_fresh: int = Field(5, ge=1, description="Brand-new items the demo publishes.")
-    api_token: SecretStr | None = Field(
+
+
+class ApiSettings(Section):
+    """The HTTP scorer (`said serve`)."""
+
+    env_prefix: ClassVar[str] = "api_"
+    port: int = Field(8000, ge=1, le=65535, description="Port of `said serve` and the demo's API.")
+    token: SecretStr | None = Field(
         None, description="Bearer token of /recommend and /items; required off loopback. Never empty."
     )
+    history_len: int = Field(50, ge=1, description="Most recent interactions a user_id request reads.")
 
-    # --- observability -------------------------------------------------------------
-    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 = off.")
-    log_level: str = Field("INFO", description="Python logging level.")
-
-    def kafka_config(self) -> dict[str, str]:
-        """librdkafka settings shared by producers and consumers, security passed through."""
-        conf = {
-            "bootstrap.servers": self.kafka_bootstrap,
-            "security.protocol": self.kafka_security_protocol,
-        }
-        optional = {
-            "sasl.mechanism": self.kafka_sasl_mechanism,
-            "sasl.username": self.kafka_sasl_username,
-            "sasl.password": (
-                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
-            ),
-            "ssl.ca.location": self.kafka_ssl_ca_location,
-            "ssl.certificate.location": self.kafka_ssl_certificate_location,
-            "ssl.key.location": self.kafka_ssl_key_location,
-            "ssl.key.password": (
-                self.kafka_ssl_key_password.get_secret_value() if self.kafka_ssl_key_password else None
-            ),
-        }
-        conf.update({k: v for k, v in optional.items() if v is not None})
-        return conf
-
-    @field_validator("api_token")
+    @field_validator("token")
     @classmethod
     def _token_not_empty(cls, v: SecretStr | None) -> SecretStr | None:
         # SAID_API_TOKEN="" must not mean "no auth": a typo in a deployment fails closed.
@@ -179,41 +272,173 @@ class Settings(BaseSettings):
             raise ValueError("SAID_API_TOKEN has surrounding whitespace, which no client can send")
         return v
 
-    def redacted(self) -> dict[str, object]:
-        """Settings safe to log: secrets and URL passwords are masked."""
-        out = self.model_dump()
-        out["database_url"] = _mask_url_password(self.database_url)
-        out["kafka_sasl_password"] = "***" if self.kafka_sasl_password else None
-        for key in ("api_token", "kafka_ssl_key_password"):
-            out[key] = "***" if getattr(self, key) else None
+
+class EvaluateSettings(Section):
+    """`said evaluate`."""
+
+    variant: Variant = Field(
+        "said-init",
+        description="Variant `said evaluate` compares with id by default (best on validation).",
+        json_schema_extra=env("evaluate_variant"),
+    )
+
+
+class DemoSettings(Section):
+    """`said demo`."""
+
+    env_prefix: ClassVar[str] = "demo_"
+    items: int = Field(200, ge=10, description="Size of the demo's item slice.")
+    align_epochs: int = Field(16, ge=1, description="Most alignment passes in the demo.")
+    align_batch: int = Field(
+        8, ge=1, description="Alignment batch of the demo (more projector steps a pass)."
+    )
+    fresh: int = Field(5, ge=1, description="Brand-new items the demo publishes.")
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "kafka": KafkaSettings,
+    "consume": ConsumeSettings,
+    "align": AlignSettings,
+    "worker": WorkerSettings,
+    "scorer": ScorerSettings,
+    "retrain": RetrainSettings,
+    "index": IndexSettings,
+    "api": ApiSettings,
+    "evaluate": EvaluateSettings,
+    "demo": DemoSettings,
+}
+
+
+def _flat_names(cls: type[Section], path: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Flat name (lower case, no ``SAID_``) -> field path, for a section and its sub-sections."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, info in cls.model_fields.items():
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, Section):
+            out |= _flat_names(sub, (*path, name))
+            continue
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        out[str(extra.get("env", cls.env_prefix + name))] = (*path, name)
+    return out
+
+
+# Every flat section key: ``kafka_bootstrap`` -> ("kafka", "bootstrap").
+FLAT: dict[str, tuple[str, ...]] = {}
+for _section, _cls in SECTIONS.items():
+    FLAT |= _flat_names(_cls, (_section,))
+
+
+class _FlatEnvironment(PydanticBaseSettingsSource):
+    """The ``SAID_*`` variables of section fields, by flat name (nested by ``Settings``)."""
+
+    def get_field_value(self, field, field_name):  # noqa: ANN001, ANN201 (pydantic-settings API)
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        environ = {k.upper(): v for k, v in os.environ.items()}
+        return {flat: environ[f"SAID_{flat.upper()}"] for flat in FLAT if f"SAID_{flat.upper()}" in environ}
+
+
+class Settings(BaseSettings):
+    """Typed settings; ``SAID_<NAME>`` in the environment overrides each default."""
+
+    model_config = SettingsConfigDict(env_prefix="SAID_", extra="ignore")
+
+    # --- storage and the LLM (shared by every process) ----------------------------------
+    database_url: str = Field("sqlite:///./said.db", description="SQLAlchemy URL of the catalogue.")
+    db_retry_max_s: float = Field(30.0, gt=0, description="Cap of the DB-outage backoff.")
+    data_dir: Path = Field(Path("./said-data"), description="Snapshots, weights, LLM cache.")
+    llm: str | None = Field(None, description="Local HF folder or .gguf; default SmolLM2 GGUF.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device choice.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 = off.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    # --- sections: each service takes its own whole -----------------------------------
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    consume: ConsumeSettings = Field(default_factory=ConsumeSettings)
+    align: AlignSettings = Field(default_factory=AlignSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    scorer: ScorerSettings = Field(default_factory=ScorerSettings)
+    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    demo: DemoSettings = Field(default_factory=DemoSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # keyword arguments first, then the flat section variables, then the top-level ones
+        return init_settings, _FlatEnvironment(settings_cls), env_settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_flat_names(cls, data: Any) -> Any:
+        """``kafka_bootstrap=...`` -> ``kafka={"bootstrap": ...}``; a value given nested wins."""
+        if not isinstance(data, dict):
+            return data
+        out = {k: v for k, v in data.items() if k not in FLAT}
+        for flat, path in FLAT.items():
+            if flat not in data:
+                continue
+            node = out
+            for part in path[:-1]:
+                child = node.get(part, {})
+                node[part] = child = child.model_dump() if isinstance(child, BaseModel) else dict(child)
+                node = child
+            node.setdefault(path[-1], data[flat])
         return out
+
+    def override(self, **flat: Any) -> Settings:
+        """A copy with some values changed, by flat name (``kafka_bootstrap=...``) or whole
+        section; validated like the environment is, so a bad value fails here."""
+        data = self.model_dump()
+        for key, value in flat.items():
+            node, path = data, FLAT.get(key, (key,))
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = value.model_dump() if isinstance(value, BaseModel) else value
+        return type(self).model_validate(data)
+
+    def redacted(self) -> dict[str, object]:
+        """Settings safe to log: secrets and URL passwords masked."""
+        out = _masked(self.model_dump())
+        out["database_url"] = _mask_url_password(self.database_url)
+        return out
+
+
+def _masked(value: Any) -> Any:
+    """A dumped settings tree with every secret shown as ``***``."""
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    return "***" if isinstance(value, SecretStr) else value
+
+
+def env_names() -> dict[str, str]:
+    """Every documented environment variable and its description (the README's table)."""
+    out = {
+        f"SAID_{name.upper()}": info.description or ""
+        for name, info in Settings.model_fields.items()
+        if name not in SECTIONS
+    }
+    for flat, path in FLAT.items():
+        section: type[BaseModel] = SECTIONS[path[0]]
+        for part in path[1:-1]:
+            section = section.model_fields[part].annotation  # type: ignore[assignment]
+        out[f"SAID_{flat.upper()}"] = section.model_fields[path[-1]].description or ""
+    return out
 
 
 def _mask_url_password(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
-
-
-# The defaults alone (no environment): what dataclass configs fall back to, so that every
-# default is written once, here.
-DEFAULTS = Settings.model_construct()
-T = TypeVar("T")
-
-
-def setting(key: str) -> Any:
-    """A dataclass field whose default (and meaning, and environment variable) is the
-    ``Settings`` field ``key``; ``from_settings`` fills it from a ``Settings``."""
-    return field(default=getattr(DEFAULTS, key), metadata={"setting": key})
-
-
-def from_settings(cls: type[T], settings: Settings, **overrides: Any) -> T:
-    """An instance of the dataclass ``cls`` with every ``setting(...)`` field read from
-    ``settings`` (so from the environment), then ``overrides`` (CLI flags, tests)."""
-    values = {
-        f.name: getattr(settings, f.metadata["setting"]) for f in fields(cls) if "setting" in f.metadata
-    }
-    return cls(**(values | overrides))
 
 
 @lru_cache(maxsize=1)

@@ -12,13 +12,13 @@ LM head runs only at the positions that predict those tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.settings import DEFAULTS
 from models.llm import backbone
 
 
@@ -26,8 +26,8 @@ from models.llm import backbone
 class AlignerConfig:
     n_items: int  # rows 1..n_items; row 0 is padding
     hidden: int  # LLM hidden size
-    item_dim: int = DEFAULTS.item_dim  # width of the ID embedding rows
-    k: int = DEFAULTS.soft_tokens  # soft tokens per item
+    item_dim: int  # width of the ID embedding rows
+    k: int  # soft tokens per item
     init_std: float = 1.0
 
     @property
@@ -115,13 +115,45 @@ def pad_batch(token_lists: list[list[int]], pad_id: int) -> TextBatch:
 class Prefix:
     """The fixed tokens around the soft tokens: a lead token and a short prompt."""
 
-    def __init__(self, tok, prompt: str = DEFAULTS.prompt, lead: str = "<|im_start|>") -> None:
+    def __init__(self, tok, prompt: str, lead: str = "<|im_start|>") -> None:
         lead_ids = tok(lead, add_special_tokens=False)["input_ids"] if lead else []
         self.lead = torch.tensor(lead_ids, dtype=torch.long)
         self.prompt = torch.tensor(tok(prompt, add_special_tokens=False)["input_ids"])
 
     def length(self, k: int) -> int:
         return len(self.lead) + k + len(self.prompt)
+
+
+@dataclass(frozen=True)
+class FrozenLM:
+    """The LLM as an aligner reads it: the model, its tokenizer, the device and the fixed
+    prefix always travel together, so they are one value. Frozen except while a full
+    alignment trains LoRA adapters (``lora_rank``); fresh items never change it."""
+
+    model: nn.Module
+    tok: Any
+    device: torch.device
+    prefix: Prefix
+
+    @classmethod
+    def around(cls, model: nn.Module, tok: Any, device: torch.device, prompt: str) -> FrozenLM:
+        return cls(model, tok, device, Prefix(tok, prompt=prompt))
+
+    def with_prompt(self, prompt: str) -> FrozenLM:
+        """The same LLM read through another prompt (an aligner bundle's own)."""
+        return replace(self, prefix=Prefix(self.tok, prompt=prompt))
+
+    @property
+    def pad_id(self) -> int:
+        return self.tok.pad_token_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.tok.eos_token_id
+
+    @property
+    def hidden(self) -> int:
+        return self.model.config.hidden_size
 
 
 def build_inputs(

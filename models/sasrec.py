@@ -167,6 +167,15 @@ class SASRec(nn.Module):
         """(..., D) frozen-table rows (also of items added after training) -> (..., hidden)."""
         return self.adapter(self._adapter_input(rows))
 
+    def content_vectors(self, content: torch.Tensor) -> torch.Tensor:
+        """``Recommender``: a fresh item's vector from its frozen-table row alone."""
+        return self.adapt(content)
+
+    def query(self, history: torch.Tensor) -> torch.Tensor:
+        """``Recommender``: (B, T, hidden) item vectors, no padding -> (B, hidden)."""
+        valid = torch.ones(history.shape[:2], dtype=torch.bool, device=history.device)
+        return self.encode(history[:, -self.cfg.max_len :], valid)[:, -1]
+
     def _adapter_input(self, rows: torch.Tensor) -> torch.Tensor:
         z = (rows - self.feat_mean) / self.feat_std  # (..., D)
         return z if self.axes is None else z @ self.axes  # (..., d)

@@ -15,6 +15,7 @@ import time
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from core.events import TOPIC_DLQ, TOPIC_INTERACTIONS, TOPIC_ITEMS
+from core.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 TOPICS = (TOPIC_ITEMS, TOPIC_INTERACTIONS, TOPIC_DLQ)
@@ -82,16 +83,19 @@ class EmbeddedBroker:
         self.stop()
 
 
-def ensure_topics(kafka_config: dict, partitions: int = 4, replication: int = 1, min_insync: int = 1) -> None:
-    """Create the said topics if absent (idempotent; an existing topic is left as it is).
+def ensure_topics(kafka: KafkaSettings) -> None:
+    """Create the said topics if absent (idempotent; an existing topic is left as it is),
+    with the section's partitions, replication factor and min.insync.replicas.
 
-    With ``replication`` 3 and ``min_insync`` 2, a write acknowledged by ``acks=all`` (our
+    With replication 3 and min.insync 2, a write acknowledged by ``acks=all`` (our
     idempotent producers) survives the loss of any one broker."""
+    partitions, replication = kafka.topic_partitions, kafka.replication_factor
+    min_insync = kafka.min_insync_replicas
     if min_insync > replication:
         raise ValueError(
             f"min.insync.replicas {min_insync} > replication factor {replication}: no write could succeed"
         )
-    admin = AdminClient(kafka_config)
+    admin = AdminClient(kafka.client_config())
     existing = set(admin.list_topics(timeout=10).topics)
     config = {"min.insync.replicas": str(min_insync)} if min_insync > 1 else {}
     wanted = [NewTopic(t, partitions, replication, config=config) for t in TOPICS if t not in existing]

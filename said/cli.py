@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import get_args
 
-from core.settings import Variant, from_settings, get_settings
+from core.settings import Variant, get_settings
 from core.versions import NoActiveVersion
 
 
@@ -20,7 +20,7 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     from said.broker import EmbeddedBroker, ensure_topics
 
     with EmbeddedBroker(args.port) as broker:
-        ensure_topics({"bootstrap.servers": broker.bootstrap})
+        ensure_topics(get_settings().kafka.model_copy(update={"bootstrap": broker.bootstrap}))
         logging.info("broker on %s; Ctrl-C stops it", broker.bootstrap)
         stop = []
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -49,23 +49,19 @@ def _cmd_produce(args: argparse.Namespace) -> int:
     ds = load_dataset(args.dataset, args.limit)
     if ds.placeholder_titles:
         logging.warning("%d items had an empty title: placeholder titles used", ds.placeholder_titles)
-    ensure_topics(settings.kafka_config())
-    n_items, n_inter = replay_dataset(settings.kafka_config(), ds)
+    ensure_topics(settings.kafka)
+    n_items, n_inter = replay_dataset(settings.kafka.client_config(), ds)
     logging.info("produced %d item and %d interaction events", n_items, n_inter)
     return 0
 
 
 def _cmd_consume(args: argparse.Namespace) -> int:
-    from consumers.interactions import InteractionsHandler
-    from consumers.items import ItemsHandler
-    from consumers.runner import ConsumeLoop
-    from core.db import make_engine
     from core.metrics import serve_metrics
+    from said.wiring import consume_loop
 
     settings = get_settings()
     serve_metrics(settings.metrics_port)
-    handler_cls = {"items": ItemsHandler, "interactions": InteractionsHandler}[args.topic]
-    loop = ConsumeLoop(handler_cls(settings), make_engine(settings.database_url), settings)
+    loop = consume_loop(settings, args.topic)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: loop.stop())
     stats = loop.run(idle_exit=args.idle_exit)
@@ -80,20 +76,19 @@ def _cmd_consume(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import format_table, paired, run_from_settings, write_results
+    from training.evaluate import Plan, format_table, paired, run, write_results
 
-    settings = get_settings()
-    results = run_from_settings(
-        settings,
-        args.dataset,
+    settings = get_settings().override(
+        align_epochs=args.align_epochs, align_batch=args.align_batch, scorer_epochs=args.scorer_epochs
+    )
+    plan = Plan(
+        Path(args.dataset),
         args.variant,
         [int(s) for s in args.seeds.split(",")],
         [int(s) for s in args.align_seeds.split(",")],
         args.cold_fraction,
-        settings.data_dir / "artifacts",
-        align_overrides={"epochs": args.align_epochs, "batch_size": args.align_batch},
-        scorer_overrides={"epochs": args.scorer_epochs},
     )
+    results = run(plan, settings)
     out = args.out or settings.data_dir / "results" / f"evaluate-{'-'.join(args.variant)}.json"
     write_results(results, out)
     print(format_table(results["summary"], paired(results["runs"])))
@@ -111,70 +106,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # that ignores SIGINT (background jobs, CI runners): Python then installs no handler.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    settings = get_settings()
-    summary = run_demo(
-        settings, dataset, args.items, args.align_epochs, args.fresh, args.port, args.keep_serving
+    settings = get_settings().override(
+        demo_items=args.items, demo_align_epochs=args.align_epochs, demo_fresh=args.fresh, api_port=args.port
     )
+    summary = run_demo(settings, dataset, args.keep_serving)
     print(format_summary(summary))
     return 0
 
 
-def _load_llm(settings, lora_rank: int):
-    from models.llm import load_llm, pick_device
-
-    device = pick_device(settings.device)
-    llm, tok = load_llm(settings.llm, settings.data_dir / "llm", device, lora_rank)
-    return llm, tok, device
-
-
 def _cmd_align(args: argparse.Namespace) -> int:
-    from core.db import make_engine
-    from training.align import AlignConfig
-    from training.fit_aligner import FidelityConfig, RefineConfig
-    from updater.full_align import align_catalogue
+    from said.wiring import align
 
-    settings = get_settings()
-    llm, tok, device = _load_llm(settings, settings.lora_rank)
-    cfg = from_settings(AlignConfig, settings, epochs=args.epochs, batch_size=args.batch)
-    align_catalogue(
-        make_engine(settings.database_url),
-        llm,
-        tok,
-        device,
-        settings.data_dir,
-        cfg,
-        settings.soft_tokens,
-        settings.item_dim,
-        prompt=settings.prompt,
-        refine=from_settings(RefineConfig, settings),
-        fidelity_cfg=from_settings(FidelityConfig, settings),
-    )
+    align(get_settings().override(align_epochs=args.epochs, align_batch=args.batch))
     return 0
 
 
 def _cmd_update(args: argparse.Namespace) -> int:
-    from core.db import make_engine
     from core.metrics import serve_metrics
-    from core.versions import require_active
-    from models.bundle import AlignerBundle
-    from models.llm import load_adapter_state, pick_device
-    from updater.worker import UpdateWorker, WorkerConfig
+    from said.wiring import update_worker
 
-    settings = get_settings()
-    engine = make_engine(settings.database_url)
-    bundle = AlignerBundle.load(require_active(engine, "aligner")[1], pick_device(settings.device))
-    llm, tok, device = _load_llm(settings, bundle.lora_rank)
-    if bundle.adapters:
-        load_adapter_state(llm, bundle.adapters)
-    serve_metrics(settings.metrics_port)
-    cfg = from_settings(
-        WorkerConfig,
-        settings,
-        batch=args.batch,
-        refine_epochs=args.refine_epochs,
-        lease_ttl_s=args.lease_ttl,
+    settings = get_settings().override(
+        worker_batch=args.batch, refine_epochs=args.refine_epochs, worker_lease_ttl_s=args.lease_ttl
     )
-    worker = UpdateWorker(engine, bundle, llm, tok, device, cfg)
+    worker = update_worker(settings)
+    serve_metrics(settings.metrics_port)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     logging.info("updated %d items", worker.run(idle_exit=args.idle_exit))
@@ -182,9 +137,9 @@ def _cmd_update(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from scorer.state import ServingState
+    from said.wiring import serving_state
 
-    state = ServingState.from_settings(get_settings())
+    state = serving_state(get_settings())
     out = state.rebuild()
     logging.info("rebuilt the index of %s with %d items: %s", state.version, len(state.served.index), out)
     return 0
@@ -193,14 +148,14 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    if not is_loopback(args.host) and get_settings().api_token is None and not args.insecure:
+    if not is_loopback(args.host) and get_settings().api.token is None and not args.insecure:
         raise SystemExit(
             f"said serve: refusing to listen on {args.host} without SAID_API_TOKEN: anyone who can "
             "reach it could read the catalogue. Set a token, listen on 127.0.0.1, or pass --insecure."
         )
     # Each worker process builds its own state from the environment (stateless replicas).
     uvicorn.run(
-        "scorer.app:app_from_env",
+        "said.wiring:serving_app",
         factory=True,
         host=args.host,
         port=args.port,
@@ -226,9 +181,9 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     from core.db import make_engine
     from core.metrics import serve_metrics
     from core.versions import activate, require_active
-    from updater.retrain import RetrainConfig, retrain_once, run_retrainer
+    from updater.retrain import retrain_once, run_retrainer
 
-    settings = get_settings()
+    settings = get_settings().override(retrain_epochs=args.epochs)
     engine = make_engine(settings.database_url)
     if args.activate:
         activate(engine, "scorer", args.activate)
@@ -237,17 +192,14 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     from models.llm import pick_device
 
     device = pick_device(settings.device)
-    cfg = from_settings(RetrainConfig, settings, epochs=args.epochs)
-    version, out = require_active(engine, "aligner")[0], settings.data_dir / "scorer"
-    out.mkdir(parents=True, exist_ok=True)
     if not args.watch:
-        retrain_once(engine, version, out, cfg, device)
+        retrain_once(engine, require_active(engine, "aligner")[0], settings, device)
         return 0
     serve_metrics(settings.metrics_port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    run_retrainer(engine, version, out, cfg, device, stop, progress=True)
+    run_retrainer(engine, settings, device, stop, progress=True)
     return 0
 
 
@@ -270,7 +222,14 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
 def _cmd_topics(args: argparse.Namespace) -> int:
     from said.broker import ensure_topics
 
-    ensure_topics(get_settings().kafka_config(), args.partitions, args.replication, args.min_insync)
+    kafka = get_settings().kafka.model_copy(
+        update={
+            "topic_partitions": args.partitions,
+            "replication_factor": args.replication,
+            "min_insync_replicas": args.min_insync,
+        }
+    )
+    ensure_topics(kafka)
     return 0
 
 
@@ -285,9 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tp = sub.add_parser("topics", help="create the said topics if absent (idempotent)")
     tp.add_argument("action", choices=["create"])
-    tp.add_argument("--partitions", type=int, default=s.kafka_topic_partitions)
-    tp.add_argument("--replication", type=int, default=s.kafka_replication_factor)
-    tp.add_argument("--min-insync", type=int, default=s.kafka_min_insync_replicas)
+    tp.add_argument("--partitions", type=int, default=s.kafka.topic_partitions)
+    tp.add_argument("--replication", type=int, default=s.kafka.replication_factor)
+    tp.add_argument("--min-insync", type=int, default=s.kafka.min_insync_replicas)
     tp.set_defaults(fn=_cmd_topics)
 
     d = sub.add_parser("db", help="catalogue schema")
@@ -311,29 +270,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant",
         nargs="+",
         choices=get_args(Variant),
-        default=["id", s.evaluate_variant],
+        default=["id", s.evaluate.variant],
         help="scorer variants (default: the id baseline and SAID_EVALUATE_VARIANT, the best on "
         "validation in benchmarks/quality.py)",
     )
     e.add_argument("--seeds", default="0,1,2", help="comma-separated scorer seeds")
-    e.add_argument("--align-seeds", default=str(s.align_seed), help="comma-separated alignment seeds")
+    e.add_argument("--align-seeds", default=str(s.align.seed), help="comma-separated alignment seeds")
     e.add_argument("--cold-fraction", type=float, default=0.1, help="0 skips cold-start")
-    e.add_argument("--align-epochs", type=int, default=s.align_epochs)
-    e.add_argument("--align-batch", type=int, default=s.align_batch)
-    e.add_argument("--scorer-epochs", type=int, default=s.scorer_epochs)
+    e.add_argument("--align-epochs", type=int, default=s.align.epochs)
+    e.add_argument("--align-batch", type=int, default=s.align.batch_size)
+    e.add_argument("--scorer-epochs", type=int, default=s.scorer.epochs)
     e.add_argument("--out", type=Path, default=None, help="results JSON path")
     e.set_defaults(fn=_cmd_evaluate)
 
     a = sub.add_parser("align", help="full SAID alignment of every catalogue item")
-    a.add_argument("--epochs", type=int, default=s.align_epochs, help="most passes")
-    a.add_argument("--batch", type=int, default=s.align_batch)
+    a.add_argument("--epochs", type=int, default=s.align.epochs, help="most passes")
+    a.add_argument("--batch", type=int, default=s.align.batch_size)
     a.set_defaults(fn=_cmd_align)
 
     u = sub.add_parser("update", help="the streaming worker: align fresh items")
     u.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS")
-    u.add_argument("--batch", type=int, default=s.worker_batch)
-    u.add_argument("--refine-epochs", type=int, default=s.refine_epochs, help="most passes")
-    u.add_argument("--lease-ttl", type=float, default=s.worker_lease_ttl_s, metavar="SECONDS")
+    u.add_argument("--batch", type=int, default=s.worker.batch)
+    u.add_argument("--refine-epochs", type=int, default=s.align.refine.max_passes, help="most passes")
+    u.add_argument("--lease-ttl", type=float, default=s.worker.lease_ttl_s, metavar="SECONDS")
     u.set_defaults(fn=_cmd_update)
 
     ix = sub.add_parser("index", help="FAISS index maintenance")
@@ -346,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     dq.add_argument(
         "--max-attempts",
         type=int,
-        default=s.dlq_max_attempts,
+        default=s.consume.dlq_max_attempts,
         help="leave messages dead-lettered this many times where they are",
     )
     dq.set_defaults(fn=_cmd_dlq)
@@ -357,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep running; retrain when SAID_RETRAIN_MIN_* new events arrived",
     )
-    rt.add_argument("--epochs", type=int, default=s.retrain_epochs, help="upper bound per retrain")
+    rt.add_argument("--epochs", type=int, default=s.retrain.epochs, help="upper bound per retrain")
     rt.add_argument("--activate", metavar="VERSION", help="roll back/forward to a scorer version")
     rt.set_defaults(fn=_cmd_retrain)
 
@@ -368,16 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a non-loopback address without SAID_API_TOKEN (an open API: only behind your own auth)",
     )
-    sv.add_argument("--port", type=int, default=s.api_port)
+    sv.add_argument("--port", type=int, default=s.api.port)
     sv.add_argument("--workers", type=int, default=1, help="processes; one per core")
     sv.set_defaults(fn=_cmd_serve)
 
     dm = sub.add_parser("demo", help="the pipeline end to end on the embedded defaults")
     dm.add_argument("--dataset", default=None, help="default: ../shared/data/amazon-beauty")
-    dm.add_argument("--items", type=int, default=s.demo_items, help="size of the item slice")
-    dm.add_argument("--align-epochs", type=int, default=s.demo_align_epochs, help="most alignment passes")
-    dm.add_argument("--fresh", type=int, default=s.demo_fresh, help="brand-new items to publish")
-    dm.add_argument("--port", type=int, default=s.api_port, help="scorer API port")
+    dm.add_argument("--items", type=int, default=s.demo.items, help="size of the item slice")
+    dm.add_argument("--align-epochs", type=int, default=s.demo.align_epochs, help="most alignment passes")
+    dm.add_argument("--fresh", type=int, default=s.demo.fresh, help="brand-new items to publish")
+    dm.add_argument("--port", type=int, default=s.api.port, help="scorer API port")
     dm.add_argument("--keep-serving", action="store_true", help="leave the API up at the end")
     dm.set_defaults(fn=_cmd_demo)
     return p

@@ -21,45 +21,32 @@ import httpx
 import numpy as np
 import uvicorn
 
-from consumers.interactions import InteractionsHandler
-from consumers.items import ItemsHandler
-from consumers.runner import ConsumeLoop
 from core.catalogue import count_rows
 from core.dataset import load_dataset
 from core.db import make_engine
 from core.events import TOPIC_ITEMS
-from core.settings import Settings, from_settings
+from core.settings import Settings
 from core.tables import interactions, items
-from models.llm import load_llm, pick_device
 from models.sasrec import SASRec, SASRecConfig
+from said import wiring
 from said.broker import EmbeddedBroker, ensure_topics, free_port
 from said.migrate import upgrade
 from said.plots import alignment_curve, fresh_vs_reference, freshness
 from said.produce import produce_events, replay_dataset
 from scorer.app import create_app
 from scorer.state import ServingState
-from training.align import AlignConfig
-from training.fit_aligner import FidelityConfig, RefineConfig
 from training.recommender import evaluate, train_scorer
-from updater.full_align import align_catalogue
-from updater.retrain import RetrainConfig, retrain_once, run_retrainer, train_config, training_data
-from updater.worker import UpdateWorker, WorkerConfig
+from updater.retrain import retrain_once, run_retrainer, train_config, training_data
 
 log = logging.getLogger(__name__)
 DEFAULT_DATASET = Path(__file__).resolve().parents[1].parent / "shared/data/amazon-beauty"
 
 
-def run_demo(
-    settings: Settings,
-    dataset: Path,
-    n_items: int,
-    align_epochs: int,
-    n_fresh: int,
-    port: int,
-    keep_serving: bool = False,
-) -> dict[str, object]:
-    """Run the pipeline once and return the summary it prints."""
-    ds = load_dataset(dataset, n_items)
+def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> dict[str, object]:
+    """Run the pipeline once (``settings.demo``: slice, passes, fresh items; the API on
+    ``settings.api.port``) and return the summary it prints."""
+    demo, port = settings.demo, settings.api.port
+    ds = load_dataset(dataset, demo.items)
     summary: dict[str, object] = {
         "dataset": str(dataset),
         "items in slice": len(ds.item_ids),
@@ -67,37 +54,34 @@ def run_demo(
     }
     t_start = time.perf_counter()
     with EmbeddedBroker(free_port()) as broker:
-        settings = settings.model_copy(
-            update={"kafka_bootstrap": broker.bootstrap, "session_timeout_ms": 2000}
+        settings = settings.override(
+            kafka_bootstrap=broker.bootstrap,
+            session_timeout_ms=2000,
+            align_epochs=demo.align_epochs,
+            align_batch=demo.align_batch,
+            retrain_poll_s=5.0,
+            worker_batch=8,
+            index_refresh_s=0.2,
         )
-        ensure_topics(settings.kafka_config())
+        ensure_topics(settings.kafka)
         upgrade(settings.database_url)
         engine = make_engine(settings.database_url)
-        replay_dataset(settings.kafka_config(), ds)
-        for handler in (ItemsHandler(settings), InteractionsHandler(settings)):
-            stats = ConsumeLoop(handler, engine, settings).run(idle_exit=2.0)
-            summary[f"{handler.name}: stored / dead-lettered"] = f"{stats.stored} / {stats.dead_lettered}"
+        replay_dataset(settings.kafka.client_config(), ds)
+        for topic in ("items", "interactions"):
+            loop = wiring.consume_loop(settings, topic, engine)
+            stats = loop.run(idle_exit=2.0)
+            summary[f"{loop.handler.name}: stored / dead-lettered"] = (
+                f"{stats.stored} / {stats.dead_lettered}"
+            )
         with engine.connect() as conn:
             summary["catalogue items / interactions"] = (
                 f"{count_rows(conn, items)} / {count_rows(conn, interactions)}"
             )
 
-        device = pick_device(settings.device)
-        llm, tok = load_llm(settings.llm, settings.data_dir / "llm", device, settings.lora_rank)
+        lm = wiring.frozen_lm(settings, settings.align.lora_rank, settings.align.prompt)
+        device = lm.device
         t0 = time.perf_counter()
-        bundle = align_catalogue(
-            engine,
-            llm,
-            tok,
-            device,
-            settings.data_dir,
-            from_settings(AlignConfig, settings, epochs=align_epochs, batch_size=settings.demo_align_batch),
-            settings.soft_tokens,
-            settings.item_dim,
-            prompt=settings.prompt,
-            refine=from_settings(RefineConfig, settings),
-            fidelity_cfg=from_settings(FidelityConfig, settings),
-        )
+        bundle = wiring.align(settings, engine, lm)
         summary["alignment seconds"] = round(time.perf_counter() - t0, 1)
         fid, ref = bundle.fidelity, bundle.reference
         summary["alignment passes, token accuracy, exact rebuild"] = (
@@ -110,39 +94,29 @@ def run_demo(
         )
 
         t0 = time.perf_counter()
-        rcfg = from_settings(RetrainConfig, settings, poll_s=5.0)
-        scorer_dir = settings.data_dir / "scorer"
-        scorer_dir.mkdir(parents=True, exist_ok=True)
-        scorer = retrain_once(engine, bundle.version, scorer_dir, rcfg, device)
+        scorer = retrain_once(engine, bundle.version, settings, device)
         summary["scorer training seconds"] = round(time.perf_counter() - t0, 1)
         summary["SASRec (said) NDCG@10: validation (early stopping) / test"] = (
             f"{scorer['val_ndcg@10']:.4f} / {scorer['ndcg@10']:.4f}"
         )
         summary["SASRec (id baseline) NDCG@10: validation / test"] = _id_baseline(
-            engine, bundle.version, rcfg, device
+            engine, bundle.version, settings, device
         )
         summary["random ranking NDCG@10 (same items)"] = f"{_random_ndcg(len(ds.item_ids)):.4f}"
 
         state = ServingState.for_bundle(engine, bundle, settings)
         server = uvicorn.Server(
-            uvicorn.Config(create_app(engine, state, poll_s=0.2), port=port, log_level="warning")
+            uvicorn.Config(create_app(engine, state, settings.api), port=port, log_level="warning")
         )
-        worker = UpdateWorker(
-            engine,
-            bundle,
-            llm,
-            tok,
-            device,
-            from_settings(WorkerConfig, settings, batch=8),
-        )
-        item_loop = ConsumeLoop(ItemsHandler(settings), engine, settings)
+        worker = wiring.update_worker(settings, engine, lm)
+        item_loop = wiring.consume_loop(settings, "items", engine)
         stop_retrainer = threading.Event()
         threads = [threading.Thread(target=f, daemon=True) for f in (server.run, worker.run, item_loop.run)]
         threads.append(
             threading.Thread(
                 target=run_retrainer,
                 daemon=True,
-                args=(engine, bundle.version, scorer_dir, rcfg, device, stop_retrainer),
+                args=(engine, settings, device, stop_retrainer),
             )
         )
         for t in threads:
@@ -151,7 +125,7 @@ def run_demo(
         try:
             _wait_ready(url)
             time.sleep(3)  # the item consumer joins its group
-            fresh = _publish_fresh_items(settings, ds, n_fresh, url)
+            fresh = _publish_fresh_items(settings, ds, demo.fresh, url)
             secs = [f["servable_s"] for f in fresh if f["servable_s"] is not None]
             if secs:
                 summary["event -> servable seconds (median, max)"] = f"{np.median(secs):.2f}, {max(secs):.2f}"
@@ -198,12 +172,14 @@ def run_demo(
     return summary
 
 
-def _id_baseline(engine, aligner_version: str, rcfg: RetrainConfig, device) -> str:
+def _id_baseline(engine, aligner_version: str, settings: Settings, device) -> str:
     """An ID-only SASRec on exactly the said scorer's data: same training histories, same
     early-stopping slice, tested on the same promotion slice (users neither stopped on)."""
-    data = training_data(engine, aligner_version, rcfg)
+    data = training_data(engine, aligner_version, settings)
     model = SASRec(SASRecConfig(n_items=data.table.shape[0] - 1))
-    model, info = train_scorer(model, data.train, data.stopping, train_config(rcfg), device, progress=False)
+    model, info = train_scorer(
+        model, data.train, data.stopping, train_config(settings), device, progress=False
+    )
     test = evaluate(model, *data.promotion, device)["ndcg@10"]
     return f"{info['best_val_ndcg@10']:.4f} / {test:.4f}"
 
@@ -262,7 +238,7 @@ def _publish_fresh_items(settings: Settings, ds, n: int, url: str) -> list[dict]
         for f in fresh
     ]
     t0 = time.monotonic()
-    produce_events(settings.kafka_config(), TOPIC_ITEMS, iter(events), len(events))
+    produce_events(settings.kafka.client_config(), TOPIC_ITEMS, iter(events), len(events))
     _wait_for(url, fresh, t0, lambda item: item["servable"], "servable_s")
     time.sleep(0.5)  # one scorer poll period: the index has the vectors now
     _rank(url, fresh, "rank_estimate")

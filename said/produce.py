@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from core.dataset import Dataset
 from core.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
-from core.kafka import DeliveryTracker
+from core.kafka import DeliveryTracker, produce
 
 log = logging.getLogger(__name__)
 BASE_TIME = datetime(2014, 1, 1, tzinfo=UTC)
@@ -60,12 +60,7 @@ def produce_events(kafka_config: dict, topic: str, events: Iterator[tuple[str, d
     sent = 0
     for key, value in tqdm(events, total=total, desc=f"produce {topic}", unit="ev"):
         payload = json.dumps(value, ensure_ascii=False).encode()
-        while True:
-            try:
-                producer.produce(topic, key=key.encode(), value=payload, on_delivery=tracker)
-                break
-            except BufferError:  # local queue full: let deliveries drain, then retry
-                producer.poll(0.1)
+        produce(producer, topic, key=key.encode(), value=payload, on_delivery=tracker)
         producer.poll(0)
         sent += 1
     tracker.flush(producer, 60, f"not every {topic} event was published")

@@ -17,24 +17,19 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Header, HTTPException
-from prometheus_client import Counter, Histogram, make_asgi_app
+from prometheus_client import make_asgi_app
 from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from core import metrics
 from core.catalogue import item_status, user_history
+from core.settings import ApiSettings
 from scorer.state import ServingState
 
 log = logging.getLogger(__name__)
 MAX_HISTORY = 200
 MAX_BODY_BYTES = 64 * 1024  # a maximal valid request is ~10 KB
-REQUESTS = Counter("said_scorer_requests_total", "Scorer requests.", ["endpoint", "status"])
-LATENCY = Histogram(
-    "said_scorer_seconds",
-    "Scorer request latency.",
-    ["endpoint"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
-)
 
 
 class RecommendRequest(BaseModel):
@@ -86,8 +81,8 @@ class ObserveMiddleware:
             await self.app(scope, receive, send_and_record)
         finally:
             endpoint = getattr(scope.get("route"), "path", "other")
-            REQUESTS.labels(endpoint, str(status[0])).inc()
-            LATENCY.labels(endpoint).observe(time.perf_counter() - start)
+            metrics.SCORER_REQUESTS.labels(endpoint, str(status[0])).inc()
+            metrics.SCORER_SECONDS.labels(endpoint).observe(time.perf_counter() - start)
 
 
 class BodyLimitMiddleware:
@@ -160,14 +155,18 @@ def bearer_guard(token: str | None):
     return check
 
 
-def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0, token: str | None = None) -> FastAPI:
-    """The API; with ``token``, every data endpoint (/recommend, /items) requires it; health
-    and metrics stay open (they show no catalogue data)."""
+def create_app(engine: Engine, state: ServingState, cfg: ApiSettings) -> FastAPI:
+    """The API; with ``cfg.token``, every data endpoint (/recommend, /items) requires it;
+    health and metrics stay open (they show no catalogue data). ``state`` is refreshed every
+    ``state.cfg.refresh_s`` seconds while the app runs."""
     stop = threading.Event()
+    token = cfg.token.get_secret_value() if cfg.token else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        refresher = threading.Thread(target=state.run_refresher, args=(poll_s, stop), daemon=True)
+        refresher = threading.Thread(
+            target=state.run_refresher, args=(state.cfg.refresh_s, stop), daemon=True
+        )
         refresher.start()
         yield
         stop.set()
@@ -184,7 +183,7 @@ def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0, token: 
         unknown: list[str] = []
         if req.user_id is not None:
             with engine.connect() as conn:
-                history = user_history(conn, req.user_id, 50)
+                history = user_history(conn, req.user_id, cfg.history_len)
             if not history:
                 raise HTTPException(404, f"user {req.user_id!r} has no interactions")
         else:
@@ -235,18 +234,3 @@ def create_app(engine: Engine, state: ServingState, poll_s: float = 1.0, token: 
         }
 
     return app
-
-
-def app_from_env() -> FastAPI:
-    """The app of ``said serve`` (a uvicorn factory: every worker process builds its own)."""
-    import torch
-
-    from core.settings import get_settings
-
-    # One small query at a time: intra-op threads only contend with concurrent requests
-    # (measured: SASRec query 1.2 ms with 2 threads, 0.53 ms with 1).
-    torch.set_num_threads(1)
-    settings = get_settings()
-    state = ServingState.from_settings(settings)
-    token = settings.api_token.get_secret_value() if settings.api_token else None
-    return create_app(state.engine, state, token=token)

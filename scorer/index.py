@@ -30,7 +30,6 @@ import faiss
 import numpy as np
 
 from core.files import CorruptFile, read_checked, remove_stale_temps, write_checked
-from core.settings import DEFAULTS
 
 log = logging.getLogger(__name__)
 HNSW_M = 32  # graph degree
@@ -46,7 +45,8 @@ class CorruptSnapshot(CorruptFile):
 class ItemIndex:
     """Inner-product search over item vectors keyed by item index."""
 
-    def __init__(self, dim: int, hnsw_min_items: int = DEFAULTS.hnsw_min_items) -> None:
+    def __init__(self, dim: int, hnsw_min_items: int) -> None:
+        """Exact search below ``hnsw_min_items`` items (``SAID_HNSW_MIN_ITEMS``), HNSW bands from there."""
         self.dim, self.hnsw_min_items = dim, hnsw_min_items
         self.mains: list[faiss.IndexIDMap2] = [self._flat()]  # one exact tier, or HNSW bands
         self.delta = self._flat()
@@ -110,9 +110,12 @@ class ItemIndex:
         """Past this the delta's exact scan costs more than a compaction saves."""
         return self.delta.ntotal > max(1000, min(self._main_total() // 20, 20_000))
 
-    def compact(self) -> None:
-        """Fold the delta tier into a freshly built main tier (minutes for 1M HNSW items)."""
-        self.build(*self.items())
+    def compacted(self) -> ItemIndex:
+        """A new index with the delta tier folded into a freshly built main tier (minutes
+        for 1M HNSW items): built while this one keeps serving, then swapped in whole."""
+        fresh = ItemIndex(self.dim, self.hnsw_min_items)
+        fresh.build(*self.items())
+        return fresh
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """Every current (ids, vectors): main's unmasked entries, then the delta tier."""
@@ -195,7 +198,7 @@ class ItemIndex:
         return path
 
     @classmethod
-    def load(cls, path: Path, hnsw_min_items: int = DEFAULTS.hnsw_min_items) -> ItemIndex:
+    def load(cls, path: Path, hnsw_min_items: int) -> ItemIndex:
         """Load a snapshot, verifying its checksum; raises :class:`CorruptSnapshot`."""
         try:
             data = read_checked(path)

@@ -34,15 +34,15 @@ class CosineScorer:
 
 
 class SASRecScorer:
+    """A trained scorer behind the ``Recommender`` seam (``SASRec`` today)."""
+
     def __init__(self, model: SASRec, version: str) -> None:
         self.model, self.version, self.dim = model.eval(), version, model.cfg.hidden
 
     @torch.inference_mode()
     def item_vectors(self, said: np.ndarray) -> np.ndarray:
-        return self.model.adapt(torch.from_numpy(said.astype(np.float32))).numpy()  # (n, h)
+        return self.model.content_vectors(torch.from_numpy(said.astype(np.float32))).numpy()  # (n, h)
 
     @torch.inference_mode()
     def query(self, history: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(history[-self.model.cfg.max_len :])[None]  # (1, T, h)
-        valid = torch.ones(x.shape[:2], dtype=torch.bool)
-        return self.model.encode(x, valid)[:, -1].numpy()  # (1, h)
+        return self.model.query(torch.from_numpy(history)[None]).numpy()  # (T, h) -> (1, h)

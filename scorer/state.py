@@ -31,8 +31,8 @@ from sqlalchemy.engine import Engine
 
 from core import metrics
 from core.catalogue import EmbeddingRows, embeddings_since, item_ids_after
-from core.settings import DEFAULTS
-from core.versions import active_version, require_active
+from core.settings import IndexSettings, Settings
+from core.versions import active_version
 from models.bundle import AlignerBundle
 from models.sasrec import load_sasrec
 from scorer.index import CorruptSnapshot, ItemIndex, snapshots
@@ -69,15 +69,14 @@ class ServingState:
         aligner_version: str,
         said_dim: int,
         index_dir: Path,
-        snapshot_every_s: float = DEFAULTS.snapshot_every_s,
-        hnsw_min_items: int = DEFAULTS.hnsw_min_items,
+        cfg: IndexSettings,
     ) -> None:
         # One query at a time gains nothing from OpenMP threads, and their spin-waiting under
         # concurrent requests costs tens of milliseconds (measured: p50 45 ms -> see README).
         faiss.omp_set_num_threads(1)
         self.engine, self.aligner_version, self.said_dim = engine, aligner_version, said_dim
-        self.index_dir, self.snapshot_every_s = index_dir, snapshot_every_s
-        self.hnsw_min_items = hnsw_min_items
+        self.index_dir, self.cfg = index_dir, cfg
+        self.snapshot_every_s, self.hnsw_min_items = cfg.snapshot_every_s, cfg.hnsw_min_items
         self.lock = threading.RLock()
         self.item_id: dict[int, str] = {}
         self.idx_of: dict[str, int] = {}
@@ -89,26 +88,10 @@ class ServingState:
         self.refresh()
 
     @classmethod
-    def from_settings(cls, settings) -> ServingState:
-        """The state of ``said serve``: the active aligner's catalogue and index folder."""
-        import torch
-
-        from core.db import make_engine
-
-        engine = make_engine(settings.database_url)
-        bundle = AlignerBundle.load(require_active(engine, "aligner")[1], torch.device("cpu"))
-        return cls.for_bundle(engine, bundle, settings)
-
-    @classmethod
-    def for_bundle(cls, engine: Engine, bundle: AlignerBundle, settings) -> ServingState:
-        """The state serving ``bundle``'s vectors, configured from ``settings``."""
+    def for_bundle(cls, engine: Engine, bundle: AlignerBundle, settings: Settings) -> ServingState:
+        """The state serving ``bundle``'s vectors, its index under ``<data_dir>/index``."""
         return cls(
-            engine,
-            bundle.version,
-            bundle.aligner.cfg.vector_dim,
-            settings.data_dir / "index",
-            settings.snapshot_every_s,
-            settings.hnsw_min_items,
+            engine, bundle.version, bundle.aligner.cfg.vector_dim, settings.data_dir / "index", settings.index
         )
 
     @property
@@ -225,8 +208,7 @@ class ServingState:
     def _maintain(self, served: Served) -> None:
         """Compaction and snapshots; only this thread writes the index, so reads are safe."""
         if served.index.needs_compaction():
-            fresh = ItemIndex(served.index.dim, self.hnsw_min_items)
-            fresh.build(*served.index.items())
+            fresh = served.index.compacted()
             with self.lock:
                 served.index = fresh
         if time.monotonic() - self._snapshot_at > self.snapshot_every_s:

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from core.settings import Settings
+from core.settings import KafkaSettings, Settings
 from said.broker import EmbeddedBroker, ensure_topics, free_port
 from said.migrate import upgrade
 from tests.support.pgcluster import ThrowawayPostgres, find_pg_bin
@@ -39,7 +39,7 @@ def pg():
 @pytest.fixture
 def broker():
     b = EmbeddedBroker(free_port()).start()
-    ensure_topics({"bootstrap.servers": b.bootstrap})
+    ensure_topics(KafkaSettings(bootstrap=b.bootstrap))
     yield b
     b.stop()
 

@@ -35,16 +35,16 @@ def consume(settings, handler_cls, idle: float = 1.5):
 
 
 def test_items_then_interactions_are_stored_and_replay_is_harmless(settings):
-    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [item_event(i) for i in range(50)], "item_id")
+    produce_json(settings.kafka.bootstrap, TOPIC_ITEMS, [item_event(i) for i in range(50)], "item_id")
     clicks = [click_event(e, e % 50) for e in range(300)]
-    produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, clicks, "user_id")
+    produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, clicks, "user_id")
     stats, engine = consume(settings, ItemsHandler)
     assert stats.stored == 50
     stats, _ = consume(settings, InteractionsHandler)
     assert (stats.stored, stats.dead_lettered) == (300, 0)
     # Replaying every event (a new group reads from the start) changes nothing.
-    produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, clicks[:100], "user_id")
-    settings.group_id += "-replay"
+    produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, clicks[:100], "user_id")
+    settings = settings.override(group_id=settings.consume.group_id + "-replay")
     consume(settings, ItemsHandler)
     consume(settings, InteractionsHandler)
     with engine.connect() as conn:
@@ -56,14 +56,14 @@ def test_items_then_interactions_are_stored_and_replay_is_harmless(settings):
 
 def test_changed_text_goes_back_to_pending_and_stale_events_are_ignored(settings):
     engine = make_engine(settings.database_url)
-    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [item_event(1), item_event(2)], "item_id")
+    produce_json(settings.kafka.bootstrap, TOPIC_ITEMS, [item_event(1), item_event(2)], "item_id")
     consume(settings, ItemsHandler)
     with engine.begin() as conn:
         conn.execute(items.update().values(status="aligned"))
         conn.execute(alignment_jobs.delete())
     newer = item_event(1, "Product number 1, now in blue", "2026-01-02T00:00:00Z")
     older = item_event(2, "An old title that arrived late", "2025-12-31T00:00:00Z")
-    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [newer, older], "item_id")
+    produce_json(settings.kafka.bootstrap, TOPIC_ITEMS, [newer, older], "item_id")
     consume(settings, ItemsHandler)
     with engine.connect() as conn:
         rows = {r.item_id: r for r in conn.execute(select(items))}
@@ -95,10 +95,10 @@ def test_bad_input_goes_to_dlq_with_reason_and_good_messages_are_kept(settings):
         raw_items.append((b"k", json.dumps(good_items[n]).encode()))
         raw_items.append((b"k", bad))
     raw_items += [(b"k", json.dumps(g).encode()) for g in good_items[len(bad_items) :]]
-    produce_raw(settings.kafka_bootstrap, TOPIC_ITEMS, raw_items)
+    produce_raw(settings.kafka.bootstrap, TOPIC_ITEMS, raw_items)
     good_clicks = [click_event(e, e % 10) for e in range(20)]
     produce_raw(
-        settings.kafka_bootstrap,
+        settings.kafka.bootstrap,
         TOPIC_INTERACTIONS,
         [(b"u", json.dumps(c).encode()) for c in good_clicks[:10]]
         + [(b"u", b) for b in bad_clicks]
@@ -112,7 +112,7 @@ def test_bad_input_goes_to_dlq_with_reason_and_good_messages_are_kept(settings):
     assert metrics.MESSAGES.labels(TOPIC_ITEMS, "dlq")._value.get() - before == len(bad_items)
     assert click_stats.dead_lettered == len(bad_clicks)
     expected = bad_items | bad_clicks
-    assert dlq_reasons(settings.kafka_bootstrap, len(expected)) == expected
+    assert dlq_reasons(settings.kafka.bootstrap, len(expected)) == expected
     with engine.connect() as conn:
         assert count_rows(conn, items) == 10
         assert count_rows(conn, interactions) == 20
@@ -124,23 +124,23 @@ def test_an_interaction_before_its_item_is_parked_applied_or_dead_lettered_after
     engine = make_engine(settings.database_url)
     clicks = [click_event(1, 5), click_event(2, 6)]
     produce_raw(
-        settings.kafka_bootstrap,
+        settings.kafka.bootstrap,
         TOPIC_INTERACTIONS,
         [(b"u1", json.dumps(c).encode()) for c in clicks],
         headers=[("trace", b"abc"), ("empty", None)],
     )
     stats, _ = consume(settings, InteractionsHandler)
     assert (stats.stored, stats.dead_lettered) == (2, 0), "parked, not dead-lettered"
-    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [item_event(5)], "item_id")
+    produce_json(settings.kafka.bootstrap, TOPIC_ITEMS, [item_event(5)], "item_id")
     consume(settings, ItemsHandler)
     with engine.connect() as conn:
         assert count_rows(conn, interactions) == 1, "item 5's arrival applied its parked click"
         assert count_parked(conn) == 1
 
-    settings.park_max_age_s = 0.01  # item 6 never comes: its click ages out to the DLQ
+    settings = settings.override(park_max_age_s=0.01)  # item 6 never comes: its click ages out to the DLQ
     stats, _ = consume(settings, InteractionsHandler, idle=0.5)
     assert stats.dead_lettered == 1
-    (dead,) = read_topic(settings.kafka_bootstrap, TOPIC_DLQ, 1)
+    (dead,) = read_topic(settings.kafka.bootstrap, TOPIC_DLQ, 1)
     headers = dict(dead.headers())
     assert (
         headers["said-error"] == b"unknown_item" and headers["trace"] == b"abc" and headers["empty"] is None
@@ -149,7 +149,7 @@ def test_an_interaction_before_its_item_is_parked_applied_or_dead_lettered_after
     with engine.connect() as conn:
         assert count_parked(conn) == 0
 
-    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [item_event(6)], "item_id")
+    produce_json(settings.kafka.bootstrap, TOPIC_ITEMS, [item_event(6)], "item_id")
     consume(settings, ItemsHandler)
     assert replay_dlq(settings, "unknown_item").replayed == 1
     consume(settings, InteractionsHandler)
@@ -167,7 +167,7 @@ def test_dlq_replay_is_bounded_keeps_context_and_leaves_exhausted_messages(setti
 
     ts = 1_700_000_000_000
     produce_raw(
-        settings.kafka_bootstrap,
+        settings.kafka.bootstrap,
         TOPIC_DLQ,
         [],
         records=[
@@ -183,7 +183,7 @@ def test_dlq_replay_is_bounded_keeps_context_and_leaves_exhausted_messages(setti
     def writer():  # consumers re-dead-lettering while the replay runs
         n = 100
         while not keep_writing.is_set():
-            produce_raw(settings.kafka_bootstrap, TOPIC_DLQ, [], records=[dead("unknown_item", n, 1, ts)])
+            produce_raw(settings.kafka.bootstrap, TOPIC_DLQ, [], records=[dead("unknown_item", n, 1, ts)])
             n += 1
 
     thread = threading.Thread(target=writer, daemon=True)
@@ -194,7 +194,7 @@ def test_dlq_replay_is_bounded_keeps_context_and_leaves_exhausted_messages(setti
     thread.join()
     assert time.monotonic() - t0 < 30, "the replay ends at the offsets it started with"
     assert (stats.skipped, stats.exhausted) == (1, 1) and stats.replayed >= 1
-    (back,) = [m for m in read_topic(settings.kafka_bootstrap, TOPIC_INTERACTIONS, 1) if b'"e1"' in m.value()]
+    (back,) = [m for m in read_topic(settings.kafka.bootstrap, TOPIC_INTERACTIONS, 1) if b'"e1"' in m.value()]
     assert back.timestamp()[1] == ts and back.key() == b"u"
     assert dict(back.headers()) == {"said-attempts": b"1", "trace": None}, "said-error etc. dropped"
 
@@ -203,20 +203,20 @@ def test_a_message_over_the_broker_default_goes_to_the_dlq_as_a_prefix(settings)
     big = json.dumps(item_event(1, title="x" * 1_000_000)).encode()
     assert len(big) > 1_000_000
     produce_raw(
-        settings.kafka_bootstrap,
+        settings.kafka.bootstrap,
         TOPIC_ITEMS,
         [(b"big", big)] + [(b"k", json.dumps(item_event(i)).encode()) for i in range(2, 5)],
         max_bytes=2_000_000,
     )
     stats, engine = consume(settings, ItemsHandler)
     assert (stats.stored, stats.dead_lettered) == (3, 1)
-    (dead,) = read_topic(settings.kafka_bootstrap, TOPIC_DLQ, 1)
+    (dead,) = read_topic(settings.kafka.bootstrap, TOPIC_DLQ, 1)
     headers = dict(dead.headers())
     assert headers["said-error"] == b"too_large" and headers["said-truncated-from"] == str(len(big)).encode()
     assert big.startswith(dead.value()) and dead.key() == b"big"
-    assert settings.max_message_bytes - 500 < len(dead.value()) < settings.max_message_bytes, (
-        "key and headers fit"
-    )
+    assert (
+        settings.consume.max_message_bytes - 500 < len(dead.value()) < settings.consume.max_message_bytes
+    ), "key and headers fit"
     with engine.connect() as conn:
         assert count_rows(conn, items) == 3
 
@@ -232,10 +232,10 @@ class PoisonedItems(ItemsHandler):
 
 def test_a_batch_that_fails_is_bisected_to_its_poison_message(settings):
     good = [(b"k", json.dumps(item_event(i)).encode()) for i in range(20)]
-    produce_raw(settings.kafka_bootstrap, TOPIC_ITEMS, good[:7] + [(b"poison", b"{}")] + good[7:])
+    produce_raw(settings.kafka.bootstrap, TOPIC_ITEMS, good[:7] + [(b"poison", b"{}")] + good[7:])
     stats, engine = consume(settings, PoisonedItems)
     assert (stats.stored, stats.dead_lettered) == (20, 1)
-    assert dlq_reasons(settings.kafka_bootstrap, 1) == {b"{}": "processing_error:ValueError"}
+    assert dlq_reasons(settings.kafka.bootstrap, 1) == {b"{}": "processing_error:ValueError"}
     again, _ = consume(settings, PoisonedItems)
     assert again.consumed == 0, "offsets committed: no crash loop on restart"
     with engine.connect() as conn:
@@ -248,7 +248,7 @@ def test_the_same_item_events_in_any_order_give_the_same_row(settings, order):
     events[1]["advertiser_id"] = "other"
     engine = make_engine(settings.database_url)
     for i in order:  # one batch per event: the stored row must decide, not the batch
-        produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [events[i]], "item_id")
+        produce_json(settings.kafka.bootstrap, TOPIC_ITEMS, [events[i]], "item_id")
         consume(settings, ItemsHandler, idle=0.3)
     with engine.connect() as conn:
         row = conn.execute(select(items.c.title, items.c.advertiser_id)).one()

@@ -24,6 +24,7 @@ from consumers.runner import ConsumeLoop
 from core.catalogue import count_rows, write_embeddings
 from core.db import make_engine
 from core.events import TOPIC_INTERACTIONS
+from core.settings import IndexSettings, KafkaSettings
 from core.tables import interactions, item_embeddings, items
 from said.broker import ensure_topics
 from scorer.index import ItemIndex, latest_snapshot
@@ -31,7 +32,7 @@ from tests.support import faultlog
 from tests.support.catalogue import add_items
 from tests.support.kafka_util import click_event, load_items, produce_json
 from updater.leases import pending_count
-from updater.worker import UpdateWorker, WorkerConfig
+from updater.worker import UpdateWorker
 
 pytestmark = pytest.mark.faults
 
@@ -41,8 +42,8 @@ def _env(settings, **extra) -> dict:
         os.environ
         | {
             "SAID_DATABASE_URL": settings.database_url,
-            "SAID_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "SAID_GROUP_ID": settings.group_id,
+            "SAID_KAFKA_BOOTSTRAP": settings.kafka.bootstrap,
+            "SAID_GROUP_ID": settings.consume.group_id,
             "SAID_SESSION_TIMEOUT_MS": "2000",
             "SAID_LOG_LEVEL": "WARNING",
         }
@@ -86,7 +87,7 @@ def _committed(settings, group: str, topic: str) -> dict[int, int]:
     """The group's committed offset per partition of ``topic``."""
     from confluent_kafka import Consumer, TopicPartition
 
-    c = Consumer(settings.kafka_config() | {"group.id": group, "enable.auto.commit": False})
+    c = Consumer(settings.kafka.client_config() | {"group.id": group, "enable.auto.commit": False})
     try:
         parts = c.list_topics(topic, timeout=10).topics[topic].partitions
         return {
@@ -102,7 +103,7 @@ def test_sigkill_three_times_loses_and_duplicates_nothing(settings, tmp_path):
     load_items(settings, 100)
     distinct = [click_event(e, e % 100, user=f"u{e % 97}") for e in range(18_000)]
     events = distinct + distinct[:2000]  # 2k replays by the producer
-    produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, events, "user_id")
+    produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, events, "user_id")
     engine = make_engine(settings.database_url)
     cmd = [sys.executable, "-m", "said.cli", "consume", "interactions", "--idle-exit", "3"]
     audit = tmp_path / "processed.log"
@@ -138,7 +139,7 @@ def test_sigkill_three_times_loses_and_duplicates_nothing(settings, tmp_path):
         _topic, part, off = line.split()
         ends[int(part)] = max(ends.get(int(part), 0), int(off) + 1)
     assert sum(ends.values()) == len(events), "offsets 0..end-1 of every partition were processed"
-    assert _committed(settings, f"{settings.group_id}.interactions", TOPIC_INTERACTIONS) == ends
+    assert _committed(settings, f"{settings.consume.group_id}.interactions", TOPIC_INTERACTIONS) == ends
 
 
 @pytest.mark.slow
@@ -159,7 +160,7 @@ def test_database_outage_mid_stream_counts_exact(broker, pg, tmp_path):
     )
     load_items(settings, 50)
     events = [click_event(e, e % 50, user=f"u{e % 31}") for e in range(10_000)]
-    produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, events, "user_id")
+    produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, events, "user_id")
     engine = make_engine(url)
     loop = ConsumeLoop(InteractionsHandler(settings), make_engine(url), settings)
     result = {}
@@ -176,7 +177,7 @@ def test_database_outage_mid_stream_counts_exact(broker, pg, tmp_path):
     assert not worker.is_alive()
     stats = result["stats"]
     rows = _rows(engine)
-    processed, offsets = _deliveries(settings.consumer_audit_log)
+    processed, offsets = _deliveries(settings.consume.audit_log)
     replayed = processed - len(offsets)
     faultlog.record("PostgreSQL restarted mid-stream (consumer)", 2, 10_000 - rows, replayed, max(recoveries))
     assert stats.stored == 10_000 and stats.dead_lettered == 0 and rows == 10_000
@@ -210,7 +211,7 @@ def test_broker_restarted_mid_stream(settings, broker):
     try:
         for phase in range(4):
             events = [click_event(phase * 10_000 + e, e % 50, user=f"u{e % 13}") for e in range(2000)]
-            produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, events, "user_id")
+            produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, events, "user_id")
             expected += len(events)
             took = _wait(lambda: _rows(engine) == expected, 90, f"phase {phase}")  # noqa: B023
             if phase:  # seconds from the first event after a restart to all of them stored
@@ -219,7 +220,7 @@ def test_broker_restarted_mid_stream(settings, broker):
                 broker.proc.send_signal(signal.SIGKILL)
                 broker.proc.wait()
                 broker.start()
-                ensure_topics({"bootstrap.servers": broker.bootstrap})
+                ensure_topics(KafkaSettings(bootstrap=broker.bootstrap))
         assert thread.is_alive(), "the consumer survived three broker restarts"
     finally:
         loop.stop()
@@ -237,23 +238,19 @@ def test_broker_restarted_mid_stream(settings, broker):
 
 @pytest.mark.slow
 def test_postgres_restarted_while_the_worker_holds_a_lease(pg, tiny_hf_folder, tmp_path):
-    from models.llm import load_llm
     from said.migrate import upgrade
-    from training.align import AlignConfig
+    from tests.support.catalogue import tiny_lm, tiny_settings
     from updater.full_align import align_catalogue
 
     url = pg.create_database()
     upgrade(url)
     engine = make_engine(url)
     add_items(engine, 0, 16)
-    cpu = torch.device("cpu")
-    llm, tok = load_llm(str(tiny_hf_folder), tmp_path, cpu)
-    bundle = align_catalogue(
-        engine, llm, tok, cpu, tmp_path, AlignConfig(epochs=1, batch_size=8), k=1, item_dim=16, progress=False
-    )
+    settings, lm = tiny_settings(tmp_path, url, align_epochs=1), tiny_lm(tiny_hf_folder, tmp_path)
+    bundle = align_catalogue(engine, lm, settings, progress=False)
     add_items(engine, 16, 8)
     worker = UpdateWorker(
-        engine, bundle, llm, tok, cpu, WorkerConfig(batch=8, refine_epochs=400, target_accuracy=1.01)
+        engine, bundle, lm, settings.override(worker_batch=8, refine_epochs=400, refine_target_accuracy=1.01)
     )
     thread = threading.Thread(target=worker.run, kwargs={"idle_exit": 2.0})
     thread.start()
@@ -333,10 +330,8 @@ def test_snapshot_writer_killed_mid_write_never_yields_a_torn_index(tmp_path):
 def test_disk_full_snapshot_write_keeps_serving_and_the_old_snapshot(aligned, monkeypatch):
     from scorer.state import ServingState
 
-    engine, bundle, _llm, _tok, data = aligned
-    state = ServingState(
-        engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index", snapshot_every_s=0.0
-    )
+    engine, bundle, _lm, settings, data = aligned
+    state = ServingState.for_bundle(engine, bundle, settings.override(snapshot_every_s=1e-9))
     good = state.rebuild()
     real_fsync, failures = os.fsync, []
 
@@ -419,7 +414,7 @@ def test_a_paused_worker_writes_nothing_once_its_lease_is_gone(aligned, tiny_hf_
     from core.catalogue import upsert_items
     from core.events import ItemEvent
 
-    engine, bundle, llm, tok, data = aligned
+    engine, bundle, lm, settings, data = aligned
     add_items(engine, 24, 1)  # idx 25
     cmd = [
         sys.executable,
@@ -441,8 +436,8 @@ def test_a_paused_worker_writes_nothing_once_its_lease_is_gone(aligned, tiny_hf_
         with engine.begin() as conn:
             upsert_items(conn, [ItemEvent("i24", "renamed item while paused", None, None, now)], now)
         t0 = time.monotonic()
-        cfg = WorkerConfig(batch=1, refine_epochs=1, worker_id="other")
-        assert UpdateWorker(engine, bundle, llm, tok, torch.device("cpu"), cfg).run(idle_exit=0.5) == 1
+        cfg = settings.override(worker_batch=1, refine_epochs=1, worker_id="other")
+        assert UpdateWorker(engine, bundle, lm, cfg).run(idle_exit=0.5) == 1
         recovery = time.monotonic() - t0  # the new text is aligned while the victim sleeps
         aligned_row = _embedding(engine, 25)
         assert aligned_row.kind == "refined"
@@ -493,17 +488,14 @@ def _settled(engine, version: str) -> bool:
 def test_a_new_aligner_version_activated_under_load_strands_no_item(aligned):
     """Items keep arriving while ``said align`` runs and activates v2 beside a running worker:
     every item ends with a v2 vector of its current text (none stays on v1 only)."""
-    from training.align import AlignConfig
     from updater.full_align import align_catalogue
 
-    engine, _bundle, llm, tok, data = aligned
+    engine, _bundle, lm, settings, data = aligned
     worker = UpdateWorker(
         engine,
         _bundle,
-        llm,
-        tok,
-        torch.device("cpu"),
-        WorkerConfig(batch=2, refine_epochs=1, worker_id="w", version_check_s=0.2),
+        lm,
+        settings.override(worker_batch=2, refine_epochs=1, worker_id="w", worker_version_check_s=0.2),
     )
     runner = threading.Thread(target=worker.run)
     runner.start()
@@ -518,10 +510,7 @@ def test_a_new_aligner_version_activated_under_load_strands_no_item(aligned):
     feeder.start()
     try:
         time.sleep(1.0)
-        cfg = AlignConfig(epochs=1, batch_size=8)
-        v2 = align_catalogue(
-            engine, llm, tok, torch.device("cpu"), data, cfg, k=1, item_dim=16, progress=False
-        )
+        v2 = align_catalogue(engine, lm, settings.override(align_epochs=1), progress=False)
         time.sleep(1.0)  # items keep arriving after the activation too
         feeding.set()
         feeder.join()
@@ -591,7 +580,7 @@ def test_torn_snapshots_fall_back_to_the_previous_good_one(served, monkeypatch):
         _torn(kind, good.read_bytes(), folder, f"{state.version}-q{10**6 + n}")
         monkeypatch.setattr(ServingState, "_build", lambda *_, k=kind: pytest.fail(f"rebuilt after: {k}"))
         t0 = time.monotonic()
-        again = ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, folder)
+        again = ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, folder, IndexSettings())
         seconds.append(time.monotonic() - t0)
         monkeypatch.undo()
         wrong += again.served.watermark != state.served.watermark or len(again.served.index) != 24
@@ -604,7 +593,6 @@ def test_torn_snapshots_fall_back_to_the_previous_good_one(served, monkeypatch):
 
 
 def test_a_torn_model_file_is_refused_with_a_reason(tmp_path):
-    import torch
 
     from core.files import CorruptFile, load_torch, save_torch
 

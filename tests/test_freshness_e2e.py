@@ -17,16 +17,16 @@ from consumers.items import ItemsHandler
 from consumers.runner import ConsumeLoop
 from core.db import make_engine
 from core.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
+from models.aligner import FrozenLM
 from models.llm import load_llm
 from said.broker import free_port
 from scorer.app import create_app
 from scorer.state import ServingState
 from tests.support.catalogue import NAMES
 from tests.support.kafka_util import produce_json
-from training.align import AlignConfig
 from updater.full_align import align_catalogue
-from updater.retrain import RetrainConfig, retrain_once
-from updater.worker import UpdateWorker, WorkerConfig
+from updater.retrain import retrain_once
+from updater.worker import UpdateWorker
 
 CPU = torch.device("cpu")
 
@@ -73,32 +73,35 @@ def _clicks() -> list[dict]:
 def test_new_item_enters_a_similar_users_top_k(settings, smollm_folder, llm_cache, tmp_path, scorer):
     engine = make_engine(settings.database_url)
     produce_json(
-        settings.kafka_bootstrap,
+        settings.kafka.bootstrap,
         TOPIC_ITEMS,
         [_item(i, f"{NAMES[i % 8]} pack {i}") for i in range(24)],
         "item_id",
     )
-    produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, _clicks(), "user_id")
+    produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, _clicks(), "user_id")
     ConsumeLoop(ItemsHandler(settings), engine, settings).run(idle_exit=1.0)
     ConsumeLoop(InteractionsHandler(settings), engine, settings).run(idle_exit=1.0)
-    llm, tok = load_llm(None, llm_cache, CPU)
-    bundle = align_catalogue(
-        engine, llm, tok, CPU, tmp_path, AlignConfig(epochs=3, batch_size=8), k=1, item_dim=32, progress=False
+    settings = settings.override(
+        data_dir=tmp_path, align_epochs=3, align_batch=8, soft_tokens=1, item_dim=32, index_refresh_s=0.2
     )
+    model, tok = load_llm(None, llm_cache, CPU)
+    lm = FrozenLM.around(model, tok, CPU, settings.align.prompt)
+    bundle = align_catalogue(engine, lm, settings, progress=False)
     if scorer == "sasrec":  # the production path once clicks exist: a promoted SASRec scorer
-        promoted = retrain_once(engine, bundle.version, tmp_path, RetrainConfig(epochs=20), CPU, False)
+        retrain = settings.override(retrain_epochs=20, scorer_patience=3, scorer_eval_every=1)
+        promoted = retrain_once(engine, bundle.version, retrain, CPU, False)
         assert promoted["promoted"]
 
-    state = ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, tmp_path / "index")
+    state = ServingState.for_bundle(engine, bundle, settings)
     assert state.version.startswith(scorer)
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(engine, state, poll_s=0.2), port=port, log_level="warning")
+        uvicorn.Config(create_app(engine, state, settings.api), port=port, log_level="warning")
     )
     # No refinement passes: this test is about the first estimate reaching users through the
     # whole pipeline; refinement is covered in test_updater.py. With passes, whether the
     # short window between estimate and refined vector is observed depends on CPU load.
-    worker = UpdateWorker(engine, bundle, llm, tok, CPU, WorkerConfig(batch=4, refine_epochs=0))
+    worker = UpdateWorker(engine, bundle, lm, settings.override(worker_batch=4, refine_epochs=0))
     items_loop = ConsumeLoop(ItemsHandler(settings), engine, settings)
     threads = [
         threading.Thread(target=server.run),
@@ -118,7 +121,7 @@ def test_new_item_enters_a_similar_users_top_k(settings, smollm_folder, llm_cach
                 time.sleep(0.1)
         time.sleep(3)  # the item consumer has joined its group by now
         t0 = time.monotonic()
-        produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [_item(99, "rose lip balm pack 99")], "item_id")
+        produce_json(settings.kafka.bootstrap, TOPIC_ITEMS, [_item(99, "rose lip balm pack 99")], "item_id")
         found_after = None
         while time.monotonic() - t0 < 60:
             top = httpx.post(url, json={"user_id": "u1", "k": 5}).json()["items"]

@@ -142,7 +142,7 @@ def test_every_message_ends_in_the_catalogue_or_the_dlq(item_msgs, click_msgs):
             group_id=f"fuzz-{free_port()}",
             max_message_bytes=MAX_BYTES,
         )
-        ensure_topics(cfg.kafka_config())
+        ensure_topics(cfg.kafka)
         produce_raw(broker.bootstrap, TOPIC_ITEMS, [(b"k", m) for m in item_msgs])
         produce_raw(broker.bootstrap, TOPIC_INTERACTIONS, [(b"k", m) for m in click_msgs])
         engine = make_engine(url)

@@ -30,7 +30,7 @@ from consumers.runner import ConsumeLoop
 from core.db import make_engine
 from core.events import TOPIC_DLQ, TOPIC_INTERACTIONS, TOPIC_ITEMS, content_hash
 from core.parking import count_parked
-from core.settings import Settings
+from core.settings import KafkaSettings, Settings
 from core.tables import interactions, items
 from said.broker import EmbeddedBroker, ensure_topics, free_port
 from said.migrate import upgrade
@@ -129,10 +129,10 @@ def _deliver(h: dict, s: Settings, engine) -> None:
     crash = {TOPIC_ITEMS: h["crash_items"], TOPIC_INTERACTIONS: h["crash_clicks"]}
     kinds = {TOPIC_ITEMS: ItemsHandler, TOPIC_INTERACTIONS: InteractionsHandler}
     for topic in topics:
-        produce_raw(s.kafka_bootstrap, topic, [(b"k", m) for m in msgs[topic]])
+        produce_raw(s.kafka.bootstrap, topic, [(b"k", m) for m in msgs[topic]])
     runs = [(s, crash)]
     if h["replay"]:
-        runs.append((s.model_copy(update={"group_id": s.group_id + "-replay"}), {}))
+        runs.append((s.override(group_id=s.consume.group_id + "-replay"), {}))
     for run_settings, crashes in runs:
         threads = [
             threading.Thread(
@@ -146,7 +146,7 @@ def _deliver(h: dict, s: Settings, engine) -> None:
         for t in threads:
             t.join()
     # every interaction still parked ages out: a sweep dead-letters it
-    aged = s.model_copy(update={"park_max_age_s": 1e-6})
+    aged = s.override(park_max_age_s=1e-6)
     loop = ConsumeLoop(InteractionsHandler(aged), engine, aged)
     loop.sweep()
     loop.consumer.close()
@@ -194,7 +194,7 @@ def test_any_delivery_order_with_crashes_ends_in_the_model_state(backend, h, req
         url = request.getfixturevalue("pg").create_database()
     upgrade(url)
     with EmbeddedBroker(free_port()) as broker:
-        ensure_topics({"bootstrap.servers": broker.bootstrap})
+        ensure_topics(KafkaSettings(bootstrap=broker.bootstrap))
         s = Settings(
             database_url=url,
             kafka_bootstrap=broker.bootstrap,

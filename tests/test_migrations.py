@@ -26,7 +26,7 @@ def test_settings_redact_secrets():
     s = Settings(database_url="postgresql+psycopg://u:hunter2@h/db", kafka_sasl_password="s3cret")
     shown = str(s.redacted())
     assert "hunter2" not in shown and "s3cret" not in shown
-    assert s.kafka_config()["sasl.password"] == "s3cret"
+    assert s.kafka.client_config()["sasl.password"] == "s3cret"
 
 
 def test_sqlite_commits_survive_a_power_cut(tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 
-import torch
 from sqlalchemy import select
 
 from consumers.interactions import InteractionsHandler
@@ -19,7 +18,7 @@ from core.tables import interactions, item_embeddings
 from tests.support.catalogue import add_items
 from tests.support.kafka_util import click_event, load_items, produce_json
 from updater.leases import pending_count
-from updater.worker import UpdateWorker, WorkerConfig
+from updater.worker import UpdateWorker
 
 
 def test_two_consumers_in_one_group_split_the_partitions(settings):
@@ -36,7 +35,7 @@ def test_two_consumers_in_one_group_split_the_partitions(settings):
     deadline = time.monotonic() + 30  # produce only once both members own partitions
     while time.monotonic() < deadline and not all(lp.assigned for lp in loops):
         time.sleep(0.1)
-    produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, events, "user_id")
+    produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, events, "user_id")
     engine = make_engine(settings.database_url)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -56,16 +55,14 @@ def test_two_consumers_in_one_group_split_the_partitions(settings):
 
 
 def test_two_workers_split_fresh_items_without_overlap(aligned):
-    engine, bundle, llm, tok, data = aligned
+    engine, bundle, lm, settings, data = aligned
     add_items(engine, 24, 16)
     workers = [
         UpdateWorker(
             engine,
             bundle,
-            llm,
-            tok,
-            torch.device("cpu"),
-            WorkerConfig(batch=2, refine_epochs=1, worker_id=f"w{n}"),
+            lm,
+            settings.override(worker_batch=2, refine_epochs=1, worker_id=f"w{n}"),
         )
         for n in range(2)
     ]

@@ -17,24 +17,34 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from core.settings import get_settings
+from core.settings import ApiSettings, IndexSettings, Settings, get_settings
 from core.tables import model_versions
 from core.versions import activate, active_version, record_version
 from said.broker import free_port
-from scorer.app import create_app
+from scorer.app import bearer_guard, create_app
 from scorer.state import ServingState
 from tests.support import faultlog
 from tests.support.catalogue import add_items
 from updater import retrain
-from updater.retrain import RetrainConfig, is_due, retrain_once, validation_slices
+from updater.retrain import is_due, retrain_once, validation_slices
 
 CPU = torch.device("cpu")
+
+
+def retrain_settings(data, **flat) -> Settings:
+    """A retrain of the tiny catalogue: short, early-stopping after 3 flat validations."""
+    return Settings(data_dir=data, scorer_patience=3, scorer_eval_every=1, **flat)
+
+
+def refreshing(state: ServingState, every_s: float) -> ServingState:
+    state.cfg = IndexSettings(refresh_s=every_s)
+    return state
 
 
 @pytest.fixture
 def client(served):
     engine, _, _, state = served
-    with TestClient(create_app(engine, state, poll_s=0.1)) as c:
+    with TestClient(create_app(engine, refreshing(state, 0.1), ApiSettings())) as c:
         yield c
 
 
@@ -79,7 +89,7 @@ def test_items_health_ready_metrics_openapi(client):
 
 def test_a_token_protects_every_data_endpoint_but_not_health(served):
     engine, _, _, state = served
-    with TestClient(create_app(engine, state, token="s3cret")) as c:
+    with TestClient(create_app(engine, state, ApiSettings(token="s3cret"))) as c:
         body = {"history": ["i0"]}
         for auth, status in [
             (None, 401),
@@ -95,7 +105,9 @@ def test_a_token_protects_every_data_endpoint_but_not_health(served):
             assert c.get("/items/i0", headers=headers).status_code == status, auth
         assert c.get("/healthz").status_code == 200 and c.get("/metrics/").status_code == 200
     with pytest.raises(ValueError, match="empty"):
-        create_app(engine, state, token=" ")
+        ApiSettings(token=" ")
+    with pytest.raises(ValueError, match="empty"):
+        bearer_guard(" ")
 
 
 def test_serve_refuses_an_open_api_off_loopback(monkeypatch):
@@ -119,18 +131,20 @@ def test_corrupt_snapshot_is_rebuilt_from_the_catalogue(served):
     engine, bundle, data, state = served
     snap = state.rebuild()
     snap.write_bytes(b"garbage")
-    again = ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index")
+    again = ServingState(
+        engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index", IndexSettings()
+    )
     assert len(again.served.index) == 24 and again.recommend([1], 3, {1})[0]
 
 
 def test_retraining_is_event_driven_and_promotes_only_if_not_worse(served, monkeypatch):
     engine, bundle, data, state = served
-    cfg = RetrainConfig(min_new_interactions=50, min_new_items=5, epochs=3)
-    assert is_due(engine, cfg), "no scorer yet and interactions exist"
-    first = retrain_once(engine, bundle.version, data, cfg, CPU, progress=False)
+    cfg = retrain_settings(data, retrain_min_interactions=50, retrain_min_items=5, retrain_epochs=3)
+    assert is_due(engine, cfg.retrain), "no scorer yet and interactions exist"
+    first = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
     assert first["promoted"] and active_version(engine, "scorer")[0] == first["version"]
     assert first["ndcg@10"] > 0 and first["val_ndcg@10"] > 0
-    assert not is_due(engine, cfg), "nothing new since the last attempt"
+    assert not is_due(engine, cfg.retrain), "nothing new since the last attempt"
     state.refresh()
     assert state.version == first["version"], "the replica swapped to the promoted scorer"
     ranked, version, _ = state.recommend([1, 9], 5, {1, 9})
@@ -143,7 +157,7 @@ def test_retraining_is_event_driven_and_promotes_only_if_not_worse(served, monke
         return model, {"epochs": 1, "best_val_ndcg@10": 0.0}
 
     monkeypatch.setattr(retrain, "train_scorer", ruined)
-    second = retrain_once(engine, bundle.version, data, cfg, CPU, progress=False)
+    second = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
     assert not second["promoted"] and second["ndcg@10"] < first["ndcg@10"]
     assert second["warm_start"] == first["version"]
     assert active_version(engine, "scorer")[0] == first["version"], "a worse candidate is not promoted"
@@ -151,8 +165,8 @@ def test_retraining_is_event_driven_and_promotes_only_if_not_worse(served, monke
 
 def test_an_activation_during_training_is_not_undone_and_two_actives_are_refused(served, monkeypatch):
     engine, bundle, data, _ = served
-    cfg = RetrainConfig(epochs=2)
-    first = retrain_once(engine, bundle.version, data, cfg, CPU, progress=False)
+    cfg = retrain_settings(data, retrain_epochs=2)
+    first = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
     first_path = active_version(engine, "scorer")[1]
     with engine.begin() as conn:
         record_version(conn, "scorer", "operator-pick", first_path, {}, "retired")
@@ -164,7 +178,7 @@ def test_an_activation_during_training_is_not_undone_and_two_actives_are_refused
 
     monkeypatch.setattr(retrain, "train_scorer", operator_rolls_back_meanwhile)
     t0 = time.monotonic()
-    second = retrain_once(engine, bundle.version, data, cfg, CPU, progress=False)
+    second = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
     settled = time.monotonic() - t0  # the retrain, from the operator's activate to its verdict
     with engine.connect() as conn:
         actives = conn.execute(
@@ -199,13 +213,13 @@ def test_promotion_slice_is_disjoint_from_early_stopping_and_stable_as_users_arr
 @pytest.mark.slow
 def test_no_failed_request_while_versions_swap_under_load(served):
     engine, bundle, data, state = served
-    cfg = RetrainConfig(epochs=2)
-    versions = [
-        retrain_once(engine, bundle.version, data, cfg, CPU, progress=False)["version"] for _ in range(2)
-    ]
+    cfg = retrain_settings(data, retrain_epochs=2)
+    versions = [retrain_once(engine, bundle.version, cfg, CPU, progress=False)["version"] for _ in range(2)]
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(engine, state, poll_s=0.05), port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(engine, refreshing(state, 0.05), ApiSettings()), port=port, log_level="warning"
+        )
     )
     thread = threading.Thread(target=server.run)
     thread.start()
@@ -260,7 +274,9 @@ def test_writers_with_skewed_clocks_are_still_served_and_after_a_restart(served)
     applied.append(state.refresh())
     assert len(state.served.index) == 27
     state.rebuild()  # a snapshot carries the watermark; a restarted replica resumes from it
-    again = ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index")
+    again = ServingState(
+        engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index", IndexSettings()
+    )
     add_items(engine, 27, 1)
     _write_vector(engine, bundle, 28, now - timedelta(hours=2))
     applied.append(again.refresh())

@@ -14,16 +14,26 @@ import torch
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from core.settings import Settings
+from core.settings import SECTIONS, ApiSettings, KafkaSettings, Settings
 from scorer.app import MAX_BODY_BYTES, create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_secrets_have_no_default_and_print_redacted():
-    secret_fields = [n for n, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)]
-    assert set(secret_fields) >= {"kafka_sasl_password", "api_token", "kafka_ssl_key_password"}
-    assert all(Settings.model_fields[n].default is None for n in secret_fields)
+    sections = [getattr(Settings(), name) for name in SECTIONS]
+    secret_fields = [
+        (type(sec), n)
+        for sec in sections
+        for n, f in type(sec).model_fields.items()
+        if "SecretStr" in str(f.annotation)
+    ]
+    assert {
+        (KafkaSettings, "sasl_password"),
+        (ApiSettings, "token"),
+        (KafkaSettings, "ssl_key_password"),
+    } <= set(secret_fields)
+    assert all(cls.model_fields[n].default is None for cls, n in secret_fields)
     s = Settings(
         database_url="postgresql+psycopg://u:hunter2@h/db?sslmode=verify-full",
         kafka_sasl_password="s3cret",
@@ -33,7 +43,7 @@ def test_secrets_have_no_default_and_print_redacted():
     shown = str(s.redacted())
     assert not {"hunter2", "s3cret", "t0ken", "k3y"} & set(re.findall(r"\w+", shown))
     assert "sslmode=verify-full" in shown, "database TLS options pass through in the URL"
-    assert isinstance(s.api_token, SecretStr) and "t0ken" not in repr(s)
+    assert isinstance(s.api.token, SecretStr) and "t0ken" not in repr(s)
 
 
 def test_kafka_sasl_and_tls_settings_pass_through():
@@ -47,7 +57,7 @@ def test_kafka_sasl_and_tls_settings_pass_through():
         kafka_ssl_key_location="/k.pem",
         kafka_ssl_key_password="kp",
     )
-    assert s.kafka_config() == {
+    assert s.kafka.client_config() == {
         "bootstrap.servers": "127.0.0.1:9092",
         "security.protocol": "SASL_SSL",
         "sasl.mechanism": "SCRAM-SHA-512",
@@ -93,7 +103,7 @@ def test_no_sql_is_built_from_strings():
 
 def test_request_bodies_are_size_limited(served):
     engine, _, _, state = served
-    with TestClient(create_app(engine, state)) as c:
+    with TestClient(create_app(engine, state, ApiSettings())) as c:
         big = b'{"history": [' + b'"x",' * (MAX_BODY_BYTES // 4) + b'"x"]}'
         r = c.post("/recommend", content=big, headers={"content-type": "application/json"})
         assert r.status_code == 413 and "over" in r.json()["detail"]

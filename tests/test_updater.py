@@ -27,7 +27,7 @@ from core.versions import active_version
 from models.bundle import AlignerBundle
 from tests.support.catalogue import CPU, add_items
 from updater.leases import pending_count
-from updater.worker import UpdateWorker, WorkerConfig
+from updater.worker import UpdateWorker
 
 
 def test_full_alignment_activates_a_version_and_embeds_every_item(aligned):
@@ -41,13 +41,13 @@ def test_full_alignment_activates_a_version_and_embeds_every_item(aligned):
 
 
 def test_worker_aligns_fresh_items_without_touching_old_ones(aligned):
-    engine, bundle, llm, tok, data = aligned
+    engine, bundle, lm, settings, data = aligned
     table = bundle.aligner.items.weight.detach().clone()
     proj = {k: v.clone() for k, v in bundle.aligner.projector.state_dict().items()}
     with engine.connect() as conn:
         _, old_vecs = load_embeddings(conn, bundle.version)
     add_items(engine, 24, 10)
-    worker = UpdateWorker(engine, bundle, llm, tok, CPU, WorkerConfig(batch=4, refine_epochs=3))
+    worker = UpdateWorker(engine, bundle, lm, settings.override(worker_batch=4, refine_epochs=3))
     assert worker.run(idle_exit=0.3) == 10
     with engine.connect() as conn:
         ids, vecs = load_embeddings(conn, bundle.version)
@@ -63,7 +63,7 @@ def test_worker_aligns_fresh_items_without_touching_old_ones(aligned):
 
 @pytest.mark.slow
 def test_killed_worker_lease_expires_and_another_finishes(aligned, tiny_hf_folder):
-    engine, bundle, llm, tok, data = aligned
+    engine, bundle, lm, settings, data = aligned
     add_items(engine, 24, 6)
     url = engine.url.render_as_string(hide_password=False)
     env = os.environ | {
@@ -105,10 +105,13 @@ def test_killed_worker_lease_expires_and_another_finishes(aligned, tiny_hf_folde
 
 
 def test_a_new_item_is_estimated_while_another_batch_refines(aligned):
-    engine, bundle, llm, tok, _ = aligned
+    engine, bundle, lm, settings, _ = aligned
     add_items(engine, 24, 4)
     worker = UpdateWorker(
-        engine, bundle, llm, tok, CPU, WorkerConfig(batch=4, refine_epochs=100_000, target_accuracy=1.01)
+        engine,
+        bundle,
+        lm,
+        settings.override(worker_batch=4, refine_epochs=100_000, refine_target_accuracy=1.01),
     )
     thread = threading.Thread(target=worker.run)
     thread.start()
@@ -137,12 +140,12 @@ def test_a_poison_item_is_failed_with_its_reason_and_does_not_block_others(align
     from core.tables import alignment_jobs
     from updater.leases import MAX_FAILURES
 
-    engine, bundle, llm, tok, _ = aligned
+    engine, bundle, lm, settings, _ = aligned
     now = datetime.now(UTC)
     with engine.begin() as conn:
         upsert_items(conn, [ItemEvent("poison", "\u2028 breaks the tokenizer", None, None, now)], now)
     add_items(engine, 25, 3)
-    worker = UpdateWorker(engine, bundle, llm, tok, CPU, WorkerConfig(batch=1, refine_epochs=1))
+    worker = UpdateWorker(engine, bundle, lm, settings.override(worker_batch=1, refine_epochs=1))
     real = worker._refine
 
     def refine(leases, rows):

@@ -10,19 +10,18 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from core.files import load_torch, save_torch
-from core.settings import DEFAULTS, setting
+from core.settings import AlignSettings
 from models.aligner import (
     FreshRows,
+    FrozenLM,
     ItemAligner,
-    Prefix,
     alignment_loss,
     greedy_reconstruct,
     pad_batch,
@@ -31,23 +30,6 @@ from models.llm import adapter_state, autocast, load_adapter_state, lora_rank_of
 from training.optim import batch_scaled_lr, lr_factor, row_optimizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AlignConfig:
-    """Alignment hyper-parameters; each default and its meaning live in ``core.settings``."""
-
-    epochs: int = setting("align_epochs")  # most passes (converged items sit passes out)
-    batch_size: int = setting("align_batch")
-    lr_rows: float = setting("align_lr_rows")  # one update a pass per row, so a large rate
-    lr_proj: float = setting("align_lr_proj")  # at batch 16; scaled by sqrt(batch / 16)
-    row_optimizer: str = setting("align_row_optimizer")  # training.optim.ROW_OPTIMIZERS
-    lr_final: float = setting("align_lr_final")
-    warmup: float = setting("align_warmup")
-    acc_bar: float = setting("align_acc_bar")
-    recheck_every: int = setting("align_recheck_every")
-    seed: int = setting("align_seed")
-    checkpoint_every_s: float = setting("align_checkpoint_every_s")
 
 
 def length_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
@@ -59,20 +41,13 @@ def length_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[
 
 
 def _train_step(
-    llm,
-    prefix,
-    soft_fn,
-    keys: torch.Tensor,
-    texts: list[list[int]],
-    pad_id: int,
-    device: torch.device,
-    optimizers: list,
+    lm: FrozenLM, soft_fn, keys: torch.Tensor, texts: list[list[int]], optimizers: list
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One teacher-forced step on a batch; returns detached (per-item loss, per-item token
     accuracy), both measured before the update."""
-    text = pad_batch(texts, pad_id).to(device)
-    with autocast(device):
-        per_item, acc, loss = alignment_loss(llm, prefix, soft_fn(keys), text)
+    text = pad_batch(texts, lm.pad_id).to(lm.device)
+    with autocast(lm.device):
+        per_item, acc, loss = alignment_loss(lm.model, lm.prefix, soft_fn(keys), text)
     for opt in optimizers:
         opt.zero_grad()
     loss.backward()
@@ -86,7 +61,7 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def _pass_members(state: dict, n: int, cfg: AlignConfig) -> list[int]:
+def _pass_members(state: dict, n: int, cfg: AlignSettings) -> list[int]:
     """Positions trained in this pass: the unconverged ones, or all of them on a re-check
     pass (every ``recheck_every`` passes, and whenever all had converged)."""
     active = [i for i in range(n) if not state["converged"][i]]
@@ -94,15 +69,15 @@ def _pass_members(state: dict, n: int, cfg: AlignConfig) -> list[int]:
     return list(range(n)) if recheck or not active else active
 
 
-def _run_identity(cfg: AlignConfig, aligner: ItemAligner, prefix: Prefix, llm: nn.Module) -> dict:
+def _run_identity(cfg: AlignSettings, aligner: ItemAligner, lm: FrozenLM) -> dict:
     """What a checkpoint must share with the run that resumes it (more passes may be asked
     for, and the save period may change)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "checkpoint_every_s")} | {
+    return cfg.schedule() | {
         "aligner": asdict(aligner.cfg),
-        "prompt": prefix.prompt.tolist(),
-        "lead": prefix.lead.tolist(),
-        "lora_rank": lora_rank_of(llm),
-        "llm": llm.config.name_or_path,
+        "prompt": lm.prefix.prompt.tolist(),
+        "lead": lm.prefix.lead.tolist(),
+        "lora_rank": lora_rank_of(lm.model),
+        "llm": lm.model.config.name_or_path,
     }
 
 
@@ -118,13 +93,10 @@ def _check_resumable(saved: dict, wanted: dict, path: Path) -> None:
 
 def train_full(
     aligner: ItemAligner,
-    llm: nn.Module,
-    prefix: Prefix,
+    lm: FrozenLM,
     tokens: list[list[int]],
     item_idx: list[int],
-    cfg: AlignConfig,
-    device: torch.device,
-    pad_id: int,
+    cfg: AlignSettings,
     checkpoint: Path | None = None,
     progress: bool = True,
 ) -> list[dict]:
@@ -141,6 +113,7 @@ def train_full(
     """
     opt_rows = row_optimizer(cfg.row_optimizer, list(aligner.items.parameters()), cfg.lr_rows)
     lr_proj = batch_scaled_lr(cfg.lr_proj, cfg.batch_size)
+    llm, device = lm.model, lm.device
     adapters = [p for p in llm.parameters() if p.requires_grad]  # LoRA, when the LLM has it
     opt_proj = torch.optim.Adam(list(aligner.projector.parameters()) + adapters, lr=lr_proj)
     n = len(tokens)
@@ -155,7 +128,7 @@ def train_full(
     }
     if checkpoint and checkpoint.exists():
         saved = load_torch(checkpoint, map_location=device)
-        _check_resumable(saved.get("identity", {}), _run_identity(cfg, aligner, prefix, llm), checkpoint)
+        _check_resumable(saved.get("identity", {}), _run_identity(cfg, aligner, lm), checkpoint)
         aligner.load_state_dict(saved["aligner"])
         if saved.get("adapters"):
             load_adapter_state(llm, saved["adapters"], trainable=True)
@@ -173,8 +146,8 @@ def train_full(
                     "opt_proj": opt_proj.state_dict(),
                     "adapters": adapter_state(llm),
                     "state": state,
-                    "config": asdict(cfg),
-                    "identity": _run_identity(cfg, aligner, prefix, llm),
+                    "config": cfg.model_dump(),
+                    "identity": _run_identity(cfg, aligner, lm),
                 },
                 checkpoint,
             )
@@ -203,14 +176,7 @@ def train_full(
             _set_lr(opt_proj, lr_proj * lr_factor(frac, cfg.warmup, cfg.lr_final))
             idx = torch.tensor([item_idx[i] for i in pos], device=device)
             per_item, acc = _train_step(
-                llm,
-                prefix,
-                aligner.soft_tokens,
-                idx,
-                [tokens[i] for i in pos],
-                pad_id,
-                device,
-                [opt_rows, opt_proj],
+                lm, aligner.soft_tokens, idx, [tokens[i] for i in pos], [opt_rows, opt_proj]
             )
             for i, a in zip(pos, acc.tolist(), strict=True):
                 state["converged"][i] = a >= cfg.acc_bar
@@ -256,41 +222,34 @@ def train_full(
 
 def refine_fresh(
     fresh: FreshRows,
-    llm: nn.Module,
-    prefix: Prefix,
+    lm: FrozenLM,
     tokens: list[list[int]],
-    device: torch.device,
-    pad_id: int,
-    epochs: int,
-    batch_size: int = DEFAULTS.worker_batch,
-    lr: float = DEFAULTS.refine_lr,
-    target_accuracy: float | None = None,
-    optimizer: str = DEFAULTS.align_row_optimizer,
-    progress: bool = False,
+    cfg: AlignSettings,
+    target_accuracy: float | None,
     after_epoch: Callable[[], object] | None = None,
 ) -> list[dict]:
     """Train only the fresh rows (projector frozen); one record per pass (mean loss and
     token accuracy of the items it trained, and how many).
 
-    An item whose token accuracy reaches ``target_accuracy`` (the catalogue's bar) leaves
-    the refinement; it ends when every item has, or after ``epochs`` passes. ``after_epoch``
-    runs between passes (the worker gives newly arrived items their estimate there).
+    The rows train as the catalogue's did (``cfg.row_optimizer``) at the rate and for at
+    most the passes of ``cfg.refine``, ``cfg.refine.batch`` rows a step. An item whose token accuracy
+    reaches ``target_accuracy`` (the catalogue's bar) leaves the refinement; it ends when
+    every item has, or after the last pass. ``after_epoch`` runs between passes (the
+    worker gives newly arrived items their estimate there).
     """
-    opt = row_optimizer(optimizer, [fresh.rows], lr, sparse_grads=False)
+    opt = row_optimizer(cfg.row_optimizer, [fresh.rows], cfg.refine.lr, sparse_grads=False)
     lengths = [len(t) for t in tokens]
     done = [False] * len(tokens)
     history = []
-    for epoch in tqdm(range(epochs), desc="refine fresh", disable=not progress):
+    for epoch in range(cfg.refine.max_passes):
         members = [i for i, d in enumerate(done) if not d]
         if not members:
             break
         loss_sum, acc_sum = 0.0, 0.0
-        for b in length_batches([lengths[i] for i in members], batch_size, epoch):
+        for b in length_batches([lengths[i] for i in members], cfg.refine.batch, epoch):
             pos = [members[j] for j in b]
-            local = torch.tensor(pos, device=device)
-            per_item, acc = _train_step(
-                llm, prefix, fresh.soft_tokens, local, [tokens[i] for i in pos], pad_id, device, [opt]
-            )
+            local = torch.tensor(pos, device=lm.device)
+            per_item, acc = _train_step(lm, fresh.soft_tokens, local, [tokens[i] for i in pos], [opt])
             loss_sum += per_item.sum().item()
             acc_sum += acc.sum().item()
             for i, a in zip(pos, acc.tolist(), strict=True):
@@ -311,13 +270,9 @@ def refine_fresh(
 @torch.no_grad()
 def fidelity(
     soft_fn,
-    llm: nn.Module,
-    prefix: Prefix,
+    lm: FrozenLM,
     tokens: list[list[int]],
     keys: list[int],
-    device: torch.device,
-    pad_id: int,
-    eos_id: int,
     batch_size: int = 64,
     reconstruct: bool = True,
     progress: bool = False,
@@ -330,12 +285,12 @@ def fidelity(
     losses, accs, exact = [], [], 0
     lengths = [len(t) for t in tokens]
     for b in tqdm(length_batches(lengths, batch_size, 0), desc="fidelity", disable=not progress):
-        soft = soft_fn(torch.tensor([keys[i] for i in b], device=device))
-        text = pad_batch([tokens[i] for i in b], pad_id).to(device)
-        with autocast(device):
-            per_item, acc, _ = alignment_loss(llm, prefix, soft, text)
+        soft = soft_fn(torch.tensor([keys[i] for i in b], device=lm.device))
+        text = pad_batch([tokens[i] for i in b], lm.pad_id).to(lm.device)
+        with autocast(lm.device):
+            per_item, acc, _ = alignment_loss(lm.model, lm.prefix, soft, text)
             if reconstruct:
-                decoded = greedy_reconstruct(llm, prefix, soft, max(lengths[i] for i in b), eos_id)
+                decoded = greedy_reconstruct(lm.model, lm.prefix, soft, max(lengths[i] for i in b), lm.eos_id)
                 exact += sum(decoded[j] == tokens[i] for j, i in enumerate(b))
         losses += list(zip(b, per_item.tolist(), strict=True))
         accs += list(zip(b, acc.tolist(), strict=True))

@@ -13,26 +13,40 @@ import json
 import logging
 import random
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import get_args
 
 import torch
 
 from core.dataset import Dataset, load_dataset
 from core.events import item_text
-from core.settings import DEFAULTS, Settings, Variant, from_settings
+from core.settings import AlignSettings, ScorerSettings, Settings, Variant
+from models.aligner import FrozenLM
 from models.llm import load_llm, pick_device
 from models.sasrec import SASRec, SASRecConfig, init_id_rows
-from training.align import AlignConfig
-from training.fit_aligner import FidelityConfig, RefineConfig
-from training.recommender import ScorerTrainConfig, evaluate, train_scorer
+from training.recommender import evaluate, train_scorer
 from training.variants import prompt_table, said_table, text_table
 
 log = logging.getLogger(__name__)
 VARIANTS = get_args(Variant)
 SAID_VARIANTS = {"said", "said+text", "prompt", "hybrid", "said-init"}  # they depend on the alignment
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "best_val_ndcg@10")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one evaluation measures: the data set, variants and seeds. ``model_options``
+    (``SASRecConfig`` fields) run an experiment, its runs labelled by ``variant_label``;
+    ``only_protocol`` ("standard" or "cold") runs one protocol."""
+
+    dataset: Path
+    variants: list[str]
+    seeds: list[int]
+    align_seeds: list[int]
+    cold_fraction: float = 0.1
+    model_options: dict = field(default_factory=dict)
+    only_protocol: str | None = None
 
 
 @dataclass
@@ -75,22 +89,11 @@ def dataset_key(ds: Dataset) -> str:
     return h.hexdigest()[:12]
 
 
-def align_meta(
-    align_cfg: AlignConfig,
-    k: int,
-    item_dim: int,
-    lora_rank: int,
-    prompt: str,
-    refine: RefineConfig | None,
-    fidelity_cfg: FidelityConfig | None,
-) -> dict:
+def align_meta(cfg: AlignSettings) -> dict:
     """Everything that changes an alignment's result (its cache key, with the LLM and the
-    held-out set): the schedule, rates, batch, passes and seed, k, item_dim, LoRA, prompt."""
-    return (
-        {key: v for key, v in asdict(align_cfg).items() if key != "checkpoint_every_s"}
-        | {"k": k, "item_dim": item_dim, "lora_rank": lora_rank, "prompt": prompt}
-        | {"refine": asdict(refine or RefineConfig()), "fidelity": asdict(fidelity_cfg or FidelityConfig())}
-    )
+    held-out set): the schedule, rates, batch, passes and seed, k, item_dim, LoRA, prompt,
+    the fresh path and the fidelity sample. Not the checkpoint period."""
+    return cfg.model_dump(exclude={"checkpoint_every_s"})
 
 
 def said_cache_path(art: Path, meta: dict, llm_spec: str | None, held: set[int]) -> Path:
@@ -99,28 +102,12 @@ def said_cache_path(art: Path, meta: dict, llm_spec: str | None, held: set[int])
 
 
 def run(
-    dataset: str | Path,
-    variants: list[str],
-    seeds: list[int],
-    cold_fraction: float,
-    artifacts: Path,
-    device: torch.device,
-    llm_spec: str | None,
-    llm_cache: Path,
-    align_cfg: AlignConfig,
-    k: int = DEFAULTS.soft_tokens,
-    item_dim: int = DEFAULTS.item_dim,
-    scorer_cfg: ScorerTrainConfig | None = None,
-    lora_rank: int = DEFAULTS.lora_rank,
-    prompt: str = DEFAULTS.prompt,
-    refine: RefineConfig | None = None,
-    fidelity_cfg: FidelityConfig | None = None,
-    progress: bool = True,
+    plan: Plan,
+    settings: Settings,
+    artifacts: Path | None = None,
     results_path: Path | None = None,
-    align_seeds: list[int] | None = None,
     done: list[dict] | None = None,
-    model_options: dict | None = None,
-    only_protocol: str | None = None,
+    progress: bool = True,
 ) -> dict:
     """Evaluate each variant over alignment and scorer seeds, standard and cold-start.
 
@@ -128,98 +115,75 @@ def run(
     items (``cold_fraction``, a fixed seeded sample) are held out of it and enter through
     the incremental path, as new items do in production. The standard protocol then
     trains on every item's interactions; the cold one never shows the scorer a cold item.
-    Variants that do not depend on the alignment run once per scorer seed.
+    Variants that do not depend on the alignment run once per scorer seed. The device,
+    the LLM, the alignment (``settings.align``) and the scorers (``settings.scorer``) come
+    from ``settings``; tables are cached under ``artifacts`` (default ``<data_dir>/artifacts``).
 
     With ``results_path``, results so far are rewritten after every run, so a long
     evaluation that is stopped still leaves every finished number on disk; ``done`` (the
-    runs of such a file) are kept and not run again. ``model_options`` (``SASRecConfig``
-    fields) run an experiment; its runs are labelled by ``variant_label``. ``only_protocol``
-    ("standard" or "cold") runs one protocol.
+    runs of such a file) are kept and not run again.
     """
-    unknown = set(variants) - set(VARIANTS)
+    unknown = set(plan.variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
-    align_seeds = align_seeds if align_seeds is not None else [align_cfg.seed]
-    ds = load_dataset(dataset)
+    acfg, device = settings.align, pick_device(settings.device)
+    ds = load_dataset(plan.dataset)
     idx_of = {item_id: i + 1 for i, item_id in enumerate(ds.item_ids)}
     seqs = [[idx_of[i] for i in s] for _, s in ds.sequences]
     n = len(ds.item_ids)
     texts = [item_text(t, d) for t, d in zip(ds.titles, ds.descriptions, strict=True)]
-    art = artifacts / f"{Path(dataset).name}-{dataset_key(ds)}"
-    scorer_cfg = scorer_cfg or ScorerTrainConfig()
-    held = held_out_items(n, cold_fraction, 12345) if cold_fraction else set()
-    llm = tok = None
-    if set(variants) - {"id"} or cold_fraction:
-        llm, tok = load_llm(llm_spec, llm_cache, device, lora_rank)
-    feats = text_table(llm, tok, texts, device, art / "text.pt", progress) if llm else None
-    meta = align_meta(align_cfg, k, item_dim, lora_rank, prompt, refine, fidelity_cfg)
-    results: dict = {"dataset": str(dataset), "items": n, "users": len(seqs), "device": str(device)}
-    results |= {"align": meta, "runs": []}
-    results["runs"] = list(done or [])
+    art = (artifacts or settings.data_dir / "artifacts") / f"{Path(plan.dataset).name}-{dataset_key(ds)}"
+    held = held_out_items(n, plan.cold_fraction, 12345) if plan.cold_fraction else set()
+    lm = None
+    if set(plan.variants) - {"id"} or plan.cold_fraction:
+        lm = _load_lm(settings, device)
+    feats = text_table(lm, texts, art / "text.pt", progress) if lm else None
+    meta = align_meta(acfg)
+    results: dict = {"dataset": str(plan.dataset), "items": n, "users": len(seqs), "device": str(device)}
+    results |= {"align": meta, "runs": list(done or [])}
     finished = {(r["protocol"], r["variant"], r["align_seed"], r["seed"]) for r in results["runs"]}
     protocols = [("standard", set())] + ([("cold", held)] if held else [])
-    if only_protocol not in (None, *(name for name, _ in protocols)):
-        raise ValueError(f"no protocol {only_protocol!r} here; choose from {[n for n, _ in protocols]}")
-    protocols = [(name, h) for name, h in protocols if only_protocol in (None, name)]
+    if plan.only_protocol not in (None, *(name for name, _ in protocols)):
+        raise ValueError(f"no protocol {plan.only_protocol!r} here; choose from {[n for n, _ in protocols]}")
+    protocols = [(name, h) for name, h in protocols if plan.only_protocol in (None, name)]
     splits = {name: leave_one_out(seqs, h) for name, h in protocols}
-    for a, align_seed in enumerate(align_seeds):
+    label_of = {v: variant_label(v, plan.model_options) for v in plan.variants}
+    for a, align_seed in enumerate(plan.align_seeds):
         tables: dict[str, torch.Tensor | None] = {"id": None, "text": feats}
-        if set(variants) & SAID_VARIANTS:
-            if lora_rank and a:  # each alignment adapts its own fresh copy of the LLM
-                llm, tok = load_llm(llm_spec, llm_cache, device, lora_rank)
-            seed_meta = meta | {"seed": align_seed}
-            path = said_cache_path(art, seed_meta, llm_spec, held)
-            acfg = AlignConfig(**(asdict(align_cfg) | {"seed": align_seed}))
-            built = said_table(
-                llm,
-                tok,
-                texts,
-                feats,
-                held,
-                acfg,
-                k,
-                item_dim,
-                device,
-                path,
-                refine,
-                progress,
-                prompt,
-                fidelity_cfg,
-            )
+        if set(plan.variants) & SAID_VARIANTS:
+            if acfg.lora_rank and a:  # each alignment adapts its own fresh copy of the LLM
+                lm = _load_lm(settings, device)
+            seed_cfg = acfg.model_copy(update={"seed": align_seed})
+            path = said_cache_path(art, align_meta(seed_cfg), settings.llm, held)
+            built = said_table(lm, texts, feats, held, seed_cfg, path, progress)
             tables["said"] = tables["hybrid"] = tables["said-init"] = built["vectors"]
             tables["said+text"] = torch.cat([built["vectors"], feats], 1)
-            if "prompt" in variants:
+            if "prompt" in plan.variants:
                 tables["prompt"] = prompt_table(
-                    built, llm, tok, prompt, device, path.with_suffix(".prompt.pt")
+                    built, lm.with_prompt(acfg.prompt), path.with_suffix(".prompt.pt")
                 )
             results[f"said_report_align{align_seed}"] = _summarise_report(built["report"])
-        for variant in variants:  # variant first: a stopped run has whole variants
+        for variant in plan.variants:  # variant first: a stopped run has whole variants
             if a and variant not in SAID_VARIANTS:
                 continue  # does not depend on the alignment: measured once
+            run_align_seed = align_seed if variant in SAID_VARIANTS else None
             for protocol, held_here in protocols:
-                split = splits[protocol]
-                for seed in seeds:
-                    label = variant_label(variant, model_options)
-                    key = (protocol, label, align_seed if variant in SAID_VARIANTS else None, seed)
-                    if key in finished:
+                for seed in plan.seeds:
+                    if (protocol, label_of[variant], run_align_seed, seed) in finished:
                         continue
-                    metrics = train_and_test(
-                        variant,
-                        tables[variant],
-                        split,
-                        held_here,
-                        n,
-                        scorer_cfg,
-                        seed,
-                        device,
-                        progress,
-                        model_options,
-                    )
-                    run_row = {"protocol": protocol, "variant": label, "seed": seed}
-                    run_row["align_seed"] = align_seed if variant in SAID_VARIANTS else None
+                    cfg = settings.scorer.model_copy(update={"seed": seed})
+                    trained = Trained(variant, tables[variant], plan.model_options)
+                    metrics = train_and_test(trained, splits[protocol], held_here, n, cfg, device, progress)
+                    run_row = {"protocol": protocol, "variant": label_of[variant], "seed": seed}
+                    run_row["align_seed"] = run_align_seed
                     results["runs"].append(run_row | metrics)
                     log.info(
-                        "%s %s align %s seed %d: %s", protocol, label, run_row["align_seed"], seed, metrics
+                        "%s %s align %s seed %d: %s",
+                        protocol,
+                        run_row["variant"],
+                        run_align_seed,
+                        seed,
+                        metrics,
                     )
                     if results_path:
                         write_results(results | {"summary": summarise(results["runs"])}, results_path)
@@ -228,72 +192,44 @@ def run(
     return results
 
 
-def run_from_settings(
-    settings: Settings,
-    dataset: str | Path,
-    variants: list[str],
-    seeds: list[int],
-    align_seeds: list[int],
-    cold_fraction: float,
-    artifacts: Path,
-    align_overrides: dict | None = None,
-    scorer_overrides: dict | None = None,
-    **options: Any,
-) -> dict:
-    """``run`` with the device, LLM, alignment and scorer configuration from ``settings``
-    (so from the environment), as `said evaluate` and ``benchmarks/quality.py`` both run it.
+def _load_lm(settings: Settings, device: torch.device) -> FrozenLM:
+    model, tok = load_llm(settings.llm, settings.data_dir / "llm", device, settings.align.lora_rank)
+    return FrozenLM.around(model, tok, device, settings.align.prompt)
 
-    ``*_overrides``: config fields set by command-line flags; ``options``: ``run``'s own
-    keyword arguments (results path, finished runs, model options)."""
-    return run(
-        dataset,
-        variants,
-        seeds,
-        cold_fraction,
-        artifacts,
-        pick_device(settings.device),
-        settings.llm,
-        settings.data_dir / "llm",
-        from_settings(AlignConfig, settings, **(align_overrides or {})),
-        k=settings.soft_tokens,
-        item_dim=settings.item_dim,
-        lora_rank=settings.lora_rank,
-        prompt=settings.prompt,
-        refine=from_settings(RefineConfig, settings),
-        fidelity_cfg=from_settings(FidelityConfig, settings),
-        scorer_cfg=from_settings(ScorerTrainConfig, settings, **(scorer_overrides or {})),
-        align_seeds=align_seeds,
-        **options,
-    )
+
+@dataclass(frozen=True)
+class Trained:
+    """The scorer variant a run trains: its name, its frozen table (None for ``id``) and
+    any experimental ``SASRecConfig`` options."""
+
+    variant: str
+    table: torch.Tensor | None
+    model_options: dict = field(default_factory=dict)
 
 
 def train_and_test(
-    variant: str,
-    table: torch.Tensor | None,
+    trained: Trained,
     split: Split,
     held: set[int],
     n: int,
-    scorer_cfg: ScorerTrainConfig,
-    seed: int,
+    cfg: ScorerSettings,
     device: torch.device,
     progress: bool,
-    model_options: dict | None = None,
 ) -> dict:
-    """Train one scorer (early-stopped on validation) and measure it on the test users.
-
-    ``model_options``: ``SASRecConfig`` fields other than the defaults (an experiment)."""
-    torch.manual_seed(seed)
+    """Train one scorer (early-stopped on validation, seeded by ``cfg.seed``) and measure
+    it on the test users."""
+    variant, table = trained.variant, trained.table
+    torch.manual_seed(cfg.seed)
     warm = torch.tensor(sorted(set(range(1, n + 1)) - held)) if held else None
     residual_on = None
     if variant == "hybrid":  # ID rows only for items the scorer trains on; zero for the rest
         residual_on = torch.tensor(sorted({i for s in split.train for i in s}))
-    mcfg = SASRecConfig(n_items=n, **(model_options or {}))
+    mcfg = SASRecConfig(n_items=n, **trained.model_options)
     if variant == "said-init":  # an ID scorer whose rows start from the SAID vectors
         model = SASRec(mcfg)
         init_id_rows(model, table, warm)
     else:
         model = SASRec(mcfg, table, standardise_on=warm, residual_on=residual_on)
-    cfg = ScorerTrainConfig(**(asdict(scorer_cfg) | {"seed": seed}))
     model, info = train_scorer(model, split.train, split.valid, cfg, device, progress, blocked=sorted(held))
     model.impute_residuals()
     return evaluate(model, *split.test, device) | info

@@ -23,36 +23,19 @@ from pathlib import Path
 
 import torch
 
-from core.settings import setting
+from core.settings import AlignSettings
 from models.aligner import (
     AlignerConfig,
     FreshRows,
+    FrozenLM,
     ItemAligner,
-    Prefix,
     estimate_rows,
     fit_text_to_rows,
     text_init_rows,
     tokenize_texts,
 )
 from models.llm import adapter_state, pooled_text_features
-from training.align import AlignConfig, fidelity, refine_fresh, train_full
-
-
-@dataclass
-class RefineConfig:
-    """How fresh rows are refined (the worker's path); defaults live in ``core.settings``."""
-
-    max_passes: int = setting("refine_epochs")
-    lr: float = setting("refine_lr")
-    optimizer: str = setting("align_row_optimizer")  # as the catalogue's rows
-
-
-@dataclass
-class FidelityConfig:
-    """How much fidelity is measured; defaults live in ``core.settings``."""
-
-    exact_items: int = setting("fidelity_exact_items")  # greedily decoded (the slow part)
-    reference_items: int = setting("reference_items")  # catalogue items put through the fresh path
+from training.align import fidelity, refine_fresh, train_full
 
 
 @dataclass
@@ -72,92 +55,56 @@ class FittedAligner:
 
 
 def fit_aligner(
-    llm,
-    tok,
+    lm: FrozenLM,
     texts: list[str],
     keys: list[int],
     n_rows: int,
-    acfg: AlignConfig,
-    k: int,
-    item_dim: int,
-    device: torch.device,
-    prompt: str,
+    cfg: AlignSettings,
     checkpoint: Path | None = None,
-    refine: RefineConfig | None = None,
-    fidelity_cfg: FidelityConfig | None = None,
     progress: bool = True,
 ) -> FittedAligner:
-    """Align ``texts`` (item ``keys[i]`` has ``texts[i]``) in a table of ``n_rows`` rows."""
-    refine, fcfg = refine or RefineConfig(), fidelity_cfg or FidelityConfig()
-    tokens = tokenize_texts(tok, texts)
-    prefix = Prefix(tok, prompt=prompt)
-    feats = pooled_text_features(llm, tok, texts, device, progress=progress)  # (N, H)
-    torch.manual_seed(acfg.seed)
-    aligner = ItemAligner(
-        AlignerConfig(n_items=n_rows, hidden=llm.config.hidden_size, item_dim=item_dim, k=k)
-    )
+    """Align ``texts`` (item ``keys[i]`` has ``texts[i]``) in a table of ``n_rows`` rows,
+    read through ``cfg.prompt`` whatever prompt ``lm`` came with."""
+    lm = lm.with_prompt(cfg.prompt)
+    tokens = tokenize_texts(lm.tok, texts)
+    feats = pooled_text_features(lm.model, lm.tok, texts, lm.device, progress=progress)  # (N, H)
+    torch.manual_seed(cfg.seed)
+    aligner = ItemAligner(AlignerConfig(n_items=n_rows, hidden=lm.hidden, item_dim=cfg.item_dim, k=cfg.k))
     with torch.no_grad():
-        aligner.items.weight[keys] = text_init_rows(feats, item_dim, aligner.cfg.init_std)
-    aligner.to(device)
+        aligner.items.weight[keys] = text_init_rows(feats, cfg.item_dim, aligner.cfg.init_std)
+    aligner.to(lm.device)
     t0 = time.perf_counter()
-    history = train_full(
-        aligner, llm, prefix, tokens, keys, acfg, device, tok.pad_token_id, checkpoint, progress
-    )
+    history = train_full(aligner, lm, tokens, keys, cfg, checkpoint, progress)
     seconds = time.perf_counter() - t0
     aligner.requires_grad_(False)
-    llm.requires_grad_(False)  # LoRA (if any) is part of the aligner from here on
-    fid = cohort_fidelity(
-        aligner.soft_tokens, llm, tok, prefix, tokens, keys, device, fcfg.exact_items, acfg.seed
-    )
+    lm.model.requires_grad_(False)  # LoRA (if any) is part of the aligner from here on
+    fid = cohort_fidelity(aligner.soft_tokens, lm, tokens, keys, cfg.fidelity.exact_items, cfg.seed)
     rows = aligner.items.weight.detach()[keys].cpu()
     ridge = fit_text_to_rows(feats, rows)
 
-    pick = sorted(
-        random.Random(acfg.seed).sample(range(len(keys)), min(fcfg.reference_items, max(1, len(keys) // 2)))
-    )
+    n_ref = min(cfg.fidelity.reference_items, max(1, len(keys) // 2))
+    pick = sorted(random.Random(cfg.seed).sample(range(len(keys)), n_ref))
     rest = sorted(set(range(len(keys))) - set(pick)) or pick  # a one-item catalogue: itself
     held_ridge = fit_text_to_rows(feats[rest], rows[rest])
-    fresh = FreshRows(aligner.projector, estimate_rows(feats[pick], held_ridge).to(device))
+    fresh = FreshRows(aligner.projector, estimate_rows(feats[pick], held_ridge).to(lm.device))
     ref_tokens = [tokens[i] for i in pick]
     t1 = time.perf_counter()
-    refine_fresh(
-        fresh,
-        llm,
-        prefix,
-        ref_tokens,
-        device,
-        tok.pad_token_id,
-        refine.max_passes,
-        lr=refine.lr,
-        target_accuracy=fid["mean_token_accuracy"],
-        optimizer=refine.optimizer,
-    )
+    refine_fresh(fresh, lm, ref_tokens, cfg, target_accuracy=fid["mean_token_accuracy"])
     per_item_s = (time.perf_counter() - t1) / max(1, len(pick))
     local = list(range(len(pick)))
-    reference = cohort_fidelity(fresh.soft_tokens, llm, tok, prefix, ref_tokens, local, device, len(pick))
+    reference = cohort_fidelity(fresh.soft_tokens, lm, ref_tokens, local, len(pick))
     reference["seconds_per_item"] = per_item_s
-    return FittedAligner(aligner, ridge, history, fid, reference, seconds, adapter_state(llm))
+    return FittedAligner(aligner, ridge, history, fid, reference, seconds, adapter_state(lm.model))
 
 
 def cohort_fidelity(
-    soft_fn,
-    llm,
-    tok,
-    prefix: Prefix,
-    tokens: list[list[int]],
-    keys: list[int],
-    device,
-    exact_sample: int,
-    seed: int = 0,
+    soft_fn, lm: FrozenLM, tokens: list[list[int]], keys: list[int], exact_sample: int, seed: int = 0
 ) -> dict:
     """Teacher-forced loss and token accuracy of every item, greedy exact reconstruction of
     a seeded sample of at most ``exact_sample`` items (decoding is the slow part)."""
-    pad, eos = tok.pad_token_id, tok.eos_token_id
-    fid = fidelity(soft_fn, llm, prefix, tokens, keys, device, pad, eos, reconstruct=False)
+    fid = fidelity(soft_fn, lm, tokens, keys, reconstruct=False)
     sample = sorted(random.Random(seed).sample(range(len(keys)), min(exact_sample, len(keys))))
-    exact = fidelity(
-        soft_fn, llm, prefix, [tokens[i] for i in sample], [keys[i] for i in sample], device, pad, eos
-    )
+    exact = fidelity(soft_fn, lm, [tokens[i] for i in sample], [keys[i] for i in sample])
     return {
         "items": len(keys),
         "mean_loss": fid["mean_loss"],

@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from core.settings import setting
+from core.settings import ScorerSettings
 from models.ranking import recall_ndcg, target_ranks
+from models.recommender import Recommender
 from models.sasrec import SASRec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ScorerTrainConfig:
-    epochs: int = setting("scorer_epochs")  # upper bound; early stopping usually ends sooner
-    batch_size: int = setting("scorer_batch")  # users per step
-    lr: float = setting("scorer_lr")  # Adam
-    weight_decay: float = 0.0
-    patience: int = setting("scorer_patience")  # validations without NDCG@10 gain, then stop
-    eval_every: int = setting("scorer_eval_every")  # epochs between validation passes
-    length_batches: bool = setting("scorer_length_batches")  # faster, slightly worse (measured)
-    seed: int = 0
 
 
 def left_pad(seqs: list[list[int]], max_len: int) -> torch.Tensor:
@@ -55,7 +43,7 @@ def length_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generator)
 
 @torch.no_grad()
 def evaluate(
-    model: SASRec,
+    model: Recommender,
     histories: list[list[int]],
     targets: list[int],
     device: torch.device,
@@ -81,7 +69,7 @@ def train_scorer(
     model: SASRec,
     train_seqs: list[list[int]],
     valid: tuple[list[list[int]], list[int]],
-    cfg: ScorerTrainConfig,
+    cfg: ScorerSettings,
     device: torch.device,
     progress: bool = True,
     blocked: list[int] | None = None,

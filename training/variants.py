@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from core.files import load_torch, save_torch
-from core.settings import DEFAULTS
-from models.aligner import AlignerConfig, FreshRows, ItemAligner, Prefix, estimate_rows, tokenize_texts
-from training.align import AlignConfig, refine_fresh
-from training.fit_aligner import FidelityConfig, RefineConfig, cohort_fidelity, fit_aligner
+from core.settings import AlignSettings
+from models.aligner import AlignerConfig, FreshRows, FrozenLM, ItemAligner, estimate_rows, tokenize_texts
+from training.align import refine_fresh
+from training.fit_aligner import FittedAligner, cohort_fidelity, fit_aligner
 
 log = logging.getLogger(__name__)
 
@@ -31,32 +31,25 @@ def with_padding_row(table: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros(1, table.shape[1], dtype=table.dtype), table])
 
 
-def text_table(llm, tok, texts: list[str], device, cache: Path, progress: bool = True):
+def text_table(lm: FrozenLM, texts: list[str], cache: Path, progress: bool = True) -> torch.Tensor:
     """(N+1, H) pooled text features, cached as fp16 (they are inputs, not trained)."""
     from models.llm import pooled_text_features
 
     if cache.exists():
         return load_torch(cache).float()
-    feats = with_padding_row(pooled_text_features(llm, tok, texts, device, progress=progress))
+    feats = with_padding_row(pooled_text_features(lm.model, lm.tok, texts, lm.device, progress=progress))
     save_torch(feats.half(), cache)
     return feats
 
 
 def said_table(
-    llm,
-    tok,
+    lm: FrozenLM,
     texts: list[str],
     text_features: torch.Tensor,
     held_out: set[int],
-    acfg: AlignConfig,
-    k: int,
-    item_dim: int,
-    device: torch.device,
+    cfg: AlignSettings,
     out: Path,
-    refine: RefineConfig | None = None,
     progress: bool = True,
-    prompt: str = DEFAULTS.prompt,
-    fidelity_cfg: FidelityConfig | None = None,
 ) -> dict:
     """Align all items except ``held_out`` (1-based indexes), then add those incrementally.
 
@@ -68,28 +61,12 @@ def said_table(
     if out.exists():
         saved = load_torch(out)
         return saved | {"vectors": _vectors(saved["aligner"], saved["aligner_config"])}
-    refine = refine or RefineConfig()
     n = len(texts)
     warm = [i for i in range(1, n + 1) if i not in held_out]
-    fit = fit_aligner(
-        llm,
-        tok,
-        [texts[i - 1] for i in warm],
-        warm,
-        n,
-        acfg,
-        k,
-        item_dim,
-        device,
-        prompt,
-        out.with_suffix(".ckpt"),
-        refine,
-        fidelity_cfg,
-        progress=progress,
-    )
+    fit = fit_aligner(lm, [texts[i - 1] for i in warm], warm, n, cfg, out.with_suffix(".ckpt"), progress)
     trained = sum(h["trained"] for h in fit.history)
     report = {
-        "config": asdict(acfg) | {"k": k, "item_dim": item_dim},
+        "config": cfg.model_dump(),
         "history": fit.history,
         "passes": len(fit.history),
         "align_seconds": fit.seconds,
@@ -99,8 +76,9 @@ def said_table(
         "reference": fit.reference,
     }
     if held_out:
+        cold = sorted(held_out)
         report["fresh"] = add_fresh(
-            fit, llm, tok, texts, text_features, sorted(held_out), device, refine, prompt
+            fit, lm.with_prompt(cfg.prompt), [texts[i - 1] for i in cold], cold, text_features, cfg
         )
     state = {key: v.cpu() for key, v in fit.aligner.state_dict().items()}
     result = {"aligner": state, "aligner_config": asdict(fit.aligner.cfg), "report": report}
@@ -120,9 +98,7 @@ def load_aligner(state: dict, config: dict) -> ItemAligner:
 
 
 @torch.no_grad()
-def prompt_table(
-    built: dict, llm, tok, prompt: str, device: torch.device, cache: Path, batch_size: int = 64
-) -> torch.Tensor:
+def prompt_table(built: dict, lm: FrozenLM, cache: Path, batch_size: int = 64) -> torch.Tensor:
     """(N+1, H) final hidden state at the last prompt position of each item, cached as fp16.
 
     This is what the LLM decodes the text from, so it is a candidate item vector of its own
@@ -132,47 +108,43 @@ def prompt_table(
 
     if cache.exists():
         return load_torch(cache).float()
+    device = lm.device
     aligner = load_aligner(built["aligner"], built["aligner_config"]).to(device)
-    prefix = Prefix(tok, prompt=prompt)
     n = aligner.cfg.n_items
     out = []
     for s in range(1, n + 1, batch_size):
         idx = torch.arange(s, min(s + batch_size, n + 1), device=device)
         with autocast(device):
-            inputs, attn = build_inputs(llm, prefix, aligner.soft_tokens(idx), None)  # (B, P, H)
-            h = backbone(llm)(inputs_embeds=inputs, attention_mask=attn).last_hidden_state
+            inputs, attn = build_inputs(lm.model, lm.prefix, aligner.soft_tokens(idx), None)  # (B, P, H)
+            h = backbone(lm.model)(inputs_embeds=inputs, attention_mask=attn).last_hidden_state
         out.append(h[:, -1].float().cpu())  # (B, H)
     table = with_padding_row(torch.cat(out))
     save_torch(table.half(), cache)
     return table
 
 
-def add_fresh(fit, llm, tok, texts, text_features, cold, device, refine: RefineConfig, prompt: str) -> dict:
-    """The incremental path on the held-out items, as the worker runs it: the ridge
-    estimate, then refinement of their rows alone to the catalogue's token accuracy."""
-    prefix = Prefix(tok, prompt=prompt)
-    cold_tokens = tokenize_texts(tok, [texts[i - 1] for i in cold])
+def add_fresh(
+    fit: FittedAligner,
+    lm: FrozenLM,
+    cold_texts: list[str],
+    cold: list[int],
+    text_features: torch.Tensor,
+    cfg: AlignSettings,
+) -> dict:
+    """The incremental path on the held-out items (indexes ``cold``), as the worker runs
+    it: the ridge estimate, then refinement of their rows alone to the catalogue's token
+    accuracy. ``lm`` reads through the aligner's prompt."""
+    cold_tokens = tokenize_texts(lm.tok, cold_texts)
     local = list(range(len(cold)))
-    fresh = FreshRows(fit.aligner.projector, estimate_rows(text_features[cold], fit.ridge).to(device))
+    fresh = FreshRows(fit.aligner.projector, estimate_rows(text_features[cold], fit.ridge).to(lm.device))
 
     def check() -> dict:
-        f = cohort_fidelity(fresh.soft_tokens, llm, tok, prefix, cold_tokens, local, device, len(cold))
+        f = cohort_fidelity(fresh.soft_tokens, lm, cold_tokens, local, len(cold))
         return {key: v for key, v in f.items() if key != "token_accuracy"}
 
     report = {"items": len(cold), "target_accuracy": fit.target_accuracy, "estimate": check()}
     t0 = time.perf_counter()
-    report["refine_history"] = refine_fresh(
-        fresh,
-        llm,
-        prefix,
-        cold_tokens,
-        device,
-        tok.pad_token_id,
-        refine.max_passes,
-        lr=refine.lr,
-        optimizer=refine.optimizer,
-        target_accuracy=fit.target_accuracy,
-    )
+    report["refine_history"] = refine_fresh(fresh, lm, cold_tokens, cfg, target_accuracy=fit.target_accuracy)
     report["refine_seconds_per_item"] = (time.perf_counter() - t0) / len(cold)
     report["refined"] = check()
     with torch.no_grad():

@@ -16,40 +16,28 @@ import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from core.catalogue import lock_item_index, queue_missing, write_embeddings
 from core.db import db_now, retry_on_outage
 from core.events import item_text
-from core.settings import DEFAULTS
+from core.settings import Settings
 from core.tables import items
 from core.versions import record_version
+from models.aligner import FrozenLM
 from models.bundle import AlignerBundle
 from models.llm import lora_rank_of
-from training.align import AlignConfig
-from training.fit_aligner import FidelityConfig, RefineConfig, fit_aligner
+from training.fit_aligner import fit_aligner
 from updater.leases import complete_aligned
 
 log = logging.getLogger(__name__)
 
 
-def align_catalogue(
-    engine: Engine,
-    llm,
-    tok,
-    device: torch.device,
-    data_dir: Path,
-    acfg: AlignConfig,
-    k: int,
-    item_dim: int,
-    progress: bool = True,
-    prompt: str = DEFAULTS.prompt,
-    refine: RefineConfig | None = None,
-    fidelity_cfg: FidelityConfig | None = None,
-) -> AlignerBundle:
-    """Align all catalogue items and activate the result; see the module docstring."""
+def align_catalogue(engine: Engine, lm: FrozenLM, settings: Settings, progress: bool = True) -> AlignerBundle:
+    """Align all catalogue items (``settings.align``) and activate the result; files go
+    under ``settings.data_dir``. See the module docstring."""
+    cfg, data_dir = settings.align, settings.data_dir
     with engine.connect() as conn:
         rows = conn.execute(
             select(items.c.idx, items.c.title, items.c.description, items.c.text_hash).order_by(items.c.idx)
@@ -59,40 +47,26 @@ def align_catalogue(
     texts = [item_text(r.title, r.description) for r in rows]
     idx = [r.idx for r in rows]
     key = hashlib.sha256("\n".join(r.text_hash for r in rows).encode()).hexdigest()[:12]
-    ckpt = data_dir / "align" / f"checkpoint-{key}-k{k}.pt"
-    fit = fit_aligner(
-        llm,
-        tok,
-        texts,
-        idx,
-        max(idx),
-        acfg,
-        k,
-        item_dim,
-        device,
-        prompt,
-        ckpt,
-        refine,
-        fidelity_cfg,
-        progress,
-    )
+    ckpt = data_dir / "align" / f"checkpoint-{key}-k{cfg.k}.pt"
+    fit = fit_aligner(lm, texts, idx, max(idx), cfg, ckpt, progress)
     version = datetime.now(UTC).strftime("said-%Y%m%d%H%M%S%f")  # unique: two runs may share a second
     summary = {key_: v for key_, v in fit.fidelity.items() if key_ not in ("losses", "token_accuracy")}
     bundle = AlignerBundle(
         version,
         fit.aligner,
         fit.ridge,
-        prompt,
+        cfg.prompt,
         fit.history,
         summary,
         fit.reference,
         fit.adapters,
-        lora_rank_of(llm),
+        lora_rank_of(lm.model),
     )
     path = bundle.save(data_dir / "aligner")
     vectors = fit.aligner.item_vectors()[idx].float().cpu().numpy()
     queued = retry_on_outage(
-        lambda: _publish(engine, version, path, rows, vectors, fit, summary), max_backoff_s=30.0
+        lambda: _publish(engine, version, path, rows, vectors, fit, summary),
+        max_backoff_s=settings.db_retry_max_s,
     )
     ckpt.unlink(missing_ok=True)
     if queued:

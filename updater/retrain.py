@@ -9,6 +9,10 @@ fixed by a hash of the user id, so no scorer is ever compared on users it early-
 (a candidate picked for its best score on a slice would be favoured there). Promotion is
 one transaction on ``model_versions``; every scorer
 replica notices it and swaps model and index together (``scorer/state.py``).
+
+A candidate trains as ``settings.scorer`` says (rate, batch, patience, validation period,
+seed), for at most ``settings.retrain.epochs`` epochs; the watching retrainer trains on
+whichever aligner version is active when a retrain starts.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import random
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import torch
 from sqlalchemy import func, select
@@ -27,26 +30,14 @@ from sqlalchemy.engine import Engine
 
 from core import metrics
 from core.catalogue import load_embeddings, user_sequences
-from core.settings import setting
+from core.settings import RetrainSettings, ScorerSettings, Settings
 from core.tables import interactions, items
-from core.versions import active_version, newest_metrics, record_version
+from core.versions import active_version, newest_metrics, record_version, require_active
 from core.versions import promote as promote_if_current
 from models.sasrec import SASRec, SASRecConfig, load_sasrec, save_scorer
-from training.recommender import ScorerTrainConfig, evaluate, train_scorer
+from training.recommender import evaluate, train_scorer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RetrainConfig:
-    """Retraining knobs; each default and its meaning live in ``core.settings``."""
-
-    min_new_interactions: int = setting("retrain_min_interactions")
-    min_new_items: int = setting("retrain_min_items")
-    epochs: int = setting("retrain_epochs")
-    valid_users: int = setting("retrain_valid_users")  # per slice: early stopping, promotion
-    poll_s: float = setting("retrain_poll_s")
-    seed: int = 0
 
 
 def counts(engine: Engine) -> dict[str, int]:
@@ -57,13 +48,13 @@ def counts(engine: Engine) -> dict[str, int]:
         }
 
 
-def is_due(engine: Engine, cfg: RetrainConfig) -> bool:
+def is_due(engine: Engine, cfg: RetrainSettings) -> bool:
     last, now = newest_metrics(engine, "scorer"), counts(engine)
     if last is None:
         return now["interactions"] > 0
     return (
-        now["interactions"] - last["interactions"] >= cfg.min_new_interactions
-        or now["items"] - last["items"] >= cfg.min_new_items
+        now["interactions"] - last["interactions"] >= cfg.min_interactions
+        or now["items"] - last["items"] >= cfg.min_items
     )
 
 
@@ -77,7 +68,9 @@ class TrainingData:
     promotion: tuple[list[list[int]], list[int]]  # promotion slice, disjoint from stopping
 
 
-def training_data(engine: Engine, aligner_version: str, cfg: RetrainConfig) -> TrainingData:
+def training_data(engine: Engine, aligner_version: str, settings: Settings) -> TrainingData:
+    """The catalogue's sequences over the items embedded in ``aligner_version``, and the two
+    validation slices (``settings.retrain.valid_users`` each, drawn by ``settings.scorer.seed``)."""
     with engine.connect() as conn:
         by_user = user_sequences(conn)
         ids, vectors = load_embeddings(conn, aligner_version)
@@ -87,27 +80,26 @@ def training_data(engine: Engine, aligner_version: str, cfg: RetrainConfig) -> T
     table[torch.from_numpy(ids)] = torch.from_numpy(vectors)
     embedded = set(ids.tolist())
     by_user = {u: [i for i in s if i in embedded] for u, s in by_user.items()}  # pending: no input yet
-    stopping, promotion = validation_slices(by_user, cfg.valid_users, cfg.seed)
+    stopping, promotion = validation_slices(by_user, settings.retrain.valid_users, settings.scorer.seed)
     if not stopping[0] or not promotion[0]:
         raise RuntimeError("too few users with 3 interactions to early-stop and compare a scorer")
     return TrainingData(table, [s[:-1] for s in by_user.values()], stopping, promotion)
 
 
-def train_config(cfg: RetrainConfig) -> ScorerTrainConfig:
-    return ScorerTrainConfig(epochs=cfg.epochs, eval_every=1, patience=3, seed=cfg.seed)
+def train_config(settings: Settings) -> ScorerSettings:
+    """How a retrain trains: the scorer section, capped at the retrain's epochs."""
+    return settings.scorer.model_copy(update={"epochs": settings.retrain.epochs})
 
 
 def retrain_once(
-    engine: Engine,
-    aligner_version: str,
-    out_dir: Path,
-    cfg: RetrainConfig,
-    device: torch.device,
-    progress: bool = True,
+    engine: Engine, aligner_version: str, settings: Settings, device: torch.device, progress: bool = True
 ) -> dict:
-    """Train, validate and maybe promote one candidate; returns its metrics."""
+    """Train, validate and maybe promote one candidate; returns its metrics. Its file goes
+    under ``<data_dir>/scorer``."""
     seen = counts(engine)
-    data = training_data(engine, aligner_version, cfg)
+    out_dir = settings.data_dir / "scorer"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = training_data(engine, aligner_version, settings)
     table, train, stopping, promotion = data.table, data.train, data.stopping, data.promotion
     active = active_version(engine, "scorer")
     candidate = SASRec(SASRecConfig(n_items=table.shape[0] - 1), table)
@@ -116,7 +108,7 @@ def retrain_once(
         current, _ = load_sasrec(active[1], table)
         active_ndcg = evaluate(current.to(device), *promotion, device)["ndcg@10"]
         candidate.load_state_dict(current.state_dict())  # warm start, same standardisation
-    candidate, info = train_scorer(candidate, train, stopping, train_config(cfg), device, progress)
+    candidate, info = train_scorer(candidate, train, stopping, train_config(settings), device, progress)
     ndcg = evaluate(candidate, *promotion, device)["ndcg@10"]
     better = ndcg >= active_ndcg
     version = datetime.now(UTC).strftime("sasrec-%Y%m%d%H%M%S%f")
@@ -168,17 +160,13 @@ def validation_slices(
 
 
 def run_retrainer(
-    engine: Engine,
-    aligner_version: str,
-    out_dir: Path,
-    cfg: RetrainConfig,
-    device: torch.device,
-    stop: threading.Event,
-    progress: bool = False,
+    engine: Engine, settings: Settings, device: torch.device, stop: threading.Event, progress: bool = False
 ) -> None:
-    """Retrain whenever enough has arrived, until ``stop`` is set (thread or CLI)."""
+    """Retrain whenever enough has arrived, until ``stop`` is set (thread or CLI). Each
+    retrain trains on the aligner version active when it starts, so an activation by
+    `said align` is followed without a restart."""
     while True:
-        if is_due(engine, cfg):
-            retrain_once(engine, aligner_version, out_dir, cfg, device, progress)
-        if stop.wait(cfg.poll_s):
+        if is_due(engine, settings.retrain):
+            retrain_once(engine, require_active(engine, "aligner")[0], settings, device, progress)
+        if stop.wait(settings.retrain.poll_s):
             return

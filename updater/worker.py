@@ -23,7 +23,6 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
@@ -32,10 +31,10 @@ from sqlalchemy.engine import Engine
 
 from core import metrics
 from core.catalogue import lock_sequence, write_embeddings
-from core.db import db_now, is_outage
-from core.settings import setting
+from core.db import db_now, is_outage, retry_on_outage
+from core.settings import Settings
 from core.versions import active_version
-from models.aligner import FreshRows, Prefix, estimate_rows, item_vector, tokenize_texts
+from models.aligner import FreshRows, FrozenLM, estimate_rows, item_vector, tokenize_texts
 from models.bundle import AlignerBundle
 from models.llm import load_adapter_state, lora_rank_of, pooled_text_features
 from training.align import fidelity, refine_fresh
@@ -57,41 +56,20 @@ BETWEEN_PASSES_POLL_S = 0.5  # a new item waits at most this (plus one pass) for
 MAX_BACKLOG = 4  # estimated batches waiting for refinement: more would outlive their leases
 
 
-@dataclass
-class WorkerConfig:
-    """Worker knobs; each default and its meaning live in ``core.settings``."""
-
-    batch: int = setting("worker_batch")
-    lease_ttl_s: float = setting("worker_lease_ttl_s")
-    refine_epochs: int = setting("refine_epochs")
-    refine_lr: float = setting("refine_lr")
-    target_accuracy: float | None = setting("refine_target_accuracy")  # None: the catalogue's
-    row_optimizer: str = setting("align_row_optimizer")  # fresh rows train as catalogue rows did
-    retry_max_s: float = setting("db_retry_max_s")  # cap of the database-outage backoff
-    worker_id: str | None = setting("worker_id")  # None: host and pid
-    version_check_s: float = setting("worker_version_check_s")
-
-
 class Stopping(Exception):
     """Raised between refinement passes once ``stop()`` was called; the batch stays leased
     to this worker and is redone on its next start (or by another after the lease expires)."""
 
 
 class UpdateWorker:
-    def __init__(
-        self,
-        engine: Engine,
-        bundle: AlignerBundle,
-        llm,
-        tok,
-        device: torch.device,
-        cfg: WorkerConfig | None = None,
-    ) -> None:
-        self.engine, self.bundle, self.llm, self.tok, self.device = engine, bundle, llm, tok, device
-        self.cfg = cfg or WorkerConfig()
+    def __init__(self, engine: Engine, bundle: AlignerBundle, lm: FrozenLM, settings: Settings) -> None:
+        """``settings.worker`` leases; fresh rows refine as ``settings.align`` says (its
+        ``refine`` part, and the catalogue's row optimiser)."""
+        self.engine, self.bundle, self.lm, self.device = engine, bundle, lm, lm.device
+        self.cfg, self.align, self.retry_max_s = settings.worker, settings.align, settings.db_retry_max_s
         # SAID_WORKER_ID: stable across restarts, so a restarted worker releases its old
         # leases at once; without it, host and pid (unique, but a restart waits for the TTL)
-        self.owner = self.cfg.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.owner = self.cfg.id or f"{socket.gethostname()}-{os.getpid()}"
         self._use(bundle)
         self._released = False  # the previous process's leases, released on the first step
         self._version_checked = time.monotonic()
@@ -107,8 +85,8 @@ class UpdateWorker:
 
     def _use(self, bundle: AlignerBundle) -> None:
         self.bundle = bundle
-        self.prefix = Prefix(self.tok, prompt=bundle.prompt)
-        self.target_accuracy = self.cfg.target_accuracy or bundle.target_accuracy
+        self.lm = self.lm.with_prompt(bundle.prompt)
+        self.target_accuracy = self.align.refine.target_accuracy or bundle.target_accuracy
         metrics.REFERENCE_TOKEN_ACCURACY.set(bundle.reference["mean_token_accuracy"])
 
     def stop(self) -> None:
@@ -125,13 +103,13 @@ class UpdateWorker:
         if active is None or active[0] == self.bundle.version:
             return False
         bundle = AlignerBundle.load(active[1], self.device)
-        if bundle.lora_rank != lora_rank_of(self.llm):
+        if bundle.lora_rank != lora_rank_of(self.lm.model):
             raise RuntimeError(
                 f"aligner {bundle.version} needs LoRA rank {bundle.lora_rank}, the loaded LLM has "
-                f"{lora_rank_of(self.llm)}: restart the worker to load it"
+                f"{lora_rank_of(self.lm.model)}: restart the worker to load it"
             )
         if bundle.adapters:
-            load_adapter_state(self.llm, bundle.adapters)
+            load_adapter_state(self.lm.model, bundle.adapters)
         log.info(
             "aligner %s is active (was %s): switching, backlog dropped", bundle.version, self.bundle.version
         )
@@ -145,19 +123,20 @@ class UpdateWorker:
         A database outage pauses the loop with backoff (the half-done batch is re-leased by
         this worker afterwards); any other error fails that batch's jobs with the reason.
         """
-        idle_since, backoff = time.monotonic(), 0.2
+        idle_since = time.monotonic()
         while not self.stopping:
             try:
-                leased = self.step()
-                backoff = 0.2
+                leased = retry_on_outage(
+                    self.step,
+                    max_backoff_s=self.retry_max_s,
+                    should_stop=lambda: self.stopping,
+                    # the backlog is still leased to us: re-leased and redone after the outage
+                    on_retry=lambda _exc: self.backlog.clear(),
+                )
             except Exception as exc:
-                if not is_outage(exc):
-                    raise
-                self.backlog.clear()  # still leased to us: re-leased and redone after the outage
-                log.warning("database unavailable (%s); retrying in %.1fs", type(exc).__name__, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, self.cfg.retry_max_s)
-                continue
+                if self.stopping and is_outage(exc):
+                    break  # stopped during an outage: the leases expire or are released
+                raise
             if leased:
                 idle_since = time.monotonic()
             elif idle_exit is not None and time.monotonic() - idle_since > idle_exit:
@@ -280,7 +259,7 @@ class UpdateWorker:
             log.warning("lost the leases of items %s: their %s vectors were not written", lost, kind)
 
     def _estimate(self, leases: list[Lease]) -> torch.Tensor:
-        feats = pooled_text_features(self.llm, self.tok, [x.text for x in leases], self.device)
+        feats = pooled_text_features(self.lm.model, self.lm.tok, [x.text for x in leases], self.device)
         rows = estimate_rows(feats, self.bundle.ridge).to(self.device)  # (B, d)
         with torch.no_grad():
             vectors = item_vector(self.bundle.aligner.projector(rows)).float().cpu().numpy()
@@ -291,24 +270,13 @@ class UpdateWorker:
         return rows
 
     def _refine(self, leases: list[Lease], rows: torch.Tensor) -> None:
-        tokens = tokenize_texts(self.tok, [x.text for x in leases])
+        tokens = tokenize_texts(self.lm.tok, [x.text for x in leases])
         fresh = FreshRows(self.bundle.aligner.projector, rows)
-        pad, eos = self.tok.pad_token_id, self.tok.eos_token_id
         refine_fresh(
-            fresh,
-            self.llm,
-            self.prefix,
-            tokens,
-            self.device,
-            pad,
-            self.cfg.refine_epochs,
-            lr=self.cfg.refine_lr,
-            optimizer=self.cfg.row_optimizer,
-            target_accuracy=self.target_accuracy,
-            after_epoch=self._between_passes,
+            fresh, self.lm, tokens, self.align, self.target_accuracy, after_epoch=self._between_passes
         )
         local = list(range(len(leases)))
-        fid = fidelity(fresh.soft_tokens, self.llm, self.prefix, tokens, local, self.device, pad, eos)
+        fid = fidelity(fresh.soft_tokens, self.lm, tokens, local)
         with torch.no_grad():
             vectors = item_vector(fresh.soft_tokens(torch.tensor(local, device=self.device)))
         self._publish(leases, vectors.float().cpu().numpy(), "refined", fid["loss"])

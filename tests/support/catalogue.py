@@ -12,9 +12,10 @@ import torch
 from core.catalogue import insert_interactions, upsert_items
 from core.db import make_engine
 from core.events import InteractionEvent, ItemEvent
+from core.settings import Settings
+from models.aligner import FrozenLM
 from models.llm import load_llm
 from scorer.state import ServingState
-from training.align import AlignConfig
 from updater.full_align import align_catalogue
 
 CPU = torch.device("cpu")
@@ -47,15 +48,28 @@ def add_items(engine, start: int, n: int) -> None:
         upsert_items(conn, evs, now)
 
 
+def tiny_settings(data_dir: Path, database_url: str = "sqlite://", **flat) -> Settings:
+    """Settings of a tiny alignment (k=1, 16-wide rows, 2 passes of batch 8) under
+    ``data_dir``; ``flat`` overrides by environment name (``worker_batch=2``)."""
+    base = {"align_epochs": 2, "align_batch": 8, "soft_tokens": 1, "item_dim": 16, "device": "cpu"}
+    return Settings(database_url=database_url, data_dir=data_dir, **(base | flat))
+
+
+def tiny_lm(folder: Path, cache: Path, lora_rank: int = 0, prompt: str = " Item text:") -> FrozenLM:
+    """The tiny real-tokenizer LLM of ``folder`` on the CPU."""
+    model, tok = load_llm(str(folder), cache, CPU, lora_rank)
+    return FrozenLM.around(model, tok, CPU, prompt)
+
+
 @pytest.fixture
 def aligned(db_url, tiny_hf_folder, tmp_path):
+    """(engine, bundle, lm, settings, data dir) of 24 items aligned by the tiny LLM."""
     engine = make_engine(db_url)
     add_items(engine, 0, 24)
-    llm, tok = load_llm(str(tiny_hf_folder), tmp_path, CPU)
-    bundle = align_catalogue(
-        engine, llm, tok, CPU, tmp_path, AlignConfig(epochs=2, batch_size=8), k=1, item_dim=16, progress=False
-    )
-    return engine, bundle, llm, tok, tmp_path
+    settings = tiny_settings(tmp_path, db_url)
+    lm = tiny_lm(tiny_hf_folder, tmp_path)
+    bundle = align_catalogue(engine, lm, settings, progress=False)
+    return engine, bundle, lm, settings, tmp_path
 
 
 def add_users(engine, n_users: int = 30) -> None:
@@ -73,11 +87,6 @@ def add_users(engine, n_users: int = 30) -> None:
 
 @pytest.fixture
 def served(aligned):
-    engine, bundle, _llm, _tok, data = aligned
+    engine, bundle, _lm, settings, data = aligned
     add_users(engine)
-    return (
-        engine,
-        bundle,
-        data,
-        ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index"),
-    )
+    return engine, bundle, data, ServingState.for_bundle(engine, bundle, settings)

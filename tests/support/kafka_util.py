@@ -93,6 +93,6 @@ def click_event(e: int, item: int, user: str = "u1") -> dict:
 
 
 def load_items(settings, n: int) -> None:
-    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [item_event(i) for i in range(n)], "item_id")
+    produce_json(settings.kafka.bootstrap, TOPIC_ITEMS, [item_event(i) for i in range(n)], "item_id")
     stats = ConsumeLoop(ItemsHandler(settings), make_engine(settings.database_url), settings).run(1.5)
     assert stats.stored == n

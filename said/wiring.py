@@ -1,0 +1,93 @@
+"""How the services are put together: the one place that builds them from ``Settings``.
+
+The CLI (``said/cli.py``) and the demo (``said/demo.py``) only call these factories, so
+adding a topic or a service touches this file alone. Every factory takes the settings
+whole and hands each service its own section.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from sqlalchemy.engine import Engine
+
+from consumers.interactions import InteractionsHandler
+from consumers.items import ItemsHandler
+from consumers.runner import ConsumeLoop, Handler
+from core.db import make_engine
+from core.settings import Settings
+from core.versions import require_active
+from models.aligner import FrozenLM
+from models.bundle import AlignerBundle
+from models.llm import load_adapter_state, load_llm, pick_device
+from scorer.state import ServingState
+from updater.full_align import align_catalogue
+from updater.worker import UpdateWorker
+
+log = logging.getLogger(__name__)
+
+# topic name (as `said consume` spells it) -> the handler that validates and stores it
+TOPIC_HANDLERS: dict[str, type[Handler]] = {"items": ItemsHandler, "interactions": InteractionsHandler}
+
+
+def engine_for(settings: Settings) -> Engine:
+    return make_engine(settings.database_url)
+
+
+def consume_loop(settings: Settings, topic: str, engine: Engine | None = None) -> ConsumeLoop:
+    """The at-least-once loop of one topic (a key of ``TOPIC_HANDLERS``)."""
+    handler = TOPIC_HANDLERS[topic](settings)
+    return ConsumeLoop(handler, engine or engine_for(settings), settings)
+
+
+def frozen_lm(
+    settings: Settings, lora_rank: int, prompt: str, device: torch.device | None = None
+) -> FrozenLM:
+    """The LLM of ``settings.llm`` on the settings' device (its cache under ``data_dir``),
+    with LoRA adapters of ``lora_rank`` (0: none), read through ``prompt``."""
+    device = device or pick_device(settings.device)
+    model, tok = load_llm(settings.llm, settings.data_dir / "llm", device, lora_rank)
+    return FrozenLM.around(model, tok, device, prompt)
+
+
+def align(settings: Settings, engine: Engine | None = None, lm: FrozenLM | None = None) -> AlignerBundle:
+    """`said align`: every catalogue item, as a new active aligner version."""
+    lm = lm or frozen_lm(settings, settings.align.lora_rank, settings.align.prompt)
+    return align_catalogue(engine or engine_for(settings), lm, settings)
+
+
+def update_worker(
+    settings: Settings, engine: Engine | None = None, lm: FrozenLM | None = None
+) -> UpdateWorker:
+    """`said update`: the streaming worker on the active aligner version. ``lm`` may be
+    given (the demo shares the one it aligned with); else it is loaded with the bundle's
+    LoRA rank and adapters."""
+    engine = engine or engine_for(settings)
+    device = lm.device if lm else pick_device(settings.device)
+    bundle = AlignerBundle.load(require_active(engine, "aligner")[1], device)
+    if lm is None:
+        lm = frozen_lm(settings, bundle.lora_rank, bundle.prompt, device)
+        if bundle.adapters:
+            load_adapter_state(lm.model, bundle.adapters)
+    return UpdateWorker(engine, bundle, lm, settings)
+
+
+def serving_state(settings: Settings, engine: Engine | None = None) -> ServingState:
+    """What `said serve` serves: the active aligner's catalogue and index folder."""
+    engine = engine or engine_for(settings)
+    bundle = AlignerBundle.load(require_active(engine, "aligner")[1], torch.device("cpu"))
+    return ServingState.for_bundle(engine, bundle, settings)
+
+
+def serving_app():  # noqa: ANN201 (a FastAPI app; uvicorn calls this factory per worker)
+    """The app of ``said serve`` (a uvicorn factory: every worker process builds its own)."""
+    from core.settings import get_settings
+    from scorer.app import create_app
+
+    # One small query at a time: intra-op threads only contend with concurrent requests
+    # (measured: SASRec query 1.2 ms with 2 threads, 0.53 ms with 1).
+    torch.set_num_threads(1)
+    settings = get_settings()
+    state = serving_state(settings)
+    return create_app(state.engine, state, settings.api)
