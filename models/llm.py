@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -77,10 +79,18 @@ def resolve_llm_folder(spec: str | None, cache_dir: Path) -> Path:
     model.hf_quantizer = None  # the GGUF "quantizer" would refuse save_pretrained
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".tmp")
+    # a temp folder of this process's own: two processes converting at once (a worker and
+    # a scorer starting together) must not write into, or rename onto, each other's copy
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: use its copy
     return target
 
 

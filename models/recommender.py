@@ -1,6 +1,6 @@
 """The seam between a sequential scorer and what uses it: one small interface.
 
-Serving (``scorer/model.py``), retraining (``updater/retrain.py``) and evaluation
+Serving (``scorer/scorers.py``), retraining (``updater/retrain.py``) and evaluation
 (``training/recommender.py``) call only these methods, so a second item tower (a
 warm/cold composite beside ``SASRec``) plugs in by implementing them. Every score is an
 inner product of a query vector and an item vector, which is what a FAISS index searches.

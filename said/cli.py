@@ -249,10 +249,18 @@ def _cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    """The installed package's version; a checkout run without installing has none."""
+    try:
+        return metadata.version("said-updater")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed: pip install .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     s = get_settings()  # every default comes from the settings (and so the environment)
     p = argparse.ArgumentParser(prog="said", description=__doc__)
-    p.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('said-updater')}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("broker", help="run the embedded Kafka-protocol broker on loopback")
@@ -301,14 +309,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=_cmd_evaluate)
 
     a = sub.add_parser("align", help="full SAID alignment of every catalogue item")
-    a.add_argument("--epochs", type=int, default=s.align.epochs, help="most passes")
+    a.add_argument(
+        "--passes",
+        "--epochs",
+        dest="epochs",
+        type=int,
+        default=s.align.epochs,
+        help="most passes over all items",
+    )
     a.add_argument("--batch", type=int, default=s.align.batch_size)
     a.set_defaults(fn=_cmd_align)
 
     u = sub.add_parser("update", help="the streaming worker: align fresh items")
     u.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS")
     u.add_argument("--batch", type=int, default=s.worker.batch)
-    u.add_argument("--refine-epochs", type=int, default=s.align.refine.max_passes, help="most passes")
+    u.add_argument(
+        "--refine-passes",
+        "--refine-epochs",
+        dest="refine_epochs",
+        type=int,
+        default=s.align.refine.max_passes,
+        help="most refinement passes over a micro-batch",
+    )
     u.add_argument("--lease-ttl", type=float, default=s.worker.lease_ttl_s, metavar="SECONDS")
     u.set_defaults(fn=_cmd_update)
 
@@ -351,7 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="the pipeline end to end on the embedded defaults")
     dm.add_argument("--dataset", default=None, help="default: ../shared/data/amazon-beauty")
     dm.add_argument("--items", type=int, default=s.demo.items, help="size of the item slice")
-    dm.add_argument("--align-epochs", type=int, default=s.demo.align_epochs, help="most alignment passes")
+    dm.add_argument(
+        "--align-passes",
+        "--align-epochs",
+        dest="align_epochs",
+        type=int,
+        default=s.demo.align_epochs,
+        help="most alignment passes",
+    )
     dm.add_argument("--fresh", type=int, default=s.demo.fresh, help="brand-new items to publish")
     dm.add_argument("--port", type=int, default=s.api.port, help="scorer API port")
     dm.add_argument("--keep-serving", action="store_true", help="leave the API up at the end")

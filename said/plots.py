@@ -44,5 +44,9 @@ def fresh_vs_reference(reference: list[float], fresh: list[float], path: Path) -
 def freshness(seconds: list[float], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.hist(seconds, bins=max(5, len(seconds)), color="tab:green")
-    ax.set(xlabel="seconds from item event to a user's top-10", ylabel="items", title="Freshness")
+    ax.set(
+        xlabel="seconds from item event to servable (its vector in the index)",
+        ylabel="items",
+        title="Freshness",
+    )
     return _save(fig, path)

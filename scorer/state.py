@@ -36,7 +36,7 @@ from core.versions import active_version
 from models.bundle import AlignerBundle
 from models.sasrec import load_sasrec
 from scorer.index import CorruptSnapshot, ItemIndex, snapshots
-from scorer.model import CosineScorer, SASRecScorer
+from scorer.scorers import CosineScorer, SASRecScorer
 
 log = logging.getLogger(__name__)
 Scorer = CosineScorer | SASRecScorer

@@ -8,33 +8,38 @@ from dataclasses import replace
 import pytest
 import torch
 
+from core.settings import AlignSettings, ScorerSettings
 from models.sasrec import SASRec, SASRecConfig
-from training.align import AlignConfig
 from training.evaluate import align_meta, paired, pick_default, said_cache_path, summarise
-from training.recommender import ScorerTrainConfig, train_scorer
+from training.recommender import train_scorer
+
+BASE = AlignSettings(k=4, item_dim=64, lora_rank=0, prompt="p")
 
 
-def _path(tmp_path, cfg=None, k=4, item_dim=64, llm="a", held=frozenset({3})):
-    cfg = cfg or AlignConfig()
-    return said_cache_path(tmp_path, align_meta(cfg, k, item_dim, 0, "p", None, None), llm, set(held))
+def _path(tmp_path, cfg=BASE, llm="a", held=frozenset({3})):
+    return said_cache_path(tmp_path, align_meta(cfg), llm, set(held))
+
+
+def _with(**update) -> AlignSettings:
+    return BASE.model_copy(update=update)
 
 
 def test_said_cache_key_changes_with_everything_that_changes_the_table(tmp_path):
     base = _path(tmp_path)
     assert base == _path(tmp_path), "same config, same file"
     changed = [
-        _path(tmp_path, cfg=replace(AlignConfig(), seed=1)),
-        _path(tmp_path, cfg=replace(AlignConfig(), epochs=3)),
-        _path(tmp_path, cfg=replace(AlignConfig(), batch_size=7)),
-        _path(tmp_path, cfg=replace(AlignConfig(), lr_rows=0.123)),
-        _path(tmp_path, cfg=replace(AlignConfig(), lr_proj=0.5)),
-        _path(tmp_path, k=1),
-        _path(tmp_path, item_dim=32),
+        _path(tmp_path, cfg=_with(seed=1)),
+        _path(tmp_path, cfg=_with(epochs=3)),
+        _path(tmp_path, cfg=_with(batch_size=7)),
+        _path(tmp_path, cfg=_with(lr_rows=0.123)),
+        _path(tmp_path, cfg=_with(lr_proj=0.5)),
+        _path(tmp_path, cfg=_with(k=1)),
+        _path(tmp_path, cfg=_with(item_dim=32)),
         _path(tmp_path, llm="b"),
         _path(tmp_path, held={4}),
     ]
     assert len({base, *changed}) == len(changed) + 1
-    assert _path(tmp_path, cfg=replace(AlignConfig(), checkpoint_every_s=1.0)) == base, "no effect, same key"
+    assert _path(tmp_path, cfg=_with(checkpoint_every_s=1.0)) == base, "no effect, same key"
 
 
 def test_hybrid_residual_starts_at_zero_and_never_moves_for_unseen_items():
@@ -46,7 +51,7 @@ def test_hybrid_residual_starts_at_zero_and_never_moves_for_unseen_items():
     plain.load_state_dict(model.state_dict(), strict=False)
     assert torch.allclose(model.item_vectors(), plain.item_vectors()), "zero-initialised residual"
     seqs = [[1, 2, 3, 4], [2, 3, 4, 6], [7, 8, 3, 1]] * 4
-    cfg = ScorerTrainConfig(epochs=4, batch_size=4, eval_every=1, patience=5)
+    cfg = ScorerSettings(epochs=4, batch_size=4, eval_every=1, patience=5)
     train_scorer(model, seqs, ([[1, 2]], [3]), cfg, torch.device("cpu"), progress=False)
     with torch.no_grad():
         residual = model.item_vectors() - model.adapt(table)  # (13, 8)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from core.settings import IndexSettings
 from scorer.index import CorruptSnapshot, ItemIndex, latest_snapshot
+
+HNSW_MIN_ITEMS = IndexSettings().hnsw_min_items  # the default: exact search at these sizes
 
 
 def _vecs(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:
@@ -14,7 +17,7 @@ def _vecs(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:
 
 
 def test_upsert_adds_then_replaces_in_place():
-    idx = ItemIndex(8)
+    idx = ItemIndex(8, HNSW_MIN_ITEMS)
     v = _vecs(100)
     idx.upsert(np.arange(1, 101), v)
     assert len(idx) == 100
@@ -29,7 +32,7 @@ def test_upsert_adds_then_replaces_in_place():
 
 def test_exact_search_matches_brute_force():
     v = _vecs(500, seed=1)
-    idx = ItemIndex(8)
+    idx = ItemIndex(8, HNSW_MIN_ITEMS)
     idx.upsert(np.arange(1, 501), v)
     q = _vecs(5, seed=2)
     _, ids = idx.search(q, 10)
@@ -38,7 +41,7 @@ def test_exact_search_matches_brute_force():
 
 
 def test_bad_shapes_and_duplicate_ids_are_rejected():
-    idx = ItemIndex(8)
+    idx = ItemIndex(8, HNSW_MIN_ITEMS)
     with pytest.raises(ValueError, match="vectors must be"):
         idx.upsert(np.arange(3), _vecs(2))
     with pytest.raises(ValueError, match="duplicate"):
@@ -46,24 +49,24 @@ def test_bad_shapes_and_duplicate_ids_are_rejected():
 
 
 def test_snapshot_roundtrip_and_corruption_detected(tmp_path):
-    idx = ItemIndex(8)
+    idx = ItemIndex(8, HNSW_MIN_ITEMS)
     idx.upsert(np.arange(1, 51), _vecs(50))
     path = idx.save(tmp_path, "v1")
     assert latest_snapshot(tmp_path) == path
-    loaded = ItemIndex.load(path)
+    loaded = ItemIndex.load(path, HNSW_MIN_ITEMS)
     assert len(loaded) == 50
     np.testing.assert_array_equal(loaded.search(_vecs(1), 5)[1], idx.search(_vecs(1), 5)[1])
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptSnapshot, match="checksum"):
-        ItemIndex.load(path)
+        ItemIndex.load(path, HNSW_MIN_ITEMS)
     path.write_bytes(bytes(data[:20]))  # cut inside the header
     with pytest.raises(CorruptSnapshot, match="no checksum header"):
-        ItemIndex.load(path)
+        ItemIndex.load(path, HNSW_MIN_ITEMS)
     path.unlink()
     with pytest.raises(CorruptSnapshot, match="missing"):
-        ItemIndex.load(path)
+        ItemIndex.load(path, HNSW_MIN_ITEMS)
 
 
 @pytest.mark.parametrize("hnsw_min_items", [10_000, 100], ids=["exact", "hnsw"])
@@ -80,7 +83,7 @@ def test_two_tiers_mask_replaced_vectors_and_survive_snapshots(tmp_path, hnsw_mi
     np.testing.assert_allclose(idx.vector(7), -v[6], atol=1e-6)
     again = ItemIndex.load(idx.save(tmp_path, "t"), hnsw_min_items)
     assert len(again) == 401 and again.search(v[6], 1)[1][0, 0] == 401
-    again.compact()
+    again = again.compacted()
     assert again.delta.ntotal == 0 and len(again) == 401
     assert again.search(v[6], 1)[1][0, 0] == 401 and again.search(-v[6], 1)[1][0, 0] == 7
 
@@ -91,7 +94,7 @@ def test_hnsw_recall_against_exact_with_uneven_norms():
     rng = np.random.default_rng(4)
     v = _vecs(3000, dim=16, seed=4) * rng.lognormal(0, 1.0, (3000, 1)).astype(np.float32)
     q = _vecs(50, dim=16, seed=5) * 3
-    approx, exact = ItemIndex(16, hnsw_min_items=1), ItemIndex(16)
+    approx, exact = ItemIndex(16, hnsw_min_items=1), ItemIndex(16, HNSW_MIN_ITEMS)
     approx.build(np.arange(1, 3001), v)
     exact.build(np.arange(1, 3001), v)
     sa, a = approx.search(q, 10)

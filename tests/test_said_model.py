@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.settings import AlignSettings, RefineSettings
 from models.aligner import (
     AlignerConfig,
     FreshRows,
+    FrozenLM,
     ItemAligner,
     Prefix,
     alignment_loss,
@@ -21,7 +23,7 @@ from models.aligner import (
 )
 from models.llm import autocast
 from tests.support.tiny import CharTokenizer, tiny_llm
-from training.align import AlignConfig, _pass_members, fidelity, refine_fresh, train_full
+from training.align import _pass_members, fidelity, refine_fresh, train_full
 
 TITLES = [
     "rose lip balm",
@@ -40,11 +42,12 @@ def setup(k: int = 2):
     tok, llm = CharTokenizer(), tiny_llm()
     tokens = tokenize_texts(tok, TITLES)
     aligner = ItemAligner(AlignerConfig(n_items=len(TITLES), hidden=32, item_dim=16, k=k))
-    return tok, llm, Prefix(tok), tokens, aligner
+    return tok, FrozenLM(llm, tok, CPU, Prefix(tok, " Item text:")), tokens, aligner
 
 
 def test_shapes_and_padding_mask():
-    tok, llm, prefix, tokens, aligner = setup(k=3)
+    tok, lm, tokens, aligner = setup(k=3)
+    llm, prefix = lm.model, lm.prefix
     text = pad_batch(tokens[:3], tok.pad_token_id)
     soft = aligner.soft_tokens(torch.tensor([1, 2, 3]))
     assert soft.shape == (3, 3, 32)
@@ -56,7 +59,8 @@ def test_shapes_and_padding_mask():
 
 
 def test_loss_counts_only_text_tokens_and_ignores_padding():
-    tok, llm, prefix, tokens, aligner = setup()
+    tok, lm, tokens, aligner = setup()
+    llm, prefix = lm.model, lm.prefix
     soft = aligner.soft_tokens(torch.tensor([1, 5]))
     alone, _, _ = alignment_loss(llm, prefix, soft[:1], pad_batch([tokens[0]], 2))
     # the same item next to a much longer one: extra padding must not change its loss
@@ -71,27 +75,28 @@ def test_loss_counts_only_text_tokens_and_ignores_padding():
 
 
 def test_full_alignment_lowers_loss_and_resumes_from_checkpoint(tmp_path):
-    tok, llm, prefix, tokens, aligner = setup()
+    tok, lm, tokens, aligner = setup()
     idx = list(range(1, len(TITLES) + 1))
-    cfg = AlignConfig(epochs=4, batch_size=4, lr_rows=0.1, lr_proj=1e-2, checkpoint_every_s=0)
+    cfg = AlignSettings(epochs=4, batch_size=4, lr_rows=0.1, lr_proj=1e-2, checkpoint_every_s=0)
     ckpt = tmp_path / "align.pt"
-    hist = train_full(aligner, llm, prefix, tokens, idx, cfg, CPU, 2, ckpt, progress=False)
+    hist = train_full(aligner, lm, tokens, idx, cfg, ckpt, progress=False)
     assert hist[-1]["loss"] < hist[0]["loss"]
     # a rerun with more epochs resumes at epoch 4, not from scratch
     resumed = ItemAligner(aligner.cfg)
-    cfg.epochs = 5
-    hist2 = train_full(resumed, llm, prefix, tokens, idx, cfg, CPU, 2, ckpt, progress=False)
+    cfg = cfg.model_copy(update={"epochs": 5})
+    hist2 = train_full(resumed, lm, tokens, idx, cfg, ckpt, progress=False)
     assert len(hist2) == 5 and hist2[:4] == hist
     assert hist2[-1]["trained"] == len(TITLES)
 
 
 def test_fresh_rows_leave_old_rows_and_projector_bit_identical():
-    tok, llm, prefix, tokens, aligner = setup()
+    tok, lm, tokens, aligner = setup()
     before_rows = aligner.items.weight.detach().clone()
     before_proj = {k: v.clone() for k, v in aligner.projector.state_dict().items()}
     fresh = FreshRows(aligner.projector, torch.randn(3, 16))
     start = fresh.rows.detach().clone()
-    hist = refine_fresh(fresh, llm, prefix, tokens[:3], CPU, 2, epochs=5, batch_size=2, lr=0.1)
+    cfg = AlignSettings(refine=RefineSettings(max_passes=5, lr=0.1, batch=2))
+    hist = refine_fresh(fresh, lm, tokens[:3], cfg, target_accuracy=None)
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert not torch.equal(fresh.rows, start), "fresh rows were trained"
     assert torch.equal(aligner.items.weight, before_rows)
@@ -100,7 +105,8 @@ def test_fresh_rows_leave_old_rows_and_projector_bit_identical():
 
 
 def test_greedy_reconstruct_stops_at_eos():
-    tok, llm, prefix, tokens, aligner = setup()
+    tok, lm, tokens, aligner = setup()
+    llm, prefix = lm.model, lm.prefix
     out = greedy_reconstruct(llm, prefix, aligner.soft_tokens(torch.tensor([1, 2])), 10, 2)
     assert len(out) == 2 and all(len(o) <= 10 for o in out)
     assert all(2 not in o[:-1] for o in out)
@@ -118,23 +124,24 @@ def test_ridge_estimator_recovers_a_linear_map():
 def test_fidelity_counts_exact_rebuilds_and_token_accuracy():
     # Make the targets what greedy decoding produces: then every item is rebuilt exactly
     # and teacher forcing predicts every token; one wrong token breaks exactly one item.
-    tok, llm, prefix, _, aligner = setup()
+    tok, lm, _, aligner = setup()
+    llm, prefix = lm.model, lm.prefix
     keys = [1, 2, 3, 4]
     with autocast(CPU):  # as fidelity decodes
         targets = greedy_reconstruct(
             llm, prefix, aligner.soft_tokens(torch.tensor(keys)), 10, tok.eos_token_id
         )
-    fid = fidelity(aligner.soft_tokens, llm, prefix, targets, keys, CPU, 2, 2, batch_size=4)
+    fid = fidelity(aligner.soft_tokens, lm, targets, keys, batch_size=4)
     assert fid["exact_match"] == 1.0 and fid["token_accuracy"] == [1.0] * 4
     broken = [t[:] for t in targets]
     broken[2][-1] = 3 if broken[2][-1] != 3 else 4  # the last: the context of no other token
-    fid2 = fidelity(aligner.soft_tokens, llm, prefix, broken, keys, CPU, 2, 2, batch_size=4)
+    fid2 = fidelity(aligner.soft_tokens, lm, broken, keys, batch_size=4)
     assert fid2["exact_match"] == 0.75
     assert fid2["token_accuracy"] == pytest.approx([1.0, 1.0, 1 - 1 / len(broken[2]), 1.0])
 
 
 def test_pass_members_skip_converged_items_and_recheck_them():
-    cfg = AlignConfig(recheck_every=3)
+    cfg = AlignSettings(recheck_every=3)
     state = {"epoch": 0, "converged": [True, False, True, False]}
     assert _pass_members(state, 4, cfg) == [1, 3]
     state["epoch"] = 2  # the third pass re-checks every item
@@ -144,40 +151,25 @@ def test_pass_members_skip_converged_items_and_recheck_them():
 
 
 def test_alignment_ends_once_a_recheck_finds_every_item_at_the_bar():
-    tok, llm, prefix, tokens, aligner = setup()
+    tok, lm, tokens, aligner = setup()
     idx = list(range(1, len(TITLES) + 1))
-    done = train_full(
-        aligner,
-        llm,
-        prefix,
-        tokens,
-        idx,
-        AlignConfig(epochs=6, batch_size=4, acc_bar=0.0),
-        CPU,
-        2,
-        progress=False,
-    )
+    cfg = AlignSettings(epochs=6, batch_size=4, acc_bar=0.0)
+    done = train_full(aligner, lm, tokens, idx, cfg, progress=False)
     assert [h["trained"] for h in done] == [len(TITLES)], "every item met the bar in pass 1"
     never = train_full(
-        aligner,
-        llm,
-        prefix,
-        tokens,
-        idx,
-        AlignConfig(epochs=3, batch_size=4, acc_bar=1.01),
-        CPU,
-        2,
-        progress=False,
+        aligner, lm, tokens, idx, AlignSettings(epochs=3, batch_size=4, acc_bar=1.01), progress=False
     )
     assert [h["trained"] for h in never] == [len(TITLES)] * 3
 
 
 def test_fresh_refinement_stops_at_the_target_accuracy():
-    tok, llm, prefix, tokens, aligner = setup()
+    tok, lm, tokens, aligner = setup()
     fresh = FreshRows(aligner.projector, torch.randn(4, 16))
-    hist = refine_fresh(fresh, llm, prefix, tokens[:4], CPU, 2, epochs=5, batch_size=2, target_accuracy=0.0)
+    cfg = AlignSettings(refine=RefineSettings(max_passes=5, batch=2))
+    hist = refine_fresh(fresh, lm, tokens[:4], cfg, target_accuracy=0.0)
     assert [h["trained"] for h in hist] == [4]
-    hist = refine_fresh(fresh, llm, prefix, tokens[:4], CPU, 2, epochs=3, batch_size=2, target_accuracy=1.01)
+    cfg = AlignSettings(refine=RefineSettings(max_passes=3, batch=2))
+    hist = refine_fresh(fresh, lm, tokens[:4], cfg, target_accuracy=1.01)
     assert [h["trained"] for h in hist] == [4, 4, 4]
 
 
@@ -192,20 +184,9 @@ def test_text_init_rows_keep_similar_texts_close():
 
 
 def test_a_checkpoint_of_another_config_is_refused(tmp_path):
-    tok, llm, prefix, tokens, aligner = setup()
+    tok, lm, tokens, aligner = setup()
     idx = list(range(1, len(TITLES) + 1))
     ckpt = tmp_path / "align.pt"
-    train_full(aligner, llm, prefix, tokens, idx, AlignConfig(epochs=1, batch_size=4), CPU, 2, ckpt, False)
+    train_full(aligner, lm, tokens, idx, AlignSettings(epochs=1, batch_size=4), ckpt, False)
     with pytest.raises(ValueError, match="lr_rows"):
-        train_full(
-            aligner,
-            llm,
-            prefix,
-            tokens,
-            idx,
-            AlignConfig(epochs=2, batch_size=4, lr_rows=0.01),
-            CPU,
-            2,
-            ckpt,
-            False,
-        )
+        train_full(aligner, lm, tokens, idx, AlignSettings(epochs=2, batch_size=4, lr_rows=0.01), ckpt, False)
