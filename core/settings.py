@@ -175,9 +175,13 @@ class AlignSettings(Section):
     row_optimizer: str = Field("adagrad", description="rowadam, adagrad or sparseadam (fresh rows too).")
     lr_final: float = Field(0.1, gt=0, le=1, description="Cosine decay of the rates to this.")
     warmup: float = Field(0.05, ge=0, lt=1, description="Projector warm-up, share of the run.")
-    acc_bar: float = Field(1.0, ge=0, le=1.01, description="Token accuracy that ends an item (0: one pass each).")
+    acc_bar: float = Field(
+        1.0, ge=0, le=1.01, description="Token accuracy that ends an item (0: one pass each)."
+    )
     recheck_every: int = Field(3, ge=1, description="Passes between re-checks of done items.")
-    checkpoint_every_s: float = Field(120.0, ge=0, description="Mid-pass checkpoint period (0: after every batch).")
+    checkpoint_every_s: float = Field(
+        120.0, ge=0, description="Mid-pass checkpoint period (0: after every batch)."
+    )
     seed: int = Field(0, description="Seed of the alignment.")
     refine: RefineSettings = Field(default_factory=RefineSettings)
     fidelity: FidelitySettings = Field(default_factory=FidelitySettings)
