@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import tempfile
 import time
 from pathlib import Path
@@ -96,7 +97,10 @@ def load_torch(path: Path, map_location: object = "cpu"):
 
     raw = path.read_bytes()  # read once
     data = _payload(raw, path) if raw.startswith(MAGIC) else raw
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:  # not a model file
+        raise CorruptFile(f"{path}: not a readable model file ({type(exc).__name__}: {exc})") from exc
 
 
 def _fsync_dir(folder: Path) -> None:

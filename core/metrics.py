@@ -65,6 +65,12 @@ FRESH_ITEM_SECONDS = Histogram(
 INDEX_ITEMS = Gauge("said_index_items", "Vectors in the served FAISS index.")
 SCORER_RETRAINS = Counter("said_scorer_retrains_total", "Scorer retrains by outcome.", ["outcome"])
 SCORER_VAL_NDCG = Gauge("said_scorer_val_ndcg10", "Validation NDCG@10 of the last candidate.")
+SERVING_PROBLEMS = Gauge(
+    "said_serving_problems",
+    "1 while a scorer replica cannot load the active version of kind (aligner, scorer): "
+    "it serves the last good one.",
+    ["kind"],
+)
 SCORER_REQUESTS = Counter("said_scorer_requests_total", "Scorer requests.", ["endpoint", "status"])
 SCORER_SECONDS = Histogram(
     "said_scorer_seconds",

@@ -55,6 +55,18 @@ def require_active(engine: Engine, kind: str) -> tuple[str, Path]:
     return found
 
 
+def served_before(engine: Engine, kind: str) -> list[tuple[str, Path]]:
+    """(version, path) of every ``kind`` version that was active once (now retired), newest
+    first: what a process falls back to when the active version's file cannot be read."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(model_versions.c.version, model_versions.c.path)
+            .where(model_versions.c.kind == kind, model_versions.c.status == "retired")
+            .order_by(model_versions.c.created_at.desc())
+        ).all()
+    return [(r.version, Path(r.path)) for r in rows]
+
+
 def newest_metrics(engine: Engine, kind: str) -> dict | None:
     """Metrics of the newest version of ``kind``, active or not (rejections count too)."""
     with engine.connect() as conn:

@@ -16,8 +16,10 @@ from consumers.interactions import InteractionsHandler
 from consumers.items import ItemsHandler
 from consumers.runner import ConsumeLoop, Handler
 from core.db import make_engine
+from core.files import CorruptFile
+from core.metrics import SERVING_PROBLEMS
 from core.settings import Settings
-from core.versions import require_active
+from core.versions import require_active, served_before
 from models.aligner import FrozenLM
 from models.bundle import AlignerBundle
 from models.llm import load_adapter_state, load_llm, pick_device
@@ -57,6 +59,22 @@ def align(settings: Settings, engine: Engine | None = None, lm: FrozenLM | None 
     return align_catalogue(engine or engine_for(settings), lm, settings)
 
 
+def readable_aligner(engine: Engine, device: torch.device) -> AlignerBundle:
+    """The active aligner bundle; if its file cannot be read, the newest one served before,
+    loudly (log, ``said_serving_problems``), so a process starts and serves instead of
+    exiting in a restart loop. Raises only when no aligner file can be read at all."""
+    active = require_active(engine, "aligner")
+    for version, path in [active, *served_before(engine, "aligner")]:
+        try:
+            bundle = AlignerBundle.load(path, device)
+        except (CorruptFile, OSError, ValueError) as exc:
+            log.error("aligner %s cannot be loaded (%s); trying the one served before it", version, exc)
+            continue
+        SERVING_PROBLEMS.labels("aligner").set(int(version != active[0]))
+        return bundle
+    raise CorruptFile(f"no aligner file can be read (active: {active[0]}): run `said align`")
+
+
 def update_worker(
     settings: Settings, engine: Engine | None = None, lm: FrozenLM | None = None
 ) -> UpdateWorker:
@@ -65,7 +83,7 @@ def update_worker(
     LoRA rank and adapters."""
     engine = engine or engine_for(settings)
     device = lm.device if lm else pick_device(settings.device)
-    bundle = AlignerBundle.load(require_active(engine, "aligner")[1], device)
+    bundle = readable_aligner(engine, device)
     if lm is None:
         lm = frozen_lm(settings, bundle.lora_rank, bundle.prompt, device)
         if bundle.adapters:
@@ -76,8 +94,7 @@ def update_worker(
 def serving_state(settings: Settings, engine: Engine | None = None) -> ServingState:
     """What `said serve` serves: the active aligner's catalogue and index folder."""
     engine = engine or engine_for(settings)
-    bundle = AlignerBundle.load(require_active(engine, "aligner")[1], torch.device("cpu"))
-    return ServingState.for_bundle(engine, bundle, settings)
+    return ServingState.for_bundle(engine, readable_aligner(engine, torch.device("cpu")), settings)
 
 
 def serving_app():  # noqa: ANN201 (a FastAPI app; uvicorn calls this factory per worker)

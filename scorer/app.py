@@ -231,6 +231,7 @@ def create_app(engine: Engine, state: ServingState, cfg: ApiSettings) -> FastAPI
             "model_version": state.version,
             "aligner_version": state.aligner_version,
             "refreshed_at": state.refreshed_at,
+            "problems": state.problems,  # active versions not served, and why (also a metric)
         }
 
     return app

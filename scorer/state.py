@@ -31,6 +31,7 @@ from sqlalchemy.engine import Engine
 
 from core import metrics
 from core.catalogue import EmbeddingRows, embeddings_since, item_ids_after
+from core.files import CorruptFile
 from core.settings import IndexSettings, Settings
 from core.versions import active_version
 from models.bundle import AlignerBundle
@@ -83,7 +84,9 @@ class ServingState:
         self._named_through = 0  # every item up to this idx is named (item_ids_after)
         self.refreshed_at: datetime | None = None
         self._declined: str | None = None  # an active scorer of another aligner: not served
-        self.served = self._load(self._scorer_for(active_version(engine, "scorer")))
+        self.problems: dict[str, str] = {}  # kind -> why its active version is not served
+        first = self._scorer_for(active_version(engine, "scorer"))
+        self.served = self._load(first or CosineScorer(aligner_version, said_dim))
         self._snapshot_at = time.monotonic()
         self.refresh()
 
@@ -99,10 +102,19 @@ class ServingState:
         return self.served.scorer.version
 
     # --- versions ----------------------------------------------------------------------
-    def _scorer_for(self, active: tuple[str, Path] | None) -> Scorer:
-        """The scorer to serve for the active version (None: none was ever promoted)."""
+    def _scorer_for(self, active: tuple[str, Path] | None) -> Scorer | None:
+        """The scorer to serve for the active version (cosine when none was ever promoted);
+        None when the active version's file cannot be read: the caller keeps what it
+        serves (cosine at start-up), says so (``problems``, metric, log), and this version
+        is not tried again (a version's file never changes)."""
         if active is not None:
-            model, meta = load_sasrec(active[1])
+            try:
+                model, meta = load_sasrec(active[1])
+            except (CorruptFile, OSError, ValueError) as exc:
+                self._declined = active[0]
+                self._problem("scorer", f"active scorer {active[0]} cannot be loaded ({exc})")
+                return None
+            self._problem("scorer", None)
             if meta.get("aligner_version") == self.aligner_version:
                 return SASRecScorer(model, active[0])
             self._declined = active[0]  # not loaded again on every refresh
@@ -146,20 +158,41 @@ class ServingState:
             self.item_id.update(named)
             self.idx_of.update({v: k for k, v in named.items()})
 
+    def _problem(self, kind: str, why: str | None) -> None:
+        """Record (or clear, with None) why the active ``kind`` version is not served."""
+        if why is None:
+            self.problems.pop(kind, None)
+        elif self.problems.get(kind) != why:
+            self.problems[kind] = why
+            log.error(
+                "%s; still serving %s and applying new items",
+                why,
+                getattr(self, "served", None) and self.version,
+            )
+        metrics.SERVING_PROBLEMS.labels(kind).set(int(kind in self.problems))
+
     def _follow_aligner(self) -> None:
         """Serve the active aligner's vectors: on a change, build its index (cosine until a
-        scorer of that aligner is promoted) off the request path, then swap."""
+        scorer of that aligner is promoted) off the request path, then swap. A bundle that
+        cannot be read leaves the current aligner served (tried again at each refresh)."""
         active = active_version(self.engine, "aligner")
         if active is None or active[0] == self.aligner_version:
+            self._problem("aligner", None)
             return
         import torch
 
-        bundle = AlignerBundle.load(active[1], torch.device("cpu"))
+        try:
+            bundle = AlignerBundle.load(active[1], torch.device("cpu"))
+        except (CorruptFile, OSError, ValueError) as exc:
+            self._problem("aligner", f"active aligner {active[0]} cannot be loaded ({exc})")
+            return
+        self._problem("aligner", None)
         before = self.aligner_version, self.said_dim, self._declined
         self.aligner_version, self.said_dim = bundle.version, bundle.aligner.cfg.vector_dim
         self._declined = None
         try:
-            served = self._load(self._scorer_for(active_version(self.engine, "scorer")))
+            scorer = self._scorer_for(active_version(self.engine, "scorer"))
+            served = self._load(scorer or CosineScorer(self.aligner_version, self.said_dim))
         except Exception:  # keep serving the old version whole; the next refresh tries again
             self.aligner_version, self.said_dim, self._declined = before
             raise
@@ -178,16 +211,27 @@ class ServingState:
 
     # --- refresh -----------------------------------------------------------------------
     def refresh(self) -> int:
-        """Follow the active aligner and scorer versions, then apply new embeddings."""
+        """Follow the active aligner and scorer versions, then apply new embeddings. A
+        version that cannot be followed never stops fresh items from being applied."""
+        try:
+            self._follow_versions()
+        except Exception:  # the next refresh tries again; meanwhile keep serving and applying
+            log.exception("following the active versions failed; still serving %s", self.version)
+        return self._apply_new()
+
+    def _follow_versions(self) -> None:
         self._follow_aligner()
         wanted = active_version(self.engine, "scorer")
         if wanted is not None and wanted[0] not in (self.version, self._declined):
             scorer = self._scorer_for(wanted)
-            if scorer.version != self.version:
+            if scorer is not None and scorer.version != self.version:
                 served = self._load(scorer)  # slow part first, off the lock
                 with self.lock:
                     self.served = served
                 log.info("now serving scorer %s (%d items)", scorer.version, len(served.index))
+
+    def _apply_new(self) -> int:
+        """New catalogue embeddings into the served index (and names of new items)."""
         served = self.served
         with self.engine.connect() as conn:
             new_ids = item_ids_after(conn, self._named_through)  # history ids, vector or not

@@ -23,6 +23,7 @@ import random
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import torch
 from sqlalchemy import func, select
@@ -30,6 +31,7 @@ from sqlalchemy.engine import Engine
 
 from core import metrics
 from core.catalogue import load_embeddings, user_sequences
+from core.files import CorruptFile
 from core.settings import RetrainSettings, ScorerSettings, Settings
 from core.tables import interactions, items
 from core.versions import active_version, newest_metrics, record_version, require_active
@@ -104,8 +106,8 @@ def retrain_once(
     active = active_version(engine, "scorer")
     candidate = SASRec(SASRecConfig(n_items=table.shape[0] - 1), table)
     active_ndcg = -1.0
-    if active is not None:
-        current, _ = load_sasrec(active[1], table)
+    current = _readable(active, table)
+    if current is not None:
         active_ndcg = evaluate(current.to(device), *promotion, device)["ndcg@10"]
         candidate.load_state_dict(current.state_dict())  # warm start, same standardisation
     candidate, info = train_scorer(candidate, train, stopping, train_config(settings), device, progress)
@@ -118,7 +120,7 @@ def retrain_once(
         "active_ndcg@10": active_ndcg,
         "epochs": info["epochs"],
         "aligner_version": aligner_version,
-        "warm_start": active[0] if active else None,
+        "warm_start": active[0] if current is not None else None,
     }
     path = save_scorer(out_dir / f"scorer-{version}.pt", candidate.cpu(), record)
     with engine.begin() as conn:  # promotes only if the active version is still the compared one
@@ -138,6 +140,21 @@ def retrain_once(
         "promoted" if promote else "rejected",
     )
     return record | {"version": version}
+
+
+def _readable(active: tuple[str, Path] | None, table: torch.Tensor) -> SASRec | None:
+    """The active scorer, or None when there is none or its file cannot be read: then the
+    candidate trains from scratch and replaces it (an unreadable model serves nobody)."""
+    if active is None:
+        return None
+    try:
+        return load_sasrec(active[1], table)[0]
+    except (CorruptFile, OSError, ValueError) as exc:
+        log.error(
+            "active scorer %s cannot be loaded (%s): training from scratch to replace it", active[0], exc
+        )
+        metrics.SERVING_PROBLEMS.labels("scorer").set(1)
+        return None
 
 
 def validation_slices(

@@ -32,6 +32,7 @@ from sqlalchemy.engine import Engine
 from core import metrics
 from core.catalogue import lock_sequence, write_embeddings
 from core.db import db_now, is_outage, retry_on_outage
+from core.files import CorruptFile
 from core.settings import Settings
 from core.versions import active_version
 from models.aligner import FreshRows, FrozenLM, estimate_rows, item_vector, tokenize_texts
@@ -102,7 +103,13 @@ class UpdateWorker:
         active = active_version(self.engine, "aligner")
         if active is None or active[0] == self.bundle.version:
             return False
-        bundle = AlignerBundle.load(active[1], self.device)
+        try:
+            bundle = AlignerBundle.load(active[1], self.device)
+        except (CorruptFile, OSError, ValueError) as exc:  # tried again at the next check
+            log.error("aligner %s cannot be loaded (%s): staying on %s", active[0], exc, self.bundle.version)
+            metrics.SERVING_PROBLEMS.labels("aligner").set(1)
+            return False
+        metrics.SERVING_PROBLEMS.labels("aligner").set(0)
         if bundle.lora_rank != lora_rank_of(self.lm.model):
             raise RuntimeError(
                 f"aligner {bundle.version} needs LoRA rank {bundle.lora_rank}, the loaded LLM has "

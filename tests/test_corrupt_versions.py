@@ -1,0 +1,92 @@
+"""An active version whose file cannot be read: every process keeps serving the last good
+model, keeps applying fresh items, and says loudly what is wrong; none exits in a loop.
+
+Through the public parts: versions are activated in ``model_versions`` as an operator's
+``activate`` or a promotion would, items arrive as catalogue rows, and the replica is asked
+through its HTTP API (``/recommend``, ``/readyz``, ``/metrics``).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+import torch
+from fastapi.testclient import TestClient
+
+from core.catalogue import write_embeddings
+from core.settings import ApiSettings
+from core.versions import active_version, record_version
+from said import wiring
+from scorer.app import create_app
+from tests.support.catalogue import add_items, add_users
+from updater.retrain import retrain_once
+
+CPU = torch.device("cpu")
+
+
+def _activate_garbage(engine, folder, kind: str, version: str, meta: dict):
+    path = folder / f"{version}.pt"
+    path.write_bytes(b"not a model: a torn copy, a bad disk, a wrong file")
+    with engine.begin() as conn:
+        record_version(conn, kind, version, path, meta, "active")
+    return path
+
+
+def _new_item_with_vector(engine, bundle, n: int) -> str:
+    """A fresh item as the worker leaves it: the catalogue row and its first estimate."""
+    add_items(engine, n, 1)
+    vec = np.random.default_rng(n).standard_normal((1, bundle.aligner.cfg.vector_dim)).astype("float32")
+    with engine.begin() as conn:
+        write_embeddings(conn, bundle.version, "estimate", [n + 1], ["h"], vec, [None], datetime.now(UTC))
+    return f"i{n}"
+
+
+def _wait_servable(client, item_id: str, timeout: float = 10.0) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        r = client.post("/recommend", json={"history": [item_id], "k": 1})
+        if r.status_code == 200 and not r.json()["unknown_items"]:
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    raise AssertionError(f"{item_id} not servable in {timeout}s")
+
+
+def test_a_corrupt_active_scorer_or_aligner_keeps_serving_the_last_good_one(aligned):
+    engine, bundle, lm, settings, data = aligned
+    add_users(engine)
+    settings = settings.override(index_refresh_s=0.05, retrain_epochs=1)
+    good = retrain_once(engine, bundle.version, settings, CPU, progress=False)
+    state = wiring.serving_state(settings, engine)
+    assert state.version == good["version"]
+    with TestClient(create_app(engine, state, ApiSettings())) as client:
+        _activate_garbage(engine, data, "scorer", "sasrec-torn", {"aligner_version": bundle.version})
+        assert _wait_servable(client, _new_item_with_vector(engine, bundle, 24)) < 5, (
+            "fresh items still apply"
+        )
+        ready = client.get("/readyz").json()
+        assert ready["model_version"] == good["version"], "the last good scorer is served"
+        assert "sasrec-torn cannot be loaded" in ready["problems"]["scorer"]
+        assert 'said_serving_problems{kind="scorer"} 1.0' in client.get("/metrics/").text
+
+        _activate_garbage(engine, data, "aligner", "said-torn", {})
+        assert _wait_servable(client, _new_item_with_vector(engine, bundle, 25)) < 5
+        ready = client.get("/readyz").json()
+        assert ready["aligner_version"] == bundle.version and "said-torn" in ready["problems"]["aligner"]
+
+    again = wiring.serving_state(settings, engine)  # a replica (re)started in this state
+    assert again.aligner_version == bundle.version, "it serves the aligner that was active before"
+    assert len(again.served.index) == 26 and again.recommend([26], 3, {26})[0]
+    worker = wiring.update_worker(settings, engine, lm)  # the worker starts, and stays put
+    assert worker.bundle.version == bundle.version and worker.follow_active() is False
+
+
+def test_the_retrainer_replaces_an_unreadable_active_scorer(aligned):
+    engine, bundle, _lm, settings, data = aligned
+    add_users(engine)
+    settings = settings.override(retrain_epochs=1)
+    _activate_garbage(engine, data, "scorer", "sasrec-torn", {"aligner_version": bundle.version})
+    record = retrain_once(engine, bundle.version, settings, CPU, progress=False)
+    assert record["promoted"] and record["warm_start"] is None, "trained from scratch"
+    assert active_version(engine, "scorer")[0] == record["version"]
