@@ -18,10 +18,9 @@ from tests.support.catalogue import add_users
 
 @pytest.fixture
 def app(aligned):
-    engine, bundle, _llm, _tok, data = aligned
+    engine, bundle, _lm, settings, _data = aligned
     add_users(engine)
-    state = ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index")
-    return create_app(engine, state)
+    return create_app(engine, ServingState.for_bundle(engine, bundle, settings), settings.api)
 
 
 @pytest.fixture
