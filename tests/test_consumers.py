@@ -275,6 +275,42 @@ def test_a_message_over_the_broker_default_goes_to_the_dlq_as_a_prefix(settings)
         assert count_rows(conn, items) == 3
 
 
+def test_consumers_started_before_db_upgrade_wait_for_the_schema_and_dead_letter_nothing(settings, caplog):
+    """Issue 23.7: a missing schema is our own outage, not a poison message."""
+    from alembic import command
+
+    from said.migrate import alembic_config, upgrade
+
+    command.downgrade(alembic_config(settings.database_url), "base")  # as before `said db upgrade`
+    produce_json(settings.kafka_bootstrap, TOPIC_ITEMS, [item_event(i) for i in range(5)], "item_id")
+    clicks = [click_event(e, e) for e in range(5)]
+    produce_json(settings.kafka_bootstrap, TOPIC_INTERACTIONS, clicks, "user_id")
+    engine = make_engine(settings.database_url)
+    loops = [ConsumeLoop(h(settings), engine, settings) for h in (ItemsHandler, InteractionsHandler)]
+    results: dict[str, object] = {}
+    threads = [
+        threading.Thread(target=lambda lp=lp: results.setdefault(lp.handler.name, lp.run(idle_exit=1.5)))
+        for lp in loops
+    ]
+    with caplog.at_level("WARNING", logger="core.db"):
+        for t in threads:
+            t.start()
+        time.sleep(8)  # long enough to join the group, fetch the messages and fail on them
+        assert all(t.is_alive() for t in threads), "still waiting, not crashed or done"
+        assert read_topic(settings.kafka_bootstrap, TOPIC_DLQ, 0, timeout=1) == []
+        upgrade(settings.database_url)
+        for t in threads:
+            t.join(60)
+    waited = [r.getMessage() for r in caplog.records if "said db upgrade" in r.getMessage()]
+    assert waited, "the wait says what it waits for"
+    item_stats, click_stats = results["items"], results["interactions"]
+    assert (item_stats.stored, item_stats.dead_lettered) == (5, 0)
+    assert (click_stats.stored, click_stats.dead_lettered) == (5, 0)
+    assert read_topic(settings.kafka_bootstrap, TOPIC_DLQ, 0, timeout=1) == []
+    with engine.connect() as conn:
+        assert count_rows(conn, items) == 5 and count_rows(conn, interactions) == 5
+
+
 class PoisonedItems(ItemsHandler):
     """The real handler, failing (as a bug would) on any batch that holds the poison key."""
 
