@@ -2,8 +2,10 @@
 
 Per batch, in the quix-streams checkpoint order:
   1. validate and write the batch to the catalogue in one transaction (retried while the
-     database is down); a batch that fails for any other reason is split in halves until
-     the message that breaks it (a poison pill) is alone, and that one is dead-lettered
+     database is down or its schema is missing: a consumer started before ``said db
+     upgrade`` waits for it, it does not dead-letter everything); a batch that fails for
+     any other reason is split in halves until the message that breaks it (a poison pill)
+     is alone, and that one is dead-lettered
      with the reason ``processing_error:<exception>``, so no message can crash-loop a
      partition;
   2. produce rejected messages to ``said.dlq`` and flush the producer, failing on any
@@ -26,7 +28,7 @@ from sqlalchemy.engine import Engine
 
 from consumers.dead_letter import dlq_copy
 from core import metrics
-from core.db import is_outage, retry_on_outage
+from core.db import retry_on_outage, should_wait
 from core.events import TOPIC_DLQ
 from core.kafka import DeliveryTracker, produce
 from core.settings import Settings
@@ -230,7 +232,7 @@ class ConsumeLoop:
         try:
             return self._with_retries(lambda: self.handler.process(self.engine, messages))
         except Exception as exc:
-            if is_outage(exc):  # a stop requested during an outage: replay after restart
+            if should_wait(exc):  # a stop requested while waiting: replay after restart
                 raise
             if len(messages) == 1:
                 m = messages[0]

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,6 +66,28 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
+# PostgreSQL's undefined_table and undefined_column: the code is newer than the schema
+MISSING_SCHEMA_SQLSTATES = ("42P01", "42703")
+SQLITE_MISSING_SCHEMA = ("no such table", "no such column")
+
+
+def is_missing_schema(exc: BaseException) -> bool:
+    """True when a table or column the code needs is not there: ``said db upgrade`` has not
+    run yet (or not to this version). That is an outage of our own making, not a bad
+    message: worth waiting for, never worth dead-lettering a batch for."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    orig = exc.orig
+    if isinstance(exc, ProgrammingError):
+        return (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) in MISSING_SCHEMA_SQLSTATES
+    return isinstance(exc, OperationalError) and str(orig).startswith(SQLITE_MISSING_SCHEMA)
+
+
+def should_wait(exc: BaseException) -> bool:
+    """The failures :func:`retry_on_outage` waits out: outages and a missing schema."""
+    return is_outage(exc) or is_missing_schema(exc)
+
+
 def retry_on_outage(
     fn: Callable[[], T],
     *,
@@ -73,7 +95,8 @@ def retry_on_outage(
     should_stop: Callable[[], bool] = lambda: False,
     on_retry: Callable[[BaseException], None] | None = None,
 ) -> T:
-    """Run ``fn`` until it succeeds, backing off exponentially while the database is down.
+    """Run ``fn`` until it succeeds, backing off exponentially while the database is down
+    or its schema is missing (waiting for ``said db upgrade``).
 
     ``fn`` must be one transaction, so a retry after a failure repeats it whole. A stop
     request during an outage re-raises, and the caller then exits without committing
@@ -84,10 +107,17 @@ def retry_on_outage(
         try:
             return fn()
         except Exception as exc:
-            if not is_outage(exc) or should_stop():
+            if not should_wait(exc) or should_stop():
                 raise
             if on_retry:
                 on_retry(exc)
-            log.warning("database unavailable (%s); retrying in %.1fs", type(exc).__name__, delay)
+            if is_missing_schema(exc):
+                log.warning(
+                    "catalogue schema missing (%s): waiting for `said db upgrade`; retrying in %.1fs",
+                    str(getattr(exc, "orig", exc)).splitlines()[0],
+                    delay,
+                )
+            else:
+                log.warning("database unavailable (%s); retrying in %.1fs", type(exc).__name__, delay)
             time.sleep(delay)
             delay = min(delay * 2, max_backoff_s)

@@ -203,7 +203,8 @@ class WorkerSettings(Section):
     id: str | None = Field(
         None,
         min_length=1,
-        description="Lease owner id, unique per worker and stable across its restarts; unset = host-pid.",
+        description="Lease owner id, unique per worker and stable across restarts ({hostname}: this "
+        "host's name); unset = host-pid.",
     )
     version_check_s: float = Field(
         5.0, gt=0, description="How often the worker checks for a newly activated aligner."

@@ -75,6 +75,18 @@ parked_interactions = Table(
     Index("ix_parked_interactions_parked_at", "parked_at"),
 )
 
+# DLQ messages that ``said dlq replay`` re-published, by their place on ``said.dlq``, so a
+# later replay (of any reason) publishes each at most once. The fingerprint (key, value,
+# headers, timestamp) tells a message from another at the same place on a re-created topic.
+dlq_replays = Table(
+    "dlq_replays",
+    metadata,
+    Column("dlq_partition", Integer, primary_key=True, autoincrement=False),
+    Column("dlq_offset", BigInteger, primary_key=True, autoincrement=False),
+    Column("fingerprint", String(64), nullable=False),
+    Column("replayed_at", DateTime(timezone=True), nullable=False),  # informational
+)
+
 item_embeddings = Table(
     "item_embeddings",
     metadata,

@@ -227,10 +227,12 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"said dlq replay: {exc}") from None
     logging.info(
-        "replayed %d dead-lettered messages; skipped %d of other reasons, left %d at the attempt limit",
+        "replayed %d dead-lettered messages; skipped %d of other reasons, left %d at the attempt limit, "
+        "%d replayed before",
         stats.replayed,
         stats.skipped,
         stats.exhausted,
+        stats.already,
     )
     return 0
 

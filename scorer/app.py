@@ -15,10 +15,13 @@ import logging
 import threading
 import time
 from contextlib import asynccontextmanager
+from typing import Annotated
 
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_validator
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
@@ -32,9 +35,24 @@ MAX_HISTORY = 200
 MAX_BODY_BYTES = 64 * 1024  # a maximal valid request is ~10 KB
 
 
+def unicode_text(value: str) -> str:
+    """Refuses lone surrogates. JSON's ``\\udXXX`` escapes can carry them, and Python's
+    parser lets them through, but they are not text: UTF-8 has no bytes for them, so the
+    catalogue cannot look them up and a response that echoes one cannot be serialised."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode text (a lone surrogate)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(unicode_text)]
+UserId = Annotated[str, StringConstraints(max_length=256), AfterValidator(unicode_text)]
+
+
 class RecommendRequest(BaseModel):
-    user_id: str | None = Field(None, max_length=256)
-    history: list[str] | None = Field(None, max_length=MAX_HISTORY)
+    user_id: UserId | None = None
+    history: list[Text] | None = Field(None, max_length=MAX_HISTORY)
     k: int = Field(10, ge=1, le=100)
     exclude_seen: bool = True
 
@@ -126,6 +144,28 @@ async def _too_large(send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A 422 that says where and why, without echoing the input.
+
+    FastAPI's default handler echoes each offending value, and what Python's JSON parser
+    accepts is more than a response can carry back: ``NaN``, ``Infinity`` and ``1e400``
+    (float infinity) are not JSON, a lone surrogate is not UTF-8. The echo then fails to
+    serialise and the client gets a 500 for its own bad input. Messages and locations are
+    made printable too: a location names a field, and an unknown field is any string."""
+    detail = [
+        {"type": err["type"], "loc": [_printable(part) for part in err["loc"]], "msg": _printable(err["msg"])}
+        for err in exc.errors()
+    ]
+    return JSONResponse(status_code=422, content={"detail": detail})
+
+
+def _printable(part: object) -> str | int:
+    """``part`` as JSON-safe text: lone surrogates become their ``\\udXXX`` escape."""
+    if isinstance(part, int) and not isinstance(part, bool):
+        return part
+    return str(part).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def bearer_credentials(authorization: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, else None.
 
@@ -172,6 +212,7 @@ def create_app(engine: Engine, state: ServingState, cfg: ApiSettings) -> FastAPI
         stop.set()
 
     app = FastAPI(title="SAID scorer", version="1", lifespan=lifespan)
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.mount("/metrics", make_asgi_app())
 
     app.add_middleware(BodyLimitMiddleware)

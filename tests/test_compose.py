@@ -75,3 +75,14 @@ def test_nothing_is_published_open_and_every_secret_is_required():
     for (name, key), prefix in required.items():
         assert str(services[name]["environment"][key]).startswith(prefix), f"{name}: {key} not required"
     assert services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+
+
+def test_replicable_workers_get_distinct_lease_owners_stable_across_restarts():
+    """Compose gives every replica the same environment; Docker gives each its own hostname."""
+    from updater.worker import worker_owner
+
+    for name in ("updater", "updater-gpu"):
+        configured = COMPOSE["services"][name]["environment"].get("SAID_WORKER_ID")
+        first = [worker_owner(configured, host, 1) for host in ("3f2a9c1b7d4e", "8e1d0a6c5b2f")]
+        restarted = [worker_owner(configured, host, 9) for host in ("3f2a9c1b7d4e", "8e1d0a6c5b2f")]
+        assert len(set(first)) == 2 and restarted == first, f"{name}: {first} then {restarted}"

@@ -6,6 +6,7 @@ import itertools
 import json
 import threading
 import time
+from dataclasses import astuple
 
 import pytest
 from sqlalchemy import select
@@ -178,12 +179,13 @@ def test_dlq_replay_is_bounded_keeps_context_and_leaves_exhausted_messages(setti
     )
     with pytest.raises(ValueError, match="--reason"):
         replay_dlq(settings, "")
-    keep_writing = threading.Event()
+    keep_writing, written = threading.Event(), []
 
     def writer():  # consumers re-dead-lettering while the replay runs
         n = 100
         while not keep_writing.is_set():
             produce_raw(settings.kafka.bootstrap, TOPIC_DLQ, [], records=[dead("unknown_item", n, 1, ts)])
+            written.append(f"e{n}")
             n += 1
 
     thread = threading.Thread(target=writer, daemon=True)
@@ -193,10 +195,62 @@ def test_dlq_replay_is_bounded_keeps_context_and_leaves_exhausted_messages(setti
     keep_writing.set()
     thread.join()
     assert time.monotonic() - t0 < 30, "the replay ends at the offsets it started with"
-    assert (stats.skipped, stats.exhausted) == (1, 1) and stats.replayed >= 1
-    (back,) = [m for m in read_topic(settings.kafka.bootstrap, TOPIC_INTERACTIONS, 1) if b'"e1"' in m.value()]
+    assert (stats.skipped, stats.exhausted, stats.already) == (1, 1, 0)
+    published = read_topic(settings.kafka.bootstrap, TOPIC_INTERACTIONS, stats.replayed)
+    ids = [json.loads(m.value())["event_id"] for m in published]
+    # one partition (one key): the replay took e1 and the writer's first messages, in order
+    assert ids == ["e1"] + written[: stats.replayed - 1]
+    # the next replay takes exactly the rest, and nothing twice
+    again = replay_dlq(settings, "unknown_item", max_attempts=5)
+    assert astuple(again) == (len(written) + 1 - stats.replayed, 1, 1, stats.replayed)
+    published = read_topic(settings.kafka.bootstrap, TOPIC_INTERACTIONS, len(written) + 1)
+    assert sorted(json.loads(m.value())["event_id"] for m in published) == sorted(["e1", *written])
+    (back,) = [m for m in published if b'"e1"' in m.value()]
     assert back.timestamp()[1] == ts and back.key() == b"u"
     assert dict(back.headers()) == {"said-attempts": b"1", "trace": None}, "said-error etc. dropped"
+
+
+def test_replays_of_different_reasons_in_any_order_each_replay_their_own_once(settings):
+    """Issue 23.1: one reason's replay must not strand another's, and replaying a reason
+    again must not publish its messages twice."""
+    from consumers.dlq_replay import replay_dlq
+
+    engine = make_engine(settings.database_url)
+    long_item = item_event(8, title="y" * 600)  # over max_text_chars (500): too_long:title
+    produce_json(settings.kafka.bootstrap, TOPIC_ITEMS, [long_item], "item_id")
+    produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, [click_event(1, 7)], "user_id")
+    consume(settings, ItemsHandler)
+    consume(settings, InteractionsHandler)  # parked: item 7 is late
+    settings.consume.park_max_age_s = 0.01  # ... too late: its click ages out to the DLQ
+    consume(settings, InteractionsHandler, idle=0.5)
+    assert set(dlq_reasons(settings.kafka.bootstrap, 2).values()) == {"too_long:title", "unknown_item"}
+
+    # both causes fixed: item 7 arrives, the text limit is raised
+    produce_json(settings.kafka.bootstrap, TOPIC_ITEMS, [item_event(7)], "item_id")
+    consume(settings, ItemsHandler)
+    settings.consume.max_text_chars = 1000
+    outcome = [
+        (reason, astuple(replay_dlq(settings, reason)))
+        for reason in ("unknown_item", "too_long", "too_long", "unknown_item")
+    ]
+    # (replayed, skipped: another reason, exhausted, already replayed by an earlier run)
+    assert outcome == [
+        ("unknown_item", (1, 1, 0, 0)),
+        ("too_long", (1, 1, 0, 0)),
+        ("too_long", (0, 1, 0, 1)),
+        ("unknown_item", (0, 1, 0, 1)),
+    ]
+    item_stats, _ = consume(settings, ItemsHandler)
+    click_stats, _ = consume(settings, InteractionsHandler)
+    assert (item_stats.stored, item_stats.dead_lettered) == (1, 0)
+    assert (click_stats.stored, click_stats.dead_lettered) == (1, 0)
+    with engine.connect() as conn:
+        assert sorted(conn.execute(select(items.c.item_id)).scalars()) == ["i7", "i8"]
+        assert conn.execute(select(interactions.c.event_id)).scalars().all() == ["e1"]
+        assert count_parked(conn) == 0
+    assert len(read_topic(settings.kafka.bootstrap, TOPIC_ITEMS, 3)) == 3, "the long item once more"
+    assert len(read_topic(settings.kafka.bootstrap, TOPIC_INTERACTIONS, 2)) == 2, "the click once more"
+    assert len(read_topic(settings.kafka.bootstrap, TOPIC_DLQ, 2)) == 2, "nothing dead-lettered again"
 
 
 def test_a_message_over_the_broker_default_goes_to_the_dlq_as_a_prefix(settings):
@@ -219,6 +273,42 @@ def test_a_message_over_the_broker_default_goes_to_the_dlq_as_a_prefix(settings)
     ), "key and headers fit"
     with engine.connect() as conn:
         assert count_rows(conn, items) == 3
+
+
+def test_consumers_started_before_db_upgrade_wait_for_the_schema_and_dead_letter_nothing(settings, caplog):
+    """Issue 23.7: a missing schema is our own outage, not a poison message."""
+    from alembic import command
+
+    from said.migrate import alembic_config, upgrade
+
+    command.downgrade(alembic_config(settings.database_url), "base")  # as before `said db upgrade`
+    produce_json(settings.kafka.bootstrap, TOPIC_ITEMS, [item_event(i) for i in range(5)], "item_id")
+    clicks = [click_event(e, e) for e in range(5)]
+    produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, clicks, "user_id")
+    engine = make_engine(settings.database_url)
+    loops = [ConsumeLoop(h(settings), engine, settings) for h in (ItemsHandler, InteractionsHandler)]
+    results: dict[str, object] = {}
+    threads = [
+        threading.Thread(target=lambda lp=lp: results.setdefault(lp.handler.name, lp.run(idle_exit=1.5)))
+        for lp in loops
+    ]
+    with caplog.at_level("WARNING", logger="core.db"):
+        for t in threads:
+            t.start()
+        time.sleep(8)  # long enough to join the group, fetch the messages and fail on them
+        assert all(t.is_alive() for t in threads), "still waiting, not crashed or done"
+        assert read_topic(settings.kafka.bootstrap, TOPIC_DLQ, 0, timeout=1) == []
+        upgrade(settings.database_url)
+        for t in threads:
+            t.join(60)
+    waited = [r.getMessage() for r in caplog.records if "said db upgrade" in r.getMessage()]
+    assert waited, "the wait says what it waits for"
+    item_stats, click_stats = results["items"], results["interactions"]
+    assert (item_stats.stored, item_stats.dead_lettered) == (5, 0)
+    assert (click_stats.stored, click_stats.dead_lettered) == (5, 0)
+    assert read_topic(settings.kafka.bootstrap, TOPIC_DLQ, 0, timeout=1) == []
+    with engine.connect() as conn:
+        assert count_rows(conn, items) == 5 and count_rows(conn, interactions) == 5
 
 
 class PoisonedItems(ItemsHandler):

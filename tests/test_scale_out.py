@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
+import yaml
 from sqlalchemy import select
 
 from consumers.interactions import InteractionsHandler
@@ -18,7 +20,18 @@ from core.tables import interactions, item_embeddings
 from tests.support.catalogue import add_items
 from tests.support.kafka_util import click_event, load_items, produce_json
 from updater.leases import pending_count
-from updater.worker import UpdateWorker
+from updater.worker import UpdateWorker, worker_owner
+
+COMPOSE = yaml.safe_load((Path(__file__).resolve().parents[1] / "docker-compose.yml").read_text())
+# What Docker gives two replicas of one service: the same environment, and each container
+# its own hostname (its short id), kept across restarts; the entrypoint runs as pid 1.
+REPLICA_HOSTS = ("3f2a9c1b7d4e", "8e1d0a6c5b2f")
+
+
+def compose_replica_ids(service: str, pid: int = 1) -> list[str]:
+    """The lease owner of each of two replicas of ``service``, from docker-compose.yml."""
+    configured = COMPOSE["services"][service]["environment"].get("SAID_WORKER_ID")
+    return [worker_owner(configured, host, pid) for host in REPLICA_HOSTS]
 
 
 def test_two_consumers_in_one_group_split_the_partitions(settings):
@@ -84,3 +97,29 @@ def test_two_workers_split_fresh_items_without_overlap(aligned):
         )
     assert kinds == ["refined"] * 16
     assert metrics.FENCED_WRITES._value.get() == fenced, "no item was leased by both workers at once"
+
+
+def test_two_compose_updater_replicas_split_fresh_items_without_fencing_each_other(aligned):
+    """Issue 23.8: ``docker compose up --scale updater=2`` gave both replicas one worker id,
+    so each start released the other's live leases as its own."""
+    ids = compose_replica_ids("updater")
+    assert len(set(ids)) == 2, f"replicas need distinct lease owners: {ids}"
+    assert compose_replica_ids("updater", pid=7) == ids, "stable across a restart"
+    engine, bundle, lm, settings, _data = aligned
+    add_items(engine, 24, 16)
+    fenced = metrics.FENCED_WRITES._value.get()
+    workers = [
+        UpdateWorker(engine, bundle, lm, settings.override(worker_batch=2, refine_epochs=1, worker_id=i))
+        for i in ids
+    ]
+    assert [w.owner for w in workers] == ids
+    threads = [threading.Thread(target=w.run, kwargs={"idle_exit": 0.5}) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    done = [w.done for w in workers]
+    assert sum(done) == 16 and all(d > 0 for d in done), done
+    with engine.connect() as conn:
+        assert pending_count(conn) == 0
+    assert metrics.FENCED_WRITES._value.get() == fenced, "no replica fenced the other"

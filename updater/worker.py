@@ -57,6 +57,23 @@ BETWEEN_PASSES_POLL_S = 0.5  # a new item waits at most this (plus one pass) for
 MAX_BACKLOG = 4  # estimated batches waiting for refinement: more would outlive their leases
 
 
+HOSTNAME_PLACEHOLDER = "{hostname}"  # in SAID_WORKER_ID: replaced by this host's name
+
+
+def worker_owner(configured: str | None, hostname: str, pid: int) -> str:
+    """The lease owner id of this worker process.
+
+    SAID_WORKER_ID should be unique per worker and stable across its restarts, so that a
+    restarted worker releases its old leases at once. Replicas of one compose service all
+    get the same environment, so a fixed id would be shared (each start would release its
+    peer's live leases); ``{hostname}`` in it is replaced by the host's name, which Docker
+    makes distinct per container and keeps across its restarts. Without SAID_WORKER_ID:
+    host and pid (unique, but a restart gets a new id and waits for the lease TTL)."""
+    if configured is None:
+        return f"{hostname}-{pid}"
+    return configured.replace(HOSTNAME_PLACEHOLDER, hostname)
+
+
 class Stopping(Exception):
     """Raised between refinement passes once ``stop()`` was called; the batch stays leased
     to this worker and is redone on its next start (or by another after the lease expires)."""
@@ -68,9 +85,7 @@ class UpdateWorker:
         ``refine`` part, and the catalogue's row optimiser)."""
         self.engine, self.bundle, self.lm, self.device = engine, bundle, lm, lm.device
         self.cfg, self.align, self.retry_max_s = settings.worker, settings.align, settings.db_retry_max_s
-        # SAID_WORKER_ID: stable across restarts, so a restarted worker releases its old
-        # leases at once; without it, host and pid (unique, but a restart waits for the TTL)
-        self.owner = self.cfg.id or f"{socket.gethostname()}-{os.getpid()}"
+        self.owner = worker_owner(self.cfg.id, socket.gethostname(), os.getpid())
         self._use(bundle)
         self._released = False  # the previous process's leases, released on the first step
         self._version_checked = time.monotonic()
