@@ -55,13 +55,13 @@ def require_active(engine: Engine, kind: str) -> tuple[str, Path]:
     return found
 
 
-def served_before(engine: Engine, kind: str) -> list[tuple[str, Path]]:
-    """(version, path) of every ``kind`` version that was active once (now retired), newest
-    first: what a process falls back to when the active version's file cannot be read."""
+def versions_in(engine: Engine, kind: str, status: str) -> list[tuple[str, Path]]:
+    """(version, path) of every ``kind`` version in ``status``, newest first: ``retired``
+    ones are what a process falls back to when the active file cannot be read."""
     with engine.connect() as conn:
         rows = conn.execute(
             select(model_versions.c.version, model_versions.c.path)
-            .where(model_versions.c.kind == kind, model_versions.c.status == "retired")
+            .where(model_versions.c.kind == kind, model_versions.c.status == status)
             .order_by(model_versions.c.created_at.desc())
         ).all()
     return [(r.version, Path(r.path)) for r in rows]

@@ -122,10 +122,15 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
         for t in threads:
             t.start()
         url = f"http://127.0.0.1:{port}"
+        token = settings.api.token.get_secret_value() if settings.api.token else None
+        # the demo is a client like any other: with SAID_API_TOKEN set, it sends the token
+        api = httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=10
+        )
         try:
-            _wait_ready(url)
+            _wait_ready(api)
             time.sleep(3)  # the item consumer joins its group
-            fresh = _publish_fresh_items(settings, ds, demo.fresh, url)
+            fresh = _publish_fresh_items(settings, ds, demo.fresh, api)
             secs = [f["servable_s"] for f in fresh if f["servable_s"] is not None]
             if secs:
                 summary["event -> servable seconds (median, max)"] = f"{np.median(secs):.2f}, {max(secs):.2f}"
@@ -159,6 +164,7 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
                 while True:
                     time.sleep(1)
         finally:
+            api.close()
             server.should_exit = True
             stop_retrainer.set()
             worker.stop()
@@ -189,19 +195,19 @@ def _random_ndcg(n_items: int) -> float:
     return sum(1 / np.log2(r + 2) for r in range(min(10, n_items))) / n_items
 
 
-def _wait_ready(url: str, timeout: float = 30.0) -> None:
+def _wait_ready(api: httpx.Client, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
+            if api.get("/readyz").status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    raise TimeoutError(f"scorer at {url} not ready in {timeout}s")
+    raise TimeoutError(f"scorer at {api.base_url} not ready in {timeout}s")
 
 
-def _publish_fresh_items(settings: Settings, ds, n: int, url: str) -> list[dict]:
+def _publish_fresh_items(settings: Settings, ds, n: int, api: httpx.Client) -> list[dict]:
     """For n real users, an advertiser publishes a new edition of the item the scorer now
     ranks first for that user. Each is timed to servable, and its rank in that user's
     recommendations is read at its first estimate and again once refined."""
@@ -210,7 +216,7 @@ def _publish_fresh_items(settings: Settings, ds, n: int, url: str) -> list[dict]
     now = datetime.now(UTC).isoformat()
     fresh, used = [], set()
     for user in users:
-        top = httpx.post(f"{url}/recommend", json={"user_id": user, "k": 1}).json()["items"][0]
+        top = api.post("/recommend", json={"user_id": user, "k": 1}).json()["items"][0]
         if top["item_id"] in used:  # one new edition per item: no duplicate titles
             continue
         used.add(top["item_id"])
@@ -239,29 +245,29 @@ def _publish_fresh_items(settings: Settings, ds, n: int, url: str) -> list[dict]
     ]
     t0 = time.monotonic()
     produce_events(settings.kafka.client_config(), TOPIC_ITEMS, iter(events), len(events))
-    _wait_for(url, fresh, t0, lambda item: item["servable"], "servable_s")
+    _wait_for(api, fresh, t0, lambda item: item["servable"], "servable_s")
     time.sleep(0.5)  # one scorer poll period: the index has the vectors now
-    _rank(url, fresh, "rank_estimate")
-    _wait_for(url, fresh, t0, lambda item: item["embedding"] == "refined", "refined_s")
+    _rank(api, fresh, "rank_estimate")
+    _wait_for(api, fresh, t0, lambda item: item["embedding"] == "refined", "refined_s")
     time.sleep(0.5)
-    _rank(url, fresh, "rank_refined")
+    _rank(api, fresh, "rank_refined")
     return fresh
 
 
-def _wait_for(url: str, fresh: list[dict], t0: float, done, key: str, timeout: float = 180) -> None:
+def _wait_for(api: httpx.Client, fresh: list[dict], t0: float, done, key: str, timeout: float = 180) -> None:
     while time.monotonic() - t0 < timeout and any(f.get(key) is None for f in fresh):
         for f in fresh:
             if f.get(key) is None:
-                r = httpx.get(f"{url}/items/{f['item_id']}")
+                r = api.get(f"/items/{f['item_id']}")
                 if r.status_code == 200 and done(r.json()):
                     f[key] = time.monotonic() - t0
         time.sleep(0.05)
 
 
-def _rank(url: str, fresh: list[dict], key: str) -> None:
+def _rank(api: httpx.Client, fresh: list[dict], key: str) -> None:
     """The fresh item's 1-based rank in its user's top-100, or None when below."""
     for f in fresh:
-        r = httpx.post(f"{url}/recommend", json={"user_id": f["user"], "k": 100})
+        r = api.post("/recommend", json={"user_id": f["user"], "k": 100})
         ranked = [x["item_id"] for x in r.json()["items"]] if r.status_code == 200 else []
         f[key] = ranked.index(f["item_id"]) + 1 if f["item_id"] in ranked else None
 

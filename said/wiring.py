@@ -19,7 +19,7 @@ from core.db import make_engine
 from core.files import CorruptFile
 from core.metrics import SERVING_PROBLEMS
 from core.settings import Settings
-from core.versions import require_active, served_before
+from core.versions import require_active, versions_in
 from models.aligner import FrozenLM
 from models.bundle import AlignerBundle
 from models.llm import load_adapter_state, load_llm, pick_device
@@ -64,7 +64,7 @@ def readable_aligner(engine: Engine, device: torch.device) -> AlignerBundle:
     loudly (log, ``said_serving_problems``), so a process starts and serves instead of
     exiting in a restart loop. Raises only when no aligner file can be read at all."""
     active = require_active(engine, "aligner")
-    for version, path in [active, *served_before(engine, "aligner")]:
+    for version, path in [active, *versions_in(engine, "aligner", "retired")]:
         try:
             bundle = AlignerBundle.load(path, device)
         except (CorruptFile, OSError, ValueError) as exc:

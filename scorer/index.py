@@ -192,8 +192,7 @@ class ItemIndex:
         path = folder / f"index-{name}.faiss"
         parts = [faiss.serialize_index(t).tobytes() for t in (self.delta, *self.mains)]
         write_checked(path, b"".join(len(b).to_bytes(8, "little") + b for b in parts))
-        for old in snapshots(folder)[keep:]:
-            old.unlink(missing_ok=True)
+        prune_snapshots(folder, name.rsplit("-", 1)[0], keep)
         remove_stale_temps(folder)
         return path
 
@@ -257,6 +256,21 @@ def snapshots(folder: Path, prefix: str = "") -> list[Path]:
         except FileNotFoundError:  # pruned by another writer meanwhile
             continue
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def prune_snapshots(folder: Path, version: str, keep: int = 3, versions: int = 3) -> None:
+    """Keep the newest ``keep`` snapshots of ``version`` (one replica's writes never prune
+    another version's, which a replica mid-swap or a rollback still needs), and snapshots
+    of the ``versions`` most recently written versions only (retired ones go)."""
+    for old in snapshots(folder, f"{version}-")[keep:]:
+        old.unlink(missing_ok=True)
+    seen: list[str] = []
+    for snap in snapshots(folder):
+        owner = snap.stem.removeprefix("index-").rsplit("-", 1)[0]
+        if owner not in seen:
+            seen.append(owner)
+        if len(seen) > versions and owner not in seen[:versions]:
+            snap.unlink(missing_ok=True)
 
 
 def latest_snapshot(folder: Path, prefix: str = "") -> Path | None:

@@ -25,6 +25,7 @@ def _demo(tmp_path: Path, tiny_hf_folder: Path, *extra: str) -> tuple[subprocess
         "SAID_DATABASE_URL": f"sqlite:///{tmp_path}/demo.db",
         "SAID_DEVICE": "cpu",
         "SAID_LOG_LEVEL": "INFO",
+        "SAID_API_TOKEN": "demo-token",  # the demo's own requests must carry it
     }
     cmd = [
         sys.executable,

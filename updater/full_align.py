@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 from core.catalogue import lock_item_index, queue_missing, write_embeddings
 from core.db import db_now, retry_on_outage
 from core.events import item_text
+from core.files import remove_stale_temps
 from core.settings import Settings
 from core.tables import items
 from core.versions import record_version
@@ -68,7 +69,7 @@ def align_catalogue(engine: Engine, lm: FrozenLM, settings: Settings, progress: 
         lambda: _publish(engine, version, path, rows, vectors, fit, summary),
         max_backoff_s=settings.db_retry_max_s,
     )
-    ckpt.unlink(missing_ok=True)
+    remove_checkpoints(ckpt.parent)
     if queued:
         log.info("%d items are new or changed since the run read them: queued for the workers", queued)
     ref = fit.reference
@@ -88,6 +89,18 @@ def align_catalogue(engine: Engine, lm: FrozenLM, settings: Settings, progress: 
         ref["seconds_per_item"],
     )
     return bundle
+
+
+def remove_checkpoints(folder: Path) -> int:
+    """After a run has published: delete every alignment checkpoint in ``folder``, its own
+    and those of runs that were killed over an older catalogue (their key, the set of item
+    texts, will not come back: the catalogue only moves on). Returns how many went."""
+    gone = 0
+    for path in folder.glob("checkpoint-*.pt"):
+        path.unlink(missing_ok=True)
+        gone += 1
+    remove_stale_temps(folder)  # and what a writer killed mid-save left
+    return gone
 
 
 def _publish(engine: Engine, version: str, path: Path, rows, vectors, fit, summary: dict) -> int:

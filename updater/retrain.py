@@ -34,7 +34,7 @@ from core.catalogue import load_embeddings, user_sequences
 from core.files import CorruptFile
 from core.settings import RetrainSettings, ScorerSettings, Settings
 from core.tables import interactions, items
-from core.versions import active_version, newest_metrics, record_version, require_active
+from core.versions import active_version, newest_metrics, record_version, require_active, versions_in
 from core.versions import promote as promote_if_current
 from models.sasrec import SASRec, SASRecConfig, load_sasrec, save_scorer
 from training.recommender import evaluate, train_scorer
@@ -129,6 +129,8 @@ def retrain_once(
         else:
             record_version(conn, "scorer", version, path, record | {"promoted": False}, "rejected")
             promote = False
+    if not promote:
+        prune_rejected(engine)
     record["promoted"] = promote
     metrics.SCORER_RETRAINS.labels("promoted" if promote else "rejected").inc()
     metrics.SCORER_VAL_NDCG.set(ndcg)
@@ -140,6 +142,22 @@ def retrain_once(
         "promoted" if promote else "rejected",
     )
     return record | {"version": version}
+
+
+KEEP_REJECTED = 3  # rejected candidates' files kept for a look (their rows and scores stay)
+
+
+def prune_rejected(engine: Engine, keep: int = KEEP_REJECTED) -> int:
+    """Delete the files of all but the newest ``keep`` rejected candidates: a retrainer that
+    keeps being rejected (a bad stretch of data) must not fill the disk. Their rows stay in
+    ``model_versions`` with both scores; only an active or retired version is ever loaded.
+    Returns how many files went."""
+    gone = 0
+    for _version, path in versions_in(engine, "scorer", "rejected")[keep:]:
+        if path.exists():
+            path.unlink()
+            gone += 1
+    return gone
 
 
 def _readable(active: tuple[str, Path] | None, table: torch.Tensor) -> SASRec | None:
