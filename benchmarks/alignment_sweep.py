@@ -7,6 +7,10 @@ stopping is off (``acc_bar`` 1.01) so every candidate trains on the same items e
 
     python benchmarks/alignment_sweep.py --dataset ../shared/data/amazon-beauty-2k \\
         --items 160 --passes 8 --out sweep.json [--candidates base,rowadam,adagrad,...]
+
+``--smoke``: 16 items of amazon-beauty-2k, 2 passes, k=1, candidates base and default, and
+a tiny random LLM with SmolLM2's tokenizer, into a temporary file: checks that the
+benchmark runs, not a result.
 """
 
 from __future__ import annotations
@@ -15,18 +19,20 @@ import argparse
 import json
 import logging
 import random
+import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
+from _bench import DATA, SMOKE_NOTE, tiny_llm_folder  # a sibling module of the benchmarks
 
 from core.dataset import load_dataset
-from models.aligner import AlignerConfig, ItemAligner, Prefix, text_init_rows, tokenize_texts
+from core.settings import AlignSettings
+from models.aligner import AlignerConfig, FrozenLM, ItemAligner, text_init_rows, tokenize_texts
 from models.llm import load_llm, pick_device, pooled_text_features
-from training.align import AlignConfig, fidelity, train_full
+from training.align import fidelity, train_full
 
-# name -> (AlignConfig changes, start rows from text?)
+# name -> (AlignSettings changes, start rows from text?)
 CANDIDATES = {
     "base": (dict(row_optimizer="sparseadam", lr_final=1.0, warmup=0.0), False),  # main today
     "rowadam": (dict(row_optimizer="rowadam", lr_final=0.1, warmup=0.05), False),
@@ -40,7 +46,7 @@ CANDIDATES = {
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", required=False, help="a data-set folder (required but with --smoke)")
     p.add_argument("--items", type=int, default=160)
     p.add_argument("--passes", type=int, default=8)
     p.add_argument("--k", type=int, default=4)
@@ -50,8 +56,18 @@ def main() -> None:
     p.add_argument("--llm-cache", type=Path, default=Path("said-data/llm"))
     p.add_argument("--lora-rank", type=int, default=0)
     p.add_argument("--first", action="store_true", help="the first N items (the demo's slice), not a sample")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="the results JSON (required but with --smoke)")
+    p.add_argument("--smoke", action="store_true", help="a tiny size that checks the script runs")
     args = p.parse_args()
+    if args.smoke:
+        args.dataset = args.dataset or str(DATA / "amazon-beauty-2k")
+        args.items, args.passes, args.k, args.candidates = 16, 2, 1, "base,default"
+        args.llm = args.llm or str(tiny_llm_folder())
+        tmp = tempfile.TemporaryDirectory(prefix="said-smoke-")  # removed at exit
+        args.out = args.out or Path(tmp.name) / "sweep.json"
+        print(SMOKE_NOTE)
+    if not args.dataset or not args.out:
+        p.error("--dataset and --out are required (but with --smoke)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = pick_device("auto")
     ds = load_dataset(args.dataset)
@@ -65,7 +81,7 @@ def main() -> None:
     tokens = tokenize_texts(tok, texts)
     feats = pooled_text_features(llm, tok, texts, device)
     idx = list(range(1, len(texts) + 1))
-    prefix = Prefix(tok)
+    prompt = AlignSettings().prompt
     results = {
         "items": len(texts),
         "passes": args.passes,
@@ -77,22 +93,21 @@ def main() -> None:
     for name in args.candidates.split(","):
         llm, tok = load_llm(args.llm, args.llm_cache, device, args.lora_rank)  # fresh LoRA per run
         changes, from_text = CANDIDATES[name]
-        cfg = replace(
-            AlignConfig(epochs=args.passes, batch_size=args.batch, acc_bar=1.01, checkpoint_every_s=1e9),
-            **changes,
-        )
+        base = AlignSettings(epochs=args.passes, batch_size=args.batch, acc_bar=1.01, checkpoint_every_s=1e9)
+        cfg = base.model_copy(update=changes | {"k": args.k})
+        lm = FrozenLM.around(llm, tok, device, prompt)
         torch.manual_seed(0)
-        aligner = ItemAligner(AlignerConfig(n_items=len(texts), hidden=llm.config.hidden_size, k=args.k))
+        aligner = ItemAligner(
+            AlignerConfig(n_items=len(texts), hidden=lm.hidden, item_dim=cfg.item_dim, k=cfg.k)
+        )
         if from_text:
             with torch.no_grad():
                 aligner.items.weight[1:] = text_init_rows(feats, aligner.cfg.item_dim)
         aligner.to(device)
         t0 = time.perf_counter()
-        history = train_full(aligner, llm, prefix, tokens, idx, cfg, device, tok.pad_token_id, progress=False)
+        history = train_full(aligner, lm, tokens, idx, cfg, progress=False)
         seconds = time.perf_counter() - t0
-        fid = fidelity(
-            aligner.soft_tokens, llm, prefix, tokens, idx, device, tok.pad_token_id, tok.eos_token_id
-        )
+        fid = fidelity(aligner.soft_tokens, lm, tokens, idx)
         results["runs"][name] = {
             "config": changes | {"text_init": from_text},
             "acc_per_pass": [round(h["token_accuracy"], 4) for h in history],

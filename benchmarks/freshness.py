@@ -9,7 +9,10 @@ new items (real Beauty titles outside the slice) are published one every ``--eve
 seconds. For each: *servable* = its vector is in the scorer's index (what /recommend ranks);
 *refined* = its refined embedding is in the catalogue. Reports median, p95 and max.
 
-    python benchmarks/freshness.py [--items 200] [--fresh 20] [--every 3]
+    python benchmarks/freshness.py [--items 200] [--fresh 20] [--every 3] [--smoke]
+
+``--smoke``: 20 items, 1 pass, 3 fresh items one a second, 3 refinement passes, and a tiny
+random LLM with SmolLM2's tokenizer: checks that the benchmark runs, not a result.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from _bench import DATA, SMOKE_NOTE, tiny_llm_folder  # a sibling module of the benchmarks
 from sqlalchemy import select
 
 from consumers.items import ItemsHandler
@@ -31,16 +35,16 @@ from core.db import make_engine
 from core.events import TOPIC_ITEMS
 from core.settings import Settings
 from core.tables import item_embeddings
+from models.aligner import FrozenLM
 from models.llm import load_llm, pick_device
 from said.broker import EmbeddedBroker, ensure_topics, free_port
 from said.migrate import upgrade
 from said.produce import produce_events, replay_dataset
 from scorer.state import ServingState
-from training.align import AlignConfig
 from updater.full_align import align_catalogue
 from updater.worker import UpdateWorker
 
-DATASET = Path(__file__).resolve().parents[2] / "shared/data/amazon-beauty"
+DATASET = DATA / "amazon-beauty"
 
 
 def main() -> None:
@@ -51,7 +55,19 @@ def main() -> None:
     ap.add_argument("--fresh", type=int, default=20)
     ap.add_argument("--every", type=float, default=3.0)
     ap.add_argument("--llm-cache", type=Path, default=Path("said-data/llm"))
+    ap.add_argument("--llm", default=None, help="an HF folder or .gguf (default: SmolLM2)")
+    ap.add_argument("--timeout", type=float, default=600, help="most seconds for every item to refine")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="a setting, by its flat name"
+    )
+    ap.add_argument("--smoke", action="store_true", help="a tiny size that checks the script runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.items, args.align_epochs, args.fresh, args.every, args.timeout = 20, 1, 3, 1.0, 60
+        args.llm = args.llm or str(tiny_llm_folder())
+        # a random LLM never reaches the accuracy bar: few refinement passes, few decodes
+        args.set += ["refine_epochs=3", "fidelity_exact_items=4", "reference_items=4"]
+        print(SMOKE_NOTE)
     full = load_dataset(args.dataset)
     ds = load_dataset(args.dataset, args.items)
     new_titles = [t for i, t in zip(full.item_ids, full.titles, strict=True) if i not in set(ds.item_ids)][
@@ -63,19 +79,22 @@ def main() -> None:
             data_dir=Path(tmp),
             kafka_bootstrap=broker.bootstrap,
             session_timeout_ms=2000,
+            align_epochs=args.align_epochs,
+            soft_tokens=1,
+            item_dim=128,
+            **dict(kv.split("=", 1) for kv in args.set),
         )
-        ensure_topics(settings.kafka_config())
+        ensure_topics(settings.kafka)
         upgrade(settings.database_url)
         engine = make_engine(settings.database_url)
-        replay_dataset(settings.kafka_config(), ds)
+        replay_dataset(settings.kafka.client_config(), ds)
         ConsumeLoop(ItemsHandler(settings), engine, settings).run(idle_exit=2.0)
         device = pick_device("auto")
-        llm, tok = load_llm(None, args.llm_cache, device)
-        bundle = align_catalogue(
-            engine, llm, tok, device, Path(tmp), AlignConfig(epochs=args.align_epochs), 1, 128
-        )
-        state = ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, Path(tmp) / "ix")
-        worker = UpdateWorker(engine, bundle, llm, tok, device)
+        model, tok = load_llm(args.llm, args.llm_cache, device)
+        lm = FrozenLM.around(model, tok, device, settings.align.prompt)
+        bundle = align_catalogue(engine, lm, settings, progress=not args.smoke)
+        state = ServingState.for_bundle(engine, bundle, settings)
+        worker = UpdateWorker(engine, bundle, lm, settings)
         loop, stop = ConsumeLoop(ItemsHandler(settings), engine, settings), threading.Event()
         threads = [
             threading.Thread(target=worker.run),
@@ -90,7 +109,8 @@ def main() -> None:
         refined: dict[str, float] = {}
         try:
             t_next = time.monotonic()
-            while len(refined) < len(new_titles) and time.monotonic() - t_next < 600:
+            deadline = time.monotonic() + args.timeout + len(new_titles) * args.every
+            while len(refined) < len(new_titles) and time.monotonic() < deadline:
                 if len(published) < len(new_titles) and time.monotonic() >= t_next:
                     k = len(published)
                     ev = {
@@ -100,7 +120,9 @@ def main() -> None:
                         "advertiser_id": "bench",
                         "event_time": datetime.now(UTC).isoformat(),
                     }
-                    produce_events(settings.kafka_config(), TOPIC_ITEMS, iter([(ev["item_id"], ev)]), 1)
+                    produce_events(
+                        settings.kafka.client_config(), TOPIC_ITEMS, iter([(ev["item_id"], ev)]), 1
+                    )
                     published[ev["item_id"]] = time.monotonic()
                     t_next += args.every
                 _observe(engine, state, published, servable, refined)
@@ -116,11 +138,13 @@ def main() -> None:
     )
     print("| stage | n | median s | p95 s | max s |\n|---|---|---|---|---|")
     for name, done in (("event -> servable (first estimate)", servable), ("event -> refined", refined)):
-        secs = np.array([done[i] - published[i] for i in done])
+        secs = np.array([done[i] - published[i] for i in done] or [np.nan])
         print(
-            f"| {name} | {len(secs)} | {np.median(secs):.2f} | {np.percentile(secs, 95):.2f} | "
+            f"| {name} | {len(done)} | {np.median(secs):.2f} | {np.percentile(secs, 95):.2f} | "
             f"{secs.max():.2f} |"
         )
+    if len(refined) < len(new_titles):
+        raise SystemExit(f"only {len(refined)} of {len(new_titles)} fresh items refined in time")
 
 
 def _observe(engine, state: ServingState, published, servable, refined) -> None:

@@ -9,30 +9,35 @@ new items, half replacements), compacting when the delta tier asks for it. Each 
 D seconds; the baseline is the same search thread with no updates, in the same run.
 Figures are medians over runs.
 
-    python benchmarks/index_update.py [--sizes 12101,100000] [--batch 16] [--seconds 10]
+    python benchmarks/index_update.py [--sizes 12101,100000] [--batch 16] [--seconds 10] [--smoke]
+
+``--smoke``: 400 items (exact) and 1,500 (HNSW, its threshold lowered to 1,000), one 1 s
+run each: checks that the benchmark runs, not a result.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import threading
 import time
 
 import numpy as np
 import torch
-from scorer_latency import SAID_DIM, synthetic  # a sibling script: same synthetic vectors
+from _bench import SMOKE_NOTE  # a sibling module of the benchmarks
+from scorer_latency import SAID_DIM, index_settings, synthetic  # a sibling script: same vectors
 
 from models.sasrec import SASRec, SASRecConfig
 from scorer.index import ItemIndex
-from scorer.model import SASRecScorer
+from scorer.scorers import SASRecScorer
 
 
 def run(n: int, batch: int, seconds: float, updating: bool) -> dict[str, float]:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     scorer = SASRecScorer(SASRec(SASRecConfig(n_items=2), torch.randn(3, SAID_DIM)), "bench")
-    index = ItemIndex(64)
+    index = ItemIndex(64, index_settings().hnsw_min_items)
     index.build(np.arange(1, n + 1), synthetic(n, 64))
     lock, stop, lat = threading.Lock(), threading.Event(), []
     rng = np.random.default_rng(1)
@@ -63,7 +68,7 @@ def run(n: int, batch: int, seconds: float, updating: bool) -> dict[str, float]:
         next_id += len(new)
         updated += len(ids)
         if index.needs_compaction():  # the refresher builds off the lock, then swaps
-            fresh = ItemIndex(64)
+            fresh = ItemIndex(64, index_settings().hnsw_min_items)
             fresh.build(*index.items())
             with lock:
                 index = fresh
@@ -86,8 +91,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="a tiny size that checks the script runs")
     args = ap.parse_args()
-    print(f"batch {args.batch}, {args.runs} runs of {args.seconds:.0f} s, medians")
+    if args.smoke:
+        args.sizes, args.seconds, args.runs = "400,1500", 1.0, 1
+        os.environ["SAID_HNSW_MIN_ITEMS"] = "1000"  # HNSW from 1,000 items
+        print(SMOKE_NOTE)
+    print(
+        f"batch {args.batch}, {args.runs} runs of {args.seconds:g} s, medians; "
+        f"HNSW from {index_settings().hnsw_min_items:,} items"
+    )
     print(
         "| items | updates | items/s upserted | search p50 ms | search p99 ms | searches/s | "
         "compactions |\n|---|---|---|---|---|---|---|"

@@ -9,10 +9,22 @@ message at a time and inserts it through the ORM with a commit per row, the patt
 batch consumer replaces. The naive one runs on the first ``--naive-events`` events only
 (it is slow); rates are events per second. Medians over ``--runs`` runs are printed.
 
-    python benchmarks/ingest.py [--events 200000] [--runs 3]
+    python benchmarks/ingest.py [--events 200000] [--runs 3] [--smoke]
+
+``--smoke``: 3,000 events (300 for the naive consumer), one run: checks that the benchmark
+runs, not a result.
 """
 
+# ruff: noqa: E402 (imports follow the sys.path set-up below)
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# The throwaway PostgreSQL cluster comes from tests/support, which is not an installed
+# package: put the repository root on the path, so `python benchmarks/ingest.py` needs
+# no PYTHONPATH.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import json
@@ -24,13 +36,15 @@ import time
 import uuid
 from datetime import datetime
 
+from _bench import SMOKE_NOTE  # a sibling module of the benchmarks
 from confluent_kafka import Consumer, Producer
 
 from consumers.interactions import InteractionsHandler
 from consumers.items import ItemsHandler
 from consumers.runner import ConsumeLoop
 from core.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
-from core.settings import Settings
+from core.kafka import produce as produce_waiting
+from core.settings import KafkaSettings, Settings
 from said.broker import EmbeddedBroker, ensure_topics, free_port
 from said.migrate import upgrade
 from tests.support.pgcluster import ThrowawayPostgres, find_pg_bin
@@ -55,24 +69,14 @@ def produce(bootstrap: str, n_events: int) -> None:
             ),
         )
     for e in range(n_events):
-        while True:
-            try:
-                p.produce(
-                    TOPIC_INTERACTIONS,
-                    key=f"u{e % 5000}",
-                    value=json.dumps(
-                        {
-                            "event_id": f"e{e}",
-                            "user_id": f"u{e % 5000}",
-                            "item_id": f"i{e % N_ITEMS}",
-                            "type": "click",
-                            "event_time": "2026-01-01T00:00:01Z",
-                        }
-                    ),
-                )
-                break
-            except BufferError:
-                p.poll(0.1)
+        event = {
+            "event_id": f"e{e}",
+            "user_id": f"u{e % 5000}",
+            "item_id": f"i{e % N_ITEMS}",
+            "type": "click",
+            "event_time": "2026-01-01T00:00:01Z",
+        }
+        produce_waiting(p, TOPIC_INTERACTIONS, key=f"u{e % 5000}", value=json.dumps(event))
         p.poll(0)
     assert p.flush(60) == 0
 
@@ -122,9 +126,9 @@ def run_naive(settings: Settings, n: int, out) -> None:
     registry().map_imperatively(Interaction, interactions)
     engine = create_engine(settings.database_url)
     c = Consumer(
-        settings.kafka_config()
+        settings.kafka.client_config()
         | {
-            "group.id": settings.group_id + "n",
+            "group.id": settings.consume.group_id + "n",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
             "session.timeout.ms": 6000,
@@ -153,11 +157,12 @@ def run_naive(settings: Settings, n: int, out) -> None:
     out.put((time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
 
 
-def measure(target, settings: Settings, n: int) -> tuple[float, float]:
+def measure(target, settings: Settings, n: int, timeout_s: float = 1800) -> tuple[float, float]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     proc = ctx.Process(target=target, args=(settings, n, q))
     proc.start()
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
             elapsed, rss_kb = q.get(timeout=1.0)
@@ -165,6 +170,11 @@ def measure(target, settings: Settings, n: int) -> tuple[float, float]:
         except queue.Empty:
             if not proc.is_alive():
                 raise RuntimeError(f"{target.__name__} died with exit code {proc.exitcode}") from None
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise TimeoutError(
+                    f"{target.__name__} did not store {n:,} events in {timeout_s:.0f} s"
+                ) from None
     proc.join()
     return elapsed, rss_kb / 1024
 
@@ -174,14 +184,18 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--naive-events", type=int, default=10_000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="a tiny size that checks the script runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.events, args.naive_events, args.runs = 3000, 300, 1
+        print(SMOKE_NOTE)
     bin_dir = find_pg_bin()
     if bin_dir is None:
         raise SystemExit("PostgreSQL server binaries not found")
     pg = ThrowawayPostgres(bin_dir).start()
     try:
         with EmbeddedBroker(free_port()) as broker:
-            ensure_topics({"bootstrap.servers": broker.bootstrap})
+            ensure_topics(KafkaSettings(bootstrap=broker.bootstrap))
             produce(broker.bootstrap, args.events)
             rows = []
             for run in range(args.runs):

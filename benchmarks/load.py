@@ -2,8 +2,9 @@
 
 Method: the production processes, started through the CLI as in docker-compose: ``said
 consume items``, ``said consume interactions``, ``said update`` and ``said serve``, on an
-embedded broker and a throwaway PostgreSQL. Set-up replays a Beauty slice (``--items``) and
-runs ``said align --epochs 1`` (quality is not the point). Then, for ``--seconds``, this
+embedded broker and a throwaway PostgreSQL. Set-up (the CLI's commands in one process)
+replays a Beauty slice (``--items``) and runs ``said align --epochs 1`` (quality is not the
+point). Then, for ``--seconds``, this
 process produces interactions at ``--rate`` events/s (10 ms ticks) over the slice's items,
 publishes a brand-new item every 10 s (real Beauty titles outside the slice) and asks the
 scorer for recommendations ~20 times a second. Every 5 s it samples the interaction
@@ -11,33 +12,46 @@ consumer's lag (its ``said_consumer_lag`` metric) and every process's RSS (repor
 start, 60 s in, once the worker's first refinement has allocated its buffers, and at the end). At the end it
 waits for the consumer to drain and checks that the catalogue holds every produced event.
 
-    python benchmarks/load.py [--rate 34692] [--seconds 300] [--items 100]
+    python benchmarks/load.py [--rate 34692] [--seconds 300] [--items 100] [--smoke]
+
+``--smoke``: 20 items, 300 events/s for 5 s, shorter idle exits and group joins, and a
+tiny random LLM with SmolLM2's tokenizer: checks that the benchmark runs, not a result.
 """
 
+# ruff: noqa: E402 (imports follow the sys.path set-up below)
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# The throwaway PostgreSQL cluster comes from tests/support, which is not an installed
+# package: put the repository root on the path, so `python benchmarks/load.py` needs no
+# PYTHONPATH.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import httpx
+from _bench import DATA, SMOKE_NOTE, tiny_llm_folder, wait_http  # a sibling module of the benchmarks
 from confluent_kafka import Producer
 from sqlalchemy import func, select
 
 from core.dataset import load_dataset
 from core.db import make_engine
 from core.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
+from core.kafka import produce
+from core.settings import KafkaSettings
 from core.tables import interactions, item_embeddings
 from said.broker import EmbeddedBroker, ensure_topics, free_port
 from tests.support.pgcluster import ThrowawayPostgres, find_pg_bin
 
-DATASET = Path(__file__).resolve().parents[2] / "shared/data/amazon-beauty"
+DATASET = DATA / "amazon-beauty"
 
 
 def rss_mib(pid: int) -> float:
@@ -59,7 +73,21 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=300)
     ap.add_argument("--items", type=int, default=100)
     ap.add_argument("--llm-cache", type=Path, default=None, help="a converted SmolLM2 folder")
+    ap.add_argument("--llm", default=None, help="SAID_LLM of the processes (default: SmolLM2)")
+    ap.add_argument("--idle-exit", type=float, default=3.0, help="set-up consumers stop after idle s")
+    ap.add_argument("--join-s", type=float, default=8.0, help="seconds for the consumers to join")
+    ap.add_argument(
+        "--env", action="append", default=[], metavar="SAID_X=VALUE", help="more settings for every process"
+    )
+    ap.add_argument("--smoke", action="store_true", help="a tiny size that checks the script runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.items, args.rate, args.seconds, args.idle_exit, args.join_s = 20, 300, 5.0, 1.0, 1.0
+        args.llm = args.llm or str(tiny_llm_folder())
+        # a random LLM never reaches the accuracy bar: few refinement passes, few decodes
+        args.env += ["SAID_REFINE_EPOCHS=3", "SAID_FIDELITY_EXACT_ITEMS=4", "SAID_REFERENCE_ITEMS=4"]
+        args.env += ["SAID_SESSION_TIMEOUT_MS=2000"]
+        print(SMOKE_NOTE)
     full = load_dataset(args.dataset)
     ds = load_dataset(args.dataset, args.items)
     fresh_titles = [t for i, t in zip(full.item_ids, full.titles, strict=True) if i not in set(ds.item_ids)]
@@ -69,36 +97,48 @@ def main() -> None:
         if args.llm_cache:
             os.symlink(args.llm_cache.resolve(), Path(tmp) / "llm")
         ports = {name: free_port() for name in ("items", "interactions", "update", "serve")}
-        env = os.environ | {
-            "SAID_DATABASE_URL": pg.create_database(),
-            "SAID_DATA_DIR": tmp,
-            "SAID_KAFKA_BOOTSTRAP": broker.bootstrap,
-            "SAID_LOG_LEVEL": "WARNING",
-            "SAID_SESSION_TIMEOUT_MS": "6000",
-        }
+        env = (
+            os.environ
+            | {
+                "SAID_DATABASE_URL": pg.create_database(),
+                "SAID_DATA_DIR": tmp,
+                "SAID_KAFKA_BOOTSTRAP": broker.bootstrap,
+                "SAID_LOG_LEVEL": "WARNING",
+                "SAID_SESSION_TIMEOUT_MS": "6000",
+            }
+            | ({"SAID_LLM": args.llm} if args.llm else {})
+        )
+        env |= dict(e.split("=", 1) for e in args.env)
         said = [sys.executable, "-m", "said.cli"]
 
-        def run(*cmd: str) -> None:
-            subprocess.run([*said, *cmd], env=env, check=True)
+        def setup(*cmds: list[str]) -> None:
+            """The set-up commands in order, through the CLI's own entry point, in one
+            process (each its own would pay torch's import again)."""
+            steps = ";".join(f"main({cmd!r}) and sys.exit(1)" for cmd in cmds)
+            subprocess.run(
+                [sys.executable, "-c", f"import sys; from said.cli import main; {steps}"], env=env, check=True
+            )
 
         def start(name: str, *cmd: str) -> None:
             procs[name] = subprocess.Popen([*said, *cmd], env=env | {"SAID_METRICS_PORT": str(ports[name])})
 
         try:
-            ensure_topics({"bootstrap.servers": broker.bootstrap})
-            run("db", "upgrade")
-            run("produce", "--dataset", str(args.dataset), "--limit", str(args.items))
-            run("consume", "items", "--idle-exit", "3")
-            run("consume", "interactions", "--idle-exit", "3")
-            run("align", "--epochs", "1")
+            ensure_topics(KafkaSettings(bootstrap=broker.bootstrap))
+            setup(
+                ["db", "upgrade"],
+                ["produce", "--dataset", str(args.dataset), "--limit", str(args.items)],
+                ["consume", "items", "--idle-exit", str(args.idle_exit)],
+                ["consume", "interactions", "--idle-exit", str(args.idle_exit)],
+                ["align", "--epochs", "1"],
+            )
             engine = make_engine(env["SAID_DATABASE_URL"])
             base = _count(engine)
             start("items", "consume", "items")
             start("interactions", "consume", "interactions")
             start("update", "update")
             procs["serve"] = subprocess.Popen([*said, "serve", "--port", str(ports["serve"])], env=env)
-            _wait_http(f"http://127.0.0.1:{ports['serve']}/readyz")
-            time.sleep(8)  # consumers join their groups
+            wait_http(f"http://127.0.0.1:{ports['serve']}/readyz", 120, procs["serve"])
+            time.sleep(args.join_s)  # consumers join their groups
             report = _drive(args, broker.bootstrap, ds.item_ids, fresh_titles, ports, procs)
             t0 = time.monotonic()
             while _count(engine) < base + report["produced"] and time.monotonic() - t0 < 600:
@@ -138,12 +178,7 @@ def _drive(args, bootstrap, item_ids, fresh_titles, ports, procs) -> dict:
                 f'{{"event_id":"L{e}","user_id":"u{e % 10000}","item_id":"{item}",'
                 f'"type":"click","event_time":"2026-06-01T00:00:00Z"}}'
             )
-            while True:
-                try:
-                    producer.produce(TOPIC_INTERACTIONS, key=f"u{e % 10000}", value=value)
-                    break
-                except BufferError:
-                    producer.poll(0.01)
+            produce(producer, TOPIC_INTERACTIONS, key=f"u{e % 10000}", value=value)
         produced += due
         producer.poll(0)
         if now >= next_item:
@@ -189,17 +224,6 @@ def _ask_scorer(port: int, stop: threading.Event, counts: dict) -> None:
             counts["ok" if r.status_code in (200, 404) else "failed"] += 1  # 404: no clicks yet
             n += 1
             time.sleep(0.05)
-
-
-def _wait_http(url: str) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 def _count(engine) -> int:

@@ -13,6 +13,11 @@ alignment seeds and three scorer seeds, on the standard and the cold-start proto
 Results are rewritten after every run (``--out``), so a stopped run keeps what it finished.
 
     python benchmarks/quality.py --dataset ../shared/data/amazon-beauty-2k --out DIR
+
+``--smoke``: every variant on a slice of amazon-beauty-2k (its first 60 items and their
+users), one alignment seed (one pass, k=1) and one scorer seed (2 epochs), a tiny random
+LLM with SmolLM2's tokenizer, into a temporary OUT: checks that the benchmark runs, not a
+result.
 """
 
 from __future__ import annotations
@@ -20,18 +25,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 
+from _bench import DATA, SMOKE_NOTE, smoke_dataset, smoke_settings  # a sibling module of the benchmarks
+
 from core.settings import get_settings
 from models.sasrec import SASRecConfig
-from training.evaluate import VARIANTS, format_table, paired, pick_default, run_from_settings, write_results
+from training.evaluate import VARIANTS, Plan, format_table, paired, pick_default, run, write_results
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--out", type=Path, required=True, help="folder for the cached tables and results.json")
+    p.add_argument("--dataset", required=False, help="a data-set folder (required but with --smoke)")
+    p.add_argument(
+        "--out", type=Path, help="folder for the cached tables and results.json (required but with --smoke)"
+    )
     p.add_argument("--variant", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--align-seeds", default="0,1")
     p.add_argument("--seeds", default="0,1,2", help="scorer seeds")
@@ -47,27 +57,35 @@ def main() -> None:
         help="an SASRecConfig field (JSON value) for every run of every --variant given: an "
         "experiment, its runs labelled with it; give it only with the variants it changes",
     )
+    p.add_argument("--smoke", action="store_true", help="a tiny size that checks the script runs")
     args = p.parse_args()
+    settings = get_settings()
+    if args.smoke:
+        tmp = tempfile.TemporaryDirectory(prefix="said-smoke-")  # removed at exit
+        src = Path(args.dataset) if args.dataset else DATA / "amazon-beauty-2k"
+        args.dataset = str(smoke_dataset(src, Path(tmp.name) / src.name, items=60, users=400))
+        args.out = args.out or Path(tmp.name) / "quality"
+        args.align_seeds, args.seeds = "0", "0"
+        settings = smoke_settings(settings, align_epochs=1, scorer_epochs=2, scorer_eval_every=1)
+        print(SMOKE_NOTE)
+    if not args.dataset or not args.out:
+        p.error("--dataset and --out are required (but with --smoke)")
     options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.option)}
     SASRecConfig(n_items=1, **options)  # an unknown or mistyped option fails now, not after the alignment
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    settings = get_settings()
     t0 = time.perf_counter()
     out = args.out / args.results
     done = json.loads(out.read_text())["runs"] if args.resume and out.exists() else []
-    results = run_from_settings(
-        settings,
-        args.dataset,
+    plan = Plan(
+        Path(args.dataset),
         args.variant,
         [int(s) for s in args.seeds.split(",")],
         [int(s) for s in args.align_seeds.split(",")],
         args.cold_fraction,
-        args.out,
-        results_path=out,
-        done=done,
         model_options=options,
         only_protocol=args.protocol,
     )
+    results = run(plan, settings, args.out, results_path=out, done=done)
     results["default_variant"] = pick_default(results["summary"])
     results["minutes"] = (time.perf_counter() - t0) / 60
     write_results(results, out)

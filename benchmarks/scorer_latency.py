@@ -16,7 +16,10 @@ Each catalogue is served by one and by two uvicorn worker processes (``said serv
 search is measured in-process on 500 SASRec queries from random histories over item
 vectors with log-normal norms.
 
-    python benchmarks/scorer_latency.py [--sizes 12101,100000,1000000] [--clients 4]
+    python benchmarks/scorer_latency.py [--sizes 12101,100000,1000000] [--clients 4] [--smoke]
+
+``--smoke``: 400 items (baseline, exact) and 1,500 (HNSW, its threshold lowered to 1,000), one 0.5 s
+run per point: checks that the benchmark runs, not a result.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from _bench import SMOKE_NOTE, wait_http  # a sibling module of the benchmarks
 
+from core.settings import ApiSettings, IndexSettings, Settings
 from said.broker import free_port
 
 SAID_DIM = 576
@@ -47,16 +52,21 @@ def synthetic(n: int, dim: int, seed: int = 0) -> np.ndarray:
     return centres[rng.integers(0, 256, n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
 
 
+def index_settings() -> IndexSettings:
+    """The index section as ``said serve`` reads it (``SAID_HNSW_MIN_ITEMS`` included)."""
+    return Settings().index
+
+
 def build(folder: Path, n: int, mode: str) -> str:
     """A catalogue of n items plus the snapshot the scorer loads; mode sasrec | cosine."""
     import torch
 
     from core.db import make_engine
     from core.tables import items, model_versions
-    from models.sasrec import SASRec, SASRecConfig
+    from models.sasrec import SASRec, SASRecConfig, save_scorer
     from said.migrate import upgrade
     from scorer.index import ItemIndex
-    from scorer.model import CosineScorer, save_scorer
+    from scorer.scorers import CosineScorer
 
     url = f"sqlite:///{folder}/bench.db"
     upgrade(url)
@@ -99,9 +109,13 @@ def build(folder: Path, n: int, mode: str) -> str:
     else:
         scorer = CosineScorer("bench", SAID_DIM)
         version, vecs = scorer.version, scorer.item_vectors(synthetic(n, SAID_DIM))
-    index = ItemIndex(vecs.shape[1])
+    index = ItemIndex(vecs.shape[1], index_settings().hnsw_min_items)
     index.build(np.arange(1, n + 1), vecs)
-    index.save(folder / "index", f"{version}-{int(now.timestamp() * 1000)}")
+    # The scorer loads a snapshot named <version>-q<watermark>, the watermark being the
+    # newest item_embeddings.seq it holds (scorer/state.py). No embedding rows are written
+    # (the snapshot is built from synthetic vectors directly), so every row the catalogue
+    # has is in it at watermark 0: the refresher finds nothing newer and serves it as is.
+    index.save(folder / "index", f"{version}-q0")
     return url
 
 
@@ -112,7 +126,7 @@ def hnsw_recall(n: int, queries: int = 500) -> tuple[float, float]:
 
     from models.sasrec import SASRec, SASRecConfig
     from scorer.index import ItemIndex
-    from scorer.model import SASRecScorer
+    from scorer.scorers import SASRecScorer
 
     rng = np.random.default_rng(2)
     vecs = synthetic(n, 64) * rng.lognormal(0, 0.7, (n, 1)).astype(np.float32)
@@ -130,7 +144,7 @@ def hnsw_recall(n: int, queries: int = 500) -> tuple[float, float]:
 
 
 def factory():
-    """The app for one uvicorn worker process (as ``said serve``'s ``app_from_env``)."""
+    """The app for one uvicorn worker process (as ``said serve``'s ``said.wiring.serving_app``)."""
     import torch
 
     from core.db import make_engine
@@ -139,8 +153,8 @@ def factory():
 
     torch.set_num_threads(1)  # as `said serve` does
     engine = make_engine(os.environ["BENCH_URL"])
-    state = ServingState(engine, "bench", SAID_DIM, Path(os.environ["BENCH_INDEX"]))
-    return create_app(engine, state)
+    state = ServingState(engine, "bench", SAID_DIM, Path(os.environ["BENCH_INDEX"]), index_settings())
+    return create_app(engine, state, ApiSettings())
 
 
 def serve(url: str, index_dir: str, port: int, workers: int) -> None:
@@ -250,15 +264,11 @@ def measure(n: int, mode: str, generator, args) -> list[dict[str, float]]:
                 [sys.executable, __file__, "--serve", url, f"{tmp}/index", str(port), str(workers)]
             )
             try:
-                deadline = time.monotonic() + 600
-                while time.monotonic() < deadline:
-                    try:
-                        if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        time.sleep(0.5)
-                time.sleep(2 * workers)  # every worker process is ready
-                generator(port, n, max(args.clients), 2.0)  # warm-up
+                ready = wait_http(f"http://127.0.0.1:{port}/readyz", 600, proc)
+                if ready["index_items"] != n:
+                    raise RuntimeError(f"the scorer serves {ready['index_items']} items, not {n}: {ready}")
+                time.sleep(args.settle * workers)  # every worker process is ready
+                generator(port, n, max(args.clients), args.warmup)
                 for clients in args.clients:
                     runs = [generator(port, n, clients, args.seconds) for _ in range(args.runs)]
                     out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
@@ -294,10 +304,18 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4", help="connections: 1 = latency alone, 4 = under load")
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
+    ap.add_argument("--settle", type=float, default=2.0, help="seconds per worker process to start")
+    ap.add_argument("--smoke", action="store_true", help="a tiny size that checks the script runs")
     ap.add_argument(
         "--serve", nargs=4, metavar=("URL", "INDEX_DIR", "PORT", "WORKERS"), help=argparse.SUPPRESS
     )
     args = ap.parse_args()
+    if args.smoke:
+        args.sizes, args.baseline_sizes, args.seconds, args.runs = "1500", "400", 0.5, 1
+        args.warmup, args.settle = 0.2, 0.5
+        os.environ["SAID_HNSW_MIN_ITEMS"] = "1000"  # HNSW from 1,000 items; the servers inherit it
+        print(SMOKE_NOTE)
     args.clients = [int(c) for c in args.clients.split(",")]
     if args.serve:
         serve(args.serve[0], args.serve[1], int(args.serve[2]), int(args.serve[3]))
@@ -307,18 +325,18 @@ def main() -> None:
     generator = load_wrk if shutil.which("wrk") else load
     print(
         f"load generator: {'wrk' if generator is load_wrk else 'python threads (no wrk)'}, "
-        f"{args.runs} runs of {args.seconds:.0f} s, medians"
+        f"{args.runs} runs of {args.seconds:g} s, medians"
     )
     print(
         "| scorer | items | index | workers | connections | p50 ms | p99 ms | requests/s | errors "
         "| server RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|"
     )
-    from core.settings import DEFAULTS
+    hnsw_min_items = index_settings().hnsw_min_items
 
     jobs = [("cosine 576-d (baseline)", "cosine", int(x)) for x in args.baseline_sizes.split(",") if x]
     jobs += [("SASRec 64-d", "sasrec", int(x)) for x in args.sizes.split(",")]
     for label, mode, n in jobs:
-        kind = "HNSW" if n >= DEFAULTS.hnsw_min_items else "exact"
+        kind = "HNSW" if n >= hnsw_min_items else "exact"
         for m in measure(n, mode, generator, args):
             print(
                 f"| {label} | {n:,} | {kind} | {m['workers']} | {m['clients']} | {m['p50_ms']:.1f} | "
@@ -326,7 +344,7 @@ def main() -> None:
                 flush=True,
             )
     print("\n| items | HNSW recall@10 vs exact | HNSW build s |\n|---|---|---|")
-    for n in [int(x) for x in args.sizes.split(",") if int(x) >= DEFAULTS.hnsw_min_items]:
+    for n in [int(x) for x in args.sizes.split(",") if int(x) >= hnsw_min_items]:
         recall, build_s = hnsw_recall(n)
         print(f"| {n:,} | {recall:.3f} | {build_s:.0f} |", flush=True)
 

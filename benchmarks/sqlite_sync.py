@@ -8,7 +8,9 @@ transaction per consumed batch) with batch sizes 5,000 (``SAID_CONSUME_BATCH``'s
 and 500. Kafka is left out: the setting changes only the database side. Runs alternate
 NORMAL and FULL; medians of events per second over ``--runs``.
 
-    python benchmarks/sqlite_sync.py [--events 200000] [--runs 3]
+    python benchmarks/sqlite_sync.py [--events 200000] [--runs 3] [--smoke]
+
+``--smoke``: 10,000 events, one run: checks that the benchmark runs, not a result.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from _bench import SMOKE_NOTE  # a sibling module of the benchmarks
 from sqlalchemy import event
 
 from core.catalogue import insert_interactions, upsert_items
@@ -61,7 +64,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="a tiny size that checks the script runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.events, args.runs = 10_000, 1
+        print(SMOKE_NOTE)
     print(f"SQLite catalogue writes, {args.events} interactions, median of {args.runs} alternating runs")
     for batch in (5000, 500):
         rates: dict[str, list[float]] = {"NORMAL": [], "FULL": []}

@@ -79,17 +79,8 @@ def test_two_workers_split_fresh_items_without_overlap(aligned):
         )
         for n in range(2)
     ]
-    fenced = metrics.FENCED_WRITES._value.get()
-    threads = [threading.Thread(target=w.run, kwargs={"idle_exit": 0.5}) for w in workers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    done = [w.done for w in workers]
-    # completions as each worker counted them: an item completed by both would make 17+
-    assert sum(done) == 16 and all(d > 0 for d in done), done
+    fenced = _run_to_idle(workers, engine)
     with engine.connect() as conn:
-        assert pending_count(conn) == 0
         kinds = (
             conn.execute(select(item_embeddings.c.kind).where(item_embeddings.c.item_idx > 24))
             .scalars()
@@ -107,12 +98,20 @@ def test_two_compose_updater_replicas_split_fresh_items_without_fencing_each_oth
     assert compose_replica_ids("updater", pid=7) == ids, "stable across a restart"
     engine, bundle, lm, settings, _data = aligned
     add_items(engine, 24, 16)
-    fenced = metrics.FENCED_WRITES._value.get()
     workers = [
         UpdateWorker(engine, bundle, lm, settings.override(worker_batch=2, refine_epochs=1, worker_id=i))
         for i in ids
     ]
     assert [w.owner for w in workers] == ids
+    fenced = _run_to_idle(workers, engine)
+    assert metrics.FENCED_WRITES._value.get() == fenced, "no replica fenced the other"
+
+
+def _run_to_idle(workers: list[UpdateWorker], engine) -> float:
+    """Run the workers side by side until idle; each must have completed some of the 16
+    fresh items and together all of them, once (an item completed by both would make 17+).
+    Returns the fenced-writes count from before they ran."""
+    fenced = metrics.FENCED_WRITES._value.get()
     threads = [threading.Thread(target=w.run, kwargs={"idle_exit": 0.5}) for w in workers]
     for t in threads:
         t.start()
@@ -122,4 +121,4 @@ def test_two_compose_updater_replicas_split_fresh_items_without_fencing_each_oth
     assert sum(done) == 16 and all(d > 0 for d in done), done
     with engine.connect() as conn:
         assert pending_count(conn) == 0
-    assert metrics.FENCED_WRITES._value.get() == fenced, "no replica fenced the other"
+    return fenced

@@ -30,7 +30,13 @@ def smollm_folder(llm_cache) -> Path:
 def tiny_hf_folder(smollm_folder, tmp_path_factory) -> Path:
     """SmolLM2's real tokenizer with a 2-layer, 64-wide random model: an HF folder."""
     out = Path(tmp_path_factory.mktemp("tiny-hf"))
-    tok = AutoTokenizer.from_pretrained(smollm_folder)
+    write_tiny_llama(AutoTokenizer.from_pretrained(smollm_folder), out)
+    return out
+
+
+def write_tiny_llama(tok, out: Path) -> None:
+    """A 2-layer, 64-wide random Llama around ``tok`` (seeded), saved with it into ``out``:
+    real tokenization at a fraction of the real model's cost (tests and benchmark smokes)."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok),
@@ -46,4 +52,3 @@ def tiny_hf_folder(smollm_folder, tmp_path_factory) -> Path:
     )
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
-    return out
