@@ -227,6 +227,7 @@ def refine_fresh(
     cfg: AlignSettings,
     target_accuracy: float | None,
     after_epoch: Callable[[], object] | None = None,
+    progress: bool = False,
 ) -> list[dict]:
     """Train only the fresh rows (projector frozen); one record per pass (mean loss and
     token accuracy of the items it trained, and how many).
@@ -241,7 +242,7 @@ def refine_fresh(
     lengths = [len(t) for t in tokens]
     done = [False] * len(tokens)
     history = []
-    for epoch in range(cfg.refine.max_passes):
+    for epoch in tqdm(range(cfg.refine.max_passes), desc="refine fresh rows", disable=not progress):
         members = [i for i, d in enumerate(done) if not d]
         if not members:
             break
@@ -284,7 +285,7 @@ def fidelity(
     """
     losses, accs, exact = [], [], 0
     lengths = [len(t) for t in tokens]
-    for b in tqdm(length_batches(lengths, batch_size, 0), desc="fidelity", disable=not progress):
+    for b in tqdm(length_batches(lengths, batch_size, 0), desc="fidelity (greedy decoding)", disable=not progress):
         soft = soft_fn(torch.tensor([keys[i] for i in b], device=lm.device))
         text = pad_batch([tokens[i] for i in b], lm.pad_id).to(lm.device)
         with autocast(lm.device):

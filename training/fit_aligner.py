@@ -78,7 +78,7 @@ def fit_aligner(
     seconds = time.perf_counter() - t0
     aligner.requires_grad_(False)
     lm.model.requires_grad_(False)  # LoRA (if any) is part of the aligner from here on
-    fid = cohort_fidelity(aligner.soft_tokens, lm, tokens, keys, cfg.fidelity.exact_items, cfg.seed)
+    fid = cohort_fidelity(aligner.soft_tokens, lm, tokens, keys, cfg.fidelity.exact_items, cfg.seed, progress)
     rows = aligner.items.weight.detach()[keys].cpu()
     ridge = fit_text_to_rows(feats, rows)
 
@@ -89,22 +89,30 @@ def fit_aligner(
     fresh = FreshRows(aligner.projector, estimate_rows(feats[pick], held_ridge).to(lm.device))
     ref_tokens = [tokens[i] for i in pick]
     t1 = time.perf_counter()
-    refine_fresh(fresh, lm, ref_tokens, cfg, target_accuracy=fid["mean_token_accuracy"])
+    refine_fresh(fresh, lm, ref_tokens, cfg, target_accuracy=fid["mean_token_accuracy"], progress=progress)
     per_item_s = (time.perf_counter() - t1) / max(1, len(pick))
     local = list(range(len(pick)))
-    reference = cohort_fidelity(fresh.soft_tokens, lm, ref_tokens, local, len(pick))
+    reference = cohort_fidelity(fresh.soft_tokens, lm, ref_tokens, local, len(pick), progress=progress)
     reference["seconds_per_item"] = per_item_s
     return FittedAligner(aligner, ridge, history, fid, reference, seconds, adapter_state(lm.model))
 
 
 def cohort_fidelity(
-    soft_fn, lm: FrozenLM, tokens: list[list[int]], keys: list[int], exact_sample: int, seed: int = 0
+    soft_fn,
+    lm: FrozenLM,
+    tokens: list[list[int]],
+    keys: list[int],
+    exact_sample: int,
+    seed: int = 0,
+    progress: bool = False,
 ) -> dict:
     """Teacher-forced loss and token accuracy of every item, greedy exact reconstruction of
-    a seeded sample of at most ``exact_sample`` items (decoding is the slow part)."""
+    a seeded sample of at most ``exact_sample`` items (decoding is the slow part, so it
+    shows a progress bar with ``progress``)."""
     fid = fidelity(soft_fn, lm, tokens, keys, reconstruct=False)
     sample = sorted(random.Random(seed).sample(range(len(keys)), min(exact_sample, len(keys))))
-    exact = fidelity(soft_fn, lm, [tokens[i] for i in sample], [keys[i] for i in sample])
+    picked = [tokens[i] for i in sample], [keys[i] for i in sample]
+    exact = fidelity(soft_fn, lm, *picked, progress=progress)
     return {
         "items": len(keys),
         "mean_loss": fid["mean_loss"],
