@@ -285,7 +285,10 @@ def fidelity(
     """
     losses, accs, exact = [], [], 0
     lengths = [len(t) for t in tokens]
-    for b in tqdm(length_batches(lengths, batch_size, 0), desc="fidelity (greedy decoding)", disable=not progress):
+    batches = length_batches(lengths, batch_size, 0)
+    for b in tqdm(
+        batches, desc="fidelity (greedy decoding)" if reconstruct else "fidelity", disable=not progress
+    ):
         soft = soft_fn(torch.tensor([keys[i] for i in b], device=lm.device))
         text = pad_batch([tokens[i] for i in b], lm.pad_id).to(lm.device)
         with autocast(lm.device):
