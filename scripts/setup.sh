@@ -16,6 +16,11 @@ if ! command -v promtool >/dev/null && command -v apt-get >/dev/null; then
   $SUDO apt-get install -y -qq prometheus >/dev/null || {
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq prometheus >/dev/null; }
 fi
+# wrk (Debian's package) is the load generator of benchmarks/scorer_latency.py; optional.
+if ! command -v wrk >/dev/null && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get install -y -qq wrk >/dev/null 2>&1 || echo "wrk not installed: scorer_latency uses its python load generator" >&2
+fi
 PY=${PYTHON:-python3}
 # constraints.txt pins the versions CI passed with (the whole dependency closure); regenerate
 # it after a green run with: python scripts/constraints.py > constraints.txt

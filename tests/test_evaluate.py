@@ -199,3 +199,12 @@ def test_imputed_residuals_come_from_the_nearest_trained_items():
     plain = SASRec(replace(cfg, residual_impute_k=0), table, residual_on=torch.tensor([1, 2, 3, 4]))
     plain.impute_residuals()
     assert plain.residual_seen[5:].abs().max() == 0, "off by default: cold items keep what the text gives"
+
+
+def test_said_cache_key_changes_with_the_alignment_code(tmp_path, monkeypatch):
+    from training import align, evaluate
+
+    base = _path(tmp_path)
+    assert len(align.code_version()) == 12 and align.code_version() == align.code_version()
+    monkeypatch.setattr(evaluate, "code_version", lambda: "other-code")
+    assert _path(tmp_path) != base, "a table aligned by other code is never reused"

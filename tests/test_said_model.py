@@ -89,6 +89,19 @@ def test_full_alignment_lowers_loss_and_resumes_from_checkpoint(tmp_path):
     assert hist2[-1]["trained"] == len(TITLES)
 
 
+def test_a_checkpoint_of_other_alignment_code_is_not_resumed(tmp_path, monkeypatch):
+    from training import align
+
+    tok, lm, tokens, aligner = setup()
+    idx = list(range(1, len(TITLES) + 1))
+    cfg = AlignSettings(epochs=2, batch_size=4, checkpoint_every_s=0)
+    ckpt = tmp_path / "align.pt"
+    first = train_full(aligner, lm, tokens, idx, cfg, ckpt, progress=False)
+    monkeypatch.setattr(align, "code_version", lambda: "newer-code")
+    again = train_full(ItemAligner(aligner.cfg), lm, tokens, idx, cfg.model_copy(update={"epochs": 3}), ckpt)
+    assert len(again) == 3 and again[:2] != first, "started afresh, not resumed at pass 3"
+
+
 def test_fresh_rows_leave_old_rows_and_projector_bit_identical():
     tok, lm, tokens, aligner = setup()
     before_rows = aligner.items.weight.detach().clone()

@@ -6,6 +6,7 @@ epoch), which removes most padding without biasing what an epoch sees.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -30,6 +31,28 @@ from models.llm import adapter_state, autocast, load_adapter_state, lora_rank_of
 from training.optim import batch_scaled_lr, lr_factor, row_optimizer
 
 log = logging.getLogger(__name__)
+
+
+# The files whose code decides what an alignment produces: a cached table or a training
+# checkpoint made by other code must not be reused (a faster but different loop would
+# silently serve old results).
+ALIGNMENT_CODE = (
+    "models/aligner.py",
+    "models/llm.py",
+    "training/align.py",
+    "training/fit_aligner.py",
+    "training/optim.py",
+    "training/variants.py",
+)
+
+
+def code_version() -> str:
+    """A short hash of the alignment code (``ALIGNMENT_CODE``), part of every cache key."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for name in ALIGNMENT_CODE:
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def length_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
@@ -73,6 +96,7 @@ def _run_identity(cfg: AlignSettings, aligner: ItemAligner, lm: FrozenLM) -> dic
     """What a checkpoint must share with the run that resumes it (more passes may be asked
     for, and the save period may change)."""
     return cfg.schedule() | {
+        "code": code_version(),
         "aligner": asdict(aligner.cfg),
         "prompt": lm.prefix.prompt.tolist(),
         "lead": lm.prefix.lead.tolist(),
@@ -126,8 +150,11 @@ def train_full(
         "members": None,
         "done": False,
     }
-    if checkpoint and checkpoint.exists():
-        saved = load_torch(checkpoint, map_location=device)
+    saved = load_torch(checkpoint, map_location=device) if checkpoint and checkpoint.exists() else None
+    if saved is not None and saved.get("identity", {}).get("code") != code_version():
+        log.warning("%s was written by other alignment code: starting afresh", checkpoint)
+        saved = None
+    if saved is not None:
         _check_resumable(saved.get("identity", {}), _run_identity(cfg, aligner, lm), checkpoint)
         aligner.load_state_dict(saved["aligner"])
         if saved.get("adapters"):

@@ -25,6 +25,7 @@ from core.settings import AlignSettings, ScorerSettings, Settings, Variant
 from models.aligner import FrozenLM
 from models.llm import load_llm, pick_device
 from models.sasrec import SASRec, SASRecConfig, init_id_rows
+from training.align import code_version
 from training.recommender import evaluate, train_scorer
 from training.variants import prompt_table, said_table, text_table
 
@@ -97,7 +98,9 @@ def align_meta(cfg: AlignSettings) -> dict:
 
 
 def said_cache_path(art: Path, meta: dict, llm_spec: str | None, held: set[int]) -> Path:
-    config = json.dumps(meta | {"llm": llm_spec, "held_out": sorted(held)}, sort_keys=True)
+    config = json.dumps(
+        meta | {"llm": llm_spec, "held_out": sorted(held), "code": code_version()}, sort_keys=True
+    )
     return art / f"said-{hashlib.sha256(config.encode()).hexdigest()[:12]}.pt"
 
 
