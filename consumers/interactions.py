@@ -3,12 +3,13 @@
 An interaction whose item the catalogue has not seen yet is parked (``core.parking``): the
 item's arrival applies it, and only one still waiting after ``park_max_age_s`` goes to the
 DLQ (reason ``unknown_item``, the original message kept), from where ``said dlq replay``
-can bring it back. Nothing is dropped.
+can bring it back. One that finds no room (``park_max_per_item``, ``park_max_total``) goes
+there at once (``park_overflow``). Nothing is dropped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from confluent_kafka import Message
@@ -19,7 +20,7 @@ from consumers.runner import Rejected
 from core import metrics
 from core.catalogue import insert_interactions, resolve_item_ids
 from core.events import TOPIC_INTERACTIONS, InteractionEvent, Invalid, parse_interaction
-from core.parking import count_parked, expired, forget, park_unknown
+from core.parking import OVERFLOW, Caps, claim_expired, park_unknown, release
 from core.settings import Settings
 
 
@@ -33,6 +34,7 @@ class InteractionsHandler:
         self.max_bytes = settings.consume.max_message_bytes
         self.skew = timedelta(seconds=settings.consume.max_future_skew_s)
         self.max_age = timedelta(seconds=settings.consume.park_max_age_s)
+        self.caps = Caps(settings.consume.park_max_per_item, settings.consume.park_max_total)
         # item_id -> idx never changes once assigned, so a process-wide cache is safe.
         self.idx_of: dict[str, int] = {}
 
@@ -47,27 +49,35 @@ class InteractionsHandler:
                 )
             except Invalid as exc:
                 rejected.append(Rejected(m, exc.reason))
-        parked = 0
+        parking = None
         with engine.begin() as conn:
             missing = {ev.item_id for ev, _ in parsed if ev.item_id not in self.idx_of}
             if missing:
                 self.idx_of.update(resolve_item_ids(conn, missing))
             unknown = [(ev, message_record(m)) for ev, m in parsed if ev.item_id not in self.idx_of]
             if unknown:
-                parked = len(unknown) - len(park_unknown(conn, unknown, self.idx_of, now))
+                parking = park_unknown(conn, unknown, self.idx_of, now, self.caps)
             insert_interactions(conn, [ev for ev, _ in parsed if ev.item_id in self.idx_of], self.idx_of)
-        metrics.PARKED.labels("parked").inc(parked)
+        if parking is not None:
+            overflow = [Rejected(StoredMessage(record), OVERFLOW) for _, record in parking.overflow]
+            rejected += overflow
+            metrics.PARKED.labels("parked").inc(parking.parked)
+            metrics.PARKED.labels("overflow").inc(len(overflow))
+            if parking.waiting is not None:
+                metrics.PARKED_NOW.set(parking.waiting)
         return rejected
 
-    def expired(self, engine: Engine) -> list[Rejected]:
-        """Parked interactions past their age, as DLQ-ready rejections (not yet removed:
-        :meth:`forget` does that once their DLQ copies are flushed)."""
-        with engine.connect() as conn:
-            old = expired(conn, datetime.now(UTC) - self.max_age)
-            metrics.PARKED_NOW.set(count_parked(conn))
-        return [Rejected(StoredMessage(record), "unknown_item", event_id) for event_id, record in old]
-
-    def forget(self, engine: Engine, rejected: Sequence[Rejected]) -> None:
+    def sweep(self, engine: Engine, dead_letter: Callable[[list[Rejected]], None], limit: int) -> int:
+        """Dead-letter up to ``limit`` parked interactions past their age, oldest first, in
+        one transaction: claimed (deleted; on PostgreSQL, rows others hold are skipped),
+        dead-lettered (``dead_letter`` produces and flushes), and only then committed. A
+        crash or a failed flush before the commit leaves them parked, to be dead-lettered
+        again (a second DLQ copy at worst) or applied by their item: never lost."""
         with engine.begin() as conn:
-            forget(conn, [r.parked_id for r in rejected])
-        metrics.PARKED.labels("expired").inc(len(rejected))
+            old = claim_expired(conn, datetime.now(UTC) - self.max_age, limit)
+            if old:
+                dead_letter([Rejected(StoredMessage(record), "unknown_item", eid) for eid, record in old])
+            waiting = release(conn, len(old))
+        metrics.PARKED_NOW.set(waiting)
+        metrics.PARKED.labels("expired").inc(len(old))
+        return len(old)

@@ -3,7 +3,7 @@ interactions parked for them applied in the same transaction."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from confluent_kafka import Message
@@ -46,12 +46,11 @@ class ItemsHandler:
                 rejected.append(Rejected(m, exc.reason))
         with engine.begin() as conn:
             upsert_items(conn, valid, now)
-            applied = apply_parked(conn, {ev.item_id for ev in valid})  # under the items lock
+            applied, waiting = apply_parked(conn, {ev.item_id for ev in valid})  # under the items lock
         metrics.PARKED.labels("applied").inc(applied)
+        if waiting is not None:
+            metrics.PARKED_NOW.set(waiting)
         return rejected
 
-    def expired(self, engine: Engine) -> list[Rejected]:
-        return []  # items are never parked
-
-    def forget(self, engine: Engine, rejected: Sequence[Rejected]) -> None:
-        return None
+    def sweep(self, engine: Engine, dead_letter: Callable[[list[Rejected]], None], limit: int) -> int:
+        return 0  # items are never parked

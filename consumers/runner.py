@@ -36,6 +36,7 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 JOIN_WAIT_S = 60.0  # an idle-exit loop with no partition after this long gives up
+SWEEP_PAGE = 500  # expired messages claimed and dead-lettered per transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,12 +54,9 @@ class Handler(Protocol):
 
     def process(self, engine: Engine, messages: Sequence[Message]) -> list[Rejected]: ...
 
-    def expired(self, engine: Engine) -> list[Rejected]:
-        """Stored messages that waited too long and must go to the DLQ now."""
-        ...
-
-    def forget(self, engine: Engine, rejected: Sequence[Rejected]) -> None:
-        """Remove what :meth:`expired` returned, once its DLQ copies are safe."""
+    def sweep(self, engine: Engine, dead_letter: Callable[[list[Rejected]], None], limit: int) -> int:
+        """Dead-letter up to ``limit`` stored messages that waited too long: claimed, passed
+        to ``dead_letter`` (produce + flush) and removed in one transaction; how many."""
         ...
 
 
@@ -142,8 +140,8 @@ class ConsumeLoop:
         try:
             while not self.stopping:
                 if time.monotonic() >= next_sweep:
-                    self.sweep()
-                    next_sweep = time.monotonic() + self.settings.consume.park_sweep_s
+                    drained = self.sweep()  # if not, sweep again after the next batch
+                    next_sweep = time.monotonic() + (self.settings.consume.park_sweep_s if drained else 0)
                 messages = self._poll()
                 if not messages:
                     if idle_exit is not None and self._idle(idle_exit, started):
@@ -217,14 +215,20 @@ class ConsumeLoop:
             on_retry=lambda _e: metrics.DB_RETRIES.inc(),
         )
 
-    def sweep(self) -> None:
-        """Dead-letter what the handler kept too long (parked interactions), then forget
-        it: a crash between the two dead-letters it twice, never zero times."""
-        expired = self._with_retries(lambda: self.handler.expired(self.engine))
-        if expired:
-            self._dead_letter(expired)
-            self._with_retries(lambda: self.handler.forget(self.engine, expired))
-            self.stats.dead_lettered += len(expired)
+    def sweep(self) -> bool:
+        """Dead-letter what the handler kept too long (parked interactions), a page per
+        transaction, until none is left (True) or ``park_sweep_budget_s`` is spent. Each
+        page is removed in the transaction that dead-lettered it, after the DLQ flush: a
+        crash in between dead-letters it twice, never zero times."""
+        deadline = time.monotonic() + self.settings.consume.park_sweep_budget_s
+        while not self.stopping:
+            n = self._with_retries(lambda: self.handler.sweep(self.engine, self._dead_letter, SWEEP_PAGE))
+            self.stats.dead_lettered += n
+            if n < SWEEP_PAGE:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+        return False
 
     def _store(self, messages: list[Message]) -> list[Rejected]:
         """Process ``messages`` (one transaction, retried through outages); if that fails

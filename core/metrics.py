@@ -14,7 +14,7 @@ DEAD_LETTERS = Counter(
 )
 PARKED = Counter(
     "said_parked_interactions_total",
-    "Interactions that arrived before their item: parked, applied when it came, or expired to the DLQ.",
+    "Interactions that arrived before their item: parked, applied when it came, expired, or overflow.",
     ["outcome"],
 )
 PARKED_NOW = Gauge("said_parked_interactions_waiting", "Interactions parked now, waiting for their item.")

@@ -4,11 +4,23 @@ Kafka gives no order between the item and interaction topics, so an interaction 
 arrive first. Parking it (instead of dead-lettering it at once) lets the item's arrival
 apply it automatically, in the item's own transaction. Only one that waited longer than
 ``park_max_age_s`` goes to the DLQ, with its original message, so nothing is dropped.
+
+Each parked row ends exactly once: applied (stored) by its item's arrival, or claimed by a
+sweep that deletes it in the transaction that dead-letters it. Both take the row under a
+lock (SQLite: the one write lock; PostgreSQL: row locks, ``apply_parked`` waits for a
+sweep's, a sweep skips the rows others hold), so no row is both, or swept twice.
+
+Parking is capped (``park_max_per_item``, ``park_max_total``): what does not fit is
+returned as overflow, for the DLQ. The total is a counter row in ``sequences``
+(``PARKED``), changed by every transaction that adds or removes parked rows, as its last
+statement there (its row lock is then held only until the commit right after): no
+``count(*)`` over the table on the hot path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import delete, func, select
@@ -16,11 +28,53 @@ from sqlalchemy.engine import Connection
 
 from core.catalogue import dialect_insert, insert_interactions, lock_item_index, resolve_item_ids
 from core.events import InteractionEvent
-from core.tables import parked_interactions
+from core.tables import parked_interactions, sequences
+
+PARKED = "parked_interactions"  # the ``sequences`` row that counts parked rows (migration 0006)
+OVERFLOW = "park_overflow"  # the DLQ reason of an interaction that found no room
+_CHUNK = 1000
+
+Parkable = tuple[InteractionEvent, dict]  # (event, message record)
 
 
-def park(conn: Connection, events: Sequence[tuple[InteractionEvent, dict]], now: datetime) -> None:
-    """Park (event, message record) pairs; a replayed ``event_id`` is parked once."""
+@dataclass(frozen=True)
+class Caps:
+    per_item: int
+    total: int
+
+
+@dataclass
+class Parking:
+    """What ``park_unknown`` did: events whose item exists after all, events that found no
+    room (for the DLQ, reason ``OVERFLOW``), and the parked count after it (None: unchanged)."""
+
+    known: list[Parkable] = field(default_factory=list)
+    overflow: list[Parkable] = field(default_factory=list)
+    parked: int = 0  # rows added (a redelivered event parked already adds none)
+    waiting: int | None = None
+
+
+def waiting(conn: Connection) -> int:
+    """Interactions parked now, from the counter (one row read)."""
+    value = conn.execute(select(sequences.c.value).where(sequences.c.name == PARKED)).scalar()
+    return int(value or 0)
+
+
+def _count_change(conn: Connection, delta: int) -> int:
+    """Add ``delta`` to the parked count; the new count. Call it last among the statements
+    that touch parked rows (see the module docstring)."""
+    if not delta:
+        return waiting(conn)
+    stmt = dialect_insert(conn, sequences).values(name=PARKED, value=delta)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["name"], set_={"value": sequences.c.value + stmt.excluded.value}
+    ).returning(sequences.c.value)
+    return int(conn.execute(stmt).scalar_one())
+
+
+def park(conn: Connection, events: Sequence[Parkable], now: datetime) -> int:
+    """Park (event, message record) pairs; a replayed ``event_id`` is parked once. Returns
+    how many rows it added; the caller counts them (``_count_change``)."""
     rows = [
         {
             "event_id": ev.event_id,
@@ -33,58 +87,122 @@ def park(conn: Connection, events: Sequence[tuple[InteractionEvent, dict]], now:
         }
         for ev, message in events
     ]
-    if rows:
-        stmt = dialect_insert(conn, parked_interactions).on_conflict_do_nothing(index_elements=["event_id"])
-        conn.execute(stmt, rows)
+    added = 0
+    for s in range(0, len(rows), _CHUNK):
+        stmt = dialect_insert(conn, parked_interactions).values(rows[s : s + _CHUNK])
+        stmt = stmt.on_conflict_do_nothing(index_elements=["event_id"]).returning(
+            parked_interactions.c.event_id
+        )
+        added += len(conn.execute(stmt).all())
+    return added
 
 
 def park_unknown(
-    conn: Connection, events: Sequence[tuple[InteractionEvent, dict]], idx_of: dict[str, int], now: datetime
-) -> list[tuple[InteractionEvent, dict]]:
-    """Park the events whose item is still unknown under the item-index lock; returns the
-    ones whose item turned out to exist (committed meanwhile), and adds them to ``idx_of``.
+    conn: Connection, events: Sequence[Parkable], idx_of: dict[str, int], now: datetime, caps: Caps
+) -> Parking:
+    """Park the events whose item is still unknown under the item-index lock, within the
+    caps; adds the items that turned out to exist (committed meanwhile) to ``idx_of``.
 
     The lock is the one new items are inserted under, so an item is either visible here
-    or inserted after this transaction, and then its insert applies what we parked."""
+    or inserted after this transaction, and then its insert applies what we parked. It
+    also serialises parkers, so the caps are checked against counts nobody else changes
+    upwards meanwhile. A redelivered event that is parked already stays as it is."""
     lock_item_index(conn)
     idx_of.update(resolve_item_ids(conn, {ev.item_id for ev, _ in events}))
-    park(conn, [(ev, m) for ev, m in events if ev.item_id not in idx_of], now)
-    return [(ev, m) for ev, m in events if ev.item_id in idx_of]
+    out = Parking(known=[(ev, m) for ev, m in events if ev.item_id in idx_of])
+    first: dict[str, Parkable] = {}
+    for ev, m in events:
+        if ev.item_id not in idx_of:
+            first.setdefault(ev.event_id, (ev, m))
+    pc = parked_interactions.c
+    ids = list(first)
+    for s in range(0, len(ids), _CHUNK):
+        for event_id in conn.execute(
+            select(pc.event_id).where(pc.event_id.in_(ids[s : s + _CHUNK]))
+        ).scalars():
+            del first[event_id]
+    if not first:
+        return out
+    per_item: dict[str, int] = {}
+    item_ids = sorted({ev.item_id for ev, _ in first.values()})
+    for s in range(0, len(item_ids), _CHUNK):
+        chunk = item_ids[s : s + _CHUNK]
+        per_item |= dict(
+            conn.execute(
+                select(pc.item_id, func.count()).where(pc.item_id.in_(chunk)).group_by(pc.item_id)
+            ).all()
+        )
+    total = waiting(conn)
+    accepted = []
+    for ev, m in first.values():
+        held = per_item.get(ev.item_id, 0)
+        if held >= caps.per_item or total >= caps.total:
+            out.overflow.append((ev, m))
+            continue
+        per_item[ev.item_id] = held + 1
+        total += 1
+        accepted.append((ev, m))
+    out.parked = park(conn, accepted, now)
+    out.waiting = _count_change(conn, out.parked)
+    return out
 
 
-def apply_parked(conn: Connection, item_ids: Iterable[str]) -> int:
-    """Move the parked interactions of ``item_ids`` that now exist into ``interactions``."""
+def apply_parked(conn: Connection, item_ids: Iterable[str]) -> tuple[int, int | None]:
+    """Move the parked interactions of ``item_ids`` that now exist into ``interactions``;
+    returns (how many, the parked count after; None if unchanged).
+
+    The rows are locked (``FOR UPDATE``): a sweep dead-lettering some of them right now
+    holds them until its DLQ copies are flushed and its delete commits, and then they are
+    gone from here; it never takes the ones locked here (``SKIP LOCKED``)."""
     wanted = sorted(set(item_ids))
-    if not wanted:
-        return 0
-    rows = conn.execute(select(parked_interactions).where(parked_interactions.c.item_id.in_(wanted))).all()
+    rows = []
+    for s in range(0, len(wanted), _CHUNK):
+        query = select(parked_interactions).where(parked_interactions.c.item_id.in_(wanted[s : s + _CHUNK]))
+        rows += conn.execute(query.with_for_update()).all()
     if not rows:
-        return 0
+        return 0, None
     idx_of = resolve_item_ids(conn, {r.item_id for r in rows})
     ready = [r for r in rows if r.item_id in idx_of]
     events = [InteractionEvent(r.event_id, r.user_id, r.item_id, r.type, r.event_time) for r in ready]
     insert_interactions(conn, events, idx_of)
-    forget(conn, [r.event_id for r in ready])
-    return len(ready)
+    removed = _forget(conn, [r.event_id for r in ready])
+    return len(ready), _count_change(conn, -removed)
 
 
-def expired(conn: Connection, before: datetime, limit: int = 1000) -> list[tuple[str, dict]]:
-    """(event_id, message record) of interactions parked before ``before``, oldest first."""
-    rows = conn.execute(
-        select(parked_interactions.c.event_id, parked_interactions.c.message)
-        .where(parked_interactions.c.parked_at < before)
-        .order_by(parked_interactions.c.parked_at)
+def claim_expired(conn: Connection, before: datetime, limit: int) -> list[tuple[str, dict]]:
+    """Delete and return up to ``limit`` (event_id, message record) parked before
+    ``before``, oldest first, for this transaction to dead-letter before it commits (then
+    :func:`release`). On PostgreSQL rows held by another transaction (a concurrent sweep,
+    an arriving item) are skipped; on SQLite the transaction holds the write lock."""
+    pc = parked_interactions.c
+    oldest = (
+        select(pc.event_id)
+        .where(pc.parked_at < before)
+        .order_by(pc.parked_at)
         .limit(limit)
+        .with_for_update(skip_locked=True)
     )
+    claimed = delete(parked_interactions).where(pc.event_id.in_(oldest))
+    rows = conn.execute(claimed.returning(pc.event_id, pc.parked_at, pc.message)).all()
+    rows.sort(key=lambda r: (r.parked_at, r.event_id))
     return [(r.event_id, r.message) for r in rows]
 
 
-def forget(conn: Connection, event_ids: Sequence[str]) -> None:
-    for s in range(0, len(event_ids), 1000):
-        conn.execute(
-            delete(parked_interactions).where(parked_interactions.c.event_id.in_(event_ids[s : s + 1000]))
-        )
+def release(conn: Connection, claimed: int) -> int:
+    """Count ``claimed`` rows out, once their DLQ copies are flushed; the parked count."""
+    return _count_change(conn, -claimed)
+
+
+def _forget(conn: Connection, event_ids: Sequence[str]) -> int:
+    removed = 0
+    for s in range(0, len(event_ids), _CHUNK):
+        chunk = event_ids[s : s + _CHUNK]
+        removed += conn.execute(
+            delete(parked_interactions).where(parked_interactions.c.event_id.in_(chunk))
+        ).rowcount
+    return removed
 
 
 def count_parked(conn: Connection) -> int:
+    """Rows in the table (a full count: for tests and checks, not the hot path)."""
     return conn.execute(select(func.count()).select_from(parked_interactions)).scalar_one()

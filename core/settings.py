@@ -106,6 +106,17 @@ class ConsumeSettings(Section):
     park_sweep_s: float = Field(
         5.0, gt=0, description="How often a consumer looks for parked interactions past their age."
     )
+    park_sweep_budget_s: float = Field(
+        5.0,
+        gt=0,
+        description="Longest one sweep drains expired parked interactions (in pages) before consuming again.",
+    )
+    park_max_per_item: int = Field(
+        10_000, ge=1, description="Most interactions parked for one missing item; more go to the DLQ."
+    )
+    park_max_total: int = Field(
+        1_000_000, ge=1, description="Most interactions parked in all; more go to the DLQ (park_overflow)."
+    )
     max_text_chars: int = Field(2000, ge=16, description="Longest accepted title+description.")
 
 

@@ -68,11 +68,8 @@ class CrashAfter:
             raise Killed
         return rejected
 
-    def expired(self, engine):
-        return self.inner.expired(engine)
-
-    def forget(self, engine, rejected):
-        self.inner.forget(engine, rejected)
+    def sweep(self, engine, dead_letter, limit):
+        return self.inner.sweep(engine, dead_letter, limit)
 
 
 item_versions = st.fixed_dictionaries(

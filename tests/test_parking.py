@@ -1,0 +1,173 @@
+"""Parked interactions (issue 23, items 5 and 6), through the real broker, on both databases:
+the sweep drains whatever expired, parking is capped, and each parked click ends exactly
+once, stored or dead-lettered, with two consumers sweeping while its item arrives."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from sqlalchemy import event, select
+
+from consumers.interactions import InteractionsHandler
+from consumers.items import ItemsHandler
+from consumers.runner import ConsumeLoop
+from core import metrics
+from core.db import make_engine
+from core.events import TOPIC_DLQ, TOPIC_INTERACTIONS, TOPIC_ITEMS
+from core.parking import count_parked
+from core.tables import interactions, items, parked_interactions
+from tests.support.kafka_util import click_event, item_event, produce_json, read_topic
+
+
+def consume(settings, handler_cls, engine, idle: float = 1.0):
+    return ConsumeLoop(handler_cls(settings), engine, settings).run(idle_exit=idle)
+
+
+def dlq_events(bootstrap: str, expected: int) -> list[tuple[str, str]]:
+    """(event_id, reason) of every DLQ message, duplicates kept."""
+    return [
+        (json.loads(m.value())["event_id"], dict(m.headers())["said-error"].decode())
+        for m in read_topic(bootstrap, TOPIC_DLQ, expected)
+    ]
+
+
+def stored_events(engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(interactions.c.event_id)).scalars())
+
+
+def test_clicks_for_items_that_never_come_are_all_dead_lettered_soon_after_their_age(settings):
+    n = 6000
+    clicks = [click_event(e, 1000 + e % 100, user=f"u{e % 7}") for e in range(n)]
+    produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, clicks, "user_id")
+    s = settings.override(park_max_age_s=0.5, park_sweep_s=1.0)
+    engine = make_engine(s.database_url)
+    full_counts: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _spy(_conn, _cursor, statement, *_args) -> None:
+        sql = statement.lower()
+        if "count(" in sql and "from parked_interactions" in sql and "where" not in sql:
+            full_counts.append(statement)
+
+    stats = consume(s, InteractionsHandler, engine, idle=2.5)
+    event.remove(engine, "before_cursor_execute", _spy)
+    with engine.connect() as conn:
+        left = count_parked(conn)
+    assert left == 0, f"{left} of {n} clicks still parked 2.5 s after the last one, age 0.5 s"
+    dead = dlq_events(s.kafka.bootstrap, n)
+    assert sorted(e for e, _ in dead) == sorted(c["event_id"] for c in clicks), "each one, once"
+    assert {r for _, r in dead} == {"unknown_item"} and stats.dead_lettered == n
+    assert full_counts == [], "no count(*) over the parked table"
+
+
+def test_parking_is_capped_per_item_and_in_total_and_the_overflow_is_dead_lettered(settings):
+    s = settings.override(park_max_per_item=3, park_max_total=7)
+    engine = make_engine(s.database_url)
+    # one user: one partition, so this order is the order of arrival
+    clicks = [click_event(e, 1) for e in range(5)] + [click_event(e, 2) for e in (5, 6)]
+    clicks += [click_event(e, 3) for e in (7, 8, 9)] + [click_event(0, 1)]  # e0 twice in the batch
+    produce_json(s.kafka.bootstrap, TOPIC_INTERACTIONS, clicks, "user_id")
+    before = metrics.PARKED.labels("overflow")._value.get()
+    stats = consume(s, InteractionsHandler, engine)
+    assert stats.reasons == {"park_overflow": 3}
+    assert sorted(dlq_events(s.kafka.bootstrap, 3)) == [(e, "park_overflow") for e in ("e3", "e4", "e9")]
+    assert metrics.PARKED.labels("overflow")._value.get() - before == 3
+    with engine.connect() as conn:
+        parked = sorted(conn.execute(select(parked_interactions.c.event_id)).scalars())
+    assert parked == ["e0", "e1", "e2", "e5", "e6", "e7", "e8"], "3 per item, 7 in all"
+    assert metrics.PARKED_NOW._value.get() == 7
+
+    # item 1 arrives (its 3 parked clicks applied): room again, for e9 re-sent from the DLQ;
+    # e0 redelivered is stored already, and e1 redelivered is no overflow either
+    produce_json(s.kafka.bootstrap, TOPIC_ITEMS, [item_event(1)], "item_id")
+    consume(s, ItemsHandler, engine)
+    produce_json(s.kafka.bootstrap, TOPIC_INTERACTIONS, [click_event(9, 3), click_event(1, 1)], "user_id")
+    stats = consume(s, InteractionsHandler, engine)
+    assert stats.reasons == {}
+    with engine.connect() as conn:
+        parked = sorted(conn.execute(select(parked_interactions.c.event_id)).scalars())
+    assert parked == ["e5", "e6", "e7", "e8", "e9"]
+    assert sorted(stored_events(engine)) == ["e0", "e1", "e2"]
+    assert metrics.PARKED_NOW._value.get() == 5
+
+
+class SlowAck:
+    """A consumer's producer whose broker acknowledges slowly: each flush waits ``delay`` s,
+    the first one after calling ``first`` (here: the item arrives, mid-sweep)."""
+
+    def __init__(self, producer, first, delay: float) -> None:
+        self.inner, self.first, self.delay = producer, first, delay
+
+    def produce(self, *args, **kwargs):
+        return self.inner.produce(*args, **kwargs)
+
+    def poll(self, timeout: float = 0):
+        return self.inner.poll(timeout)
+
+    def flush(self, timeout: float = -1):
+        if len(self.inner):
+            self.first()
+            time.sleep(self.delay)
+        return self.inner.flush(timeout)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def test_two_sweepers_and_an_arriving_item_end_each_parked_click_exactly_once(settings):
+    n = 1500
+    # every 5th click is for item 7, which arrives while the others are being swept
+    clicks = [click_event(e, 7 if e % 5 == 0 else 1000 + e % 10, user=f"u{e % 4}") for e in range(n)]
+    produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, clicks, "user_id")
+    engine = make_engine(settings.database_url)
+    consume(settings, InteractionsHandler, engine)  # all parked: their age is a day
+    with engine.connect() as conn:
+        assert count_parked(conn) == n
+
+    aged = settings.override(park_max_age_s=0.01, park_sweep_s=0.2, park_sweep_budget_s=0.1)
+    receiver = ConsumeLoop(ItemsHandler(aged), make_engine(aged.database_url), aged)
+    receiving = threading.Thread(target=receiver.run)
+    receiving.start()
+    deadline = time.monotonic() + 20
+    while not receiver.assigned and time.monotonic() < deadline:
+        time.sleep(0.05)
+    arrived = threading.Event()
+
+    def item_arrives() -> None:
+        if not arrived.is_set():
+            arrived.set()
+            produce_json(aged.kafka.bootstrap, TOPIC_ITEMS, [item_event(7)], "item_id")
+            time.sleep(1.0)  # the item consumer's turn, while this sweep's page is out
+
+    sweepers = [
+        ConsumeLoop(InteractionsHandler(aged), make_engine(aged.database_url), aged) for _ in range(2)
+    ]
+    for loop in sweepers:
+        loop.producer = SlowAck(loop.producer, item_arrives, 0.2)
+    threads = [threading.Thread(target=loop.run, kwargs={"idle_exit": 1.0}) for loop in sweepers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            if conn.execute(select(items.c.idx).where(items.c.item_id == "i7")).first():
+                break
+        time.sleep(0.1)
+    receiver.stop()
+    receiving.join()
+
+    stored = stored_events(engine)
+    dead = dlq_events(aged.kafka.bootstrap, n - len(stored))
+    dead_ids = [e for e, _ in dead]
+    both = set(stored) & set(dead_ids)
+    twice = len(dead_ids) - len(set(dead_ids))
+    assert not both and not twice, f"{len(both)} stored and dead-lettered, {twice} dead-lettered twice"
+    assert sorted(stored + dead_ids) == sorted(c["event_id"] for c in clicks), "each click exactly once"
+    assert {r for _, r in dead} == {"unknown_item"}
+    assert set(stored) <= {c["event_id"] for c in clicks if c["item_id"] == "i7"}
+    with engine.connect() as conn:
+        assert count_parked(conn) == 0
