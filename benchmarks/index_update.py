@@ -25,7 +25,7 @@ from scorer_latency import SAID_DIM, synthetic  # a sibling script: same synthet
 
 from models.sasrec import SASRec, SASRecConfig
 from scorer.index import ItemIndex
-from scorer.model import SASRecScorer
+from scorer.scorers import SASRecScorer
 
 
 def run(n: int, batch: int, seconds: float, updating: bool) -> dict[str, float]:

@@ -53,10 +53,10 @@ def build(folder: Path, n: int, mode: str) -> str:
 
     from core.db import make_engine
     from core.tables import items, model_versions
-    from models.sasrec import SASRec, SASRecConfig
+    from models.sasrec import SASRec, SASRecConfig, save_scorer
     from said.migrate import upgrade
     from scorer.index import ItemIndex
-    from scorer.model import CosineScorer, save_scorer
+    from scorer.scorers import CosineScorer
 
     url = f"sqlite:///{folder}/bench.db"
     upgrade(url)
@@ -112,7 +112,7 @@ def hnsw_recall(n: int, queries: int = 500) -> tuple[float, float]:
 
     from models.sasrec import SASRec, SASRecConfig
     from scorer.index import ItemIndex
-    from scorer.model import SASRecScorer
+    from scorer.scorers import SASRecScorer
 
     rng = np.random.default_rng(2)
     vecs = synthetic(n, 64) * rng.lognormal(0, 0.7, (n, 1)).astype(np.float32)
