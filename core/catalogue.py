@@ -6,7 +6,7 @@ Every write is idempotent: replaying a batch (at-least-once delivery) changes no
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
@@ -55,7 +55,8 @@ def upsert_items(conn: Connection, events: Sequence[ItemEvent], now: datetime) -
 
     New items get the next dense indexes under a lock, so indexes have no gaps even with
     several consumers. An event older than the stored one is ignored (out-of-order
-    delivery); a text change sends the item back to ``pending`` with a fresh alignment job.
+    delivery); a text change sends the item back to ``pending`` with a fresh alignment job
+    and a new ``change_seq`` (the scorers take the old text's vector out of serving).
     The winner of two events is decided by ``ItemEvent.version`` (time, then content), so
     any delivery order of the same events gives the same row.
     """
@@ -85,7 +86,7 @@ def upsert_items(conn: Connection, events: Sequence[ItemEvent], now: datetime) -
 
     changed: dict[str, int] = {}
     next_idx = (conn.execute(select(func.max(items.c.idx))).scalar() or 0) + 1
-    new_rows, jobs = [], []
+    new_rows, jobs, updates = [], [], []
     for item_id, ev in latest.items():
         row = existing.get(item_id)
         fields = {
@@ -104,10 +105,16 @@ def upsert_items(conn: Connection, events: Sequence[ItemEvent], now: datetime) -
             next_idx += 1
         elif ev.version > (utc(row.event_time), content_hash(row.title, row.description, row.advertiser_id)):
             text_changed = ev.text_hash != row.text_hash
-            values = fields | ({"status": "pending", "received_at": now} if text_changed else {})
-            conn.execute(update(items).where(items.c.idx == row.idx).values(**values))
+            updates.append((row.idx, fields, text_changed))
             if text_changed:
                 changed[item_id] = row.idx
+    # Scorers learn of text changes by this commit-ordered value, as of new vectors by
+    # item_embeddings.seq. Lock order: item index (above), this counter, job rows (below).
+    seq = next_seq(conn, "items", 1) if any(t for _, _, t in updates) else None
+    for idx, fields, text_changed in updates:
+        if text_changed:
+            fields = fields | {"status": "pending", "received_at": now, "change_seq": seq}
+        conn.execute(update(items).where(items.c.idx == idx).values(**fields))
     for chunk in _chunks(new_rows):
         conn.execute(items.insert(), list(chunk))
     for item_id, idx in changed.items():
@@ -213,7 +220,11 @@ def count_rows(conn: Connection, table) -> int:
 def lock_sequence(conn: Connection, name: str = "embeddings") -> None:
     """Take the counter's row lock now (PostgreSQL; SQLite writers are serialised anyway).
     Embedding writers that also lock job rows take this first, like ``said align`` does, so
-    two writers never wait on each other in opposite orders."""
+    two writers never wait on each other in opposite orders.
+
+    Lock order of every writer: item index (``lock_item_index``), the ``items`` counter
+    (only ``upsert_items`` takes it, always under the item index lock), the ``embeddings``
+    counter, job rows."""
     if conn.dialect.name == "postgresql":
         conn.execute(select(sequences.c.value).where(sequences.c.name == name).with_for_update())
 
@@ -276,20 +287,33 @@ class EmbeddingRows:
     item_ids: list[str]  # (n,) external ids of the same items
     vectors: np.ndarray | None  # (n, dim) float32; None when n == 0
     newest: int  # the greatest seq read (the caller's next watermark)
+    text_hashes: list[str] = field(default_factory=list)  # (n,) the text each vector is of
+    stale: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (n,) text changed since
+
+    def fresh(self) -> EmbeddingRows:
+        """The rows whose vector is of their item's current text (``newest`` unchanged)."""
+        keep = ~self.stale
+        return EmbeddingRows(
+            self.ids[keep],
+            [x for x, k in zip(self.item_ids, keep, strict=True) if k],
+            self.vectors[keep] if keep.any() else None,
+            self.newest,
+            [h for h, k in zip(self.text_hashes, keep, strict=True) if k],
+            self.stale[keep],
+        )
 
 
-def embeddings_since(conn: Connection, model_version: str, after_seq: int = 0) -> EmbeddingRows:
-    """Embeddings of ``model_version`` with ``seq > after_seq`` and their items' ids.
+_EMBEDDING_COLUMNS = (
+    item_embeddings.c.item_idx,
+    items.c.item_id,
+    item_embeddings.c.vector,
+    item_embeddings.c.seq,
+    item_embeddings.c.text_hash,
+    items.c.text_hash.label("current_hash"),
+)
 
-    One statement, so every returned index has its external id (reading items and
-    embeddings separately let a reader index a vector it could not name).
-    ``after_seq=0`` reads the whole version."""
-    rows = conn.execute(
-        select(item_embeddings.c.item_idx, items.c.item_id, item_embeddings.c.vector, item_embeddings.c.seq)
-        .join(items, items.c.idx == item_embeddings.c.item_idx)
-        .where(item_embeddings.c.model_version == model_version, item_embeddings.c.seq > after_seq)
-        .order_by(item_embeddings.c.item_idx)
-    ).all()
+
+def _embedding_rows(rows, after_seq: int) -> EmbeddingRows:
     if not rows:
         return EmbeddingRows(np.zeros(0, dtype=np.int64), [], None, after_seq)
     return EmbeddingRows(
@@ -297,7 +321,86 @@ def embeddings_since(conn: Connection, model_version: str, after_seq: int = 0) -
         [r.item_id for r in rows],
         np.stack([np.frombuffer(r.vector, dtype="<f4") for r in rows]),
         max(r.seq for r in rows),
+        [r.text_hash for r in rows],
+        np.array([r.text_hash != r.current_hash for r in rows], dtype=bool),
     )
+
+
+def embeddings_since(conn: Connection, model_version: str, after_seq: int = 0) -> EmbeddingRows:
+    """Embeddings of ``model_version`` with ``seq > after_seq`` and their items' ids.
+
+    One statement, so every returned index has its external id (reading items and
+    embeddings separately let a reader index a vector it could not name), and ``stale``
+    compares each vector's text with its item's text as of the same instant.
+    ``after_seq=0`` reads the whole version."""
+    rows = conn.execute(
+        select(*_EMBEDDING_COLUMNS)
+        .join(items, items.c.idx == item_embeddings.c.item_idx)
+        .where(item_embeddings.c.model_version == model_version, item_embeddings.c.seq > after_seq)
+        .order_by(item_embeddings.c.item_idx)
+    ).all()
+    return _embedding_rows(rows, after_seq)
+
+
+def embeddings_of(conn: Connection, model_version: str, item_idx: Sequence[int]) -> EmbeddingRows:
+    """The embeddings of ``model_version`` of these items (those that have one), like
+    ``embeddings_since``; ``newest`` is the greatest seq read, 0 if none."""
+    rows = []
+    for chunk in _chunks(sorted(set(item_idx))):
+        rows += conn.execute(
+            select(*_EMBEDDING_COLUMNS)
+            .join(items, items.c.idx == item_embeddings.c.item_idx)
+            .where(item_embeddings.c.model_version == model_version, item_embeddings.c.item_idx.in_(chunk))
+            .order_by(item_embeddings.c.item_idx)
+        ).all()
+    return _embedding_rows(rows, 0)
+
+
+@dataclass(frozen=True)
+class TextChanges:
+    """Items whose text changed after an item watermark, with their vector's text and seq
+    in one model version, read in one statement (so both are of the same instant)."""
+
+    ids: list[int]  # dense item indexes
+    text_hashes: list[str]  # each item's current text
+    vector_hashes: list[str | None]  # the text of its stored vector; None: it has none
+    vector_seqs: list[int | None]  # that vector's item_embeddings.seq
+    newest: int  # the greatest change_seq read (the caller's next item watermark)
+
+
+def text_changes_since(conn: Connection, model_version: str, after_seq: int) -> TextChanges:
+    """Items with ``change_seq > after_seq`` (``after_seq=-1``: every item) and the text
+    hash and seq of their vector in ``model_version``. ``change_seq`` comes from a counter
+    held until commit, so a reader that saw ``n`` has seen every change below it."""
+    rows = conn.execute(
+        select(
+            items.c.idx,
+            items.c.text_hash,
+            items.c.change_seq,
+            item_embeddings.c.text_hash,
+            item_embeddings.c.seq,
+        )
+        .select_from(
+            items.outerjoin(
+                item_embeddings,
+                (item_embeddings.c.item_idx == items.c.idx)
+                & (item_embeddings.c.model_version == model_version),
+            )
+        )
+        .where(items.c.change_seq > after_seq)
+    ).all()
+    return TextChanges(
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [r[3] for r in rows],
+        [r[4] for r in rows],
+        max((r[2] for r in rows), default=max(after_seq, 0)),
+    )
+
+
+def item_change_watermark(conn: Connection) -> int:
+    """The greatest ``change_seq`` committed (0 before any text change)."""
+    return conn.execute(select(func.max(items.c.change_seq))).scalar() or 0
 
 
 def load_embeddings(conn: Connection, model_version: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -314,24 +417,27 @@ def item_ids_after(conn: Connection, after_idx: int) -> dict[int, str]:
 
 
 def item_status(conn: Connection, item_id: str, model_version: str) -> dict | None:
-    """An item's catalogue row and the kind of its embedding in ``model_version`` (None:
-    not servable yet); None for an unknown item."""
+    """An item's catalogue row and the kind of its embedding of its current text in
+    ``model_version`` (None: not servable; a vector of an older text does not count);
+    None for an unknown item."""
     row = conn.execute(select(items).where(items.c.item_id == item_id)).first()
     if row is None:
         return None
-    kind = conn.execute(
-        select(item_embeddings.c.kind).where(
+    vector = conn.execute(
+        select(item_embeddings.c.kind, item_embeddings.c.text_hash).where(
             item_embeddings.c.item_idx == row.idx, item_embeddings.c.model_version == model_version
         )
-    ).scalar()
+    ).first()
+    current = vector is not None and vector.text_hash == row.text_hash
     return {
         "item_id": row.item_id,
         "idx": row.idx,
         "title": row.title,
         "description": row.description,
         "status": row.status,
-        "embedding": kind,
-        "servable": kind is not None,
+        "text_hash": row.text_hash,
+        "embedding": vector.kind if current else None,
+        "servable": current,
     }
 
 

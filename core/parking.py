@@ -30,7 +30,7 @@ from core.catalogue import dialect_insert, insert_interactions, lock_item_index,
 from core.events import InteractionEvent
 from core.tables import parked_interactions, sequences
 
-PARKED = "parked_interactions"  # the ``sequences`` row that counts parked rows (migration 0006)
+PARKED = "parked_interactions"  # the ``sequences`` row that counts parked rows (migration 0007)
 OVERFLOW = "park_overflow"  # the DLQ reason of an interaction that found no room
 _CHUNK = 1000
 

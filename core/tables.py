@@ -43,7 +43,11 @@ items = Table(
     Column("status", String(16), nullable=False, server_default="pending"),
     Column("received_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # the ``items`` counter value (commit order, see catalogue.next_seq) of the transaction
+    # that last changed the text; 0 until it changes: scorers read what changed by it
+    Column("change_seq", BigInteger, nullable=False, server_default="0"),
     Index("ix_items_status", "status"),
+    Index("ix_items_change_seq", "change_seq"),
 )
 
 interactions = Table(

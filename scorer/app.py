@@ -3,8 +3,9 @@
 POST /recommend ranks every indexed item for a history (given, or the user's last
 interactions) with the active SASRec scorer over SAID vectors (cosine similarity of SAID
 vectors until a scorer is promoted); fresh items are in the index as soon as the worker has
-estimated them. GET /items/{item_id}, /healthz, /readyz, /metrics; the OpenAPI schema is at
-/openapi.json.
+estimated them, and an item whose text changed leaves the results until its new text has
+a vector. GET /items/{item_id} (with the text hash of the vector served), /healthz, /readyz,
+/metrics; the OpenAPI schema is at /openapi.json.
 """
 
 from __future__ import annotations
@@ -250,7 +251,10 @@ def create_app(engine: Engine, state: ServingState, cfg: ApiSettings) -> FastAPI
             found = item_status(conn, item_id, state.aligner_version)
         if found is None:
             raise HTTPException(404, f"unknown item {item_id!r}")
-        return found
+        # what this replica serves: the text its vector is of; servable only if that is the
+        # item's current text (an old text's vector is out of serving within a refresh)
+        served = state.served_text_hash(found["idx"])
+        return found | {"served_text_hash": served, "servable": served == found["text_hash"]}
 
     @app.get("/healthz")
     def healthz() -> dict:

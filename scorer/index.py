@@ -13,7 +13,10 @@ Two tiers, both keyed by the catalogue's dense item index:
 - ``delta``: an exact ``IndexIDMap2`` that takes every add and replacement at once
   (remove + add, no rebuild). An id present in ``delta`` is masked out of ``main`` with a
   FAISS ID selector, so a replaced vector never scores twice.
-``compact()`` folds ``delta`` into a new ``main`` when it grows past a fraction of the index.
+``remove()`` takes an item out (its text changed): out of ``delta``, and masked out of
+``main`` by the same selector (HNSW cannot delete); snapshots keep these removals.
+``compact()`` folds ``delta`` into a new ``main`` (dropping removed items) when the two
+grow past a fraction of the index.
 
 Snapshots are versioned files written atomically (temp file, fsync, rename, folder fsync)
 with their SHA-256 in the same file (``core.files.write_checked``), so a torn or corrupt
@@ -36,6 +39,9 @@ HNSW_M = 32  # graph degree
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128  # measured recall@10 vs exact: see benchmarks/scorer_latency.py
 NORM_BANDS = 16  # HNSW graphs by norm: (M/2, M], (M/4, M/2], ..., and the rest below M/2^15
+# Starts a snapshot's removed ids. Older snapshots start with a tier's 8-byte length, which
+# these bytes, read as one, could never be (~3.5e18).
+REMOVED_MAGIC = b"SAIDRM01"
 
 
 class CorruptSnapshot(CorruptFile):
@@ -60,19 +66,22 @@ class ItemIndex:
         return any(m.d == self.dim + 1 for m in self.mains)  # augmented HNSW bands
 
     def __len__(self) -> int:
-        return self._main_total() - len(self._masked) + self.delta.ntotal
+        return self._main_total() - len(self._masked) - len(self._removed) + self.delta.ntotal
 
     def _main_total(self) -> int:
         return sum(m.ntotal for m in self.mains)
 
-    def _reset_masks(self) -> None:
-        """Recompute what ``upsert`` keeps incrementally: main's ids, masked ids, selector."""
+    def _reset_masks(self, removed: np.ndarray | None = None) -> None:
+        """Recompute what ``upsert`` and ``remove`` keep incrementally: main's ids, masked
+        ids (replaced by ``delta``), removed ids (in ``main``, in no tier any more), selector."""
         main_ids = np.concatenate([faiss.vector_to_array(m.id_map) for m in self.mains])
         self._in_main = np.zeros(int(main_ids.max(initial=0)) + 1, dtype=bool)
         self._in_main[main_ids] = True
         delta_ids = faiss.vector_to_array(self.delta.id_map)
         self._masked = set(delta_ids[self._contains_main(delta_ids)].tolist())
-        self._delta_sel = faiss.IDSelectorBatch(delta_ids) if len(delta_ids) else None
+        removed = np.zeros(0, dtype=np.int64) if removed is None else removed
+        self._removed = set(removed[self._contains_main(removed)].tolist()) - set(delta_ids.tolist())
+        self._reset_selector()
         # M^2 of each augmented band: all its stored vectors have exactly this norm
         self._m2 = [_first_norm2(m) for m in self.mains]
 
@@ -104,11 +113,32 @@ class ItemIndex:
         self.delta.remove_ids(faiss.IDSelectorArray(ids))
         self.delta.add_with_ids(vectors, ids)
         self._masked.update(ids[self._contains_main(ids)].tolist())
-        self._delta_sel = faiss.IDSelectorBatch(faiss.vector_to_array(self.delta.id_map))
+        self._removed.difference_update(ids.tolist())
+        self._reset_selector()
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Take these items out of serving (absent ones are ignored)."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        if not len(ids):
+            return
+        self.delta.remove_ids(faiss.IDSelectorArray(ids))
+        in_main = ids[self._contains_main(ids)].tolist()
+        self._masked.difference_update(in_main)
+        self._removed.update(in_main)
+        self._reset_selector()
+
+    def _reset_selector(self) -> None:
+        """The ids hidden from ``main``: replaced (in ``delta``) or removed."""
+        hidden = faiss.vector_to_array(self.delta.id_map)
+        if self._removed:
+            hidden = np.concatenate([hidden, np.fromiter(self._removed, dtype=np.int64)])
+        self._main_hidden = faiss.IDSelectorBatch(hidden) if len(hidden) else None
 
     def needs_compaction(self) -> bool:
-        """Past this the delta's exact scan costs more than a compaction saves."""
-        return self.delta.ntotal > max(1000, min(self._main_total() // 20, 20_000))
+        """Past this the delta's exact scan (and the removed ids' mask) costs more than a
+        compaction saves."""
+        changed = self.delta.ntotal + len(self._removed)
+        return changed > max(1000, min(self._main_total() // 20, 20_000))
 
     def compacted(self) -> ItemIndex:
         """A new index with the delta tier folded into a freshly built main tier (minutes
@@ -123,8 +153,18 @@ class ItemIndex:
         main_ids = np.concatenate([i for i, _ in parts])
         main_vecs = np.concatenate([v for _, v in parts])
         delta_ids, delta_vecs = _contents(self.delta, self.dim)
-        keep = ~np.isin(main_ids, delta_ids)
+        keep = self._main_kept(main_ids, delta_ids)
         return (np.concatenate([main_ids[keep], delta_ids]), np.concatenate([main_vecs[keep], delta_vecs]))
+
+    def ids(self) -> np.ndarray:
+        """Every item served (int64), without reading vectors."""
+        main_ids = np.concatenate([faiss.vector_to_array(m.id_map) for m in self.mains])
+        delta_ids = faiss.vector_to_array(self.delta.id_map)
+        return np.concatenate([main_ids[self._main_kept(main_ids, delta_ids)], delta_ids])
+
+    def _main_kept(self, main_ids: np.ndarray, delta_ids: np.ndarray) -> np.ndarray:
+        hidden = np.concatenate([delta_ids, np.fromiter(self._removed, dtype=np.int64)])
+        return ~np.isin(main_ids, hidden)
 
     def search(
         self, queries: np.ndarray, k: int, exclude: set[int] | None = None
@@ -133,7 +173,7 @@ class ItemIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         exclude_ids = np.fromiter(exclude or (), dtype=np.int64)
         excl = faiss.IDSelectorBatch(exclude_ids) if len(exclude_ids) else None
-        hide_main = [s for s in (excl, self._delta_sel) if s is not None]
+        hide_main = [s for s in (excl, self._main_hidden) if s is not None]
         main_sel = (
             faiss.IDSelectorOr(*hide_main) if len(hide_main) == 2 else hide_main[0] if hide_main else None
         )
@@ -167,6 +207,8 @@ class ItemIndex:
 
     def vector(self, item_id: int) -> np.ndarray:
         """The item's current vector; RuntimeError when it is not indexed."""
+        if int(item_id) in self._removed:
+            raise RuntimeError(f"item {item_id} was removed")
         for tier in (self.delta, *self.mains):
             try:
                 return tier.reconstruct(int(item_id))[: self.dim]  # drops the augmentation
@@ -185,13 +227,15 @@ class ItemIndex:
 
     # --- snapshots ---------------------------------------------------------------------
     def save(self, folder: Path, name: str, keep: int = 3) -> Path:
-        """Write ``index-<name>.faiss`` (every tier, with its checksum) atomically, then
-        delete all but the newest ``keep`` snapshots and dead writers' temp files (a
-        periodic writer must not fill the disk)."""
+        """Write ``index-<name>.faiss`` (every tier and the removed ids, with its checksum)
+        atomically, then delete all but the newest ``keep`` snapshots and dead writers'
+        temp files (a periodic writer must not fill the disk)."""
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"index-{name}.faiss"
         parts = [faiss.serialize_index(t).tobytes() for t in (self.delta, *self.mains)]
-        write_checked(path, b"".join(len(b).to_bytes(8, "little") + b for b in parts))
+        removed = np.array(sorted(self._removed), dtype="<i8")
+        head = REMOVED_MAGIC + len(removed).to_bytes(8, "little") + removed.tobytes() if len(removed) else b""
+        write_checked(path, head + b"".join(len(b).to_bytes(8, "little") + b for b in parts))
         prune_snapshots(folder, name.rsplit("-", 1)[0], keep)
         remove_stale_temps(folder)
         return path
@@ -203,7 +247,10 @@ class ItemIndex:
             data = read_checked(path)
         except CorruptFile as exc:
             raise CorruptSnapshot(str(exc)) from exc
-        tiers, at = [], 0
+        tiers, at, removed = [], 0, np.zeros(0, dtype=np.int64)
+        if data.startswith(REMOVED_MAGIC):  # older snapshots have no removed ids
+            n = int.from_bytes(data[8:16], "little")
+            removed, at = np.frombuffer(data[16 : 16 + 8 * n], dtype="<i8").astype(np.int64), 16 + 8 * n
         try:
             while at < len(data):
                 size = int.from_bytes(data[at : at + 8], "little")
@@ -215,7 +262,7 @@ class ItemIndex:
             raise CorruptSnapshot(f"{path}: not an ID-mapped index")
         out = cls(tiers[0].d, hnsw_min_items)  # the delta tier is never augmented
         out.delta, out.mains = tiers[0], tiers[1:]  # keep these objects: proxies outlive owners
-        out._reset_masks()
+        out._reset_masks(removed)
         return out
 
 

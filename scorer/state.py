@@ -14,6 +14,14 @@ it is modified.
 so a row is applied whatever the writer's clock said, and the watermark (kept in the
 snapshot name) survives restarts. Each embedding is read with its item's external id in one
 statement, so an indexed item can always be named.
+
+A vector is served only while it is of its item's current text (issue 23, item 9). The
+state keeps, per served item, the text hash of its vector; each refresh reads the items
+whose text changed after its item watermark (``items.change_seq``, from a counter also
+handed out in commit order) and takes out every one whose served vector is of another
+text, and a new embedding is applied only if it is of its item's text as of the same read.
+A loaded snapshot is reconciled against the catalogue's current text hashes first, so a
+replica restarted from a snapshot older than a change never serves the old vector.
 """
 
 from __future__ import annotations
@@ -30,7 +38,15 @@ import numpy as np
 from sqlalchemy.engine import Engine
 
 from core import metrics
-from core.catalogue import EmbeddingRows, embeddings_since, item_ids_after
+from core.catalogue import (
+    EmbeddingRows,
+    TextChanges,
+    embeddings_of,
+    embeddings_since,
+    item_change_watermark,
+    item_ids_after,
+    text_changes_since,
+)
 from core.files import CorruptFile
 from core.settings import IndexSettings, Settings
 from core.versions import active_version
@@ -50,6 +66,8 @@ class Served:
     scorer: Scorer
     index: ItemIndex
     watermark: int  # every embedding with seq <= this is in the index
+    hashes: dict[int, str]  # item idx -> the text hash of its served vector (every indexed item)
+    item_watermark: int  # every text change with change_seq <= this is applied
 
     def snapshot_name(self) -> str:
         return f"{self.scorer.version}-q{self.watermark}"
@@ -133,19 +151,45 @@ class ServingState:
         for snap in snapshots(self.index_dir, f"{scorer.version}-"):
             try:
                 index = ItemIndex.load(snap, self.hnsw_min_items)
-                return Served(scorer, index, snapshot_watermark(snap))
+                watermark = snapshot_watermark(snap)
             except (CorruptSnapshot, ValueError) as exc:
                 log.warning("skipping snapshot: %s", exc)
+                continue
+            return self._reconciled(Served(scorer, index, watermark, {}, 0))
         return self._build(scorer)
+
+    def _reconciled(self, served: Served) -> Served:
+        """A loaded snapshot made to agree with the catalogue's current texts (it may be
+        older than any number of changes). An indexed item keeps its vector only if its
+        catalogue vector is of its current text and not newer than the snapshot (seq <=
+        the watermark: then the snapshot holds that vector, as a snapshot keeps removals);
+        a newer one is read by the next refresh, which follows at once. An item whose
+        current vector the snapshot lacks (its text changed back) gets it."""
+        with self.engine.connect() as conn:
+            state = text_changes_since(conn, self.aligner_version, -1)  # every item, one read
+        indexed = set(served.index.ids().tolist())
+        for idx, text, vec_text, vec_seq in zip(
+            state.ids, state.text_hashes, state.vector_hashes, state.vector_seqs, strict=True
+        ):
+            if idx in indexed and vec_text == text and vec_seq <= served.watermark:
+                served.hashes[idx] = text
+        gone = np.array(sorted(indexed - served.hashes.keys()), dtype=np.int64)
+        served.index.remove(gone)
+        self._apply_changes(served, state)  # re-adds what the snapshot lacks; item watermark
+        if len(gone):
+            log.info("snapshot reconciled with the catalogue: %d items of an old text removed", len(gone))
+        return served
 
     def _build(self, scorer: Scorer) -> Served:
         with self.engine.connect() as conn:
-            found = embeddings_since(conn, self.aligner_version)
+            changed_through = item_change_watermark(conn)  # first: a later change is re-read
+            found = embeddings_since(conn, self.aligner_version).fresh()
         self._name(found)
         index = ItemIndex(scorer.dim, self.hnsw_min_items)
         if len(found.ids):
             index.build(found.ids, scorer.item_vectors(found.vectors))
-        return Served(scorer, index, found.newest)
+        hashes = dict(zip(found.ids.tolist(), found.text_hashes, strict=True))
+        return Served(scorer, index, found.newest, hashes, changed_through)
 
     def _name(self, found: EmbeddingRows | dict[int, str]) -> None:
         """Learn external ids (of embedding rows, or idx -> id); only ever added to."""
@@ -231,23 +275,72 @@ class ServingState:
                 log.info("now serving scorer %s (%d items)", scorer.version, len(served.index))
 
     def _apply_new(self) -> int:
-        """New catalogue embeddings into the served index (and names of new items)."""
+        """Text changes, then new catalogue embeddings, into the served index (and names of
+        new items); returns how many embeddings were applied."""
         served = self.served
         with self.engine.connect() as conn:
             new_ids = item_ids_after(conn, self._named_through)  # history ids, vector or not
+            changes = text_changes_since(conn, self.aligner_version, served.item_watermark)
+        self._apply_changes(served, changes)  # before the embeddings: they are read later
+        with self.engine.connect() as conn:
             found = embeddings_since(conn, self.aligner_version, served.watermark)
-        mapped = served.scorer.item_vectors(found.vectors) if len(found.ids) else None
+        fresh = found.fresh()
+        mapped = served.scorer.item_vectors(fresh.vectors) if len(fresh.ids) else None
         self._name(new_ids)
         self._named_through = max(new_ids, default=self._named_through)
-        self._name(found)  # before the upsert: every indexed item has a name
+        self._name(fresh)  # before the upsert: every indexed item has a name
         with self.lock:
+            served.index.remove(self._unserve(served, found.ids[found.stale]))  # changed since
             if mapped is not None:
-                served.index.upsert(found.ids, mapped)
+                served.index.upsert(fresh.ids, mapped)
+                served.hashes.update(zip(fresh.ids.tolist(), fresh.text_hashes, strict=True))
             served.watermark = max(served.watermark, found.newest)
             self.refreshed_at = datetime.now(UTC)
             metrics.INDEX_ITEMS.set(len(served.index))
         self._maintain(served)
-        return len(found.ids)
+        return len(fresh.ids)
+
+    def _apply_changes(self, served: Served, changes: TextChanges) -> None:
+        """Items whose text changed: out of serving unless their served vector is of the
+        new text. A catalogue vector of the current text that the embeddings watermark has
+        passed (the text changed back, or the vector was written between two reads) is
+        (re)applied here; a newer one is left to the embeddings read that follows."""
+        out, back = [], []
+        for idx, text, vec_text, vec_seq in zip(
+            changes.ids, changes.text_hashes, changes.vector_hashes, changes.vector_seqs, strict=True
+        ):
+            if served.hashes.get(idx) == text:
+                continue
+            if vec_text == text and vec_seq <= served.watermark:
+                back.append(idx)
+            elif idx in served.hashes:
+                out.append(idx)
+        found = None
+        if back:
+            with self.engine.connect() as conn:
+                found = embeddings_of(conn, self.aligner_version, back)
+            out += found.ids[found.stale].tolist()
+            found = found.fresh()
+            self._name(found)
+        mapped = served.scorer.item_vectors(found.vectors) if found is not None and len(found.ids) else None
+        with self.lock:
+            served.index.remove(self._unserve(served, out))
+            if mapped is not None:
+                served.index.upsert(found.ids, mapped)
+                served.hashes.update(zip(found.ids.tolist(), found.text_hashes, strict=True))
+            served.item_watermark = max(served.item_watermark, changes.newest)
+
+    @staticmethod
+    def _unserve(served: Served, ids) -> np.ndarray:
+        """Forget the served text of these items; returns them, to remove from the index."""
+        ids = np.asarray(ids, dtype=np.int64)
+        for idx in ids.tolist():
+            served.hashes.pop(idx, None)
+        return ids
+
+    def served_text_hash(self, idx: int) -> str | None:
+        """The text hash of the vector this replica serves for the item (None: not served)."""
+        return self.served.hashes.get(idx)
 
     def _maintain(self, served: Served) -> None:
         """Compaction and snapshots; only this thread writes the index, so reads are safe."""

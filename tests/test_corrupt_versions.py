@@ -21,7 +21,7 @@ from core.versions import active_version, record_version
 from said import wiring
 from scorer.app import create_app
 from tests.support import faultlog
-from tests.support.catalogue import add_items, add_users
+from tests.support.catalogue import add_items, add_users, text_hashes
 from updater.retrain import retrain_once
 
 CPU = torch.device("cpu")
@@ -39,8 +39,9 @@ def _new_item_with_vector(engine, bundle, n: int) -> str:
     """A fresh item as the worker leaves it: the catalogue row and its first estimate."""
     add_items(engine, n, 1)
     vec = np.random.default_rng(n).standard_normal((1, bundle.aligner.cfg.vector_dim)).astype("float32")
+    hashes = text_hashes(engine, [n + 1])
     with engine.begin() as conn:
-        write_embeddings(conn, bundle.version, "estimate", [n + 1], ["h"], vec, [None], datetime.now(UTC))
+        write_embeddings(conn, bundle.version, "estimate", [n + 1], hashes, vec, [None], datetime.now(UTC))
     return f"i{n}"
 
 

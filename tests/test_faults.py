@@ -29,7 +29,7 @@ from core.tables import interactions, item_embeddings, items
 from said.broker import ensure_topics
 from scorer.index import ItemIndex, latest_snapshot
 from tests.support import faultlog
-from tests.support.catalogue import add_items
+from tests.support.catalogue import add_items, text_hashes
 from tests.support.kafka_util import click_event, load_items, produce_json
 from updater.leases import pending_count
 from updater.worker import UpdateWorker
@@ -343,9 +343,10 @@ def test_disk_full_snapshot_write_keeps_serving_and_the_old_snapshot(aligned, mo
     add_items(engine, 24, 4)
     # the worker's embeddings arrive; refresh applies them, then its snapshot write fails
     vecs = np.random.default_rng(1).standard_normal((4, bundle.aligner.cfg.vector_dim)).astype("float32")
+    hashes = text_hashes(engine, [25, 26, 27, 28])
     with engine.begin() as conn:
         write_embeddings(
-            conn, bundle.version, "estimate", [25, 26, 27, 28], ["h"] * 4, vecs, [None] * 4, datetime.now(UTC)
+            conn, bundle.version, "estimate", [25, 26, 27, 28], hashes, vecs, [None] * 4, datetime.now(UTC)
         )
     with pytest.raises(OSError, match="No space"):
         state.refresh()

@@ -88,6 +88,25 @@ def test_two_tiers_mask_replaced_vectors_and_survive_snapshots(tmp_path, hnsw_mi
     assert again.search(v[6], 1)[1][0, 0] == 401 and again.search(-v[6], 1)[1][0, 0] == 7
 
 
+@pytest.mark.parametrize("hnsw_min_items", [10_000, 100], ids=["exact", "hnsw"])
+def test_removed_items_leave_every_tier_and_stay_out_after_a_snapshot(tmp_path, hnsw_min_items):
+    """An item whose text changed is removed: never found, no vector, not counted, also
+    after a snapshot round trip and a compaction; an upsert brings it back."""
+    v = _vecs(400, seed=5)
+    idx = ItemIndex(8, hnsw_min_items=hnsw_min_items)
+    idx.build(np.arange(1, 401), v)  # main tier (HNSW bands when approximate)
+    idx.upsert(np.array([9]), -v[8:9])  # 9 in the delta tier, masking main
+    idx.remove(np.array([7, 9, 12345]))  # from main, from delta, and one never indexed
+    for index in (idx, ItemIndex.load(idx.save(tmp_path, "r"), hnsw_min_items), idx.compacted()):
+        assert len(index) == 398 and not {7, 9} & set(index.ids().tolist())
+        _, ids = index.search(np.stack([v[6], v[8], -v[8]]), 10)
+        assert not {7, 9} & set(ids.ravel().tolist())
+        with pytest.raises(RuntimeError):
+            index.vector(7)
+    idx.upsert(np.array([7]), v[6:7])
+    assert len(idx) == 399 and idx.search(v[6], 1)[1][0, 0] == 7
+
+
 def test_hnsw_recall_against_exact_with_uneven_norms():
     """Scorer vectors' norms vary widely; the augmented-L2 HNSW tier must still find the top
     inner products (an inner-product HNSW graph loses recall on such data)."""

@@ -74,3 +74,47 @@ def test_0005_numbers_existing_embeddings_in_commit_order(db_url):
         write_embeddings(conn, "v", "full", [1], ["h"], [[0.0]], [None], now)
         again = select(item_embeddings.c.seq).where(item_embeddings.c.item_idx == 1)
         assert conn.execute(again).scalar() == 4
+
+
+def test_0008_starts_existing_items_at_zero_and_counts_text_changes(db_url):
+    """Items from before 0008 get change_seq 0 (a replica reconciles against current texts
+    on load); a text change then takes the next value of the ``items`` counter, an
+    unchanged text (a newer event of the same text) does not."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import select, text
+
+    from core.catalogue import upsert_items
+    from core.events import ItemEvent
+    from core.tables import items, sequences
+
+    command.downgrade(alembic_config(db_url), "0007")
+    engine = make_engine(db_url)
+    now = datetime.now(UTC)
+    item = (
+        "INSERT INTO items (idx, item_id, title, event_time, text_hash, status, received_at, updated_at) "
+        "VALUES (:i, :id, :title, :t, :h, 'aligned', :t, :t)"
+    )
+    with engine.begin() as conn:
+        for idx in (1, 2):
+            ev = ItemEvent(f"i{idx}", f"title {idx}", None, None, now)
+            conn.execute(
+                text(item), {"i": idx, "id": ev.item_id, "title": ev.title, "t": now, "h": ev.text_hash}
+            )
+    engine.dispose()
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        assert dict(conn.execute(select(items.c.idx, items.c.change_seq)).all()) == {1: 0, 2: 0}
+        counter = select(sequences.c.value).where(sequences.c.name == "items")
+        assert conn.execute(counter).scalar_one() == 0
+        later = now + timedelta(minutes=1)
+        upsert_items(conn, [ItemEvent("i1", "title 1", None, "adv", later)], later)  # same text
+        assert conn.execute(select(items.c.change_seq).where(items.c.idx == 1)).scalar_one() == 0
+        upsert_items(conn, [ItemEvent("i2", "a new title", None, None, later)], later)
+        changed = dict(conn.execute(select(items.c.idx, items.c.change_seq)).all())
+        assert changed == {1: 0, 2: 1} and conn.execute(counter).scalar_one() == 1
+    engine.dispose()
+    command.downgrade(alembic_config(db_url), "0007")
+    engine = make_engine(db_url)
+    assert "change_seq" not in {c["name"] for c in inspect(engine).get_columns("items")}

@@ -24,7 +24,7 @@ from said.broker import free_port
 from scorer.app import bearer_guard, create_app
 from scorer.state import ServingState
 from tests.support import faultlog
-from tests.support.catalogue import add_items
+from tests.support.catalogue import add_items, text_hashes
 from updater import retrain
 from updater.retrain import is_due, retrain_once, validation_slices
 
@@ -256,8 +256,9 @@ def _write_vector(engine, bundle, idx: int, created_at: datetime) -> None:
     from core.catalogue import write_embeddings
 
     vec = np.random.default_rng(idx).standard_normal((1, bundle.aligner.cfg.vector_dim)).astype("float32")
+    hashes = text_hashes(engine, [idx])  # as the worker writes it: the item's text
     with engine.begin() as conn:
-        write_embeddings(conn, bundle.version, "estimate", [idx], ["h"], vec, [None], created_at)
+        write_embeddings(conn, bundle.version, "estimate", [idx], hashes, vec, [None], created_at)
 
 
 def test_writers_with_skewed_clocks_are_still_served_and_after_a_restart(served):

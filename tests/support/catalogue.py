@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy import select
 
 from core.catalogue import insert_interactions, upsert_items
 from core.db import make_engine
 from core.events import InteractionEvent, ItemEvent
 from core.settings import Settings
+from core.tables import items
 from models.aligner import FrozenLM
 from models.llm import load_llm
 from scorer.state import ServingState
@@ -46,6 +48,13 @@ def add_items(engine, start: int, n: int) -> None:
     evs = [ItemEvent(f"i{i}", f"{NAMES[i % 8]} no. {i}", None, None, now) for i in range(start, start + n)]
     with engine.begin() as conn:
         upsert_items(conn, evs, now)
+
+
+def text_hashes(engine, idx: list[int]) -> list[str]:
+    """The current text hashes of these items (what the worker writes with their vectors)."""
+    with engine.connect() as conn:
+        found = dict(conn.execute(select(items.c.idx, items.c.text_hash).where(items.c.idx.in_(idx))).all())
+    return [found[i] for i in idx]
 
 
 def tiny_settings(data_dir: Path, database_url: str = "sqlite://", **flat) -> Settings:
