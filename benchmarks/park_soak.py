@@ -33,6 +33,8 @@ from sqlalchemy import func, select
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's code, here and in the consumers it starts
 
+from _bench import SMOKE_NOTE  # noqa: E402  (a sibling module of the benchmarks)
+
 from core.db import make_engine  # noqa: E402
 from core.events import TOPIC_DLQ, TOPIC_INTERACTIONS, TOPIC_ITEMS  # noqa: E402
 from core.parking import waiting  # noqa: E402
@@ -66,6 +68,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.rate, args.seconds, args.db, args.park_age = 1000, 8.0, "sqlite", 2.0
+        print(SMOKE_NOTE, flush=True)
+    print(f"method: {__doc__.split('Method: ', 1)[1].split(chr(10) + chr(10), 1)[0]}", flush=True)
     pg = None
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(free_port()) as broker:
         if args.db == "postgresql":

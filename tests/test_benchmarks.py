@@ -49,6 +49,7 @@ SCRIPTS: dict[str, tuple[set[str], list[str]]] = {
             r"^\| serve \| \d+ \| \d+ \| \d+ \|",
         ],
     ),
+    "park_soak.py": (set(), [r'^ "exactly_once": \{', r'^  "lost": 0,', r'^  "left_parked": 0']),
     "quality.py": (
         {"llm"},
         [r"^Quality of .* \(60 items", r"^\| standard \| said \| 1 \| \d", r"^default variant "],
