@@ -27,7 +27,7 @@ import torch
 from _bench import DATA, SMOKE_NOTE, tiny_llm_folder  # a sibling module of the benchmarks
 
 from core.dataset import load_dataset
-from core.settings import AlignSettings
+from core.settings import AlignSettings, get_settings
 from models.aligner import AlignerConfig, FrozenLM, ItemAligner, text_init_rows, tokenize_texts
 from models.llm import load_llm, pick_device, pooled_text_features
 from training.align import fidelity, train_full
@@ -81,7 +81,7 @@ def main() -> None:
     tokens = tokenize_texts(tok, texts)
     feats = pooled_text_features(llm, tok, texts, device)
     idx = list(range(1, len(texts) + 1))
-    prompt = AlignSettings().prompt
+    prompt = get_settings().align.prompt  # SAID_PROMPT, as `said align` reads it
     results = {
         "items": len(texts),
         "passes": args.passes,

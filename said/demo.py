@@ -33,10 +33,8 @@ from said.broker import EmbeddedBroker, ensure_topics, free_port
 from said.migrate import upgrade
 from said.plots import alignment_curve, fresh_vs_reference, freshness
 from said.produce import produce_events, replay_dataset
-from scorer.app import create_app
-from scorer.state import ServingState
 from training.recommender import evaluate, train_scorer
-from updater.retrain import retrain_once, run_retrainer, train_config, training_data
+from updater.retrain import train_config, training_data
 
 log = logging.getLogger(__name__)
 DEFAULT_DATASET = Path(__file__).resolve().parents[1].parent / "shared/data/amazon-beauty"
@@ -67,7 +65,7 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
         upgrade(settings.database_url)
         engine = make_engine(settings.database_url)
         replay_dataset(settings.kafka.client_config(), ds)
-        for topic in ("items", "interactions"):
+        for topic in wiring.TOPIC_HANDLERS:  # items first: interactions then find theirs
             loop = wiring.consume_loop(settings, topic, engine)
             stats = loop.run(idle_exit=2.0)
             summary[f"{loop.handler.name}: stored / dead-lettered"] = (
@@ -94,7 +92,7 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
         )
 
         t0 = time.perf_counter()
-        scorer = retrain_once(engine, bundle.version, settings, device)
+        scorer = wiring.retrain(settings, engine, bundle.version)
         summary["scorer training seconds"] = round(time.perf_counter() - t0, 1)
         summary["SASRec (said) NDCG@10: validation (early stopping) / test"] = (
             f"{scorer['val_ndcg@10']:.4f} / {scorer['ndcg@10']:.4f}"
@@ -104,9 +102,9 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
         )
         summary["random ranking NDCG@10 (same items)"] = f"{_random_ndcg(len(ds.item_ids)):.4f}"
 
-        state = ServingState.for_bundle(engine, bundle, settings)
+        state = wiring.serving_state(settings, engine)
         server = uvicorn.Server(
-            uvicorn.Config(create_app(engine, state, settings.api), port=port, log_level="warning")
+            uvicorn.Config(wiring.api_app(settings, state), port=port, log_level="warning")
         )
         worker = wiring.update_worker(settings, engine, lm)
         item_loop = wiring.consume_loop(settings, "items", engine)
@@ -114,9 +112,7 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
         threads = [threading.Thread(target=f, daemon=True) for f in (server.run, worker.run, item_loop.run)]
         threads.append(
             threading.Thread(
-                target=run_retrainer,
-                daemon=True,
-                args=(engine, settings, device, stop_retrainer),
+                target=wiring.watch_retrain, daemon=True, args=(settings, stop_retrainer, engine)
             )
         )
         for t in threads:

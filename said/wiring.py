@@ -8,8 +8,10 @@ whole and hands each service its own section.
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
+from fastapi import FastAPI
 from sqlalchemy.engine import Engine
 
 from consumers.interactions import InteractionsHandler
@@ -23,8 +25,10 @@ from core.versions import require_active, versions_in
 from models.aligner import FrozenLM
 from models.bundle import AlignerBundle
 from models.llm import load_adapter_state, load_llm, pick_device
+from scorer.app import create_app
 from scorer.state import ServingState
 from updater.full_align import align_catalogue
+from updater.retrain import retrain_once, run_retrainer
 from updater.worker import UpdateWorker
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,7 @@ TOPIC_HANDLERS: dict[str, type[Handler]] = {"items": ItemsHandler, "interactions
 
 
 def engine_for(settings: Settings) -> Engine:
+    """The catalogue's engine (``SAID_DATABASE_URL``)."""
     return make_engine(settings.database_url)
 
 
@@ -97,14 +102,32 @@ def serving_state(settings: Settings, engine: Engine | None = None) -> ServingSt
     return ServingState.for_bundle(engine, readable_aligner(engine, torch.device("cpu")), settings)
 
 
-def serving_app():  # noqa: ANN201 (a FastAPI app; uvicorn calls this factory per worker)
+def api_app(settings: Settings, state: ServingState) -> FastAPI:
+    """The HTTP API over ``state``, as ``settings.api`` says (token, history length)."""
+    return create_app(state.engine, state, settings.api)
+
+
+def serving_app() -> FastAPI:
     """The app of ``said serve`` (a uvicorn factory: every worker process builds its own)."""
     from core.settings import get_settings
-    from scorer.app import create_app
 
     # One small query at a time: intra-op threads only contend with concurrent requests
     # (measured: SASRec query 1.2 ms with 2 threads, 0.53 ms with 1).
     torch.set_num_threads(1)
     settings = get_settings()
-    state = serving_state(settings)
-    return create_app(state.engine, state, settings.api)
+    return api_app(settings, serving_state(settings))
+
+
+def retrain(settings: Settings, engine: Engine | None = None, aligner_version: str | None = None) -> dict:
+    """`said retrain`: one candidate on ``aligner_version`` (default the active one),
+    promoted if not worse; returns its record."""
+    engine = engine or engine_for(settings)
+    version = aligner_version or require_active(engine, "aligner")[0]
+    return retrain_once(engine, version, settings, pick_device(settings.device))
+
+
+def watch_retrain(
+    settings: Settings, stop: threading.Event, engine: Engine | None = None, progress: bool = False
+) -> None:
+    """`said retrain --watch`: retrain whenever enough has arrived, until ``stop``."""
+    run_retrainer(engine or engine_for(settings), settings, pick_device(settings.device), stop, progress)

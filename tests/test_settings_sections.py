@@ -111,3 +111,17 @@ def test_every_section_reaches_its_component_from_the_environment(environment, m
         assert r.status_code == 200
         seen_items = {"i0", "i8", "i16"}  # u0's history: the last 2 of them are read, and excluded
         assert len(seen_items - {x["item_id"] for x in r.json()["items"]}) == 2
+
+
+def test_an_override_by_an_unknown_name_is_refused_not_dropped():
+    with pytest.raises(KeyError, match="worker_lease_ttl"):
+        Settings().override(worker_lease_ttl=5)  # the name is worker_lease_ttl_s
+    assert Settings().override(worker_lease_ttl_s=5).worker.lease_ttl_s == 5
+
+
+def test_said_consume_offers_exactly_the_wired_topics():
+    from said.cli import build_parser
+
+    consume = build_parser()._subparsers._group_actions[0].choices["consume"]
+    (topic,) = [a for a in consume._actions if a.dest == "topic"]
+    assert sorted(topic.choices) == sorted(wiring.TOPIC_HANDLERS)

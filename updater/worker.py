@@ -31,7 +31,7 @@ from sqlalchemy.engine import Engine
 
 from core import metrics
 from core.catalogue import lock_sequence, write_embeddings
-from core.db import db_now, is_outage, retry_on_outage
+from core.db import db_now, is_outage, retry_on_outage, should_wait
 from core.files import CorruptFile
 from core.settings import Settings
 from core.versions import active_version
@@ -156,8 +156,8 @@ class UpdateWorker:
                     on_retry=lambda _exc: self.backlog.clear(),
                 )
             except Exception as exc:
-                if self.stopping and is_outage(exc):
-                    break  # stopped during an outage: the leases expire or are released
+                if self.stopping and should_wait(exc):
+                    break  # stopped during an outage (or a schema wait): the leases expire or are released
                 raise
             if leased:
                 idle_since = time.monotonic()
