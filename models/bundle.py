@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from core.files import load_torch, save_torch
+from core.files import CorruptFile, load_torch, save_torch
 from models.aligner import AlignerConfig, ItemAligner
 
 
@@ -68,8 +68,11 @@ class AlignerBundle:
         saved = load_torch(path)
         if "fidelity" not in saved:
             raise ValueError(f"{path} is an aligner bundle of an older format: run `said align` once")
-        aligner = ItemAligner(AlignerConfig(**saved["config"]))
-        aligner.load_state_dict(saved["aligner"])
+        try:
+            aligner = ItemAligner(AlignerConfig(**saved["config"]))
+            aligner.load_state_dict(saved["aligner"])
+        except (KeyError, TypeError, RuntimeError) as exc:  # a whole file of another kind
+            raise CorruptFile(f"{path}: not an aligner bundle ({type(exc).__name__}: {exc})") from exc
         aligner.requires_grad_(False)
         return cls(
             saved["version"],

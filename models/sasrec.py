@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.files import load_torch, save_torch
+from core.files import CorruptFile, load_torch, save_torch
 
 
 @dataclass
@@ -288,12 +288,15 @@ def load_sasrec(path: Path, table: torch.Tensor | None = None) -> tuple[SASRec, 
     standardisation overwrites the placeholder's, and ``adapt`` maps any item's vector.
     """
     saved = load_torch(path)
-    # scorers saved before the principal-axes input had full-width adapters
-    cfg = SASRecConfig(**({"max_input": saved["frozen_dim"]} | saved["config"]))
-    if table is None:
-        cfg, table = replace(cfg, n_items=2), torch.zeros(3, saved["frozen_dim"])
-    else:
-        cfg = replace(cfg, n_items=table.shape[0] - 1)
-    model = SASRec(cfg, table)
-    model.load_state_dict(saved["state"])
-    return model, saved["meta"]
+    try:
+        # scorers saved before the principal-axes input had full-width adapters
+        cfg = SASRecConfig(**({"max_input": saved["frozen_dim"]} | saved["config"]))
+        if table is None:
+            cfg, table = replace(cfg, n_items=2), torch.zeros(3, saved["frozen_dim"])
+        else:
+            cfg = replace(cfg, n_items=table.shape[0] - 1)
+        model = SASRec(cfg, table)
+        model.load_state_dict(saved["state"])
+        return model, saved["meta"]
+    except (KeyError, TypeError, RuntimeError, ValueError) as exc:  # a whole file of another kind
+        raise CorruptFile(f"{path}: not a scorer file ({type(exc).__name__}: {exc})") from exc

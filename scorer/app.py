@@ -37,13 +37,16 @@ MAX_BODY_BYTES = 64 * 1024  # a maximal valid request is ~10 KB
 
 
 def unicode_text(value: str) -> str:
-    """Refuses lone surrogates. JSON's ``\\udXXX`` escapes can carry them, and Python's
-    parser lets them through, but they are not text: UTF-8 has no bytes for them, so the
-    catalogue cannot look them up and a response that echoes one cannot be serialised."""
+    """Refuses lone surrogates and NUL. JSON's ``\\udXXX`` escapes can carry surrogates,
+    and Python's parser lets them through, but they are not text: UTF-8 has no bytes for
+    them, so the catalogue cannot look them up and a response that echoes one cannot be
+    serialised. PostgreSQL text cannot hold NUL (``\\u0000``): no id contains one."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("not valid Unicode text (a lone surrogate)") from None
+    if "\x00" in value:
+        raise ValueError("not valid text (a NUL character)")
     return value
 
 
@@ -247,6 +250,10 @@ def create_app(engine: Engine, state: ServingState, cfg: ApiSettings) -> FastAPI
 
     @app.get("/items/{item_id}", dependencies=guarded)  # it shows titles of unlaunched items
     def item(item_id: str) -> dict:
+        try:
+            unicode_text(item_id)
+        except ValueError as exc:  # such an id was never stored: nothing to show
+            raise HTTPException(404, f"unknown item: {exc}") from None
         with engine.connect() as conn:
             found = item_status(conn, item_id, state.aligner_version)
         if found is None:

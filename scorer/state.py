@@ -49,7 +49,7 @@ from core.catalogue import (
 )
 from core.files import CorruptFile
 from core.settings import IndexSettings, Settings
-from core.versions import active_version
+from core.versions import active_version, versions_in
 from models.bundle import AlignerBundle
 from models.sasrec import load_sasrec
 from scorer.index import CorruptSnapshot, ItemIndex, snapshots
@@ -103,7 +103,7 @@ class ServingState:
         self.refreshed_at: datetime | None = None
         self._declined: str | None = None  # an active scorer of another aligner: not served
         self.problems: dict[str, str] = {}  # kind -> why its active version is not served
-        first = self._scorer_for(active_version(engine, "scorer"))
+        first = self._scorer_for(active_version(engine, "scorer")) or self._last_good_scorer()
         self.served = self._load(first or CosineScorer(aligner_version, said_dim))
         self._snapshot_at = time.monotonic()
         self.refresh()
@@ -201,6 +201,19 @@ class ServingState:
         with self.lock:
             self.item_id.update(named)
             self.idx_of.update({v: k for k, v in named.items()})
+
+    def _last_good_scorer(self) -> Scorer | None:
+        """At start-up with an unreadable active scorer: the newest one served before that
+        was trained on this aligner and still loads (None: cosine until one is promoted)."""
+        for version, path in versions_in(self.engine, "scorer", "retired"):
+            try:
+                model, meta = load_sasrec(path)
+            except (CorruptFile, OSError, ValueError):
+                continue
+            if meta.get("aligner_version") == self.aligner_version:
+                log.warning("serving scorer %s, the last good one, until a readable one is active", version)
+                return SASRecScorer(model, version)
+        return None
 
     def _problem(self, kind: str, why: str | None) -> None:
         """Record (or clear, with None) why the active ``kind`` version is not served."""

@@ -79,6 +79,7 @@ def test_a_corrupt_active_scorer_or_aligner_keeps_serving_the_last_good_one(alig
 
     again = wiring.serving_state(settings, engine)  # a replica (re)started in this state
     assert again.aligner_version == bundle.version, "it serves the aligner that was active before"
+    assert again.version == good["version"], "and the last good scorer of that aligner"
     assert len(again.served.index) == 26 and again.recommend([26], 3, {26})[0]
     worker = wiring.update_worker(settings, engine, lm)  # the worker starts, and stays put
     assert worker.bundle.version == bundle.version and worker.follow_active() is False
@@ -94,3 +95,16 @@ def test_the_retrainer_replaces_an_unreadable_active_scorer(aligned):
     record = retrain_once(engine, bundle.version, settings, CPU, progress=False)
     assert record["promoted"] and record["warm_start"] is None, "trained from scratch"
     assert active_version(engine, "scorer")[0] == record["version"]
+
+
+def test_a_whole_file_of_another_kind_is_refused_like_a_torn_one(aligned):
+    """A checksum-valid file that is not a scorer (an aligner bundle activated as one)."""
+    engine, bundle, _lm, settings, _data = aligned
+    bundle_path = active_version(engine, "aligner")[1]
+    with engine.begin() as conn:
+        record_version(
+            conn, "scorer", "sasrec-wrong", bundle_path, {"aligner_version": bundle.version}, "active"
+        )
+    state = wiring.serving_state(settings, engine)  # starts, instead of exiting in a loop
+    assert "not a scorer file" in state.problems["scorer"] and state.version.startswith("cosine")
+    assert len(state.served.index) == 24

@@ -78,6 +78,8 @@ KNOWN_500S = [
     '{"history": ["i1"], "exclude_seen": -Infinity}',
     '{"user_id": "\\udc80"}',
     '{"user_id": "\\ud800", "history": ["i1"]}',
+    '{"user_id": "u\\u0000"}',  # PostgreSQL text cannot hold NUL: DataError on the lookup
+    '{"history": ["i\\u0000"]}',
 ]
 
 
@@ -100,6 +102,9 @@ def test_known_hostile_bodies_get_a_4xx_with_a_reason(app):
     assert {b: r.status_code for b, r in answers.items() if not 400 <= r.status_code < 500} == {}
     for response in answers.values():
         _assert_rejected_with_a_reason_or_served(response)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/items/i%00", headers=AUTH)
+    assert r.status_code == 404 and r.json()["detail"], "an id with NUL is unknown, not a 500"
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

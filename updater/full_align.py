@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def align_catalogue(engine: Engine, lm: FrozenLM, settings: Settings, progress: 
     """Align all catalogue items (``settings.align``) and activate the result; files go
     under ``settings.data_dir``. See the module docstring."""
     cfg, data_dir = settings.align, settings.data_dir
+    started = time.time()
     with engine.connect() as conn:
         rows = conn.execute(
             select(items.c.idx, items.c.title, items.c.description, items.c.text_hash).order_by(items.c.idx)
@@ -69,7 +71,8 @@ def align_catalogue(engine: Engine, lm: FrozenLM, settings: Settings, progress: 
         lambda: _publish(engine, version, path, rows, vectors, fit, summary),
         max_backoff_s=settings.db_retry_max_s,
     )
-    remove_checkpoints(ckpt.parent)
+    ckpt.unlink(missing_ok=True)
+    remove_checkpoints(ckpt.parent, older_than=started)
     if queued:
         log.info("%d items are new or changed since the run read them: queued for the workers", queued)
     ref = fit.reference
@@ -91,14 +94,20 @@ def align_catalogue(engine: Engine, lm: FrozenLM, settings: Settings, progress: 
     return bundle
 
 
-def remove_checkpoints(folder: Path) -> int:
-    """After a run has published: delete every alignment checkpoint in ``folder``, its own
-    and those of runs that were killed over an older catalogue (their key, the set of item
-    texts, will not come back: the catalogue only moves on). Returns how many went."""
+def remove_checkpoints(folder: Path, older_than: float) -> int:
+    """After a run has published: delete the alignment checkpoints in ``folder`` last
+    written before ``older_than`` (epoch seconds: this run's start), those of runs that were
+    killed over an older catalogue (their key, the set of item texts, will not come back:
+    the catalogue only moves on). A run still writing its own is left alone. Returns how
+    many went."""
     gone = 0
     for path in folder.glob("checkpoint-*.pt"):
-        path.unlink(missing_ok=True)
-        gone += 1
+        try:
+            if path.stat().st_mtime < older_than:
+                path.unlink()
+                gone += 1
+        except FileNotFoundError:  # its own run finished meanwhile
+            continue
     remove_stale_temps(folder)  # and what a writer killed mid-save left
     return gone
 

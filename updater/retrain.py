@@ -51,9 +51,14 @@ def counts(engine: Engine) -> dict[str, int]:
 
 
 def is_due(engine: Engine, cfg: RetrainSettings) -> bool:
+    """Enough new interactions or items since the last attempt, or a newly activated aligner
+    that no scorer was trained on yet (replicas serve cosine until one is)."""
     last, now = newest_metrics(engine, "scorer"), counts(engine)
     if last is None:
         return now["interactions"] > 0
+    aligner = active_version(engine, "aligner")
+    if aligner is not None and last.get("aligner_version") != aligner[0]:
+        return True
     return (
         now["interactions"] - last["interactions"] >= cfg.min_interactions
         or now["items"] - last["items"] >= cfg.min_items
@@ -166,7 +171,9 @@ def _readable(active: tuple[str, Path] | None, table: torch.Tensor) -> SASRec | 
     if active is None:
         return None
     try:
-        return load_sasrec(active[1], table)[0]
+        model = load_sasrec(active[1], table)[0]
+        metrics.SERVING_PROBLEMS.labels("scorer").set(0)
+        return model
     except (CorruptFile, OSError, ValueError) as exc:
         log.error(
             "active scorer %s cannot be loaded (%s): training from scratch to replace it", active[0], exc
@@ -202,6 +209,10 @@ def run_retrainer(
     `said align` is followed without a restart."""
     while True:
         if is_due(engine, settings.retrain):
-            retrain_once(engine, require_active(engine, "aligner")[0], settings, device, progress)
+            try:
+                retrain_once(engine, require_active(engine, "aligner")[0], settings, device, progress)
+            except Exception:  # one failed attempt (no vectors yet, an outage) must not end the watch
+                log.exception("retrain failed; trying again in %.0f s", settings.retrain.poll_s)
+                metrics.SCORER_RETRAINS.labels("failed").inc()
         if stop.wait(settings.retrain.poll_s):
             return

@@ -117,6 +117,7 @@ class UpdateWorker:
         self._version_checked = time.monotonic()
         active = active_version(self.engine, "aligner")
         if active is None or active[0] == self.bundle.version:
+            metrics.SERVING_PROBLEMS.labels("aligner").set(0)
             return False
         try:
             bundle = AlignerBundle.load(active[1], self.device)

@@ -18,8 +18,11 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # a consumer of this version started before the upgrade may have made the row already:
+    # the count of the table is the truth either way
     op.execute(
-        "INSERT INTO sequences (name, value) SELECT 'parked_interactions', count(*) FROM parked_interactions"
+        "INSERT INTO sequences (name, value) SELECT 'parked_interactions', count(*) FROM parked_interactions WHERE true "
+        "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
     )
 
 
