@@ -99,3 +99,11 @@ def smoke_dataset(src: Path, folder: Path, items: int, users: int) -> Path:
         if (src / extra).exists():
             shutil.copy(src / extra, folder / extra)
     return folder
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of process ``pid`` in MiB (Linux ``/proc``), NaN if unreadable."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

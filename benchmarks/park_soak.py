@@ -33,7 +33,7 @@ from sqlalchemy import func, select
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's code, here and in the consumers it starts
 
-from _bench import SMOKE_NOTE  # noqa: E402  (a sibling module of the benchmarks)
+from _bench import SMOKE_NOTE, rss_mib  # noqa: E402  (a sibling module of the benchmarks)
 
 from core.db import make_engine  # noqa: E402
 from core.events import TOPIC_DLQ, TOPIC_INTERACTIONS, TOPIC_ITEMS  # noqa: E402
@@ -45,13 +45,6 @@ from said.broker import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
 from said.migrate import upgrade  # noqa: E402
 
 T = "2026-06-01T00:00:00Z"
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:

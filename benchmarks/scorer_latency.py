@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from _bench import SMOKE_NOTE, wait_http  # a sibling module of the benchmarks
+from _bench import SMOKE_NOTE, rss_mib, wait_http  # a sibling module of the benchmarks
 
 from core.settings import ApiSettings, IndexSettings, Settings
 from said.broker import free_port
@@ -276,7 +276,7 @@ def measure(n: int, mode: str, generator, args) -> list[dict[str, float]]:
                         out
                         | {"errors": sum(r["errors"] for r in runs), "workers": workers, "clients": clients}
                     )
-                rss = _rss_mib(proc.pid) + sum(_rss_mib(c) for c in _children(proc.pid))
+                rss = rss_mib(proc.pid) + sum(rss_mib(c) for c in _children(proc.pid))
                 for row in rows[-len(args.clients) :]:
                     row["rss"] = rss
             finally:
@@ -288,13 +288,6 @@ def measure(n: int, mode: str, generator, args) -> list[dict[str, float]]:
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(c) for c in path.read_text().split()] if path.exists() else []
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:
