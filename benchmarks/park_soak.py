@@ -132,7 +132,7 @@ def _soak(args, bootstrap: str, engine, pid: int) -> dict:
         value = json.dumps(
             {"item_id": f"k{i}", "title": f"Known item {i}", "description": None, "event_time": T}
         )
-        produce(producer, TOPIC_ITEMS, f"k{i}", value)
+        produce(producer, TOPIC_ITEMS, key=f"k{i}", value=value)
     assert producer.flush(60) == 0
     watcher = Consumer({"bootstrap.servers": bootstrap, "group.id": "said.interactions"})
     parts = [TopicPartition(TOPIC_INTERACTIONS, p) for p in range(get_settings().kafka.topic_partitions)]
@@ -153,7 +153,8 @@ def _soak(args, bootstrap: str, engine, pid: int) -> dict:
     while (now := time.monotonic()) - t0 < args.seconds:
         due = int((now - t0) * args.rate) - produced
         for e in range(produced, produced + due):
-            produce(producer, TOPIC_INTERACTIONS, *_click(e, args.items, args.ghosts))
+            key, value = _click(e, args.items, args.ghosts)
+            produce(producer, TOPIC_INTERACTIONS, key=key, value=value)
         produced += due
         producer.poll(0)
         if now >= next_sample:

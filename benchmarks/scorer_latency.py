@@ -60,9 +60,10 @@ def index_settings() -> IndexSettings:
 def build(folder: Path, n: int, mode: str) -> str:
     """A catalogue of n items plus the snapshot the scorer loads; mode sasrec | cosine."""
     import torch
+    from sqlalchemy import update
 
     from core.db import make_engine
-    from core.tables import items, model_versions
+    from core.tables import item_embeddings, items, model_versions, sequences
     from models.sasrec import SASRec, SASRecConfig, save_scorer
     from said.migrate import upgrade
     from scorer.index import ItemIndex
@@ -112,10 +113,23 @@ def build(folder: Path, n: int, mode: str) -> str:
     index = ItemIndex(vecs.shape[1], index_settings().hnsw_min_items)
     index.build(np.arange(1, n + 1), vecs)
     # The scorer loads a snapshot named <version>-q<watermark>, the watermark being the
-    # newest item_embeddings.seq it holds (scorer/state.py). No embedding rows are written
-    # (the snapshot is built from synthetic vectors directly), so every row the catalogue
-    # has is in it at watermark 0: the refresher finds nothing newer and serves it as is.
-    index.save(folder / "index", f"{version}-q0")
+    # newest item_embeddings.seq it holds, and keeps an item's vector only if the catalogue
+    # has an embedding row of the item's current text at or below it (scorer/state.py). The
+    # rows say so (seq 1..n, the item's text hash); their vector bytes are a placeholder, as
+    # nothing reads a row the snapshot already holds (the index was built from synthetic
+    # vectors directly; real 576-d rows would be 2.3 GB at 1M items).
+    with engine.begin() as conn:
+        for s in range(1, n + 1, 20_000):
+            conn.execute(
+                item_embeddings.insert(),
+                [
+                    {"item_idx": i, "model_version": "bench", "text_hash": "x", "vector": b"\0\0\0\0"}
+                    | {"kind": "full", "created_at": now, "seq": i}
+                    for i in range(s, min(s + 20_000, n + 1))
+                ],
+            )
+        conn.execute(update(sequences).where(sequences.c.name == "embeddings").values(value=n))
+    index.save(folder / "index", f"{version}-q{n}")
     return url
 
 
@@ -194,7 +208,7 @@ def load_wrk(port: int, n: int, clients: int, seconds: float) -> dict[str, float
             "wrk",
             "-t1",
             f"-c{clients}",
-            f"-d{int(seconds)}s",
+            f"-d{max(1, round(seconds))}s",  # whole seconds: wrk reads -d0s as "no limit"
             "--latency",
             "-s",
             f.name,
