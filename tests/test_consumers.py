@@ -221,14 +221,14 @@ def test_replays_of_different_reasons_in_any_order_each_replay_their_own_once(se
     produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, [click_event(1, 7)], "user_id")
     consume(settings, ItemsHandler)
     consume(settings, InteractionsHandler)  # parked: item 7 is late
-    settings.consume.park_max_age_s = 0.01  # ... too late: its click ages out to the DLQ
+    settings = settings.override(park_max_age_s=0.01)  # ... too late: its click ages out to the DLQ
     consume(settings, InteractionsHandler, idle=0.5)
     assert set(dlq_reasons(settings.kafka.bootstrap, 2).values()) == {"too_long:title", "unknown_item"}
 
     # both causes fixed: item 7 arrives, the text limit is raised
     produce_json(settings.kafka.bootstrap, TOPIC_ITEMS, [item_event(7)], "item_id")
     consume(settings, ItemsHandler)
-    settings.consume.max_text_chars = 1000
+    settings = settings.override(max_text_chars=1000)
     outcome = [
         (reason, astuple(replay_dlq(settings, reason)))
         for reason in ("unknown_item", "too_long", "too_long", "unknown_item")
