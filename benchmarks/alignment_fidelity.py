@@ -31,36 +31,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from _bench import DATA, SMOKE_NOTE, smoke_settings  # a sibling module of the benchmarks
+from _flops import flops_per_item, matmul_gflops
 
 from core.dataset import load_dataset
 from core.events import item_text
 from core.settings import AlignSettings, get_settings
 from models.aligner import AlignerConfig, FrozenLM, ItemAligner, fit_text_to_rows, tokenize_texts
-from models.llm import autocast, load_llm, pick_device
+from models.llm import load_llm, pick_device
 from training.fit_aligner import FittedAligner
 from training.variants import add_fresh, said_table, text_table
-
-
-def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    with autocast(device):
-        a @ b
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
-
-
-def flops_per_item(llm, tokens_per_item: float, text_tokens: float) -> float:
-    """Forward + backward (input gradients only) matmul FLOPs of one item's step."""
-    emb = llm.get_input_embeddings().weight.numel()
-    body = sum(p.numel() for p in llm.parameters()) - emb  # tied head counted once, below
-    forward = 2 * body * tokens_per_item + 2 * emb * text_tokens  # the head runs on text only
-    return 2 * forward
 
 
 def redo_fresh(built: dict, rep: dict, lm: FrozenLM, texts, feats, cold, cfg: AlignSettings) -> dict:
@@ -107,7 +87,7 @@ def main() -> None:
     device = pick_device(settings.device)
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch)) if v}
     acfg = settings.align.model_copy(update=overrides)
-    model, tok = load_llm(settings.llm, settings.data_dir / "llm", device, acfg.lora_rank)
+    model, tok = load_llm(settings.llm, settings.data_dir / "llm", device, acfg.lora_rank, settings.attention)
     lm = FrozenLM.around(model, tok, device, acfg.prompt)
     ds = load_dataset(args.dataset, args.items)
     texts = [item_text(t, d) for t, d in zip(ds.titles, ds.descriptions, strict=True)]

@@ -5,8 +5,14 @@ the real LLM, then the script reports the teacher-forced token accuracy after ev
 at the end, the fidelity check (token accuracy and greedy exact reconstruction). Per-item
 stopping is off (``acc_bar`` 1.01) so every candidate trains on the same items every pass.
 
+Throughput: items trained per second, beside the FLOP bound measured in the same run
+(benchmarks/_flops.py: matmul FLOPs of a step over this machine's bf16 matmul rate).
+``--attention sdpa,eager`` runs every candidate under each LLM attention kernel, so a
+kernel's speed and its token accuracy are compared side by side.
+
     python benchmarks/alignment_sweep.py --dataset ../shared/data/amazon-beauty-2k \\
-        --items 160 --passes 8 --out sweep.json [--candidates base,rowadam,adagrad,...]
+        --items 160 --passes 8 --out sweep.json [--candidates base,rowadam,adagrad,...] \\
+        [--attention sdpa,eager]
 
 ``--smoke``: 16 items of amazon-beauty-2k, 2 passes, k=1, candidates base and default, and
 a tiny random LLM with SmolLM2's tokenizer, into a temporary file: checks that the
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import torch
 from _bench import DATA, SMOKE_NOTE, tiny_llm_folder  # a sibling module of the benchmarks
+from _flops import flops_per_item, matmul_gflops
 
 from core.dataset import load_dataset
 from core.settings import AlignSettings, get_settings
@@ -55,6 +62,9 @@ def main() -> None:
     p.add_argument("--llm", default=None)
     p.add_argument("--llm-cache", type=Path, default=Path("said-data/llm"))
     p.add_argument("--lora-rank", type=int, default=0)
+    p.add_argument(
+        "--attention", default="auto", help="comma-separated LLM attention kernels (SAID_ATTENTION)"
+    )
     p.add_argument("--first", action="store_true", help="the first N items (the demo's slice), not a sample")
     p.add_argument("--out", type=Path, help="the results JSON (required but with --smoke)")
     p.add_argument("--smoke", action="store_true", help="a tiny size that checks the script runs")
@@ -62,6 +72,7 @@ def main() -> None:
     if args.smoke:
         args.dataset = args.dataset or str(DATA / "amazon-beauty-2k")
         args.items, args.passes, args.k, args.candidates = 16, 2, 1, "base,default"
+        args.attention = "sdpa,eager"
         args.llm = args.llm or str(tiny_llm_folder())
         tmp = tempfile.TemporaryDirectory(prefix="said-smoke-")  # removed at exit
         args.out = args.out or Path(tmp.name) / "sweep.json"
@@ -82,16 +93,26 @@ def main() -> None:
     feats = pooled_text_features(llm, tok, texts, device)
     idx = list(range(1, len(texts) + 1))
     prompt = get_settings().align.prompt  # SAID_PROMPT, as `said align` reads it
+    text_len = sum(map(len, tokens)) / len(tokens)
+    step_flops = flops_per_item(
+        llm, text_len + FrozenLM.around(llm, tok, device, prompt).prefix.length(args.k), text_len
+    )
+    gflops = matmul_gflops(device, 512 if args.smoke else 2048)
     results = {
         "items": len(texts),
         "passes": args.passes,
         "k": args.k,
         "batch": args.batch,
-        "mean_text_tokens": sum(map(len, tokens)) / len(tokens),
+        "mean_text_tokens": text_len,
+        "matmul_gflops": gflops,
+        "flop_bound_items_per_second": gflops * 1e9 / step_flops,
         "runs": {},
     }
-    for name in args.candidates.split(","):
-        llm, tok = load_llm(args.llm, args.llm_cache, device, args.lora_rank)  # fresh LoRA per run
+    kernels = args.attention.split(",")
+    runs = [(name, kernel) for kernel in kernels for name in args.candidates.split(",")]
+    for name, kernel in runs:
+        # a fresh LLM per run: fresh LoRA adapters, and the run's attention kernel
+        llm, tok = load_llm(args.llm, args.llm_cache, device, args.lora_rank, kernel)
         changes, from_text = CANDIDATES[name]
         base = AlignSettings(epochs=args.passes, batch_size=args.batch, acc_bar=1.01, checkpoint_every_s=1e9)
         cfg = base.model_copy(update=changes | {"k": args.k})
@@ -108,8 +129,9 @@ def main() -> None:
         history = train_full(aligner, lm, tokens, idx, cfg, progress=False)
         seconds = time.perf_counter() - t0
         fid = fidelity(aligner.soft_tokens, lm, tokens, idx)
-        results["runs"][name] = {
-            "config": changes | {"text_init": from_text},
+        label = name if len(kernels) == 1 else f"{name}@{kernel}"
+        results["runs"][label] = {
+            "config": changes | {"text_init": from_text, "attention": kernel},
             "acc_per_pass": [round(h["token_accuracy"], 4) for h in history],
             "loss_per_pass": [round(h["loss"], 4) for h in history],
             "token_accuracy": fid["mean_token_accuracy"],
@@ -117,14 +139,24 @@ def main() -> None:
             "mean_loss": fid["mean_loss"],
             "seconds": seconds,
             "items_per_second": len(texts) * args.passes / seconds,
+            "share_of_flop_bound": len(texts)
+            * args.passes
+            / seconds
+            / results["flop_bound_items_per_second"],
         }
-        logging.info("%s: %s", name, json.dumps(results["runs"][name]))
+        logging.info("%s: %s", label, json.dumps(results["runs"][label]))
         args.out.write_text(json.dumps(results, indent=1))
-    print(f"{'candidate':20s} {'acc/pass':60s} {'tok acc':>8s} {'exact':>6s} {'items/s':>8s}")
+    bound = results["flop_bound_items_per_second"]
+    print(
+        f"FLOP bound {bound:.1f} items/s "
+        f"({gflops:.0f} GFLOP/s bf16 matmul, {step_flops / 1e9:.2f} GFLOP an item)"
+    )
+    print(f"{'candidate':26s} {'acc/pass':60s} {'tok acc':>8s} {'exact':>6s} {'items/s':>8s} {'bound':>6s}")
     for name, r in results["runs"].items():
         accs = " ".join(f"{a:.2f}" for a in r["acc_per_pass"])
         print(
-            f"{name:20s} {accs:60s} {r['token_accuracy']:8.3f} {r['exact']:6.2f} {r['items_per_second']:8.1f}"
+            f"{name:26s} {accs:60s} {r['token_accuracy']:8.3f} {r['exact']:6.2f} {r['items_per_second']:8.1f}"
+            f" {r['share_of_flop_bound']:6.0%}"
         )
 
 

@@ -34,6 +34,7 @@ from _bench import DATA, SMOKE_NOTE, smoke_dataset, smoke_settings  # a sibling 
 from core.settings import get_settings
 from models.sasrec import SASRecConfig
 from training.evaluate import VARIANTS, Plan, format_table, paired, pick_default, run, write_results
+from training.mixed import format_compare
 
 
 def main() -> None:
@@ -48,7 +49,9 @@ def main() -> None:
     p.add_argument("--cold-fraction", type=float, default=0.1)
     p.add_argument("--resume", action="store_true", help="keep the finished runs of the results file")
     p.add_argument("--results", default="results.json", help="results file name, in OUT")
-    p.add_argument("--protocol", choices=["standard", "cold"], default=None, help="only this protocol")
+    p.add_argument(
+        "--protocol", choices=["standard", "cold", "mixed"], default=None, help="only this protocol"
+    )
     p.add_argument(
         "--option",
         action="append",
@@ -86,7 +89,8 @@ def main() -> None:
         only_protocol=args.protocol,
     )
     results = run(plan, settings, args.out, results_path=out, done=done)
-    results["default_variant"] = pick_default(results["summary"])
+    chosen_on = "mixed" if results.get("mixed") else "standard"
+    results["default_variant"] = pick_default(results["summary"], chosen_on)
     results["minutes"] = (time.perf_counter() - t0) / 60
     write_results(results, out)
     print(
@@ -94,7 +98,13 @@ def main() -> None:
     )
     print("test NDCG/Recall; 'val ndcg@10' is the validation figure early stopping used")
     print(format_table(results["summary"], paired(results["runs"])))
-    print(f"default variant (best mean validation NDCG@10, standard protocol): {results['default_variant']}")
+    if results.get("mixed"):
+        print("\nmixed protocol: all / warm-target / cold-target test users of one training, 95% bootstrap")
+        print("intervals over users, paired differences against id and text of the same run")
+        print(format_compare(results["mixed"]))
+    print(
+        f"default variant (best mean validation NDCG@10, {chosen_on} protocol): {results['default_variant']}"
+    )
     print(f"wall minutes: {results['minutes']:.1f}")
 
 

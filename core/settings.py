@@ -24,7 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 # The scorer variants ``said evaluate`` compares (training.evaluate builds each one).
-Variant = Literal["id", "text", "said", "said+text", "prompt", "hybrid", "said-init"]
+# ``composite-<content>``: the warm/cold composite (ID teacher, content student); mixed
+# protocol only.
+Composite = Literal["composite-said", "composite-text", "composite-said+text"]
+Variant = Literal["id", "text", "said", "said+text", "prompt", "hybrid", "said-init", Composite]
 
 
 def env(name: str) -> dict[str, str]:
@@ -242,6 +245,32 @@ class ScorerSettings(Section):
     seed: int = Field(0, description="Seed of a scorer training (and of a retrain's validation slices).")
 
 
+class CompositeSettings(Section):
+    """The warm/cold composite (models/composite.py): how its student (content -> the ID
+    teacher's item space) trains, and its gate."""
+
+    env_prefix: ClassVar[str] = "composite_"
+    epochs: int = Field(60, ge=1, description="Most student epochs (early stopping on mixed validation).")
+    patience: int = Field(6, ge=1, description="Student validations without gain before stopping.")
+    lr: float = Field(1e-3, gt=0, description="Student Adam rate.")
+    batch_size: int = Field(1024, ge=1, description="Teacher user states per student step.")
+    tau: float = Field(1.0, gt=0, description="Softmax temperature of the score-distribution term.")
+    align_weight: float = Field(1.0, ge=0, description="Weight of the embedding term (student row ~ ID row).")
+    rank_weight: float = Field(
+        1.0, ge=0, description="Weight of the score-distribution term (KL to teacher)."
+    )
+    dropout: float = Field(0.1, ge=0, lt=1, description="Student dropout.")
+    gate_kappas: tuple[float, ...] = Field(
+        (0.0, 1.0, 3.0, 10.0),
+        description="Gate candidates, comma-separated: g = n/(n+kappa), 0 = hard switch; best on validation.",
+    )
+
+    @field_validator("gate_kappas", mode="before")
+    @classmethod
+    def _comma_separated(cls, v: object) -> object:
+        return tuple(float(x) for x in v.split(",")) if isinstance(v, str) else v
+
+
 class RetrainSettings(Section):
     """When `said retrain --watch` retrains, and how much it validates on."""
 
@@ -293,8 +322,8 @@ class EvaluateSettings(Section):
     """`said evaluate`."""
 
     variant: Variant = Field(
-        "said-init",
-        description="Variant `said evaluate` compares with id by default (best on validation).",
+        "composite-said",
+        description="Variant `said evaluate` compares with id and text by default, best on mixed validation.",
         json_schema_extra=env("evaluate_variant"),
     )
 
@@ -317,6 +346,7 @@ SECTIONS: dict[str, type[Section]] = {
     "align": AlignSettings,
     "worker": WorkerSettings,
     "scorer": ScorerSettings,
+    "composite": CompositeSettings,
     "retrain": RetrainSettings,
     "index": IndexSettings,
     "api": ApiSettings,
@@ -366,6 +396,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./said-data"), description="Snapshots, weights, LLM cache.")
     llm: str | None = Field(None, description="Local HF folder or .gguf; default SmolLM2 GGUF.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device choice.")
+    attention: Literal["auto", "eager", "sdpa"] = Field(
+        "auto",
+        description="LLM attention kernel; auto: eager on CPU (its backward is faster at these "
+        "short lengths), sdpa on CUDA.",
+    )
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 = off.")
     log_level: str = Field("INFO", description="Python logging level.")
 
@@ -375,6 +410,7 @@ class Settings(BaseSettings):
     align: AlignSettings = Field(default_factory=AlignSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     scorer: ScorerSettings = Field(default_factory=ScorerSettings)
+    composite: CompositeSettings = Field(default_factory=CompositeSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)

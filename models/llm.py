@@ -94,19 +94,35 @@ def resolve_llm_folder(spec: str | None, cache_dir: Path) -> Path:
     return target
 
 
-def load_llm(
-    spec: str | None, cache_dir: Path, device: torch.device, lora_rank: int = 0
-) -> tuple[nn.Module, object]:
-    """The frozen causal LM and its tokenizer, on ``device``.
+def attention_kernel(choice: str, device: torch.device) -> str:
+    """The attention implementation for ``choice`` (``SAID_ATTENTION``) on ``device``.
 
-    Weights stay fp32 on CPU (bf16 autocast does the speed-up); on CUDA they are bf16,
+    ``auto`` is eager on CPU: at alignment's lengths (~30 positions) torch's CPU flash
+    kernel spends 6 ms a layer in its backward, and a SmolLM2 training step runs 22% more
+    items a second with plain matmul attention (benchmarks/alignment_sweep.py
+    ``--attention sdpa,eager``). On CUDA the fused kernel wins."""
+    if choice != "auto":
+        return choice
+    return "eager" if device.type == "cpu" else "sdpa"
+
+
+def load_llm(
+    spec: str | None, cache_dir: Path, device: torch.device, lora_rank: int = 0, attention: str = "auto"
+) -> tuple[nn.Module, object]:
+    """The frozen causal LM and its tokenizer, on ``device``, with the attention kernel
+    ``attention_kernel(attention, device)`` picks.
+
+    Weights stay fp32 on CPU (bf16 autocast does the speed-up; bf16 weights gained only 3%
+    more, measured, and would put the residual stream in bf16 too); on CUDA they are bf16,
     except with LoRA, whose trainable adapters must not be bf16.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_llm_folder(spec, cache_dir)
     dtype = torch.bfloat16 if device.type == "cuda" and not lora_rank else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, attn_implementation=attention_kernel(attention, device)
+    )
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -24,3 +24,13 @@ def recall_ndcg(ranks: torch.Tensor, ks: tuple[int, ...] = (5, 10, 20)) -> dict[
         out[f"recall@{k}"] = hit.float().mean().item()
         out[f"ndcg@{k}"] = (hit.float() / torch.log2(ranks + 2)).mean().item()
     return out
+
+
+def masked_scores(users: torch.Tensor, items: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
+    """(B, h) queries x (N+1, h) item vectors -> (B, N+1) inner products, with padding
+    (row 0) and ``blocked`` ids at -inf so that they never rank."""
+    scores = users @ items.T
+    scores[:, 0] = float("-inf")
+    if blocked is not None:
+        scores[:, blocked] = float("-inf")
+    return scores

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.files import CorruptFile, load_torch, save_torch
+from models.ranking import masked_scores
 
 
 @dataclass
@@ -225,11 +226,7 @@ class SASRec(nn.Module):
 
     def predict(self, seqs: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of every item for each history: (B, N+1); padding and ``blocked`` score -inf."""
-        scores = self.user_vector(seqs) @ self.item_vectors().T
-        scores[:, 0] = float("-inf")
-        if blocked is not None:
-            scores[:, blocked] = float("-inf")
-        return scores
+        return masked_scores(self.user_vector(seqs), self.item_vectors(), blocked)
 
 
 def principal_axes(z: torch.Tensor, d: int, whiten: bool = False) -> torch.Tensor:

@@ -92,6 +92,7 @@ def _cmd_consume(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import Plan, format_table, paired, run, write_results
+    from training.mixed import format_compare
 
     settings = get_settings().override(
         align_epochs=args.align_epochs, align_batch=args.align_batch, scorer_epochs=args.scorer_epochs
@@ -102,11 +103,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         [int(s) for s in args.seeds.split(",")],
         [int(s) for s in args.align_seeds.split(",")],
         args.cold_fraction,
+        only_protocol=args.protocol,
     )
     results = run(plan, settings)
     out = args.out or settings.data_dir / "results" / f"evaluate-{'-'.join(args.variant)}.json"
     write_results(results, out)
     print(format_table(results["summary"], paired(results["runs"])))
+    if results.get("mixed"):
+        print("\nmixed protocol (one ranking of old and new items):")
+        print(format_compare(results["mixed"]))
     logging.info("results written to %s", out)
     return 0
 
@@ -292,9 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant",
         nargs="+",
         choices=get_args(Variant),
-        default=["id", s.evaluate.variant],
-        help="scorer variants (default: the id baseline and SAID_EVALUATE_VARIANT, the best on "
-        "validation in benchmarks/quality.py)",
+        default=list(dict.fromkeys(["id", "text", s.evaluate.variant])),
+        help="scorer variants (default: the id and text baselines and SAID_EVALUATE_VARIANT, the "
+        "best on mixed validation in benchmarks/quality.py)",
+    )
+    e.add_argument(
+        "--protocol",
+        choices=["standard", "cold", "mixed"],
+        default=None,
+        help="one protocol only (default: all three; composites run in mixed only)",
     )
     e.add_argument("--seeds", default="0,1,2", help="comma-separated scorer seeds")
     e.add_argument("--align-seeds", default=str(s.align.seed), help="comma-separated alignment seeds")

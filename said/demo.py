@@ -33,7 +33,7 @@ from said.broker import EmbeddedBroker, ensure_topics, free_port
 from said.migrate import upgrade
 from said.plots import alignment_curve, fresh_vs_reference, freshness
 from said.produce import produce_events, replay_dataset
-from training.recommender import evaluate, train_scorer
+from training.recommender import evaluate, train_scorer, validator
 from updater.retrain import train_config, training_data
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def _id_baseline(engine, aligner_version: str, settings: Settings, device) -> st
     data = training_data(engine, aligner_version, settings)
     model = SASRec(SASRecConfig(n_items=data.table.shape[0] - 1))
     model, info = train_scorer(
-        model, data.train, data.stopping, train_config(settings), device, progress=False
+        model, data.train, validator(data.stopping, device), train_config(settings), device, progress=False
     )
     test = evaluate(model, *data.promotion, device)["ndcg@10"]
     return f"{info['best_val_ndcg@10']:.4f} / {test:.4f}"

@@ -54,7 +54,7 @@ def frozen_lm(
     """The LLM of ``settings.llm`` on the settings' device (its cache under ``data_dir``),
     with LoRA adapters of ``lora_rank`` (0: none), read through ``prompt``."""
     device = device or pick_device(settings.device)
-    model, tok = load_llm(settings.llm, settings.data_dir / "llm", device, lora_rank)
+    model, tok = load_llm(settings.llm, settings.data_dir / "llm", device, lora_rank, settings.attention)
     return FrozenLM.around(model, tok, device, prompt)
 
 

@@ -11,7 +11,9 @@ import torch
 from core.settings import AlignSettings, ScorerSettings
 from models.sasrec import SASRec, SASRecConfig
 from training.evaluate import align_meta, paired, pick_default, said_cache_path, summarise
-from training.recommender import train_scorer
+from training.recommender import train_scorer, validator
+
+CPU = torch.device("cpu")
 
 BASE = AlignSettings(k=4, item_dim=64, lora_rank=0, prompt="p")
 
@@ -52,7 +54,7 @@ def test_hybrid_residual_starts_at_zero_and_never_moves_for_unseen_items():
     assert torch.allclose(model.item_vectors(), plain.item_vectors()), "zero-initialised residual"
     seqs = [[1, 2, 3, 4], [2, 3, 4, 6], [7, 8, 3, 1]] * 4
     cfg = ScorerSettings(epochs=4, batch_size=4, eval_every=1, patience=5)
-    train_scorer(model, seqs, ([[1, 2]], [3]), cfg, torch.device("cpu"), progress=False)
+    train_scorer(model, seqs, validator(([[1, 2]], [3]), CPU), cfg, CPU, progress=False)
     with torch.no_grad():
         residual = model.item_vectors() - model.adapt(table)  # (13, 8)
     assert residual[[1, 2, 3, 4]].abs().sum() > 0, "warm items learn their ID rows"
@@ -147,10 +149,11 @@ def test_id_rows_can_start_from_the_said_table_fitted_on_warm_items():
 
 
 @pytest.mark.slow
-def test_said_evaluate_runs_every_variant_on_both_protocols_and_writes_the_table(tmp_path, tiny_hf_folder):
+def test_said_evaluate_runs_every_variant_on_every_protocol_and_writes_the_table(tmp_path, tiny_hf_folder):
     """`said evaluate` end to end (tiny real-tokenizer LLM, generated data): one alignment
     with the cold items held out and added incrementally, then each variant's scorer per
-    protocol; the cold protocol tests only users whose target was held out."""
+    protocol; the cold protocol tests only users whose target was held out; the mixed one
+    tests every user whose target is not a cold-validation item, composites included."""
     import json
     import os
     import subprocess
@@ -165,19 +168,39 @@ def test_said_evaluate_runs_every_variant_on_both_protocols_and_writes_the_table
         "SAID_DEVICE": "cpu",
     }
     variants = ["id", "said", "hybrid", "said-init"]
+    composites = ["composite-said", "composite-text", "composite-said+text"]
     cmd = [sys.executable, "-m", "said.cli", "evaluate", "--dataset", str(write_dataset(tmp_path / "ds"))]
-    cmd += ["--variant", *variants, "--seeds", "0", "--align-epochs", "1", "--scorer-epochs", "2"]
+    cmd += [
+        "--variant",
+        *variants,
+        *composites,
+        "--seeds",
+        "0",
+        "--align-epochs",
+        "1",
+        "--scorer-epochs",
+        "2",
+    ]
     cmd += ["--cold-fraction", "0.2", "--out", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     got = {(r["protocol"], r["variant"]) for r in results["runs"]}
-    assert got == {(p, v) for p in ("standard", "cold") for v in variants}
-    users = {r["protocol"]: r["users"] for r in results["runs"]}
-    assert 0 < users["cold"] < users["standard"] == 120
+    assert got == {(p, v) for p in ("standard", "cold", "mixed") for v in variants} | {
+        ("mixed", v) for v in composites
+    }
+    users = {
+        r["protocol"]: r["users"] if r["protocol"] != "mixed" else r["all"]["users"] for r in results["runs"]
+    }
+    assert 0 < users["cold"] < users["mixed"] < users["standard"] == 120, "mixed: all but cold-valid targets"
+    mixed = [r for r in results["runs"] if r["protocol"] == "mixed"]
+    assert all(r["all"]["users"] == r["warm"]["users"] + r["cold"]["users"] for r in mixed)
+    assert all(len(r["per_user_ndcg@10"]) == r["all"]["users"] for r in mixed)
+    assert {r["variant"] for r in results["mixed"]} == set(variants + composites)
     assert all(0 <= r["ndcg@10"] <= r["recall@10"] <= 1 for r in results["runs"])
     assert results["said_report_align0"]["fresh"]["items"] == 12, "20% of 60 items added incrementally"
     assert "| cold | said-init |" in done.stdout
+    assert "| composite-said (cold) |" in done.stdout
 
 
 def test_imputed_residuals_come_from_the_nearest_trained_items():

@@ -10,7 +10,9 @@ from core.settings import ScorerSettings
 from models.sasrec import SASRec, SASRecConfig
 from scorer.scorers import SASRecScorer
 from training.evaluate import leave_one_out
-from training.recommender import left_pad, train_scorer
+from training.recommender import left_pad, train_scorer, validator
+
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["id", "frozen-table"])
@@ -35,7 +37,7 @@ def test_held_out_items_are_out_of_the_softmax_in_training():
     before = model.id_emb.weight.detach().clone()
     seqs = [[1, 2, 3, 4], [2, 3, 4, 6], [7, 8, 9, 10], [1, 3, 7, 8]] * 4
     cfg = ScorerSettings(epochs=3, batch_size=4, eval_every=1, patience=5)
-    train_scorer(model, seqs, ([[1, 2]], [3]), cfg, torch.device("cpu"), progress=False, blocked=[5, 11])
+    train_scorer(model, seqs, validator(([[1, 2]], [3]), CPU), cfg, CPU, progress=False, blocked=[5, 11])
     after = model.id_emb.weight.detach()
     assert torch.equal(after[[5, 11]], before[[5, 11]]), "never pushed down as negatives"
     assert not torch.equal(after[[1, 2, 3]], before[[1, 2, 3]])

@@ -1,13 +1,17 @@
 """``said evaluate``: leave-one-out, full-ranking comparison of the scorer variants.
 
-Two protocols share the code:
+Three protocols share the code:
 - standard: every item is aligned and trained on; all users are tested;
 - cold-start: 10% of items (chosen by seed) are held out of alignment and scorer training,
-  then added through the incremental path; only test users whose target is held out count.
+  then added through the incremental path; only test users whose target is held out count;
+- mixed (training/mixed.py): the same held-out items, split into cold-validation and
+  cold-test, ranked with every other item: all, warm-target and cold-target test users from
+  one training. The composite variants (models/composite.py) run here only.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -23,16 +27,30 @@ from core.dataset import Dataset, load_dataset
 from core.events import item_text
 from core.settings import AlignSettings, ScorerSettings, Settings, Variant
 from models.aligner import FrozenLM
+from models.composite import Composite
 from models.llm import load_llm, pick_device
-from models.sasrec import SASRec, SASRecConfig, init_id_rows
+from models.sasrec import SASRec, SASRecConfig, init_id_rows, principal_axes
 from training.align import code_version
-from training.recommender import evaluate, train_scorer
+from training.composite import train_student
+from training.mixed import MixedSplit, compare, halves, interaction_counts, measure, mixed_split
+from training.recommender import evaluate, train_scorer, validator
 from training.variants import prompt_table, said_table, text_table
 
 log = logging.getLogger(__name__)
 VARIANTS = get_args(Variant)
-SAID_VARIANTS = {"said", "said+text", "prompt", "hybrid", "said-init"}  # they depend on the alignment
-METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "best_val_ndcg@10")
+# they depend on the alignment
+SAID_VARIANTS = {
+    "said",
+    "said+text",
+    "prompt",
+    "hybrid",
+    "said-init",
+    "composite-said",
+    "composite-said+text",
+}
+COMPOSITES = {"composite-said": "said", "composite-text": "text", "composite-said+text": "said+text-fair"}
+MIXED_METRICS = ("warm_ndcg@10", "cold_ndcg@10", "cold_share_top10_warm_users")
+METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "best_val_ndcg@10", *MIXED_METRICS)
 
 
 @dataclass(frozen=True)
@@ -145,11 +163,14 @@ def run(
     results: dict = {"dataset": str(plan.dataset), "items": n, "users": len(seqs), "device": str(device)}
     results |= {"align": meta, "runs": list(done or [])}
     finished = {(r["protocol"], r["variant"], r["align_seed"], r["seed"]) for r in results["runs"]}
-    protocols = [("standard", set())] + ([("cold", held)] if held else [])
+    protocols = [("standard", set())] + ([("cold", held), ("mixed", held)] if held else [])
     if plan.only_protocol not in (None, *(name for name, _ in protocols)):
         raise ValueError(f"no protocol {plan.only_protocol!r} here; choose from {[n for n, _ in protocols]}")
     protocols = [(name, h) for name, h in protocols if plan.only_protocol in (None, name)]
-    splits = {name: leave_one_out(seqs, h) for name, h in protocols}
+    splits = {name: leave_one_out(seqs, h) for name, h in protocols if name != "mixed"}
+    if "mixed" in dict(protocols):
+        splits["mixed"] = mixed_split(seqs, n, *halves(held))
+    teachers: dict[int, SASRec] = {}  # the mixed protocol's id models by seed: the composites' teachers
     label_of = {v: variant_label(v, plan.model_options) for v in plan.variants}
     for a, align_seed in enumerate(plan.align_seeds):
         tables: dict[str, torch.Tensor | None] = {"id": None, "text": feats}
@@ -161,6 +182,9 @@ def run(
             built = said_table(lm, texts, feats, held, seed_cfg, path, progress)
             tables["said"] = tables["hybrid"] = tables["said-init"] = built["vectors"]
             tables["said+text"] = torch.cat([built["vectors"], feats], 1)
+            tables["said+text-fair"] = fair_concat(
+                [built["vectors"], feats], sorted(set(range(1, n + 1)) - held)
+            )
             if "prompt" in plan.variants:
                 tables["prompt"] = prompt_table(
                     built, lm.with_prompt(acfg.prompt), path.with_suffix(".prompt.pt")
@@ -171,12 +195,22 @@ def run(
                 continue  # does not depend on the alignment: measured once
             run_align_seed = align_seed if variant in SAID_VARIANTS else None
             for protocol, held_here in protocols:
+                if variant in COMPOSITES and protocol != "mixed":
+                    continue  # a composite is measured in the mixed protocol only
                 for seed in plan.seeds:
                     if (protocol, label_of[variant], run_align_seed, seed) in finished:
                         continue
                     cfg = settings.scorer.model_copy(update={"seed": seed})
-                    trained = Trained(variant, tables[variant], plan.model_options)
-                    metrics = train_and_test(trained, splits[protocol], held_here, n, cfg, device, progress)
+                    trained = Trained(variant, tables[COMPOSITES.get(variant, variant)], plan.model_options)
+                    if protocol == "mixed":
+                        seeded = settings.model_copy(update={"scorer": cfg})
+                        metrics = train_and_measure(
+                            trained, splits[protocol], seeded, device, teachers, progress
+                        )
+                    else:
+                        metrics = train_and_test(
+                            trained, splits[protocol], held_here, n, cfg, device, progress
+                        )
                     run_row = {"protocol": protocol, "variant": label_of[variant], "seed": seed}
                     run_row["align_seed"] = run_align_seed
                     results["runs"].append(run_row | metrics)
@@ -192,11 +226,17 @@ def run(
                         write_results(results | {"summary": summarise(results["runs"])}, results_path)
     results["summary"] = summarise(results["runs"])
     results["paired"] = paired(results["runs"])
+    if "mixed" in splits:
+        mixed = [r for r in results["runs"] if r["protocol"] == "mixed"]
+        split = splits["mixed"]
+        results["mixed"] = compare(mixed, torch.tensor([t in split.cold_test for t in split.test[1]]))
     return results
 
 
 def _load_lm(settings: Settings, device: torch.device) -> FrozenLM:
-    model, tok = load_llm(settings.llm, settings.data_dir / "llm", device, settings.align.lora_rank)
+    model, tok = load_llm(
+        settings.llm, settings.data_dir / "llm", device, settings.align.lora_rank, settings.attention
+    )
     return FrozenLM.around(model, tok, device, settings.align.prompt)
 
 
@@ -210,6 +250,90 @@ class Trained:
     model_options: dict = field(default_factory=dict)
 
 
+def fair_concat(tables: list[torch.Tensor], fit_on: list[int], width: int = 576) -> torch.Tensor:
+    """Tables side by side, each standardised and reduced to its own top ``width / len``
+    principal axes (fitted on ``fit_on`` rows) and scaled to unit variance in all: no block
+    dominates the concatenation by its width or scale, as the 2,304-d SAID block dominated a
+    plain concatenation with 576-d text. (N+1, width)."""
+    parts, d = [], width // len(tables)
+    for t in tables:
+        fit = t[fit_on].float()
+        mean, std = fit.mean(0), fit.std(0).clamp(min=1e-6)
+        z = (t.float() - mean) / std
+        p = z @ principal_axes(z[fit_on], d)  # (N+1, d)
+        parts.append(p / p[fit_on].pow(2).sum(1).mean().sqrt())
+    out = torch.cat(parts, 1)
+    out[0] = 0.0
+    return out
+
+
+def _model(trained: Trained, train_seqs: list[list[int]], n: int, held: set[int]) -> SASRec:
+    """The untrained SASRec of a (non-composite) variant."""
+    variant, table = trained.variant, trained.table
+    warm = torch.tensor(sorted(set(range(1, n + 1)) - held)) if held else None
+    residual_on = None
+    if variant == "hybrid":  # ID rows only for items the scorer trains on; zero for the rest
+        residual_on = torch.tensor(sorted({i for s in train_seqs for i in s}))
+    mcfg = SASRecConfig(n_items=n, **trained.model_options)
+    if variant == "said-init":  # an ID scorer whose rows start from the SAID vectors
+        model = SASRec(mcfg)
+        init_id_rows(model, table, warm)
+        return model
+    return SASRec(mcfg, table, standardise_on=warm, residual_on=residual_on)
+
+
+def train_and_measure(
+    trained: Trained,
+    split: MixedSplit,
+    settings: Settings,
+    device: torch.device,
+    teachers: dict[int, SASRec],
+    progress: bool,
+) -> dict:
+    """One model under the mixed protocol, trained (``train_mixed``) and measured
+    (``training.mixed.measure``), with the headline figures also as flat keys."""
+    model, info = train_mixed(trained, split, settings, device, teachers, progress)
+    figures = measure(model, split, interaction_counts(split.train, split.n_items), device)
+    flat = {"ndcg@10": figures["all"]["ndcg@10"], "recall@10": figures["all"]["recall@10"]}
+    for group in ("warm", "cold"):
+        if group in figures:
+            flat[f"{group}_ndcg@10"] = figures[group]["ndcg@10"]
+    flat["cold_share_top10_warm_users"] = figures["cold_share_top10_warm_users"]
+    return flat | figures | info
+
+
+def train_mixed(
+    trained: Trained,
+    split: MixedSplit,
+    settings: Settings,
+    device: torch.device,
+    teachers: dict[int, SASRec],
+    progress: bool,
+) -> tuple[SASRec | Composite, dict]:
+    """A SASRec variant early-stopped on the mixed validation users, or a composite whose
+    teacher is the ``id`` model of the same seed (``teachers``; trained here if missing,
+    and every ``id`` model trained here is kept there)."""
+    seed = settings.scorer.seed
+    counts = interaction_counts(split.train, split.n_items)
+    validate = validator(split.valid, device)
+    torch.manual_seed(seed)
+    if trained.variant in COMPOSITES:
+        if seed not in teachers:
+            train_mixed(Trained("id", None), split, settings, device, teachers, progress)
+        composite = Composite(
+            copy.deepcopy(teachers[seed]), trained.table, counts, settings.composite.dropout
+        )
+        return train_student(composite, split.train, validate, settings.composite, device, progress)
+    model = _model(trained, split.train, split.n_items, split.held)
+    model, info = train_scorer(
+        model, split.train, validate, settings.scorer, device, progress, sorted(split.held)
+    )
+    model.impute_residuals()
+    if trained.variant == "id":
+        teachers[seed] = model
+    return model, info
+
+
 def train_and_test(
     trained: Trained,
     split: Split,
@@ -221,19 +345,10 @@ def train_and_test(
 ) -> dict:
     """Train one scorer (early-stopped on validation, seeded by ``cfg.seed``) and measure
     it on the test users."""
-    variant, table = trained.variant, trained.table
     torch.manual_seed(cfg.seed)
-    warm = torch.tensor(sorted(set(range(1, n + 1)) - held)) if held else None
-    residual_on = None
-    if variant == "hybrid":  # ID rows only for items the scorer trains on; zero for the rest
-        residual_on = torch.tensor(sorted({i for s in split.train for i in s}))
-    mcfg = SASRecConfig(n_items=n, **trained.model_options)
-    if variant == "said-init":  # an ID scorer whose rows start from the SAID vectors
-        model = SASRec(mcfg)
-        init_id_rows(model, table, warm)
-    else:
-        model = SASRec(mcfg, table, standardise_on=warm, residual_on=residual_on)
-    model, info = train_scorer(model, split.train, split.valid, cfg, device, progress, blocked=sorted(held))
+    model = _model(trained, split.train, n, held)
+    validate = validator(split.valid, device, blocked=sorted(held))
+    model, info = train_scorer(model, split.train, validate, cfg, device, progress, blocked=sorted(held))
     model.impute_residuals()
     return evaluate(model, *split.test, device) | info
 

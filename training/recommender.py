@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -65,19 +66,32 @@ def evaluate(
     return out
 
 
+Validate = Callable[[Recommender], float]
+
+
+def validator(
+    holdout: tuple[list[list[int]], list[int]], device: torch.device, blocked: list[int] | None = None
+) -> Validate:
+    """The validation NDCG@10 of a model on (histories, targets), ranking every item but
+    ``blocked``: what early stopping (and a composite's choices) maximise. A function, not
+    data, so each protocol says what its validation ranks (a cold-start split hides its
+    held-out items there too; the mixed protocol ranks them, as they exist by then)."""
+    return lambda model: evaluate(model, *holdout, device, blocked=blocked)["ndcg@10"]
+
+
 def train_scorer(
     model: SASRec,
     train_seqs: list[list[int]],
-    valid: tuple[list[list[int]], list[int]],
+    validate: Validate,
     cfg: ScorerSettings,
     device: torch.device,
     progress: bool = True,
     blocked: list[int] | None = None,
 ) -> tuple[SASRec, dict]:
-    """Train with full-softmax CE; keep the weights with the best validation NDCG@10.
+    """Train with full-softmax CE; keep the weights with the best ``validate`` NDCG@10.
 
-    ``blocked`` items (held out of a cold-start split) are out of every softmax, in training
-    and in validation, as if they did not exist yet."""
+    ``blocked`` items (held out of a cold-start split) are out of every training softmax,
+    as if they did not exist yet."""
     block = torch.tensor(sorted(blocked), dtype=torch.long, device=device) if blocked else None
     torch.manual_seed(cfg.seed)
     model.to(device)
@@ -108,7 +122,7 @@ def train_scorer(
             total += loss.item() * len(b)
         if (epoch + 1) % cfg.eval_every:
             continue
-        ndcg = evaluate(model, *valid, device, blocked=blocked)["ndcg@10"]
+        ndcg = validate(model)
         bar.set_postfix(loss=f"{total / len(seqs):.3f}", val_ndcg10=f"{ndcg:.4f}")
         if ndcg > best:
             best, best_state, bad = ndcg, copy.deepcopy(model.state_dict()), 0

@@ -37,7 +37,7 @@ from core.tables import interactions, items
 from core.versions import active_version, newest_metrics, record_version, require_active, versions_in
 from core.versions import promote as promote_if_current
 from models.sasrec import SASRec, SASRecConfig, load_sasrec, save_scorer
-from training.recommender import evaluate, train_scorer
+from training.recommender import evaluate, train_scorer, validator
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,9 @@ def retrain_once(
     if current is not None:
         active_ndcg = evaluate(current.to(device), *promotion, device)["ndcg@10"]
         candidate.load_state_dict(current.state_dict())  # warm start, same standardisation
-    candidate, info = train_scorer(candidate, train, stopping, train_config(settings), device, progress)
+    candidate, info = train_scorer(
+        candidate, train, validator(stopping, device), train_config(settings), device, progress
+    )
     ndcg = evaluate(candidate, *promotion, device)["ndcg@10"]
     better = ndcg >= active_ndcg
     version = datetime.now(UTC).strftime("sasrec-%Y%m%d%H%M%S%f")

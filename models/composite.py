@@ -1,0 +1,97 @@
+"""The warm/cold composite: a trained ID SASRec (the teacher) for items with interactions,
+a content tower (the student) for items without, in one vector space and one ranking.
+
+ID rows are what makes a sequential scorer strong on items it has seen, and useless on items
+it has not (their rows never trained). The student maps an item's content vector (its SAID
+soft tokens, or pooled text) to a vector in the teacher's item space; it is trained on warm
+items to score as the teacher does (``training/composite.py``), as ALDI (Huang et al.,
+SIGIR 2023) distils warm ID embeddings into a cold-item generator. Each item's vector is
+
+    v_i = g_i * e_i + (1 - g_i) * s(c_i),     g_i = n_i / (n_i + kappa)
+
+with ``e_i`` the teacher's ID row, ``s(c_i)`` the student's vector and ``n_i`` the item's
+interactions in the teacher's training data (``kappa`` 0: a hard switch at one
+interaction). Queries run the teacher's encoder over these vectors, so a cold item in a
+history reads as its student vector, and every score stays an inner product (FAISS).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.ranking import masked_scores
+from models.sasrec import SASRec, SASRecConfig, principal_axes
+
+
+class Composite(nn.Module):
+    def __init__(
+        self, teacher: SASRec, content: torch.Tensor, counts: torch.Tensor, dropout: float = 0.1
+    ) -> None:
+        """``teacher``: a trained ID SASRec (frozen here). ``content``: (N+1, D) content rows,
+        row 0 padding. ``counts``: (N+1,) training interactions per item; the student's input
+        scaling and axes are fitted on the items with any (the cold ones must not shape it)."""
+        super().__init__()
+        if teacher.table is not None:
+            raise ValueError("the teacher must be an ID SASRec (its own rows are the warm vectors)")
+        self.teacher = teacher.requires_grad_(False)
+        self.cfg: SASRecConfig = teacher.cfg
+        content = content.float()
+        warm = counts > 0
+        warm[0] = False
+        fit = content[warm]
+        self.register_buffer("feat_mean", fit.mean(0))
+        self.register_buffer("feat_std", fit.std(0).clamp(min=1e-6))
+        d = min(content.shape[1], self.cfg.max_input)
+        self.register_buffer("axes", principal_axes((fit - self.feat_mean) / self.feat_std, d))  # (D, d)
+        self.register_buffer("content_in", self._student_input(content), persistent=False)  # (N+1, d)
+        self.register_buffer("counts", counts.float())  # (N+1,)
+        self.register_buffer("kappa", torch.tensor(0.0))
+        h = self.cfg.hidden
+        self.student = nn.Sequential(
+            nn.Linear(d, d // 2), nn.GELU(), nn.Dropout(dropout), nn.Linear(d // 2, h)
+        )
+
+    def _student_input(self, rows: torch.Tensor) -> torch.Tensor:
+        return ((rows - self.feat_mean) / self.feat_std) @ self.axes  # (..., d)
+
+    def train(self, mode: bool = True) -> Composite:
+        """Only the student trains; the teacher stays in inference mode (no dropout)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def gate(self) -> torch.Tensor:
+        """(N+1, 1) weight of each item's ID row; the rest is the student's vector."""
+        n = self.counts
+        g = (n > 0).float() if float(self.kappa) == 0 else n / (n + self.kappa)
+        return g.unsqueeze(1)
+
+    def student_vectors(self) -> torch.Tensor:
+        """(N+1, h) the student's vector of every catalogue item."""
+        return self.student(self.content_in)
+
+    def item_vectors(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``Recommender``: the gated vectors of ``idx`` (any shape) or of all: (N+1, h)."""
+        g = self.gate()
+        table = g * self.teacher.item_vectors() + (1 - g) * self.student_vectors()  # (N+1, h)
+        table[0] = 0.0  # padding
+        return table if idx is None else table[idx]
+
+    def content_vectors(self, content: torch.Tensor) -> torch.Tensor:
+        """``Recommender``: a fresh item's vector from its content row alone (the student)."""
+        return self.student(self._student_input(content.float()))
+
+    def query(self, history: torch.Tensor) -> torch.Tensor:
+        """``Recommender``: (B, T, h) item vectors -> (B, h), through the teacher's encoder."""
+        return self.teacher.query(history)
+
+    def user_vector(self, seqs: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) left-padded ids -> (B, h); ``table`` (N+1, h) saves recomputing it."""
+        table = self.item_vectors() if table is None else table
+        return self.teacher.encode(table[seqs], seqs > 0)[:, -1]
+
+    def predict(self, seqs: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
+        """``Recommender``: (B, T) ids -> (B, N+1) scores (padding, ``blocked``: -inf)."""
+        table = self.item_vectors()
+        return masked_scores(self.user_vector(seqs, table), table, blocked)
