@@ -65,6 +65,11 @@ FRESH_ITEM_SECONDS = Histogram(
 INDEX_ITEMS = Gauge("said_index_items", "Vectors in the served FAISS index.")
 SCORER_RETRAINS = Counter("said_scorer_retrains_total", "Scorer retrains by outcome.", ["outcome"])
 SCORER_VAL_NDCG = Gauge("said_scorer_val_ndcg10", "Validation NDCG@10 of the last candidate.")
+ROLLBACKS = Counter(
+    "said_version_rollbacks_total",
+    "Active versions rolled back to the one served before, because their file failed its checksum.",
+    ["kind"],
+)
 SERVING_PROBLEMS = Gauge(
     "said_serving_problems",
     "1 while a scorer replica cannot load the active version of kind (aligner, scorer): "

@@ -138,7 +138,7 @@ model_versions = Table(
     Column("version", String(64), primary_key=True),
     Column("kind", String(16), nullable=False),  # aligner | scorer | index
     Column("path", Text, nullable=False),
-    Column("status", String(16), nullable=False),  # candidate | active | retired
+    Column("status", String(16), nullable=False),  # candidate | active | retired | rejected | corrupt
     Column("metrics", JSON),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_model_versions_kind_status", "kind", "status"),

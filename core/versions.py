@@ -115,25 +115,49 @@ def promote(
 
 
 def activate(engine: Engine, kind: str, version: str) -> None:
-    """Make an existing ``version`` the active one of its kind (operator rollback).
-
-    An aligner version also gets a job for every item it has no vector of (items that
-    arrived or changed while it was not active), in the same transaction."""
+    """Make an existing ``version`` the active one of its kind (operator rollback)."""
     with engine.begin() as conn:
         _lock_kind(conn, kind)
-        found = conn.execute(
-            select(model_versions.c.version).where(
-                model_versions.c.kind == kind, model_versions.c.version == version
-            )
-        ).first()
-        if found is None:
-            raise ValueError(f"no {kind} version {version!r}")
-        _retire_active(conn, kind)
+        _activate(conn, kind, version)
+
+
+def roll_back_corrupt(engine: Engine, kind: str, corrupt: str, fallback: str) -> bool:
+    """Mark the active ``corrupt`` version ``corrupt`` and make ``fallback`` (a version
+    whose file loads) active again, if ``corrupt`` is still the active one: True when this
+    call did it.
+
+    A file that fails its checksum is broken for every process, and while it is the active
+    version every write is fenced (leases name the active version), so fresh items would
+    wait until an operator acts. Rolling back keeps them flowing; the compare-and-set under
+    the kind's lock makes replicas that notice together roll back once, and never undoes a
+    newer activation."""
+    with engine.begin() as conn:
+        _lock_kind(conn, kind)
+        current = _active(conn, kind)
+        if current is None or current[0] != corrupt:
+            return False
         conn.execute(
-            update(model_versions).where(model_versions.c.version == version).values(status="active")
+            update(model_versions).where(model_versions.c.version == corrupt).values(status="corrupt")
         )
-        if kind == "aligner":
-            queue_missing(conn, version)
+        _activate(conn, kind, fallback)
+    return True
+
+
+def _activate(conn: Connection, kind: str, version: str) -> None:
+    """In ``conn`` (holding the kind's lock): ``version`` becomes the active one. An aligner
+    version also gets a job for every item it has no vector of (items that arrived or
+    changed while it was not active), in the same transaction."""
+    found = conn.execute(
+        select(model_versions.c.version).where(
+            model_versions.c.kind == kind, model_versions.c.version == version
+        )
+    ).first()
+    if found is None:
+        raise ValueError(f"no {kind} version {version!r}")
+    _retire_active(conn, kind)
+    conn.execute(update(model_versions).where(model_versions.c.version == version).values(status="active"))
+    if kind == "aligner":
+        queue_missing(conn, version)
 
 
 def _retire_active(conn: Connection, kind: str) -> None:

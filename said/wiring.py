@@ -19,9 +19,9 @@ from consumers.items import ItemsHandler
 from consumers.runner import ConsumeLoop, Handler
 from core.db import make_engine
 from core.files import CorruptFile
-from core.metrics import SERVING_PROBLEMS
+from core.metrics import ROLLBACKS, SERVING_PROBLEMS
 from core.settings import Settings
-from core.versions import require_active, versions_in
+from core.versions import active_version, require_active, roll_back_corrupt, versions_in
 from models.aligner import FrozenLM
 from models.bundle import AlignerBundle
 from models.llm import load_adapter_state, load_llm, pick_device
@@ -67,15 +67,28 @@ def align(settings: Settings, engine: Engine | None = None, lm: FrozenLM | None 
 def readable_aligner(engine: Engine, device: torch.device) -> AlignerBundle:
     """The active aligner bundle; if its file cannot be read, the newest one served before,
     loudly (log, ``said_serving_problems``), so a process starts and serves instead of
-    exiting in a restart loop. Raises only when no aligner file can be read at all."""
+    exiting in a restart loop. Raises only when no aligner file can be read at all.
+
+    An active file that fails its checksum is broken for everyone: it is marked corrupt and
+    the version loaded instead becomes active again (``roll_back_corrupt``), so writes are
+    no longer fenced and fresh items keep flowing. An unreadable one (a missing mount, a
+    permission) may be this host's problem alone: it is only reported."""
     active = require_active(engine, "aligner")
+    corrupt = False
     for version, path in [active, *versions_in(engine, "aligner", "retired")]:
         try:
             bundle = AlignerBundle.load(path, device)
         except (CorruptFile, OSError, ValueError) as exc:
             log.error("aligner %s cannot be loaded (%s); trying the one served before it", version, exc)
+            corrupt = corrupt or (version == active[0] and isinstance(exc, CorruptFile))
             continue
-        SERVING_PROBLEMS.labels("aligner").set(int(version != active[0]))
+        if corrupt and roll_back_corrupt(engine, "aligner", active[0], version):
+            log.error(
+                "aligner %s failed its checksum: marked corrupt, %s is active again", active[0], version
+            )
+            ROLLBACKS.labels("aligner").inc()
+        now = active_version(engine, "aligner")
+        SERVING_PROBLEMS.labels("aligner").set(int(now is None or now[0] != version))
         return bundle
     raise CorruptFile(f"no aligner file can be read (active: {active[0]}): run `said align`")
 

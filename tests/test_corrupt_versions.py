@@ -108,3 +108,32 @@ def test_a_whole_file_of_another_kind_is_refused_like_a_torn_one(aligned):
     state = wiring.serving_state(settings, engine)  # starts, instead of exiting in a loop
     assert "not a scorer file" in state.problems["scorer"] and state.version.startswith("cosine")
     assert len(state.served.index) == 24
+
+
+def test_a_corrupt_active_aligner_is_rolled_back_so_fresh_items_keep_flowing(aligned):
+    """A worker running on v1 sees a newly activated aligner whose file fails its checksum:
+    it marks that version corrupt, makes v1 active again (once, by compare-and-set), and
+    its next fresh item is stored instead of fenced."""
+    from sqlalchemy import select
+
+    from core.catalogue import load_embeddings
+    from core.metrics import ROLLBACKS
+    from core.tables import model_versions
+    from core.versions import roll_back_corrupt
+
+    engine, bundle, lm, settings, data = aligned
+    worker = wiring.update_worker(settings.override(worker_batch=4, refine_epochs=1), engine, lm)
+    before = ROLLBACKS.labels("aligner")._value.get()
+    _activate_garbage(engine, data, "aligner", "said-torn", {})
+    assert worker.follow_active() is False, "it stays on the version it can read"
+    assert active_version(engine, "aligner")[0] == bundle.version, "rolled back to the good one"
+    with engine.connect() as conn:
+        status = dict(conn.execute(select(model_versions.c.version, model_versions.c.status)).all())
+    assert status["said-torn"] == "corrupt" and status[bundle.version] == "active"
+    assert ROLLBACKS.labels("aligner")._value.get() == before + 1
+    assert roll_back_corrupt(engine, "aligner", "said-torn", bundle.version) is False, "only once"
+    add_items(engine, 24, 2)
+    assert worker.run(idle_exit=0.3) == 2, "not fenced: the fresh items are stored"
+    with engine.connect() as conn:
+        ids, _ = load_embeddings(conn, bundle.version)
+    assert {25, 26} <= set(ids.tolist())

@@ -34,7 +34,7 @@ from core.catalogue import lock_sequence, write_embeddings
 from core.db import db_now, is_outage, retry_on_outage, should_wait
 from core.files import CorruptFile
 from core.settings import Settings
-from core.versions import active_version
+from core.versions import active_version, roll_back_corrupt
 from models.aligner import FreshRows, FrozenLM, estimate_rows, item_vector, tokenize_texts
 from models.bundle import AlignerBundle
 from models.llm import load_adapter_state, lora_rank_of, pooled_text_features
@@ -123,6 +123,13 @@ class UpdateWorker:
             bundle = AlignerBundle.load(active[1], self.device)
         except (CorruptFile, OSError, ValueError) as exc:  # tried again at the next check
             log.error("aligner %s cannot be loaded (%s): staying on %s", active[0], exc, self.bundle.version)
+            if isinstance(exc, CorruptFile) and roll_back_corrupt(
+                self.engine, "aligner", active[0], self.bundle.version
+            ):  # broken for everyone: the version we run on is active again, writes flow
+                log.error("aligner %s marked corrupt, %s is active again", active[0], self.bundle.version)
+                metrics.ROLLBACKS.labels("aligner").inc()
+                metrics.SERVING_PROBLEMS.labels("aligner").set(0)
+                return False
             metrics.SERVING_PROBLEMS.labels("aligner").set(1)
             return False
         metrics.SERVING_PROBLEMS.labels("aligner").set(0)

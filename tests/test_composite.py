@@ -1,0 +1,168 @@
+"""The mixed protocol splits as users meet the catalogue, and the warm/cold composite puts
+cold items in the ID teacher's space from their content alone."""
+
+from __future__ import annotations
+
+import torch
+
+from core.settings import CompositeSettings
+from models.composite import Composite
+from models.sasrec import SASRec, SASRecConfig
+from training.composite import train_student
+from training.mixed import compare, halves, interaction_counts, interval, mixed_split, popularity_buckets
+
+CPU = torch.device("cpu")
+
+
+def test_mixed_split_holds_items_out_of_training_only():
+    seqs = [[1, 2, 3, 4], [2, 5, 1, 6], [1, 2, 6, 5], [3, 6, 5, 2]]
+    split = mixed_split(seqs, 6, cold_valid={5}, cold_test={6})
+    assert split.train == [[1, 2], [2], [1, 2], [3]], "no held-out item is trained on"
+    vh, vt = split.valid
+    assert vt == [3, 1, 5], "validation: warm or cold-validation targets, never cold-test"
+    assert vh[1] == [2, 5], "a history keeps its held-out items: they exist by then"
+    th, tt = split.test
+    assert tt == [4, 6, 2], "test: warm or cold-test targets; a cold-validation target is left out"
+    assert th[1] == [2, 5, 1]
+    assert split.held == {5, 6}
+
+
+def test_halves_split_the_held_out_items_in_two_without_overlap():
+    cold_valid, cold_test = halves(set(range(1, 101)))
+    assert len(cold_valid) == len(cold_test) == 50 and not cold_valid & cold_test
+    assert halves(set(range(1, 101))) == (cold_valid, cold_test), "seeded"
+
+
+def _teacher(rows: torch.Tensor) -> SASRec:
+    torch.manual_seed(0)
+    teacher = SASRec(SASRecConfig(n_items=rows.shape[0] - 1, hidden=rows.shape[1], max_len=8, dropout=0.0))
+    with torch.no_grad():
+        teacher.id_emb.weight.copy_(rows)
+    return teacher.eval()
+
+
+def test_the_gate_gives_warm_items_their_id_rows_and_cold_items_the_student():
+    torch.manual_seed(0)
+    rows = torch.randn(11, 8)
+    rows[0] = 0
+    counts = torch.tensor([0, 5, 5, 1, 1, 2, 2, 3, 3, 0, 0.0])  # items 9 and 10 are cold
+    model = Composite(_teacher(rows), torch.randn(11, 12), counts).eval()
+    with torch.no_grad():
+        vectors = model.item_vectors()
+        student = model.student_vectors()
+    assert torch.equal(vectors[1:9], rows[1:9]), "hard switch: a warm item is its ID row"
+    assert torch.equal(vectors[9:], student[9:]), "a cold item is the student's vector"
+    assert vectors[0].abs().max() == 0, "padding"
+    model.kappa.fill_(1.0)
+    with torch.no_grad():
+        blended = model.item_vectors()
+    g = 1 / (1 + 1.0)  # item 3 has one interaction: g = n / (n + kappa)
+    assert torch.allclose(blended[3], g * rows[3] + (1 - g) * student[3])
+    assert torch.equal(blended[9], student[9]), "no interaction: no ID part at any kappa"
+
+
+def test_a_cold_item_in_a_history_reads_as_its_student_vector():
+    torch.manual_seed(0)
+    rows = torch.randn(11, 8)
+    counts = torch.tensor([0] + [2.0] * 8 + [0, 0])
+    model = Composite(_teacher(rows), torch.randn(11, 12), counts).eval()
+    history = torch.tensor([[0, 0, 3, 9]])  # item 9 is cold
+    with torch.no_grad():
+        before = model.predict(history)
+        shift = torch.randn(8)  # not uniform: LayerNorm would cancel a uniform shift
+        model.student[-1].bias.add_(shift)  # moves every student vector
+        after = model.predict(history)
+        warm_only = model.predict(torch.tensor([[0, 0, 3, 4]]))
+        model.student[-1].bias.sub_(shift)
+        warm_before = model.predict(torch.tensor([[0, 0, 3, 4]]))
+    assert not torch.allclose(before[0, 1:9], after[0, 1:9]), "the cold item's vector shapes the query"
+    assert torch.allclose(warm_only[0, 1:9], warm_before[0, 1:9]), "a warm history does not read the student"
+    assert torch.isinf(before[0, 0]), "padding never ranks"
+
+
+def test_the_student_learns_the_teachers_space_and_carries_it_to_cold_items():
+    """Content that determines the ID rows (a fixed linear map of them): trained on the
+    warm items only, the student places the held-out items near their true rows."""
+    torch.manual_seed(0)
+    n, h = 80, 8
+    true_rows = torch.randn(n + 1, h)
+    true_rows[0] = 0
+    content = true_rows @ torch.randn(h, 16)  # (N+1, 16): the content encodes the rows
+    cold = torch.arange(71, n + 1)
+    counts = torch.ones(n + 1)
+    counts[0] = 0
+    counts[cold] = 0
+    taught = true_rows.clone()
+    taught[cold] = torch.randn(len(cold), h)  # the teacher never learned the cold rows
+    model = Composite(_teacher(taught), content, counts, dropout=0.0)
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(1, 71, (6,), generator=gen).tolist() for _ in range(60)]
+
+    def cold_cosine() -> float:
+        with torch.no_grad():
+            got = model.item_vectors()[cold]
+        return torch.nn.functional.cosine_similarity(got, true_rows[cold]).mean().item()
+
+    before = cold_cosine()
+    cfg = CompositeSettings(epochs=150, patience=150, lr=1e-2, batch_size=128, gate_kappas=(0.0,))
+    warm = torch.arange(1, 71)
+
+    def validate(m: Composite) -> float:  # higher is better: the warm rows' fit
+        with torch.no_grad():
+            return -(m.student_vectors()[warm] - taught[warm]).pow(2).mean().item()
+
+    model, info = train_student(model, seqs, validate, cfg, CPU, progress=False)
+    assert before < 0.5 < 0.9 < cold_cosine(), (
+        f"cold items near their true rows ({before:.2f} -> {cold_cosine():.2f})"
+    )
+    assert info["kappa"] == 0.0 and info["student_epochs"] == 150
+
+
+def test_the_gate_is_picked_on_validation():
+    torch.manual_seed(0)
+    rows = torch.randn(11, 8)
+    counts = torch.tensor([0] + [2.0] * 10)
+    model = Composite(_teacher(rows), torch.randn(11, 12), counts)
+    picks = {0.0: 0.1, 1.0: 0.3, 3.0: 0.2}
+
+    def validate(m: Composite) -> float:
+        return picks[float(m.kappa)]
+
+    cfg = CompositeSettings(epochs=1, gate_kappas=tuple(picks))
+    _, info = train_student(model, [[1, 2, 3]], validate, cfg, CPU, progress=False)
+    assert info["kappa"] == 1.0 and float(model.kappa) == 1.0 and info["best_val_ndcg@10"] == 0.3
+
+
+def test_interaction_counts_and_popularity_buckets():
+    counts = interaction_counts([[1, 1, 2], [3, 1]], 4)
+    assert counts.tolist() == [0, 3, 1, 1, 0]
+    ranks = torch.tensor([0, 5, 20, 0])
+    buckets = popularity_buckets(
+        ranks, torch.tensor([1, 2, 3, 4]), torch.tensor([False, False, False, True]), counts
+    )
+    assert buckets["head"]["users"] == 1 and buckets["head"]["ndcg@10"] == 1.0
+    assert buckets["cold"]["users"] == 1 and buckets["tail"]["users"] + buckets["torso"]["users"] == 2
+
+
+def test_bootstrap_interval_holds_the_mean_and_narrows_with_users():
+    gen = torch.Generator().manual_seed(0)
+    small = torch.rand(50, generator=gen)
+    large = torch.rand(5000, generator=gen)
+    lo_s, hi_s = interval(small)
+    lo_l, hi_l = interval(large)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 3
+
+
+def test_compare_pairs_each_variant_with_id_and_text_on_the_same_users():
+    runs = [
+        {"variant": "id", "per_user_ndcg@10": [1.0, 0.0, 0.5, 0.0]},
+        {"variant": "text", "per_user_ndcg@10": [0.0, 1.0, 0.0, 0.5]},
+        {"variant": "composite-text", "per_user_ndcg@10": [1.0, 1.0, 0.5, 0.5]},
+    ]
+    rows = compare(runs, torch.tensor([False, True, False, True]))
+    row = {(r["variant"], r["group"]): r for r in rows}
+    assert row[("composite-text", "all")]["ndcg@10"] == 0.75
+    assert row[("composite-text", "warm")]["vs_id"]["diff"] == 0.0
+    assert row[("composite-text", "cold")]["vs_text"]["diff"] == 0.0
+    assert row[("composite-text", "cold")]["vs_id"]["ratio"] is None, "id scores 0 on the cold users"
