@@ -34,3 +34,9 @@ def flops_per_item(llm: torch.nn.Module, tokens_per_item: float, text_tokens: fl
     body = sum(p.numel() for p in llm.parameters()) - emb  # tied head counted once, below
     forward = 2 * body * tokens_per_item + 2 * emb * text_tokens  # the head runs on text only
     return 2 * forward
+
+
+def bound_line(bound: float, gflops: float, step_flops: float) -> str:
+    """The bound as the benchmarks print it."""
+    rate = f"{gflops:.0f} GFLOP/s bf16 matmul, {step_flops / 1e9:.2f} GFLOP an item"
+    return f"FLOP bound {bound:.1f} items/s ({rate})"

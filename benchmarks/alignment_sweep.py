@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from _bench import DATA, SMOKE_NOTE, tiny_llm_folder  # a sibling module of the benchmarks
-from _flops import flops_per_item, matmul_gflops
+from _flops import bound_line, flops_per_item, matmul_gflops
 
 from core.dataset import load_dataset
 from core.settings import AlignSettings, get_settings
@@ -147,10 +147,7 @@ def main() -> None:
         logging.info("%s: %s", label, json.dumps(results["runs"][label]))
         args.out.write_text(json.dumps(results, indent=1))
     bound = results["flop_bound_items_per_second"]
-    print(
-        f"FLOP bound {bound:.1f} items/s "
-        f"({gflops:.0f} GFLOP/s bf16 matmul, {step_flops / 1e9:.2f} GFLOP an item)"
-    )
+    print(bound_line(bound, gflops, step_flops))
     print(f"{'candidate':26s} {'acc/pass':60s} {'tok acc':>8s} {'exact':>6s} {'items/s':>8s} {'bound':>6s}")
     for name, r in results["runs"].items():
         accs = " ".join(f"{a:.2f}" for a in r["acc_per_pass"])

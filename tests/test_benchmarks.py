@@ -27,7 +27,14 @@ SCRIPTS: dict[str, tuple[set[str], list[str]]] = {
             r"^  flop_bound_items_per_second\s+\d",
         ],
     ),
-    "alignment_sweep.py": ({"llm"}, [r"^candidate\s+acc/pass\s+tok acc", r"^default\s+[\d. ]+\d"]),
+    "alignment_speed.py": (
+        {"llm"},
+        [r"^FLOP bound [\d.]+ items/s", r"^\| sdpa \| [\d.]+ \|", r"^\| eager \| [\d.]+ \|"],
+    ),
+    "alignment_sweep.py": (
+        {"llm"},
+        [r"^FLOP bound [\d.]+ items/s", r"^candidate\s+acc/pass\s+tok acc", r"^default@eager\s+[\d. ]+\d"],
+    ),
     "freshness.py": (
         {"llm"},
         [

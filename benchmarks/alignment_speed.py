@@ -1,0 +1,102 @@
+"""Alignment step throughput per LLM attention kernel, beside the FLOP bound of the same run.
+
+Method: N items of a data set (default 256 of amazon-beauty-2k), tokenized as alignment
+tokenizes them, in the length-bucketed batches alignment trains on (default 16). Each rep
+runs every batch once as a real training step (teacher-forced loss, backward into the soft
+tokens, projector and rows step) under each kernel, the kernels interleaved rep by rep so
+that a noisy shared machine slows them alike; items/s is the median over reps. The FLOP
+bound is benchmarks/_flops.py's: the step's matmul FLOPs over this machine's bf16 matmul
+rate, measured in the same run.
+
+    python benchmarks/alignment_speed.py [--items 256] [--batch 16] [--reps 3] \\
+        [--attention sdpa,eager] [--dataset ../shared/data/amazon-beauty-2k]
+
+``--smoke``: 16 items, one rep, a tiny random LLM with SmolLM2's tokenizer: checks that the
+benchmark runs, not a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from _bench import DATA, SMOKE_NOTE, tiny_llm_folder  # a sibling module of the benchmarks
+from _flops import bound_line, flops_per_item, matmul_gflops
+
+from core.dataset import load_dataset
+from core.events import item_text
+from core.settings import get_settings
+from models.aligner import AlignerConfig, FrozenLM, ItemAligner, tokenize_texts
+from models.llm import load_llm, pick_device
+from training.align import _train_step, length_batches
+from training.optim import row_optimizer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dataset", default=str(DATA / "amazon-beauty-2k"))
+    p.add_argument("--items", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--attention", default="sdpa,eager", help="comma-separated kernels (SAID_ATTENTION)")
+    p.add_argument("--smoke", action="store_true", help="a tiny size that checks the script runs")
+    args = p.parse_args()
+    settings = get_settings()
+    llm_spec = settings.llm
+    if args.smoke:
+        args.items, args.reps, llm_spec = 16, 1, str(tiny_llm_folder())
+        print(SMOKE_NOTE)
+    device = pick_device(settings.device)
+    cfg = settings.align
+    ds = load_dataset(args.dataset, args.items)
+    texts = [item_text(t, d) for t, d in zip(ds.titles, ds.descriptions, strict=True)]
+    kernels = args.attention.split(",")
+    runs = {}
+    for kernel in kernels:
+        model, tok = load_llm(llm_spec, settings.data_dir / "llm", device, 0, kernel)
+        runs[kernel] = FrozenLM.around(model, tok, device, cfg.prompt)
+    lm = runs[kernels[0]]
+    tokens = tokenize_texts(lm.tok, texts)
+    batches = length_batches([len(t) for t in tokens], args.batch, 0)
+    text_len = sum(map(len, tokens)) / len(tokens)
+    step_flops = flops_per_item(lm.model, lm.prefix.length(cfg.k) + text_len, text_len)
+    gflops = matmul_gflops(device, 512 if args.smoke else 2048)
+    bound = gflops * 1e9 / step_flops
+    torch.manual_seed(0)
+    aligner = ItemAligner(AlignerConfig(n_items=len(texts), hidden=lm.hidden, item_dim=cfg.item_dim, k=cfg.k))
+    aligner.to(device)
+    opts = [
+        row_optimizer(cfg.row_optimizer, list(aligner.items.parameters()), cfg.lr_rows),
+        torch.optim.Adam(aligner.projector.parameters(), lr=cfg.lr_proj),
+    ]
+
+    def one_pass(kernel: str) -> float:
+        t0 = time.perf_counter()
+        for b in batches:
+            idx = torch.tensor([i + 1 for i in b], device=device)
+            _train_step(runs[kernel], aligner.soft_tokens, idx, [tokens[i] for i in b], opts)
+        return len(texts) / (time.perf_counter() - t0)
+
+    for kernel in kernels:  # warm-up: first calls allocate and pick kernels
+        _train_step(runs[kernel], aligner.soft_tokens, torch.tensor([1], device=device), tokens[:1], opts)
+    rates: dict[str, list[float]] = {k: [] for k in kernels}
+    for _ in range(args.reps):
+        for kernel in kernels:
+            rates[kernel].append(one_pass(kernel))
+    print(
+        f"alignment steps: {len(texts)} items of {Path(args.dataset).name}, batch {args.batch}, k={cfg.k}, "
+    )
+    print(f"{text_len:.1f} text tokens an item, {device}, {args.reps} interleaved reps, median items/s")
+    print(bound_line(bound, gflops, step_flops))
+    print("| attention | items/s (median) | reps | share of FLOP bound |")
+    print("|---|---|---|---|")
+    for kernel, r in rates.items():
+        med = statistics.median(r)
+        print(f"| {kernel} | {med:.2f} | {', '.join(f'{x:.1f}' for x in r)} | {med / bound:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
