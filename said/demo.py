@@ -79,6 +79,7 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
         lm = wiring.frozen_lm(settings, settings.align.lora_rank, settings.align.prompt)
         device = lm.device
         t0 = time.perf_counter()
+        log.info("demo: aligning %d items (then fidelity and the fresh-path reference)", len(ds.item_ids))
         bundle = wiring.align(settings, engine, lm)
         summary["alignment seconds"] = round(time.perf_counter() - t0, 1)
         fid, ref = bundle.fidelity, bundle.reference
@@ -92,11 +93,13 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
         )
 
         t0 = time.perf_counter()
+        log.info("demo: training the said scorer")
         scorer = wiring.retrain(settings, engine, bundle.version)
         summary["scorer training seconds"] = round(time.perf_counter() - t0, 1)
         summary["SASRec (said) NDCG@10: validation (early stopping) / test"] = (
             f"{scorer['val_ndcg@10']:.4f} / {scorer['ndcg@10']:.4f}"
         )
+        log.info("demo: the id baseline on the same data (for the summary)")
         summary["SASRec (id baseline) NDCG@10: validation / test"] = _id_baseline(
             engine, bundle.version, settings, device
         )
@@ -125,6 +128,7 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
         )
         try:
             _wait_ready(api)
+            log.info("demo: serving on %s; publishing %d fresh items", url, demo.fresh)
             time.sleep(3)  # the item consumer joins its group
             fresh = _publish_fresh_items(settings, ds, demo.fresh, api)
             secs = [f["servable_s"] for f in fresh if f["servable_s"] is not None]
@@ -180,7 +184,7 @@ def _id_baseline(engine, aligner_version: str, settings: Settings, device) -> st
     data = training_data(engine, aligner_version, settings)
     model = SASRec(SASRecConfig(n_items=data.table.shape[0] - 1))
     model, info = train_scorer(
-        model, data.train, validator(data.stopping, device), train_config(settings), device, progress=False
+        model, data.train, validator(data.stopping, device), train_config(settings), device, progress=True
     )
     test = evaluate(model, *data.promotion, device)["ndcg@10"]
     return f"{info['best_val_ndcg@10']:.4f} / {test:.4f}"
