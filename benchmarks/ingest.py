@@ -7,7 +7,10 @@ commit that makes the last event durable; peak RSS is that process's ru_maxrss. 
 consumer is ``said consume interactions`` (ConsumeLoop); the naive consumer polls one
 message at a time and inserts it through the ORM with a commit per row, the pattern the
 batch consumer replaces. The naive one runs on the first ``--naive-events`` events only
-(it is slow); rates are events per second. Medians over ``--runs`` runs are printed.
+(it is slow). The bound is a bare confluent-kafka consumer on the same broker that stores
+nothing: it fetches all N events in batches of ``consume_batch``, timed the same way, so
+the batch consumer's rate as a % of it is the share of what the broker and client allow
+here. Rates are events per second; medians over ``--runs`` runs are printed.
 
     python benchmarks/ingest.py [--events 200000] [--runs 3] [--smoke]
 
@@ -113,6 +116,25 @@ def run_batch(settings: Settings, n: int, out) -> None:
     out.put((time.perf_counter() - first[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
 
 
+def run_bound(settings: Settings, n: int, out) -> None:
+    """Child process: the bound. Fetch n events and store nothing (no parse, no commit)."""
+    c = Consumer(
+        settings.kafka.client_config()
+        | {"group.id": settings.consume.group_id + "b", "auto.offset.reset": "earliest"}
+    )
+    c.subscribe([TOPIC_INTERACTIONS])
+    done = 0
+    while not done:  # the clock starts at the first message, as the batch consumer's does
+        done = sum(1 for m in c.consume(1, timeout=0.5) if m.error() is None)
+    start = time.perf_counter()
+    while done < n:
+        batch = c.consume(min(settings.consume.batch, n - done), timeout=0.5)  # no wait on the tail
+        done += sum(1 for m in batch if m.error() is None)
+    elapsed = time.perf_counter() - start
+    c.close()
+    out.put((elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+
+
 def run_naive(settings: Settings, n: int, out) -> None:
     """Child process: poll one message, one ORM insert, one commit, per event."""
     from sqlalchemy import create_engine, select
@@ -201,20 +223,33 @@ def main() -> None:
             for run in range(args.runs):
                 fast_s, fast_rss = measure(run_batch, fresh_db(pg, broker.bootstrap), args.events)
                 naive_s, naive_rss = measure(run_naive, fresh_db(pg, broker.bootstrap), args.naive_events)
-                rows.append((args.events / fast_s, fast_rss, args.naive_events / naive_s, naive_rss))
+                bound_s, bound_rss = measure(run_bound, fresh_db(pg, broker.bootstrap), args.events)
+                rows.append(
+                    (
+                        args.events / fast_s,
+                        fast_rss,
+                        args.naive_events / naive_s,
+                        naive_rss,
+                        args.events / bound_s,
+                        bound_rss,
+                    )
+                )
                 print(
                     f"run {run + 1}: batch {rows[-1][0]:,.0f} ev/s (peak RSS {fast_rss:.0f} MiB), "
-                    f"naive {rows[-1][2]:,.0f} ev/s (peak RSS {naive_rss:.0f} MiB)"
+                    f"naive {rows[-1][2]:,.0f} ev/s (peak RSS {naive_rss:.0f} MiB), "
+                    f"bound {rows[-1][4]:,.0f} ev/s (peak RSS {bound_rss:.0f} MiB)"
                 )
     finally:
         pg.close()
     fast = statistics.median(r[0] for r in rows)
     naive = statistics.median(r[2] for r in rows)
+    bound = statistics.median(r[4] for r in rows)
     print(f"\nmedian of {args.runs} runs, {args.events:,} events Kafka -> PostgreSQL:")
     print("| consumer | events/s | peak RSS MiB |\n|---|---|---|")
     print(f"| batch (said consume) | {fast:,.0f} | {max(r[1] for r in rows):.0f} |")
     print(f"| naive per-row ORM | {naive:,.0f} | {max(r[3] for r in rows):.0f} |")
-    print(f"speed-up: {fast / naive:.1f}x")
+    print(f"| bound: bare consumer, stores nothing | {bound:,.0f} | {max(r[5] for r in rows):.0f} |")
+    print(f"speed-up: {fast / naive:.1f}x; batch consumer at {100 * fast / bound:.0f}% of the bound")
 
 
 if __name__ == "__main__":

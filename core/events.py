@@ -95,11 +95,11 @@ def _decode(raw: bytes | None, max_bytes: int) -> dict:
 
 
 def _str(obj: dict, key: str, *, optional: bool = False, max_len: int = 256) -> str | None:
-    if key not in obj or obj[key] is None:
+    value = obj.get(key)  # absent or null alike
+    if value is None:
         if optional:
             return None
         raise Invalid(f"missing_field:{key}")
-    value = obj[key]
     if not isinstance(value, str):
         raise Invalid(f"wrong_type:{key}")
     if not optional and not value.strip():
@@ -108,6 +108,8 @@ def _str(obj: dict, key: str, *, optional: bool = False, max_len: int = 256) -> 
         raise Invalid(f"too_long:{key}")
     if "\x00" in value:  # PostgreSQL text cannot hold NUL; reject instead of crashing later
         raise Invalid(f"nul_char:{key}")
+    if value.isascii():  # the common case, and ASCII holds no surrogate: skip the encode
+        return value
     try:  # JSON escapes can smuggle in lone surrogates, which no database can store
         value.encode("utf-8")
     except UnicodeEncodeError:

@@ -22,8 +22,10 @@ from core.parking import count_parked
 from core.tables import alignment_jobs, interactions, items
 from tests.support.kafka_util import (
     click_event,
+    committed_offsets,
     dlq_reasons,
     item_event,
+    load_items,
     produce_json,
     produce_raw,
     read_topic,
@@ -330,6 +332,49 @@ def test_a_batch_that_fails_is_bisected_to_its_poison_message(settings):
     assert again.consumed == 0, "offsets committed: no crash loop on restart"
     with engine.connect() as conn:
         assert count_rows(conn, items) == 20
+
+
+class Crash(BaseException):
+    """What SIGKILL leaves: not an Exception, so no poison handling can absorb it."""
+
+
+class CrashOnSecondWrite(InteractionsHandler):
+    """The real handler; its second write commits, then the process 'dies' before that
+    batch's offsets are committed."""
+
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
+        self.sizes: list[int] = []
+
+    def process(self, engine, messages):
+        rejected = super().process(engine, messages)
+        self.sizes.append(len(messages))
+        if len(self.sizes) == 2:
+            raise Crash
+        return rejected
+
+
+def test_offsets_are_committed_only_after_their_batch_and_a_replay_stores_each_event_once(settings):
+    """A crash after a batch's write and before its offsets' commit (what SIGKILL can
+    leave) commits nothing of it; the replay stores each event once and loses none."""
+    settings = settings.override(consume_batch=10)
+    load_items(settings, 5)
+    produce_json(
+        settings.kafka.bootstrap, TOPIC_INTERACTIONS, [click_event(e, e % 5) for e in range(60)], "user_id"
+    )
+    engine = make_engine(settings.database_url)
+    handler = CrashOnSecondWrite(settings)
+    with pytest.raises(Crash):
+        ConsumeLoop(handler, engine, settings).run(idle_exit=1.5)
+    group = f"{settings.consume.group_id}.interactions"
+    committed = committed_offsets(settings, group, TOPIC_INTERACTIONS)
+    assert sum(o for o in committed.values() if o > 0) == handler.sizes[0], "only the first batch"
+    with engine.connect() as conn:
+        assert count_rows(conn, interactions) == sum(handler.sizes)
+    stats, _ = consume(settings, InteractionsHandler)
+    assert stats.consumed == 60 - handler.sizes[0], "the crashed batch and the rest are replayed"
+    with engine.connect() as conn:
+        assert count_rows(conn, interactions) == 60, "none lost (event_id is unique: none twice)"
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(range(3))))

@@ -30,7 +30,7 @@ from said.broker import ensure_topics
 from scorer.index import ItemIndex, latest_snapshot
 from tests.support import faultlog
 from tests.support.catalogue import add_items, text_hashes
-from tests.support.kafka_util import click_event, load_items, produce_json
+from tests.support.kafka_util import click_event, committed_offsets, load_items, produce_json
 from updater.leases import pending_count
 from updater.worker import UpdateWorker
 
@@ -83,21 +83,6 @@ def _deliveries(audit, topic: str = TOPIC_INTERACTIONS) -> tuple[int, set]:
     return len(lines), set(lines)
 
 
-def _committed(settings, group: str, topic: str) -> dict[int, int]:
-    """The group's committed offset per partition of ``topic``."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    c = Consumer(settings.kafka.client_config() | {"group.id": group, "enable.auto.commit": False})
-    try:
-        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-        return {
-            tp.partition: tp.offset
-            for tp in c.committed([TopicPartition(topic, p) for p in parts], timeout=10)
-        }
-    finally:
-        c.close()
-
-
 @pytest.mark.slow
 def test_sigkill_three_times_loses_and_duplicates_nothing(settings, tmp_path):
     load_items(settings, 100)
@@ -139,7 +124,9 @@ def test_sigkill_three_times_loses_and_duplicates_nothing(settings, tmp_path):
         _topic, part, off = line.split()
         ends[int(part)] = max(ends.get(int(part), 0), int(off) + 1)
     assert sum(ends.values()) == len(events), "offsets 0..end-1 of every partition were processed"
-    assert _committed(settings, f"{settings.consume.group_id}.interactions", TOPIC_INTERACTIONS) == ends
+    assert (
+        committed_offsets(settings, f"{settings.consume.group_id}.interactions", TOPIC_INTERACTIONS) == ends
+    )
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from consumers.items import ItemsHandler
 from consumers.runner import ConsumeLoop
@@ -96,3 +96,16 @@ def load_items(settings, n: int) -> None:
     produce_json(settings.kafka.bootstrap, TOPIC_ITEMS, [item_event(i) for i in range(n)], "item_id")
     stats = ConsumeLoop(ItemsHandler(settings), make_engine(settings.database_url), settings).run(1.5)
     assert stats.stored == n
+
+
+def committed_offsets(settings, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offset per partition of ``topic`` (negative: none)."""
+    c = Consumer(settings.kafka.client_config() | {"group.id": group, "enable.auto.commit": False})
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        return {
+            tp.partition: tp.offset
+            for tp in c.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+        }
+    finally:
+        c.close()
