@@ -322,7 +322,7 @@ class EvaluateSettings(Section):
     """`said evaluate`."""
 
     variant: Variant = Field(
-        "composite-said",
+        "composite-text",
         description="Variant `said evaluate` compares with id and text by default, best on mixed validation.",
         json_schema_extra=env("evaluate_variant"),
     )

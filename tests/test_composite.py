@@ -21,6 +21,7 @@ def test_mixed_split_holds_items_out_of_training_only():
     vh, vt = split.valid
     assert vt == [3, 1, 5], "validation: warm or cold-validation targets, never cold-test"
     assert vh[1] == [2, 5], "a history keeps its held-out items: they exist by then"
+    assert vh[2] == [3], "but validation never sees a cold-test item, not even in a history"
     th, tt = split.test
     assert tt == [4, 6, 2], "test: warm or cold-test targets; a cold-validation target is left out"
     assert th[1] == [2, 5, 1]

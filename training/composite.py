@@ -37,7 +37,7 @@ def teacher_states(composite: Composite, train_seqs: list[list[int]], batch_size
     teacher, states = composite.teacher.eval(), []
     seqs = [s[:-1] for s in train_seqs if len(s) >= 2]
     for s in range(0, len(seqs), batch_size):
-        batch = left_pad(seqs[s : s + batch_size], teacher.cfg.max_len)  # (B, L)
+        batch = left_pad(seqs[s : s + batch_size], teacher.cfg.max_len).to(composite.counts.device)  # (B, L)
         feats = teacher.log2feats(batch)  # (B, L, h)
         states.append(feats[batch > 0])  # (n, h), real steps only
     return torch.cat(states) if states else torch.zeros(0, teacher.cfg.hidden)

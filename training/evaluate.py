@@ -220,7 +220,7 @@ def run(
                         run_row["variant"],
                         run_align_seed,
                         seed,
-                        metrics,
+                        {k: v for k, v in metrics.items() if k != "per_user_ndcg@10"},
                     )
                     if results_path:
                         write_results(results | {"summary": summarise(results["runs"])}, results_path)
@@ -316,14 +316,16 @@ def train_mixed(
     seed = settings.scorer.seed
     counts = interaction_counts(split.train, split.n_items)
     validate = validator(split.valid, device)
-    torch.manual_seed(seed)
     if trained.variant in COMPOSITES:
-        if seed not in teachers:
-            train_mixed(Trained("id", None), split, settings, device, teachers, progress)
+        if seed not in teachers:  # e.g. the id run was resumed from a results file
+            teacher = Trained("id", None, trained.model_options)
+            train_mixed(teacher, split, settings, device, teachers, progress)
+        torch.manual_seed(seed)  # after the teacher: a resumed run starts the student alike
         composite = Composite(
             copy.deepcopy(teachers[seed]), trained.table, counts, settings.composite.dropout
         )
         return train_student(composite, split.train, validate, settings.composite, device, progress)
+    torch.manual_seed(seed)
     model = _model(trained, split.train, split.n_items, split.held)
     model, info = train_scorer(
         model, split.train, validate, settings.scorer, device, progress, sorted(split.held)

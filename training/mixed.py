@@ -6,8 +6,9 @@ the fresh path, as new items do) and split in two: cold-validation and cold-test
 - Training: every history without the held-out items, minus its last two steps.
 - Validation: users whose second-to-last item is warm or cold-validation.
 - Test: users whose last item is warm or cold-test; a cold-validation target is left out.
-- Histories keep their held-out items (they exist by then), and nothing is blocked at
-  validation or test: every item competes in one ranking.
+- Histories keep their held-out items (they exist by then; validation histories drop the
+  cold-test ones, so no model choice sees a cold-test interaction), and nothing is blocked
+  at validation or test: every item competes in one ranking.
 
 Each model is measured on all test users (the product metric), on warm-target and on
 cold-target users, with 95% bootstrap intervals over users, by popularity bucket of the
@@ -60,8 +61,8 @@ def mixed_split(seqs: list[list[int]], n_items: int, cold_valid: set[int], cold_
         train.append([i for i in (s if len(s) < 3 else s[:-2]) if i not in held])
         if len(s) < 3:
             continue
-        if s[-2] not in cold_test:
-            vh.append(s[:-2])
+        if s[-2] not in cold_test:  # no cold-test item is seen by validation, not even in a history
+            vh.append([i for i in s[:-2] if i not in cold_test])
             vt.append(s[-2])
         if s[-1] not in cold_valid:
             th.append(s[:-1])
