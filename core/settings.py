@@ -265,7 +265,12 @@ class CompositeSettings(Section):
         description="Gate candidates, comma-separated: g = n/(n+kappa), 0 = hard switch; best on validation.",
     )
 
-    @field_validator("gate_kappas", mode="before")
+    boosts: tuple[float, ...] = Field(
+        (0.0, 0.5, 1.0, 2.0, 4.0),
+        description="Score offset of student-scored items (calibration) candidates, comma-separated.",
+    )
+
+    @field_validator("gate_kappas", "boosts", mode="before")
     @classmethod
     def _comma_separated(cls, v: object) -> object:
         return tuple(float(x) for x in v.split(",")) if isinstance(v, str) else v

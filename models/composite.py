@@ -12,10 +12,18 @@ SIGIR 2023) distils warm ID embeddings into a cold-item generator. Each item's v
 with ``e_i`` the teacher's ID row, ``s(c_i)`` the student's vector and ``n_i`` the item's
 interactions in the teacher's training data (``kappa`` 0: a hard switch at one
 interaction). Queries run the teacher's encoder over these vectors, so a cold item in a
-history reads as its student vector, and every score stays an inner product (FAISS).
+history reads as its student vector.
+
+Calibration: a student vector regresses towards the mean of the ID rows, so its scores sit
+below the warm items' and new items are buried. ``boost`` adds ``(1 - g_i) * boost`` to an
+item's score, picked on validation with ``kappa``. It is carried as one more dimension
+(item: ``(1 - g_i) * boost``, query: 1), so every score stays one inner product (FAISS):
+scoring vectors are ``hidden + 1`` wide, and ``cfg.hidden`` says so.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -35,7 +43,7 @@ class Composite(nn.Module):
         if teacher.table is not None:
             raise ValueError("the teacher must be an ID SASRec (its own rows are the warm vectors)")
         self.teacher = teacher.requires_grad_(False)
-        self.cfg: SASRecConfig = teacher.cfg
+        self.cfg: SASRecConfig = replace(teacher.cfg, hidden=teacher.cfg.hidden + 1)  # scoring width
         content = content.float()
         warm = counts > 0
         warm[0] = False
@@ -47,7 +55,8 @@ class Composite(nn.Module):
         self.register_buffer("content_in", self._student_input(content), persistent=False)  # (N+1, d)
         self.register_buffer("counts", counts.float())  # (N+1,)
         self.register_buffer("kappa", torch.tensor(0.0))
-        h = self.cfg.hidden
+        self.register_buffer("boost", torch.tensor(0.0))
+        h = teacher.cfg.hidden
         self.student = nn.Sequential(
             nn.Linear(d, d // 2), nn.GELU(), nn.Dropout(dropout), nn.Linear(d // 2, h)
         )
@@ -71,27 +80,42 @@ class Composite(nn.Module):
         """(N+1, h) the student's vector of every catalogue item."""
         return self.student(self.content_in)
 
-    def item_vectors(self, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """``Recommender``: the gated vectors of ``idx`` (any shape) or of all: (N+1, h)."""
+    def gated_vectors(self) -> torch.Tensor:
+        """(N+1, h) each item's vector in the teacher's space (what a history reads)."""
         g = self.gate()
         table = g * self.teacher.item_vectors() + (1 - g) * self.student_vectors()  # (N+1, h)
         table[0] = 0.0  # padding
+        return table
+
+    def item_vectors(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``Recommender``: scoring vectors of ``idx`` (any shape) or of all: (N+1, h+1),
+        the gated vector and the student part's boost."""
+        offset = (1 - self.gate()) * self.boost  # (N+1, 1)
+        offset[0] = 0.0
+        table = torch.cat([self.gated_vectors(), offset], 1)  # (N+1, h+1)
         return table if idx is None else table[idx]
 
     def content_vectors(self, content: torch.Tensor) -> torch.Tensor:
-        """``Recommender``: a fresh item's vector from its content row alone (the student)."""
-        return self.student(self._student_input(content.float()))
+        """``Recommender``: a fresh item's scoring vector from its content row alone (the
+        student, fully boosted: it has no interactions). (n, D) -> (n, h+1)."""
+        s = self.student(self._student_input(content.float()))  # (n, h)
+        return torch.cat([s, self.boost.expand(len(s), 1)], 1)
 
     def query(self, history: torch.Tensor) -> torch.Tensor:
-        """``Recommender``: (B, T, h) item vectors -> (B, h), through the teacher's encoder."""
-        return self.teacher.query(history)
+        """``Recommender``: (B, T, h+1) scoring vectors -> (B, h+1), through the teacher's
+        encoder (which reads the first h), with 1 for the boost."""
+        return self._with_one(self.teacher.query(history[..., :-1]))
 
-    def user_vector(self, seqs: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) left-padded ids -> (B, h); ``table`` (N+1, h) saves recomputing it."""
-        table = self.item_vectors() if table is None else table
-        return self.teacher.encode(table[seqs], seqs > 0)[:, -1]
+    def user_vector(self, seqs: torch.Tensor, gated: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) left-padded ids -> (B, h+1); ``gated`` (N+1, h) saves recomputing it."""
+        gated = self.gated_vectors() if gated is None else gated
+        return self._with_one(self.teacher.encode(gated[seqs], seqs > 0)[:, -1])
+
+    @staticmethod
+    def _with_one(u: torch.Tensor) -> torch.Tensor:
+        return torch.cat([u, torch.ones(len(u), 1, device=u.device, dtype=u.dtype)], 1)  # (B, h+1)
 
     def predict(self, seqs: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
         """``Recommender``: (B, T) ids -> (B, N+1) scores (padding, ``blocked``: -inf)."""
-        table = self.item_vectors()
-        return masked_scores(self.user_vector(seqs, table), table, blocked)
+        table = self.item_vectors()  # (N+1, h+1)
+        return masked_scores(self.user_vector(seqs, table[:, :-1]), table, blocked)

@@ -49,14 +49,14 @@ def test_the_gate_gives_warm_items_their_id_rows_and_cold_items_the_student():
     counts = torch.tensor([0, 5, 5, 1, 1, 2, 2, 3, 3, 0, 0.0])  # items 9 and 10 are cold
     model = Composite(_teacher(rows), torch.randn(11, 12), counts).eval()
     with torch.no_grad():
-        vectors = model.item_vectors()
+        vectors = model.gated_vectors()
         student = model.student_vectors()
     assert torch.equal(vectors[1:9], rows[1:9]), "hard switch: a warm item is its ID row"
     assert torch.equal(vectors[9:], student[9:]), "a cold item is the student's vector"
     assert vectors[0].abs().max() == 0, "padding"
     model.kappa.fill_(1.0)
     with torch.no_grad():
-        blended = model.item_vectors()
+        blended = model.gated_vectors()
     g = 1 / (1 + 1.0)  # item 3 has one interaction: g = n / (n + kappa)
     assert torch.allclose(blended[3], g * rows[3] + (1 - g) * student[3])
     assert torch.equal(blended[9], student[9]), "no interaction: no ID part at any kappa"
@@ -101,7 +101,7 @@ def test_the_student_learns_the_teachers_space_and_carries_it_to_cold_items():
 
     def cold_cosine() -> float:
         with torch.no_grad():
-            got = model.item_vectors()[cold]
+            got = model.gated_vectors()[cold]
         return torch.nn.functional.cosine_similarity(got, true_rows[cold]).mean().item()
 
     before = cold_cosine()
@@ -117,6 +117,28 @@ def test_the_student_learns_the_teachers_space_and_carries_it_to_cold_items():
         f"cold items near their true rows ({before:.2f} -> {cold_cosine():.2f})"
     )
     assert info["kappa"] == 0.0 and info["student_epochs"] == 150
+
+
+def test_the_boost_lifts_student_scored_items_by_exactly_their_student_share():
+    torch.manual_seed(0)
+    rows = torch.randn(11, 8)
+    counts = torch.tensor([0, 5, 5, 1, 1, 2, 2, 3, 3, 0, 0.0])  # items 9 and 10 are cold
+    model = Composite(_teacher(rows), torch.randn(11, 12), counts).eval()
+    history = torch.tensor([[0, 3, 4, 9]])
+    with torch.no_grad():
+        before = model.predict(history)
+        model.boost.fill_(2.0)
+        model.kappa.fill_(1.0)
+        after = model.predict(history)
+        model.kappa.fill_(0.0)
+        hard = model.predict(history)
+        model.kappa.fill_(1.0)
+        one = model.query(model.item_vectors(history[:, 1:]))  # serving: vectors in, query out
+        fresh = model.content_vectors(torch.randn(1, 12))
+    assert model.cfg.hidden == 9 and fresh.shape == (1, 9) and fresh[0, -1] == 2.0, "fully boosted"
+    assert torch.allclose(hard[0, 9:] - before[0, 9:], torch.tensor([2.0, 2.0]), atol=1e-5)
+    assert torch.allclose(hard[0, 1:9], before[0, 1:9], atol=1e-5), "hard switch: warm items untouched"
+    assert torch.allclose((one @ model.item_vectors().T)[0, 1:], after[0, 1:], atol=1e-4), "one inner product"
 
 
 def test_the_gate_is_picked_on_validation():

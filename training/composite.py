@@ -50,10 +50,18 @@ def train_student(
     cfg: CompositeSettings,
     device: torch.device,
     progress: bool = True,
+    stop: Validate | None = None,
 ) -> tuple[Composite, dict]:
-    """Fit the student (seeded by the caller), keep its best state on ``validate``, then pick
-    the gate's kappa from ``cfg.gate_kappas`` on ``validate`` too. Returns the composite and
-    {best_val_ndcg@10, student_epochs, kappa, val_by_kappa}."""
+    """Fit the student (seeded by the caller), keep its best state on ``stop`` (default
+    ``validate``), then pick the gate's kappa (``cfg.gate_kappas``) and the cold boost
+    (``cfg.boosts``) together on ``validate``.
+
+    The mixed protocol stops on its cold-validation users (a part of the mixed validation):
+    the student's vectors are what cold items are ranked by, and on the whole mixed set,
+    95% warm targets, it stopped after a few epochs with cold items still buried.
+
+    Returns the composite and {best_val_ndcg@10, student_epochs, kappa,
+    boost, val_by_choice}."""
     composite.to(device)
     warm = (composite.counts > 0).nonzero().squeeze(1)
     warm = warm[warm > 0]  # (W,) item ids with interactions
@@ -61,7 +69,8 @@ def train_student(
     with torch.no_grad():
         rows = composite.teacher.item_vectors()[warm]  # (W, h) the ID rows to match
     opt = torch.optim.Adam(composite.student.parameters(), lr=cfg.lr)
-    composite.kappa.fill_(0.0)  # trained and stopped with the hard switch; kappa is picked after
+    composite.kappa.fill_(0.0)  # trained and stopped with the hard switch and no boost; both
+    composite.boost.fill_(0.0)  # are picked after, on validation
     best, best_state, bad, epochs = -1.0, None, 0, 0
     bar = tqdm(range(cfg.epochs), desc="train student", disable=not progress)
     for _ in bar:
@@ -80,7 +89,7 @@ def train_student(
             loss.backward()
             opt.step()
             total += loss.item() * len(b)
-        ndcg = validate(composite.eval())
+        ndcg = (stop or validate)(composite.eval())
         bar.set_postfix(loss=f"{total / max(1, len(states)):.4f}", val_ndcg10=f"{ndcg:.4f}")
         if ndcg > best:
             best, best_state, bad = ndcg, copy.deepcopy(composite.student.state_dict()), 0
@@ -90,12 +99,28 @@ def train_student(
                 break
     if best_state is not None:
         composite.student.load_state_dict(best_state)
-    by_kappa = {}
+    by_choice = {}
     for kappa in cfg.gate_kappas:
-        composite.kappa.fill_(kappa)
-        by_kappa[kappa] = validate(composite.eval())
-    kappa = max(by_kappa, key=lambda k: (by_kappa[k], -k))  # ties: the simpler, harder switch
+        for boost in cfg.boosts:
+            composite.kappa.fill_(kappa)
+            composite.boost.fill_(boost)
+            by_choice[(kappa, boost)] = validate(composite.eval())
+    # ties: the simpler choice (harder switch, smaller boost)
+    kappa, boost = max(by_choice, key=lambda c: (by_choice[c], -c[0], -c[1]))
     composite.kappa.fill_(kappa)
-    log.info("student: %d epochs, validation NDCG@10 by kappa %s, kappa %s", epochs, by_kappa, kappa)
-    info = {"best_val_ndcg@10": by_kappa[kappa], "student_epochs": epochs, "kappa": kappa}
-    return composite, info | {"val_by_kappa": by_kappa}
+    composite.boost.fill_(boost)
+    log.info(
+        "student: %d epochs, kappa %s, boost %s, validation NDCG@10 %.4f",
+        epochs,
+        kappa,
+        boost,
+        by_choice[(kappa, boost)],
+    )
+    info = {
+        "best_val_ndcg@10": by_choice[(kappa, boost)],
+        "student_epochs": epochs,
+        "kappa": kappa,
+        "boost": boost,
+    }
+    info["val_by_choice"] = {f"kappa={k},boost={b}": v for (k, b), v in by_choice.items()}
+    return composite, info

@@ -324,7 +324,9 @@ def train_mixed(
         composite = Composite(
             copy.deepcopy(teachers[seed]), trained.table, counts, settings.composite.dropout
         )
-        return train_student(composite, split.train, validate, settings.composite, device, progress)
+        cold_users = [(h, t) for h, t in zip(*split.valid, strict=True) if t in split.cold_valid]
+        stop = validator(([h for h, _ in cold_users], [t for _, t in cold_users]), device)
+        return train_student(composite, split.train, validate, settings.composite, device, progress, stop)
     torch.manual_seed(seed)
     model = _model(trained, split.train, split.n_items, split.held)
     model, info = train_scorer(
