@@ -33,9 +33,7 @@ from models.sasrec import SASRec, SASRecConfig, principal_axes
 
 
 class Composite(nn.Module):
-    def __init__(
-        self, teacher: SASRec, content: torch.Tensor, counts: torch.Tensor, dropout: float = 0.1
-    ) -> None:
+    def __init__(self, teacher: SASRec, content: torch.Tensor, counts: torch.Tensor, dropout: float) -> None:
         """``teacher``: a trained ID SASRec (frozen here). ``content``: (N+1, D) content rows,
         row 0 padding. ``counts``: (N+1,) training interactions per item; the student's input
         scaling and axes are fitted on the items with any (the cold ones must not shape it)."""

@@ -47,7 +47,7 @@ def test_the_gate_gives_warm_items_their_id_rows_and_cold_items_the_student():
     rows = torch.randn(11, 8)
     rows[0] = 0
     counts = torch.tensor([0, 5, 5, 1, 1, 2, 2, 3, 3, 0, 0.0])  # items 9 and 10 are cold
-    model = Composite(_teacher(rows), torch.randn(11, 12), counts).eval()
+    model = Composite(_teacher(rows), torch.randn(11, 12), counts, dropout=0.1).eval()
     with torch.no_grad():
         vectors = model.gated_vectors()
         student = model.student_vectors()
@@ -66,7 +66,7 @@ def test_a_cold_item_in_a_history_reads_as_its_student_vector():
     torch.manual_seed(0)
     rows = torch.randn(11, 8)
     counts = torch.tensor([0] + [2.0] * 8 + [0, 0])
-    model = Composite(_teacher(rows), torch.randn(11, 12), counts).eval()
+    model = Composite(_teacher(rows), torch.randn(11, 12), counts, dropout=0.1).eval()
     history = torch.tensor([[0, 0, 3, 9]])  # item 9 is cold
     with torch.no_grad():
         before = model.predict(history)
@@ -123,7 +123,7 @@ def test_the_boost_lifts_student_scored_items_by_exactly_their_student_share():
     torch.manual_seed(0)
     rows = torch.randn(11, 8)
     counts = torch.tensor([0, 5, 5, 1, 1, 2, 2, 3, 3, 0, 0.0])  # items 9 and 10 are cold
-    model = Composite(_teacher(rows), torch.randn(11, 12), counts).eval()
+    model = Composite(_teacher(rows), torch.randn(11, 12), counts, dropout=0.1).eval()
     history = torch.tensor([[0, 3, 4, 9]])
     with torch.no_grad():
         before = model.predict(history)
@@ -145,7 +145,7 @@ def test_the_gate_is_picked_on_validation():
     torch.manual_seed(0)
     rows = torch.randn(11, 8)
     counts = torch.tensor([0] + [2.0] * 10)
-    model = Composite(_teacher(rows), torch.randn(11, 12), counts)
+    model = Composite(_teacher(rows), torch.randn(11, 12), counts, dropout=0.1)
     picks = {0.0: 0.1, 1.0: 0.3, 3.0: 0.2}
 
     def validate(m: Composite) -> float:
