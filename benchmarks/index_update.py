@@ -62,7 +62,7 @@ def run(n: int, batch: int, seconds: float, updating: bool) -> dict[str, float]:
         new = np.arange(next_id, next_id + batch // 2)
         old = rng.integers(1, n + 1, batch - len(new))
         ids = np.unique(np.concatenate([new, old]))
-        vecs = scorer.item_vectors(synthetic(len(ids), SAID_DIM, seed=int(next_id)))
+        vecs = scorer.item_vectors(ids, synthetic(len(ids), SAID_DIM, seed=int(next_id)))
         with lock:
             index.upsert(ids, vecs)
         next_id += len(new)

@@ -109,7 +109,7 @@ def build(folder: Path, n: int, mode: str) -> str:
         version, vecs = "sasrec-bench", synthetic(n, model.cfg.hidden)
     else:
         scorer = CosineScorer("bench", SAID_DIM)
-        version, vecs = scorer.version, scorer.item_vectors(synthetic(n, SAID_DIM))
+        version, vecs = scorer.version, scorer.item_vectors(np.arange(1, n + 1), synthetic(n, SAID_DIM))
     index = ItemIndex(vecs.shape[1], index_settings().hnsw_min_items)
     index.build(np.arange(1, n + 1), vecs)
     # The scorer loads a snapshot named <version>-q<watermark>, the watermark being the

@@ -441,12 +441,12 @@ def item_status(conn: Connection, item_id: str, model_version: str) -> dict | No
     }
 
 
-def user_history(conn: Connection, user_id: str, limit: int) -> list[int]:
-    """The user's last ``limit`` item indexes, oldest first."""
+def user_history(conn: Connection, user_id: str, limit: int, types: Sequence[str]) -> list[int]:
+    """The user's last ``limit`` item indexes of interactions of ``types``, oldest first."""
     rows = (
         conn.execute(
             select(interactions.c.item_idx)
-            .where(interactions.c.user_id == user_id)
+            .where(interactions.c.user_id == user_id, interactions.c.type.in_(types))
             .order_by(interactions.c.event_time.desc(), interactions.c.id.desc())
             .limit(limit)
         )
@@ -456,14 +456,29 @@ def user_history(conn: Connection, user_id: str, limit: int) -> list[int]:
     return list(reversed(rows))
 
 
-def user_sequences(conn: Connection) -> dict[str, list[int]]:
-    """Every user's item indexes in event order (the scorer's training data), by user id."""
+def user_sequences(conn: Connection, types: Sequence[str]) -> dict[str, list[int]]:
+    """Every user's item indexes of interactions of ``types`` (the positives) in event
+    order: the scorer's training data, by user id."""
     rows = conn.execute(
-        select(interactions.c.user_id, interactions.c.item_idx).order_by(
-            interactions.c.user_id, interactions.c.event_time, interactions.c.id
-        )
+        select(interactions.c.user_id, interactions.c.item_idx)
+        .where(interactions.c.type.in_(types))
+        .order_by(interactions.c.user_id, interactions.c.event_time, interactions.c.id)
     ).all()
     seqs: dict[str, list[int]] = {}
     for user, idx in rows:
         seqs.setdefault(user, []).append(idx)
     return seqs
+
+
+def popular_items(conn: Connection, types: Sequence[str], limit: int) -> list[int]:
+    """The ``limit`` item indexes with the most interactions of ``types``, most first (ties:
+    the older item): half of what a user with no usable history is shown."""
+    n = func.count()
+    rows = conn.execute(
+        select(interactions.c.item_idx)
+        .where(interactions.c.type.in_(types))
+        .group_by(interactions.c.item_idx)
+        .order_by(n.desc(), interactions.c.item_idx)
+        .limit(limit)
+    )
+    return list(rows.scalars())

@@ -18,10 +18,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 # The scorer variants ``said evaluate`` compares (training.evaluate builds each one).
 # ``composite-<content>``: the warm/cold composite (ID teacher, content student); mixed
@@ -300,6 +300,9 @@ class IndexSettings(Section):
         description="How often a replica applies new embeddings and versions.",
         json_schema_extra=env("index_refresh_s"),
     )
+    popular_refresh_s: float = Field(
+        60.0, gt=0, description="How often a replica re-reads the popular items a new user is shown."
+    )
 
 
 class ApiSettings(Section):
@@ -407,6 +410,13 @@ class Settings(BaseSettings):
         "short lengths), sdpa on CUDA.",
     )
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 = off.")
+    positives: Annotated[tuple[Literal["click", "conversion"], ...], NoDecode] = Field(
+        ("click", "conversion"),
+        min_length=1,
+        description="Interaction types that are training positives and make up the history a "
+        "query is built from, comma-separated. Impressions never are: on an ad platform most "
+        "events are impressions, and a model trained on them learns what was already shown.",
+    )
     log_level: str = Field("INFO", description="Python logging level.")
 
     # --- sections: each service takes its own whole -----------------------------------
@@ -433,6 +443,11 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # keyword arguments first, then the flat section variables, then the top-level ones
         return init_settings, _FlatEnvironment(settings_cls), env_settings
+
+    @field_validator("positives", mode="before")
+    @classmethod
+    def _types(cls, v: object) -> object:
+        return tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else v
 
     @model_validator(mode="before")
     @classmethod

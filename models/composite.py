@@ -23,11 +23,13 @@ scoring vectors are ``hidden + 1`` wide, and ``cfg.hidden`` says so.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from core.files import CorruptFile, load_torch, save_torch
 from models.ranking import masked_scores
 from models.sasrec import SASRec, SASRecConfig, principal_axes
 
@@ -68,30 +70,57 @@ class Composite(nn.Module):
         self.teacher.eval()
         return self
 
-    def gate(self) -> torch.Tensor:
-        """(N+1, 1) weight of each item's ID row; the rest is the student's vector."""
-        n = self.counts
-        g = (n > 0).float() if float(self.kappa) == 0 else n / (n + self.kappa)
+    def gate(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, 1) weight of each item's ID row (of ``ids``, default every row of the
+        content table); the rest is the student's vector. An item the teacher never saw
+        (added after it trained: ``id > n_items``) has no interactions, so weight 0."""
+        ids = torch.arange(len(self.content_in), device=self.counts.device) if ids is None else ids
+        n = torch.zeros(ids.shape, device=self.counts.device)
+        known = ids <= self.teacher.cfg.n_items
+        n[known] = self.counts[ids[known]]
+        kappa = float(self.kappa)
+        g = (n > 0).float() if kappa == 0 else n / (n + kappa)
         return g.unsqueeze(1)
+
+    def use_content(self, content: torch.Tensor) -> Composite:
+        """Score a catalogue of ``content`` rows (N'+1, D), which may hold items added after
+        the teacher trained (they are cold: the student's vectors): how a retrain compares
+        the served composite with a candidate on today's catalogue."""
+        self.content_in = self._student_input(content.float().to(self.feat_mean.device))
+        return self
 
     def student_vectors(self) -> torch.Tensor:
         """(N+1, h) the student's vector of every catalogue item."""
         return self.student(self.content_in)
 
+    def _mixed(self, ids: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n,) ids and their (n, h) student vectors -> (n, h) gated vectors and (n, 1) boosts."""
+        g = self.gate(ids)  # (n, 1)
+        rows = torch.zeros_like(student)
+        known = (ids > 0) & (ids <= self.teacher.cfg.n_items)
+        rows[known] = self.teacher.item_vectors(ids[known]).to(rows.dtype)
+        vectors, boost = g * rows + (1 - g) * student, (1 - g) * self.boost
+        pad = (ids == 0).unsqueeze(1)
+        return vectors.masked_fill(pad, 0.0), boost.masked_fill(pad, 0.0)
+
     def gated_vectors(self) -> torch.Tensor:
         """(N+1, h) each item's vector in the teacher's space (what a history reads)."""
-        g = self.gate()
-        table = g * self.teacher.item_vectors() + (1 - g) * self.student_vectors()  # (N+1, h)
-        table[0] = 0.0  # padding
-        return table
+        ids = torch.arange(len(self.content_in), device=self.counts.device)
+        return self._mixed(ids, self.student_vectors())[0]
 
     def item_vectors(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         """``Recommender``: scoring vectors of ``idx`` (any shape) or of all: (N+1, h+1),
         the gated vector and the student part's boost."""
-        offset = (1 - self.gate()) * self.boost  # (N+1, 1)
-        offset[0] = 0.0
-        table = torch.cat([self.gated_vectors(), offset], 1)  # (N+1, h+1)
+        ids = torch.arange(len(self.content_in), device=self.counts.device)
+        table = torch.cat(self._mixed(ids, self.student_vectors()), 1)  # (N+1, h+1)
         return table if idx is None else table[idx]
+
+    def vectors_of(self, ids: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+        """Serving: (n,) catalogue ids and their (n, D) content rows -> (n, h+1) scoring
+        vectors. An item the teacher trained on is gated as in training; any other (a
+        fresh item, or one with no interactions then) is the student's, fully boosted."""
+        student = self.student(self._student_input(content.float()))  # (n, h)
+        return torch.cat(self._mixed(ids, student), 1)
 
     def content_vectors(self, content: torch.Tensor) -> torch.Tensor:
         """``Recommender``: a fresh item's scoring vector from its content row alone (the
@@ -117,3 +146,39 @@ class Composite(nn.Module):
         """``Recommender``: (B, T) ids -> (B, N+1) scores (padding, ``blocked``: -inf)."""
         table = self.item_vectors()  # (N+1, h+1)
         return masked_scores(self.user_vector(seqs, table[:, :-1]), table, blocked)
+
+
+def save_composite(path: Path, model: Composite, meta: dict) -> Path:
+    """Teacher, student and their buffers (not the content table: serving maps each item's
+    content row with ``vectors_of``) plus metadata, atomically, as plain tensors."""
+    save_torch(
+        {
+            "kind": "composite",
+            "config": asdict(model.teacher.cfg),
+            "content_dim": model.feat_mean.shape[0],
+            "dropout": model.student[2].p,
+            "state": {k: v.cpu() for k, v in model.state_dict().items()},
+            "meta": meta,
+        },
+        path,
+    )
+    return path
+
+
+def load_composite(path: Path, content: torch.Tensor | None = None) -> tuple[Composite, dict]:
+    """A saved composite (inference mode); with ``content`` (N'+1, D) it also scores by
+    catalogue index (``use_content``). A file of another kind raises ``CorruptFile``."""
+    saved = load_torch(path)
+    try:
+        if saved.get("kind") != "composite":
+            raise ValueError("not a composite")
+        cfg = SASRecConfig(**saved["config"])
+        n = cfg.n_items + 1
+        # placeholders of the right shapes; every buffer and weight comes from the file
+        model = Composite(SASRec(cfg), torch.zeros(n, saved["content_dim"]), torch.ones(n), saved["dropout"])
+        model.load_state_dict(saved["state"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise CorruptFile(f"{path}: not a composite scorer file ({type(exc).__name__}: {exc})") from exc
+    if content is not None:
+        model.use_content(content)
+    return model.eval(), saved["meta"]

@@ -1,10 +1,11 @@
 """``said serve``: the HTTP scorer.
 
-POST /recommend ranks every indexed item for a history (given, or the user's last
-interactions) with the active SASRec scorer over SAID vectors (cosine similarity of SAID
-vectors until a scorer is promoted); fresh items are in the index as soon as the worker has
-estimated them, and an item whose text changed leaves the results until its new text has
-a vector. GET /items/{item_id} (with the text hash of the vector served), /healthz, /readyz,
+POST /recommend ranks every indexed item for a history (given, or the user's last positive
+interactions: ``SAID_POSITIVES``) with the active scorer, the warm/cold composite (cosine
+similarity of SAID vectors until a scorer is promoted); a user with no usable history gets
+popular and new items in turn, flagged ``fallback``. Fresh items are in the index as soon
+as the worker has estimated them, and an item whose text changed leaves the results until
+its new text has a vector. GET /items/{item_id} (with the text hash of the vector served), /healthz, /readyz,
 /metrics; the OpenAPI schema is at /openapi.json.
 """
 
@@ -77,6 +78,11 @@ class RecommendResponse(BaseModel):
     model_version: str
     index_items: int
     unknown_items: list[str]
+    fallback: bool = Field(
+        False,
+        description="No usable history (a new user, or none of its items served yet): popular "
+        "items and the newest ones in turn, not a personal ranking.",
+    )
 
 
 class ObserveMiddleware:
@@ -227,10 +233,8 @@ def create_app(engine: Engine, state: ServingState, cfg: ApiSettings) -> FastAPI
     def recommend(req: RecommendRequest) -> RecommendResponse:
         unknown: list[str] = []
         if req.user_id is not None:
-            with engine.connect() as conn:
-                history = user_history(conn, req.user_id, cfg.history_len)
-            if not history:
-                raise HTTPException(404, f"user {req.user_id!r} has no interactions")
+            with engine.connect() as conn:  # a new user has none: the fallback ranking
+                history = user_history(conn, req.user_id, cfg.history_len, state.positives)
         else:
             history = []
             for item_id in req.history:
@@ -240,12 +244,13 @@ def create_app(engine: Engine, state: ServingState, cfg: ApiSettings) -> FastAPI
                 else:
                     history.append(idx)
         exclude = set(history) if req.exclude_seen else set()
-        ranked, version, size = state.recommend(history, req.k, exclude)
+        ranked, version, size, fallback = state.recommend(history, req.k, exclude)
         return RecommendResponse(
             items=[Recommended(item_id=state.item_id[i], score=s) for i, s in ranked],
             model_version=version,
             index_items=size,
             unknown_items=unknown,
+            fallback=fallback,
         )
 
     @app.get("/items/{item_id}", dependencies=guarded)  # it shows titles of unlaunched items

@@ -1,20 +1,30 @@
 """How the scorer turns SAID vectors into index vectors and a history into a query.
 
-Two scorers share one small interface (``version``, ``dim``, ``item_vectors``, ``query``):
-- ``SASRecScorer``: a trained SASRec over the frozen SAID table. An item's index vector is
-  the adapter applied to its SAID vector, so a fresh item gets one the moment the worker
-  writes its first estimate, with no retraining; a query is the sequence encoder's last
-  state. Scores are the model's own logits.
+Three scorers share one small interface (``version``, ``dim``, ``item_vectors(ids, said)``,
+``query``):
+- ``CompositeScorer``: the warm/cold composite ``said retrain`` trains and promotes. An item
+  the teacher trained on is indexed with its gated vector (its ID row, mostly); any other
+  item, a fresh one above all, with the student's vector of its SAID row, the moment the
+  worker writes its first estimate, with no retraining. At the next promotion it graduates
+  to its ID row, with no realignment. A query runs the teacher's encoder over the history's
+  index vectors, so a fresh item in a history reads as its student vector.
+- ``SASRecScorer``: the frozen-table SASRec that scorer versions before the composite are
+  (served until a composite is promoted). An item's index vector is the adapter applied to
+  its SAID vector; a query is the sequence encoder's last state.
 - ``CosineScorer``: until a scorer version is promoted (a new platform with no clicks yet),
   items rank by cosine similarity between their SAID vectors and the history's mean.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from models.sasrec import SASRec
+from core.files import load_torch
+from models.composite import Composite, load_composite
+from models.sasrec import SASRec, load_sasrec
 
 
 def normalise(v: np.ndarray) -> np.ndarray:
@@ -26,7 +36,7 @@ class CosineScorer:
     def __init__(self, aligner_version: str, dim: int) -> None:
         self.version, self.dim = f"cosine-{aligner_version}", dim
 
-    def item_vectors(self, said: np.ndarray) -> np.ndarray:
+    def item_vectors(self, ids: np.ndarray, said: np.ndarray) -> np.ndarray:
         return normalise(said.astype(np.float32))  # (n, D)
 
     def query(self, history: np.ndarray) -> np.ndarray:
@@ -34,15 +44,37 @@ class CosineScorer:
 
 
 class SASRecScorer:
-    """A trained scorer behind the ``Recommender`` seam (``SASRec`` today)."""
+    """A trained frozen-table SASRec behind the ``Recommender`` seam."""
 
     def __init__(self, model: SASRec, version: str) -> None:
         self.model, self.version, self.dim = model.eval(), version, model.cfg.hidden
 
     @torch.inference_mode()
-    def item_vectors(self, said: np.ndarray) -> np.ndarray:
+    def item_vectors(self, ids: np.ndarray, said: np.ndarray) -> np.ndarray:
         return self.model.content_vectors(torch.from_numpy(said.astype(np.float32))).numpy()  # (n, h)
 
     @torch.inference_mode()
     def query(self, history: np.ndarray) -> np.ndarray:
         return self.model.query(torch.from_numpy(history)[None]).numpy()  # (T, h) -> (1, h)
+
+
+class CompositeScorer(SASRecScorer):
+    """The composite: an item's index vector depends on whether the teacher trained on it."""
+
+    model: Composite
+
+    @torch.inference_mode()
+    def item_vectors(self, ids: np.ndarray, said: np.ndarray) -> np.ndarray:
+        rows = torch.from_numpy(said.astype(np.float32))
+        return self.model.vectors_of(torch.from_numpy(np.asarray(ids, dtype=np.int64)), rows).numpy()
+
+
+def load_scorer(path: Path, version: str) -> tuple[SASRecScorer, dict]:
+    """The scorer of a saved version file, by its kind, and its metadata (``CorruptFile``,
+    ``OSError`` or ``ValueError`` when it cannot be served)."""
+    saved = load_torch(path)
+    if isinstance(saved, dict) and saved.get("kind") == "composite":
+        model, meta = load_composite(path)
+        return CompositeScorer(model, version), meta
+    model, meta = load_sasrec(path)
+    return SASRecScorer(model, version), meta

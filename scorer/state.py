@@ -29,8 +29,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import chain, zip_longest
 from pathlib import Path
 
 import faiss
@@ -45,18 +47,21 @@ from core.catalogue import (
     embeddings_since,
     item_change_watermark,
     item_ids_after,
+    popular_items,
     text_changes_since,
 )
 from core.files import CorruptFile
 from core.settings import IndexSettings, Settings
 from core.versions import active_version, versions_in
 from models.bundle import AlignerBundle
-from models.sasrec import load_sasrec
 from scorer.index import CorruptSnapshot, ItemIndex, snapshots
-from scorer.scorers import CosineScorer, SASRecScorer
+from scorer.scorers import CosineScorer, SASRecScorer, load_scorer
 
 log = logging.getLogger(__name__)
 Scorer = CosineScorer | SASRecScorer
+POSITIVES = Settings.model_fields["positives"].default
+FALLBACK_FRESH = 256  # newest indexed items a fallback ranking draws from
+FALLBACK_POPULAR = 1000  # most popular items a fallback ranking draws from
 
 
 @dataclass
@@ -68,6 +73,7 @@ class Served:
     watermark: int  # every embedding with seq <= this is in the index
     hashes: dict[int, str]  # item idx -> the text hash of its served vector (every indexed item)
     item_watermark: int  # every text change with change_seq <= this is applied
+    newest: deque[int] = field(default_factory=lambda: deque(maxlen=FALLBACK_FRESH))  # newest applied
 
     def snapshot_name(self) -> str:
         return f"{self.scorer.version}-q{self.watermark}"
@@ -89,12 +95,16 @@ class ServingState:
         said_dim: int,
         index_dir: Path,
         cfg: IndexSettings,
+        positives: tuple[str, ...] = POSITIVES,
     ) -> None:
+        """``positives``: the interaction types a user's history is made of (as in training)."""
         # One query at a time gains nothing from OpenMP threads, and their spin-waiting under
         # concurrent requests costs tens of milliseconds (measured: p50 45 ms -> see README).
         faiss.omp_set_num_threads(1)
         self.engine, self.aligner_version, self.said_dim = engine, aligner_version, said_dim
-        self.index_dir, self.cfg = index_dir, cfg
+        self.index_dir, self.cfg, self.positives = index_dir, cfg, positives
+        self._popular: list[int] = []
+        self._popular_at = -float("inf")
         self.snapshot_every_s, self.hnsw_min_items = cfg.snapshot_every_s, cfg.hnsw_min_items
         self.lock = threading.RLock()
         self.item_id: dict[int, str] = {}
@@ -112,7 +122,12 @@ class ServingState:
     def for_bundle(cls, engine: Engine, bundle: AlignerBundle, settings: Settings) -> ServingState:
         """The state serving ``bundle``'s vectors, its index under ``<data_dir>/index``."""
         return cls(
-            engine, bundle.version, bundle.aligner.cfg.vector_dim, settings.data_dir / "index", settings.index
+            engine,
+            bundle.version,
+            bundle.aligner.cfg.vector_dim,
+            settings.data_dir / "index",
+            settings.index,
+            settings.positives,
         )
 
     @property
@@ -127,14 +142,14 @@ class ServingState:
         is not tried again (a version's file never changes)."""
         if active is not None:
             try:
-                model, meta = load_sasrec(active[1])
+                scorer, meta = load_scorer(active[1], active[0])
             except (CorruptFile, OSError, ValueError) as exc:
                 self._declined = active[0]
                 self._problem("scorer", f"active scorer {active[0]} cannot be loaded ({exc})")
                 return None
             self._problem("scorer", None)
             if meta.get("aligner_version") == self.aligner_version:
-                return SASRecScorer(model, active[0])
+                return scorer
             self._declined = active[0]  # not loaded again on every refresh
             log.warning(
                 "scorer %s was trained on aligner %s, not %s: serving cosine similarity",
@@ -155,7 +170,8 @@ class ServingState:
             except (CorruptSnapshot, ValueError) as exc:
                 log.warning("skipping snapshot: %s", exc)
                 continue
-            return self._reconciled(Served(scorer, index, watermark, {}, 0))
+            newest = np.sort(index.ids())[-FALLBACK_FRESH:].tolist()
+            return self._reconciled(Served(scorer, index, watermark, {}, 0, deque(newest, FALLBACK_FRESH)))
         return self._build(scorer)
 
     def _reconciled(self, served: Served) -> Served:
@@ -187,9 +203,10 @@ class ServingState:
         self._name(found)
         index = ItemIndex(scorer.dim, self.hnsw_min_items)
         if len(found.ids):
-            index.build(found.ids, scorer.item_vectors(found.vectors))
+            index.build(found.ids, scorer.item_vectors(found.ids, found.vectors))
         hashes = dict(zip(found.ids.tolist(), found.text_hashes, strict=True))
-        return Served(scorer, index, found.newest, hashes, changed_through)
+        newest = deque(found.ids[-FALLBACK_FRESH:].tolist(), FALLBACK_FRESH)  # ids ascend: newest last
+        return Served(scorer, index, found.newest, hashes, changed_through, newest)
 
     def _name(self, found: EmbeddingRows | dict[int, str]) -> None:
         """Learn external ids (of embedding rows, or idx -> id); only ever added to."""
@@ -207,12 +224,12 @@ class ServingState:
         was trained on this aligner and still loads (None: cosine until one is promoted)."""
         for version, path in versions_in(self.engine, "scorer", "retired"):
             try:
-                model, meta = load_sasrec(path)
+                scorer, meta = load_scorer(path, version)
             except (CorruptFile, OSError, ValueError):
                 continue
             if meta.get("aligner_version") == self.aligner_version:
                 log.warning("serving scorer %s, the last good one, until a readable one is active", version)
-                return SASRecScorer(model, version)
+                return scorer
         return None
 
     def _problem(self, kind: str, why: str | None) -> None:
@@ -274,6 +291,10 @@ class ServingState:
             self._follow_versions()
         except Exception:  # the next refresh tries again; meanwhile keep serving and applying
             log.exception("following the active versions failed; still serving %s", self.version)
+        if time.monotonic() - self._popular_at > self.cfg.popular_refresh_s:
+            with self.engine.connect() as conn:
+                self._popular = popular_items(conn, self.positives, FALLBACK_POPULAR)
+            self._popular_at = time.monotonic()
         return self._apply_new()
 
     def _follow_versions(self) -> None:
@@ -298,7 +319,7 @@ class ServingState:
         with self.engine.connect() as conn:
             found = embeddings_since(conn, self.aligner_version, served.watermark)
         fresh = found.fresh()
-        mapped = served.scorer.item_vectors(fresh.vectors) if len(fresh.ids) else None
+        mapped = served.scorer.item_vectors(fresh.ids, fresh.vectors) if len(fresh.ids) else None
         self._name(new_ids)
         self._named_through = max(new_ids, default=self._named_through)
         self._name(fresh)  # before the upsert: every indexed item has a name
@@ -307,6 +328,7 @@ class ServingState:
             if mapped is not None:
                 served.index.upsert(fresh.ids, mapped)
                 served.hashes.update(zip(fresh.ids.tolist(), fresh.text_hashes, strict=True))
+                served.newest.extend(fresh.ids.tolist())
             served.watermark = max(served.watermark, found.newest)
             self.refreshed_at = datetime.now(UTC)
             metrics.INDEX_ITEMS.set(len(served.index))
@@ -335,7 +357,9 @@ class ServingState:
             out += found.ids[found.stale].tolist()
             found = found.fresh()
             self._name(found)
-        mapped = served.scorer.item_vectors(found.vectors) if found is not None and len(found.ids) else None
+        mapped = None
+        if found is not None and len(found.ids):
+            mapped = served.scorer.item_vectors(found.ids, found.vectors)
         with self.lock:
             served.index.remove(self._unserve(served, out))
             if mapped is not None:
@@ -375,18 +399,32 @@ class ServingState:
     # --- requests ----------------------------------------------------------------------
     def recommend(
         self, history: list[int], k: int, exclude: set[int]
-    ) -> tuple[list[tuple[int, float]], str, int]:
-        """Top-k (item, score) for a history, with the scorer version and index size used."""
+    ) -> tuple[list[tuple[int, float]], str, int, bool]:
+        """Top-k (item, score) for a history, with the scorer version and index size used,
+        and whether it is the fallback ranking (no item of the history is indexed)."""
         served = self.served  # one consistent pair, even if a swap happens meanwhile
         with self.lock:
             vecs = [v for v in map(self._vector(served.index), history) if v is not None]
             if not vecs:
-                return [], served.scorer.version, len(served.index)
+                return self._fallback(served, k, exclude), served.scorer.version, len(served.index), True
             query = served.scorer.query(np.stack(vecs))
             scores, ids = served.index.search(query, k, exclude)
             size = len(served.index)
         out = [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
-        return out, served.scorer.version, size
+        return out, served.scorer.version, size, False
+
+    def _fallback(self, served: Served, k: int, exclude: set[int]) -> list[tuple[int, float]]:
+        """A user with no usable history: popular items and the newest ones in turn (so new
+        ads get exposure), served ones only; scores are 1 / (rank + 1), a ranking only."""
+        picked: list[int] = []
+        taken = set(exclude)
+        for idx in chain.from_iterable(zip_longest(self._popular, reversed(served.newest))):
+            if idx is not None and idx not in taken and idx in served.hashes:
+                picked.append(idx)
+                taken.add(idx)
+                if len(picked) == k:
+                    break
+        return [(idx, 1.0 / (rank + 1)) for rank, idx in enumerate(picked)]
 
     @staticmethod
     def _vector(index: ItemIndex):

@@ -1,17 +1,28 @@
-"""``said retrain``: event-driven retraining and guarded promotion of the SASRec scorer.
+"""``said retrain``: event-driven retraining and guarded promotion of the warm/cold composite.
 
 A retrain is due when ``min_new_interactions`` interactions or ``min_new_items`` items have
-arrived since the last scorer attempt. It trains a candidate on the catalogue's sequences
-(warm-started from the active version, the SAID table frozen), early-stops it on one slice
-of users (each user's last item), scores candidate and active version on a second,
-disjoint slice, and promotes the candidate only if it is not worse there. The slices are
-fixed by a hash of the user id, so no scorer is ever compared on users it early-stopped on
-(a candidate picked for its best score on a slice would be favoured there). Promotion is
-one transaction on ``model_versions``; every scorer
-replica notices it and swaps model and index together (``scorer/state.py``).
+arrived since the last scorer attempt. It trains the composite the offline evaluation picked
+(``models/composite.py``, ``docs/quality-mixed.md``): an ID SASRec teacher on the catalogue's
+positive interactions (``settings.positives``: clicks and conversions, never impressions),
+warm-started from the active teacher's rows, then the student that maps an item's SAID
+vector into the teacher's space, with the gate set by each item's training interactions.
 
-A candidate trains as ``settings.scorer`` says (rate, batch, patience, validation period,
-seed), for at most ``settings.retrain.epochs`` epochs; the watching retrainer trains on
+The items that arrived after the active version's catalogue (on a first retrain, a fixed
+tenth of the items by a hash of their index) are its **cold-validation** items: out of the
+teacher's training and of its softmax, as cold items are when the composite serves. They
+are what the student stops on, and they graduate to their ID rows at the next promotion.
+
+Two user slices, fixed by a hash of the user id, judge it: early stopping (teacher on the
+slice's warm-target users, student on its cold-target users, gate and boost on all) and
+promotion. On the promotion slice the candidate and the active version are compared on
+warm-target and cold-target users separately, per user and paired: the candidate is
+promoted only if neither is worse beyond noise (the 95% bootstrap interval of the mean
+difference lies wholly below 0). A rejected candidate keeps both scores. Promotion is one
+transaction on ``model_versions``; every scorer replica notices it and swaps model and
+index together (``scorer/state.py``).
+
+A teacher trains as ``settings.scorer`` says, for at most ``settings.retrain.epochs``
+epochs; the student as ``settings.composite`` says. The watching retrainer trains on
 whichever aligner version is active when a retrain starts.
 """
 
@@ -36,10 +47,15 @@ from core.settings import RetrainSettings, ScorerSettings, Settings
 from core.tables import interactions, items
 from core.versions import active_version, newest_metrics, record_version, require_active, versions_in
 from core.versions import promote as promote_if_current
-from models.sasrec import SASRec, SASRecConfig, load_sasrec, save_scorer
-from training.recommender import evaluate, train_scorer, validator
+from models.composite import Composite, load_composite, save_composite
+from models.sasrec import SASRec, SASRecConfig
+from training.composite import train_student
+from training.mixed import interaction_counts, interval, ndcg10, ranks_and_top
+from training.recommender import train_scorer, validator
 
 log = logging.getLogger(__name__)
+Slice = tuple[list[list[int]], list[int]]  # (histories, targets)
+COLD_SHARE = 1 / 10  # of the items, the cold-validation set of a first retrain
 
 
 def counts(engine: Engine) -> dict[str, int]:
@@ -70,16 +86,44 @@ class TrainingData:
     """What a retrain trains and judges on, read from the catalogue in one go."""
 
     table: torch.Tensor  # (max item index + 1, D) aligner vectors, 0 where none yet
-    train: list[list[int]]  # every user's history without its last item
-    stopping: tuple[list[list[int]], list[int]]  # early-stopping slice (histories, targets)
-    promotion: tuple[list[list[int]], list[int]]  # promotion slice, disjoint from stopping
+    cold: set[int]  # cold-validation items: not trained on, ranked by the student
+    train: list[list[int]]  # every user's history without its last item, cold items dropped
+    stopping: Slice  # early-stopping slice
+    promotion: Slice  # promotion slice, disjoint from stopping
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """(N+1,) training interactions per item: the composite's gate."""
+        return interaction_counts(self.train, self.table.shape[0] - 1)
+
+    def split(self, users: Slice) -> tuple[Slice, Slice]:
+        """(warm-target, cold-target) users of a slice."""
+        warm: Slice = ([], [])
+        cold: Slice = ([], [])
+        for history, target in zip(*users, strict=True):
+            part = cold if target in self.cold else warm
+            part[0].append(history)
+            part[1].append(target)
+        return warm, cold
 
 
-def training_data(engine: Engine, aligner_version: str, settings: Settings) -> TrainingData:
-    """The catalogue's sequences over the items embedded in ``aligner_version``, and the two
-    validation slices (``settings.retrain.valid_users`` each, drawn by ``settings.scorer.seed``)."""
+def cold_items(embedded: set[int], known_through: int | None) -> set[int]:
+    """The items newer than the active version's catalogue (``known_through``, its largest
+    index); with no active version, a fixed tenth of them by a hash of the index (the
+    same at every retrain, so a first retrain's choice is not redrawn)."""
+    if known_through is not None:
+        return {i for i in embedded if i > known_through}
+    return {i for i in embedded if hashlib.sha256(str(i).encode()).digest()[0] < 256 * COLD_SHARE}
+
+
+def training_data(
+    engine: Engine, aligner_version: str, settings: Settings, known_through: int | None = None
+) -> TrainingData:
+    """The catalogue's positive interactions over the items embedded in ``aligner_version``,
+    the cold-validation items (``cold_items``) and the two validation slices
+    (``settings.retrain.valid_users`` each, drawn by ``settings.scorer.seed``)."""
     with engine.connect() as conn:
-        by_user = user_sequences(conn)
+        by_user = user_sequences(conn, settings.positives)
         ids, vectors = load_embeddings(conn, aligner_version)
     if vectors is None:
         raise RuntimeError(f"no embeddings of aligner {aligner_version}: run `said align` first")
@@ -87,49 +131,119 @@ def training_data(engine: Engine, aligner_version: str, settings: Settings) -> T
     table[torch.from_numpy(ids)] = torch.from_numpy(vectors)
     embedded = set(ids.tolist())
     by_user = {u: [i for i in s if i in embedded] for u, s in by_user.items()}  # pending: no input yet
+    cold = cold_items(embedded, known_through)
     stopping, promotion = validation_slices(by_user, settings.retrain.valid_users, settings.scorer.seed)
     if not stopping[0] or not promotion[0]:
-        raise RuntimeError("too few users with 3 interactions to early-stop and compare a scorer")
-    return TrainingData(table, [s[:-1] for s in by_user.values()], stopping, promotion)
+        raise RuntimeError("too few users with 3 positive interactions to early-stop and compare a scorer")
+    train = [[i for i in s[:-1] if i not in cold] for s in by_user.values()]
+    return TrainingData(table, cold, train, stopping, promotion)
 
 
 def train_config(settings: Settings) -> ScorerSettings:
-    """How a retrain trains: the scorer section, capped at the retrain's epochs."""
+    """How a retrain trains its teacher: the scorer section, capped at the retrain's epochs."""
     return settings.scorer.model_copy(update={"epochs": settings.retrain.epochs})
+
+
+def train_composite(
+    data: TrainingData, settings: Settings, device: torch.device, progress: bool, start: Composite | None
+) -> tuple[Composite, dict]:
+    """Teacher (warm-started from ``start``'s, when there is one), then student, gate and boost."""
+    warm_stop, cold_stop = data.split(data.stopping)
+    teacher = SASRec(SASRecConfig(n_items=data.table.shape[0] - 1))
+    if start is not None:
+        warm_start(teacher, start.teacher)
+    if not warm_stop[0]:
+        raise RuntimeError("no early-stopping user has a warm target: too few items trained on")
+    teacher, info = train_scorer(
+        teacher,
+        data.train,
+        validator(warm_stop, device),
+        train_config(settings),
+        device,
+        progress,
+        blocked=sorted(data.cold),
+    )
+    torch.manual_seed(settings.scorer.seed)
+    composite = Composite(teacher, data.table, data.counts, settings.composite.dropout)
+    stop = validator(cold_stop, device) if cold_stop[0] else None
+    composite, student = train_student(
+        composite, data.train, validator(data.stopping, device), settings.composite, device, progress, stop
+    )
+    return composite, info | {k: student[k] for k in ("student_epochs", "kappa", "boost")}
+
+
+def warm_start(teacher: SASRec, active: SASRec) -> None:
+    """The active teacher's weights, and its rows of the items it knew (newer items keep
+    their fresh initial rows): each retrain refines the last instead of starting over."""
+    if teacher.cfg.hidden != active.cfg.hidden or teacher.cfg.layers != active.cfg.layers:
+        return
+    state = active.state_dict()
+    rows = teacher.id_emb.weight.detach().clone()
+    old = state["id_emb.weight"]
+    n = min(len(rows), len(old))
+    rows[:n] = old[:n]
+    state["id_emb.weight"] = rows
+    teacher.load_state_dict(state)
+
+
+def per_user_ndcg(model: Composite, users: Slice, device: torch.device) -> torch.Tensor:
+    """(U,) each user's NDCG@10, ranking every catalogue item."""
+    if not users[0]:
+        return torch.zeros(0)
+    return ndcg10(ranks_and_top(model.to(device), *users, device)[0])
+
+
+def guard(candidate: torch.Tensor, active: torch.Tensor | None) -> dict:
+    """One group of promotion users: both scores, and whether the candidate is worse
+    beyond noise (the 95% bootstrap interval of the paired per-user difference below 0)."""
+    out = {"users": len(candidate), "ndcg@10": candidate.mean().item() if len(candidate) else None}
+    if active is None or not len(candidate):
+        return out | {"active_ndcg@10": None, "diff_interval": None, "worse": False}
+    low, high = interval(candidate - active)
+    return out | {"active_ndcg@10": active.mean().item(), "diff_interval": [low, high], "worse": high < 0}
 
 
 def retrain_once(
     engine: Engine, aligner_version: str, settings: Settings, device: torch.device, progress: bool = True
 ) -> dict:
-    """Train, validate and maybe promote one candidate; returns its metrics. Its file goes
-    under ``<data_dir>/scorer``."""
+    """Train, validate and maybe promote one candidate composite; returns its metrics. Its
+    file goes under ``<data_dir>/scorer``."""
     seen = counts(engine)
     out_dir = settings.data_dir / "scorer"
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = training_data(engine, aligner_version, settings)
-    table, train, stopping, promotion = data.table, data.train, data.stopping, data.promotion
     active = active_version(engine, "scorer")
-    candidate = SASRec(SASRecConfig(n_items=table.shape[0] - 1), table)
-    active_ndcg = -1.0
-    current = _readable(active, table)
+    current = _readable(active)
+    known = current.teacher.cfg.n_items if current is not None else None
+    data = training_data(engine, aligner_version, settings, known)
     if current is not None:
-        active_ndcg = evaluate(current.to(device), *promotion, device)["ndcg@10"]
-        candidate.load_state_dict(current.state_dict())  # warm start, same standardisation
-    candidate, info = train_scorer(
-        candidate, train, validator(stopping, device), train_config(settings), device, progress
-    )
-    ndcg = evaluate(candidate, *promotion, device)["ndcg@10"]
-    better = ndcg >= active_ndcg
-    version = datetime.now(UTC).strftime("sasrec-%Y%m%d%H%M%S%f")
+        current.use_content(data.table)  # today's catalogue: its newer items are cold to it
+    candidate, info = train_composite(data, settings, device, progress, current)
+    warm, cold = data.split(data.promotion)
+    verdicts = {}
+    for name, users in (("warm", warm), ("cold", cold)):
+        mine = per_user_ndcg(candidate, users, device)
+        theirs = per_user_ndcg(current, users, device) if current is not None else None
+        verdicts[name] = guard(mine, theirs)
+    better = not (verdicts["warm"]["worse"] or verdicts["cold"]["worse"])
+    everyone = per_user_ndcg(candidate, data.promotion, device)
+    version = datetime.now(UTC).strftime("composite-%Y%m%d%H%M%S%f")
     record = seen | {
-        "val_ndcg@10": info["best_val_ndcg@10"],  # the early-stopping slice
-        "ndcg@10": ndcg,  # the promotion slice, which no scorer early-stopped on
-        "active_ndcg@10": active_ndcg,
+        "val_ndcg@10": info["best_val_ndcg@10"],  # the teacher's, on the early-stopping slice
+        "ndcg@10": everyone.mean().item(),  # the promotion slice, which no scorer early-stopped on
+        "active_ndcg@10": (
+            per_user_ndcg(current, data.promotion, device).mean().item() if current is not None else None
+        ),
+        "warm": verdicts["warm"],
+        "cold": verdicts["cold"],
+        "cold_items": len(data.cold),
         "epochs": info["epochs"],
+        "student_epochs": info["student_epochs"],
+        "kappa": info["kappa"],
+        "boost": info["boost"],
         "aligner_version": aligner_version,
         "warm_start": active[0] if current is not None else None,
     }
-    path = save_scorer(out_dir / f"scorer-{version}.pt", candidate.cpu(), record)
+    path = save_composite(out_dir / f"scorer-{version}.pt", candidate.cpu(), record)
     with engine.begin() as conn:  # promotes only if the active version is still the compared one
         if better:
             promote = promote_if_current(conn, "scorer", version, path, record, active[0] if active else None)
@@ -140,15 +254,21 @@ def retrain_once(
         prune_rejected(engine)
     record["promoted"] = promote
     metrics.SCORER_RETRAINS.labels("promoted" if promote else "rejected").inc()
-    metrics.SCORER_VAL_NDCG.set(ndcg)
+    metrics.SCORER_VAL_NDCG.set(record["ndcg@10"])
     log.info(
-        "scorer %s: NDCG@10 %.4f vs active %.4f on the promotion slice -> %s",
+        "scorer %s: NDCG@10 warm %s vs active %s, cold %s vs active %s -> %s",
         version,
-        ndcg,
-        active_ndcg,
+        _fmt(verdicts["warm"]["ndcg@10"]),
+        _fmt(verdicts["warm"]["active_ndcg@10"]),
+        _fmt(verdicts["cold"]["ndcg@10"]),
+        _fmt(verdicts["cold"]["active_ndcg@10"]),
         "promoted" if promote else "rejected",
     )
     return record | {"version": version}
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 KEEP_REJECTED = 3  # rejected candidates' files kept for a look (their rows and scores stay)
@@ -167,13 +287,14 @@ def prune_rejected(engine: Engine, keep: int = KEEP_REJECTED) -> int:
     return gone
 
 
-def _readable(active: tuple[str, Path] | None, table: torch.Tensor) -> SASRec | None:
-    """The active scorer, or None when there is none or its file cannot be read: then the
-    candidate trains from scratch and replaces it (an unreadable model serves nobody)."""
+def _readable(active: tuple[str, Path] | None) -> Composite | None:
+    """The active composite, or None when there is none or its file cannot be read (or is
+    of the frozen-table scorer before the composite): then the candidate trains from
+    scratch, is compared with nothing, and replaces it (an unreadable model serves nobody)."""
     if active is None:
         return None
     try:
-        model = load_sasrec(active[1], table)[0]
+        model = load_composite(active[1])[0]
         metrics.SERVING_PROBLEMS.labels("scorer").set(0)
         return model
     except (CorruptFile, OSError, ValueError) as exc:
