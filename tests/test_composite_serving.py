@@ -1,0 +1,207 @@
+"""The served warm/cold composite, end to end over a real catalogue (SQLite and PostgreSQL),
+the retrainer and the HTTP scorer: fresh items ranked by the student within a second of
+their first estimate, graduation to their ID rows after a promotion, the promotion guard on
+cold targets, impressions that never become positives, and the new-user fallback."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import torch
+from fastapi.testclient import TestClient
+
+from core.catalogue import insert_interactions, load_embeddings, write_embeddings
+from core.events import InteractionEvent
+from core.settings import ApiSettings, IndexSettings, Settings
+from core.versions import active_version
+from scorer.app import create_app
+from scorer.scorers import CompositeScorer
+from tests.support.catalogue import add_items, text_hashes
+from updater import retrain
+from updater.retrain import retrain_once
+
+CPU = torch.device("cpu")
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def quick(data, **flat) -> Settings:
+    """A short retrain of the tiny catalogue: teacher and student each stop after 3 flat
+    validations."""
+    return Settings(
+        data_dir=data,
+        scorer_patience=3,
+        scorer_eval_every=1,
+        retrain_epochs=6,
+        composite_epochs=8,
+        composite_patience=3,
+        **flat,
+    )
+
+
+def clicks(engine, rows: list[tuple[str, int, datetime]], kind: str = "click") -> None:
+    """(user, item index, time) interactions of ``kind``; item index i is item ``i{i-1}``."""
+    evs = [
+        InteractionEvent(f"{user}-{idx}-{kind}-{at.isoformat()}", user, f"i{idx - 1}", kind, at)
+        for user, idx, at in rows
+    ]
+    with engine.begin() as conn:
+        insert_interactions(conn, evs, {f"i{idx - 1}": idx for _, idx, _ in rows})
+
+
+def new_items_like(engine, bundle, like: dict[int, int]) -> dict[int, np.ndarray]:
+    """Embed new items ``{new index: old index}`` at an old item's vector plus noise, as a
+    first estimate of a new edition is: their vectors, by index."""
+    with engine.connect() as conn:
+        ids, vectors = load_embeddings(conn, bundle.version)
+    by_idx = dict(zip(ids.tolist(), vectors, strict=True))
+    rng = np.random.default_rng(0)
+    out = {
+        new: (by_idx[old] + 0.05 * rng.standard_normal(by_idx[old].shape)).astype("float32")
+        for new, old in like.items()
+    }
+    idx = sorted(out)
+    hashes = text_hashes(engine, idx)  # as the worker writes them: the items' texts
+    with engine.begin() as conn:
+        write_embeddings(
+            conn,
+            bundle.version,
+            "estimate",
+            idx,
+            hashes,
+            np.stack([out[i] for i in idx]),
+            [None] * len(idx),
+            datetime.now(UTC),
+        )
+    return out
+
+
+def test_a_fresh_item_is_ranked_by_the_student_within_a_second_then_graduates(served):
+    engine, bundle, data, state = served
+    cfg = quick(data)
+    first = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
+    assert first["promoted"] and first["version"].startswith("composite-")
+    state.cfg = IndexSettings(refresh_s=0.1)
+    with TestClient(create_app(engine, state, ApiSettings())) as client:
+        deadline = time.monotonic() + 5
+        while state.version != first["version"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert isinstance(state.served.scorer, CompositeScorer), "the replica serves the composite"
+        add_items(engine, 24, 1)  # i24, index 25, of kind 0: a new edition of i0
+        t0 = time.monotonic()
+        vector = new_items_like(engine, bundle, {25: 1})[25]
+        ranked_at = None
+        while time.monotonic() - t0 < 5:
+            r = client.post("/recommend", json={"history": ["i0", "i8"], "k": 24})
+            if "i24" in [x["item_id"] for x in r.json()["items"]]:
+                ranked_at = time.monotonic() - t0
+                break
+            time.sleep(0.02)
+    assert ranked_at is not None and ranked_at < 1.0, f"servable after {ranked_at} s"
+    model = state.served.scorer.model
+    student = model.content_vectors(torch.from_numpy(vector)[None])[0].detach().numpy()
+    indexed = state.served.index.vector(25)
+    assert np.allclose(indexed, student, atol=1e-5), "a fresh item is the student's vector, fully boosted"
+
+    # it gets clicks (earlier in users' histories), then two retrains: the first holds it
+    # out as its cold-validation item, at the promotion after that it is trained on
+    clicks(engine, [(f"u{u}", 25, T0 - timedelta(days=1)) for u in range(0, 30, 8)])
+    second = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
+    assert second["promoted"] and second["cold_items"] == 1, second
+    third = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
+    assert third["promoted"] and third["cold_items"] == 0, third
+    state.refresh()
+    assert state.version == third["version"]
+    model = state.served.scorer.model
+    assert model.counts[25] == 4, "trained on its clicks"
+    graduated = state.served.index.vector(25)
+    ids = torch.tensor([25])
+    expected = model.vectors_of(ids, torch.from_numpy(vector)[None])[0].detach().numpy()
+    assert np.allclose(graduated, expected, atol=1e-5)
+    g = model.gate(ids)[0, 0].item()
+    assert g > 0 and not np.allclose(graduated, student, atol=1e-3), "its ID row now carries it"
+    row = model.teacher.item_vectors(ids)[0].detach().numpy()
+    now_student = model.content_vectors(torch.from_numpy(vector)[None])[0].detach().numpy()
+    assert np.allclose(graduated[:-1], g * row + (1 - g) * now_student[:-1], atol=1e-4), "gated"
+    assert np.isclose(graduated[-1], (1 - g) * now_student[-1], atol=1e-5), "boosted only as cold as it is"
+
+
+def test_the_guard_refuses_a_candidate_worse_on_cold_targets_only(served, monkeypatch):
+    engine, bundle, data, _state = served
+    cfg = quick(data, composite_gate_kappas="0")  # warm items are their ID rows in both versions
+    first = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
+    assert first["promoted"]
+    # new editions i24..i31 (index 25..32, kinds 0..7) that each old user clicks last: the
+    # next retrain's cold targets; 30 more users with old items only: its warm targets
+    add_items(engine, 24, 8)
+    new_items_like(engine, bundle, {25 + k: 1 + k for k in range(8)})
+    clicks(engine, [(f"u{u}", 25 + u % 8, T0 + timedelta(hours=1)) for u in range(30)])
+    # (third, first, second) of a kind: the last step is one both versions trained on
+    old_only = [
+        (f"w{u}", u % 8 + 1 + 8 * k, T0 + timedelta(minutes=step))
+        for u in range(30)
+        for step, k in enumerate((2, 0, 1))
+    ]
+    clicks(engine, old_only)
+    real = retrain.train_student
+
+    def ruined_student(composite, *args, **kwargs):
+        """A student that learned nothing: every cold item scores 0 for every user, in the
+        middle of the ranking, below the warm targets, so only cold targets sink."""
+        composite, info = real(composite, *args, **kwargs)
+        composite.student.register_forward_hook(lambda _m, _x, out: torch.zeros_like(out))
+        composite.boost.fill_(0.0)
+        return composite, info | {"boost": 0.0}
+
+    def same_teacher(model, *_args, **_kwargs):
+        """The teacher as warm-started: the active one's weights and rows, so warm targets
+        rank as they did and only the student differs."""
+        return model, {"best_val_ndcg@10": 0.0, "epochs": 0}
+
+    monkeypatch.setattr(retrain, "train_student", ruined_student)
+    monkeypatch.setattr(retrain, "train_scorer", same_teacher)
+    second = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
+    assert second["cold"]["users"] > 5 and second["warm"]["users"] > 5, second
+    assert second["cold"]["worse"] and not second["warm"]["worse"], (second["warm"], second["cold"])
+    assert second["cold"]["ndcg@10"] < second["cold"]["active_ndcg@10"], "both scores are kept"
+    assert not second["promoted"] and active_version(engine, "scorer")[0] == first["version"]
+
+
+def test_impressions_never_become_positives_nor_history(served):
+    engine, bundle, data, state = served
+    before = retrain.training_data(engine, bundle.version, quick(data))
+    # a flood of impressions of item 5, by known users and by one who never clicked
+    clicks(engine, [(f"u{u}", 5, T0 + timedelta(hours=2)) for u in range(30)], kind="impression")
+    clicks(engine, [("viewer", i, T0 + timedelta(minutes=i)) for i in range(1, 25)], kind="impression")
+    after = retrain.training_data(engine, bundle.version, quick(data))
+    assert after.train == before.train and torch.equal(after.counts, before.counts)
+    assert after.promotion == before.promotion, "no impression is a validation target either"
+    with TestClient(create_app(engine, state, ApiSettings())) as client:
+        body = client.post("/recommend", json={"user_id": "viewer", "k": 5}).json()
+        assert body["fallback"], "impressions alone are no usable history"
+        body = client.post("/recommend", json={"user_id": "u1", "k": 24, "exclude_seen": True}).json()
+        ranked = {x["item_id"] for x in body["items"]}
+        assert not body["fallback"] and not ranked & {"i1", "i9", "i17"}, "its clicked items are seen"
+        assert "i4" in ranked, "an item it was only shown is not in its history"
+
+
+def test_a_new_user_gets_a_flagged_fallback_of_popular_and_new_items(served):
+    engine, bundle, _data, state = served
+    add_items(engine, 24, 1)  # i24, index 25: the newest item, no clicks yet
+    new_items_like(engine, bundle, {25: 3})
+    clicks(engine, [(f"u{u}", 7, T0 + timedelta(hours=3)) for u in range(10)])  # i6: most popular
+    state.refresh()
+    state._popular_at = -float("inf")  # re-read the popular items now, not in a minute
+    state.refresh()
+    with TestClient(create_app(engine, state, ApiSettings())) as client:
+        r = client.post("/recommend", json={"user_id": "someone-new", "k": 4})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        ranked = [x["item_id"] for x in body["items"]]
+        assert body["fallback"] and len(ranked) == 4
+        assert ranked[:2] == ["i6", "i24"], "the most popular item, then the newest one"
+        r = client.post("/recommend", json={"history": ["no-such-item"], "k": 3}).json()
+        assert r["fallback"] and r["unknown_items"] == ["no-such-item"] and len(r["items"]) == 3
+        r = client.post("/recommend", json={"user_id": "u1", "k": 3}).json()
+        assert not r["fallback"]
