@@ -2,8 +2,8 @@
 
 Embedded broker -> topics -> replay a slice of the data set through Kafka -> consume into
 the catalogue (SQLite by default) -> full SAID alignment of the slice (SmolLM2, CPU) ->
-the SASRec scorer is trained on the slice (its NDCG@10 on the early-stopping users and on
-disjoint test users is reported, beside an ID-only SASRec's on the same users) -> the
+the warm/cold composite is trained on the slice (its NDCG@10 on test users, all, warm-target
+and cold-target, is reported beside id and text SASRecs trained on the same data) -> the
 streaming worker, the event-driven retrainer, the item consumer and the HTTP
 scorer start -> brand-new items are published; the demo measures the seconds until each is
 servable and until it enters a real user's top-10.
@@ -27,14 +27,12 @@ from core.db import make_engine
 from core.events import TOPIC_ITEMS
 from core.settings import Settings
 from core.tables import interactions, items
-from models.sasrec import SASRec, SASRecConfig
 from said import wiring
 from said.broker import EmbeddedBroker, ensure_topics, free_port
 from said.migrate import upgrade
 from said.plots import alignment_curve, fresh_vs_reference, freshness
 from said.produce import produce_events, replay_dataset
-from training.recommender import evaluate, train_scorer, validator
-from updater.retrain import train_config, training_data
+from said.same_slice import baselines, figures
 
 log = logging.getLogger(__name__)
 DEFAULT_DATASET = Path(__file__).resolve().parents[1].parent / "shared/data/amazon-beauty"
@@ -77,7 +75,6 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
             )
 
         lm = wiring.frozen_lm(settings, settings.align.lora_rank, settings.align.prompt)
-        device = lm.device
         t0 = time.perf_counter()
         log.info("demo: aligning %d items (then fidelity and the fresh-path reference)", len(ds.item_ids))
         bundle = wiring.align(settings, engine, lm)
@@ -96,13 +93,13 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
         log.info("demo: training the said scorer")
         scorer = wiring.retrain(settings, engine, bundle.version)
         summary["scorer training seconds"] = round(time.perf_counter() - t0, 1)
-        summary["SASRec (said) NDCG@10: validation (early stopping) / test"] = (
-            f"{scorer['val_ndcg@10']:.4f} / {scorer['ndcg@10']:.4f}"
+        summary["served composite NDCG@10: all / warm / cold test users"] = figures(
+            {"all": scorer["ndcg@10"], "warm": scorer["warm"]["ndcg@10"], "cold": scorer["cold"]["ndcg@10"]}
         )
-        log.info("demo: the id baseline on the same data (for the summary)")
-        summary["SASRec (id baseline) NDCG@10: validation / test"] = _id_baseline(
-            engine, bundle.version, settings, device
-        )
+        log.info("demo: id and text SASRecs on the same data (for the summary)")
+        for name, ndcg in baselines(engine, scorer, settings, lm).items():
+            summary[f"{name} SASRec NDCG@10, same users: all / warm / cold"] = figures(ndcg)
+        summary["test users: warm / cold targets"] = f"{scorer['warm']['users']} / {scorer['cold']['users']}"
         summary["random ranking NDCG@10 (same items)"] = f"{_random_ndcg(len(ds.item_ids)):.4f}"
 
         state = wiring.serving_state(settings, engine)
@@ -176,18 +173,6 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
                     log.warning("thread %s did not stop in time; exiting anyway", t.name)
     summary["database"] = settings.redacted()["database_url"]
     return summary
-
-
-def _id_baseline(engine, aligner_version: str, settings: Settings, device) -> str:
-    """An ID-only SASRec on exactly the said scorer's data: same training histories, same
-    early-stopping slice, tested on the same promotion slice (users neither stopped on)."""
-    data = training_data(engine, aligner_version, settings)
-    model = SASRec(SASRecConfig(n_items=data.table.shape[0] - 1))
-    model, info = train_scorer(
-        model, data.train, validator(data.stopping, device), train_config(settings), device, progress=True
-    )
-    test = evaluate(model, *data.promotion, device)["ndcg@10"]
-    return f"{info['best_val_ndcg@10']:.4f} / {test:.4f}"
 
 
 def _random_ndcg(n_items: int) -> float:

@@ -236,6 +236,7 @@ def retrain_once(
         "warm": verdicts["warm"],
         "cold": verdicts["cold"],
         "cold_items": len(data.cold),
+        "known_through": known,  # items above this index were its cold-validation set (None: hashed)
         "epochs": info["epochs"],
         "student_epochs": info["student_epochs"],
         "kappa": info["kappa"],
