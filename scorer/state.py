@@ -73,7 +73,7 @@ class Served:
     watermark: int  # every embedding with seq <= this is in the index
     hashes: dict[int, str]  # item idx -> the text hash of its served vector (every indexed item)
     item_watermark: int  # every text change with change_seq <= this is applied
-    newest: deque[int] = field(default_factory=lambda: deque(maxlen=FALLBACK_FRESH))  # newest applied
+    newest: deque[int] = field(default_factory=lambda: deque(maxlen=FALLBACK_FRESH))  # largest indexes
 
     def snapshot_name(self) -> str:
         return f"{self.scorer.version}-q{self.watermark}"
@@ -328,7 +328,8 @@ class ServingState:
             if mapped is not None:
                 served.index.upsert(fresh.ids, mapped)
                 served.hashes.update(zip(fresh.ids.tolist(), fresh.text_hashes, strict=True))
-                served.newest.extend(fresh.ids.tolist())
+                newer = served.newest[-1] if served.newest else 0  # re-embedded items are not new
+                served.newest.extend(i for i in fresh.ids.tolist() if i > newer)
             served.watermark = max(served.watermark, found.newest)
             self.refreshed_at = datetime.now(UTC)
             metrics.INDEX_ITEMS.set(len(served.index))

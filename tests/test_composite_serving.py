@@ -93,24 +93,22 @@ def test_a_fresh_item_is_ranked_by_the_student_within_a_second_then_graduates(se
         vector = new_items_like(engine, bundle, {25: 1})[25]
         ranked_at = None
         while time.monotonic() - t0 < 5:
-            r = client.post("/recommend", json={"history": ["i0", "i8"], "k": 24})
+            r = client.post("/recommend", json={"history": ["i0", "i8"], "k": 3})
             if "i24" in [x["item_id"] for x in r.json()["items"]]:
                 ranked_at = time.monotonic() - t0
                 break
             time.sleep(0.02)
-    assert ranked_at is not None and ranked_at < 1.0, f"servable after {ranked_at} s"
+    assert ranked_at is not None and ranked_at < 1.0, f"in the kind's top 3 after {ranked_at} s"
     model = state.served.scorer.model
     student = model.content_vectors(torch.from_numpy(vector)[None])[0].detach().numpy()
     indexed = state.served.index.vector(25)
     assert np.allclose(indexed, student, atol=1e-5), "a fresh item is the student's vector, fully boosted"
 
-    # it gets clicks (earlier in users' histories), then two retrains: the first holds it
-    # out as its cold-validation item, at the promotion after that it is trained on
+    # it gets clicks (earlier in users' histories); the next retrain holds it out to judge
+    # the candidate (its cold-validation item), and serves it trained on once promoted
     clicks(engine, [(f"u{u}", 25, T0 - timedelta(days=1)) for u in range(0, 30, 8)])
-    second = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
-    assert second["promoted"] and second["cold_items"] == 1, second
     third = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
-    assert third["promoted"] and third["cold_items"] == 0, third
+    assert third["promoted"] and third["cold_items"] == 1, third
     state.refresh()
     assert state.version == third["version"]
     model = state.served.scorer.model

@@ -69,7 +69,7 @@ def _clicks() -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scorer", ["cosine", "sasrec"])
+@pytest.mark.parametrize("scorer", ["cosine", "composite"])
 def test_new_item_enters_a_similar_users_top_k(settings, smollm_folder, llm_cache, tmp_path, scorer):
     engine = make_engine(settings.database_url)
     produce_json(
@@ -87,7 +87,7 @@ def test_new_item_enters_a_similar_users_top_k(settings, smollm_folder, llm_cach
     model, tok = load_llm(None, llm_cache, CPU)
     lm = FrozenLM.around(model, tok, CPU, settings.align.prompt)
     bundle = align_catalogue(engine, lm, settings, progress=False)
-    if scorer == "sasrec":  # the production path once clicks exist: a promoted SASRec scorer
+    if scorer == "composite":  # the production path once clicks exist: a promoted composite
         retrain = settings.override(retrain_epochs=20, scorer_patience=3, scorer_eval_every=1)
         promoted = retrain_once(engine, bundle.version, retrain, CPU, False)
         assert promoted["promoted"]

@@ -140,11 +140,11 @@ def test_corrupt_snapshot_is_rebuilt_from_the_catalogue(served):
 def test_retraining_is_event_driven_and_promotes_only_if_not_worse(served, monkeypatch):
     engine, bundle, data, state = served
     cfg = retrain_settings(data, retrain_min_interactions=50, retrain_min_items=5, retrain_epochs=3)
-    assert is_due(engine, cfg.retrain), "no scorer yet and interactions exist"
+    assert is_due(engine, cfg), "no scorer yet and interactions exist"
     first = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
     assert first["promoted"] and active_version(engine, "scorer")[0] == first["version"]
     assert first["ndcg@10"] > 0 and first["val_ndcg@10"] > 0
-    assert not is_due(engine, cfg.retrain), "nothing new since the last attempt"
+    assert not is_due(engine, cfg), "nothing new since the last attempt"
     state.refresh()
     assert state.version == first["version"], "the replica swapped to the promoted scorer"
     ranked, version, _, _ = state.recommend([1, 9], 5, {1, 9})

@@ -10,7 +10,9 @@ vector into the teacher's space, with the gate set by each item's training inter
 The items that arrived after the active version's catalogue (on a first retrain, a fixed
 tenth of the items by a hash of their index) are its **cold-validation** items: out of the
 teacher's training and of its softmax, as cold items are when the composite serves. They
-are what the student stops on, and they graduate to their ID rows at the next promotion.
+are what the student stops on and the guard's cold-target users rank. A candidate that
+passes the guard is served with its teacher refit on every positive (``graduate``), so they
+graduate to their ID rows at this promotion.
 
 Two user slices, fixed by a hash of the user id, judge it: early stopping (teacher on the
 slice's warm-target users, student on its cold-target users, gate and boost on all) and
@@ -32,7 +34,7 @@ import hashlib
 import logging
 import random
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -43,7 +45,7 @@ from sqlalchemy.engine import Engine
 from core import metrics
 from core.catalogue import load_embeddings, user_sequences
 from core.files import CorruptFile
-from core.settings import RetrainSettings, ScorerSettings, Settings
+from core.settings import ScorerSettings, Settings
 from core.tables import interactions, items
 from core.versions import active_version, newest_metrics, record_version, require_active, versions_in
 from core.versions import promote as promote_if_current
@@ -58,18 +60,23 @@ Slice = tuple[list[list[int]], list[int]]  # (histories, targets)
 COLD_SHARE = 1 / 10  # of the items, the cold-validation set of a first retrain
 
 
-def counts(engine: Engine) -> dict[str, int]:
+def counts(engine: Engine, positives: tuple[str, ...]) -> dict[str, int]:
+    """Positive interactions and items in the catalogue: a flood of impressions, which no
+    retrain learns from, must not make one due."""
+    positive = select(func.count()).select_from(interactions).where(interactions.c.type.in_(positives))
     with engine.connect() as conn:
         return {
-            "interactions": conn.execute(select(func.count()).select_from(interactions)).scalar(),
+            "interactions": conn.execute(positive).scalar(),
             "items": conn.execute(select(func.count()).select_from(items)).scalar(),
         }
 
 
-def is_due(engine: Engine, cfg: RetrainSettings) -> bool:
-    """Enough new interactions or items since the last attempt, or a newly activated aligner
-    that no scorer was trained on yet (replicas serve cosine until one is)."""
-    last, now = newest_metrics(engine, "scorer"), counts(engine)
+def is_due(engine: Engine, settings: Settings) -> bool:
+    """Enough new positive interactions or items since the last attempt
+    (``settings.retrain``), or a newly activated aligner that no scorer was trained on yet
+    (replicas serve cosine until one is)."""
+    cfg = settings.retrain
+    last, now = newest_metrics(engine, "scorer"), counts(engine, settings.positives)
     if last is None:
         return now["interactions"] > 0
     aligner = active_version(engine, "aligner")
@@ -87,9 +94,16 @@ class TrainingData:
 
     table: torch.Tensor  # (max item index + 1, D) aligner vectors, 0 where none yet
     cold: set[int]  # cold-validation items: not trained on, ranked by the student
-    train: list[list[int]]  # every user's history without its last item, cold items dropped
+    histories: list[list[int]]  # every user's history without its last item
     stopping: Slice  # early-stopping slice
     promotion: Slice  # promotion slice, disjoint from stopping
+
+    @property
+    def train(self) -> list[list[int]]:
+        """The training histories: without the cold-validation items."""
+        if not self.cold:
+            return self.histories
+        return [[i for i in s if i not in self.cold] for s in self.histories]
 
     @property
     def counts(self) -> torch.Tensor:
@@ -135,8 +149,7 @@ def training_data(
     stopping, promotion = validation_slices(by_user, settings.retrain.valid_users, settings.scorer.seed)
     if not stopping[0] or not promotion[0]:
         raise RuntimeError("too few users with 3 positive interactions to early-stop and compare a scorer")
-    train = [[i for i in s[:-1] if i not in cold] for s in by_user.values()]
-    return TrainingData(table, cold, train, stopping, promotion)
+    return TrainingData(table, cold, [s[:-1] for s in by_user.values()], stopping, promotion)
 
 
 def train_config(settings: Settings) -> ScorerSettings:
@@ -149,6 +162,7 @@ def train_composite(
 ) -> tuple[Composite, dict]:
     """Teacher (warm-started from ``start``'s, when there is one), then student, gate and boost."""
     warm_stop, cold_stop = data.split(data.stopping)
+    train = data.train
     teacher = SASRec(SASRecConfig(n_items=data.table.shape[0] - 1))
     if start is not None:
         warm_start(teacher, start.teacher)
@@ -156,7 +170,7 @@ def train_composite(
         raise RuntimeError("no early-stopping user has a warm target: too few items trained on")
     teacher, info = train_scorer(
         teacher,
-        data.train,
+        train,
         validator(warm_stop, device),
         train_config(settings),
         device,
@@ -164,12 +178,36 @@ def train_composite(
         blocked=sorted(data.cold),
     )
     torch.manual_seed(settings.scorer.seed)
-    composite = Composite(teacher, data.table, data.counts, settings.composite.dropout)
+    composite = Composite(
+        teacher, data.table, interaction_counts(train, len(data.table) - 1), settings.composite.dropout
+    )
     stop = validator(cold_stop, device) if cold_stop[0] else None
     composite, student = train_student(
-        composite, data.train, validator(data.stopping, device), settings.composite, device, progress, stop
+        composite, train, validator(data.stopping, device), settings.composite, device, progress, stop
     )
     return composite, info | {k: student[k] for k in ("student_epochs", "kappa", "boost")}
+
+
+def graduate(
+    judged: Composite, data: TrainingData, settings: Settings, device: torch.device, progress: bool
+) -> Composite:
+    """The composite to serve once ``judged`` passed the guard: its teacher fine-tuned on
+    every positive, the cold-validation items' too, so they graduate to ID rows at this
+    promotion rather than the next, with the gate counted on the same. The student, its
+    input scaling, ``kappa`` and ``boost`` are the judged ones: they were chosen on the
+    cold-validation users, which the refit has no held-out stand-in for."""
+    if not data.cold:
+        return judged
+    full = replace(data, cold=set())
+    teacher = SASRec(judged.teacher.cfg)
+    warm_start(teacher, judged.teacher)
+    teacher, _ = train_scorer(
+        teacher, full.train, validator(full.stopping, device), train_config(settings), device, progress
+    )
+    served = Composite(teacher, data.table, full.counts, settings.composite.dropout)
+    kept = {k: v for k, v in judged.state_dict().items() if not k.startswith("teacher.") and k != "counts"}
+    served.load_state_dict(kept, strict=False)
+    return served.use_content(data.table).to(device)
 
 
 def warm_start(teacher: SASRec, active: SASRec) -> None:
@@ -208,16 +246,20 @@ def retrain_once(
 ) -> dict:
     """Train, validate and maybe promote one candidate composite; returns its metrics. Its
     file goes under ``<data_dir>/scorer``."""
-    seen = counts(engine)
+    seen = counts(engine, settings.positives)
     out_dir = settings.data_dir / "scorer"
     out_dir.mkdir(parents=True, exist_ok=True)
     active = active_version(engine, "scorer")
-    current = _readable(active)
+    current, of_aligner = _readable(active)
     known = current.teacher.cfg.n_items if current is not None else None
     data = training_data(engine, aligner_version, settings, known)
-    if current is not None:
-        current.use_content(data.table)  # today's catalogue: its newer items are cold to it
     candidate, info = train_composite(data, settings, device, progress, current)
+    # the active version is compared only on the vectors it was trained on: after an aligner
+    # activation its student reads another aligner's rows (replicas decline it anyway)
+    if current is not None and of_aligner == aligner_version:
+        current.use_content(data.table)  # today's catalogue: its newer items are cold to it
+    else:
+        current = None
     warm, cold = data.split(data.promotion)
     verdicts = {}
     for name, users in (("warm", warm), ("cold", cold)):
@@ -225,6 +267,8 @@ def retrain_once(
         theirs = per_user_ndcg(current, users, device) if current is not None else None
         verdicts[name] = guard(mine, theirs)
     better = not (verdicts["warm"]["worse"] or verdicts["cold"]["worse"])
+    if better:  # judged with its cold items held out; served with them trained on
+        candidate = graduate(candidate, data, settings, device, progress)
     everyone = per_user_ndcg(candidate, data.promotion, device)
     version = datetime.now(UTC).strftime("composite-%Y%m%d%H%M%S%f")
     record = seen | {
@@ -235,14 +279,14 @@ def retrain_once(
         ),
         "warm": verdicts["warm"],
         "cold": verdicts["cold"],
-        "cold_items": len(data.cold),
+        "cold_items": len(data.cold),  # held out to judge it; trained on if it is promoted
         "known_through": known,  # items above this index were its cold-validation set (None: hashed)
         "epochs": info["epochs"],
         "student_epochs": info["student_epochs"],
         "kappa": info["kappa"],
         "boost": info["boost"],
         "aligner_version": aligner_version,
-        "warm_start": active[0] if current is not None else None,
+        "warm_start": active[0] if known is not None else None,
     }
     path = save_composite(out_dir / f"scorer-{version}.pt", candidate.cpu(), record)
     with engine.begin() as conn:  # promotes only if the active version is still the compared one
@@ -288,22 +332,23 @@ def prune_rejected(engine: Engine, keep: int = KEEP_REJECTED) -> int:
     return gone
 
 
-def _readable(active: tuple[str, Path] | None) -> Composite | None:
+def _readable(active: tuple[str, Path] | None) -> tuple[Composite | None, str | None]:
     """The active composite, or None when there is none or its file cannot be read (or is
     of the frozen-table scorer before the composite): then the candidate trains from
-    scratch, is compared with nothing, and replaces it (an unreadable model serves nobody)."""
+    scratch, is compared with nothing, and replaces it (an unreadable model serves nobody).
+    With it, the aligner version it was trained on."""
     if active is None:
-        return None
+        return None, None
     try:
-        model = load_composite(active[1])[0]
+        model, meta = load_composite(active[1])
         metrics.SERVING_PROBLEMS.labels("scorer").set(0)
-        return model
+        return model, meta.get("aligner_version")
     except (CorruptFile, OSError, ValueError) as exc:
         log.error(
             "active scorer %s cannot be loaded (%s): training from scratch to replace it", active[0], exc
         )
         metrics.SERVING_PROBLEMS.labels("scorer").set(1)
-        return None
+        return None, None
 
 
 def validation_slices(
@@ -332,7 +377,7 @@ def run_retrainer(
     retrain trains on the aligner version active when it starts, so an activation by
     `said align` is followed without a restart."""
     while True:
-        if is_due(engine, settings.retrain):
+        if is_due(engine, settings):
             try:
                 retrain_once(engine, require_active(engine, "aligner")[0], settings, device, progress)
             except Exception:  # one failed attempt (no vectors yet, an outage) must not end the watch
