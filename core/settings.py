@@ -286,6 +286,12 @@ class RetrainSettings(Section):
         30, ge=1, description="Most epochs per retrain (early stopping); overrides SAID_SCORER_EPOCHS."
     )
     valid_users: int = Field(2000, ge=1, description="Validation slice of a retrain.")
+    min_group_users: int = Field(
+        30,
+        ge=1,
+        description="Fewest warm- or cold-target promotion users whose comparison can refuse a "
+        "candidate (a smaller group's scores are kept but decide nothing: its interval is noise).",
+    )
     poll_s: float = Field(30.0, gt=0, description="How often the retrainer checks counts.")
 
 

@@ -127,7 +127,8 @@ def test_a_fresh_item_is_ranked_by_the_student_within_a_second_then_graduates(se
 
 def test_the_guard_refuses_a_candidate_worse_on_cold_targets_only(served, monkeypatch):
     engine, bundle, data, _state = served
-    cfg = quick(data, composite_gate_kappas="0")  # warm items are their ID rows in both versions
+    # warm items are their ID rows in both versions; groups of 5 users decide
+    cfg = quick(data, composite_gate_kappas="0", retrain_min_group_users=5)
     first = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
     assert first["promoted"]
     # new editions i24..i31 (index 25..32, kinds 0..7) that each old user clicks last: the

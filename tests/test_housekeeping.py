@@ -41,7 +41,7 @@ def test_snapshots_are_pruned_per_version_and_retired_versions_go(tmp_path):
 def test_only_the_newest_rejected_candidates_keep_their_files(aligned, monkeypatch):
     engine, bundle, _lm, settings, _data = aligned
     add_users(engine)
-    settings = settings.override(retrain_epochs=1)
+    settings = settings.override(retrain_epochs=1, retrain_min_group_users=3)
     retrain.retrain_once(engine, bundle.version, settings, CPU, progress=False)
 
     def ruined(model, *_a, **_k):  # a candidate whose training went wrong: rejected

@@ -32,8 +32,9 @@ CPU = torch.device("cpu")
 
 
 def retrain_settings(data, **flat) -> Settings:
-    """A retrain of the tiny catalogue: short, early-stopping after 3 flat validations."""
-    return Settings(data_dir=data, scorer_patience=3, scorer_eval_every=1, **flat)
+    """A retrain of the tiny catalogue: short, early-stopping after 3 flat validations; its
+    promotion groups of a handful of users decide."""
+    return Settings(data_dir=data, scorer_patience=3, scorer_eval_every=1, retrain_min_group_users=3, **flat)
 
 
 def refreshing(state: ServingState, every_s: float) -> ServingState:

@@ -231,14 +231,17 @@ def per_user_ndcg(model: Composite, users: Slice, device: torch.device) -> torch
     return ndcg10(ranks_and_top(model.to(device), *users, device)[0])
 
 
-def guard(candidate: torch.Tensor, active: torch.Tensor | None) -> dict:
+def guard(candidate: torch.Tensor, active: torch.Tensor | None, min_users: int) -> dict:
     """One group of promotion users: both scores, and whether the candidate is worse
-    beyond noise (the 95% bootstrap interval of the paired per-user difference below 0)."""
+    beyond noise (the 95% bootstrap interval of the paired per-user difference below 0).
+    A group of fewer than ``min_users`` users decides nothing: with a handful of users the
+    interval is as narrow as it is meaningless, and one unlucky user would refuse it."""
     out = {"users": len(candidate), "ndcg@10": candidate.mean().item() if len(candidate) else None}
     if active is None or not len(candidate):
         return out | {"active_ndcg@10": None, "diff_interval": None, "worse": False}
     low, high = interval(candidate - active)
-    return out | {"active_ndcg@10": active.mean().item(), "diff_interval": [low, high], "worse": high < 0}
+    worse = high < 0 and len(candidate) >= min_users
+    return out | {"active_ndcg@10": active.mean().item(), "diff_interval": [low, high], "worse": worse}
 
 
 def retrain_once(
@@ -265,7 +268,7 @@ def retrain_once(
     for name, users in (("warm", warm), ("cold", cold)):
         mine = per_user_ndcg(candidate, users, device)
         theirs = per_user_ndcg(current, users, device) if current is not None else None
-        verdicts[name] = guard(mine, theirs)
+        verdicts[name] = guard(mine, theirs, settings.retrain.min_group_users)
     better = not (verdicts["warm"]["worse"] or verdicts["cold"]["worse"])
     if better:  # judged with its cold items held out; served with them trained on
         candidate = graduate(candidate, data, settings, device, progress)
