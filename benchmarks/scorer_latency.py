@@ -167,7 +167,9 @@ def factory():
 
     torch.set_num_threads(1)  # as `said serve` does
     engine = make_engine(os.environ["BENCH_URL"])
-    state = ServingState(engine, "bench", SAID_DIM, Path(os.environ["BENCH_INDEX"]), index_settings())
+    state = ServingState(
+        engine, "bench", SAID_DIM, Path(os.environ["BENCH_INDEX"]), index_settings(), ("click",)
+    )
     return create_app(engine, state, ApiSettings())
 
 

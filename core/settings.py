@@ -292,6 +292,13 @@ class RetrainSettings(Section):
         description="Fewest warm- or cold-target promotion users whose comparison can refuse a "
         "candidate (a smaller group's scores are kept but decide nothing: its interval is noise).",
     )
+    cold_share: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Share of the items (fixed by a hash of the index) that a first retrain, with no "
+        "active version to date them by, holds out as its cold-validation items.",
+    )
     poll_s: float = Field(30.0, gt=0, description="How often the retrainer checks counts.")
 
 
@@ -308,6 +315,12 @@ class IndexSettings(Section):
     )
     popular_refresh_s: float = Field(
         60.0, gt=0, description="How often a replica re-reads the popular items a new user is shown."
+    )
+    fallback_popular: int = Field(
+        1000, ge=1, description="Most popular items a fallback ranking (a user with no history) draws from."
+    )
+    fallback_fresh: int = Field(
+        256, ge=1, description="Newest indexed items a fallback ranking draws from, so new ads get exposure."
     )
 
 

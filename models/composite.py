@@ -168,7 +168,12 @@ def save_composite(path: Path, model: Composite, meta: dict) -> Path:
 def load_composite(path: Path, content: torch.Tensor | None = None) -> tuple[Composite, dict]:
     """A saved composite (inference mode); with ``content`` (N'+1, D) it also scores by
     catalogue index (``use_content``). A file of another kind raises ``CorruptFile``."""
-    saved = load_torch(path)
+    return composite_from(load_torch(path), str(path), content)
+
+
+def composite_from(saved: dict, source: str, content: torch.Tensor | None = None) -> tuple[Composite, dict]:
+    """``load_composite`` of a file already read (``source`` names it in errors): a
+    caller that dispatches on a file's kind reads and checks it once."""
     try:
         if saved.get("kind") != "composite":
             raise ValueError("not a composite")
@@ -177,8 +182,8 @@ def load_composite(path: Path, content: torch.Tensor | None = None) -> tuple[Com
         # placeholders of the right shapes; every buffer and weight comes from the file
         model = Composite(SASRec(cfg), torch.zeros(n, saved["content_dim"]), torch.ones(n), saved["dropout"])
         model.load_state_dict(saved["state"])
-    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
-        raise CorruptFile(f"{path}: not a composite scorer file ({type(exc).__name__}: {exc})") from exc
+    except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise CorruptFile(f"{source}: not a composite scorer file ({type(exc).__name__}: {exc})") from exc
     if content is not None:
         model.use_content(content)
     return model.eval(), saved["meta"]

@@ -20,7 +20,7 @@ from models.aligner import FrozenLM
 from models.sasrec import SASRec, SASRecConfig
 from training.recommender import train_scorer, validator
 from training.variants import text_table
-from updater.retrain import TrainingData, per_user_ndcg, train_config, training_data
+from updater.retrain import TrainingData, group_ndcg, mean_or_none, train_config, training_data
 
 
 def figures(ndcg: dict[str, float | None]) -> str:
@@ -30,12 +30,7 @@ def figures(ndcg: dict[str, float | None]) -> str:
 
 def measure(model, data: TrainingData, device: torch.device) -> dict[str, float | None]:
     """NDCG@10 of a model on the promotion users: all, warm-target and cold-target."""
-    warm, cold = data.split(data.promotion)
-    out = {}
-    for name, users in (("all", data.promotion), ("warm", warm), ("cold", cold)):
-        per_user = per_user_ndcg(model, users, device)
-        out[name] = per_user.mean().item() if len(per_user) else None
-    return out
+    return {g: mean_or_none(per_user) for g, per_user in group_ndcg(model, data, device).items()}
 
 
 def baselines(

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from core.files import load_torch
-from models.composite import Composite, load_composite
+from models.composite import Composite, composite_from
 from models.sasrec import SASRec, load_sasrec
 
 
@@ -74,7 +74,7 @@ def load_scorer(path: Path, version: str) -> tuple[SASRecScorer, dict]:
     ``OSError`` or ``ValueError`` when it cannot be served)."""
     saved = load_torch(path)
     if isinstance(saved, dict) and saved.get("kind") == "composite":
-        model, meta = load_composite(path)
+        model, meta = composite_from(saved, str(path))
         return CompositeScorer(model, version), meta
     model, meta = load_sasrec(path)
     return SASRecScorer(model, version), meta

@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import chain, zip_longest
 from pathlib import Path
@@ -59,9 +59,6 @@ from scorer.scorers import CosineScorer, SASRecScorer, load_scorer
 
 log = logging.getLogger(__name__)
 Scorer = CosineScorer | SASRecScorer
-POSITIVES = Settings.model_fields["positives"].default
-FALLBACK_FRESH = 256  # newest indexed items a fallback ranking draws from
-FALLBACK_POPULAR = 1000  # most popular items a fallback ranking draws from
 
 
 @dataclass
@@ -73,7 +70,7 @@ class Served:
     watermark: int  # every embedding with seq <= this is in the index
     hashes: dict[int, str]  # item idx -> the text hash of its served vector (every indexed item)
     item_watermark: int  # every text change with change_seq <= this is applied
-    newest: deque[int] = field(default_factory=lambda: deque(maxlen=FALLBACK_FRESH))  # largest indexes
+    newest: deque[int]  # the largest indexed item indexes, newest last: a fallback's fresh items
 
     def snapshot_name(self) -> str:
         return f"{self.scorer.version}-q{self.watermark}"
@@ -95,7 +92,7 @@ class ServingState:
         said_dim: int,
         index_dir: Path,
         cfg: IndexSettings,
-        positives: tuple[str, ...] = POSITIVES,
+        positives: tuple[str, ...],
     ) -> None:
         """``positives``: the interaction types a user's history is made of (as in training)."""
         # One query at a time gains nothing from OpenMP threads, and their spin-waiting under
@@ -170,8 +167,8 @@ class ServingState:
             except (CorruptSnapshot, ValueError) as exc:
                 log.warning("skipping snapshot: %s", exc)
                 continue
-            newest = np.sort(index.ids())[-FALLBACK_FRESH:].tolist()
-            return self._reconciled(Served(scorer, index, watermark, {}, 0, deque(newest, FALLBACK_FRESH)))
+            newest = self._newest(np.sort(index.ids()))
+            return self._reconciled(Served(scorer, index, watermark, {}, 0, newest))
         return self._build(scorer)
 
     def _reconciled(self, served: Served) -> Served:
@@ -205,8 +202,12 @@ class ServingState:
         if len(found.ids):
             index.build(found.ids, scorer.item_vectors(found.ids, found.vectors))
         hashes = dict(zip(found.ids.tolist(), found.text_hashes, strict=True))
-        newest = deque(found.ids[-FALLBACK_FRESH:].tolist(), FALLBACK_FRESH)  # ids ascend: newest last
-        return Served(scorer, index, found.newest, hashes, changed_through, newest)
+        return Served(scorer, index, found.newest, hashes, changed_through, self._newest(found.ids))
+
+    def _newest(self, ascending: np.ndarray) -> deque[int]:
+        """The fallback's fresh items of ascending indexes: the last ``fallback_fresh``."""
+        n = self.cfg.fallback_fresh
+        return deque(ascending[-n:].tolist(), n)
 
     def _name(self, found: EmbeddingRows | dict[int, str]) -> None:
         """Learn external ids (of embedding rows, or idx -> id); only ever added to."""
@@ -293,7 +294,7 @@ class ServingState:
             log.exception("following the active versions failed; still serving %s", self.version)
         if time.monotonic() - self._popular_at > self.cfg.popular_refresh_s:
             with self.engine.connect() as conn:
-                self._popular = popular_items(conn, self.positives, FALLBACK_POPULAR)
+                self._popular = popular_items(conn, self.positives, self.cfg.fallback_popular)
             self._popular_at = time.monotonic()
         return self._apply_new()
 

@@ -29,7 +29,7 @@ from core.tables import interactions, item_embeddings, items
 from said.broker import ensure_topics
 from scorer.index import ItemIndex, latest_snapshot
 from tests.support import faultlog
-from tests.support.catalogue import add_items, text_hashes
+from tests.support.catalogue import POSITIVES, add_items, text_hashes
 from tests.support.kafka_util import click_event, committed_offsets, load_items, produce_json
 from updater.leases import pending_count
 from updater.worker import UpdateWorker
@@ -568,7 +568,9 @@ def test_torn_snapshots_fall_back_to_the_previous_good_one(served, monkeypatch):
         _torn(kind, good.read_bytes(), folder, f"{state.version}-q{10**6 + n}")
         monkeypatch.setattr(ServingState, "_build", lambda *_, k=kind: pytest.fail(f"rebuilt after: {k}"))
         t0 = time.monotonic()
-        again = ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, folder, IndexSettings())
+        again = ServingState(
+            engine, bundle.version, bundle.aligner.cfg.vector_dim, folder, IndexSettings(), POSITIVES
+        )
         seconds.append(time.monotonic() - t0)
         monkeypatch.undo()
         wrong += again.served.watermark != state.served.watermark or len(again.served.index) != 24

@@ -24,7 +24,7 @@ from said.broker import free_port
 from scorer.app import bearer_guard, create_app
 from scorer.state import ServingState
 from tests.support import faultlog
-from tests.support.catalogue import add_items, text_hashes
+from tests.support.catalogue import POSITIVES, add_items, text_hashes
 from updater import retrain
 from updater.retrain import is_due, retrain_once, validation_slices
 
@@ -133,7 +133,7 @@ def test_corrupt_snapshot_is_rebuilt_from_the_catalogue(served):
     snap = state.rebuild()
     snap.write_bytes(b"garbage")
     again = ServingState(
-        engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index", IndexSettings()
+        engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index", IndexSettings(), POSITIVES
     )
     assert len(again.served.index) == 24 and again.recommend([1], 3, {1})[0]
 
@@ -277,7 +277,7 @@ def test_writers_with_skewed_clocks_are_still_served_and_after_a_restart(served)
     assert len(state.served.index) == 27
     state.rebuild()  # a snapshot carries the watermark; a restarted replica resumes from it
     again = ServingState(
-        engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index", IndexSettings()
+        engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index", IndexSettings(), POSITIVES
     )
     add_items(engine, 27, 1)
     _write_vector(engine, bundle, 28, now - timedelta(hours=2))

@@ -19,7 +19,7 @@ from core.tables import item_embeddings
 from scorer.app import create_app
 from scorer.state import ServingState
 from tests.support import faultlog
-from tests.support.catalogue import add_users
+from tests.support.catalogue import POSITIVES, add_users
 from updater.leases import MAX_FAILURES, fail_jobs, lease_jobs
 from updater.worker import UpdateWorker
 
@@ -29,7 +29,7 @@ NEW_TITLE = "green tea clay face mask"  # nothing like "matte red lipstick no. 2
 
 def _replica(engine, bundle, data) -> ServingState:
     cfg = IndexSettings(refresh_s=REFRESH_S)
-    return ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index", cfg)
+    return ServingState(engine, bundle.version, bundle.aligner.cfg.vector_dim, data / "index", cfg, POSITIVES)
 
 
 def _change_text(engine, item_id: str, title: str) -> str:

@@ -57,7 +57,6 @@ from training.recommender import train_scorer, validator
 
 log = logging.getLogger(__name__)
 Slice = tuple[list[list[int]], list[int]]  # (histories, targets)
-COLD_SHARE = 1 / 10  # of the items, the cold-validation set of a first retrain
 
 
 def counts(engine: Engine, positives: tuple[str, ...]) -> dict[str, int]:
@@ -121,13 +120,13 @@ class TrainingData:
         return warm, cold
 
 
-def cold_items(embedded: set[int], known_through: int | None) -> set[int]:
+def cold_items(embedded: set[int], known_through: int | None, share: float) -> set[int]:
     """The items newer than the active version's catalogue (``known_through``, its largest
-    index); with no active version, a fixed tenth of them by a hash of the index (the
+    index); with no active version, a fixed ``share`` of them by a hash of the index (the
     same at every retrain, so a first retrain's choice is not redrawn)."""
     if known_through is not None:
         return {i for i in embedded if i > known_through}
-    return {i for i in embedded if hashlib.sha256(str(i).encode()).digest()[0] < 256 * COLD_SHARE}
+    return {i for i in embedded if hashlib.sha256(str(i).encode()).digest()[0] < 256 * share}
 
 
 def training_data(
@@ -145,7 +144,7 @@ def training_data(
     table[torch.from_numpy(ids)] = torch.from_numpy(vectors)
     embedded = set(ids.tolist())
     by_user = {u: [i for i in s if i in embedded] for u, s in by_user.items()}  # pending: no input yet
-    cold = cold_items(embedded, known_through)
+    cold = cold_items(embedded, known_through, settings.retrain.cold_share)
     stopping, promotion = validation_slices(by_user, settings.retrain.valid_users, settings.scorer.seed)
     if not stopping[0] or not promotion[0]:
         raise RuntimeError("too few users with 3 positive interactions to early-stop and compare a scorer")
@@ -178,9 +177,7 @@ def train_composite(
         blocked=sorted(data.cold),
     )
     torch.manual_seed(settings.scorer.seed)
-    composite = Composite(
-        teacher, data.table, interaction_counts(train, len(data.table) - 1), settings.composite.dropout
-    )
+    composite = Composite(teacher, data.table, data.counts, settings.composite.dropout)
     stop = validator(cold_stop, device) if cold_stop[0] else None
     composite, student = train_student(
         composite, train, validator(data.stopping, device), settings.composite, device, progress, stop
@@ -231,6 +228,20 @@ def per_user_ndcg(model: Composite, users: Slice, device: torch.device) -> torch
     return ndcg10(ranks_and_top(model.to(device), *users, device)[0])
 
 
+def group_ndcg(model, data: TrainingData, device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-user NDCG@10 of the promotion users by group: "warm" and "cold" targets, and
+    "all" (the two together: a user's score depends on its own ranking only, so each user
+    is ranked once)."""
+    warm, cold = data.split(data.promotion)
+    out = {"warm": per_user_ndcg(model, warm, device), "cold": per_user_ndcg(model, cold, device)}
+    return out | {"all": torch.cat([out["warm"], out["cold"]])}
+
+
+def mean_or_none(per_user: torch.Tensor) -> float | None:
+    """A group's mean, None for a group with no users."""
+    return per_user.mean().item() if len(per_user) else None
+
+
 def guard(candidate: torch.Tensor, active: torch.Tensor | None, min_users: int) -> dict:
     """One group of promotion users: both scores, and whether the candidate is worse
     beyond noise (the 95% bootstrap interval of the paired per-user difference below 0).
@@ -263,23 +274,21 @@ def retrain_once(
         current.use_content(data.table)  # today's catalogue: its newer items are cold to it
     else:
         current = None
-    warm, cold = data.split(data.promotion)
-    verdicts = {}
-    for name, users in (("warm", warm), ("cold", cold)):
-        mine = per_user_ndcg(candidate, users, device)
-        theirs = per_user_ndcg(current, users, device) if current is not None else None
-        verdicts[name] = guard(mine, theirs, settings.retrain.min_group_users)
+    mine = group_ndcg(candidate, data, device)
+    theirs = group_ndcg(current, data, device) if current is not None else None
+    verdicts = {
+        g: guard(mine[g], theirs[g] if theirs else None, settings.retrain.min_group_users)
+        for g in ("warm", "cold")
+    }
     better = not (verdicts["warm"]["worse"] or verdicts["cold"]["worse"])
     if better:  # judged with its cold items held out; served with them trained on
         candidate = graduate(candidate, data, settings, device, progress)
-    everyone = per_user_ndcg(candidate, data.promotion, device)
     version = datetime.now(UTC).strftime("composite-%Y%m%d%H%M%S%f")
     record = seen | {
         "val_ndcg@10": info["best_val_ndcg@10"],  # the teacher's, on the early-stopping slice
-        "ndcg@10": everyone.mean().item(),  # the promotion slice, which no scorer early-stopped on
-        "active_ndcg@10": (
-            per_user_ndcg(current, data.promotion, device).mean().item() if current is not None else None
-        ),
+        # the promotion slice, which no scorer early-stopped on, as judged: cold items held out
+        "ndcg@10": mean_or_none(mine["all"]),
+        "active_ndcg@10": mean_or_none(theirs["all"]) if theirs else None,
         "warm": verdicts["warm"],
         "cold": verdicts["cold"],
         "cold_items": len(data.cold),  # held out to judge it; trained on if it is promoted

@@ -20,6 +20,8 @@ from models.llm import load_llm
 from scorer.state import ServingState
 from updater.full_align import align_catalogue
 
+POSITIVES = ("click", "conversion")  # the default training positives, for a ServingState
+
 CPU = torch.device("cpu")
 NAMES = [
     "rose lip balm",
