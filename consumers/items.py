@@ -1,24 +1,28 @@
-"""``said.items`` -> catalogue items (+ alignment jobs for new or changed text), and the
-interactions parked for them applied in the same transaction."""
+"""``said.items`` -> catalogue items (+ alignment jobs for new or changed text) and their
+serving state (paused, withdrawn, active again), and the interactions parked for them
+applied in the same transaction."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
-from confluent_kafka import Message
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 from sqlalchemy.engine import Engine
 
 from consumers.runner import Rejected
 from core import metrics
-from core.catalogue import upsert_items
-from core.events import TOPIC_ITEMS, Invalid, ItemEvent, parse_item
+from core.catalogue import set_serving, upsert_items
+from core.events import TOPIC_ITEMS, Invalid, ItemEvent, ServingEvent, parse_item, parse_tombstone
 from core.parking import apply_parked
 from core.settings import Settings
 
 
 class ItemsHandler:
-    """Validates item events and upserts them; a changed text goes back to ``pending``."""
+    """Validates item events and upserts them; a changed text goes back to ``pending``. A
+    ``status`` (with or without text) or a tombstone changes the item's serving state; one
+    of an unknown item is rejected as ``unknown_item`` (the DLQ can replay it once the item
+    exists)."""
 
     topic = TOPIC_ITEMS
     name = "items"
@@ -30,27 +34,37 @@ class ItemsHandler:
 
     def process(self, engine: Engine, messages: Sequence[Message]) -> list[Rejected]:
         valid: list[ItemEvent] = []
+        serving: list[tuple[Message, ServingEvent]] = []
         rejected: list[Rejected] = []
         now = datetime.now(UTC)
         for m in messages:
             try:
-                valid.append(
-                    parse_item(
-                        m.value(),
-                        max_bytes=self.max_bytes,
-                        max_text_chars=self.max_text_chars,
-                        latest=now + self.skew,
-                    )
-                )
+                ev = self._parse(m, now + self.skew)
             except Invalid as exc:
                 rejected.append(Rejected(m, exc.reason))
+                continue
+            if isinstance(ev, ItemEvent):
+                valid.append(ev)
+                if ev.serving is not None:
+                    serving.append((m, ServingEvent(ev.item_id, ev.serving, ev.event_time)))
+            else:
+                serving.append((m, ev))
         with engine.begin() as conn:
             upsert_items(conn, valid, now)
+            unknown = set(set_serving(conn, [ev for _, ev in serving])[1])
             applied, waiting = apply_parked(conn, {ev.item_id for ev in valid})  # under the items lock
+        rejected += [Rejected(m, "unknown_item") for m, ev in serving if ev.item_id in unknown]
         metrics.PARKED.labels("applied").inc(applied)
         if waiting is not None:
             metrics.PARKED_NOW.set(waiting)
         return rejected
+
+    def _parse(self, m: Message, latest: datetime) -> ItemEvent | ServingEvent:
+        if m.value() is None:  # a tombstone: withdrawn, as of the message's timestamp
+            kind, ms = m.timestamp()
+            return parse_tombstone(m.key(), None if kind == TIMESTAMP_NOT_AVAILABLE else ms, latest)
+        limits = {"max_bytes": self.max_bytes, "max_text_chars": self.max_text_chars}
+        return parse_item(m.value(), latest=latest, **limits)
 
     def sweep(self, engine: Engine, dead_letter: Callable[[list[Rejected]], None], limit: int) -> int:
         return 0  # items are never parked

@@ -8,17 +8,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import numpy as np
 from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from core.events import InteractionEvent, ItemEvent, content_hash
+from core.events import SERVING_STATES, InteractionEvent, ItemEvent, ServingEvent, content_hash
 from core.tables import alignment_jobs, interactions, item_embeddings, items, sequences
 
 _CHUNK = 1000  # keeps IN-lists and multi-row VALUES under every driver's parameter limit
 _ITEMS_LOCK_KEY = 0x5A1D  # PostgreSQL advisory lock guarding dense-index assignment
+
+
+E = TypeVar("E", ItemEvent, ServingEvent)
 
 
 def utc(ts: datetime) -> datetime:
@@ -50,6 +54,16 @@ def lock_item_index(conn: Connection) -> None:
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ITEMS_LOCK_KEY})
 
 
+def _latest(events: Sequence[E]) -> dict[str, E]:
+    """item_id -> the winning event of each item in a batch, by the events' version rule."""
+    latest: dict[str, E] = {}
+    for ev in events:
+        kept = latest.get(ev.item_id)
+        if kept is None or ev.version > kept.version:
+            latest[ev.item_id] = ev
+    return latest
+
+
 def upsert_items(conn: Connection, events: Sequence[ItemEvent], now: datetime) -> dict[str, int]:
     """Insert new items and apply changed ones; returns item_id -> idx of those that changed.
 
@@ -60,11 +74,7 @@ def upsert_items(conn: Connection, events: Sequence[ItemEvent], now: datetime) -
     The winner of two events is decided by ``ItemEvent.version`` (time, then content), so
     any delivery order of the same events gives the same row.
     """
-    latest: dict[str, ItemEvent] = {}
-    for ev in events:
-        kept = latest.get(ev.item_id)
-        if kept is None or ev.version > kept.version:
-            latest[ev.item_id] = ev
+    latest = _latest(events)
     if not latest:
         return {}
     lock_item_index(conn)
@@ -122,6 +132,50 @@ def upsert_items(conn: Connection, events: Sequence[ItemEvent], now: datetime) -
     for chunk in _chunks(jobs):
         conn.execute(_queue_jobs(dialect_insert(conn, alignment_jobs).values(list(chunk))))
     return changed
+
+
+def set_serving(conn: Connection, events: Sequence[ServingEvent]) -> tuple[dict[str, int], list[str]]:
+    """Apply owners' serving changes (pause, withdraw, reactivate); returns item_id -> idx
+    of the items whose state changed, and the ids of unknown items, which nothing here
+    applies (the caller rejects them: a change of no item is never silently dropped).
+
+    A change older than the item's last one is ignored (``ServingEvent.version``), so a
+    late event never undoes a newer withdrawal. A changed state takes a new ``change_seq``
+    (the scorers take the item out of, or back into, their index). Call it after
+    ``upsert_items`` in the same transaction, so an item created in the same batch is found.
+    """
+    latest = _latest(events)
+    if not latest:
+        return {}, []
+    lock_item_index(conn)  # the lock order of upsert_items: item index, then the counter
+    existing = {}
+    for chunk in _chunks(list(latest)):
+        rows = conn.execute(
+            select(items.c.item_id, items.c.idx, items.c.serving_state, items.c.serving_time).where(
+                items.c.item_id.in_(chunk)
+            )
+        )
+        existing.update({r.item_id: r for r in rows})
+    unknown = [item_id for item_id in latest if item_id not in existing]
+    updates: list[tuple[int, ServingEvent, bool]] = []
+    for item_id, ev in latest.items():
+        row = existing.get(item_id)
+        if row is None:
+            continue
+        if row.serving_time is not None:
+            stored = (utc(row.serving_time), SERVING_STATES.index(row.serving_state))
+            if ev.version <= stored:
+                continue
+        updates.append((row.idx, ev, ev.state != row.serving_state))
+    seq = next_seq(conn, "items", 1) if any(moved for *_, moved in updates) else None
+    changed = {}
+    for idx, ev, moved in updates:
+        values = {"serving_state": ev.state, "serving_time": ev.event_time}
+        if moved:
+            values["change_seq"] = seq
+            changed[ev.item_id] = idx
+        conn.execute(update(items).where(items.c.idx == idx).values(**values))
+    return changed, unknown
 
 
 def _queue_jobs(stmt):
@@ -289,10 +343,14 @@ class EmbeddingRows:
     newest: int  # the greatest seq read (the caller's next watermark)
     text_hashes: list[str] = field(default_factory=list)  # (n,) the text each vector is of
     stale: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (n,) text changed since
+    live: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (n,) serving_state active
 
     def fresh(self) -> EmbeddingRows:
         """The rows whose vector is of their item's current text (``newest`` unchanged)."""
-        keep = ~self.stale
+        return self.where(~self.stale)
+
+    def where(self, keep: np.ndarray) -> EmbeddingRows:
+        """The rows where ``keep`` (n,) is true (``newest`` unchanged)."""
         return EmbeddingRows(
             self.ids[keep],
             [x for x, k in zip(self.item_ids, keep, strict=True) if k],
@@ -300,6 +358,7 @@ class EmbeddingRows:
             self.newest,
             [h for h, k in zip(self.text_hashes, keep, strict=True) if k],
             self.stale[keep],
+            self.live[keep],
         )
 
 
@@ -310,6 +369,7 @@ _EMBEDDING_COLUMNS = (
     item_embeddings.c.seq,
     item_embeddings.c.text_hash,
     items.c.text_hash.label("current_hash"),
+    items.c.serving_state,
 )
 
 
@@ -323,6 +383,7 @@ def _embedding_rows(rows, after_seq: int) -> EmbeddingRows:
         max(r.seq for r in rows),
         [r.text_hash for r in rows],
         np.array([r.text_hash != r.current_hash for r in rows], dtype=bool),
+        np.array([r.serving_state == "active" for r in rows], dtype=bool),
     )
 
 
@@ -358,14 +419,16 @@ def embeddings_of(conn: Connection, model_version: str, item_idx: Sequence[int])
 
 @dataclass(frozen=True)
 class TextChanges:
-    """Items whose text changed after an item watermark, with their vector's text and seq
-    in one model version, read in one statement (so both are of the same instant)."""
+    """Items whose text or serving state changed after an item watermark, with their
+    vector's text and seq in one model version, read in one statement (so all are of the
+    same instant)."""
 
     ids: list[int]  # dense item indexes
     text_hashes: list[str]  # each item's current text
     vector_hashes: list[str | None]  # the text of its stored vector; None: it has none
     vector_seqs: list[int | None]  # that vector's item_embeddings.seq
     newest: int  # the greatest change_seq read (the caller's next item watermark)
+    live: list[bool] = field(default_factory=list)  # each item's serving_state is active
 
 
 def text_changes_since(conn: Connection, model_version: str, after_seq: int) -> TextChanges:
@@ -379,6 +442,7 @@ def text_changes_since(conn: Connection, model_version: str, after_seq: int) -> 
             items.c.change_seq,
             item_embeddings.c.text_hash,
             item_embeddings.c.seq,
+            items.c.serving_state,
         )
         .select_from(
             items.outerjoin(
@@ -395,6 +459,7 @@ def text_changes_since(conn: Connection, model_version: str, after_seq: int) -> 
         [r[3] for r in rows],
         [r[4] for r in rows],
         max((r[2] for r in rows), default=max(after_seq, 0)),
+        [r[5] == "active" for r in rows],
     )
 
 
@@ -435,6 +500,7 @@ def item_status(conn: Connection, item_id: str, model_version: str) -> dict | No
         "title": row.title,
         "description": row.description,
         "status": row.status,
+        "serving_state": row.serving_state,
         "text_hash": row.text_hash,
         "embedding": vector.kind if current else None,
         "servable": current,

@@ -17,6 +17,10 @@ from core.tables import INTERACTION_TYPES
 TOPIC_ITEMS = "said.items"
 TOPIC_INTERACTIONS = "said.interactions"
 TOPIC_DLQ = "said.dlq"
+# Whether an owner lets an item be recommended (``items.serving_state``; not its alignment
+# ``status``). The order breaks ties between changes of one item at equal times: the more
+# restrictive wins, so every delivery order of the same events ends in the same state.
+SERVING_STATES = ("active", "paused", "withdrawn")
 
 
 class Invalid(ValueError):
@@ -34,6 +38,7 @@ class ItemEvent:
     description: str | None
     advertiser_id: str | None
     event_time: datetime
+    serving: str | None = None  # the event's ``status``; None: leaves the serving state as it is
 
     @property
     def text(self) -> str:
@@ -50,6 +55,22 @@ class ItemEvent:
         times the greater content hash. A rule on content alone, so every delivery order
         of the same events (replays, duplicates, shuffles) ends with the same row."""
         return self.event_time, content_hash(self.title, self.description, self.advertiser_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ServingEvent:
+    """An owner's change of whether an item may be recommended: the ``status`` of an item
+    event, or a tombstone (the item id as key, no value: withdrawn at its timestamp)."""
+
+    item_id: str
+    state: str  # one of SERVING_STATES
+    event_time: datetime
+
+    @property
+    def version(self) -> tuple[datetime, int]:
+        """Which of two changes of one item wins: the later, then the more restrictive. A
+        late older event never undoes a newer withdrawal."""
+        return self.event_time, SERVING_STATES.index(self.state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +157,18 @@ def _time(obj: dict, latest: datetime) -> datetime:
     return ts
 
 
-def parse_item(raw: bytes | None, *, max_bytes: int, max_text_chars: int, latest: datetime) -> ItemEvent:
+def parse_item(
+    raw: bytes | None, *, max_bytes: int, max_text_chars: int, latest: datetime
+) -> ItemEvent | ServingEvent:
     """Validate a ``said.items`` value or raise :class:`Invalid`; ``latest`` is the
-    latest acceptable ``event_time`` (now plus the allowed skew)."""
+    latest acceptable ``event_time`` (now plus the allowed skew). An event with a
+    ``status`` and no text only changes the item's serving state (``ServingEvent``)."""
     obj = _decode(raw, max_bytes)
+    serving = _str(obj, "status", optional=True, max_len=32)
+    if serving is not None and serving not in SERVING_STATES:
+        raise Invalid("unknown_enum:status")
+    if serving is not None and obj.get("title") is None and obj.get("description") is None:
+        return ServingEvent(_str(obj, "item_id"), serving, _time(obj, latest))
     title = _str(obj, "title", max_len=max_text_chars)
     description = _str(obj, "description", optional=True, max_len=max_text_chars)
     if len(title) + len(description or "") > max_text_chars:
@@ -150,7 +179,28 @@ def parse_item(raw: bytes | None, *, max_bytes: int, max_text_chars: int, latest
         description=description or None,
         advertiser_id=_str(obj, "advertiser_id", optional=True),
         event_time=_time(obj, latest),
+        serving=serving,
     )
+
+
+def parse_tombstone(key: bytes | None, timestamp_ms: int | None, latest: datetime) -> ServingEvent:
+    """A ``said.items`` message with no value: the keyed item is withdrawn, as of the
+    message's timestamp (``None``: the broker gave none, so it cannot be ordered)."""
+    if not key:
+        raise Invalid("empty_value")  # no value and no key: nothing to withdraw
+    try:
+        item_id = _str({"key": key.decode("utf-8")}, "key")
+    except UnicodeDecodeError:
+        raise Invalid("invalid_utf8:key") from None
+    if timestamp_ms is None:
+        raise Invalid("missing_timestamp")
+    try:
+        at = datetime.fromtimestamp(timestamp_ms / 1000, UTC)
+    except (OverflowError, OSError, ValueError):
+        raise Invalid("bad_time:timestamp") from None
+    if at > latest:
+        raise Invalid("future_time")
+    return ServingEvent(item_id, "withdrawn", at)
 
 
 def parse_interaction(raw: bytes | None, *, max_bytes: int, latest: datetime) -> InteractionEvent:

@@ -46,6 +46,12 @@ items = Table(
     # the ``items`` counter value (commit order, see catalogue.next_seq) of the transaction
     # that last changed the text; 0 until it changes: scorers read what changed by it
     Column("change_seq", BigInteger, nullable=False, server_default="0"),
+    # Whether its owner lets it be recommended: "active", "paused" or "withdrawn"
+    # (``core.events.SERVING_STATES``), apart from ``status``, its alignment state. Set by
+    # the event time of the change that set it (None: never changed), which orders changes;
+    # a change also takes a new ``change_seq``, by which scorers learn of it.
+    Column("serving_state", String(16), nullable=False, server_default="active"),
+    Column("serving_time", DateTime(timezone=True)),
     Index("ix_items_status", "status"),
     Index("ix_items_change_seq", "change_seq"),
 )

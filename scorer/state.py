@@ -22,6 +22,13 @@ handed out in commit order) and takes out every one whose served vector is of an
 text, and a new embedding is applied only if it is of its item's text as of the same read.
 A loaded snapshot is reconciled against the catalogue's current text hashes first, so a
 replica restarted from a snapshot older than a change never serves the old vector.
+
+An item its owner paused or withdrew (``items.serving_state``; issue 25) is never in the
+index: a change of serving state takes a new ``change_seq`` like a text change, so the next
+refresh moves the item's vector from the index to ``Served.held``, where a history that
+holds the item still finds it; reactivation moves it back, with no realignment. Every read
+of embeddings carries the serving state of the same instant, and a reconciled snapshot
+drops what is not active, so neither a stale snapshot nor a restart serves a withdrawn item.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import chain, zip_longest
 from pathlib import Path
@@ -71,6 +78,9 @@ class Served:
     hashes: dict[int, str]  # item idx -> the text hash of its served vector (every indexed item)
     item_watermark: int  # every text change with change_seq <= this is applied
     newest: deque[int]  # the largest indexed item indexes, newest last: a fallback's fresh items
+    # idx -> index vector of an item out of serving (paused, withdrawn): never searched,
+    # still a history item; its vector is of its current text
+    held: dict[int, np.ndarray] = field(default_factory=dict)
 
     def snapshot_name(self) -> str:
         return f"{self.scorer.version}-q{self.watermark}"
@@ -181,28 +191,41 @@ class ServingState:
         with self.engine.connect() as conn:
             state = text_changes_since(conn, self.aligner_version, -1)  # every item, one read
         indexed = set(served.index.ids().tolist())
-        for idx, text, vec_text, vec_seq in zip(
-            state.ids, state.text_hashes, state.vector_hashes, state.vector_seqs, strict=True
+        for idx, text, vec_text, vec_seq, live in zip(
+            state.ids, state.text_hashes, state.vector_hashes, state.vector_seqs, state.live, strict=True
         ):
-            if idx in indexed and vec_text == text and vec_seq <= served.watermark:
+            if live and idx in indexed and vec_text == text and vec_seq <= served.watermark:
                 served.hashes[idx] = text
         gone = np.array(sorted(indexed - served.hashes.keys()), dtype=np.int64)
         served.index.remove(gone)
-        self._apply_changes(served, state)  # re-adds what the snapshot lacks; item watermark
+        self._apply_changes(served, state)  # re-adds what the snapshot lacks, holds; item watermark
         if len(gone):
-            log.info("snapshot reconciled with the catalogue: %d items of an old text removed", len(gone))
+            log.info(
+                "snapshot reconciled with the catalogue: %d items of an old text or out of serving removed",
+                len(gone),
+            )
         return served
 
     def _build(self, scorer: Scorer) -> Served:
         with self.engine.connect() as conn:
             changed_through = item_change_watermark(conn)  # first: a later change is re-read
-            found = embeddings_since(conn, self.aligner_version).fresh()
-        self._name(found)
+            every = embeddings_since(conn, self.aligner_version).fresh()
+        self._name(every)
+        found = every.where(every.live)
         index = ItemIndex(scorer.dim, self.hnsw_min_items)
         if len(found.ids):
             index.build(found.ids, scorer.item_vectors(found.ids, found.vectors))
         hashes = dict(zip(found.ids.tolist(), found.text_hashes, strict=True))
-        return Served(scorer, index, found.newest, hashes, changed_through, self._newest(found.ids))
+        served = Served(scorer, index, found.newest, hashes, changed_through, self._newest(found.ids))
+        served.held.update(self._mapped(scorer, every.where(~every.live)))
+        return served
+
+    @staticmethod
+    def _mapped(scorer: Scorer, rows: EmbeddingRows) -> dict[int, np.ndarray]:
+        """idx -> index vector of these rows."""
+        if not len(rows.ids):
+            return {}
+        return dict(zip(rows.ids.tolist(), scorer.item_vectors(rows.ids, rows.vectors), strict=True))
 
     def _newest(self, ascending: np.ndarray) -> deque[int]:
         """The fallback's fresh items of ascending indexes: the last ``fallback_fresh``."""
@@ -319,13 +342,20 @@ class ServingState:
         self._apply_changes(served, changes)  # before the embeddings: they are read later
         with self.engine.connect() as conn:
             found = embeddings_since(conn, self.aligner_version, served.watermark)
-        fresh = found.fresh()
+        every = found.fresh()
+        fresh, held = every.where(every.live), every.where(~every.live)
         mapped = served.scorer.item_vectors(fresh.ids, fresh.vectors) if len(fresh.ids) else None
+        held_vectors = self._mapped(served.scorer, held)
         self._name(new_ids)
         self._named_through = max(new_ids, default=self._named_through)
-        self._name(fresh)  # before the upsert: every indexed item has a name
+        self._name(every)  # before the upsert: every indexed item has a name
         with self.lock:
-            served.index.remove(self._unserve(served, found.ids[found.stale]))  # changed since
+            # changed since, or out of serving as of this read (its state change is read next)
+            gone = np.concatenate([found.ids[found.stale], held.ids])
+            served.index.remove(self._unserve(served, gone))
+            for idx in found.ids[found.stale].tolist():
+                served.held.pop(idx, None)
+            served.held.update(held_vectors)
             if mapped is not None:
                 served.index.upsert(fresh.ids, mapped)
                 served.hashes.update(zip(fresh.ids.tolist(), fresh.text_hashes, strict=True))
@@ -338,17 +368,34 @@ class ServingState:
         return len(fresh.ids)
 
     def _apply_changes(self, served: Served, changes: TextChanges) -> None:
-        """Items whose text changed: out of serving unless their served vector is of the
-        new text. A catalogue vector of the current text that the embeddings watermark has
-        passed (the text changed back, or the vector was written between two reads) is
-        (re)applied here; a newer one is left to the embeddings read that follows."""
-        out, back = [], []
-        for idx, text, vec_text, vec_seq in zip(
-            changes.ids, changes.text_hashes, changes.vector_hashes, changes.vector_seqs, strict=True
+        """Items whose text or serving state changed. An active one is out of serving
+        unless its served vector is of the new text; a catalogue vector of the current text
+        that the embeddings watermark has passed (the text changed back, the item was
+        reactivated, or the vector was written between two reads) is (re)applied here; a
+        newer one is left to the embeddings read that follows. A paused or withdrawn one
+        leaves the index for ``held``, with its vector of the current text."""
+        out, back, hold = [], [], {}
+        for idx, text, vec_text, vec_seq, live in zip(
+            changes.ids,
+            changes.text_hashes,
+            changes.vector_hashes,
+            changes.vector_seqs,
+            changes.live,
+            strict=True,
         ):
-            if served.hashes.get(idx) == text:
+            current = vec_text == text and vec_seq <= served.watermark
+            if not live:
+                if served.hashes.get(idx) == text:
+                    hold[idx] = served.index.vector(idx)  # only this thread writes the index
+                    out.append(idx)
+                elif current:
+                    back.append(idx)  # read below, into held
+                else:
+                    out.append(idx)
+                    served.held.pop(idx, None)
+            elif served.hashes.get(idx) == text:
                 continue
-            if vec_text == text and vec_seq <= served.watermark:
+            elif current:
                 back.append(idx)
             elif idx in served.hashes:
                 out.append(idx)
@@ -359,14 +406,19 @@ class ServingState:
             out += found.ids[found.stale].tolist()
             found = found.fresh()
             self._name(found)
+            hold.update(self._mapped(served.scorer, found.where(~found.live)))
+            found = found.where(found.live)
         mapped = None
         if found is not None and len(found.ids):
             mapped = served.scorer.item_vectors(found.ids, found.vectors)
         with self.lock:
             served.index.remove(self._unserve(served, out))
+            served.held.update(hold)
             if mapped is not None:
                 served.index.upsert(found.ids, mapped)
                 served.hashes.update(zip(found.ids.tolist(), found.text_hashes, strict=True))
+                for idx in found.ids.tolist():
+                    served.held.pop(idx, None)
             served.item_watermark = max(served.item_watermark, changes.newest)
 
     @staticmethod
@@ -406,7 +458,7 @@ class ServingState:
         and whether it is the fallback ranking (no item of the history is indexed)."""
         served = self.served  # one consistent pair, even if a swap happens meanwhile
         with self.lock:
-            vecs = [v for v in map(self._vector(served.index), history) if v is not None]
+            vecs = [v for v in map(self._vector(served), history) if v is not None]
             if not vecs:
                 return self._fallback(served, k, exclude), served.scorer.version, len(served.index), True
             query = served.scorer.query(np.stack(vecs))
@@ -429,11 +481,13 @@ class ServingState:
         return [(idx, 1.0 / (rank + 1)) for rank, idx in enumerate(picked)]
 
     @staticmethod
-    def _vector(index: ItemIndex):
+    def _vector(served: Served):
+        """A history item's vector: indexed, or held (out of serving, still history)."""
+
         def get(idx: int) -> np.ndarray | None:
             try:
-                return index.vector(idx)
-            except RuntimeError:  # not indexed yet (no embedding): skipped
-                return None
+                return served.index.vector(idx)
+            except RuntimeError:  # not indexed: held, or no embedding yet (skipped)
+                return served.held.get(idx)
 
         return get
