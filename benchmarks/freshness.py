@@ -1,23 +1,33 @@
-"""Freshness: seconds from publishing an item event to servable, and to a refined embedding.
+"""Freshness and withdrawal: seconds from publishing an item event to servable, to a
+refined embedding, and from a tombstone to out of the index.
 
 Method: the real pipeline in one process, on the embedded defaults (Tansu broker over TCP,
 SQLite, SmolLM2 on this machine's device): a slice of Beauty (``--items``) is replayed
-through Kafka, consumed, and aligned (``--align-epochs``; quality is not the point here).
-Then the item consumer, the update worker (default settings: batch 16, 20 refinement
-passes) and the scorer's serving state (refresh every 0.2 s) run in threads, and ``--fresh``
-new items (real Beauty titles outside the slice) are published one every ``--every``
-seconds. For each: *servable* = its vector is in the scorer's index (what /recommend ranks);
-*refined* = its refined embedding is in the catalogue. Reports median, p95 and max.
+through Kafka (items and clicks), consumed, and aligned (``--align-epochs``; quality is not
+the point here). With ``--scorer composite`` (the default, what production serves once
+clicks exist) one retrain trains and promotes the warm/cold composite, so fresh items are
+scored by its student. Then the item consumer, the update worker (default settings: batch
+16, 20 refinement passes), the scorer's serving state (refreshed every
+``SAID_INDEX_REFRESH_S``, the default unless ``--set`` says otherwise) and a client thread
+asking for recommendations without pause (the load) run in threads. ``--fresh`` new items
+(real Beauty titles outside the slice) are published one every ``--every`` seconds, and
+meanwhile ``--withdraw`` catalogue items are withdrawn by tombstones, one every
+``--withdraw-every`` seconds. For each: *servable* = its vector is in the scorer's index
+(what /recommend ranks); *refined* = its refined embedding is in the catalogue; *withdrawn*
+= out of the index (never ranked again). Observed every 20 ms; reports median, p95, p99
+and max.
 
-    python benchmarks/freshness.py [--items 200] [--fresh 20] [--every 3] [--smoke]
+    python benchmarks/freshness.py [--items 200] [--fresh 50] [--every 2] [--withdraw 60] [--smoke]
 
-``--smoke``: 20 items, 1 pass, 3 fresh items one a second, 3 refinement passes, and a tiny
-random LLM with SmolLM2's tokenizer: checks that the benchmark runs, not a result.
+``--smoke``: 20 items, 1 pass, 3 fresh items one a second, 3 withdrawals, 3 refinement
+passes, a 1-epoch retrain and a tiny random LLM with SmolLM2's tokenizer: checks that the
+benchmark runs, not a result.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import tempfile
 import threading
 import time
@@ -26,13 +36,16 @@ from pathlib import Path
 
 import numpy as np
 from _bench import DATA, SMOKE_NOTE, tiny_llm_folder  # a sibling module of the benchmarks
+from confluent_kafka import Producer
 from sqlalchemy import select
 
+from consumers.interactions import InteractionsHandler
 from consumers.items import ItemsHandler
 from consumers.runner import ConsumeLoop
 from core.dataset import load_dataset
 from core.db import make_engine
 from core.events import TOPIC_ITEMS
+from core.kafka import produce
 from core.settings import Settings
 from core.tables import item_embeddings
 from models.aligner import FrozenLM
@@ -42,6 +55,7 @@ from said.migrate import upgrade
 from said.produce import produce_events, replay_dataset
 from scorer.state import ServingState
 from updater.full_align import align_catalogue
+from updater.retrain import retrain_once
 from updater.worker import UpdateWorker
 
 DATASET = DATA / "amazon-beauty"
@@ -52,8 +66,11 @@ def main() -> None:
     ap.add_argument("--dataset", type=Path, default=DATASET)
     ap.add_argument("--items", type=int, default=200)
     ap.add_argument("--align-epochs", type=int, default=2)
-    ap.add_argument("--fresh", type=int, default=20)
-    ap.add_argument("--every", type=float, default=3.0)
+    ap.add_argument("--fresh", type=int, default=50)
+    ap.add_argument("--every", type=float, default=2.0)
+    ap.add_argument("--withdraw", type=int, default=60, help="catalogue items withdrawn meanwhile")
+    ap.add_argument("--withdraw-every", type=float, default=0.5)
+    ap.add_argument("--scorer", choices=("composite", "cosine"), default="composite")
     ap.add_argument("--llm-cache", type=Path, default=Path("said-data/llm"))
     ap.add_argument("--llm", default=None, help="an HF folder or .gguf (default: SmolLM2)")
     ap.add_argument("--timeout", type=float, default=600, help="most seconds for every item to refine")
@@ -64,9 +81,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.items, args.align_epochs, args.fresh, args.every, args.timeout = 20, 1, 3, 1.0, 60
+        args.withdraw, args.withdraw_every = 3, 0.5
         args.llm = args.llm or str(tiny_llm_folder())
         # a random LLM never reaches the accuracy bar: few refinement passes, few decodes
-        args.set += ["refine_epochs=3", "fidelity_exact_items=4", "reference_items=4"]
+        args.set += ["refine_epochs=3", "fidelity_exact_items=4", "reference_items=4", "retrain_epochs=1"]
         print(SMOKE_NOTE)
     full = load_dataset(args.dataset)
     ds = load_dataset(args.dataset, args.items)
@@ -89,17 +107,24 @@ def main() -> None:
         engine = make_engine(settings.database_url)
         replay_dataset(settings.kafka.client_config(), ds)
         ConsumeLoop(ItemsHandler(settings), engine, settings).run(idle_exit=2.0)
+        ConsumeLoop(InteractionsHandler(settings), engine, settings).run(idle_exit=2.0)
         device = pick_device("auto")
         model, tok = load_llm(args.llm, args.llm_cache, device)
         lm = FrozenLM.around(model, tok, device, settings.align.prompt)
         bundle = align_catalogue(engine, lm, settings, progress=not args.smoke)
+        if args.scorer == "composite":
+            record = retrain_once(engine, bundle.version, settings, device, progress=not args.smoke)
+            print(f"retrain: composite {record['version']} promoted={record['promoted']}")
         state = ServingState.for_bundle(engine, bundle, settings)
+        print(f"serving {state.version}, refreshed every {settings.index.refresh_s} s")
         worker = UpdateWorker(engine, bundle, lm, settings)
         loop, stop = ConsumeLoop(ItemsHandler(settings), engine, settings), threading.Event()
+        requests = [0]
         threads = [
             threading.Thread(target=worker.run),
             threading.Thread(target=loop.run),
-            threading.Thread(target=state.run_refresher, args=(0.2, stop)),
+            threading.Thread(target=state.run_refresher, args=(settings.index.refresh_s, stop)),
+            threading.Thread(target=_load, args=(state, len(ds.item_ids), stop, requests)),
         ]
         for t in threads:
             t.start()
@@ -107,10 +132,22 @@ def main() -> None:
         published: dict[str, float] = {}
         servable: dict[str, float] = {}
         refined: dict[str, float] = {}
+        tombstoned: dict[int, float] = {}
+        withdrawn: dict[int, float] = {}
+        doomed = random.Random(0).sample(range(1, len(ds.item_ids) + 1), min(args.withdraw, len(ds.item_ids)))
+        producer = Producer(settings.kafka.client_config() | {"linger.ms": 0})
         try:
-            t_next = time.monotonic()
+            t_next = t_withdraw = t_start = time.monotonic()
             deadline = time.monotonic() + args.timeout + len(new_titles) * args.every
-            while len(refined) < len(new_titles) and time.monotonic() < deadline:
+            while (
+                len(refined) < len(new_titles) or len(withdrawn) < len(doomed)
+            ) and time.monotonic() < deadline:
+                if len(tombstoned) < len(doomed) and time.monotonic() >= t_withdraw:
+                    idx = doomed[len(tombstoned)]
+                    tombstoned[idx] = time.monotonic()  # from the moment it is sent
+                    produce(producer, TOPIC_ITEMS, key=state.item_id[idx].encode(), value=None)
+                    producer.flush(10)
+                    t_withdraw += args.withdraw_every
                 if len(published) < len(new_titles) and time.monotonic() >= t_next:
                     k = len(published)
                     ev = {
@@ -126,25 +163,44 @@ def main() -> None:
                     published[ev["item_id"]] = time.monotonic()
                     t_next += args.every
                 _observe(engine, state, published, servable, refined)
-                time.sleep(0.05)
+                now = time.monotonic()
+                withdrawn.update(
+                    {i: now for i in tombstoned if i not in withdrawn and i not in state.served.hashes}
+                )
+                time.sleep(0.02)
         finally:
             worker.stop()
             loop.stop()
             stop.set()
             for t in threads:
                 t.join(60)
+        seconds = time.monotonic() - t_start
     print(
-        f"{len(new_titles)} fresh items, one every {args.every} s, device {device}, slice {args.items} items"
+        f"{len(new_titles)} fresh items, one every {args.every} s; {len(doomed)} withdrawals, one every "
+        f"{args.withdraw_every} s; {requests[0] / seconds:.0f} recommendations/s meanwhile; device {device}, "
+        f"slice {args.items} items, scorer {state.version}, refresh every {settings.index.refresh_s} s"
     )
-    print("| stage | n | median s | p95 s | max s |\n|---|---|---|---|---|")
-    for name, done in (("event -> servable (first estimate)", servable), ("event -> refined", refined)):
-        secs = np.array([done[i] - published[i] for i in done] or [np.nan])
-        print(
-            f"| {name} | {len(done)} | {np.median(secs):.2f} | {np.percentile(secs, 95):.2f} | "
-            f"{secs.max():.2f} |"
-        )
+    print("| stage | n | median s | p95 s | p99 s | max s |\n|---|---|---|---|---|---|")
+    for name, done, start in (
+        ("event -> servable (first estimate)", servable, published),
+        ("event -> refined", refined, published),
+        ("tombstone -> out of the index", withdrawn, tombstoned),
+    ):
+        secs = np.array([done[i] - start[i] for i in done] or [np.nan])
+        p50, p95, p99 = np.percentile(secs, [50, 95, 99])
+        print(f"| {name} | {len(done)} | {p50:.2f} | {p95:.2f} | {p99:.2f} | {secs.max():.2f} |")
     if len(refined) < len(new_titles):
         raise SystemExit(f"only {len(refined)} of {len(new_titles)} fresh items refined in time")
+    if len(withdrawn) < len(doomed):
+        raise SystemExit(f"only {len(withdrawn)} of {len(doomed)} withdrawn items left the index in time")
+
+
+def _load(state: ServingState, n_items: int, stop: threading.Event, done: list[int]) -> None:
+    """Recommendations for random 5-item histories of the catalogue, back to back."""
+    rng = random.Random(1)
+    while not stop.is_set():
+        state.recommend([rng.randint(1, n_items) for _ in range(5)], 10, set())
+        done[0] += 1
 
 
 def _observe(engine, state: ServingState, published, servable, refined) -> None:

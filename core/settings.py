@@ -308,9 +308,10 @@ class IndexSettings(Section):
     hnsw_min_items: int = Field(50_000, ge=1, description="Index size from which HNSW replaces exact search.")
     snapshot_every_s: float = Field(300.0, gt=0, description="Scorer's index snapshot period (seconds).")
     refresh_s: float = Field(
-        1.0,
+        0.25,
         gt=0,
-        description="How often a replica applies new embeddings and versions.",
+        description="How often a replica applies new embeddings, text and serving-state changes, and "
+        "versions: a fresh item's wait to be servable, and a withdrawn one's to be gone.",
         json_schema_extra=env("index_refresh_s"),
     )
     popular_refresh_s: float = Field(
