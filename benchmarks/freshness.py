@@ -9,7 +9,7 @@ clicks exist) one retrain trains and promotes the warm/cold composite, so fresh 
 scored by its student. Then the item consumer, the update worker (default settings: batch
 16, 20 refinement passes), the scorer's serving state (refreshed every
 ``SAID_INDEX_REFRESH_S``, the default unless ``--set`` says otherwise) and a client thread
-asking for recommendations without pause (the load) run in threads. ``--fresh`` new items
+asking for ``--load-rps`` recommendations a second (the load) run in threads. ``--fresh`` new items
 (real Beauty titles outside the slice) are published one every ``--every`` seconds, and
 meanwhile ``--withdraw`` catalogue items are withdrawn by tombstones, one every
 ``--withdraw-every`` seconds. For each: *servable* = its vector is in the scorer's index
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--withdraw", type=int, default=60, help="catalogue items withdrawn meanwhile")
     ap.add_argument("--withdraw-every", type=float, default=0.5)
     ap.add_argument("--scorer", choices=("composite", "cosine"), default="composite")
+    ap.add_argument("--load-rps", type=float, default=100, help="recommendations a second meanwhile")
     ap.add_argument("--llm-cache", type=Path, default=Path("said-data/llm"))
     ap.add_argument("--llm", default=None, help="an HF folder or .gguf (default: SmolLM2)")
     ap.add_argument("--timeout", type=float, default=600, help="most seconds for every item to refine")
@@ -124,7 +125,7 @@ def main() -> None:
             threading.Thread(target=worker.run),
             threading.Thread(target=loop.run),
             threading.Thread(target=state.run_refresher, args=(settings.index.refresh_s, stop)),
-            threading.Thread(target=_load, args=(state, len(ds.item_ids), stop, requests)),
+            threading.Thread(target=_load, args=(state, len(ds.item_ids), args.load_rps, stop, requests)),
         ]
         for t in threads:
             t.start()
@@ -195,12 +196,13 @@ def main() -> None:
         raise SystemExit(f"only {len(withdrawn)} of {len(doomed)} withdrawn items left the index in time")
 
 
-def _load(state: ServingState, n_items: int, stop: threading.Event, done: list[int]) -> None:
-    """Recommendations for random 5-item histories of the catalogue, back to back."""
-    rng = random.Random(1)
-    while not stop.is_set():
+def _load(state: ServingState, n_items: int, rps: float, stop: threading.Event, done: list[int]) -> None:
+    """Recommendations for random 5-item histories of the catalogue, ``rps`` a second."""
+    rng, t_next = random.Random(1), time.monotonic()
+    while not stop.wait(max(0.0, t_next - time.monotonic())):
         state.recommend([rng.randint(1, n_items) for _ in range(5)], 10, set())
         done[0] += 1
+        t_next += 1 / rps
 
 
 def _observe(engine, state: ServingState, published, servable, refined) -> None:

@@ -548,3 +548,22 @@ def popular_items(conn: Connection, types: Sequence[str], limit: int) -> list[in
         .limit(limit)
     )
     return list(rows.scalars())
+
+
+def overview(conn: Connection) -> dict:
+    """What the catalogue holds, for ``said status``: items by alignment status and by
+    serving state, positive and other interactions by type, and the alignment backlog."""
+
+    def by(column) -> dict[str, int]:
+        return {k: n for k, n in conn.execute(select(column, func.count()).group_by(column)).all()}
+
+    return {
+        "items": conn.execute(select(func.count()).select_from(items)).scalar(),
+        "items_by_status": by(items.c.status),
+        "items_by_serving_state": by(items.c.serving_state),
+        "interactions_by_type": by(interactions.c.type),
+        "alignment_jobs": conn.execute(select(func.count()).select_from(alignment_jobs)).scalar(),
+        "alignment_jobs_failing": conn.execute(
+            select(func.count()).select_from(alignment_jobs).where(alignment_jobs.c.failures > 0)
+        ).scalar(),
+    }

@@ -8,7 +8,7 @@ message failed or is still queued.
 
 from __future__ import annotations
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 
 class DeliveryFailed(RuntimeError):
@@ -46,3 +46,19 @@ def produce(producer: Producer, topic: str, **kwargs) -> None:
             return
         except BufferError:
             producer.poll(0.1)
+
+
+def group_lag(config: dict, group: str, topic: str, timeout_s: float = 5.0) -> int:
+    """Messages of ``topic`` the consumer group has not committed yet (all of a partition
+    it never committed on). Read without joining the group, so it disturbs no member."""
+    consumer = Consumer(config | {"group.id": group, "enable.auto.commit": False})
+    try:
+        partitions = consumer.list_topics(topic, timeout=timeout_s).topics[topic].partitions
+        committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=timeout_s)
+        lag = 0
+        for tp in committed:
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
+            lag += high - (tp.offset if tp.offset >= 0 else low)
+        return lag
+    finally:
+        consumer.close()

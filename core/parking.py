@@ -206,3 +206,22 @@ def _forget(conn: Connection, event_ids: Sequence[str]) -> int:
 def count_parked(conn: Connection) -> int:
     """Rows in the table (a full count: for tests and checks, not the hot path)."""
     return conn.execute(select(func.count()).select_from(parked_interactions)).scalar_one()
+
+
+def forget_user(conn: Connection, user_id: str) -> int:
+    """Delete a user's parked interactions (a request to be forgotten); how many. Locked
+    like ``apply_parked``, so a sweep or an arriving item never moves one of them meanwhile."""
+    query = select(parked_interactions.c.event_id).where(parked_interactions.c.user_id == user_id)
+    ids = conn.execute(query.with_for_update()).scalars().all()
+    removed = _forget(conn, list(ids))
+    _count_change(conn, -removed)
+    return removed
+
+
+def prune_parked(conn: Connection, before: datetime) -> int:
+    """Delete parked interactions of events older than ``before`` (retention); how many."""
+    query = select(parked_interactions.c.event_id).where(parked_interactions.c.event_time < before)
+    ids = conn.execute(query.with_for_update(skip_locked=True)).scalars().all()
+    removed = _forget(conn, list(ids))
+    _count_change(conn, -removed)
+    return removed

@@ -437,6 +437,13 @@ class Settings(BaseSettings):
         "query is built from, comma-separated. Impressions never are: on an ad platform most "
         "events are impressions, and a model trained on them learns what was already shown.",
     )
+    retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Interactions and parked interactions whose event is older than this many days "
+        "are deleted (by the watching retrainer, hourly, and by `said users prune`); "
+        "unset keeps them all.",
+    )
     log_level: str = Field("INFO", description="Python logging level.")
 
     # --- sections: each service takes its own whole -----------------------------------

@@ -114,6 +114,63 @@ def promote(
     return True
 
 
+def list_versions(engine: Engine, kind: str | None = None) -> list[dict]:
+    """Every version (of ``kind``, or both), newest first, with its status, file and the
+    figures an operator compares them by."""
+    query = select(model_versions).order_by(model_versions.c.created_at.desc())
+    if kind is not None:
+        query = query.where(model_versions.c.kind == kind)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    return [
+        {
+            "version": r.version,
+            "kind": r.kind,
+            "status": r.status,
+            "created_at": r.created_at.isoformat(),
+            "path": r.path,
+            "metrics": r.metrics or {},
+        }
+        for r in rows
+    ]
+
+
+def kind_of(engine: Engine, version: str) -> str:
+    """The kind of an existing version (ValueError for an unknown one)."""
+    with engine.connect() as conn:
+        query = select(model_versions.c.kind).where(model_versions.c.version == version)
+        found = conn.execute(query).scalar()
+    if found is None:
+        raise ValueError(f"no version {version!r}")
+    return found
+
+
+def roll_back(engine: Engine, kind: str) -> tuple[str, str]:
+    """Make the newest retired version created before the active one active again;
+    returns (from, to). A second rollback goes one further back, never forth again
+    (``activate`` goes forward). ValueError when there is nothing to go back to."""
+    with engine.begin() as conn:
+        _lock_kind(conn, kind)
+        current = _active(conn, kind)
+        if current is None:
+            raise ValueError(f"no active {kind} to roll back from")
+        created = select(model_versions.c.created_at).where(model_versions.c.version == current[0])
+        previous = conn.execute(
+            select(model_versions.c.version)
+            .where(
+                model_versions.c.kind == kind,
+                model_versions.c.status == "retired",
+                model_versions.c.created_at < created.scalar_subquery(),
+            )
+            .order_by(model_versions.c.created_at.desc())
+            .limit(1)
+        ).scalar()
+        if previous is None:
+            raise ValueError(f"no retired {kind} older than the active {current[0]}")
+        _activate(conn, kind, previous)
+    return current[0], previous
+
+
 def activate(engine: Engine, kind: str, version: str) -> None:
     """Make an existing ``version`` the active one of its kind (operator rollback)."""
     with engine.begin() as conn:

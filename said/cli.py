@@ -219,6 +219,81 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from said import wiring
+    from said.status import render, status
+
+    settings = get_settings()
+    found = status(wiring.engine_for(settings), settings)
+    print(json.dumps(found, indent=2) if args.json else render(found))
+    return 0
+
+
+def _cmd_versions(args: argparse.Namespace) -> int:
+    import json
+
+    from core.versions import activate, kind_of, list_versions, roll_back
+    from said import wiring
+
+    engine = wiring.engine_for(get_settings())
+    if args.version and args.action != "activate":
+        raise SystemExit(f"said versions {args.action}: takes no VERSION (only activate does)")
+    try:
+        if args.action == "list":
+            found = list_versions(engine, args.kind)
+            if args.json:
+                print(json.dumps(found, indent=2))
+            for v in [] if args.json else found:
+                figures = {
+                    k: v["metrics"][k] for k in ("ndcg@10", "mean_token_accuracy") if k in v["metrics"]
+                }
+                print(f"{v['kind']:8} {v['status']:9} {v['version']}  {v['created_at']}  {figures or ''}")
+            return 0
+        if args.action == "activate":
+            if not args.version:
+                raise ValueError("activate needs a VERSION")
+            kind = kind_of(engine, args.version)
+            if args.kind is not None and args.kind != kind:
+                raise ValueError(f"{args.version} is a version of the {kind}, not of the {args.kind}")
+            activate(engine, kind, args.version)
+            moved = (None, args.version)
+        else:
+            kind = args.kind or "scorer"
+            moved = roll_back(engine, kind)
+    except ValueError as exc:
+        raise SystemExit(f"said versions {args.action}: {exc}") from None
+    result = {"kind": kind, "from": moved[0], "active": moved[1]}
+    print(json.dumps(result) if args.json else f"{kind} {moved[1]} is active")
+    logging.info("replicas and workers follow within their poll period")
+    return 0
+
+
+def _cmd_users(args: argparse.Namespace) -> int:
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from core.users import forget, prune
+    from said import wiring
+
+    settings = get_settings()
+    engine = wiring.engine_for(settings)
+    if args.action == "forget":
+        if not args.user:
+            raise SystemExit("said users forget: give the USER to forget")
+        with engine.begin() as conn:
+            gone = {"user_id": args.user} | forget(conn, args.user)
+    else:
+        days = args.days if args.days is not None else settings.retention_days
+        if days is None:
+            raise SystemExit("said users prune: give --days or set SAID_RETENTION_DAYS")
+        with engine.begin() as conn:
+            gone = {"older_than_days": days} | prune(conn, datetime.now(UTC) - timedelta(days=days))
+    print(json.dumps(gone) if args.json else ", ".join(f"{k} {v}" for k, v in gone.items()))
+    return 0
+
+
 def _cmd_dlq(args: argparse.Namespace) -> int:
     from consumers.dlq_replay import replay_dlq
 
@@ -364,8 +439,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep running; retrain when SAID_RETRAIN_MIN_* new events arrived",
     )
     rt.add_argument("--epochs", type=int, default=s.retrain.epochs, help="upper bound per retrain")
-    rt.add_argument("--activate", metavar="VERSION", help="roll back/forward to a scorer version")
+    rt.add_argument("--activate", metavar="VERSION", help="old spelling of `said versions activate VERSION`")
     rt.set_defaults(fn=_cmd_retrain)
+
+    st = sub.add_parser(
+        "status", help="catalogue counts, backlog, failed items, consumer lag, active versions"
+    )
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(fn=_cmd_status)
+
+    vs = sub.add_parser("versions", help="aligner and scorer versions: list, activate, roll back")
+    vs.add_argument("action", choices=["list", "activate", "rollback"])
+    vs.add_argument("version", nargs="?", help="the version to activate (activate only)")
+    vs.add_argument(
+        "--kind",
+        choices=["aligner", "scorer"],
+        default=None,
+        help="list: only this kind (default: both); rollback: which kind (default: scorer)",
+    )
+    vs.add_argument("--json", action="store_true", help="machine-readable output")
+    vs.set_defaults(fn=_cmd_versions)
+
+    us = sub.add_parser("users", help="a user's data: forget one user, or prune old events")
+    us.add_argument("action", choices=["forget", "prune"])
+    us.add_argument("user", nargs="?", help="the user_id to forget (forget only)")
+    us.add_argument(
+        "--days",
+        type=float,
+        default=None,
+        help="prune: delete events older than this (default: SAID_RETENTION_DAYS)",
+    )
+    us.add_argument("--json", action="store_true", help="machine-readable output")
+    us.set_defaults(fn=_cmd_users)
 
     sv = sub.add_parser("serve", help="the HTTP scorer")
     sv.add_argument("--host", default="127.0.0.1", help="listen address (loopback by default)")
@@ -398,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__)  # `kill -USR1 <pid>`: every thread's stack
     logging.basicConfig(
         level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -5,31 +5,40 @@ interactions: ``SAID_POSITIVES``) with the active scorer, the warm/cold composit
 similarity of SAID vectors until a scorer is promoted); a user with no usable history gets
 popular and new items in turn, flagged ``fallback``. Fresh items are in the index as soon
 as the worker has estimated them, and an item whose text changed leaves the results until
-its new text has a vector. GET /items/{item_id} (with the text hash of the vector served), /healthz, /readyz,
-/metrics; the OpenAPI schema is at /openapi.json.
+its new text has a vector, as does a paused or withdrawn one. GET /items/{item_id} (with
+the text hash of the vector served and the serving state), DELETE /users/{user_id} (forget
+a user), /healthz, /readyz, /metrics; the OpenAPI schema is at /openapi.json.
+
+The contract: the bearer scheme declared through FastAPI's security utilities, a typed
+model for every response, and every error in one shape, RFC 9457 problem details
+(``Problem``, ``application/problem+json``), each route declaring the statuses it returns.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import threading
 import time
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from prometheus_client import make_asgi_app
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_validator
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DatabaseError, DBAPIError, InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import metrics
 from core.catalogue import item_status, user_history
 from core.settings import ApiSettings
+from core.users import forget
 from scorer.state import ServingState
 
 log = logging.getLogger(__name__)
@@ -49,6 +58,15 @@ def unicode_text(value: str) -> str:
     if "\x00" in value:
         raise ValueError("not valid text (a NUL character)")
     return value
+
+
+def stored_id(value: str, what: str) -> str:
+    """An id from a path; one that is not text (a lone surrogate, NUL) was never stored,
+    so there is nothing to show or delete: 404."""
+    try:
+        return unicode_text(value)
+    except ValueError as exc:
+        raise HTTPException(404, f"unknown {what}: {exc}") from None
 
 
 Text = Annotated[str, AfterValidator(unicode_text)]
@@ -83,6 +101,61 @@ class RecommendResponse(BaseModel):
         description="No usable history (a new user, or none of its items served yet): popular "
         "items and the newest ones in turn, not a personal ranking.",
     )
+
+
+class Problem(BaseModel):
+    """Every error response (RFC 9457 problem details, ``application/problem+json``)."""
+
+    type: str = Field("about:blank", description="No further semantics than the status.")
+    title: str = Field(description="The status's phrase.")
+    status: int
+    detail: str = Field(description="What went wrong, for a person.")
+    errors: list[dict] | None = Field(None, description="422 only: each invalid field, where and why.")
+
+
+PROBLEM_TYPE = "application/problem+json"
+ERRORS = {
+    401: "missing or wrong bearer token (when SAID_API_TOKEN is set)",
+    404: "unknown item or user",
+    413: f"request body over {MAX_BODY_BYTES} bytes",
+    422: "invalid request: where and why in `errors`",
+    503: "database or index unavailable; retry",
+}
+
+
+def declared(*statuses: int) -> dict:
+    """OpenAPI ``responses`` of these error statuses, each a ``Problem``."""
+    problem_json = {PROBLEM_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    return {
+        code: {"model": Problem, "description": ERRORS[code], "content": problem_json} for code in statuses
+    }
+
+
+def problem(
+    status: int, detail: str, headers: dict | None = None, errors: list | None = None
+) -> JSONResponse:
+    """One error response, as problem details."""
+    body = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail, errors=errors)
+    return JSONResponse(body.model_dump(exclude_none=True), status, headers, media_type=PROBLEM_TYPE)
+
+
+class ItemInfo(BaseModel):
+    item_id: str
+    idx: int = Field(description="Dense catalogue index.")
+    title: str
+    description: str | None
+    status: str = Field(description="Alignment: pending, aligned or failed.")
+    serving_state: str = Field(description="Its owner's: active, paused or withdrawn.")
+    text_hash: str = Field(description="Hash of its current text.")
+    embedding: str | None = Field(description="Kind of its vector of the current text (None: none yet).")
+    served_text_hash: str | None = Field(description="Text hash of the vector this replica serves.")
+    servable: bool = Field(description="This replica ranks it now, by a vector of its current text.")
+
+
+class Forgotten(BaseModel):
+    user_id: str
+    interactions: int = Field(description="Interactions of the user deleted.")
+    parked: int = Field(description="Parked interactions (their item not arrived yet) deleted.")
 
 
 class ObserveMiddleware:
@@ -147,11 +220,11 @@ class BodyLimitMiddleware:
 
 
 async def _too_large(send) -> None:
-    body = json.dumps({"detail": f"request body over {MAX_BODY_BYTES} bytes"}).encode()
+    response = problem(413, ERRORS[413])
     await send(
-        {"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]}
+        {"type": "http.response.start", "status": 413, "headers": [(b"content-type", PROBLEM_TYPE.encode())]}
     )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": response.body})
 
 
 async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -162,11 +235,28 @@ async def validation_error(_request: Request, exc: RequestValidationError) -> JS
     (float infinity) are not JSON, a lone surrogate is not UTF-8. The echo then fails to
     serialise and the client gets a 500 for its own bad input. Messages and locations are
     made printable too: a location names a field, and an unknown field is any string."""
-    detail = [
+    errors = [
         {"type": err["type"], "loc": [_printable(part) for part in err["loc"]], "msg": _printable(err["msg"])}
         for err in exc.errors()
     ]
-    return JSONResponse(status_code=422, content={"detail": detail})
+    where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:3])
+    return problem(422, f"invalid request: {where}", errors=errors)
+
+
+async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Every HTTPException (ours, and FastAPI's own 404 and 405) as problem details."""
+    return problem(exc.status_code, str(exc.detail), exc.headers)
+
+
+async def database_error(_request: Request, exc: DBAPIError) -> JSONResponse:
+    """An outage of the catalogue (unreachable, gone, not a database) is the server's
+    state, not a bug: 503 and a retry hint. Any other database error (a constraint, bad
+    SQL) is a bug: a 500, logged with its trace, never a "retry"."""
+    if isinstance(exc, OperationalError | InterfaceError) or type(exc) is DatabaseError:
+        log.warning("database unavailable: %s", type(exc.orig).__name__)
+        return problem(503, f"database unavailable: {type(exc.orig).__name__}", {"Retry-After": "1"})
+    log.error("database error", exc_info=exc)
+    return problem(500, f"internal error: {type(exc).__name__}")
 
 
 def _printable(part: object) -> str | int:
@@ -176,30 +266,23 @@ def _printable(part: object) -> str | int:
     return str(part).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def bearer_credentials(authorization: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, else None.
-
-    RFC 7235: the scheme is case-insensitive and separated from the credentials by
-    whitespace; a bare token with no scheme, or another scheme, is not a bearer token."""
-    scheme, _, credentials = (authorization or "").strip().partition(" ")
-    if scheme.lower() != "bearer" or not credentials.strip():
-        return None
-    return credentials.strip()
+BEARER = HTTPBearer(auto_error=False, description="SAID_API_TOKEN, when the scorer has one.")
 
 
 def bearer_guard(token: str | None):
-    """A dependency that admits only ``Authorization: Bearer <token>`` when a token is set.
+    """A dependency that admits only ``Authorization: Bearer <token>`` when a token is set,
+    declared to OpenAPI as the bearer scheme.
 
     Without a token the API is open: ``said serve`` allows that only on a loopback address
     (or with an explicit ``--insecure``)."""
     if token is not None and not token.strip():
         raise ValueError("an empty API token would let anyone in; leave it unset or set a real one")
 
-    def check(authorization: str | None = Header(None)) -> None:
+    def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         if token is None:
             return
-        given = bearer_credentials(authorization)
-        if given is None or not hmac.compare_digest(given.encode(), token.encode()):
+        given = credentials.credentials.strip() if credentials is not None else None
+        if not given or not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     return check
@@ -223,13 +306,24 @@ def create_app(engine: Engine, state: ServingState, cfg: ApiSettings) -> FastAPI
 
     app = FastAPI(title="SAID scorer", version="1", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.mount("/metrics", make_asgi_app())
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(DBAPIError, database_error)
 
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(ObserveMiddleware)  # outermost: it also counts the 413s
     guarded = [Depends(bearer_guard(token))]
 
-    @app.post("/recommend", response_model=RecommendResponse, dependencies=guarded)
+    def data_route(method: str, path: str, model: type[BaseModel], *errors: int):
+        """A route behind the token, its model and its error statuses (401 and ``errors``) declared."""
+        return app.api_route(
+            path,
+            methods=[method],
+            response_model=model,
+            dependencies=guarded,
+            responses=declared(401, *errors),
+        )
+
+    @data_route("POST", "/recommend", RecommendResponse, 413, 422, 503)
     def recommend(req: RecommendRequest) -> RecommendResponse:
         unknown: list[str] = []
         if req.user_id is not None:
@@ -253,12 +347,9 @@ def create_app(engine: Engine, state: ServingState, cfg: ApiSettings) -> FastAPI
             fallback=fallback,
         )
 
-    @app.get("/items/{item_id}", dependencies=guarded)  # it shows titles of unlaunched items
-    def item(item_id: str) -> dict:
-        try:
-            unicode_text(item_id)
-        except ValueError as exc:  # such an id was never stored: nothing to show
-            raise HTTPException(404, f"unknown item: {exc}") from None
+    @data_route("GET", "/items/{item_id}", ItemInfo, 404, 422, 503)  # titles of unlaunched items
+    def item(item_id: str) -> ItemInfo:
+        stored_id(item_id, "item")
         with engine.connect() as conn:
             found = item_status(conn, item_id, state.aligner_version)
         if found is None:
@@ -266,13 +357,23 @@ def create_app(engine: Engine, state: ServingState, cfg: ApiSettings) -> FastAPI
         # what this replica serves: the text its vector is of; servable only if that is the
         # item's current text (an old text's vector is out of serving within a refresh)
         served = state.served_text_hash(found["idx"])
-        return found | {"served_text_hash": served, "servable": served == found["text_hash"]}
+        return ItemInfo(**found | {"served_text_hash": served, "servable": served == found["text_hash"]})
+
+    @data_route("DELETE", "/users/{user_id}", Forgotten, 404, 422, 503)
+    def forget_user(user_id: str) -> Forgotten:
+        """Forget a user: every interaction and parked interaction, at once (idempotent:
+        a user with nothing left gets zeros). Their next request gets the fallback ranking."""
+        stored_id(user_id, "user")
+        with engine.begin() as conn:
+            gone = forget(conn, user_id)
+        log.info("forgot a user: %d interactions, %d parked", gone["interactions"], gone["parked"])
+        return Forgotten(user_id=user_id, **gone)
 
     @app.get("/healthz")
     def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=declared(503))
     def readyz() -> dict:
         try:
             with engine.connect() as conn:
@@ -291,4 +392,11 @@ def create_app(engine: Engine, state: ServingState, cfg: ApiSettings) -> FastAPI
             "problems": state.problems,  # active versions not served, and why (also a metric)
         }
 
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        """The text exposition at /metrics itself: no redirect to /metrics/ (which a
+        scraper would have to follow), and still served at /metrics/ for old configs."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_api_route("/metrics/", prometheus, include_in_schema=False)
     return app

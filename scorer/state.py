@@ -359,6 +359,8 @@ class ServingState:
             if mapped is not None:
                 served.index.upsert(fresh.ids, mapped)
                 served.hashes.update(zip(fresh.ids.tolist(), fresh.text_hashes, strict=True))
+                for idx in fresh.ids.tolist():  # reactivated: indexed now, no longer held
+                    served.held.pop(idx, None)
                 newer = served.newest[-1] if served.newest else 0  # re-embedded items are not new
                 served.newest.extend(i for i in fresh.ids.tolist() if i > newer)
             served.watermark = max(served.watermark, found.newest)
@@ -374,7 +376,7 @@ class ServingState:
         reactivated, or the vector was written between two reads) is (re)applied here; a
         newer one is left to the embeddings read that follows. A paused or withdrawn one
         leaves the index for ``held``, with its vector of the current text."""
-        out, back, hold = [], [], {}
+        out, back, hold, unhold = [], [], {}, []
         for idx, text, vec_text, vec_seq, live in zip(
             changes.ids,
             changes.text_hashes,
@@ -397,8 +399,10 @@ class ServingState:
                 continue
             elif current:
                 back.append(idx)
-            elif idx in served.hashes:
-                out.append(idx)
+            else:  # active, of a text with no vector here yet: in neither the index nor held
+                unhold.append(idx)
+                if idx in served.hashes:
+                    out.append(idx)
         found = None
         if back:
             with self.engine.connect() as conn:
@@ -413,6 +417,8 @@ class ServingState:
             mapped = served.scorer.item_vectors(found.ids, found.vectors)
         with self.lock:
             served.index.remove(self._unserve(served, out))
+            for idx in unhold:
+                served.held.pop(idx, None)
             served.held.update(hold)
             if mapped is not None:
                 served.index.upsert(found.ids, mapped)

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from core.settings import KafkaSettings, Settings
+from core.settings import KafkaSettings, Settings, get_settings
 from said.broker import EmbeddedBroker, ensure_topics, free_port
 from said.migrate import upgrade
 from tests.support.pgcluster import ThrowawayPostgres, find_pg_bin
@@ -75,3 +75,17 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if faultlog.ROWS:
         terminalreporter.write_sep("-", "fault injection")
         terminalreporter.write_line(faultlog.table())
+
+
+@pytest.fixture
+def cli_env(monkeypatch):
+    """Sets ``SAID_*`` variables for an in-process ``said`` call: the process's settings
+    are cached (``get_settings``), so each change clears the cache, and so does the end."""
+
+    def set_env(**env: str) -> None:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+
+    yield set_env
+    get_settings.cache_clear()

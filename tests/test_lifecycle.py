@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 import uvicorn
+from confluent_kafka import Consumer, TopicPartition
 from sqlalchemy import func, select
 
 from consumers.items import ItemsHandler
@@ -25,7 +26,7 @@ from said.broker import free_port
 from scorer.app import create_app
 from scorer.state import ServingState
 from tests.support.catalogue import add_users
-from tests.support.kafka_util import dlq_reasons, produce_json, produce_raw
+from tests.support.kafka_util import committed_offsets, dlq_reasons, produce_json, produce_raw
 
 ALL = 24  # every item of the ``aligned`` catalogue: a ranking of k=ALL shows whether one is served
 
@@ -71,6 +72,22 @@ class Poller:
 def _state(engine, key: str, item_id: str) -> str:
     with engine.connect() as conn:
         return conn.execute(select(getattr(items.c, key)).where(items.c.item_id == item_id)).scalar_one()
+
+
+def _consumed(settings, timeout: float = 15.0) -> None:
+    """Wait until the items consumer has committed every message on ``said.items``."""
+    group, deadline = f"{settings.consume.group_id}.items", time.monotonic() + timeout
+    consumer = Consumer(settings.kafka.client_config() | {"group.id": f"{group}-peek"})
+    try:
+        while time.monotonic() < deadline:
+            done = committed_offsets(settings, group, TOPIC_ITEMS)  # partition -> offset
+            ends = {p: consumer.get_watermark_offsets(TopicPartition(TOPIC_ITEMS, p))[1] for p in done}
+            if all(done[p] >= end for p, end in ends.items() if end > 0):
+                return
+            time.sleep(0.1)
+    finally:
+        consumer.close()
+    raise AssertionError("the items consumer did not commit every message in time")
 
 
 def _work(engine) -> tuple[int, int]:
@@ -125,7 +142,8 @@ def test_withdrawal_reaches_a_polling_client_and_stays(served, settings, monkeyp
         old = {"item_id": "i8", "status": "active", "event_time": "2026-01-01T00:00:00Z"}
         produce_json(settings.kafka.bootstrap, TOPIC_ITEMS, [old], "item_id")
         t1 = time.monotonic()
-        assert not poller.shown("i8", t1, timeout=3.0)
+        _consumed(settings)  # it was read and committed, so it had its chance
+        assert not poller.shown("i8", t1, timeout=1.0)
         assert _state(engine, "serving_state", "i8") == "withdrawn"
 
         # a status-only pause

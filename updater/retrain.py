@@ -34,8 +34,9 @@ import hashlib
 import logging
 import random
 import threading
+import time
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ from core.catalogue import load_embeddings, user_sequences
 from core.files import CorruptFile
 from core.settings import ScorerSettings, Settings
 from core.tables import interactions, items
+from core.users import prune
 from core.versions import active_version, newest_metrics, record_version, require_active, versions_in
 from core.versions import promote as promote_if_current
 from models.composite import Composite, load_composite, save_composite
@@ -60,14 +62,33 @@ Slice = tuple[list[list[int]], list[int]]  # (histories, targets)
 
 
 def counts(engine: Engine, positives: tuple[str, ...]) -> dict[str, int]:
-    """Positive interactions and items in the catalogue: a flood of impressions, which no
-    retrain learns from, must not make one due."""
-    positive = select(func.count()).select_from(interactions).where(interactions.c.type.in_(positives))
+    """Positive interactions and items in the catalogue, and the newest of each (its id,
+    its index): a flood of impressions, which no retrain learns from, must not make one
+    due, and neither must deletions (retention, a forgotten user) keep one from being due."""
+    positive = interactions.c.type.in_(positives)
     with engine.connect() as conn:
         return {
-            "interactions": conn.execute(positive).scalar(),
+            "interactions": conn.execute(
+                select(func.count()).select_from(interactions).where(positive)
+            ).scalar(),
             "items": conn.execute(select(func.count()).select_from(items)).scalar(),
+            "last_interaction_id": conn.execute(select(func.max(interactions.c.id)).where(positive)).scalar()
+            or 0,
+            "last_item_idx": conn.execute(select(func.max(items.c.idx))).scalar() or 0,
         }
+
+
+def new_since(engine: Engine, last: dict, positives: tuple[str, ...]) -> tuple[int, int]:
+    """(positive interactions, items) that arrived after the retrain that made ``last``:
+    counted by id and index, so events deleted meanwhile do not hide new ones (a record
+    from before these keys: by the difference of the counts)."""
+    now = counts(engine, positives)
+    if "last_interaction_id" not in last:
+        return now["interactions"] - last["interactions"], now["items"] - last["items"]
+    newer = (interactions.c.id > last["last_interaction_id"]) & interactions.c.type.in_(positives)
+    with engine.connect() as conn:
+        fresh = conn.execute(select(func.count()).select_from(interactions).where(newer)).scalar()
+    return fresh, now["last_item_idx"] - last["last_item_idx"]
 
 
 def is_due(engine: Engine, settings: Settings) -> bool:
@@ -75,16 +96,14 @@ def is_due(engine: Engine, settings: Settings) -> bool:
     (``settings.retrain``), or a newly activated aligner that no scorer was trained on yet
     (replicas serve cosine until one is)."""
     cfg = settings.retrain
-    last, now = newest_metrics(engine, "scorer"), counts(engine, settings.positives)
+    last = newest_metrics(engine, "scorer")
     if last is None:
-        return now["interactions"] > 0
+        return counts(engine, settings.positives)["interactions"] > 0
     aligner = active_version(engine, "aligner")
     if aligner is not None and last.get("aligner_version") != aligner[0]:
         return True
-    return (
-        now["interactions"] - last["interactions"] >= cfg.min_interactions
-        or now["items"] - last["items"] >= cfg.min_items
-    )
+    new_interactions, new_items = new_since(engine, last, settings.positives)
+    return new_interactions >= cfg.min_interactions or new_items >= cfg.min_items
 
 
 @dataclass
@@ -382,13 +401,30 @@ def validation_slices(
     return slices[0], slices[1]
 
 
+RETENTION_EVERY_S = 3600  # retention is in days: an hourly pass (a full scan of events) is enough
+
+
+def apply_retention(engine: Engine, days: float) -> dict[str, int]:
+    """Delete the events older than ``days`` (``settings.retention_days``) before a retrain
+    can train on them; how many went."""
+    with engine.begin() as conn:
+        gone = prune(conn, datetime.now(UTC) - timedelta(days=days))
+    if any(gone.values()):
+        log.info("retention (%g days): deleted %d interactions, %d parked", days, *gone.values())
+    return gone
+
+
 def run_retrainer(
     engine: Engine, settings: Settings, device: torch.device, stop: threading.Event, progress: bool = False
 ) -> None:
     """Retrain whenever enough has arrived, until ``stop`` is set (thread or CLI). Each
     retrain trains on the aligner version active when it starts, so an activation by
     `said align` is followed without a restart."""
+    pruned_at = -float("inf")
     while True:
+        if settings.retention_days is not None and time.monotonic() - pruned_at > RETENTION_EVERY_S:
+            apply_retention(engine, settings.retention_days)
+            pruned_at = time.monotonic()
         if is_due(engine, settings):
             try:
                 retrain_once(engine, require_active(engine, "aligner")[0], settings, device, progress)

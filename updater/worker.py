@@ -54,7 +54,7 @@ from updater.leases import (
 
 log = logging.getLogger(__name__)
 BETWEEN_PASSES_POLL_S = 0.5  # a new item waits at most this (plus one pass) for its estimate
-MAX_BACKLOG = 4  # estimated batches waiting for refinement: more would outlive their leases
+MAX_BACKLOG = 4  # estimated batches (of up to `batch` items) waiting for refinement
 
 
 HOSTNAME_PLACEHOLDER = "{hostname}"  # in SAID_WORKER_ID: replaced by this host's name
@@ -252,9 +252,19 @@ class UpdateWorker:
         if not leases:
             return 0
         try:
-            self.backlog.append((leases, self._estimate(leases)))
+            rows = self._estimate(leases)
         except Exception as exc:
             self._fail(leases, exc, "estimate")
+            return len(leases)
+        # Items that arrive one by one join the newest waiting batch (not the head, which
+        # may be refining) up to a full batch: one refinement of 16 costs little more than
+        # one of 1, and the backlog's cap then counts items, so a steady trickle of new ads
+        # is never held out of its first estimate behind refinements of singletons.
+        if len(self.backlog) > 1 and len(self.backlog[-1][0]) + len(leases) <= self.cfg.batch:
+            waiting, waiting_rows = self.backlog[-1]
+            self.backlog[-1] = (waiting + leases, torch.cat([waiting_rows, rows]))
+        else:
+            self.backlog.append((leases, rows))
         return len(leases)
 
     def _fail(self, leases: list[Lease], exc: Exception, stage: str) -> None:
