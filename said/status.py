@@ -11,12 +11,13 @@ from __future__ import annotations
 from sqlalchemy.engine import Engine
 
 from core.catalogue import overview
+from core.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
 from core.kafka import group_lag
 from core.parking import count_parked
 from core.settings import Settings
 from core.versions import list_versions
 
-CONSUMERS = {"items": "said.items", "interactions": "said.interactions"}  # handler name -> topic
+CONSUMERS = {"items": TOPIC_ITEMS, "interactions": TOPIC_INTERACTIONS}  # handler name -> topic
 
 
 def status(engine: Engine, settings: Settings) -> dict:
