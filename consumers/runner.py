@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 JOIN_WAIT_S = 60.0  # an idle-exit loop with no partition after this long gives up
 SWEEP_PAGE = 500  # expired messages claimed and dead-lettered per transaction
+POLL_WAIT_S = 0.5  # an idle loop blocks this long for a first message, then looks again
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +166,18 @@ class ConsumeLoop:
         return False
 
     def _poll(self) -> list[Message]:
+        """Wait for one message, then take what is already fetched, up to a batch.
+
+        ``consume(n, timeout)`` alone returns only once n messages arrived or the timeout
+        passed with none arriving (confluent-kafka-python#407), so a lone new ad or
+        tombstone sat in the client for the whole timeout before it was stored. Under load
+        the client's prefetched queue still fills whole batches."""
+        batch = self.settings.consume.batch
+        fetched = self.consumer.consume(1, timeout=POLL_WAIT_S)
+        if fetched and batch > 1:
+            fetched += self.consumer.consume(batch - 1, timeout=0)
         good = []
-        for m in self.consumer.consume(self.settings.consume.batch, timeout=0.5):
+        for m in fetched:
             err = m.error()
             if err is None:
                 good.append(m)

@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from consumers.interactions import InteractionsHandler
 from consumers.items import ItemsHandler
+from consumers import runner
 from consumers.runner import ConsumeLoop
 from core import metrics
 from core.catalogue import count_rows
@@ -375,6 +376,37 @@ def test_offsets_are_committed_only_after_their_batch_and_a_replay_stores_each_e
     assert stats.consumed == 60 - handler.sizes[0], "the crashed batch and the rest are replayed"
     with engine.connect() as conn:
         assert count_rows(conn, interactions) == 60, "none lost (event_id is unique: none twice)"
+
+
+def test_a_lone_new_item_is_stored_at_once_not_after_the_poll_wait(settings, monkeypatch):
+    """One new ad on a quiet topic is stored as soon as it is fetched: the loop does not
+    wait out its poll timeout hoping to fill a batch (which made every lone item and
+    tombstone half a second late)."""
+    monkeypatch.setattr(runner, "POLL_WAIT_S", 6.0)
+    load_items(settings, 1)
+    engine = make_engine(settings.database_url)
+    loop = ConsumeLoop(ItemsHandler(settings), engine, settings)
+    thread = threading.Thread(target=loop.run, kwargs={"idle_exit": 8.0})
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while _count_items(engine) < 1:  # joined the group and caught up
+            assert time.monotonic() < deadline, "the loop never stored the first item"
+            time.sleep(0.02)
+        time.sleep(0.5)
+        produce_json(settings.kafka.bootstrap, TOPIC_ITEMS, [item_event(7)], "item_id")
+        sent = time.monotonic()
+        while _count_items(engine) < 2:
+            assert time.monotonic() - sent < 3.0, "the lone item waited for the poll timeout"
+            time.sleep(0.02)
+    finally:
+        loop.stop()
+        thread.join(30)
+
+
+def _count_items(engine) -> int:
+    with engine.connect() as conn:
+        return count_rows(conn, items)
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
