@@ -11,9 +11,9 @@ from dataclasses import astuple
 import pytest
 from sqlalchemy import select
 
+from consumers import runner
 from consumers.interactions import InteractionsHandler
 from consumers.items import ItemsHandler
-from consumers import runner
 from consumers.runner import ConsumeLoop
 from core import metrics
 from core.catalogue import count_rows
