@@ -223,6 +223,11 @@ class WorkerSettings(Section):
     version_check_s: float = Field(
         5.0, gt=0, description="How often the worker checks for a newly activated aligner."
     )
+    poll_s: float = Field(
+        0.1,
+        gt=0,
+        description="How often the worker looks for new items to estimate (one short write transaction).",
+    )
 
 
 class ScorerSettings(Section):

@@ -1,17 +1,21 @@
 """``said update``: the streaming worker that makes fresh items servable.
 
-Per leased micro-batch of pending items (new ones are leased between refinement passes too):
-  1. **estimate**: pooled LLM text features -> ridge map -> item rows -> frozen projector;
-     the vectors are written (kind ``estimate``) at once; every scorer replica picks them
-     up from the catalogue within its poll period, so the item is recommendable in seconds;
-  2. **refine**: the rows alone are trained against the frozen LLM and projector (no old row
-     or projector weight changes) until each reaches the catalogue's token accuracy (or
-     ``refine_epochs`` passes), written again (kind ``refined``) with their loss;
-  3. the jobs are completed, and loss, drift and freshness metrics are exported.
+Two threads share one loaded LLM:
+  1. **estimate** (its own thread, every ``worker.poll_s``): lease pending items, then pooled
+     LLM text features -> ridge map -> item rows -> frozen projector; the vectors are written
+     (kind ``estimate``) at once, and every scorer replica picks them up from the catalogue
+     within its poll period. It never waits behind a refinement, so a new ad is
+     recommendable in about a second even while a long refinement runs. It also renews the
+     leases and follows the active aligner version;
+  2. **refine** (the calling thread): the oldest estimated micro-batch's rows alone are
+     trained against the frozen LLM and projector (no old row or projector weight changes)
+     until each reaches the catalogue's token accuracy (or ``refine_epochs`` passes),
+     written again (kind ``refined``) with their loss; the jobs are completed, and loss,
+     drift and freshness metrics are exported.
 Every write and completion is fenced by the lease (``updater.leases.held``): a worker that
-was paused past its lease, or whose item's text changed, writes nothing. The worker follows
-the active aligner version: when ``said align`` (or an operator) activates another, it
-switches bundles and drops its backlog (the activation re-queued those items).
+was paused past its lease, or whose item's text changed, writes nothing. When ``said align``
+(or an operator) activates another aligner version, the worker switches bundles and drops its
+backlog (the activation re-queued those items, which fences the batch being refined).
 The worker reads the catalogue, never Kafka, so long CPU/GPU steps cannot get a consumer
 evicted from its group; it owns no index (scorer replicas derive theirs from the catalogue).
 A crash leaves the lease to expire; another worker redoes the batch.
@@ -22,8 +26,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 
 import numpy as np
 import torch
@@ -31,7 +39,7 @@ from sqlalchemy.engine import Engine
 
 from core import metrics
 from core.catalogue import lock_sequence, write_embeddings
-from core.db import db_now, is_outage, retry_on_outage, should_wait
+from core.db import db_now, retry_on_outage, should_wait
 from core.files import CorruptFile
 from core.settings import Settings
 from core.versions import active_version, roll_back_corrupt
@@ -53,7 +61,6 @@ from updater.leases import (
 )
 
 log = logging.getLogger(__name__)
-BETWEEN_PASSES_POLL_S = 0.5  # a new item waits at most this (plus one pass) for its estimate
 MAX_BACKLOG = 4  # estimated batches (of up to `batch` items) waiting for refinement
 
 
@@ -75,8 +82,22 @@ def worker_owner(configured: str | None, hostname: str, pid: int) -> str:
 
 
 class Stopping(Exception):
-    """Raised between refinement passes once ``stop()`` was called; the batch stays leased
-    to this worker and is redone on its next start (or by another after the lease expires)."""
+    """Raised between refinement passes once the worker stops; the batch stays leased to
+    this worker and is handed back (or redone by another after the lease expires)."""
+
+
+@dataclass
+class Estimated:
+    """A leased micro-batch whose first estimate is published, waiting for refinement.
+
+    It keeps the bundle and prompt LLM that estimated it: a version switch while it refines
+    must not mix one version's projector with another's name (its leases are fenced then)."""
+
+    leases: list[Lease]
+    rows: torch.Tensor  # (B, d) estimated rows: where refinement starts
+    tokens: list[list[int]]  # text token ids, made by the estimate thread (tokenizers are not thread-safe)
+    bundle: AlignerBundle
+    lm: FrozenLM
 
 
 class UpdateWorker:
@@ -87,22 +108,26 @@ class UpdateWorker:
         self.cfg, self.align, self.retry_max_s = settings.worker, settings.align, settings.db_retry_max_s
         self.owner = worker_owner(self.cfg.id, socket.gethostname(), os.getpid())
         self._use(bundle)
-        self._released = False  # the previous process's leases, released on the first step
         self._version_checked = time.monotonic()
-        self._looked_at = 0.0  # last lease attempt (monotonic seconds)
         self._renewed_at = time.monotonic()  # last lease renewal
-        self.stopping = False
+        self.stopping = False  # asked to stop (``stop()``, signal-handler safe)
+        self._halt = threading.Event()  # the estimate thread ends when set
+        self._failure: BaseException | None = None  # what ended the estimate thread
+        self._found_nothing_since: float | None = None  # the estimate thread's last looks found none
+        self._refined_at = time.monotonic()  # last refinement's end (for ``idle_exit``)
+        self._lm_lock = threading.Lock()  # with LoRA: estimating switches the adapters off
         self.done = 0
         self.fresh_losses: list[float] = []  # recent refined losses (the drift numerator)
         self.fresh_accuracy: list[float] = []  # recent refined token accuracies
         self.fresh_exact = [0, 0]  # refined items rebuilt exactly by greedy decoding, of all
-        # estimated, leased, not yet refined: (leases, rows), oldest first
-        self.backlog: list[tuple[list[Lease], torch.Tensor]] = []
+        # estimated, leased, not yet refined, oldest first; and the one refining now
+        self._ready = threading.Condition()  # guards both; notified when a batch is added
+        self.backlog: list[Estimated] = []
+        self.refining: Estimated | None = None
 
     def _use(self, bundle: AlignerBundle) -> None:
         self.bundle = bundle
         self.lm = self.lm.with_prompt(bundle.prompt)
-        self.target_accuracy = self.align.refine.target_accuracy or bundle.target_accuracy
         metrics.REFERENCE_TOKEN_ACCURACY.set(bundle.reference["mean_token_accuracy"])
 
     def stop(self) -> None:
@@ -139,51 +164,106 @@ class UpdateWorker:
                 f"{lora_rank_of(self.lm.model)}: restart the worker to load it"
             )
         if bundle.adapters:
-            load_adapter_state(self.lm.model, bundle.adapters)
+            with self._lm_lock:
+                load_adapter_state(self.lm.model, bundle.adapters)
         log.info(
             "aligner %s is active (was %s): switching, backlog dropped", bundle.version, self.bundle.version
         )
-        self.backlog.clear()
+        with self._ready:
+            self.backlog.clear()
         self._use(bundle)
         return True
 
     def run(self, idle_exit: float | None = None) -> int:
-        """Process micro-batches until stopped or idle; returns items completed.
+        """Estimate (in a thread) and refine (here) until stopped or idle; returns items
+        completed.
 
-        A database outage pauses the loop with backoff (the half-done batch is re-leased by
-        this worker afterwards); any other error fails that batch's jobs with the reason.
-        """
-        idle_since = time.monotonic()
-        while not self.stopping:
-            try:
-                leased = retry_on_outage(
-                    self.step,
-                    max_backoff_s=self.retry_max_s,
-                    should_stop=lambda: self.stopping,
-                    # the backlog is still leased to us: re-leased and redone after the outage
-                    on_retry=lambda _exc: self.backlog.clear(),
-                )
-            except Exception as exc:
-                if self.stopping and should_wait(exc):
-                    break  # stopped during an outage (or a schema wait): the leases expire or are released
-                raise
-            if leased:
-                idle_since = time.monotonic()
-            elif idle_exit is not None and time.monotonic() - idle_since > idle_exit:
-                break
-            else:
-                time.sleep(0.2)
-        self._give_back()
+        A database outage pauses either loop with backoff (a batch whose write failed is
+        re-leased by this worker afterwards); any other error fails that batch's jobs with
+        the reason. An error the estimate thread cannot handle ends the run, raised here."""
+        retry_on_outage(
+            self._release_previous, max_backoff_s=self.retry_max_s, should_stop=lambda: self.stopping
+        )
+        self._halt.clear()
+        self._found_nothing_since, self._refined_at = None, time.monotonic()
+        estimator = threading.Thread(target=self._estimate_loop, name="said-estimate", daemon=True)
+        estimator.start()
+        try:
+            while not self.stopping and not self._halt.is_set():
+                batch = self._next_batch()
+                if batch is not None:
+                    self._refine_batch(batch)
+                elif idle_exit is not None and self._idle_for() > idle_exit:
+                    break
+        except Stopping:
+            pass
+        finally:
+            self._halt.set()
+            estimator.join()
+            self._give_back()
+        if self._failure is not None:
+            raise self._failure
         return self.done
 
-    def _backlog_leases(self) -> list[Lease]:
-        """Every lease this worker holds: the estimated batches, the one refining first."""
-        return [x for batch, _ in self.backlog for x in batch]
+    def _release_previous(self) -> None:
+        with self.engine.begin() as conn:
+            if n := release_own(conn, self.owner):
+                log.warning("released %d leases a previous %s process held", n, self.owner)
+
+    def _idle_for(self) -> float:
+        """Seconds with nothing leased and nothing refined (0 while the estimate thread
+        still finds work)."""
+        nothing = self._found_nothing_since
+        return 0.0 if nothing is None else time.monotonic() - max(nothing, self._refined_at)
+
+    def _next_batch(self) -> Estimated | None:
+        """The oldest estimated batch, now ``refining``; None after a short wait for one."""
+        with self._ready:
+            if not self.backlog:
+                self._ready.wait(0.2)
+            if not self.backlog:
+                return None
+            self.refining = self.backlog.pop(0)
+            return self.refining
+
+    def _refine_batch(self, batch: Estimated) -> None:
+        """Refine, publish and complete one batch. After an outage it is dropped: its leases
+        are still ours, so the estimate thread leases and redoes it once the database is
+        back. Any other error fails its jobs, with the reason."""
+        try:
+            self._refine(batch)
+            with self.engine.begin() as conn:
+                done = complete_jobs(conn, self.owner, batch.leases)
+            self.done += done
+            if done < len(batch.leases):  # lost leases: maybe another aligner version is active now
+                self._version_checked = 0.0
+        except Stopping:
+            raise
+        except Exception as exc:
+            try:
+                self._fail(batch.leases, exc, "refinement")  # raises an outage again
+            except Exception as down:
+                if not should_wait(down):
+                    raise
+                if self.stopping:
+                    raise Stopping from down  # the leases are released on the way out, or expire
+                log.warning("database unavailable (%s): batch dropped, redone when it is back", down)
+        finally:
+            with self._ready:
+                self.refining = None
+            self._refined_at = time.monotonic()
+
+    def _held_leases(self) -> list[Lease]:
+        """Every lease this worker holds: the estimated batches and the one refining."""
+        with self._ready:
+            batches = self.backlog + ([self.refining] if self.refining else [])
+        return [x for batch in batches for x in batch.leases]
 
     def _give_back(self) -> None:
         """On a stop, hand the backlog's leases back (no failure counted) for others to take."""
-        leases = self._backlog_leases()
-        self.backlog.clear()
+        leases = self._held_leases()
+        with self._ready:
+            self.backlog.clear()
         if leases:
             try:
                 with self.engine.begin() as conn:
@@ -191,58 +271,58 @@ class UpdateWorker:
             except Exception as exc:  # the leases expire on their own; say why they were kept
                 log.warning("could not release %d leases on stop (%s); they expire", len(leases), exc)
 
-    def step(self) -> int:
-        """Estimate what is new, then refine and complete the oldest estimated micro-batch.
+    def _estimate_loop(self) -> None:
+        """The estimate thread: every ``poll_s``, follow the active version, renew leases,
+        and estimate what is new. It ends when the run does, or raises to it."""
+        try:
+            while not self._halt.is_set() and not self.stopping:
+                retry_on_outage(
+                    self._estimate_step,
+                    max_backoff_s=self.retry_max_s,
+                    should_stop=lambda: self.stopping or self._halt.is_set(),
+                )
+                self._halt.wait(self.cfg.poll_s)
+        except Exception as exc:
+            if not ((self.stopping or self._halt.is_set()) and should_wait(exc)):
+                log.exception("the estimate thread failed: the worker stops")
+                self._failure = exc
+        finally:
+            self._halt.set()
+            with self._ready:
+                self._ready.notify_all()
 
-        New items get their estimate between refinement passes too (``_estimate_new``), so
-        a fresh item never waits behind a long refinement to become servable.
-        Returns items estimated or refined.
-        """
-        if not self._released:
-            with self.engine.begin() as conn:
-                if n := release_own(conn, self.owner):
-                    log.warning("released %d leases a previous %s process held", n, self.owner)
-            self._released = True
+    def _estimate_step(self) -> None:
         if time.monotonic() - self._version_checked > self.cfg.version_check_s:
             self.follow_active()
-        estimated = self._estimate_new()
-        if not self.backlog:
-            return estimated
-        leases, rows = self.backlog[0]  # kept there while refining: never re-leased by us
-        try:
-            self._refine(leases, rows)
-        except Stopping:
-            return estimated
-        except Exception as exc:
-            self.backlog.pop(0)
-            self._fail(leases, exc, "refinement")
-            return estimated + len(leases)
-        self.backlog.pop(0)
-        with self.engine.begin() as conn:
-            done = complete_jobs(conn, self.owner, leases)
-        self.done += done
-        if done < len(leases):  # lost leases: maybe another aligner version is active now
-            self._version_checked = 0.0
-        return estimated + len(leases)
-
-    def _between_passes(self) -> None:
-        """Between refinement passes: stop if asked, and look for new items at most every
-        ``BETWEEN_PASSES_POLL_S`` (a pass can take milliseconds; each look is a write
-        transaction, which on SQLite holds the one write lock)."""
-        if self.stopping:
-            raise Stopping
         if time.monotonic() - self._renewed_at >= self.cfg.lease_ttl_s / 3:
-            self._renewed_at = time.monotonic()
-            mine = self._backlog_leases()
+            mine = self._held_leases()
             with self.engine.begin() as conn:
                 renew_jobs(conn, self.owner, mine, self.cfg.lease_ttl_s)
-        if len(self.backlog) < MAX_BACKLOG and time.monotonic() - self._looked_at >= BETWEEN_PASSES_POLL_S:
+            self._renewed_at = time.monotonic()
+        with self._ready:
+            waiting = len(self.backlog)
+        if waiting < MAX_BACKLOG:
             self._estimate_new()
+
+    def _exclusive(self, bundle: AlignerBundle):
+        """The LLM to this thread alone while LoRA adapters are loaded: estimating turns
+        them off for the base model's view of a text, which would change a refinement's
+        forward pass midway. Without adapters (the default) both threads run at once."""
+        return self._lm_lock if bundle.adapters else nullcontext()
+
+    def _between_passes(self, bundle: AlignerBundle) -> None:
+        """Between refinement passes: stop if asked; with adapters, let a waiting estimate
+        in (so under LoRA a first estimate waits at most one pass)."""
+        if self.stopping or self._halt.is_set():
+            raise Stopping
+        if bundle.adapters:
+            self._lm_lock.release()
+            time.sleep(0.001)  # a blocked estimate thread takes the lock now
+            self._lm_lock.acquire()
 
     def _estimate_new(self) -> int:
         """Lease pending items (not those we hold) and publish their first estimate."""
-        self._looked_at = time.monotonic()
-        mine = [x.item_idx for x in self._backlog_leases()]
+        mine = [x.item_idx for x in self._held_leases()]
         with self.engine.begin() as conn:
             leases = lease_jobs(
                 conn, self.owner, self.cfg.batch, self.cfg.lease_ttl_s, mine, self.bundle.version
@@ -250,32 +330,45 @@ class UpdateWorker:
             metrics.PENDING_ITEMS.set(pending_count(conn))
             metrics.FAILED_ITEMS.set(failed_count(conn))
         if not leases:
+            self._found_nothing_since = self._found_nothing_since or time.monotonic()
             return 0
+        self._found_nothing_since = None
         try:
-            rows = self._estimate(leases)
+            batch = self._estimate(leases)
         except Exception as exc:
             self._fail(leases, exc, "estimate")
             return len(leases)
-        # Items that arrive one by one join the newest waiting batch (not the head, which
-        # may be refining) up to a full batch: one refinement of 16 costs little more than
-        # one of 1, and the backlog's cap then counts items, so a steady trickle of new ads
-        # is never held out of its first estimate behind refinements of singletons.
-        if len(self.backlog) > 1 and len(self.backlog[-1][0]) + len(leases) <= self.cfg.batch:
-            waiting, waiting_rows = self.backlog[-1]
-            self.backlog[-1] = (waiting + leases, torch.cat([waiting_rows, rows]))
-        else:
-            self.backlog.append((leases, rows))
+        self._queue(batch)
         return len(leases)
 
+    def _queue(self, batch: Estimated) -> None:
+        """Add an estimated batch for refinement. Items that arrive one by one join the
+        newest waiting batch up to a full batch: one refinement of 16 costs little more
+        than one of 1, and the backlog's cap then counts items, so a steady trickle of new
+        ads is not refined as singletons, one after another."""
+        with self._ready:
+            last = self.backlog[-1] if self.backlog else None
+            if (
+                last
+                and last.bundle is batch.bundle
+                and len(last.leases) + len(batch.leases) <= self.cfg.batch
+            ):
+                last.leases, last.tokens = last.leases + batch.leases, last.tokens + batch.tokens
+                last.rows = torch.cat([last.rows, batch.rows])
+            else:
+                self.backlog.append(batch)
+            self._ready.notify_all()
+
     def _fail(self, leases: list[Lease], exc: Exception, stage: str) -> None:
-        """An outage propagates (``run`` backs off); anything else fails these jobs, with why."""
-        if is_outage(exc):
+        """An outage propagates (the caller backs off or drops the batch); anything else
+        fails these jobs, with why."""
+        if should_wait(exc):
             raise exc
         log.exception("%s of items %s failed", stage, [x.item_idx for x in leases])
         with self.engine.begin() as conn:
             fail_jobs(conn, self.owner, leases, f"{type(exc).__name__}: {exc}")
 
-    def _publish(self, leases: list[Lease], vectors: np.ndarray, kind: str, losses) -> None:
+    def _publish(self, version: str, leases: list[Lease], vectors: np.ndarray, kind: str, losses) -> None:
         """Write the vectors of the leases still held (locked until commit); a lost lease's
         vector is dropped: another worker owns that item now, or its text changed."""
         with self.engine.begin() as conn:
@@ -284,7 +377,7 @@ class UpdateWorker:
             rows = [n for n, x in enumerate(leases) if x.item_idx in keep]
             write_embeddings(
                 conn,
-                self.bundle.version,
+                version,
                 kind,
                 [leases[n].item_idx for n in rows],
                 [leases[n].text_hash for n in rows],
@@ -298,28 +391,34 @@ class UpdateWorker:
             self._version_checked = 0.0  # check for a new active version at the next step
             log.warning("lost the leases of items %s: their %s vectors were not written", lost, kind)
 
-    def _estimate(self, leases: list[Lease]) -> torch.Tensor:
-        feats = pooled_text_features(self.lm.model, self.lm.tok, [x.text for x in leases], self.device)
-        rows = estimate_rows(feats, self.bundle.ridge).to(self.device)  # (B, d)
+    def _estimate(self, leases: list[Lease]) -> Estimated:
+        """Publish the first estimate of these items; the batch that refines them next."""
+        bundle, lm = self.bundle, self.lm
+        texts = [x.text for x in leases]
+        with self._exclusive(bundle):
+            feats = pooled_text_features(lm.model, lm.tok, texts, self.device)
+        rows = estimate_rows(feats, bundle.ridge).to(self.device)  # (B, d)
         with torch.no_grad():
-            vectors = item_vector(self.bundle.aligner.projector(rows)).float().cpu().numpy()
-        self._publish(leases, vectors, "estimate", [None] * len(leases))
+            vectors = item_vector(bundle.aligner.projector(rows)).float().cpu().numpy()
+        self._publish(bundle.version, leases, vectors, "estimate", [None] * len(leases))
         now = datetime.now(UTC)
         for x in leases:
             metrics.FRESH_ITEM_SECONDS.observe((now - x.received_at).total_seconds())
-        return rows
+        return Estimated(leases, rows, tokenize_texts(lm.tok, texts), bundle, lm)
 
-    def _refine(self, leases: list[Lease], rows: torch.Tensor) -> None:
-        tokens = tokenize_texts(self.lm.tok, [x.text for x in leases])
-        fresh = FreshRows(self.bundle.aligner.projector, rows)
-        refine_fresh(
-            fresh, self.lm, tokens, self.align, self.target_accuracy, after_epoch=self._between_passes
-        )
+    def _refine(self, batch: Estimated) -> None:
+        leases, tokens, lm, bundle = batch.leases, batch.tokens, batch.lm, batch.bundle
+        target = self.align.refine.target_accuracy or bundle.target_accuracy
+        fresh = FreshRows(bundle.aligner.projector, batch.rows)
         local = list(range(len(leases)))
-        fid = fidelity(fresh.soft_tokens, self.lm, tokens, local)
+        with self._exclusive(bundle):
+            refine_fresh(
+                fresh, lm, tokens, self.align, target, after_epoch=partial(self._between_passes, bundle)
+            )
+            fid = fidelity(fresh.soft_tokens, lm, tokens, local)
         with torch.no_grad():
             vectors = item_vector(fresh.soft_tokens(torch.tensor(local, device=self.device)))
-        self._publish(leases, vectors.float().cpu().numpy(), "refined", fid["loss"])
+        self._publish(batch.bundle.version, leases, vectors.float().cpu().numpy(), "refined", fid["loss"])
         for loss, acc in zip(fid["loss"], fid["token_accuracy"], strict=True):
             metrics.ALIGNMENT_LOSS.labels("fresh").observe(loss)
             metrics.TOKEN_ACCURACY.labels("fresh").observe(acc)
@@ -328,7 +427,7 @@ class UpdateWorker:
         exact = round(fid["exact_match"] * len(leases))
         self.fresh_exact = [self.fresh_exact[0] + exact, self.fresh_exact[1] + len(leases)]
         # like with like: the reference cohort went through this same path to the same bar
-        ratio = float(np.mean(self.fresh_losses)) / max(self.bundle.reference_loss, 1e-9)
+        ratio = float(np.mean(self.fresh_losses)) / max(bundle.reference_loss, 1e-9)
         metrics.DRIFT_RATIO.set(ratio)
         metrics.RECONSTRUCTED.labels("fresh", "exact").inc(exact)
         metrics.RECONSTRUCTED.labels("fresh", "inexact").inc(len(leases) - exact)
@@ -336,7 +435,7 @@ class UpdateWorker:
             "refined %d items: token accuracy %.3f (bar %.3f), exact %.2f, loss %.3f, drift ratio %.2f",
             len(leases),
             fid["mean_token_accuracy"],
-            self.target_accuracy,
+            target,
             fid["exact_match"],
             fid["mean_loss"],
             ratio,
