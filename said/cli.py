@@ -197,6 +197,7 @@ def is_loopback(host: str) -> bool:
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
+    import json
     import threading
 
     from core.metrics import serve_metrics
@@ -209,7 +210,9 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
         logging.info("scorer %s is active; replicas swap to it within their poll period", args.activate)
         return 0
     if not args.watch:
-        wiring.retrain(settings)
+        record = wiring.retrain(settings)
+        if args.json:
+            print(json.dumps(record, indent=2, default=str))
         return 0
     serve_metrics(settings.metrics_port)
     stop = threading.Event()
@@ -432,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dq.set_defaults(fn=_cmd_dlq)
 
-    rt = sub.add_parser("retrain", help="train the SASRec scorer; promote it if not worse")
+    rt = sub.add_parser(
+        "retrain", help="train the warm/cold composite; promote it unless worse on warm or cold targets"
+    )
     rt.add_argument(
         "--watch",
         action="store_true",
@@ -440,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rt.add_argument("--epochs", type=int, default=s.retrain.epochs, help="upper bound per retrain")
     rt.add_argument("--activate", metavar="VERSION", help="old spelling of `said versions activate VERSION`")
+    rt.add_argument(
+        "--json", action="store_true", help="print the candidate's record (scores, verdicts, promoted)"
+    )
     rt.set_defaults(fn=_cmd_retrain)
 
     st = sub.add_parser(

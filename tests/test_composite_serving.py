@@ -5,6 +5,7 @@ cold targets, impressions that never become positives, and the new-user fallback
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -16,11 +17,11 @@ from core.catalogue import insert_interactions, load_embeddings, write_embedding
 from core.events import InteractionEvent
 from core.settings import ApiSettings, IndexSettings, Settings
 from core.versions import active_version
+from said.cli import main
 from scorer.app import create_app
 from scorer.scorers import CompositeScorer
 from tests.support.catalogue import add_items, text_hashes
 from updater import retrain
-from updater.retrain import retrain_once
 
 CPU = torch.device("cpu")
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -77,10 +78,27 @@ def new_items_like(engine, bundle, like: dict[int, int]) -> dict[int, np.ndarray
     return out
 
 
-def test_a_fresh_item_is_ranked_by_the_student_within_a_second_then_graduates(served):
+def said_retrain(cli_env, capsys, engine, data, **env: str) -> dict:
+    """``said retrain --json`` in this process (so a test's patches hold), with ``quick``'s
+    short training: the candidate's record, as the CLI prints it."""
+    cli_env(
+        SAID_DATABASE_URL=engine.url.render_as_string(hide_password=False),
+        SAID_DATA_DIR=str(data),
+        SAID_SCORER_PATIENCE="3",
+        SAID_SCORER_EVAL_EVERY="1",
+        SAID_RETRAIN_EPOCHS="6",
+        SAID_COMPOSITE_EPOCHS="8",
+        SAID_COMPOSITE_PATIENCE="3",
+        **env,
+    )
+    capsys.readouterr()
+    assert main(["retrain", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_a_fresh_item_is_ranked_by_the_student_within_a_second_then_graduates(served, cli_env, capsys):
     engine, bundle, data, state = served
-    cfg = quick(data)
-    first = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
+    first = said_retrain(cli_env, capsys, engine, data)
     assert first["promoted"] and first["version"].startswith("composite-")
     state.cfg = IndexSettings(refresh_s=0.1)
     with TestClient(create_app(engine, state, ApiSettings())) as client:
@@ -107,7 +125,7 @@ def test_a_fresh_item_is_ranked_by_the_student_within_a_second_then_graduates(se
     # it gets clicks (earlier in users' histories); the next retrain holds it out to judge
     # the candidate (its cold-validation item), and serves it trained on once promoted
     clicks(engine, [(f"u{u}", 25, T0 - timedelta(days=1)) for u in range(0, 30, 8)])
-    third = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
+    third = said_retrain(cli_env, capsys, engine, data)
     assert third["promoted"] and third["cold_items"] == 1, third
     state.refresh()
     assert state.version == third["version"]
@@ -125,11 +143,11 @@ def test_a_fresh_item_is_ranked_by_the_student_within_a_second_then_graduates(se
     assert np.isclose(graduated[-1], (1 - g) * now_student[-1], atol=1e-5), "boosted only as cold as it is"
 
 
-def test_the_guard_refuses_a_candidate_worse_on_cold_targets_only(served, monkeypatch):
+def test_the_guard_refuses_a_candidate_worse_on_cold_targets_only(served, monkeypatch, cli_env, capsys):
     engine, bundle, data, _state = served
     # warm items are their ID rows in both versions; groups of 5 users decide
-    cfg = quick(data, composite_gate_kappas="0", retrain_min_group_users=5)
-    first = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
+    env = {"SAID_COMPOSITE_GATE_KAPPAS": "0", "SAID_RETRAIN_MIN_GROUP_USERS": "5"}
+    first = said_retrain(cli_env, capsys, engine, data, **env)
     assert first["promoted"]
     # new editions i24..i31 (index 25..32, kinds 0..7) that each old user clicks last: the
     # next retrain's cold targets; 30 more users with old items only: its warm targets
@@ -160,7 +178,7 @@ def test_the_guard_refuses_a_candidate_worse_on_cold_targets_only(served, monkey
 
     monkeypatch.setattr(retrain, "train_student", ruined_student)
     monkeypatch.setattr(retrain, "train_scorer", same_teacher)
-    second = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
+    second = said_retrain(cli_env, capsys, engine, data, **env)
     assert second["cold"]["users"] > 5 and second["warm"]["users"] > 5, second
     assert second["cold"]["worse"] and not second["warm"]["worse"], (second["warm"], second["cold"])
     assert second["cold"]["ndcg@10"] < second["cold"]["active_ndcg@10"], "both scores are kept"
