@@ -106,7 +106,7 @@ class ServingState:
     ) -> None:
         """``positives``: the interaction types a user's history is made of (as in training)."""
         # One query at a time gains nothing from OpenMP threads, and their spin-waiting under
-        # concurrent requests costs tens of milliseconds (measured: p50 45 ms -> see README).
+        # concurrent requests costs tens of milliseconds (measured: p50 45 ms -> see docs/results.md).
         faiss.omp_set_num_threads(1)
         self.engine, self.aligner_version, self.said_dim = engine, aligner_version, said_dim
         self.index_dir, self.cfg, self.positives = index_dir, cfg, positives

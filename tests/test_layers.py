@@ -1,4 +1,4 @@
-"""The layers of the house stay true: every import points down (see README, Layout).
+"""The layers of the house stay true: every import points down (see docs/architecture.md, Layout).
 
     said/                                   composition root: wires the services together
     consumers/ updater/ scorer/ training/   services: none imports another, but updater/ -> training/
