@@ -337,40 +337,72 @@ def _version() -> str:
         return "unknown (not installed: pip install .)"
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, except where there is none to show (an
+    unset value, a flag that is off, or help that already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A `said` parser (sub-commands inherit it): each option's help shows its default."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     s = get_settings()  # every default comes from the settings (and so the environment)
-    p = argparse.ArgumentParser(prog="said", description=__doc__)
+    p = _Parser(prog="said", description=__doc__)
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("broker", help="run the embedded Kafka-protocol broker on loopback")
-    b.add_argument("--port", type=int, default=9092)
+    b.add_argument("--port", type=int, default=9092, help="loopback port it listens on")
     b.set_defaults(fn=_cmd_broker)
 
     tp = sub.add_parser("topics", help="create the said topics if absent (idempotent)")
-    tp.add_argument("action", choices=["create"])
-    tp.add_argument("--partitions", type=int, default=s.kafka.topic_partitions)
-    tp.add_argument("--replication", type=int, default=s.kafka.replication_factor)
-    tp.add_argument("--min-insync", type=int, default=s.kafka.min_insync_replicas)
+    tp.add_argument("action", choices=["create"], help="create: make each missing topic")
+    tp.add_argument(
+        "--partitions", type=int, default=s.kafka.topic_partitions, help="partitions of each topic"
+    )
+    tp.add_argument(
+        "--replication", type=int, default=s.kafka.replication_factor, help="replicas of each topic"
+    )
+    tp.add_argument(
+        "--min-insync", type=int, default=s.kafka.min_insync_replicas, help="topic min.insync.replicas"
+    )
     tp.set_defaults(fn=_cmd_topics)
 
     d = sub.add_parser("db", help="catalogue schema")
-    d.add_argument("action", choices=["upgrade"])
-    d.add_argument("--revision", default="head")
+    d.add_argument("action", choices=["upgrade"], help="upgrade: run the Alembic migrations")
+    d.add_argument("--revision", default="head", help="Alembic revision to upgrade to")
     d.set_defaults(fn=_cmd_db)
 
     pr = sub.add_parser("produce", help="replay a data set as item + interaction events")
-    pr.add_argument("--dataset", required=True)
+    pr.add_argument("--dataset", required=True, help="folder with items.tsv and sequences.txt")
     pr.add_argument("--limit", type=int, default=None, help="first N items only")
     pr.set_defaults(fn=_cmd_produce)
 
     c = sub.add_parser("consume", help="Kafka -> catalogue")
-    c.add_argument("topic", choices=["items", "interactions"])  # said.wiring.TOPIC_HANDLERS
-    c.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS")
+    c.add_argument(  # said.wiring.TOPIC_HANDLERS
+        "topic", choices=["items", "interactions"], help="which topic this consumer reads"
+    )
+    c.add_argument(
+        "--idle-exit",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="exit after this long with no message (default: never)",
+    )
     c.set_defaults(fn=_cmd_consume)
 
     e = sub.add_parser("evaluate", help="offline leave-one-out evaluation of scorer variants")
-    e.add_argument("--dataset", required=True)
+    e.add_argument("--dataset", required=True, help="folder with items.tsv and sequences.txt")
     e.add_argument(
         "--variant",
         nargs="+",
@@ -388,9 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", default="0,1,2", help="comma-separated scorer seeds")
     e.add_argument("--align-seeds", default=str(s.align.seed), help="comma-separated alignment seeds")
     e.add_argument("--cold-fraction", type=float, default=0.1, help="0 skips cold-start")
-    e.add_argument("--align-epochs", type=int, default=s.align.epochs)
-    e.add_argument("--align-batch", type=int, default=s.align.batch_size)
-    e.add_argument("--scorer-epochs", type=int, default=s.scorer.epochs)
+    e.add_argument("--align-epochs", type=int, default=s.align.epochs, help="most alignment passes")
+    e.add_argument("--align-batch", type=int, default=s.align.batch_size, help="items per alignment step")
+    e.add_argument("--scorer-epochs", type=int, default=s.scorer.epochs, help="most SASRec epochs")
     e.add_argument("--out", type=Path, default=None, help="results JSON path")
     e.set_defaults(fn=_cmd_evaluate)
 
@@ -403,12 +435,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=s.align.epochs,
         help="most passes over all items",
     )
-    a.add_argument("--batch", type=int, default=s.align.batch_size)
+    a.add_argument("--batch", type=int, default=s.align.batch_size, help="items per alignment step")
     a.set_defaults(fn=_cmd_align)
 
     u = sub.add_parser("update", help="the streaming worker: align fresh items")
-    u.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS")
-    u.add_argument("--batch", type=int, default=s.worker.batch)
+    u.add_argument(
+        "--idle-exit",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="exit after this long with nothing new (default: never)",
+    )
+    u.add_argument("--batch", type=int, default=s.worker.batch, help="items leased per micro-batch")
     u.add_argument(
         "--refine-passes",
         "--refine-epochs",
@@ -417,15 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=s.align.refine.max_passes,
         help="most refinement passes over a micro-batch",
     )
-    u.add_argument("--lease-ttl", type=float, default=s.worker.lease_ttl_s, metavar="SECONDS")
+    u.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=s.worker.lease_ttl_s,
+        metavar="SECONDS",
+        help="a crashed worker's items return to the queue after this long",
+    )
     u.set_defaults(fn=_cmd_update)
 
     ix = sub.add_parser("index", help="FAISS index maintenance")
-    ix.add_argument("action", choices=["rebuild"])
+    ix.add_argument("action", choices=["rebuild"], help="rebuild: a new snapshot from the catalogue")
     ix.set_defaults(fn=_cmd_index)
 
     dq = sub.add_parser("dlq", help="dead-letter queue operations")
-    dq.add_argument("action", choices=["replay"])
+    dq.add_argument("action", choices=["replay"], help="replay: re-publish to the source topic")
     dq.add_argument("--reason", required=True, help="replay messages whose reason starts so")
     dq.add_argument(
         "--max-attempts",
@@ -457,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=_cmd_status)
 
     vs = sub.add_parser("versions", help="aligner and scorer versions: list, activate, roll back")
-    vs.add_argument("action", choices=["list", "activate", "rollback"])
+    vs.add_argument("action", choices=["list", "activate", "rollback"], help="what to do")
     vs.add_argument("version", nargs="?", help="the version to activate (activate only)")
     vs.add_argument(
         "--kind",
@@ -469,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     vs.set_defaults(fn=_cmd_versions)
 
     us = sub.add_parser("users", help="a user's data: forget one user, or prune old events")
-    us.add_argument("action", choices=["forget", "prune"])
+    us.add_argument("action", choices=["forget", "prune"], help="what to do")
     us.add_argument("user", nargs="?", help="the user_id to forget (forget only)")
     us.add_argument(
         "--days",
@@ -487,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a non-loopback address without SAID_API_TOKEN (an open API: only behind your own auth)",
     )
-    sv.add_argument("--port", type=int, default=s.api.port)
+    sv.add_argument("--port", type=int, default=s.api.port, help="port it listens on")
     sv.add_argument("--workers", type=int, default=1, help="processes; one per core")
     sv.set_defaults(fn=_cmd_serve)
 
