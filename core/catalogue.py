@@ -295,6 +295,20 @@ def next_seq(conn: Connection, name: str, n: int) -> int:
     return conn.execute(select(sequences.c.value).where(sequences.c.name == name)).scalar_one() - n + 1
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """What a vector decodes to, stored beside it so no reader needs the LLM."""
+
+    text: str | None  # the greedy decoding; None: not decoded
+    token_accuracy: float | None  # teacher forced, on the item's text
+    exact: bool | None  # the decoding is the item's text, token for token
+
+
+NOT_DECODED = Decoded(None, None, None)
+# what a rewrite of an item's embedding in a version replaces (all but the key)
+UPSERTED = ("text_hash", "vector", "loss", "kind", "created_at", "seq", "decoded", "token_accuracy", "exact")
+
+
 def write_embeddings(
     conn: Connection,
     model_version: str,
@@ -304,11 +318,14 @@ def write_embeddings(
     vectors,
     losses: Sequence[float | None],
     now: datetime,
+    decoded: Sequence[Decoded] | None = None,
 ) -> None:
-    """Upsert one embedding per item for ``model_version`` (float32 bytes, with its loss),
-    each with a fresh commit-ordered ``seq`` (the scorer reads what is new by it)."""
+    """Upsert one embedding per item for ``model_version`` (float32 bytes, with its loss
+    and, where given, what it decodes to), each with a fresh commit-ordered ``seq`` (the
+    scorer reads what is new by it)."""
     if not len(item_idx):
         return
+    decoded = decoded if decoded is not None else [NOT_DECODED] * len(item_idx)
     vectors = np.asarray(vectors, dtype="<f4")
     first = next_seq(conn, "embeddings", len(item_idx))
     rows = [
@@ -321,14 +338,17 @@ def write_embeddings(
             "kind": kind,
             "created_at": now,
             "seq": first + n,
+            "decoded": d.text,
+            "token_accuracy": None if d.token_accuracy is None else float(d.token_accuracy),
+            "exact": d.exact,
         }
-        for n, (i, h, loss) in enumerate(zip(item_idx, text_hashes, losses, strict=True))
+        for n, (i, h, loss, d) in enumerate(zip(item_idx, text_hashes, losses, decoded, strict=True))
     ]
     for chunk in _chunks(rows):
         stmt = dialect_insert(conn, item_embeddings)
         stmt = stmt.on_conflict_do_update(
             index_elements=["item_idx", "model_version"],
-            set_={c: stmt.excluded[c] for c in ("text_hash", "vector", "loss", "kind", "created_at", "seq")},
+            set_={c: stmt.excluded[c] for c in UPSERTED},
         )
         conn.execute(stmt, list(chunk))
 
@@ -482,15 +502,17 @@ def item_ids_after(conn: Connection, after_idx: int) -> dict[int, str]:
 
 
 def item_status(conn: Connection, item_id: str, model_version: str) -> dict | None:
-    """An item's catalogue row and the kind of its embedding of its current text in
-    ``model_version`` (None: not servable; a vector of an older text does not count);
-    None for an unknown item."""
+    """An item's catalogue row, and its embedding of its current text in ``model_version``:
+    kind (None: not servable; a vector of an older text does not count), loss, and what it
+    decodes to as stored by its writer (the reconstruction; None where it was not decoded,
+    as for a first estimate). None for an unknown item."""
     row = conn.execute(select(items).where(items.c.item_id == item_id)).first()
     if row is None:
         return None
+    e = item_embeddings.c
     vector = conn.execute(
-        select(item_embeddings.c.kind, item_embeddings.c.text_hash).where(
-            item_embeddings.c.item_idx == row.idx, item_embeddings.c.model_version == model_version
+        select(e.kind, e.text_hash, e.loss, e.decoded, e.token_accuracy, e.exact).where(
+            e.item_idx == row.idx, e.model_version == model_version
         )
     ).first()
     current = vector is not None and vector.text_hash == row.text_hash
@@ -504,6 +526,11 @@ def item_status(conn: Connection, item_id: str, model_version: str) -> dict | No
         "text_hash": row.text_hash,
         "embedding": vector.kind if current else None,
         "servable": current,
+        "aligner_version": model_version,
+        "loss": vector.loss if current else None,
+        "reconstruction": vector.decoded if current else None,
+        "token_accuracy": vector.token_accuracy if current else None,
+        "exact": vector.exact if current else None,
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Float,
@@ -106,6 +107,11 @@ item_embeddings = Table(
     Column("vector", LargeBinary, nullable=False),  # float32 little-endian
     Column("loss", Float),
     Column("kind", String(16), nullable=False),  # estimate | refined | full
+    # what the LLM decodes from the vector (NULL: not decoded, e.g. a first estimate), its
+    # teacher-forced token accuracy on the item's text, and whether it rebuilt it exactly
+    Column("decoded", Text),
+    Column("token_accuracy", Float),
+    Column("exact", Boolean),
     Column("created_at", DateTime(timezone=True), nullable=False),  # the writer's clock: informational
     # commit order (``sequences`` row lock, see catalogue.next_seq): the scorer's watermark
     Column("seq", BigInteger, nullable=False),

@@ -200,6 +200,11 @@ def alignment_loss(
 
 
 @torch.no_grad()
+def decoded_text(tok, ids: list[int] | None) -> str | None:
+    """The text of a greedy decoding (its eos dropped); None for an item not decoded."""
+    return None if ids is None else tok.decode(ids, skip_special_tokens=True)
+
+
 def greedy_reconstruct(
     llm: nn.Module, prefix: Prefix, soft: torch.Tensor, max_tokens: int, eos_id: int
 ) -> list[list[int]]:

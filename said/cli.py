@@ -234,6 +234,21 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from said import wiring
+    from said.inspect import UnknownItem, inspect_item, render
+
+    try:
+        found = inspect_item(wiring.engine_for(get_settings()), args.item, args.k)
+    except UnknownItem as exc:
+        logging.error("%s", exc)
+        return 1
+    print(json.dumps(found, indent=2, default=str) if args.json else render(found))
+    return 0
+
+
 def _cmd_versions(args: argparse.Namespace) -> int:
     import json
 
@@ -499,6 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(fn=_cmd_status)
+
+    ins = sub.add_parser("inspect", help="one item: its text, what its vector decodes to, its nearest items")
+    ins.add_argument("item", help="the item_id")
+    ins.add_argument("--k", type=int, default=5, help="nearest items to list")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.set_defaults(fn=_cmd_inspect)
 
     vs = sub.add_parser("versions", help="aligner and scorer versions: list, activate, roll back")
     vs.add_argument("action", choices=["list", "activate", "rollback"], help="what to do")

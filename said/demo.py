@@ -29,6 +29,7 @@ from core.settings import Settings
 from core.tables import interactions, items
 from said import wiring
 from said.broker import EmbeddedBroker, ensure_topics, free_port
+from said.inspect import inspect_item
 from said.migrate import upgrade
 from said.plots import alignment_curve, fresh_vs_reference, freshness
 from said.produce import produce_events, replay_dataset
@@ -148,6 +149,9 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
                 summary["fresh items refined: token accuracy, exact rebuild"] = (
                     f"{np.mean(worker.fresh_accuracy):.3f}, {exact} of {refined_n}"
                 )
+            looked = [("catalogue item", ds.item_ids[0])] + [("fresh item", f["item_id"]) for f in fresh[:1]]
+            for label, item_id in looked:
+                summary[f"said inspect {item_id} ({label})"] = _decodes(engine, item_id)
             plots = settings.data_dir / "plots"
             alignment_curve(bundle.history, plots / "alignment_loss.png")
             fresh_vs_reference(bundle.reference_losses, worker_losses, plots / "fresh_vs_reference.png")
@@ -255,6 +259,14 @@ def _rank(api: httpx.Client, fresh: list[dict], key: str) -> None:
         r = api.post("/recommend", json={"user_id": f["user"], "k": 100})
         ranked = [x["item_id"] for x in r.json()["items"]] if r.status_code == 200 else []
         f[key] = ranked.index(f["item_id"]) + 1 if f["item_id"] in ranked else None
+
+
+def _decodes(engine, item_id: str) -> str:
+    """One line of ``said inspect``: the item's text and what its vector decodes to."""
+    found = inspect_item(engine, item_id, k=0)
+    decoded = found["reconstruction"]
+    shown = repr(decoded[:40]) if decoded is not None else "(not decoded yet)"
+    return f"{found['text'][:40]!r} decodes to {shown}"
 
 
 def format_summary(summary: dict[str, object]) -> str:

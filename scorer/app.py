@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -150,6 +150,20 @@ class ItemInfo(BaseModel):
     embedding: str | None = Field(description="Kind of its vector of the current text (None: none yet).")
     served_text_hash: str | None = Field(description="Text hash of the vector this replica serves.")
     servable: bool = Field(description="This replica ranks it now, by a vector of its current text.")
+    aligner_version: str = Field(description="The aligner whose vector of it is described here.")
+    loss: float | None = Field(description="Alignment loss of that vector on its text (None: an estimate).")
+    reconstruction: str | None = Field(
+        description="What the frozen LLM decodes from the vector, stored by its writer (None: not "
+        "decoded yet, as for a first estimate)."
+    )
+    token_accuracy: float | None = Field(description="Teacher-forced token accuracy of the vector.")
+    exact: bool | None = Field(description="The reconstruction is its text, token for token.")
+
+
+class SimilarItems(BaseModel):
+    item_id: str
+    model_version: str
+    items: list[Recommended] = Field(description="Nearest servable items by the served model's score.")
 
 
 class Forgotten(BaseModel):
@@ -358,6 +372,20 @@ def create_app(engine: Engine, state: ServingState, cfg: ApiSettings) -> FastAPI
         # item's current text (an old text's vector is out of serving within a refresh)
         served = state.served_text_hash(found["idx"])
         return ItemInfo(**found | {"served_text_hash": served, "servable": served == found["text_hash"]})
+
+    @data_route("GET", "/items/{item_id}/similar", SimilarItems, 404, 422, 503)
+    def similar(item_id: str, k: int = Query(10, ge=1, le=100)) -> SimilarItems:
+        """The items the served model ranks first after this one alone (a one-item history):
+        its neighbours in what users are shown, itself left out."""
+        stored_id(item_id, "item")
+        idx = state.idx_of.get(item_id)
+        if idx is None:
+            raise HTTPException(404, f"unknown item {item_id!r}")
+        ranked, version, _size, fallback = state.recommend([idx], k, {idx})
+        if fallback:  # no vector of it in this replica (yet): nothing to be near to
+            raise HTTPException(404, f"item {item_id!r} has no vector in this replica yet")
+        items = [Recommended(item_id=state.item_id[i], score=s) for i, s in ranked]
+        return SimilarItems(item_id=item_id, model_version=version, items=items)
 
     @data_route("DELETE", "/users/{user_id}", Forgotten, 404, 422, 503)
     def forget_user(user_id: str) -> Forgotten:

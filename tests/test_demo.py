@@ -66,6 +66,9 @@ def test_demo_prints_the_summary_and_writes_the_plots(tmp_path, tiny_hf_folder):
         "text SASRec NDCG@10, same users: all / warm / cold",
         "event -> servable seconds",
         "fresh items in their user's top-10 (refined)",
+        "(catalogue item)  ",
+        "(fresh item)  ",
+        "decodes to '",
         "wall seconds",
     ):
         assert line in out, f"{line!r} missing from the summary:\n{out[-3000:]}"

@@ -305,12 +305,14 @@ def fidelity(
     reconstruct: bool = True,
     progress: bool = False,
 ) -> dict[str, object]:
-    """Per-item loss and token accuracy (teacher forced), and greedy exact-match rate.
+    """Per-item loss and token accuracy (teacher forced), and with ``reconstruct`` each
+    item's greedy decoding (token ids), whether it is exact, and the exact-match rate.
 
     ``soft_fn(keys_tensor)`` gives the soft tokens of ``keys``, so the same check serves
     the full table and fresh rows.
     """
     losses, accs, exact = [], [], 0
+    decoded_at: dict[int, list[int]] = {}
     lengths = [len(t) for t in tokens]
     batches = length_batches(lengths, batch_size, 0)
     for b in tqdm(
@@ -323,6 +325,7 @@ def fidelity(
             if reconstruct:
                 decoded = greedy_reconstruct(lm.model, lm.prefix, soft, max(lengths[i] for i in b), lm.eos_id)
                 exact += sum(decoded[j] == tokens[i] for j, i in enumerate(b))
+                decoded_at |= {i: decoded[j] for j, i in enumerate(b)}
         losses += list(zip(b, per_item.tolist(), strict=True))
         accs += list(zip(b, acc.tolist(), strict=True))
     loss_by_pos = dict(losses)
@@ -334,4 +337,6 @@ def fidelity(
         "mean_loss": sum(loss_by_pos.values()) / n,
         "mean_token_accuracy": sum(acc_by_pos.values()) / n,
         "exact_match": exact / n if reconstruct else None,
+        "decoded": [decoded_at.get(i) for i in range(n)],
+        "exact": [decoded_at[i] == tokens[i] if i in decoded_at else None for i in range(n)],
     }

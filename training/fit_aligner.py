@@ -29,6 +29,7 @@ from models.aligner import (
     FreshRows,
     FrozenLM,
     ItemAligner,
+    decoded_text,
     estimate_rows,
     fit_text_to_rows,
     text_init_rows,
@@ -97,6 +98,14 @@ def fit_aligner(
     return FittedAligner(aligner, ridge, history, fid, reference, seconds, adapter_state(lm.model))
 
 
+PER_ITEM = ("losses", "token_accuracy", "decoded", "exact")  # cohort_fidelity's lists, by item
+
+
+def fidelity_summary(fid: dict) -> dict:
+    """A cohort's fidelity without its per-item lists: what a version's record keeps."""
+    return {key: v for key, v in fid.items() if key not in PER_ITEM}
+
+
 def cohort_fidelity(
     soft_fn,
     lm: FrozenLM,
@@ -108,11 +117,16 @@ def cohort_fidelity(
 ) -> dict:
     """Teacher-forced loss and token accuracy of every item, greedy exact reconstruction of
     a seeded sample of at most ``exact_sample`` items (decoding is the slow part, so it
-    shows a progress bar with ``progress``)."""
+    shows a progress bar with ``progress``): each sampled item's decoded text and whether
+    it is exact (None for the others), stored beside its vector."""
     fid = fidelity(soft_fn, lm, tokens, keys, reconstruct=False)
     sample = sorted(random.Random(seed).sample(range(len(keys)), min(exact_sample, len(keys))))
     picked = [tokens[i] for i in sample], [keys[i] for i in sample]
     exact = fidelity(soft_fn, lm, *picked, progress=progress)
+    decoded: list[str | None] = [None] * len(keys)
+    rebuilt: list[bool | None] = [None] * len(keys)
+    for j, i in enumerate(sample):
+        decoded[i], rebuilt[i] = decoded_text(lm.tok, exact["decoded"][j]), exact["exact"][j]
     return {
         "items": len(keys),
         "mean_loss": fid["mean_loss"],
@@ -121,4 +135,6 @@ def cohort_fidelity(
         "exact_items": len(sample),
         "losses": fid["loss"],
         "token_accuracy": fid["token_accuracy"],
+        "decoded": decoded,
+        "exact": rebuilt,
     }

@@ -21,7 +21,7 @@ from core.files import load_torch, save_torch
 from core.settings import AlignSettings
 from models.aligner import AlignerConfig, FreshRows, FrozenLM, ItemAligner, estimate_rows, tokenize_texts
 from training.align import refine_fresh
-from training.fit_aligner import FittedAligner, cohort_fidelity, fit_aligner
+from training.fit_aligner import FittedAligner, cohort_fidelity, fidelity_summary, fit_aligner
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def said_table(
         "align_seconds": fit.seconds,
         "items_aligned": len(warm),
         "items_per_second": trained / max(fit.seconds, 1e-9),
-        "fidelity": {key: v for key, v in fit.fidelity.items() if key not in ("losses", "token_accuracy")},
+        "fidelity": fidelity_summary(fit.fidelity),
         "reference": fit.reference,
     }
     if held_out:

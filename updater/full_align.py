@@ -20,7 +20,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from core.catalogue import lock_item_index, queue_missing, write_embeddings
+from core.catalogue import Decoded, lock_item_index, queue_missing, write_embeddings
 from core.db import db_now, retry_on_outage
 from core.events import item_text
 from core.files import remove_stale_temps
@@ -30,7 +30,7 @@ from core.versions import record_version
 from models.aligner import FrozenLM
 from models.bundle import AlignerBundle
 from models.llm import lora_rank_of
-from training.fit_aligner import fit_aligner
+from training.fit_aligner import fidelity_summary, fit_aligner
 from updater.leases import complete_aligned
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def align_catalogue(engine: Engine, lm: FrozenLM, settings: Settings, progress: 
     ckpt = data_dir / "align" / f"checkpoint-{key}-k{cfg.k}.pt"
     fit = fit_aligner(lm, texts, idx, max(idx), cfg, ckpt, progress)
     version = datetime.now(UTC).strftime("said-%Y%m%d%H%M%S%f")  # unique: two runs may share a second
-    summary = {key_: v for key_, v in fit.fidelity.items() if key_ not in ("losses", "token_accuracy")}
+    summary = fidelity_summary(fit.fidelity)
     bundle = AlignerBundle(
         version,
         fit.aligner,
@@ -112,6 +112,11 @@ def remove_checkpoints(folder: Path, older_than: float) -> int:
     return gone
 
 
+def _decoded(fid: dict, n: int) -> Decoded:
+    """Item ``n``'s reconstruction as its fidelity check found it (decoded only if sampled)."""
+    return Decoded(fid["decoded"][n], fid["token_accuracy"][n], fid["exact"][n])
+
+
 def _publish(engine: Engine, version: str, path: Path, rows, vectors, fit, summary: dict) -> int:
     """One transaction (retried whole on an outage or a deadlock): the vectors of items
     whose text is still the one aligned, their jobs finished, the version activated, every
@@ -131,6 +136,7 @@ def _publish(engine: Engine, version: str, path: Path, rows, vectors, fit, summa
             vectors[same],
             [fit.fidelity["losses"][n] for n in same],
             db_now(conn),
+            [_decoded(fit.fidelity, n) for n in same],
         )
         complete_aligned(conn, {rows[n].idx: rows[n].text_hash for n in same})
         record_version(

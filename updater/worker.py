@@ -38,12 +38,12 @@ import torch
 from sqlalchemy.engine import Engine
 
 from core import metrics
-from core.catalogue import lock_sequence, write_embeddings
+from core.catalogue import Decoded, lock_sequence, write_embeddings
 from core.db import db_now, retry_on_outage, should_wait
 from core.files import CorruptFile
 from core.settings import Settings
 from core.versions import active_version, roll_back_corrupt
-from models.aligner import FreshRows, FrozenLM, estimate_rows, item_vector, tokenize_texts
+from models.aligner import FreshRows, FrozenLM, decoded_text, estimate_rows, item_vector, tokenize_texts
 from models.bundle import AlignerBundle
 from models.llm import load_adapter_state, lora_rank_of, pooled_text_features
 from training.align import fidelity, refine_fresh
@@ -116,6 +116,7 @@ class UpdateWorker:
         self._found_nothing_since: float | None = None  # the estimate thread's last looks found none
         self._refined_at = time.monotonic()  # last refinement's end (for ``idle_exit``)
         self._lm_lock = threading.Lock()  # with LoRA: estimating switches the adapters off
+        self._tok_lock = threading.Lock()  # a fast tokenizer raises if two threads use it at once
         self.done = 0
         self.fresh_losses: list[float] = []  # recent refined losses (the drift numerator)
         self.fresh_accuracy: list[float] = []  # recent refined token accuracies
@@ -368,7 +369,15 @@ class UpdateWorker:
         with self.engine.begin() as conn:
             fail_jobs(conn, self.owner, leases, f"{type(exc).__name__}: {exc}")
 
-    def _publish(self, version: str, leases: list[Lease], vectors: np.ndarray, kind: str, losses) -> None:
+    def _publish(
+        self,
+        version: str,
+        leases: list[Lease],
+        vectors: np.ndarray,
+        kind: str,
+        losses: list[float | None],
+        decoded: list[Decoded] | None = None,
+    ) -> None:
         """Write the vectors of the leases still held (locked until commit); a lost lease's
         vector is dropped: another worker owns that item now, or its text changed."""
         with self.engine.begin() as conn:
@@ -384,6 +393,7 @@ class UpdateWorker:
                 vectors[rows],
                 [losses[n] for n in rows],
                 db_now(conn),
+                None if decoded is None else [decoded[n] for n in rows],
             )
         if len(rows) < len(leases):
             lost = sorted({x.item_idx for x in leases} - keep)
@@ -395,8 +405,9 @@ class UpdateWorker:
         """Publish the first estimate of these items; the batch that refines them next."""
         bundle, lm = self.bundle, self.lm
         texts = [x.text for x in leases]
-        with self._exclusive(bundle):
+        with self._exclusive(bundle), self._tok_lock:
             feats = pooled_text_features(lm.model, lm.tok, texts, self.device)
+            tokens = tokenize_texts(lm.tok, texts)
         rows = estimate_rows(feats, bundle.ridge).to(self.device)  # (B, d)
         with torch.no_grad():
             vectors = item_vector(bundle.aligner.projector(rows)).float().cpu().numpy()
@@ -404,7 +415,7 @@ class UpdateWorker:
         now = datetime.now(UTC)
         for x in leases:
             metrics.FRESH_ITEM_SECONDS.observe((now - x.received_at).total_seconds())
-        return Estimated(leases, rows, tokenize_texts(lm.tok, texts), bundle, lm)
+        return Estimated(leases, rows, tokens, bundle, lm)
 
     def _refine(self, batch: Estimated) -> None:
         leases, tokens, lm, bundle = batch.leases, batch.tokens, batch.lm, batch.bundle
@@ -418,7 +429,10 @@ class UpdateWorker:
             fid = fidelity(fresh.soft_tokens, lm, tokens, local)
         with torch.no_grad():
             vectors = item_vector(fresh.soft_tokens(torch.tensor(local, device=self.device)))
-        self._publish(batch.bundle.version, leases, vectors.float().cpu().numpy(), "refined", fid["loss"])
+        with self._tok_lock:
+            texts = [decoded_text(lm.tok, ids) for ids in fid["decoded"]]
+        decoded = [Decoded(*x) for x in zip(texts, fid["token_accuracy"], fid["exact"], strict=True)]
+        self._publish(bundle.version, leases, vectors.float().cpu().numpy(), "refined", fid["loss"], decoded)
         for loss, acc in zip(fid["loss"], fid["token_accuracy"], strict=True):
             metrics.ALIGNMENT_LOSS.labels("fresh").observe(loss)
             metrics.TOKEN_ACCURACY.labels("fresh").observe(acc)
