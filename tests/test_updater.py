@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from core.catalogue import load_embeddings, upsert_items
 from core.events import ItemEvent
-from core.tables import item_embeddings, items
+from core.tables import alignment_jobs, item_embeddings, items
 from core.versions import active_version
 from models.bundle import AlignerBundle
 from tests.support.catalogue import CPU, add_items
@@ -139,6 +139,55 @@ def test_a_new_item_is_estimated_while_another_batch_refines(aligned, monkeypatc
     finally:
         worker.stop()
         thread.join(60)
+    with engine.connect() as conn:  # stopped mid-refinement: every lease handed back, none failed
+        jobs = conn.execute(select(alignment_jobs.c.lease_owner, alignment_jobs.c.failures)).all()
+    assert len(jobs) == 5 and all(j.lease_owner is None and j.failures == 0 for j in jobs), jobs
+
+
+def test_a_new_item_is_estimated_even_when_the_backlog_is_full(aligned, monkeypatch):
+    """Past a full backlog a new item still gets its first estimate at once, and its lease
+    is handed back (another worker may refine it) instead of being held or left unleased."""
+    from updater import worker as worker_module
+
+    engine, bundle, lm, settings, _ = aligned
+    monkeypatch.setattr(worker_module, "MAX_BACKLOG", 1)
+    add_items(engine, 24, 2)  # i24, i25 (index 25, 26): the batch that refines
+    worker = UpdateWorker(
+        engine,
+        bundle,
+        lm,
+        settings.override(worker_batch=2, refine_epochs=100_000, refine_target_accuracy=1.01),
+    )
+    real = worker._between_passes
+
+    def slow_pass(*args):
+        time.sleep(3.0)
+        real(*args)
+
+    monkeypatch.setattr(worker, "_between_passes", slow_pass)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        _wait_kind(engine, 26, 60, "the first batch estimated")
+        add_items(engine, 26, 2)  # i26, i27: they fill the one place in the backlog
+        _wait_kind(engine, 28, 5, "the backlog filled")
+        add_items(engine, 28, 1)  # i28 (index 29): past the full backlog
+        _wait_kind(engine, 29, 1.0, "the item past the full backlog waited for room")
+        with engine.connect() as conn:
+            owner = conn.execute(
+                select(alignment_jobs.c.lease_owner).where(alignment_jobs.c.item_idx == 29)
+            ).scalar_one()
+        assert owner is None, "its lease was handed back, for any worker to refine it"
+    finally:
+        worker.stop()
+        thread.join(60)
+
+
+def _wait_kind(engine, idx: int, seconds: float, what: str) -> None:
+    t0 = time.monotonic()
+    while _kind(engine, idx) != "estimate":
+        assert time.monotonic() - t0 < seconds, what
+        time.sleep(0.02)
 
 
 def _kind(engine, idx: int) -> str | None:
@@ -147,7 +196,6 @@ def _kind(engine, idx: int) -> str | None:
 
 
 def test_a_poison_item_is_failed_with_its_reason_and_does_not_block_others(aligned, monkeypatch):
-    from core.tables import alignment_jobs
     from updater.leases import MAX_FAILURES
 
     engine, bundle, lm, settings, _ = aligned

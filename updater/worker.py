@@ -86,6 +86,11 @@ class Stopping(Exception):
     this worker and is handed back (or redone by another after the lease expires)."""
 
 
+class Superseded(Exception):
+    """Raised between refinement passes once another aligner version is active: the batch's
+    leases are fenced (the activation re-queued its items), so refining on is wasted."""
+
+
 @dataclass
 class Estimated:
     """A leased micro-batch whose first estimate is published, waiting for refinement.
@@ -125,6 +130,8 @@ class UpdateWorker:
         self._ready = threading.Condition()  # guards both; notified when a batch is added
         self.backlog: list[Estimated] = []
         self.refining: Estimated | None = None
+        self._estimated_only: set[int] = set()  # estimated past a full backlog, handed back
+        self._looking = False  # the estimate thread is between a lease and its queueing
 
     def _use(self, bundle: AlignerBundle) -> None:
         self.bundle = bundle
@@ -172,7 +179,8 @@ class UpdateWorker:
         )
         with self._ready:
             self.backlog.clear()
-        self._use(bundle)
+        with self._tok_lock:  # the new prompt is tokenized
+            self._use(bundle)
         return True
 
     def run(self, idle_exit: float | None = None) -> int:
@@ -186,7 +194,7 @@ class UpdateWorker:
             self._release_previous, max_backoff_s=self.retry_max_s, should_stop=lambda: self.stopping
         )
         self._halt.clear()
-        self._found_nothing_since, self._refined_at = None, time.monotonic()
+        self._failure, self._found_nothing_since, self._refined_at = None, None, time.monotonic()
         estimator = threading.Thread(target=self._estimate_loop, name="said-estimate", daemon=True)
         estimator.start()
         try:
@@ -215,7 +223,9 @@ class UpdateWorker:
         """Seconds with nothing leased and nothing refined (0 while the estimate thread
         still finds work)."""
         nothing = self._found_nothing_since
-        return 0.0 if nothing is None else time.monotonic() - max(nothing, self._refined_at)
+        if nothing is None or self._looking:
+            return 0.0
+        return time.monotonic() - max(nothing, self._refined_at)
 
     def _next_batch(self) -> Estimated | None:
         """The oldest estimated batch, now ``refining``; None after a short wait for one."""
@@ -239,7 +249,9 @@ class UpdateWorker:
             if done < len(batch.leases):  # lost leases: maybe another aligner version is active now
                 self._version_checked = 0.0
         except Stopping:
-            raise
+            raise  # still `refining`, so `_give_back` hands its leases back
+        except Superseded:
+            log.info("aligner switched: refinement of items %s dropped", [x.item_idx for x in batch.leases])
         except Exception as exc:
             try:
                 self._fail(batch.leases, exc, "refinement")  # raises an outage again
@@ -249,10 +261,9 @@ class UpdateWorker:
                 if self.stopping:
                     raise Stopping from down  # the leases are released on the way out, or expire
                 log.warning("database unavailable (%s): batch dropped, redone when it is back", down)
-        finally:
-            with self._ready:
-                self.refining = None
-            self._refined_at = time.monotonic()
+        with self._ready:
+            self.refining = None
+        self._refined_at = time.monotonic()
 
     def _held_leases(self) -> list[Lease]:
         """Every lease this worker holds: the estimated batches and the one refining."""
@@ -281,6 +292,8 @@ class UpdateWorker:
                     self._estimate_step,
                     max_backoff_s=self.retry_max_s,
                     should_stop=lambda: self.stopping or self._halt.is_set(),
+                    # an outage is not idleness: what is pending waits for the database
+                    on_retry=lambda _exc: setattr(self, "_found_nothing_since", None),
                 )
                 self._halt.wait(self.cfg.poll_s)
         except Exception as exc:
@@ -301,9 +314,8 @@ class UpdateWorker:
                 renew_jobs(conn, self.owner, mine, self.cfg.lease_ttl_s)
             self._renewed_at = time.monotonic()
         with self._ready:
-            waiting = len(self.backlog)
-        if waiting < MAX_BACKLOG:
-            self._estimate_new()
+            room = len(self.backlog) < MAX_BACKLOG
+        self._estimate_new(keep=room)
 
     def _exclusive(self, bundle: AlignerBundle):
         """The LLM to this thread alone while LoRA adapters are loaded: estimating turns
@@ -316,14 +328,30 @@ class UpdateWorker:
         in (so under LoRA a first estimate waits at most one pass)."""
         if self.stopping or self._halt.is_set():
             raise Stopping
+        if bundle is not self.bundle:
+            raise Superseded
         if bundle.adapters:
             self._lm_lock.release()
             time.sleep(0.001)  # a blocked estimate thread takes the lock now
             self._lm_lock.acquire()
 
-    def _estimate_new(self) -> int:
-        """Lease pending items (not those we hold) and publish their first estimate."""
-        mine = [x.item_idx for x in self._held_leases()]
+    def _estimate_new(self, keep: bool = True) -> int:
+        """Lease pending items (not those we hold) and publish their first estimate.
+
+        With ``keep`` they wait in the backlog for refinement. Without (the backlog is full)
+        they are handed back once estimated, so a first estimate never waits for room in
+        the backlog and another worker may refine them; this worker skips them until it has
+        room again (then it leases them like any pending item)."""
+        self._looking = True
+        try:
+            return self._lease_and_estimate(keep)
+        finally:
+            self._looking = False
+
+    def _lease_and_estimate(self, keep: bool) -> int:
+        if keep:
+            self._estimated_only.clear()
+        mine = [x.item_idx for x in self._held_leases()] + sorted(self._estimated_only)
         with self.engine.begin() as conn:
             leases = lease_jobs(
                 conn, self.owner, self.cfg.batch, self.cfg.lease_ttl_s, mine, self.bundle.version
@@ -339,7 +367,12 @@ class UpdateWorker:
         except Exception as exc:
             self._fail(leases, exc, "estimate")
             return len(leases)
-        self._queue(batch)
+        if keep:
+            self._queue(batch)
+        else:
+            with self.engine.begin() as conn:
+                release_jobs(conn, self.owner, leases)
+            self._estimated_only.update(x.item_idx for x in leases)
         return len(leases)
 
     def _queue(self, batch: Estimated) -> None:
