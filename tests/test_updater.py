@@ -104,17 +104,15 @@ def test_killed_worker_lease_expires_and_another_finishes(aligned, tiny_hf_folde
     assert AlignerBundle.load(active_version(engine, "aligner")[1], CPU).version == bundle.version
 
 
-def test_a_new_item_is_estimated_while_another_batch_refines(aligned, monkeypatch):
-    """The first estimate never waits behind refinement: here each refinement pass takes
-    3 s (a real LLM's pass on CPU takes about 1.5 s), and a new item is still servable
-    within a second."""
+def _slow_refiner(aligned, monkeypatch, batch: int) -> tuple[UpdateWorker, threading.Thread]:
+    """A running worker whose refinement passes each take 3 s (a real LLM's pass on CPU
+    takes about 1.5 s) and never reach their bar: it refines its first batch until stopped."""
     engine, bundle, lm, settings, _ = aligned
-    add_items(engine, 24, 4)
     worker = UpdateWorker(
         engine,
         bundle,
         lm,
-        settings.override(worker_batch=4, refine_epochs=100_000, refine_target_accuracy=1.01),
+        settings.override(worker_batch=batch, refine_epochs=100_000, refine_target_accuracy=1.01),
     )
     real = worker._between_passes
 
@@ -125,6 +123,16 @@ def test_a_new_item_is_estimated_while_another_batch_refines(aligned, monkeypatc
     monkeypatch.setattr(worker, "_between_passes", slow_pass)
     thread = threading.Thread(target=worker.run)
     thread.start()
+    return worker, thread
+
+
+def test_a_new_item_is_estimated_while_another_batch_refines(aligned, monkeypatch):
+    """The first estimate never waits behind refinement: here each refinement pass takes
+    3 s (a real LLM's pass on CPU takes about 1.5 s), and a new item is still servable
+    within a second."""
+    engine = aligned[0]
+    add_items(engine, 24, 4)
+    worker, thread = _slow_refiner(aligned, monkeypatch, batch=4)
     try:
         deadline = time.monotonic() + 60
         while _kind(engine, 25) != "estimate":  # the first batch is in refinement now
@@ -149,24 +157,10 @@ def test_a_new_item_is_estimated_even_when_the_backlog_is_full(aligned, monkeypa
     is handed back (another worker may refine it) instead of being held or left unleased."""
     from updater import worker as worker_module
 
-    engine, bundle, lm, settings, _ = aligned
+    engine = aligned[0]
     monkeypatch.setattr(worker_module, "MAX_BACKLOG", 1)
     add_items(engine, 24, 2)  # i24, i25 (index 25, 26): the batch that refines
-    worker = UpdateWorker(
-        engine,
-        bundle,
-        lm,
-        settings.override(worker_batch=2, refine_epochs=100_000, refine_target_accuracy=1.01),
-    )
-    real = worker._between_passes
-
-    def slow_pass(*args):
-        time.sleep(3.0)
-        real(*args)
-
-    monkeypatch.setattr(worker, "_between_passes", slow_pass)
-    thread = threading.Thread(target=worker.run)
-    thread.start()
+    worker, thread = _slow_refiner(aligned, monkeypatch, batch=2)
     try:
         _wait_kind(engine, 26, 60, "the first batch estimated")
         add_items(engine, 26, 2)  # i26, i27: they fill the one place in the backlog
