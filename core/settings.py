@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 # The scorer variants ``said evaluate`` compares (training.evaluate builds each one).
@@ -607,6 +608,14 @@ def _masked(value: Any) -> Any:
     return "***" if isinstance(value, SecretStr) else value
 
 
+def field_at(path: tuple[str, ...]) -> FieldInfo:
+    """The field of a section key's path (``FLAT``'s values), sub-sections walked."""
+    section: type[BaseModel] = SECTIONS[path[0]]
+    for part in path[1:-1]:
+        section = section.model_fields[part].annotation  # type: ignore[assignment]
+    return section.model_fields[path[-1]]
+
+
 def env_names() -> dict[str, str]:
     """Every documented environment variable and its description (docs/configuration.md)."""
     out = {
@@ -615,10 +624,7 @@ def env_names() -> dict[str, str]:
         if name not in SECTIONS
     }
     for flat, path in FLAT.items():
-        section: type[BaseModel] = SECTIONS[path[0]]
-        for part in path[1:-1]:
-            section = section.model_fields[part].annotation  # type: ignore[assignment]
-        out[f"SAID_{flat.upper()}"] = section.model_fields[path[-1]].description or ""
+        out[f"SAID_{flat.upper()}"] = field_at(path).description or ""
     return out
 
 

@@ -12,11 +12,10 @@ import inspect
 from enum import Enum
 from pathlib import Path
 
-from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from core.settings import FLAT, SECTIONS, Section, Settings
+from core.settings import FLAT, SECTIONS, Section, Settings, field_at
 
 INTRO = """# Configuration
 
@@ -65,15 +64,7 @@ def row(name: str, info: FieldInfo) -> str:
 
 def section_rows(section: str) -> list[str]:
     """The rows of one section, its sub-sections' rows included, in field order."""
-    out = []
-    for flat, path in FLAT.items():
-        if path[0] != section:
-            continue
-        cls: type[BaseModel] = SECTIONS[section]
-        for part in path[1:-1]:
-            cls = cls.model_fields[part].annotation  # type: ignore[assignment]
-        out.append(row(flat, cls.model_fields[path[-1]]))
-    return out
+    return [row(flat, field_at(path)) for flat, path in FLAT.items() if path[0] == section]
 
 
 def render() -> str:

@@ -30,11 +30,12 @@ def inspect_item(engine: Engine, item_id: str, k: int = 5) -> dict:
         found = item_status(conn, item_id, version)
         if found is None:
             raise UnknownItem(f"no item {item_id!r} in the catalogue")
-        ids, vectors = load_embeddings(conn, version)
-        listed = conn.execute(select(items.c.idx, items.c.item_id, items.c.title))
-        rows = {r.idx: (r.item_id, r.title) for r in listed}
+        if k > 0:  # a full read of the version's vectors: only when neighbours are asked for
+            ids, vectors = load_embeddings(conn, version)
+            listed = conn.execute(select(items.c.idx, items.c.item_id, items.c.title))
+            rows = {r.idx: (r.item_id, r.title) for r in listed}
     found["text"] = item_text(found["title"], found["description"])
-    found["nearest"] = nearest(ids, vectors, found["idx"], k, rows)
+    found["nearest"] = nearest(ids, vectors, found["idx"], k, rows) if k > 0 else []
     return found
 
 
