@@ -2,8 +2,11 @@
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 SAID_DATA_DIR=/data
 WORKDIR /app
-# torch from the CPU index keeps the image small; a GPU host can swap in a CUDA base image.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# torch from the CPU index keeps the image small; the GPU image (compose's updater-gpu)
+# builds with TORCH_INDEX_URL set to a CUDA index (its wheels bundle the CUDA runtime; the
+# host needs the NVIDIA driver and container toolkit only).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install torch==2.13.0 --index-url ${TORCH_INDEX_URL}
 COPY pyproject.toml README.md alembic.ini constraints.txt ./
 COPY core core
 COPY said said

@@ -2,8 +2,9 @@
 
 A step's matmul FLOPs are 2 x parameters x tokens forward, the same again backward for
 the input gradients alone (the LLM is frozen, so no weight gradients); the LM head runs on
-the text tokens only. Divided into the bf16 matmul rate this machine reaches in the same
-run, that gives the items/s no implementation of the step could beat.
+the text tokens only. Divided into the matmul rate this machine reaches in the same run
+under the steps' own autocast (bf16 where native, else fp32: ``models.llm.fast_bf16``),
+that gives the items/s no implementation of the step could beat.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from models.llm import autocast
 
 
 def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
-    """The bf16 (autocast) matmul rate of ``device`` on n x n operands, GFLOP/s."""
+    """The matmul rate of ``device`` on n x n operands under the steps' autocast, GFLOP/s."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     with autocast(device):
         a @ b

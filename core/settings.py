@@ -234,6 +234,12 @@ class AlignSettings(Section):
         120.0, ge=0, description="Mid-pass checkpoint period (0: after every batch)."
     )
     seed: int = Field(0, description="Seed of the alignment.")
+    bootstrap_min_items: int = Field(
+        100,
+        ge=1,
+        description="Catalogue items `said align --if-none` (compose's bootstrap) waits for before the "
+        "first alignment: the fresh-item path is fitted on them.",
+    )
     refine: RefineSettings = Field(default_factory=RefineSettings)
     fidelity: FidelitySettings = Field(default_factory=FidelitySettings)
 
@@ -241,7 +247,15 @@ class AlignSettings(Section):
         """What a training checkpoint must share with the run that resumes it: everything
         but the number of passes (more may be asked for) and the save period."""
         return self.model_dump(
-            exclude={"epochs", "checkpoint_every_s", "refine", "fidelity", "prompt", "lora_rank"}
+            exclude={
+                "epochs",
+                "checkpoint_every_s",
+                "refine",
+                "fidelity",
+                "prompt",
+                "lora_rank",
+                "bootstrap_min_items",
+            }
         )
 
 

@@ -6,6 +6,7 @@ newest first) are written once for ``said align``, the retrainer, the worker and
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from core.catalogue import queue_missing
 from core.tables import model_versions
+from core.wait import wait_until
 
 
 class NoActiveVersion(RuntimeError):
@@ -46,13 +48,28 @@ def _lock_kind(conn: Connection, kind: str) -> None:
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEYS.get(kind, 0x5A1E00)})
 
 
+# who makes the first version of each kind: what an error or a wait says
+_FIRST = {
+    "aligner": "`said align` makes the first (compose: the bootstrap service, `said align --if-none`)",
+    "scorer": "`said retrain` makes the first",
+}
+
+
 def require_active(engine: Engine, kind: str) -> tuple[str, Path]:
     """Like ``active_version``, with a clear error when there is none."""
     found = active_version(engine, kind)
     if found is None:
-        hint = "run `said align` once first" if kind == "aligner" else "train one with `said retrain`"
-        raise NoActiveVersion(f"no active {kind}: {hint}")
+        raise NoActiveVersion(f"no active {kind}: {_FIRST[kind]}")
     return found
+
+
+def wait_for_active(
+    engine: Engine, kind: str, stop: threading.Event | None = None
+) -> tuple[str, Path] | None:
+    """``active_version`` once there is one, waiting (and saying so) until then; None if
+    ``stop`` is set first. A service started beside the bootstrap alignment (compose)
+    waits for its aligner instead of exiting into a restart loop."""
+    return wait_until(lambda: active_version(engine, kind), f"an active {kind} version: {_FIRST[kind]}", stop)
 
 
 def versions_in(engine: Engine, kind: str, status: str) -> list[tuple[str, Path]]:

@@ -136,20 +136,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
-    from said.wiring import align
+    from said.wiring import align, bootstrap_align
 
-    align(get_settings().override(align_epochs=args.epochs, align_batch=args.batch))
+    settings = get_settings().override(align_epochs=args.epochs, align_batch=args.batch)
+    (bootstrap_align if args.if_none else align)(settings)
     return 0
 
 
 def _cmd_update(args: argparse.Namespace) -> int:
     from core.metrics import serve_metrics
-    from said.wiring import update_worker
+    from core.versions import wait_for_active
+    from said import wiring
 
     settings = get_settings().override(
         worker_batch=args.batch, refine_epochs=args.refine_epochs, worker_lease_ttl_s=args.lease_ttl
     )
-    worker = update_worker(settings)
+    engine = wiring.engine_for(settings)
+    wait_for_active(engine, "aligner")  # compose starts it beside the bootstrap alignment
+    worker = wiring.update_worker(settings, engine)
     serve_metrics(settings.metrics_port)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
@@ -451,6 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="most passes over all items",
     )
     a.add_argument("--batch", type=int, default=s.align.batch_size, help="items per alignment step")
+    a.add_argument(
+        "--if-none",
+        action="store_true",
+        help="bootstrap: only if no aligner is active, once SAID_ALIGN_BOOTSTRAP_MIN_ITEMS items arrived",
+    )
     a.set_defaults(fn=_cmd_align)
 
     u = sub.add_parser("update", help="the streaming worker: align fresh items")

@@ -14,6 +14,8 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SAID_SERVICES = {
     "migrate",
     "topics",
+    "bootstrap",
+    "retrainer",
     "consumer-items",
     "consumer-interactions",
     "updater",
@@ -41,7 +43,7 @@ def test_every_referenced_file_exists_and_images_are_pinned():
         else:
             assert re.search(r":[\w.]+$", svc["image"]) and not svc["image"].endswith(":latest")
     for cmd in (svc.get("command") for svc in COMPOSE["services"].values()):
-        if cmd and cmd[0] in {"db", "consume", "update", "serve", "topics"}:
+        if cmd:
             from said.cli import build_parser
 
             build_parser().parse_args(cmd)  # every service's command is a valid CLI call
@@ -86,3 +88,22 @@ def test_replicable_workers_get_distinct_lease_owners_stable_across_restarts():
         first = [worker_owner(configured, host, 1) for host in ("3f2a9c1b7d4e", "8e1d0a6c5b2f")]
         restarted = [worker_owner(configured, host, 9) for host in ("3f2a9c1b7d4e", "8e1d0a6c5b2f")]
         assert len(set(first)) == 2 and restarted == first, f"{name}: {first} then {restarted}"
+
+
+def test_the_gpu_updater_builds_a_cuda_torch_and_every_secret_is_in_the_env_example():
+    gpu = COMPOSE["services"]["updater-gpu"]
+    assert "cu" in gpu["build"]["args"]["TORCH_INDEX_URL"].rsplit("/", 1)[-1]
+    assert gpu["image"] != COMPOSE["services"]["updater"]["image"]  # never the CPU image
+    assert "ARG TORCH_INDEX_URL" in (ROOT / "Dockerfile").read_text()
+    text = (ROOT / "docker-compose.yml").read_text()
+    example = (ROOT / ".env.example").read_text()
+    for secret in set(re.findall(r"\$\{(\w+):\?", text)):
+        assert re.search(rf"^{secret}=", example, re.M), f"{secret} missing from .env.example"
+
+
+def test_kafka_has_a_host_listener_and_stateful_services_keep_volumes():
+    kafka = COMPOSE["services"]["kafka"]
+    assert "localhost:9094" in kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    assert "127.0.0.1:9094:9094" in kafka["ports"]
+    for name, path in (("prometheus", ":/prometheus"), ("grafana", ":/var/lib/grafana")):
+        assert any(v.endswith(path) and not v.startswith("./") for v in COMPOSE["services"][name]["volumes"])

@@ -49,7 +49,14 @@ from core.files import CorruptFile
 from core.settings import ScorerSettings, Settings
 from core.tables import interactions, items
 from core.users import prune
-from core.versions import active_version, newest_metrics, record_version, require_active, versions_in
+from core.versions import (
+    active_version,
+    newest_metrics,
+    record_version,
+    require_active,
+    versions_in,
+    wait_for_active,
+)
 from core.versions import promote as promote_if_current
 from models.composite import Composite, load_composite, save_composite
 from models.sasrec import SASRec, SASRecConfig
@@ -419,7 +426,10 @@ def run_retrainer(
 ) -> None:
     """Retrain whenever enough has arrived, until ``stop`` is set (thread or CLI). Each
     retrain trains on the aligner version active when it starts, so an activation by
-    `said align` is followed without a restart."""
+    `said align` is followed without a restart. Until there is one it waits (compose starts
+    it beside the bootstrap alignment)."""
+    if wait_for_active(engine, "aligner", stop) is None:
+        return
     pruned_at = -float("inf")
     while True:
         if settings.retention_days is not None and time.monotonic() - pruned_at > RETENTION_EVERY_S:

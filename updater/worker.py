@@ -73,8 +73,9 @@ def worker_owner(configured: str | None, hostname: str, pid: int) -> str:
     SAID_WORKER_ID should be unique per worker and stable across its restarts, so that a
     restarted worker releases its old leases at once. Replicas of one compose service all
     get the same environment, so a fixed id would be shared (each start would release its
-    peer's live leases); ``{hostname}`` in it is replaced by the host's name, which Docker
-    makes distinct per container and keeps across its restarts. Without SAID_WORKER_ID:
+    peer's live leases); ``{hostname}`` in it is replaced by the host's name ($HOSTNAME,
+    which Docker sets to the container's own, distinct per container and kept across its
+    restarts; else the system's host name). Without SAID_WORKER_ID:
     host and pid (unique, but a restart gets a new id and waits for the lease TTL)."""
     if configured is None:
         return f"{hostname}-{pid}"
@@ -111,7 +112,9 @@ class UpdateWorker:
         ``refine`` part, and the catalogue's row optimiser)."""
         self.engine, self.bundle, self.lm, self.device = engine, bundle, lm, lm.device
         self.cfg, self.align, self.retry_max_s = settings.worker, settings.align, settings.db_retry_max_s
-        self.owner = worker_owner(self.cfg.id, socket.gethostname(), os.getpid())
+        self.owner = worker_owner(
+            self.cfg.id, os.environ.get("HOSTNAME") or socket.gethostname(), os.getpid()
+        )
         self._use(bundle)
         self._version_checked = time.monotonic()
         self._renewed_at = time.monotonic()  # last lease renewal
@@ -195,6 +198,7 @@ class UpdateWorker:
         )
         self._halt.clear()
         self._failure, self._found_nothing_since, self._refined_at = None, None, time.monotonic()
+        log.info("worker %s: aligner %s, batches of %d", self.owner, self.bundle.version, self.cfg.batch)
         estimator = threading.Thread(target=self._estimate_loop, name="said-estimate", daemon=True)
         estimator.start()
         try:
