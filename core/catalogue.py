@@ -199,7 +199,7 @@ def queue_missing(conn: Connection, model_version: str) -> int:
     """Queue an alignment job for every item without a vector of its current text in
     ``model_version``; returns how many. Called when an aligner version becomes active:
     items that workers completed in the previous version meanwhile (or whose text changed
-    during a long ``said align``) then get a vector in the active one."""
+    during a long ``said aligner train``) then get a vector in the active one."""
     has_vector = (
         select(item_embeddings.c.item_idx)
         .where(
@@ -273,7 +273,7 @@ def count_rows(conn: Connection, table) -> int:
 
 def lock_sequence(conn: Connection, name: str = "embeddings") -> None:
     """Take the counter's row lock now (PostgreSQL; SQLite writers are serialised anyway).
-    Embedding writers that also lock job rows take this first, like ``said align`` does, so
+    Embedding writers that also lock job rows take this first, like ``said aligner train`` does, so
     two writers never wait on each other in opposite orders.
 
     Lock order of every writer: item index (``lock_item_index``), the ``items`` counter

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-# The scorer variants ``said evaluate`` compares (training.evaluate builds each one).
+# The scorer variants ``said dataset evaluate`` compares (training.evaluate builds each one).
 # ``composite-<content>``: the warm/cold composite (ID teacher, content student); mixed
 # protocol only.
 Composite = Literal["composite-said", "composite-text", "composite-said+text"]
@@ -212,7 +212,7 @@ class AlignSettings(Section):
         ge=0,
         le=256,
         description=(
-            "LoRA rank trained with the aligner in `said align` / `said evaluate` and loaded "
+            "LoRA rank trained with the aligner in `said aligner train` / `said dataset evaluate` and loaded "
             "frozen by the worker; 0 = frozen LLM."
         ),
         json_schema_extra=env("lora_rank"),
@@ -237,8 +237,8 @@ class AlignSettings(Section):
     bootstrap_min_items: int = Field(
         100,
         ge=1,
-        description="Catalogue items `said align --if-none` (compose's bootstrap) waits for before the "
-        "first alignment: the fresh-item path is fitted on them.",
+        description="Catalogue items `said aligner train --if-none` (compose's bootstrap) waits for "
+        "before the first alignment: the fresh-item path is fitted on them.",
     )
     refine: RefineSettings = Field(default_factory=RefineSettings)
     fidelity: FidelitySettings = Field(default_factory=FidelitySettings)
@@ -260,7 +260,7 @@ class AlignSettings(Section):
 
 
 class WorkerSettings(Section):
-    """The streaming worker (`said update`)."""
+    """The streaming worker (`said worker run`)."""
 
     env_prefix: ClassVar[str] = "worker_"
     batch: int = Field(16, ge=1, description="Items leased per micro-batch.")
@@ -285,7 +285,7 @@ class WorkerSettings(Section):
 
 
 class ScorerSettings(Section):
-    """How a SASRec scorer trains (`said evaluate` and `said retrain` alike)."""
+    """How a SASRec scorer trains (`said dataset evaluate` and `said scorer train` alike)."""
 
     env_prefix: ClassVar[str] = "scorer_"
     epochs: int = Field(200, ge=1, description="Most SASRec epochs (early stopping).")
@@ -343,7 +343,7 @@ class CompositeSettings(Section):
 
 
 class RetrainSettings(Section):
-    """When `said retrain --watch` retrains, and how much it validates on."""
+    """When `said scorer train --watch` retrains, and how much it validates on."""
 
     env_prefix: ClassVar[str] = "retrain_"
     min_interactions: int = Field(
@@ -410,14 +410,14 @@ class IndexSettings(Section):
 
 
 class ApiSettings(Section):
-    """The HTTP scorer (`said serve`)."""
+    """The HTTP scorer (`said scorer serve`)."""
 
     env_prefix: ClassVar[str] = "api_"
-    port: int = Field(8000, ge=1, le=65535, description="Port of `said serve` and the demo's API.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of `said scorer serve` and the demo's API.")
     token: SecretStr | None = Field(
         None,
         description=(
-            "Bearer token of `POST /recommend` and `GET /items/{id}`; required when `said serve` "
+            "Bearer token of `POST /recommend` and `GET /items/{id}`; required when `said scorer serve` "
             "listens off loopback; an empty value is refused; redacted in logs."
         ),
     )
@@ -437,11 +437,12 @@ class ApiSettings(Section):
 
 
 class EvaluateSettings(Section):
-    """`said evaluate`."""
+    """`said dataset evaluate`."""
 
     variant: Variant = Field(
         "composite-text",
-        description="Variant `said evaluate` compares with id and text by default, best on mixed validation.",
+        description="Variant `said dataset evaluate` compares with id and text by default, best on mixed "
+        "validation.",
         json_schema_extra=env("evaluate_variant"),
     )
 

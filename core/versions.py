@@ -1,7 +1,7 @@
 """Queries on ``model_versions``: which aligner and scorer are active, and changing that.
 
 One home for every statement on the table, so the rules (one active version per kind, the
-newest first) are written once for ``said align``, the retrainer, the worker and the scorer.
+newest first) are written once for ``said aligner train``, the retrainer, the worker and the scorer.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from core.wait import wait_until
 
 
 class NoActiveVersion(RuntimeError):
-    """No version of this kind was ever activated (e.g. ``said align`` never ran)."""
+    """No version of this kind was ever activated (e.g. ``said aligner train`` never ran)."""
 
 
 _LOCK_KEYS = {"aligner": 0x5A1E01, "scorer": 0x5A1E02}  # PostgreSQL advisory locks
@@ -50,8 +50,8 @@ def _lock_kind(conn: Connection, kind: str) -> None:
 
 # who makes the first version of each kind: what an error or a wait says
 _FIRST = {
-    "aligner": "`said align` makes the first (compose: the bootstrap service, `said align --if-none`)",
-    "scorer": "`said retrain` makes the first",
+    "aligner": "`said aligner train` makes the first (compose: its bootstrap service, with --if-none)",
+    "scorer": "`said scorer train` makes the first",
 }
 
 

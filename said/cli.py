@@ -1,4 +1,4 @@
-"""The ``said`` command line: one verb per job, all configured from the environment."""
+"""The ``said`` command line, ``said NOUN VERB`` (see ``NOUNS``), configured from the environment."""
 
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if not is_loopback(args.host) and get_settings().api.token is None and not args.insecure:
         raise SystemExit(
-            f"said serve: refusing to listen on {args.host} without SAID_API_TOKEN: anyone who can "
+            f"said scorer serve: refusing to listen on {args.host} without SAID_API_TOKEN: anyone who can "
             "reach it could read the catalogue. Set a token, listen on 127.0.0.1, or pass --insecure."
         )
     # Each worker process builds its own state from the environment (stateless replicas).
@@ -374,13 +374,71 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+# The grammar: `said NOUN VERB [options]`, everywhere. A noun that has one everyday job may
+# leave its verb out (`said demo` is `said demo run`). The verbs of the first releases stay
+# as hidden aliases (`said align` is `said aligner train`), so scripts keep working.
+NOUNS = {
+    "broker": "the embedded Kafka-protocol broker (demo, tests)",
+    "dataset": "a data set on disk: replay it as events, evaluate scorers on it",
+    "consumer": "the Kafka consumers that fill the catalogue",
+    "aligner": "SAID alignment: aligner versions",
+    "worker": "the streaming worker that aligns fresh items",
+    "scorer": "the warm/cold composite: train it, serve it",
+    "status": "what the system holds and does now",
+    "items": "one catalogue item",
+    "demo": "the pipeline end to end on the embedded defaults",
+}
+DEFAULT_VERB = {"broker": "run", "status": "show", "demo": "run"}
+
+
+class _Spellings:
+    """The parsers of one command (its `said NOUN VERB`, the bare noun where that is its
+    default verb, its old spelling): each option and default is added to all of them, so
+    the spellings cannot drift apart."""
+
+    def __init__(self, parsers: list[argparse.ArgumentParser]) -> None:
+        self.parsers = parsers
+
+    def add_argument(self, *args, **kwargs) -> None:
+        for p in self.parsers:
+            p.add_argument(*args, **kwargs)
+
+    def set_defaults(self, **kwargs) -> None:
+        for p in self.parsers:
+            p.set_defaults(**kwargs)
+
+
+class _Grammar:
+    """Registers `said NOUN VERB` commands (``NOUNS``) on the top-level sub-parsers."""
+
+    def __init__(self, sub: argparse._SubParsersAction) -> None:
+        self.sub = sub
+        self.nouns: dict[str, tuple[argparse.ArgumentParser, argparse._SubParsersAction]] = {}
+
+    def command(self, noun: str, verb: str, help: str, old: str | None = None) -> _Spellings:
+        if noun not in self.nouns:
+            parser = self.sub.add_parser(noun, help=NOUNS[noun], description=NOUNS[noun])
+            verbs = parser.add_subparsers(dest="verb", required=noun not in DEFAULT_VERB, metavar="VERB")
+            self.nouns[noun] = (parser, verbs)
+        parser, verbs = self.nouns[noun]
+        parsers = [verbs.add_parser(verb, help=help, description=help)]
+        if DEFAULT_VERB.get(noun) == verb:
+            parsers.append(parser)
+        if old is not None and old != noun:  # no help=: an alias is not listed
+            parsers.append(
+                self.sub.add_parser(old, description=f"old spelling of `said {noun} {verb}`: {help}")
+            )
+        return _Spellings(parsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     s = get_settings()  # every default comes from the settings (and so the environment)
     p = _Parser(prog="said", description=__doc__)
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="NOUN")
+    g = _Grammar(sub)
 
-    b = sub.add_parser("broker", help="run the embedded Kafka-protocol broker on loopback")
+    b = g.command("broker", "run", "run the embedded Kafka-protocol broker on loopback", old="broker")
     b.add_argument("--port", type=int, default=9092, help="loopback port it listens on")
     b.set_defaults(fn=_cmd_broker)
 
@@ -402,12 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--revision", default="head", help="Alembic revision to upgrade to")
     d.set_defaults(fn=_cmd_db)
 
-    pr = sub.add_parser("produce", help="replay a data set as item + interaction events")
+    pr = g.command("dataset", "replay", "replay a data set as item + interaction events", old="produce")
     pr.add_argument("--dataset", required=True, help="folder with items.tsv and sequences.txt")
     pr.add_argument("--limit", type=int, default=None, help="first N items only")
     pr.set_defaults(fn=_cmd_produce)
 
-    c = sub.add_parser("consume", help="Kafka -> catalogue")
+    c = g.command("consumer", "run", "Kafka -> catalogue: one topic's at-least-once consumer", old="consume")
     c.add_argument(  # said.wiring.TOPIC_HANDLERS
         "topic", choices=["items", "interactions"], help="which topic this consumer reads"
     )
@@ -420,7 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(fn=_cmd_consume)
 
-    e = sub.add_parser("evaluate", help="offline leave-one-out evaluation of scorer variants")
+    e = g.command(
+        "dataset", "evaluate", "offline leave-one-out evaluation of scorer variants", old="evaluate"
+    )
     e.add_argument("--dataset", required=True, help="folder with items.tsv and sequences.txt")
     e.add_argument(
         "--variant",
@@ -445,7 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, default=None, help="results JSON path")
     e.set_defaults(fn=_cmd_evaluate)
 
-    a = sub.add_parser("align", help="full SAID alignment of every catalogue item")
+    a = g.command(
+        "aligner", "train", "full SAID alignment of every catalogue item: a new aligner version", old="align"
+    )
     a.add_argument(
         "--passes",
         "--epochs",
@@ -462,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.set_defaults(fn=_cmd_align)
 
-    u = sub.add_parser("update", help="the streaming worker: align fresh items")
+    u = g.command("worker", "run", "the streaming worker: align fresh items", old="update")
     u.add_argument(
         "--idle-exit",
         type=float,
@@ -503,8 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dq.set_defaults(fn=_cmd_dlq)
 
-    rt = sub.add_parser(
-        "retrain", help="train the warm/cold composite; promote it unless worse on warm or cold targets"
+    rt = g.command(
+        "scorer",
+        "train",
+        "train the warm/cold composite; promote it unless worse on warm or cold targets",
+        old="retrain",
     )
     rt.add_argument(
         "--watch",
@@ -518,13 +583,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rt.set_defaults(fn=_cmd_retrain)
 
-    st = sub.add_parser(
-        "status", help="catalogue counts, backlog, failed items, consumer lag, active versions"
+    st = g.command(
+        "status",
+        "show",
+        "catalogue counts, backlog, failed items, consumer lag, active versions",
+        old="status",
     )
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(fn=_cmd_status)
 
-    ins = sub.add_parser("inspect", help="one item: its text, what its vector decodes to, its nearest items")
+    ins = g.command(
+        "items", "inspect", "one item: its text, what its vector decodes to, its nearest items", old="inspect"
+    )
     ins.add_argument("item", help="the item_id")
     ins.add_argument("--k", type=int, default=5, help="nearest items to list")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
@@ -554,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_argument("--json", action="store_true", help="machine-readable output")
     us.set_defaults(fn=_cmd_users)
 
-    sv = sub.add_parser("serve", help="the HTTP scorer")
+    sv = g.command("scorer", "serve", "the HTTP scorer", old="serve")
     sv.add_argument("--host", default="127.0.0.1", help="listen address (loopback by default)")
     sv.add_argument(
         "--insecure",
@@ -565,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--workers", type=int, default=1, help="processes; one per core")
     sv.set_defaults(fn=_cmd_serve)
 
-    dm = sub.add_parser("demo", help="the pipeline end to end on the embedded defaults")
+    dm = g.command("demo", "run", "the pipeline end to end on the embedded defaults", old="demo")
     dm.add_argument("--dataset", default=None, help="default: ../shared/data/amazon-beauty")
     dm.add_argument("--items", type=int, default=s.demo.items, help="size of the item slice")
     dm.add_argument(

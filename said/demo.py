@@ -151,7 +151,7 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
                 )
             looked = [("catalogue item", ds.item_ids[0])] + [("fresh item", f["item_id"]) for f in fresh[:1]]
             for label, item_id in looked:
-                summary[f"said inspect {item_id} ({label})"] = _decodes(engine, item_id)
+                summary[f"said items inspect {item_id} ({label})"] = _decodes(engine, item_id)
             plots = settings.data_dir / "plots"
             alignment_curve(bundle.history, plots / "alignment_loss.png")
             fresh_vs_reference(bundle.reference_losses, worker_losses, plots / "fresh_vs_reference.png")
@@ -262,7 +262,7 @@ def _rank(api: httpx.Client, fresh: list[dict], key: str) -> None:
 
 
 def _decodes(engine, item_id: str) -> str:
-    """One line of ``said inspect``: the item's text and what its vector decodes to."""
+    """One line of ``said items inspect``: the item's text and what its vector decodes to."""
     found = inspect_item(engine, item_id, k=0)
     decoded = found["reconstruction"]
     shown = repr(decoded[:40]) if decoded is not None else "(not decoded yet)"

@@ -1,8 +1,8 @@
-"""``said inspect ITEM``: a look inside one item, from the catalogue alone.
+"""``said items inspect ITEM``: a look inside one item, from the catalogue alone.
 
 Its text, alignment and serving state, the active aligner's vector of it (kind, loss, token
 accuracy) and what the frozen LLM decodes from that vector, as its writer (the worker's
-refinement, or ``said align``'s fidelity check) stored it: the promise that an item's
+refinement, or ``said aligner train``'s fidelity check) stored it: the promise that an item's
 vector holds its text, shown. Then its nearest items by cosine over the same aligner's
 vectors. Nothing here loads the LLM: a first estimate has no reconstruction yet.
 """

@@ -79,4 +79,4 @@ def render_versions(versions: list[dict]) -> str:
         figures = {k: v["metrics"][k] for k in ("ndcg@10", "mean_token_accuracy") if k in v["metrics"]}
         shown = " ".join(f"{k} {x:.4f}" for k, x in figures.items() if isinstance(x, float))
         lines.append(f"{v['kind']:8} {v['status']:9} {v['version']}  {v['created_at']}  {shown}".rstrip())
-    return "\n".join(lines) or "no versions yet: run `said align` first"
+    return "\n".join(lines) or "no versions yet: run `said aligner train` first"

@@ -36,7 +36,7 @@ from updater.worker import UpdateWorker
 
 log = logging.getLogger(__name__)
 
-# topic name (as `said consume` spells it) -> the handler that validates and stores it
+# topic name (as `said consumer run` spells it) -> the handler that validates and stores it
 TOPIC_HANDLERS: dict[str, type[Handler]] = {"items": ItemsHandler, "interactions": InteractionsHandler}
 
 
@@ -62,16 +62,16 @@ def frozen_lm(
 
 
 def align(settings: Settings, engine: Engine | None = None, lm: FrozenLM | None = None) -> AlignerBundle:
-    """`said align`: every catalogue item, as a new active aligner version."""
+    """`said aligner train`: every catalogue item, as a new active aligner version."""
     lm = lm or frozen_lm(settings, settings.align.lora_rank, settings.align.prompt)
     return align_catalogue(engine or engine_for(settings), lm, settings)
 
 
 def bootstrap_align(settings: Settings, engine: Engine | None = None) -> AlignerBundle | None:
-    """`said align --if-none`: the first aligner version, once the catalogue holds
+    """`said aligner train --if-none`: the first aligner version, once the catalogue holds
     ``settings.align.bootstrap_min_items`` items (waiting for the items consumer, and
     saying so); nothing if an aligner is already active. Compose runs it once at boot, so
-    a new stack comes up without an operator's `said align` and a restart aligns nothing."""
+    a new stack comes up without an operator's `said aligner train` and a restart aligns nothing."""
     engine = engine or engine_for(settings)
     active = active_version(engine, "aligner")
     if active is not None:
@@ -114,13 +114,13 @@ def readable_aligner(engine: Engine, device: torch.device) -> AlignerBundle:
         now = active_version(engine, "aligner")
         SERVING_PROBLEMS.labels("aligner").set(int(now is None or now[0] != version))
         return bundle
-    raise CorruptFile(f"no aligner file can be read (active: {active[0]}): run `said align`")
+    raise CorruptFile(f"no aligner file can be read (active: {active[0]}): run `said aligner train`")
 
 
 def update_worker(
     settings: Settings, engine: Engine | None = None, lm: FrozenLM | None = None
 ) -> UpdateWorker:
-    """`said update`: the streaming worker on the active aligner version. ``lm`` may be
+    """`said worker run`: the streaming worker on the active aligner version. ``lm`` may be
     given (the demo shares the one it aligned with); else it is loaded with the bundle's
     LoRA rank and adapters."""
     engine = engine or engine_for(settings)
@@ -134,7 +134,7 @@ def update_worker(
 
 
 def serving_state(settings: Settings, engine: Engine | None = None) -> ServingState:
-    """What `said serve` serves: the active aligner's catalogue and index folder."""
+    """What `said scorer serve` serves: the active aligner's catalogue and index folder."""
     engine = engine or engine_for(settings)
     return ServingState.for_bundle(engine, readable_aligner(engine, torch.device("cpu")), settings)
 
@@ -145,7 +145,7 @@ def api_app(settings: Settings, state: ServingState) -> FastAPI:
 
 
 def serving_app() -> FastAPI:
-    """The app of ``said serve`` (a uvicorn factory: every worker process builds its own)."""
+    """The app of ``said scorer serve`` (a uvicorn factory: every worker process builds its own)."""
     from core.settings import get_settings
 
     # One small query at a time: intra-op threads only contend with concurrent requests
@@ -158,7 +158,7 @@ def serving_app() -> FastAPI:
 
 
 def retrain(settings: Settings, engine: Engine | None = None, aligner_version: str | None = None) -> dict:
-    """`said retrain`: one candidate on ``aligner_version`` (default the active one),
+    """`said scorer train`: one candidate on ``aligner_version`` (default the active one),
     promoted if not worse; returns its record."""
     engine = engine or engine_for(settings)
     version = aligner_version or require_active(engine, "aligner")[0]
@@ -168,5 +168,5 @@ def retrain(settings: Settings, engine: Engine | None = None, aligner_version: s
 def watch_retrain(
     settings: Settings, stop: threading.Event, engine: Engine | None = None, progress: bool = False
 ) -> None:
-    """`said retrain --watch`: retrain whenever enough has arrived, until ``stop``."""
+    """`said scorer train --watch`: retrain whenever enough has arrived, until ``stop``."""
     run_retrainer(engine or engine_for(settings), settings, pick_device(settings.device), stop, progress)

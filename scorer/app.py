@@ -1,4 +1,4 @@
-"""``said serve``: the HTTP scorer.
+"""``said scorer serve``: the HTTP scorer.
 
 POST /recommend ranks every indexed item for a history (given, or the user's last positive
 interactions: ``SAID_POSITIVES``) with the active scorer, the warm/cold composite (cosine
@@ -287,7 +287,7 @@ def bearer_guard(token: str | None):
     """A dependency that admits only ``Authorization: Bearer <token>`` when a token is set,
     declared to OpenAPI as the bearer scheme.
 
-    Without a token the API is open: ``said serve`` allows that only on a loopback address
+    Without a token the API is open: ``said scorer serve`` allows that only on a loopback address
     (or with an explicit ``--insecure``)."""
     if token is not None and not token.strip():
         raise ValueError("an empty API token would let anyone in; leave it unset or set a real one")

@@ -2,7 +2,7 @@
 
 Three scorers share one small interface (``version``, ``dim``, ``item_vectors(ids, said)``,
 ``query``):
-- ``CompositeScorer``: the warm/cold composite ``said retrain`` trains and promotes. An item
+- ``CompositeScorer``: the warm/cold composite ``said scorer train`` trains and promotes. An item
   the teacher trained on is indexed with its gated vector (its ID row, mostly); any other
   item, a fresh one above all, with the student's vector of its SAID row, the moment the
   worker writes its first estimate, with no retraining. At the next promotion it graduates

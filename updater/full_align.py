@@ -1,4 +1,4 @@
-"""``said align``: full SAID alignment of every catalogue item, as a new aligner version.
+"""``said aligner train``: full SAID alignment of every catalogue item, as a new aligner version.
 
 Resumable: the training checkpoint is keyed by the set of item texts, so a killed run
 continues at the batch where it stopped. It leases nothing (a kill strands no job), so the

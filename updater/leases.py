@@ -157,7 +157,7 @@ def complete_jobs(conn: Connection, owner: str, leases: list[Lease]) -> int:
 
 def complete_aligned(conn: Connection, aligned: dict[int, str]) -> int:
     """Finish the jobs of items aligned for exactly this text (idx -> text hash), whoever
-    leases them (``said align``, which leases nothing): a worker holding one is fenced."""
+    leases them (``said aligner train``, which leases nothing): a worker holding one is fenced."""
     pairs = list(aligned.items())
     done = 0
     for start in range(0, len(pairs), _PAGE):

@@ -1,4 +1,4 @@
-"""``said retrain``: event-driven retraining and guarded promotion of the warm/cold composite.
+"""``said scorer train``: event-driven retraining and guarded promotion of the warm/cold composite.
 
 A retrain is due when ``min_new_interactions`` interactions or ``min_new_items`` items have
 arrived since the last scorer attempt. It trains the composite the offline evaluation picked
@@ -165,7 +165,7 @@ def training_data(
         by_user = user_sequences(conn, settings.positives)
         ids, vectors = load_embeddings(conn, aligner_version)
     if vectors is None:
-        raise RuntimeError(f"no embeddings of aligner {aligner_version}: run `said align` first")
+        raise RuntimeError(f"no embeddings of aligner {aligner_version}: run `said aligner train` first")
     table = torch.zeros(int(ids.max()) + 1, vectors.shape[1])
     table[torch.from_numpy(ids)] = torch.from_numpy(vectors)
     embedded = set(ids.tolist())
@@ -426,7 +426,7 @@ def run_retrainer(
 ) -> None:
     """Retrain whenever enough has arrived, until ``stop`` is set (thread or CLI). Each
     retrain trains on the aligner version active when it starts, so an activation by
-    `said align` is followed without a restart. Until there is one it waits (compose starts
+    `said aligner train` is followed without a restart. Until there is one it waits (compose starts
     it beside the bootstrap alignment)."""
     if wait_for_active(engine, "aligner", stop) is None:
         return

@@ -1,4 +1,4 @@
-"""``said update``: the streaming worker that makes fresh items servable.
+"""``said worker run``: the streaming worker that makes fresh items servable.
 
 Two threads share one loaded LLM:
   1. **estimate** (its own thread, every ``worker.poll_s``): lease pending items, then pooled
@@ -13,7 +13,7 @@ Two threads share one loaded LLM:
      written again (kind ``refined``) with their loss; the jobs are completed, and loss,
      drift and freshness metrics are exported.
 Every write and completion is fenced by the lease (``updater.leases.held``): a worker that
-was paused past its lease, or whose item's text changed, writes nothing. When ``said align``
+was paused past its lease, or whose item's text changed, writes nothing. When ``said aligner train``
 (or an operator) activates another aligner version, the worker switches bundles and drops its
 backlog (the activation re-queued those items, which fences the batch being refined).
 The worker reads the catalogue, never Kafka, so long CPU/GPU steps cannot get a consumer
