@@ -329,10 +329,12 @@ class CompositeSettings(Section):
     )
 
     boosts: tuple[float, ...] = Field(
-        (0.0, 0.5, 1.0, 2.0, 4.0),
+        (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0),
         description=(
             "Score offset of student-scored items (calibration) candidates, comma-separated; "
-            "picked with the gate on mixed validation."
+            "picked with the gate on validation. Negative ones lower a student that scores its "
+            "items above the warm ones (a small catalogue's student: its items flooded warm "
+            "users' top 10)."
         ),
     )
 

@@ -52,10 +52,10 @@ def baselines(
     warm_ids = torch.tensor(sorted(set(range(1, len(texts))) - data.cold))
     warm_stop = data.split(data.stopping)[0]
     out = {}
-    for name, model in (
-        ("id", SASRec(SASRecConfig(n_items=len(texts) - 1))),
-        ("text", SASRec(SASRecConfig(n_items=len(texts) - 1), table, standardise_on=warm_ids)),
-    ):
+    for name in ("id", "text"):
+        torch.manual_seed(settings.scorer.seed)  # as the composite's teacher: `id` is that model
+        config = SASRecConfig(n_items=len(texts) - 1)
+        model = SASRec(config) if name == "id" else SASRec(config, table, standardise_on=warm_ids)
         model, _ = train_scorer(
             model,
             data.train,

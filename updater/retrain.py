@@ -188,6 +188,7 @@ def train_composite(
     """Teacher (warm-started from ``start``'s, when there is one), then student, gate and boost."""
     warm_stop, cold_stop = data.split(data.stopping)
     train = data.train
+    torch.manual_seed(settings.scorer.seed)  # its initial rows too: a retrain is reproducible
     teacher = SASRec(SASRecConfig(n_items=data.table.shape[0] - 1))
     if start is not None:
         warm_start(teacher, start.teacher)
