@@ -1,7 +1,7 @@
 """Full SAID alignment of a data set with the default configuration, and its fidelity.
 
 What it does, in the product's own code path (``training.variants.said_table``, which
-``said evaluate`` uses too): every item but a seeded 1% (at least 5, the "fresh" items) is
+``said dataset evaluate`` uses too): every item but a seeded 1% (at least 5, the "fresh" items) is
 aligned from scratch; fidelity is measured (teacher-forced token accuracy of every item,
 greedy exact reconstruction of up to 512); then the fresh items enter through the worker's
 path (ridge estimate, refinement of their rows alone to the catalogue's token accuracy).

@@ -92,7 +92,7 @@ def main() -> None:
     tokens = tokenize_texts(tok, texts)
     feats = pooled_text_features(llm, tok, texts, device)
     idx = list(range(1, len(texts) + 1))
-    prompt = get_settings().align.prompt  # SAID_PROMPT, as `said align` reads it
+    prompt = get_settings().align.prompt  # SAID_PROMPT, as `said aligner train` reads it
     text_len = sum(map(len, tokens)) / len(tokens)
     step_flops = flops_per_item(
         llm, text_len + FrozenLM.around(llm, tok, device, prompt).prefix.length(args.k), text_len

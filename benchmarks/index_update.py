@@ -1,6 +1,6 @@
 """Index updates while serving: items/s added or replaced, and the search latency meanwhile.
 
-Method (in one process, as in ``said serve``): an ``ItemIndex`` of N synthetic 64-d item
+Method (in one process, as in ``said scorer serve``): an ``ItemIndex`` of N synthetic 64-d item
 vectors (exact below 50,000 items, HNSW above) and an untrained SASRec scorer. A search
 thread issues queries back to back (5-item history -> SASRec query -> top-10, under the
 serving lock) while the main thread applies updates the way the refresher does: a batch

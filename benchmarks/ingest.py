@@ -4,7 +4,7 @@ Method: an embedded broker and a throwaway PostgreSQL cluster on loopback; N int
 events (default 200k) over 1,000 items are produced once. Each run starts a fresh consumer
 process in a new group on a fresh database and times from its first fetched message to the
 commit that makes the last event durable; peak RSS is that process's ru_maxrss. The batch
-consumer is ``said consume interactions`` (ConsumeLoop); the naive consumer polls one
+consumer is ``said consumer run interactions`` (ConsumeLoop); the naive consumer polls one
 message at a time and inserts it through the ORM with a commit per row, the pattern the
 batch consumer replaces. The naive one runs on the first ``--naive-events`` events only
 (it is slow). The bound is a bare confluent-kafka consumer on the same broker that stores
@@ -246,7 +246,7 @@ def main() -> None:
     bound = statistics.median(r[4] for r in rows)
     print(f"\nmedian of {args.runs} runs, {args.events:,} events Kafka -> PostgreSQL:")
     print("| consumer | events/s | peak RSS MiB |\n|---|---|---|")
-    print(f"| batch (said consume) | {fast:,.0f} | {max(r[1] for r in rows):.0f} |")
+    print(f"| batch (said consumer run) | {fast:,.0f} | {max(r[1] for r in rows):.0f} |")
     print(f"| naive per-row ORM | {naive:,.0f} | {max(r[3] for r in rows):.0f} |")
     print(f"| bound: bare consumer, stores nothing | {bound:,.0f} | {max(r[5] for r in rows):.0f} |")
     print(f"speed-up: {fast / naive:.1f}x; batch consumer at {100 * fast / bound:.0f}% of the bound")

@@ -1,9 +1,9 @@
 """Sustained load: interactions at a fixed rate while the updater aligns and the scorer serves.
 
 Method: the production processes, started through the CLI as in docker-compose: ``said
-consume items``, ``said consume interactions``, ``said update`` and ``said serve``, on an
+consume items``, ``said consumer run interactions``, ``said worker run`` and ``said scorer serve``, on an
 embedded broker and a throwaway PostgreSQL. Set-up (the CLI's commands in one process)
-replays a Beauty slice (``--items``) and runs ``said align --epochs 1`` (quality is not the
+replays a Beauty slice (``--items``) and runs ``said aligner train --epochs 1`` (quality is not the
 point). Then, for ``--seconds``, this
 process produces interactions at ``--rate`` events/s (10 ms ticks) over the slice's items,
 publishes a brand-new item every 10 s (real Beauty titles outside the slice) and asks the

@@ -1,7 +1,7 @@
 """Parking soak: a steady rate of clicks, half of them for items that never arrive.
 
-Method: the production consumers, started through the CLI (``said consume items`` and
-``said consume interactions``) on an embedded broker and a throwaway PostgreSQL (or SQLite
+Method: the production consumers, started through the CLI (``said consumer run items`` and
+``said consumer run interactions``) on an embedded broker and a throwaway PostgreSQL (or SQLite
 with ``--db sqlite``). Set-up publishes ``--items`` items. Then, for ``--seconds``, this
 process produces clicks at ``--rate`` per second (10 ms ticks): even event numbers for the
 known items, odd ones for ``--ghosts`` item ids that never arrive, which are parked and,

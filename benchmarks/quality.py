@@ -1,6 +1,6 @@
 """The quality table: does SAID beat id and text? (issue 13)
 
-Runs ``training.evaluate.run`` (the code behind ``said evaluate``) with every variant, two
+Runs ``training.evaluate.run`` (the code behind ``said dataset evaluate``) with every variant, two
 alignment seeds and three scorer seeds, on the standard and the cold-start protocol:
 - one SAID alignment per alignment seed (the default configuration), with 10% of items
   held out of it; those enter through the worker's incremental path (ridge estimate, then

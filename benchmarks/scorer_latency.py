@@ -2,7 +2,7 @@
 
 Method: for each size, a SQLite catalogue of N items, an active SASRec scorer (64-d,
 random weights: latency does not depend on training) and an index snapshot of N synthetic
-clustered 64-d item vectors are written; ``said serve``'s app runs in its own process
+clustered 64-d item vectors are written; ``said scorer serve``'s app runs in its own process
 (uvicorn, one worker) exactly as in production: the index is exact below
 ``SAID_HNSW_MIN_ITEMS`` (50,000) and HNSW above. The baseline, in the same run, is the
 previous serving path: cosine similarity of 576-d SAID vectors, exact search
@@ -11,7 +11,7 @@ of the 2 cores) on 1 thread with 1 connection (latency alone) and 4 (under load)
 ``/recommend`` with a random 5-item history (Lua) and k=10 for D seconds after a 2 s
 warm-up; wrk's latency percentiles are client-side. Without wrk, a Python thread pool
 (httpx) stands in, and the table says so.
-Each catalogue is served by one and by two uvicorn worker processes (``said serve
+Each catalogue is served by one and by two uvicorn worker processes (``said scorer serve
 --workers``). Figures are medians over runs. Recall@10 of the HNSW index against exact
 search is measured in-process on 500 SASRec queries from random histories over item
 vectors with log-normal norms.
@@ -53,7 +53,7 @@ def synthetic(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 def index_settings() -> IndexSettings:
-    """The index section as ``said serve`` reads it (``SAID_HNSW_MIN_ITEMS`` included)."""
+    """The index section as ``said scorer serve`` reads it (``SAID_HNSW_MIN_ITEMS`` included)."""
     return Settings().index
 
 
@@ -158,14 +158,14 @@ def hnsw_recall(n: int, queries: int = 500) -> tuple[float, float]:
 
 
 def factory():
-    """The app for one uvicorn worker process (as ``said serve``'s ``said.wiring.serving_app``)."""
+    """The app for one uvicorn worker process (as ``said scorer serve``'s ``said.wiring.serving_app``)."""
     import torch
 
     from core.db import make_engine
     from scorer.app import create_app
     from scorer.state import ServingState
 
-    torch.set_num_threads(1)  # as `said serve` does
+    torch.set_num_threads(1)  # as `said scorer serve` does
     engine = make_engine(os.environ["BENCH_URL"])
     state = ServingState(
         engine, "bench", SAID_DIM, Path(os.environ["BENCH_INDEX"]), index_settings(), ("click",)

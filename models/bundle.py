@@ -1,6 +1,6 @@
 """The aligner bundle: what the streaming worker needs to align fresh items.
 
-Written by ``said align`` (full alignment) and read by ``said update``. It holds the frozen
+Written by ``said aligner train`` (full alignment) and read by ``said worker run``. It holds the frozen
 projector and table, the ridge map from pooled text features to rows (the fresh-item
 estimator), the catalogue's fidelity (whose token accuracy is the bar fresh items are
 refined to) and the reference cohort put through the fresh-item path (the denominator of
@@ -67,7 +67,7 @@ class AlignerBundle:
     def load(cls, path: Path, device: torch.device) -> AlignerBundle:
         saved = load_torch(path)
         if "fidelity" not in saved:
-            raise ValueError(f"{path} is an aligner bundle of an older format: run `said align` once")
+            raise ValueError(f"{path} is an aligner bundle of an older format: run `said aligner train` once")
         try:
             aligner = ItemAligner(AlignerConfig(**saved["config"]))
             aligner.load_state_dict(saved["aligner"])

@@ -145,16 +145,16 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
 def _cmd_update(args: argparse.Namespace) -> int:
     from core.metrics import serve_metrics
-    from core.versions import wait_for_active
     from said import wiring
 
     settings = get_settings().override(
         worker_batch=args.batch, refine_epochs=args.refine_epochs, worker_lease_ttl_s=args.lease_ttl
     )
     engine = wiring.engine_for(settings)
-    wait_for_active(engine, "aligner")  # compose starts it beside the bootstrap alignment
+    serve_metrics(settings.metrics_port)  # scraped (and alive) while it waits
+    if not _wait_for_aligner(engine):
+        return 0
     worker = wiring.update_worker(settings, engine)
-    serve_metrics(settings.metrics_port)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     logging.info("updated %d items", worker.run(idle_exit=args.idle_exit))
@@ -173,11 +173,15 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from said import wiring
+
     if not is_loopback(args.host) and get_settings().api.token is None and not args.insecure:
         raise SystemExit(
             f"said scorer serve: refusing to listen on {args.host} without SAID_API_TOKEN: anyone who can "
             "reach it could read the catalogue. Set a token, listen on 127.0.0.1, or pass --insecure."
         )
+    if not _wait_for_aligner(wiring.engine_for(get_settings())):
+        return 0
     # Each worker process builds its own state from the environment (stateless replicas).
     uvicorn.run(
         "said.wiring:serving_app",
@@ -188,6 +192,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log_level="warning",
     )
     return 0
+
+
+def _wait_for_aligner(engine) -> bool:
+    """Wait for the first aligner version (compose starts a service beside the bootstrap
+    alignment); False if SIGTERM or Ctrl-C came first, which then ends the process at once."""
+    import threading
+
+    from core.versions import wait_for_active
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return wait_for_active(engine, "aligner", stop) is not None
 
 
 def is_loopback(host: str) -> bool:
@@ -392,9 +409,8 @@ DEFAULT_VERB = {"broker": "run", "status": "show", "demo": "run"}
 
 
 class _Spellings:
-    """The parsers of one command (its `said NOUN VERB`, the bare noun where that is its
-    default verb, its old spelling): each option and default is added to all of them, so
-    the spellings cannot drift apart."""
+    """The parsers of one command (its `said NOUN VERB` and its old spelling): each option
+    and default is added to both, so the spellings cannot drift apart."""
 
     def __init__(self, parsers: list[argparse.ArgumentParser]) -> None:
         self.parsers = parsers
@@ -418,12 +434,10 @@ class _Grammar:
     def command(self, noun: str, verb: str, help: str, old: str | None = None) -> _Spellings:
         if noun not in self.nouns:
             parser = self.sub.add_parser(noun, help=NOUNS[noun], description=NOUNS[noun])
-            verbs = parser.add_subparsers(dest="verb", required=noun not in DEFAULT_VERB, metavar="VERB")
+            verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
             self.nouns[noun] = (parser, verbs)
         parser, verbs = self.nouns[noun]
         parsers = [verbs.add_parser(verb, help=help, description=help)]
-        if DEFAULT_VERB.get(noun) == verb:
-            parsers.append(parser)
         if old is not None and old != noun:  # no help=: an alias is not listed
             parsers.append(
                 self.sub.add_parser(old, description=f"old spelling of `said {noun} {verb}`: {help}")
@@ -653,8 +667,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """``argv`` (default: the process's) parsed, the default verb of a bare noun put in
+    (``said demo --items 5`` is ``said demo run --items 5``). Inserting it, rather than giving
+    the noun its verb's options too, keeps one parser per option: with both, an option
+    before the verb (``said status --json show``) was silently reset by the verb's default."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DEFAULT_VERB:
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        (verbs,) = [a for a in sub.choices[argv[0]]._actions if isinstance(a, argparse._SubParsersAction)]
+        if len(argv) == 1 or argv[1] not in verbs.choices:
+            argv.insert(1, DEFAULT_VERB[argv[0]])
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     faulthandler.register(signal.SIGUSR1, file=sys.__stderr__)  # `kill -USR1 <pid>`: every thread's stack
     logging.basicConfig(
         level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -23,7 +23,7 @@ from core.files import CorruptFile
 from core.metrics import ROLLBACKS, SERVING_PROBLEMS
 from core.settings import Settings
 from core.tables import items
-from core.versions import active_version, require_active, roll_back_corrupt, versions_in, wait_for_active
+from core.versions import active_version, require_active, roll_back_corrupt, versions_in
 from core.wait import wait_until
 from models.aligner import FrozenLM
 from models.bundle import AlignerBundle
@@ -79,12 +79,16 @@ def bootstrap_align(settings: Settings, engine: Engine | None = None) -> Aligner
         return None
     need = settings.align.bootstrap_min_items
 
-    def enough() -> int | None:
+    def enough() -> str | None:  # "items", or "aligner" when someone aligned meanwhile
+        if active_version(engine, "aligner") is not None:
+            return "aligner"
         with engine.connect() as conn:
-            n = count_rows(conn, items)
-        return n if n >= need else None
+            return "items" if count_rows(conn, items) >= need else None
 
-    wait_until(enough, f"{need} items in the catalogue (the items consumer stores them from said.items)")
+    got = wait_until(enough, f"{need} items in the catalogue (the items consumer stores them)")
+    if got == "aligner":
+        log.info("an aligner became active while waiting: no bootstrap alignment")
+        return None
     return align(settings, engine)
 
 
@@ -152,9 +156,7 @@ def serving_app() -> FastAPI:
     # (measured: SASRec query 1.2 ms with 2 threads, 0.53 ms with 1).
     torch.set_num_threads(1)
     settings = get_settings()
-    engine = engine_for(settings)
-    wait_for_active(engine, "aligner")  # compose starts it beside the bootstrap alignment
-    return api_app(settings, serving_state(settings, engine))
+    return api_app(settings, serving_state(settings))
 
 
 def retrain(settings: Settings, engine: Engine | None = None, aligner_version: str | None = None) -> dict:

@@ -46,7 +46,11 @@ SCRIPTS: dict[str, tuple[set[str], list[str]]] = {
     "index_update.py": (set(), [r"^\| items \| updates \| items/s upserted", r"^\| 1,500 \| yes \| \d+ \|"]),
     "ingest.py": (
         {"pg"},
-        [r"^\| batch \(said consume\) \| [\d,]+ \|", r"^\| naive per-row ORM \| [\d,]+ \|", r"^speed-up: "],
+        [
+            r"^\| batch \(said consumer run\) \| [\d,]+ \|",
+            r"^\| naive per-row ORM \| [\d,]+ \|",
+            r"^speed-up: ",
+        ],
     ),
     "load.py": (
         {"llm", "pg"},

@@ -8,7 +8,7 @@ import argparse
 
 import pytest
 
-from said.cli import build_parser, main
+from said.cli import build_parser, main, parse
 
 # old spelling -> the same command in the grammar
 ALIASES = {
@@ -78,7 +78,13 @@ def test_the_listed_commands_are_nouns_each_with_its_verbs(capsys):
 
 @pytest.mark.parametrize(("old", "new"), ALIASES.items(), ids=lambda x: " ".join(x))
 def test_an_old_spelling_is_the_same_command(old, new):
-    parsed_old, parsed_new = build_parser().parse_args(old), build_parser().parse_args(new)
+    parsed_old, parsed_new = parse(list(old)), parse(list(new))
     assert parsed_old.fn is parsed_new.fn
     keep = lambda ns: {k: v for k, v in vars(ns).items() if k not in {"command", "verb"}}  # noqa: E731
     assert keep(parsed_old) == keep(parsed_new)
+
+
+def test_an_option_before_the_verb_is_an_error_never_a_silent_default(capsys):
+    with pytest.raises(SystemExit) as done:
+        parse(["status", "--json", "show"])  # once: parsed, then reset to json=False by `show`
+    assert done.value.code == 2

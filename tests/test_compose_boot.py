@@ -119,6 +119,14 @@ class Stack:
         self.ports[proc_name] = ports
         return proc_name
 
+    def restart(self, proc_name: str, svc: dict) -> None:
+        """Stop a process and start it again as the same replica (its log starts over)."""
+        proc = self.procs[proc_name]
+        proc.terminate()
+        assert proc.wait(60) == 0, f"{proc_name} did not stop cleanly:\n{self.log(proc_name)}"
+        name, replica = proc_name.rsplit("-", 1)
+        self.start(name, svc, int(replica))
+
     def log(self, proc_name: str) -> str:
         return (self.tmp / f"{proc_name}.log").read_text()
 
@@ -141,6 +149,18 @@ class Stack:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _worker_id(stack: Stack, proc_name: str) -> str:
+    """The lease owner id a worker process logged at start (waits for the line)."""
+    found: list[str] = []
+
+    def logged() -> bool:
+        found[:] = re.findall(r"worker (\S+): aligner", stack.log(proc_name))
+        return bool(found)
+
+    _until(logged, f"{proc_name}'s worker id", stack)
+    return found[-1]
 
 
 def _until(condition, what: str, stack: Stack, timeout: float = BOOT_TIMEOUT_S) -> None:
@@ -172,6 +192,7 @@ def _publish_catalogue(bootstrap: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.postgres
 def test_the_compose_topology_boots_in_order_and_recommends_a_new_item(pg, tiny_hf_folder, tmp_path):
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = _services(compose)
@@ -209,8 +230,10 @@ def test_the_compose_topology_boots_in_order_and_recommends_a_new_item(pg, tiny_
                 )
                 assert stack.procs[proc_name].poll() is None, f"{proc_name} exited:\n{stack.log(proc_name)}"
 
-        owners = {re.search(r"worker (\S+): aligner", stack.log(f"updater-{r}")).group(1) for r in (1, 2)}
-        assert owners == {"updater-updater-1", "updater-updater-2"}, owners  # distinct, from the host name
+        owners = {f"updater-{r}": _worker_id(stack, f"updater-{r}") for r in (1, 2)}
+        assert owners == {"updater-1": "updater-updater-1", "updater-2": "updater-updater-2"}, owners
+        stack.restart("updater-1", services["updater"])  # a container restart keeps its host name
+        assert _worker_id(stack, "updater-1") == "updater-updater-1", "a restart changed the worker id"
 
         produce_json(
             broker.bootstrap, TOPIC_ITEMS, [item_event(900, "rose lip balm, new this minute")], "item_id"
@@ -220,10 +243,9 @@ def test_the_compose_topology_boots_in_order_and_recommends_a_new_item(pg, tiny_
             headers={"Authorization": f"Bearer {TOKEN}"},
         )
 
-        def recommended() -> bool:
+        def recommended() -> bool:  # a new user's ranking shows fresh items (the fallback)
             out = api.post("/recommend", json={"user_id": "someone-new", "k": 10})
-            assert out.status_code == 200, out.text
-            return "i900" in [x["item_id"] for x in out.json()["items"]]
+            return out.status_code == 200 and "i900" in [x["item_id"] for x in out.json()["items"]]
 
         _until(recommended, "the new item in a recommendation", stack, timeout=120)
         assert json.loads(api.get("/items/i900").text)["item_id"] == "i900"

@@ -1,4 +1,4 @@
-"""``said evaluate``: leave-one-out, full-ranking comparison of the scorer variants.
+"""``said dataset evaluate``: leave-one-out, full-ranking comparison of the scorer variants.
 
 Three protocols share the code:
 - standard: every item is aligned and trained on; all users are tested;

@@ -1,6 +1,6 @@
 """Fit a SAID aligner to a set of items, and measure how much of their text it keeps.
 
-Shared by ``said align`` (the catalogue) and ``said evaluate`` (a data set), so both start
+Shared by ``said aligner train`` (the catalogue) and ``said dataset evaluate`` (a data set), so both start
 the same way and report the same fidelity:
 1. rows start from the text: principal components of pooled LLM text features;
 2. rows and projector train together (``train_full``: per-row optimiser, schedule,
