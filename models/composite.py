@@ -14,11 +14,13 @@ interactions in the teacher's training data (``kappa`` 0: a hard switch at one
 interaction). Queries run the teacher's encoder over these vectors, so a cold item in a
 history reads as its student vector.
 
-Calibration: a student vector regresses towards the mean of the ID rows, so its scores sit
-below the warm items' and new items are buried. ``boost`` adds ``(1 - g_i) * boost`` to an
-item's score, picked on validation with ``kappa``. It is carried as one more dimension
-(item: ``(1 - g_i) * boost``, query: 1), so every score stays one inner product (FAISS):
-scoring vectors are ``hidden + 1`` wide, and ``cfg.hidden`` says so.
+Calibration: a student's scores need not sit on the warm items' scale. Regressing towards
+the mean of the ID rows, they can sit below it (new items buried) or, on a small catalogue,
+above it (new items flooding warm users' lists: the demo's 200 items). ``boost`` adds
+``(1 - g_i) * boost`` to an item's score, either sign, picked on validation with ``kappa``.
+It is carried as one more dimension (item: ``(1 - g_i) * boost``, query: 1), so every
+score stays one inner product (FAISS): scoring vectors are ``hidden + 1`` wide, and
+``cfg.hidden`` says so.
 """
 
 from __future__ import annotations

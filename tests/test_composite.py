@@ -189,3 +189,14 @@ def test_compare_pairs_each_variant_with_id_and_text_on_the_same_users():
     assert row[("composite-text", "warm")]["vs_id"]["diff"] == 0.0
     assert row[("composite-text", "cold")]["vs_text"]["diff"] == 0.0
     assert row[("composite-text", "cold")]["vs_id"]["ratio"] is None, "id scores 0 on the cold users"
+
+
+def test_a_tie_takes_no_boost_not_the_most_negative():
+    """With no cold user every boost scores the same; the choice must then leave fresh
+    items unmoved (boost 0), not buried at the grid's most negative boost."""
+    torch.manual_seed(0)
+    rows = torch.randn(11, 8)
+    model = Composite(_teacher(rows), torch.randn(11, 12), torch.tensor([0] + [2.0] * 10), dropout=0.1)
+    cfg = CompositeSettings(epochs=1, gate_kappas=(0.0, 3.0), boosts=(-2.0, -1.0, 0.0, 1.0))
+    _, info = train_student(model, [[1, 2, 3]], lambda m: 0.5, cfg, CPU, progress=False)
+    assert (info["kappa"], info["boost"]) == (0.0, 0.0) and float(model.boost) == 0.0

@@ -105,8 +105,9 @@ def train_student(
             composite.kappa.fill_(kappa)
             composite.boost.fill_(boost)
             by_choice[(kappa, boost)] = validate(composite.eval())
-    # ties: the simpler choice (harder switch, smaller boost)
-    kappa, boost = max(by_choice, key=lambda c: (by_choice[c], -c[0], -c[1]))
+    # ties: the simpler choice (harder switch, the boost nearest 0: with no cold user every
+    # boost ties, and the most negative would bury every fresh item served later)
+    kappa, boost = max(by_choice, key=lambda c: (by_choice[c], -c[0], -abs(c[1])))
     composite.kappa.fill_(kappa)
     composite.boost.fill_(boost)
     log.info(
