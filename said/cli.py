@@ -429,15 +429,13 @@ class _Grammar:
 
     def __init__(self, sub: argparse._SubParsersAction) -> None:
         self.sub = sub
-        self.nouns: dict[str, tuple[argparse.ArgumentParser, argparse._SubParsersAction]] = {}
+        self.verbs: dict[str, argparse._SubParsersAction] = {}  # noun -> its verbs
 
     def command(self, noun: str, verb: str, help: str, old: str | None = None) -> _Spellings:
-        if noun not in self.nouns:
+        if noun not in self.verbs:
             parser = self.sub.add_parser(noun, help=NOUNS[noun], description=NOUNS[noun])
-            verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-            self.nouns[noun] = (parser, verbs)
-        parser, verbs = self.nouns[noun]
-        parsers = [verbs.add_parser(verb, help=help, description=help)]
+            self.verbs[noun] = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+        parsers = [self.verbs[noun].add_parser(verb, help=help, description=help)]
         if old is not None and old != noun:  # no help=: an alias is not listed
             parsers.append(
                 self.sub.add_parser(old, description=f"old spelling of `said {noun} {verb}`: {help}")

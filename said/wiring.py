@@ -73,21 +73,18 @@ def bootstrap_align(settings: Settings, engine: Engine | None = None) -> Aligner
     saying so); nothing if an aligner is already active. Compose runs it once at boot, so
     a new stack comes up without an operator's `said aligner train` and a restart aligns nothing."""
     engine = engine or engine_for(settings)
-    active = active_version(engine, "aligner")
-    if active is not None:
-        log.info("aligner %s is active: no bootstrap alignment", active[0])
-        return None
     need = settings.align.bootstrap_min_items
 
-    def enough() -> str | None:  # "items", or "aligner" when someone aligned meanwhile
-        if active_version(engine, "aligner") is not None:
-            return "aligner"
+    def ready() -> str | None:  # the active aligner's version; "" once enough items arrived
+        active = active_version(engine, "aligner")
+        if active is not None:
+            return active[0]
         with engine.connect() as conn:
-            return "items" if count_rows(conn, items) >= need else None
+            return "" if count_rows(conn, items) >= need else None
 
-    got = wait_until(enough, f"{need} items in the catalogue (the items consumer stores them)")
-    if got == "aligner":
-        log.info("an aligner became active while waiting: no bootstrap alignment")
+    version = wait_until(ready, f"{need} items in the catalogue (the items consumer stores them)")
+    if version:  # active already, or made by someone else while this waited
+        log.info("aligner %s is active: no bootstrap alignment", version)
         return None
     return align(settings, engine)
 
