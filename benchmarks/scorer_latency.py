@@ -1,22 +1,27 @@
-"""Scorer latency and throughput over HTTP on loopback, by catalogue size.
+"""Scorer latency and throughput over HTTP on loopback, by catalogue size and request kind.
 
-Method: for each size, a SQLite catalogue of N items, an active SASRec scorer (64-d,
-random weights: latency does not depend on training) and an index snapshot of N synthetic
-clustered 64-d item vectors are written; ``said scorer serve``'s app runs in its own process
-(uvicorn, one worker) exactly as in production: the index is exact below
-``SAID_HNSW_MIN_ITEMS`` (50,000) and HNSW above. The baseline, in the same run, is the
-previous serving path: cosine similarity of 576-d SAID vectors, exact search
-(``--baseline-sizes``). The load generator is ``wrk`` (Debian package; C, so it takes little
-of the 2 cores) on 1 thread with 1 connection (latency alone) and 4 (under load), posting
-``/recommend`` with a random 5-item history (Lua) and k=10 for D seconds after a 2 s
-warm-up; wrk's latency percentiles are client-side. Without wrk, a Python thread pool
-(httpx) stands in, and the table says so.
-Each catalogue is served by one and by two uvicorn worker processes (``said scorer serve
---workers``). Figures are medians over runs. Recall@10 of the HNSW index against exact
-search is measured in-process on 500 SASRec queries from random histories over item
-vectors with log-normal norms.
+Method: for each size, a SQLite catalogue of N items, 1,000 users with 20 clicks each, the
+served model (the warm/cold composite, 65-d scoring vectors; untrained: latency does not
+depend on training) and an index snapshot of N item vectors (the composite's, of synthetic
+clustered SAID vectors: the teacher's ID rows for the first min(N/2, 50,000), the student's
+for the rest, as for fresh items) are written; ``said scorer serve``'s app runs in its own
+process (uvicorn) exactly as in production: the index is exact below ``SAID_HNSW_MIN_ITEMS``
+(50,000) and HNSW above. The baseline, in the same run, is the first serving path: cosine
+similarity of 576-d SAID vectors, exact search (``--baseline-sizes``). Two request kinds are
+measured apart: ``user_id`` (a random one of the 1,000 users: the history is read from the
+catalogue, and a repeated one's query vector comes from the cache) and ``history`` (a random
+5-item history in the body). The load generator is ``wrk`` (Debian package; C) on 1 thread
+with 1 connection (latency alone) and 4 (under load), posting ``/recommend`` with k=10 for
+D seconds after a 2 s warm-up; its latency percentiles are client-side, and the table gives
+the cores wrk itself took (its CPU seconds over the wall seconds) on the 2 cores it shares
+with the server. Without wrk, a Python thread pool (httpx) stands in, and the table says
+so. Each catalogue is served by 1 and by 2 uvicorn worker processes (``--workers``).
+Figures are medians over runs. Recall@10 of the HNSW index against exact search is
+measured in-process on 500 composite queries from random histories over vectors with
+log-normal norms. ``--profile PREFIX`` also samples the server with py-spy during one more
+10 s run per point and prints the frames most often on the stack and at its top.
 
-    python benchmarks/scorer_latency.py [--sizes 12101,100000,1000000] [--clients 4] [--smoke]
+    python benchmarks/scorer_latency.py [--sizes 100000,1000000] [--clients 1,4] [--smoke]
 
 ``--smoke``: 400 items (baseline, exact) and 1,500 (HNSW, its threshold lowered to 1,000), one 0.5 s
 run per point: checks that the benchmark runs, not a result.
@@ -32,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -57,48 +62,84 @@ def index_settings() -> IndexSettings:
     return Settings().index
 
 
-def build(folder: Path, n: int, mode: str) -> str:
-    """A catalogue of n items plus the snapshot the scorer loads; mode sasrec | cosine."""
+WARM_ITEMS = 50_000  # items the composite's teacher trained on (at most half the catalogue)
+USERS = 1_000  # users with a stored history, for ``user_id`` requests
+HISTORY = 20  # clicks per user
+
+
+def _rows(conn, table, rows) -> None:
+    """Insert a generator of rows in chunks (1M rows at once would need GBs)."""
+    chunk = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == 20_000:
+            conn.execute(table.insert(), chunk)
+            chunk = []
+    if chunk:
+        conn.execute(table.insert(), chunk)
+
+
+def composite(n: int):
+    """The served model, untrained: a 64-d ID teacher over the first ``min(n // 2,
+    WARM_ITEMS)`` items (each with one interaction) and a student for the rest, which are
+    scored as fresh items are. Latency does not depend on training."""
     import torch
+
+    from models.composite import Composite
+    from models.sasrec import SASRec, SASRecConfig
+
+    warm = min(n // 2, WARM_ITEMS)
+    torch.manual_seed(0)
+    teacher = SASRec(SASRecConfig(n_items=warm))
+    content = torch.from_numpy(synthetic(warm + 1, SAID_DIM, seed=1))
+    return Composite(teacher, content, torch.ones(warm + 1), dropout=0.0).eval()
+
+
+def build(folder: Path, n: int, mode: str) -> str:
+    """A catalogue of n items, ``USERS`` users' click histories and the snapshot the scorer
+    loads; mode composite | cosine."""
     from sqlalchemy import update
 
     from core.db import make_engine
-    from core.tables import item_embeddings, items, model_versions, sequences
-    from models.sasrec import SASRec, SASRecConfig, save_scorer
+    from core.tables import interactions, item_embeddings, items, model_versions, sequences
+    from models.composite import save_composite
     from said.migrate import upgrade
     from scorer.index import ItemIndex
-    from scorer.scorers import CosineScorer
+    from scorer.scorers import CompositeScorer, CosineScorer
 
     url = f"sqlite:///{folder}/bench.db"
     upgrade(url)
     engine = make_engine(url)
     now = datetime.now(UTC)
+    item_row = {"title": "item", "event_time": now, "text_hash": "x", "status": "aligned"}
+    rng = np.random.default_rng(3)
     with engine.begin() as conn:
-        for s in range(1, n + 1, 20_000):
-            conn.execute(
-                items.insert(),
-                [
-                    {
-                        "idx": i,
-                        "item_id": f"i{i}",
-                        "title": f"item {i}",
-                        "event_time": now,
-                        "text_hash": "x",
-                        "status": "aligned",
-                        "received_at": now,
-                        "updated_at": now,
-                    }
-                    for i in range(s, min(s + 20_000, n + 1))
-                ],
-            )
-    if mode == "sasrec":
-        torch.manual_seed(0)
-        model = SASRec(SASRecConfig(n_items=2), torch.randn(3, SAID_DIM))
-        path = save_scorer(folder / "scorer.pt", model, {"aligner_version": "bench"})
+        _rows(
+            conn,
+            items,
+            (
+                item_row | {"idx": i, "item_id": f"i{i}", "received_at": now, "updated_at": now}
+                for i in range(1, n + 1)
+            ),
+        )
+        clicks = rng.integers(1, n + 1, (USERS, HISTORY))
+        _rows(
+            conn,
+            interactions,
+            (
+                {"event_id": f"e{u}-{t}", "user_id": f"u{u}", "item_idx": int(clicks[u, t]), "type": "click"}
+                | {"event_time": now + timedelta(seconds=t)}
+                for u in range(USERS)
+                for t in range(HISTORY)
+            ),
+        )
+    if mode == "composite":
+        model = composite(n)
+        path = save_composite(folder / "scorer.pt", model, {"aligner_version": "bench"})
         with engine.begin() as conn:
             conn.execute(
                 model_versions.insert().values(
-                    version="sasrec-bench",
+                    version="composite-bench",
                     kind="scorer",
                     path=str(path),
                     status="active",
@@ -106,48 +147,47 @@ def build(folder: Path, n: int, mode: str) -> str:
                     created_at=now,
                 )
             )
-        version, vecs = "sasrec-bench", synthetic(n, model.cfg.hidden)
+        scorer = CompositeScorer(model, "composite-bench")
     else:
         scorer = CosineScorer("bench", SAID_DIM)
-        version, vecs = scorer.version, scorer.item_vectors(np.arange(1, n + 1), synthetic(n, SAID_DIM))
+    ids = np.arange(1, n + 1)
+    vecs = np.concatenate(
+        [
+            scorer.item_vectors(ids[s : s + 50_000], synthetic(len(ids[s : s + 50_000]), SAID_DIM, seed=s))
+            for s in range(0, n, 50_000)
+        ]
+    )
     index = ItemIndex(vecs.shape[1], index_settings().hnsw_min_items)
-    index.build(np.arange(1, n + 1), vecs)
+    index.build(ids, vecs)
     # The scorer loads a snapshot named <version>-q<watermark>, the watermark being the
     # newest item_embeddings.seq it holds, and keeps an item's vector only if the catalogue
     # has an embedding row of the item's current text at or below it (scorer/state.py). The
     # rows say so (seq 1..n, the item's text hash); their vector bytes are a placeholder, as
-    # nothing reads a row the snapshot already holds (the index was built from synthetic
-    # vectors directly; real 576-d rows would be 2.3 GB at 1M items).
+    # nothing reads a row the snapshot already holds (real 576-d rows would be 2.3 GB at 1M items).
+    row = {"model_version": "bench", "text_hash": "x", "vector": b"\0\0\0\0", "kind": "full"}
     with engine.begin() as conn:
-        for s in range(1, n + 1, 20_000):
-            conn.execute(
-                item_embeddings.insert(),
-                [
-                    {"item_idx": i, "model_version": "bench", "text_hash": "x", "vector": b"\0\0\0\0"}
-                    | {"kind": "full", "created_at": now, "seq": i}
-                    for i in range(s, min(s + 20_000, n + 1))
-                ],
-            )
+        _rows(
+            conn,
+            item_embeddings,
+            (row | {"item_idx": i, "created_at": now, "seq": i} for i in range(1, n + 1)),
+        )
         conn.execute(update(sequences).where(sequences.c.name == "embeddings").values(value=n))
-    index.save(folder / "index", f"{version}-q{n}")
+    index.save(folder / "index", f"{scorer.version}-q{n}")
     return url
 
 
 def hnsw_recall(n: int, queries: int = 500) -> tuple[float, float]:
-    """(recall@10 of HNSW vs exact, HNSW build seconds): n synthetic 64-d item vectors with
-    log-normal norms, queries from an untrained SASRec over random 5-item histories."""
-    import torch
-
-    from models.sasrec import SASRec, SASRecConfig
+    """(recall@10 of HNSW vs exact, HNSW build seconds): n synthetic 65-d scoring vectors
+    with log-normal norms, queries from the untrained composite over random 5-item histories."""
     from scorer.index import ItemIndex
-    from scorer.scorers import SASRecScorer
+    from scorer.scorers import CompositeScorer
 
     rng = np.random.default_rng(2)
-    vecs = synthetic(n, 64) * rng.lognormal(0, 0.7, (n, 1)).astype(np.float32)
-    torch.manual_seed(0)
-    scorer = SASRecScorer(SASRec(SASRecConfig(n_items=2), torch.randn(3, SAID_DIM)), "bench")
+    model = composite(n)
+    vecs = synthetic(n, model.cfg.hidden) * rng.lognormal(0, 0.7, (n, 1)).astype(np.float32)
+    scorer = CompositeScorer(model, "bench")
     q = np.concatenate([scorer.query(vecs[rng.integers(0, n, 5)]) for _ in range(queries)])
-    exact, approx = ItemIndex(64, hnsw_min_items=n + 1), ItemIndex(64, hnsw_min_items=1)
+    exact, approx = ItemIndex(vecs.shape[1], hnsw_min_items=n + 1), ItemIndex(vecs.shape[1], hnsw_min_items=1)
     exact.build(np.arange(1, n + 1), vecs)
     t0 = time.perf_counter()
     approx.build(np.arange(1, n + 1), vecs)
@@ -192,19 +232,25 @@ math.randomseed(42)
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 request = function()
+  if "%(kind)s" == "user_id" then
+    return wrk.format(nil, nil, nil, '{"user_id": "u' .. math.random(0, %(users)d - 1) .. '", "k": 10}')
+  end
   local h = {}
-  for i = 1, 5 do h[i] = '"i' .. math.random(1, %d) .. '"' end
+  for i = 1, 5 do h[i] = '"i' .. math.random(1, %(n)d) .. '"' end
   return wrk.format(nil, nil, nil, '{"history": [' .. table.concat(h, ",") .. '], "k": 10}')
 end
 """
 
 
-def load_wrk(port: int, n: int, clients: int, seconds: float) -> dict[str, float]:
-    """wrk run; parses its --latency percentiles, requests/s and non-2xx count."""
+def load_wrk(port: int, n: int, kind: str, clients: int, seconds: float) -> dict[str, float]:
+    """wrk run: its --latency percentiles, requests/s, non-2xx count, and the cores wrk
+    itself used (its CPU seconds over the run's wall seconds: taken from the server)."""
     import re
+    import resource
 
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(WRK_LUA % n)
+        f.write(WRK_LUA % {"kind": kind, "users": USERS, "n": n})
+    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     out = subprocess.run(
         [
             "wrk",
@@ -220,6 +266,8 @@ def load_wrk(port: int, n: int, clients: int, seconds: float) -> dict[str, float
         text=True,
         check=True,
     ).stdout
+    after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
     def ms(label: str) -> float:
         value, unit = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out).groups()
@@ -231,10 +279,13 @@ def load_wrk(port: int, n: int, clients: int, seconds: float) -> dict[str, float
         "p99_ms": ms("99"),
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         "errors": int(errors.group(1)) if errors else 0,
+        "load_cores": cpu / wall,
     }
 
 
-def load(port: int, n: int, clients: int, seconds: float) -> dict[str, float]:
+def load(port: int, n: int, kind: str, clients: int, seconds: float) -> dict[str, float]:
+    """Python threads (httpx) instead of wrk; the same figures, the load's cores being this
+    process's CPU over the run's wall time."""
     url = f"http://127.0.0.1:{port}/recommend"
     lat: list[float] = []
     lock = threading.Lock()
@@ -245,7 +296,10 @@ def load(port: int, n: int, clients: int, seconds: float) -> dict[str, float]:
         rng = np.random.default_rng(seed)
         with httpx.Client() as c:
             while time.perf_counter() < stop_at:
-                body = {"history": [f"i{i}" for i in rng.integers(1, n + 1, 5)], "k": 10}
+                if kind == "user_id":
+                    body = {"user_id": f"u{rng.integers(USERS)}", "k": 10}
+                else:
+                    body = {"history": [f"i{i}" for i in rng.integers(1, n + 1, 5)], "k": 10}
                 t0 = time.perf_counter()
                 r = c.post(url, json=body)
                 dt = time.perf_counter() - t0
@@ -254,7 +308,7 @@ def load(port: int, n: int, clients: int, seconds: float) -> dict[str, float]:
                     errors[0] += r.status_code != 200
 
     threads = [threading.Thread(target=client, args=(s,)) for s in range(clients)]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
@@ -266,15 +320,17 @@ def load(port: int, n: int, clients: int, seconds: float) -> dict[str, float]:
         "p99_ms": float(np.percentile(a, 99)),
         "rps": len(a) / wall,
         "errors": errors[0],
+        "load_cores": (time.process_time() - cpu0) / wall,
     }
 
 
 def measure(n: int, mode: str, generator, args) -> list[dict[str, float]]:
-    """One catalogue of n items, served by 1 then 2 worker processes: a row each."""
+    """One catalogue of n items, served by each number of worker processes: a row per
+    (workers, request kind, connections)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         url = build(Path(tmp), n, mode)
-        for workers in (1, 2):
+        for workers in args.workers:
             port = free_port()
             proc = subprocess.Popen(
                 [sys.executable, __file__, "--serve", url, f"{tmp}/index", str(port), str(workers)]
@@ -284,21 +340,61 @@ def measure(n: int, mode: str, generator, args) -> list[dict[str, float]]:
                 if ready["index_items"] != n:
                     raise RuntimeError(f"the scorer serves {ready['index_items']} items, not {n}: {ready}")
                 time.sleep(args.settle * workers)  # every worker process is ready
-                generator(port, n, max(args.clients), args.warmup)
-                for clients in args.clients:
-                    runs = [generator(port, n, clients, args.seconds) for _ in range(args.runs)]
-                    out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                    rows.append(
-                        out
-                        | {"errors": sum(r["errors"] for r in runs), "workers": workers, "clients": clients}
-                    )
+                first = len(rows)
+                for kind in args.requests:
+                    generator(port, n, kind, max(args.clients), args.warmup)
+                    if args.profile:
+                        profile(
+                            proc.pid,
+                            f"{args.profile}-{n}-{workers}w-{kind}.txt",
+                            generator,
+                            (port, n, kind, 4, 10),
+                        )
+                    for clients in args.clients:
+                        runs = [generator(port, n, kind, clients, args.seconds) for _ in range(args.runs)]
+                        out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                        errors = sum(r["errors"] for r in runs)
+                        rows.append(
+                            out | {"errors": errors, "workers": workers, "clients": clients, "kind": kind}
+                        )
                 rss = rss_mib(proc.pid) + sum(rss_mib(c) for c in _children(proc.pid))
-                for row in rows[-len(args.clients) :]:
+                for row in rows[first:]:
                     row["rss"] = rss
             finally:
                 proc.terminate()
                 proc.wait()
     return rows
+
+
+def profile(pid: int, out: str, generator, load_args: tuple) -> None:
+    """py-spy samples the server (and its worker processes) for one extra 10 s run at 4
+    connections; prints the 12 frames most often on the stack (inclusive share) and the 12
+    most often at its top (own share), from the raw (collapsed) stacks it writes to ``out``."""
+    from collections import Counter
+
+    spy = subprocess.Popen(
+        ["py-spy", "record", "--pid", str(pid), "--subprocesses", "--format", "raw", "-r", "200"]
+        + ["-d", "12", "-o", out, "--nonblocking"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1)
+    generator(*load_args)
+    spy.wait()
+    inclusive, own, total = Counter(), Counter(), 0
+    for line in Path(out).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        # "function (file:line)" -> "function (file)": a function's lines count as one frame
+        frames = [f.rsplit(":", 1)[0] + ")" for f in stack.split(";") if not f.startswith("process ")]
+        if not frames:
+            continue
+        total += int(count)
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
+            inclusive[frame] += int(count)
+    print(f"\nprofile ({out}, {total} samples): on the stack | at its top")
+    for (f_in, n_in), (f_own, n_own) in zip(inclusive.most_common(12), own.most_common(12), strict=False):
+        print(f"  {100 * n_in / total:5.1f}% {f_in[:90]:90s} | {100 * n_own / total:5.1f}% {f_own[:90]}")
 
 
 def _children(pid: int) -> list[int]:
@@ -311,11 +407,16 @@ def main() -> None:
     ap.add_argument("--sizes", default="12101,100000,1000000")
     ap.add_argument("--baseline-sizes", default="12101", help="cosine 576-d, the former path")
     ap.add_argument("--clients", default="1,4", help="connections: 1 = latency alone, 4 = under load")
+    ap.add_argument("--workers", default="1,2", help="uvicorn worker processes")
+    ap.add_argument("--requests", default="user_id,history", help="request kinds: user_id, history")
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds per worker process to start")
     ap.add_argument("--smoke", action="store_true", help="a tiny size that checks the script runs")
+    ap.add_argument(
+        "--profile", metavar="PREFIX", help="py-spy the server: <PREFIX>-<items>-<workers>w-<kind>.txt"
+    )
     ap.add_argument(
         "--serve", nargs=4, metavar=("URL", "INDEX_DIR", "PORT", "WORKERS"), help=argparse.SUPPRESS
     )
@@ -326,6 +427,8 @@ def main() -> None:
         os.environ["SAID_HNSW_MIN_ITEMS"] = "1000"  # HNSW from 1,000 items; the servers inherit it
         print(SMOKE_NOTE)
     args.clients = [int(c) for c in args.clients.split(",")]
+    args.workers = [int(w) for w in args.workers.split(",")]
+    args.requests = args.requests.split(",")
     if args.serve:
         serve(args.serve[0], args.serve[1], int(args.serve[2]), int(args.serve[3]))
         return
@@ -337,19 +440,20 @@ def main() -> None:
         f"{args.runs} runs of {args.seconds:g} s, medians"
     )
     print(
-        "| scorer | items | index | workers | connections | p50 ms | p99 ms | requests/s | errors "
-        "| server RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| scorer | items | index | workers | request | connections | p50 ms | p99 ms | requests/s "
+        "| errors | load generator cores | server RSS MiB |\n" + "|---" * 12 + "|"
     )
     hnsw_min_items = index_settings().hnsw_min_items
 
     jobs = [("cosine 576-d (baseline)", "cosine", int(x)) for x in args.baseline_sizes.split(",") if x]
-    jobs += [("SASRec 64-d", "sasrec", int(x)) for x in args.sizes.split(",")]
+    jobs += [("composite 65-d", "composite", int(x)) for x in args.sizes.split(",")]
     for label, mode, n in jobs:
         kind = "HNSW" if n >= hnsw_min_items else "exact"
         for m in measure(n, mode, generator, args):
             print(
-                f"| {label} | {n:,} | {kind} | {m['workers']} | {m['clients']} | {m['p50_ms']:.1f} | "
-                f"{m['p99_ms']:.1f} | {m['rps']:.0f} | {m['errors']} | {m['rss']:.0f} |",
+                f"| {label} | {n:,} | {kind} | {m['workers']} | {m['kind']} | {m['clients']} | "
+                f"{m['p50_ms']:.1f} | {m['p99_ms']:.1f} | {m['rps']:.0f} | {m['errors']} | "
+                f"{m['load_cores']:.2f} | {m['rss']:.0f} |",
                 flush=True,
             )
     print("\n| items | HNSW recall@10 vs exact | HNSW build s |\n|---|---|---|")

@@ -76,6 +76,9 @@ SERVING_PROBLEMS = Gauge(
     "it serves the last good one.",
     ["kind"],
 )
+QUERY_CACHE = Counter(
+    "said_scorer_query_cache_total", "Query vectors taken from the cache (hit) or encoded (miss).", ["result"]
+)
 SCORER_REQUESTS = Counter("said_scorer_requests_total", "Scorer requests.", ["endpoint", "status"])
 SCORER_SECONDS = Histogram(
     "said_scorer_seconds",

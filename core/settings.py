@@ -401,6 +401,14 @@ class IndexSettings(Section):
     fallback_popular: int = Field(
         1000, ge=1, description="Most popular items a fallback ranking (a user with no history) draws from."
     )
+    query_cache_size: int = Field(
+        10_000,
+        ge=0,
+        description=(
+            "Query vectors a replica keeps, by a digest of the history vectors each was computed "
+            "from (never stale): a known user's repeated request skips the encoder. 0: off."
+        ),
+    )
     fallback_fresh: int = Field(
         256,
         ge=1,

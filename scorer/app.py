@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import metrics
 from core.catalogue import item_status, user_history
+from core.db import read_only
 from core.settings import ApiSettings
 from core.users import forget
 from scorer.state import ServingState
@@ -308,6 +309,7 @@ def create_app(engine: Engine, state: ServingState, cfg: ApiSettings) -> FastAPI
     ``state.cfg.refresh_s`` seconds while the app runs."""
     stop = threading.Event()
     token = cfg.token.get_secret_value() if cfg.token else None
+    reads = read_only(engine)  # every route but DELETE /users only reads
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -341,7 +343,7 @@ def create_app(engine: Engine, state: ServingState, cfg: ApiSettings) -> FastAPI
     def recommend(req: RecommendRequest) -> RecommendResponse:
         unknown: list[str] = []
         if req.user_id is not None:
-            with engine.connect() as conn:  # a new user has none: the fallback ranking
+            with reads.connect() as conn:  # a new user has none: the fallback ranking
                 history = user_history(conn, req.user_id, cfg.history_len, state.positives)
         else:
             history = []
@@ -364,7 +366,7 @@ def create_app(engine: Engine, state: ServingState, cfg: ApiSettings) -> FastAPI
     @data_route("GET", "/items/{item_id}", ItemInfo, 404, 422, 503)  # titles of unlaunched items
     def item(item_id: str) -> ItemInfo:
         stored_id(item_id, "item")
-        with engine.connect() as conn:
+        with reads.connect() as conn:
             found = item_status(conn, item_id, state.aligner_version)
         if found is None:
             raise HTTPException(404, f"unknown item {item_id!r}")
@@ -404,7 +406,7 @@ def create_app(engine: Engine, state: ServingState, cfg: ApiSettings) -> FastAPI
     @app.get("/readyz", responses=declared(503))
     def readyz() -> dict:
         try:
-            with engine.connect() as conn:
+            with reads.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception as exc:
             raise HTTPException(503, f"database unavailable: {type(exc).__name__}") from exc

@@ -74,10 +74,15 @@ class ItemIndex:
     def _reset_masks(self, removed: np.ndarray | None = None) -> None:
         """Recompute what ``upsert`` and ``remove`` keep incrementally: main's ids, masked
         ids (replaced by ``delta``), removed ids (in ``main``, in no tier any more), selector."""
-        main_ids = np.concatenate([faiss.vector_to_array(m.id_map) for m in self.mains])
+        band_ids = [faiss.vector_to_array(m.id_map) for m in self.mains]
+        main_ids = np.concatenate(band_ids)
         self._in_main = np.zeros(int(main_ids.max(initial=0)) + 1, dtype=bool)
         self._in_main[main_ids] = True
+        self._band = np.full(len(self._in_main), -1, dtype=np.int16)  # id -> its main tier
+        for band, ids in enumerate(band_ids):
+            self._band[ids] = band
         delta_ids = faiss.vector_to_array(self.delta.id_map)
+        self._in_delta = set(delta_ids.tolist())
         self._masked = set(delta_ids[self._contains_main(delta_ids)].tolist())
         removed = np.zeros(0, dtype=np.int64) if removed is None else removed
         self._removed = set(removed[self._contains_main(removed)].tolist()) - set(delta_ids.tolist())
@@ -112,6 +117,7 @@ class ItemIndex:
         ids, vectors = self._check(ids, vectors)
         self.delta.remove_ids(faiss.IDSelectorArray(ids))
         self.delta.add_with_ids(vectors, ids)
+        self._in_delta.update(ids.tolist())
         self._masked.update(ids[self._contains_main(ids)].tolist())
         self._removed.difference_update(ids.tolist())
         self._reset_selector()
@@ -122,6 +128,7 @@ class ItemIndex:
         if not len(ids):
             return
         self.delta.remove_ids(faiss.IDSelectorArray(ids))
+        self._in_delta.difference_update(ids.tolist())
         in_main = ids[self._contains_main(ids)].tolist()
         self._masked.difference_update(in_main)
         self._removed.update(in_main)
@@ -207,14 +214,21 @@ class ItemIndex:
 
     def vector(self, item_id: int) -> np.ndarray:
         """The item's current vector; RuntimeError when it is not indexed."""
-        if int(item_id) in self._removed:
-            raise RuntimeError(f"item {item_id} was removed")
-        for tier in (self.delta, *self.mains):
-            try:
-                return tier.reconstruct(int(item_id))[: self.dim]  # drops the augmentation
-            except RuntimeError:
-                continue
-        raise RuntimeError(f"item {item_id} is not indexed")
+        found = self.lookup(item_id)
+        if found is None:
+            raise RuntimeError(f"item {item_id} is not indexed")
+        return found
+
+    def lookup(self, item_id: int) -> np.ndarray | None:
+        """The item's current vector, or None when it is not indexed: the tier is known
+        from the masks, so a history read tries one tier, not every HNSW band in turn
+        (a FAISS miss raises, and 17 raised misses cost more than the query's encoder)."""
+        i = int(item_id)
+        if i in self._in_delta:  # added or replaced since the build: delta has the current one
+            return self.delta.reconstruct(i)
+        if i in self._removed or i >= len(self._band) or self._band[i] < 0:
+            return None
+        return self.mains[self._band[i]].reconstruct(i)[: self.dim]  # drops the augmentation
 
     def _check(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = np.ascontiguousarray(ids, dtype=np.int64)

@@ -33,10 +33,11 @@ drops what is not active, so neither a stale snapshot nor a restart serves a wit
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import chain, zip_longest
@@ -57,6 +58,7 @@ from core.catalogue import (
     popular_items,
     text_changes_since,
 )
+from core.db import read_only
 from core.files import CorruptFile
 from core.settings import IndexSettings, Settings
 from core.versions import active_version, versions_in
@@ -81,6 +83,8 @@ class Served:
     # idx -> index vector of an item out of serving (paused, withdrawn): never searched,
     # still a history item; its vector is of its current text
     held: dict[int, np.ndarray] = field(default_factory=dict)
+    # digest of a history's stacked vectors -> its query, least recently used first
+    queries: OrderedDict[bytes, np.ndarray] = field(default_factory=OrderedDict)
 
     def snapshot_name(self) -> str:
         return f"{self.scorer.version}-q{self.watermark}"
@@ -109,6 +113,7 @@ class ServingState:
         # concurrent requests costs tens of milliseconds (measured: p50 45 ms -> see docs/results.md).
         faiss.omp_set_num_threads(1)
         self.engine, self.aligner_version, self.said_dim = engine, aligner_version, said_dim
+        self.reads = read_only(engine)  # a replica only reads the catalogue
         self.index_dir, self.cfg, self.positives = index_dir, cfg, positives
         self._popular: list[int] = []
         self._popular_at = -float("inf")
@@ -188,7 +193,7 @@ class ServingState:
         the watermark: then the snapshot holds that vector, as a snapshot keeps removals);
         a newer one is read by the next refresh, which follows at once. An item whose
         current vector the snapshot lacks (its text changed back) gets it."""
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             state = text_changes_since(conn, self.aligner_version, -1)  # every item, one read
         indexed = set(served.index.ids().tolist())
         for idx, text, vec_text, vec_seq, live in zip(
@@ -207,7 +212,7 @@ class ServingState:
         return served
 
     def _build(self, scorer: Scorer) -> Served:
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             changed_through = item_change_watermark(conn)  # first: a later change is re-read
             every = embeddings_since(conn, self.aligner_version).fresh()
         self._name(every)
@@ -246,7 +251,7 @@ class ServingState:
     def _last_good_scorer(self) -> Scorer | None:
         """At start-up with an unreadable active scorer: the newest one served before that
         was trained on this aligner and still loads (None: cosine until one is promoted)."""
-        for version, path in versions_in(self.engine, "scorer", "retired"):
+        for version, path in versions_in(self.reads, "scorer", "retired"):
             try:
                 scorer, meta = load_scorer(path, version)
             except (CorruptFile, OSError, ValueError):
@@ -273,7 +278,7 @@ class ServingState:
         """Serve the active aligner's vectors: on a change, build its index (cosine until a
         scorer of that aligner is promoted) off the request path, then swap. A bundle that
         cannot be read leaves the current aligner served (tried again at each refresh)."""
-        active = active_version(self.engine, "aligner")
+        active = active_version(self.reads, "aligner")
         if active is None or active[0] == self.aligner_version:
             self._problem("aligner", None)
             return
@@ -289,7 +294,7 @@ class ServingState:
         self.aligner_version, self.said_dim = bundle.version, bundle.aligner.cfg.vector_dim
         self._declined = None
         try:
-            scorer = self._scorer_for(active_version(self.engine, "scorer"))
+            scorer = self._scorer_for(active_version(self.reads, "scorer"))
             served = self._load(scorer or CosineScorer(self.aligner_version, self.said_dim))
         except Exception:  # keep serving the old version whole; the next refresh tries again
             self.aligner_version, self.said_dim, self._declined = before
@@ -316,14 +321,14 @@ class ServingState:
         except Exception:  # the next refresh tries again; meanwhile keep serving and applying
             log.exception("following the active versions failed; still serving %s", self.version)
         if time.monotonic() - self._popular_at > self.cfg.popular_refresh_s:
-            with self.engine.connect() as conn:
+            with self.reads.connect() as conn:
                 self._popular = popular_items(conn, self.positives, self.cfg.fallback_popular)
             self._popular_at = time.monotonic()
         return self._apply_new()
 
     def _follow_versions(self) -> None:
         self._follow_aligner()
-        wanted = active_version(self.engine, "scorer")
+        wanted = active_version(self.reads, "scorer")
         if wanted is not None and wanted[0] not in (self.version, self._declined):
             scorer = self._scorer_for(wanted)
             if scorer is not None and scorer.version != self.version:
@@ -336,11 +341,11 @@ class ServingState:
         """Text changes, then new catalogue embeddings, into the served index (and names of
         new items); returns how many embeddings were applied."""
         served = self.served
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             new_ids = item_ids_after(conn, self._named_through)  # history ids, vector or not
             changes = text_changes_since(conn, self.aligner_version, served.item_watermark)
         self._apply_changes(served, changes)  # before the embeddings: they are read later
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             found = embeddings_since(conn, self.aligner_version, served.watermark)
         every = found.fresh()
         fresh, held = every.where(every.live), every.where(~every.live)
@@ -405,7 +410,7 @@ class ServingState:
                     out.append(idx)
         found = None
         if back:
-            with self.engine.connect() as conn:
+            with self.reads.connect() as conn:
                 found = embeddings_of(conn, self.aligner_version, back)
             out += found.ids[found.stale].tolist()
             found = found.fresh()
@@ -461,17 +466,39 @@ class ServingState:
         self, history: list[int], k: int, exclude: set[int]
     ) -> tuple[list[tuple[int, float]], str, int, bool]:
         """Top-k (item, score) for a history, with the scorer version and index size used,
-        and whether it is the fallback ranking (no item of the history is indexed)."""
+        and whether it is the fallback ranking (no item of the history is indexed). The
+        encoder runs off the lock, which guards only the index's reads against its writes."""
         served = self.served  # one consistent pair, even if a swap happens meanwhile
         with self.lock:
             vecs = [v for v in map(self._vector(served), history) if v is not None]
             if not vecs:
                 return self._fallback(served, k, exclude), served.scorer.version, len(served.index), True
-            query = served.scorer.query(np.stack(vecs))
+            stacked = np.stack(vecs)  # (T, h)
+            key = hashlib.blake2b(stacked.tobytes(), digest_size=16).digest()
+            query = served.queries.get(key)
+            if query is not None:
+                served.queries.move_to_end(key)
+        metrics.QUERY_CACHE.labels("miss" if query is None else "hit").inc()
+        if query is None:
+            query = served.scorer.query(stacked)  # (1, h)
+        with self.lock:
+            self._remember(served, key, query)
             scores, ids = served.index.search(query, k, exclude)
             size = len(served.index)
         out = [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
         return out, served.scorer.version, size, False
+
+    def _remember(self, served: Served, key: bytes, query: np.ndarray) -> None:
+        """Keep a history's query, keyed by a digest of the vectors it was computed from:
+        the query is a function of those bytes alone (one scorer per ``Served``), so an
+        entry can never be stale. A known user's next request between two of its
+        interactions skips the encoder; a new interaction, or any vector of the history
+        re-estimated, changed or graduated, is another key. At most ``query_cache_size``."""
+        if self.cfg.query_cache_size == 0:
+            return
+        served.queries[key] = query
+        if len(served.queries) > self.cfg.query_cache_size:
+            served.queries.popitem(last=False)
 
     def _fallback(self, served: Served, k: int, exclude: set[int]) -> list[tuple[int, float]]:
         """A user with no usable history: popular items and the newest ones in turn (so new
@@ -491,9 +518,7 @@ class ServingState:
         """A history item's vector: indexed, or held (out of serving, still history)."""
 
         def get(idx: int) -> np.ndarray | None:
-            try:
-                return served.index.vector(idx)
-            except RuntimeError:  # not indexed: held, or no embedding yet (skipped)
-                return served.held.get(idx)
+            found = served.index.lookup(idx)
+            return served.held.get(idx) if found is None else found  # held, or none yet (skipped)
 
         return get

@@ -68,8 +68,9 @@ SCRIPTS: dict[str, tuple[set[str], list[str]]] = {
     "scorer_latency.py": (
         set(),
         [
-            r"^\| cosine 576-d \(baseline\) \| 400 \| exact \| 2 \| 4 \| [\d.]+ \|",
-            r"^\| SASRec 64-d \| 1,500 \| HNSW \| 1 \| 1 \| [\d.]+ \| [\d.]+ \| \d+ \| 0 \|",
+            r"^\| cosine 576-d \(baseline\) \| 400 \| exact \| 2 \| history \| 4 \| [\d.]+ \|",
+            r"^\| composite 65-d \| 1,500 \| HNSW \| 1 \| user_id \| 1 \| [\d.]+ \| [\d.]+ \| \d+ \| 0 \|",
+            r"^\| composite 65-d \| 1,500 \| HNSW \| 2 \| history \| 4 \| [\d.]+ \| [\d.]+ \| \d+ \| 0 \|",
             r"^\| 1,500 \| 0\.\d+ \| \d+ \|",
         ],
     ),
