@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -24,7 +24,7 @@ import uvicorn
 from core.catalogue import count_rows
 from core.dataset import load_dataset
 from core.db import make_engine
-from core.events import TOPIC_ITEMS
+from core.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
 from core.settings import Settings
 from core.tables import interactions, items
 from said import wiring
@@ -140,11 +140,14 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
                 summary["event -> refined seconds (median, max)"] = (
                     f"{np.median(refined):.2f}, {max(refined):.2f}"
                 )
-            for key, label in (("rank_estimate", "first estimate"), ("rank_refined", "refined")):
+            log.info("demo: clicks on the fresh items, then a retrain that may graduate them")
+            retrained = _retrain_after_clicks(settings, engine, bundle.version, ds, fresh, api)
+            summary["retrain after the fresh items' clicks"] = _verdict(retrained)
+            for key, label in STAGES:
                 hits = sum(1 for f in fresh if f[key] is not None and f[key] <= 10)
                 summary[f"fresh items in their user's top-10 ({label})"] = f"{hits} of {len(fresh)}"
             for f in fresh:
-                ranks = " -> ".join(str(f[k] or ">100") for k in ("rank_estimate", "rank_refined"))
+                ranks = " -> ".join(str(f[k] or ">100") for k, _ in STAGES)
                 summary[f"  user {f['user']}"] = f"{f['title'][:44]!r}: rank {ranks}"
             worker_losses = list(worker.fresh_losses)
             if worker.fresh_accuracy:
@@ -215,6 +218,7 @@ def _publish_fresh_items(settings: Settings, ds, n: int, api: httpx.Client) -> l
         fresh.append(
             {
                 "user": user,
+                "like": top["item_id"],
                 "item_id": f"fresh-{len(fresh)}",
                 "servable_s": None,
                 "title": f"{titles[top['item_id']]} - new edition",
@@ -247,6 +251,51 @@ def _publish_fresh_items(settings: Settings, ds, n: int, api: httpx.Client) -> l
 
 
 WAIT_S = 180.0  # how long the demo waits for its fresh items to be servable, then refined
+STAGES = (("rank_estimate", "first estimate"), ("rank_refined", "refined"), ("rank_retrained", "retrained"))
+CLICKERS = 3  # users who click each fresh item before the retrain (never the one it is ranked for)
+
+
+def _retrain_after_clicks(
+    settings: Settings, engine, aligner_version: str, ds, fresh: list[dict], api: httpx.Client
+) -> dict:
+    """Users who clicked a fresh item's original now click the fresh item (through Kafka,
+    as any interaction), then one retrain runs. A promoted candidate has the fresh items in
+    its teacher's training data, so each graduates from its student vector to its ID row,
+    with no realignment; a refused one leaves them on the student. Each fresh item's rank
+    in its user's recommendations is read again once the scorer serves the outcome."""
+    events, now = [], datetime.now(UTC)
+    for f in fresh:
+        clickers = [u for u, seq in ds.sequences if f["like"] in seq and u != f["user"]][:CLICKERS]
+        for n, user in enumerate(clickers):
+            at = (now + timedelta(seconds=n)).isoformat()
+            event = {"event_id": f"{f['item_id']}:{user}", "user_id": user, "item_id": f["item_id"]}
+            events.append((user, event | {"type": "click", "event_time": at}))
+    produce_events(settings.kafka.client_config(), TOPIC_INTERACTIONS, iter(events), len(events))
+    wiring.consume_loop(settings, "interactions", engine).run(idle_exit=2.0)
+    record = wiring.retrain(settings, engine, aligner_version)
+    served = record["version"] if record["promoted"] else None
+    deadline = time.monotonic() + 30
+    while served is not None and time.monotonic() < deadline:  # the replica follows within a refresh
+        if api.get("/readyz").json().get("model_version") == served:
+            break
+        time.sleep(0.1)
+    _rank(api, fresh, "rank_retrained")
+    return record | {"clicks": len(events)}
+
+
+def _verdict(record: dict) -> str:
+    """One line: the retrain's outcome and the scores that decided it."""
+
+    def score(x: float | None) -> str:
+        return "-" if x is None else f"{x:.4f}"
+
+    pairs = ", ".join(
+        f"{g} {score(record[g]['ndcg@10'])} vs {score(record[g]['active_ndcg@10'])}" for g in ("warm", "cold")
+    )
+    outcome = (
+        "promoted: the fresh items graduate" if record["promoted"] else "refused: they stay on the student"
+    )
+    return f"{record['clicks']} clicks; {outcome} (NDCG@10 candidate vs active: {pairs})"
 
 
 def _wait_for(api: httpx.Client, fresh: list[dict], t0: float, done, key: str) -> None:

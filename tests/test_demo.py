@@ -4,6 +4,7 @@ the summary, the plots, and a Ctrl-C that leaves no broker process behind."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,12 +67,16 @@ def test_demo_prints_the_summary_and_writes_the_plots(tmp_path, tiny_hf_folder):
         "text SASRec NDCG@10, same users: all / warm / cold",
         "event -> servable seconds",
         "fresh items in their user's top-10 (refined)",
+        "fresh items in their user's top-10 (retrained)",
+        "retrain after the fresh items' clicks",
         "(catalogue item)  ",
         "(fresh item)  ",
         "decodes to '",
         "wall seconds",
     ):
         assert line in out, f"{line!r} missing from the summary:\n{out[-3000:]}"
+    retrain = r"retrain after the fresh items' clicks +[1-9]\d* clicks; (promoted|refused): "
+    assert re.search(retrain, out), "the fresh items' clicks were consumed and judged by a retrain"
     plots = sorted(p.name for p in (tmp_path / "data" / "plots").glob("*.png"))
     assert plots == ["alignment_loss.png", "fresh_vs_reference.png", "freshness.png"]
 
