@@ -27,12 +27,14 @@ from core.db import make_engine
 from core.events import TOPIC_INTERACTIONS, TOPIC_ITEMS
 from core.settings import Settings
 from core.tables import interactions, items
+from core.versions import active_version
+from models.composite import load_composite
 from said import wiring
 from said.broker import EmbeddedBroker, ensure_topics, free_port
 from said.inspect import inspect_item
 from said.migrate import upgrade
 from said.plots import alignment_curve, fresh_vs_reference, freshness
-from said.produce import produce_events, replay_dataset
+from said.produce import BASE_TIME, produce_events, replay_dataset
 from said.same_slice import baselines, figures
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,7 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
                 )
             log.info("demo: clicks on the fresh items, then a retrain that may graduate them")
             retrained = _retrain_after_clicks(settings, engine, bundle.version, ds, fresh, api)
+            retrained["graduated"] = _graduated(engine, state, fresh) if retrained["promoted"] else None
             summary["retrain after the fresh items' clicks"] = _verdict(retrained)
             for key, label in STAGES:
                 hits = sum(1 for f in fresh if f[key] is not None and f[key] <= 10)
@@ -263,11 +266,16 @@ def _retrain_after_clicks(
     its teacher's training data, so each graduates from its student vector to its ID row,
     with no realignment; a refused one leaves them on the student. Each fresh item's rank
     in its user's recommendations is read again once the scorer serves the outcome."""
-    events, now = [], datetime.now(UTC)
+    events = []
     for f in fresh:
-        clickers = [u for u, seq in ds.sequences if f["like"] in seq and u != f["user"]][:CLICKERS]
-        for n, user in enumerate(clickers):
-            at = (now + timedelta(seconds=n)).isoformat()
+        # each click sits in its clicker's history just after the original's, never last:
+        # a retrain trains on every history but its last item (that is the target), so a
+        # last click would leave the fresh item with no training interaction
+        clickers = [
+            (u, seq.index(f["like"])) for u, seq in ds.sequences if f["like"] in seq[:-1] and u != f["user"]
+        ]
+        for user, pos in clickers[:CLICKERS]:
+            at = (BASE_TIME + timedelta(seconds=pos + 0.5)).isoformat()
             event = {"event_id": f"{f['item_id']}:{user}", "user_id": user, "item_id": f["item_id"]}
             events.append((user, event | {"type": "click", "event_time": at}))
     produce_events(settings.kafka.client_config(), TOPIC_INTERACTIONS, iter(events), len(events))
@@ -275,10 +283,11 @@ def _retrain_after_clicks(
     record = wiring.retrain(settings, engine, aligner_version)
     served = record["version"] if record["promoted"] else None
     deadline = time.monotonic() + 30
-    while served is not None and time.monotonic() < deadline:  # the replica follows within a refresh
-        if api.get("/readyz").json().get("model_version") == served:
+    while served is not None and api.get("/readyz").json().get("model_version") != served:
+        if time.monotonic() > deadline:  # the ranks below are then the previous model's
+            log.warning("the scorer does not serve %s after 30 s", served)
             break
-        time.sleep(0.1)
+        time.sleep(0.1)  # the replica follows within a refresh
     _rank(api, fresh, "rank_retrained")
     return record | {"clicks": len(events)}
 
@@ -292,10 +301,17 @@ def _verdict(record: dict) -> str:
     pairs = ", ".join(
         f"{g} {score(record[g]['ndcg@10'])} vs {score(record[g]['active_ndcg@10'])}" for g in ("warm", "cold")
     )
-    outcome = (
-        "promoted: the fresh items graduate" if record["promoted"] else "refused: they stay on the student"
-    )
+    outcome = f"promoted: {record['graduated']} graduated" if record["promoted"] else "refused"
     return f"{record['clicks']} clicks; {outcome} (NDCG@10 candidate vs active: {pairs})"
+
+
+def _graduated(engine, state, fresh: list[dict]) -> str:
+    """How many fresh items the active composite trained on (their gate is open): read
+    from the model itself, not assumed from the promotion."""
+    model, _ = load_composite(active_version(engine, "scorer")[1])
+    known = [state.idx_of[f["item_id"]] for f in fresh]
+    trained = sum(1 for idx in known if idx <= model.teacher.cfg.n_items and model.counts[idx] > 0)
+    return f"{trained} of {len(fresh)}"
 
 
 def _wait_for(api: httpx.Client, fresh: list[dict], t0: float, done, key: str) -> None:

@@ -226,7 +226,7 @@ class ItemIndex:
         i = int(item_id)
         if i in self._in_delta:  # added or replaced since the build: delta has the current one
             return self.delta.reconstruct(i)
-        if i in self._removed or i >= len(self._band) or self._band[i] < 0:
+        if i < 0 or i in self._removed or i >= len(self._band) or self._band[i] < 0:
             return None
         return self.mains[self._band[i]].reconstruct(i)[: self.dim]  # drops the augmentation
 
