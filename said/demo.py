@@ -263,19 +263,19 @@ def _retrain_after_clicks(
 ) -> dict:
     """Users who clicked a fresh item's original now click the fresh item (through Kafka,
     as any interaction), then one retrain runs. A promoted candidate has the fresh items in
-    its teacher's training data, so each graduates from its student vector to its ID row,
-    with no realignment; a refused one leaves them on the student. Each fresh item's rank
+    its teacher's training data, so each it trained on graduates from its student vector
+    to its ID row, with no realignment (the summary counts them, from the model); a refused
+    one leaves them on the student. Each fresh item's rank
     in its user's recommendations is read again once the scorer serves the outcome."""
     events = []
     for f in fresh:
-        # each click sits in its clicker's history just after the original's, never last:
-        # a retrain trains on every history but its last item (that is the target), so a
-        # last click would leave the fresh item with no training interaction
-        clickers = [
-            (u, seq.index(f["like"])) for u, seq in ds.sequences if f["like"] in seq[:-1] and u != f["user"]
-        ]
+        # each click sits in its clicker's history just before the original's, so never
+        # last: a retrain trains on every history but its last item (that is the target),
+        # so a last click would leave the fresh item with no training interaction
+        clickers = [(u, seq.index(f["like"])) for u, seq in ds.sequences if f["like"] in seq]
+        clickers = [(u, pos) for u, pos in clickers if u != f["user"]]
         for user, pos in clickers[:CLICKERS]:
-            at = (BASE_TIME + timedelta(seconds=pos + 0.5)).isoformat()
+            at = (BASE_TIME + timedelta(seconds=pos - 0.5)).isoformat()
             event = {"event_id": f"{f['item_id']}:{user}", "user_id": user, "item_id": f["item_id"]}
             events.append((user, event | {"type": "click", "event_time": at}))
     produce_events(settings.kafka.client_config(), TOPIC_INTERACTIONS, iter(events), len(events))
