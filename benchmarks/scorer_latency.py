@@ -346,7 +346,7 @@ def measure(n: int, mode: str, generator, args) -> list[dict[str, float]]:
                     if args.profile:
                         profile(
                             proc.pid,
-                            f"{args.profile}-{n}-{workers}w-{kind}.txt",
+                            f"{args.profile}-{mode}-{n}-{workers}w-{kind}.txt",
                             generator,
                             (port, n, kind, 4, 10),
                         )
@@ -415,7 +415,9 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=2.0, help="seconds per worker process to start")
     ap.add_argument("--smoke", action="store_true", help="a tiny size that checks the script runs")
     ap.add_argument(
-        "--profile", metavar="PREFIX", help="py-spy the server: <PREFIX>-<items>-<workers>w-<kind>.txt"
+        "--profile",
+        metavar="PREFIX",
+        help="py-spy the server, to <PREFIX>-<scorer>-<items>-<workers>w-<kind>.txt",
     )
     ap.add_argument(
         "--serve", nargs=4, metavar=("URL", "INDEX_DIR", "PORT", "WORKERS"), help=argparse.SUPPRESS

@@ -143,8 +143,7 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
                     f"{np.median(refined):.2f}, {max(refined):.2f}"
                 )
             log.info("demo: clicks on the fresh items, then a retrain that may graduate them")
-            retrained = _retrain_after_clicks(settings, engine, bundle.version, ds, fresh, api)
-            retrained["graduated"] = _graduated(engine, state, fresh) if retrained["promoted"] else None
+            retrained = _retrain_after_clicks(settings, engine, state, ds, fresh, api)
             summary["retrain after the fresh items' clicks"] = _verdict(retrained)
             for key, label in STAGES:
                 hits = sum(1 for f in fresh if f[key] is not None and f[key] <= 10)
@@ -259,7 +258,7 @@ CLICKERS = 3  # users who click each fresh item before the retrain (never the on
 
 
 def _retrain_after_clicks(
-    settings: Settings, engine, aligner_version: str, ds, fresh: list[dict], api: httpx.Client
+    settings: Settings, engine, state, ds, fresh: list[dict], api: httpx.Client
 ) -> dict:
     """Users who clicked a fresh item's original now click the fresh item (through Kafka,
     as any interaction), then one retrain runs. A promoted candidate has the fresh items in
@@ -280,7 +279,7 @@ def _retrain_after_clicks(
             events.append((user, event | {"type": "click", "event_time": at}))
     produce_events(settings.kafka.client_config(), TOPIC_INTERACTIONS, iter(events), len(events))
     wiring.consume_loop(settings, "interactions", engine).run(idle_exit=2.0)
-    record = wiring.retrain(settings, engine, aligner_version)
+    record = wiring.retrain(settings, engine, state.aligner_version)
     served = record["version"] if record["promoted"] else None
     deadline = time.monotonic() + 30
     while served is not None and api.get("/readyz").json().get("model_version") != served:
@@ -289,7 +288,8 @@ def _retrain_after_clicks(
             break
         time.sleep(0.1)  # the replica follows within a refresh
     _rank(api, fresh, "rank_retrained")
-    return record | {"clicks": len(events)}
+    graduated = _graduated(engine, state, fresh) if record["promoted"] else None
+    return record | {"clicks": len(events), "graduated": graduated}
 
 
 def _verdict(record: dict) -> str:

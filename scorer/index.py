@@ -72,13 +72,11 @@ class ItemIndex:
         return sum(m.ntotal for m in self.mains)
 
     def _reset_masks(self, removed: np.ndarray | None = None) -> None:
-        """Recompute what ``upsert`` and ``remove`` keep incrementally: main's ids, masked
+        """Recompute what ``upsert`` and ``remove`` keep incrementally: main's ids (by tier), masked
         ids (replaced by ``delta``), removed ids (in ``main``, in no tier any more), selector."""
         band_ids = [faiss.vector_to_array(m.id_map) for m in self.mains]
         main_ids = np.concatenate(band_ids)
-        self._in_main = np.zeros(int(main_ids.max(initial=0)) + 1, dtype=bool)
-        self._in_main[main_ids] = True
-        self._band = np.full(len(self._in_main), -1, dtype=np.int16)  # id -> its main tier
+        self._band = np.full(int(main_ids.max(initial=0)) + 1, -1, dtype=np.int16)  # id -> its main tier
         for band, ids in enumerate(band_ids):
             self._band[ids] = band
         delta_ids = faiss.vector_to_array(self.delta.id_map)
@@ -91,9 +89,9 @@ class ItemIndex:
         self._m2 = [_first_norm2(m) for m in self.mains]
 
     def _contains_main(self, ids: np.ndarray) -> np.ndarray:
-        inside = ids < len(self._in_main)
+        inside = ids < len(self._band)
         out = np.zeros(len(ids), dtype=bool)
-        out[inside] = self._in_main[ids[inside]]
+        out[inside] = self._band[ids[inside]] >= 0
         return out
 
     def build(self, ids: np.ndarray, vectors: np.ndarray) -> None:
