@@ -5,6 +5,10 @@ item's arrival applies it, and only one still waiting after ``park_max_age_s`` g
 DLQ (reason ``unknown_item``, the original message kept), from where ``said dlq replay``
 can bring it back. One that finds no room (``park_max_per_item``, ``park_max_total``) goes
 there at once (``park_overflow``). Nothing is dropped.
+
+A row's park time and the sweep's cut-off both come from the database's clock
+(``core.db.db_now``): consumers on hosts whose clocks disagree must not dead-letter each
+other's rows early, nor keep them past their age.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from consumers.dead_letter import StoredMessage, message_record
 from consumers.runner import Rejected
 from core import metrics
 from core.catalogue import insert_interactions, resolve_item_ids
+from core.db import db_now
 from core.events import TOPIC_INTERACTIONS, InteractionEvent, Invalid, parse_interaction
 from core.parking import OVERFLOW, Caps, claim_expired, park_unknown, release
 from core.settings import Settings
@@ -56,7 +61,7 @@ class InteractionsHandler:
                 self.idx_of.update(resolve_item_ids(conn, missing))
             unknown = [(ev, message_record(m)) for ev, m in parsed if ev.item_id not in self.idx_of]
             if unknown:
-                parking = park_unknown(conn, unknown, self.idx_of, now, self.caps)
+                parking = park_unknown(conn, unknown, self.idx_of, db_now(conn), self.caps)
             insert_interactions(conn, [ev for ev, _ in parsed if ev.item_id in self.idx_of], self.idx_of)
         if parking is not None:
             overflow = [Rejected(StoredMessage(record), OVERFLOW) for _, record in parking.overflow]
@@ -74,7 +79,7 @@ class InteractionsHandler:
         crash or a failed flush before the commit leaves them parked, to be dead-lettered
         again (a second DLQ copy at worst) or applied by their item: never lost."""
         with engine.begin() as conn:
-            old = claim_expired(conn, datetime.now(UTC) - self.max_age, limit)
+            old = claim_expired(conn, db_now(conn) - self.max_age, limit)
             if old:
                 dead_letter([Rejected(StoredMessage(record), "unknown_item", eid) for eid, record in old])
             waiting = release(conn, len(old))
