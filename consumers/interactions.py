@@ -25,7 +25,8 @@ from core import metrics
 from core.catalogue import insert_interactions, resolve_item_ids
 from core.db import db_now
 from core.events import TOPIC_INTERACTIONS, InteractionEvent, Invalid, parse_interaction
-from core.parking import OVERFLOW, Caps, claim_expired, park_unknown, release
+from core.parking import OVERFLOW, Caps, claim_expired, park_unknown, shipped
+from core.parking import waiting as waiting_count
 from core.settings import Settings
 
 
@@ -73,16 +74,20 @@ class InteractionsHandler:
         return rejected
 
     def sweep(self, engine: Engine, dead_letter: Callable[[list[Rejected]], None], limit: int) -> int:
-        """Dead-letter up to ``limit`` parked interactions past their age, oldest first, in
-        one transaction: claimed (deleted; on PostgreSQL, rows others hold are skipped),
-        dead-lettered (``dead_letter`` produces and flushes), and only then committed. A
-        crash or a failed flush before the commit leaves them parked, to be dead-lettered
-        again (a second DLQ copy at worst) or applied by their item: never lost."""
+        """Dead-letter up to ``limit`` parked interactions past their age, oldest first,
+        through the outbox of ``core.parking``: claimed (marked dead, one short
+        transaction), dead-lettered (``dead_letter`` produces and flushes), then deleted. A
+        crash or a failed flush in between leaves them dead, for a later sweep to ship:
+        never lost, never applied by an arriving item as well."""
         with engine.begin() as conn:
-            old = claim_expired(conn, db_now(conn) - self.max_age, limit)
-            if old:
-                dead_letter([Rejected(StoredMessage(record), "unknown_item", eid) for eid, record in old])
-            waiting = release(conn, len(old))
+            now = db_now(conn)
+            old = claim_expired(conn, now, now - self.max_age, limit)
+            waiting = waiting_count(conn)
         metrics.PARKED_NOW.set(waiting)
+        if not old:
+            return 0
+        dead_letter([Rejected(StoredMessage(record), "unknown_item", eid) for eid, record in old])
+        with engine.begin() as conn:
+            shipped(conn, [eid for eid, _ in old], now)
         metrics.PARKED.labels("expired").inc(len(old))
         return len(old)

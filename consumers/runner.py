@@ -56,8 +56,9 @@ class Handler(Protocol):
     def process(self, engine: Engine, messages: Sequence[Message]) -> list[Rejected]: ...
 
     def sweep(self, engine: Engine, dead_letter: Callable[[list[Rejected]], None], limit: int) -> int:
-        """Dead-letter up to ``limit`` stored messages that waited too long: claimed, passed
-        to ``dead_letter`` (produce + flush) and removed in one transaction; how many."""
+        """Dead-letter up to ``limit`` stored messages that waited too long: claimed (a
+        committed decision), passed to ``dead_letter`` (produce + flush), then removed;
+        how many."""
         ...
 
 
@@ -227,10 +228,11 @@ class ConsumeLoop:
         )
 
     def sweep(self) -> bool:
-        """Dead-letter what the handler kept too long (parked interactions), a page per
-        transaction, until none is left (True) or ``park_sweep_budget_s`` is spent. Each
-        page is removed in the transaction that dead-lettered it, after the DLQ flush: a
-        crash in between dead-letters it twice, never zero times."""
+        """Dead-letter what the handler kept too long (parked interactions), a page at a
+        time, until none is left (True) or ``park_sweep_budget_s`` is spent. Each
+        page is marked dead before its DLQ flush and removed after it (an outbox,
+        ``core.parking``): a crash in between dead-letters it twice, never zero times,
+        and never lets its item store it as well."""
         deadline = time.monotonic() + self.settings.consume.park_sweep_budget_s
         while not self.stopping:
             n = self._with_retries(lambda: self.handler.sweep(self.engine, self._dead_letter, SWEEP_PAGE))

@@ -5,10 +5,18 @@ arrive first. Parking it (instead of dead-lettering it at once) lets the item's 
 apply it automatically, in the item's own transaction. Only one that waited longer than
 ``park_max_age_s`` goes to the DLQ, with its original message, so nothing is dropped.
 
-Each parked row ends exactly once: applied (stored) by its item's arrival, or claimed by a
-sweep that deletes it in the transaction that dead-letters it. Both take the row under a
-lock (SQLite: the one write lock; PostgreSQL: row locks, ``apply_parked`` waits for a
-sweep's, a sweep skips the rows others hold), so no row is both, or swept twice.
+Each parked row ends exactly once: applied (stored) by its item's arrival, or decided dead
+by a sweep. Both take the row under a lock (SQLite: the one write lock; PostgreSQL: row
+locks, ``apply_parked`` waits for a sweep's claim, a sweep skips the rows others hold), so
+no row is both. The dead-lettering goes through an outbox, so that no transaction is held
+across a DLQ flush and no crash can leave a row both stored and dead-lettered:
+  1. :func:`claim_expired` marks the page dead (``dead_at``, the database's clock) and
+     counts it out, in one short transaction; from then on no item applies it;
+  2. the sweeper produces the DLQ copies and flushes them;
+  3. :func:`shipped` deletes the rows it claimed.
+A sweeper that dies between 1 and 3 leaves its rows dead, not parked: any sweep claims
+them again after ``RECLAIM_S`` and ships them (a crash after 2 gives a second DLQ copy,
+the same message with the same ``event_id``: at least once, never stored as well).
 
 Parking is capped (``park_max_per_item``, ``park_max_total``): what does not fit is
 returned as overflow, for the DLQ. The total is a counter row in ``sequences``
@@ -21,9 +29,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Connection
 
 from core.catalogue import dialect_insert, insert_interactions, lock_item_index, resolve_item_ids
@@ -33,6 +41,11 @@ from core.tables import parked_interactions, sequences
 PARKED = "parked_interactions"  # the ``sequences`` row that counts parked rows (migration 0007)
 OVERFLOW = "park_overflow"  # the DLQ reason of an interaction that found no room
 _CHUNK = 1000
+# a page claimed but not shipped after this long is a dead sweeper's: far longer than the
+# 30 s a DLQ flush may take, so a live sweeper's page is never taken from under it
+RECLAIM_S = 120.0
+_pc = parked_interactions.c
+LIVE = _pc.dead_at.is_(None)  # waiting for its item, not yet decided
 
 Parkable = tuple[InteractionEvent, dict]  # (event, message record)
 
@@ -129,7 +142,7 @@ def park_unknown(
         chunk = item_ids[s : s + _CHUNK]
         per_item |= dict(
             conn.execute(
-                select(pc.item_id, func.count()).where(pc.item_id.in_(chunk)).group_by(pc.item_id)
+                select(pc.item_id, func.count()).where(pc.item_id.in_(chunk), LIVE).group_by(pc.item_id)
             ).all()
         )
     total = waiting(conn)
@@ -151,13 +164,13 @@ def apply_parked(conn: Connection, item_ids: Iterable[str]) -> tuple[int, int | 
     """Move the parked interactions of ``item_ids`` that now exist into ``interactions``;
     returns (how many, the parked count after; None if unchanged).
 
-    The rows are locked (``FOR UPDATE``): a sweep dead-lettering some of them right now
-    holds them until its DLQ copies are flushed and its delete commits, and then they are
-    gone from here; it never takes the ones locked here (``SKIP LOCKED``)."""
+    The live rows are locked (``FOR UPDATE``): a sweep claiming some of them right now holds
+    them until its claim commits, and then they are dead and no longer match here; it never
+    takes the ones locked here (``SKIP LOCKED``)."""
     wanted = sorted(set(item_ids))
     rows = []
     for s in range(0, len(wanted), _CHUNK):
-        query = select(parked_interactions).where(parked_interactions.c.item_id.in_(wanted[s : s + _CHUNK]))
+        query = select(parked_interactions).where(_pc.item_id.in_(wanted[s : s + _CHUNK]), LIVE)
         rows += conn.execute(query.with_for_update()).all()
     if not rows:
         return 0, None
@@ -169,28 +182,39 @@ def apply_parked(conn: Connection, item_ids: Iterable[str]) -> tuple[int, int | 
     return len(ready), _count_change(conn, -removed)
 
 
-def claim_expired(conn: Connection, before: datetime, limit: int) -> list[tuple[str, dict]]:
-    """Delete and return up to ``limit`` (event_id, message record) parked before
-    ``before``, oldest first, for this transaction to dead-letter before it commits (then
-    :func:`release`). On PostgreSQL rows held by another transaction (a concurrent sweep,
-    an arriving item) are skipped; on SQLite the transaction holds the write lock."""
-    pc = parked_interactions.c
-    oldest = (
-        select(pc.event_id)
-        .where(pc.parked_at < before)
-        .order_by(pc.parked_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    claimed = delete(parked_interactions).where(pc.event_id.in_(oldest))
-    rows = conn.execute(claimed.returning(pc.event_id, pc.parked_at, pc.message)).all()
+def claim_expired(conn: Connection, now: datetime, before: datetime, limit: int) -> list[tuple[str, dict]]:
+    """Mark dead up to ``limit`` rows, oldest first, and return their (event_id, message
+    record) for the caller to dead-letter after this transaction commits (then
+    :func:`shipped`): first rows a dead sweeper claimed before ``now - RECLAIM_S``, then
+    live rows parked before ``before``. ``now`` is the database's clock. On PostgreSQL rows
+    held by another transaction (a concurrent sweep, an arriving item) are skipped; on
+    SQLite the transaction holds the write lock."""
+    stale = now - timedelta(seconds=RECLAIM_S)
+    taken = _claim(conn, now, _pc.dead_at < stale, _pc.dead_at, limit)
+    fresh = _claim(conn, now, LIVE & (_pc.parked_at < before), _pc.parked_at, limit - len(taken))
+    _count_change(conn, -len(fresh))
+    return taken + fresh
+
+
+def _claim(conn: Connection, now: datetime, where, order, limit: int) -> list[tuple[str, dict]]:
+    if limit <= 0:
+        return []
+    page = select(_pc.event_id).where(where).order_by(order).limit(limit).with_for_update(skip_locked=True)
+    claimed = update(parked_interactions).where(_pc.event_id.in_(page)).values(dead_at=now)
+    rows = conn.execute(claimed.returning(_pc.event_id, _pc.parked_at, _pc.message)).all()
     rows.sort(key=lambda r: (r.parked_at, r.event_id))
     return [(r.event_id, r.message) for r in rows]
 
 
-def release(conn: Connection, claimed: int) -> int:
-    """Count ``claimed`` rows out, once their DLQ copies are flushed; the parked count."""
-    return _count_change(conn, -claimed)
+def shipped(conn: Connection, event_ids: Sequence[str], claimed_at: datetime) -> int:
+    """Delete claimed rows whose DLQ copies are flushed; how many. Rows another sweeper
+    claimed again meanwhile (their ``dead_at`` moved on) are its to delete."""
+    removed = 0
+    for s in range(0, len(event_ids), _CHUNK):
+        chunk = event_ids[s : s + _CHUNK]
+        stmt = delete(parked_interactions).where(_pc.event_id.in_(chunk), _pc.dead_at == claimed_at)
+        removed += conn.execute(stmt).rowcount
+    return removed
 
 
 def _forget(conn: Connection, event_ids: Sequence[str]) -> int:
@@ -211,16 +235,16 @@ def count_parked(conn: Connection) -> int:
 def forget_user(conn: Connection, user_id: str) -> int:
     """Delete a user's parked interactions (a request to be forgotten); how many. Locked
     like ``apply_parked``, so a sweep or an arriving item never moves one of them meanwhile."""
-    query = select(parked_interactions.c.event_id).where(parked_interactions.c.user_id == user_id)
-    ids = conn.execute(query.with_for_update()).scalars().all()
-    removed = _forget(conn, list(ids))
-    _count_change(conn, -removed)
+    query = select(_pc.event_id, LIVE.label("live")).where(_pc.user_id == user_id)
+    rows = conn.execute(query.with_for_update()).all()
+    removed = _forget(conn, [r.event_id for r in rows])
+    _count_change(conn, -sum(r.live for r in rows))
     return removed
 
 
 def prune_parked(conn: Connection, before: datetime) -> int:
     """Delete parked interactions of events older than ``before`` (retention); how many."""
-    query = select(parked_interactions.c.event_id).where(parked_interactions.c.event_time < before)
+    query = select(_pc.event_id).where(_pc.event_time < before, LIVE)
     ids = conn.execute(query.with_for_update(skip_locked=True)).scalars().all()
     removed = _forget(conn, list(ids))
     _count_change(conn, -removed)
