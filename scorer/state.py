@@ -98,6 +98,17 @@ def snapshot_watermark(snapshot: Path) -> int:
     return int(tail[1:])
 
 
+def file_identity(version: str, path: Path) -> tuple:
+    """What tells a version's file content apart without reading it: the version, the path,
+    and the file's inode, size, mtime and ctime (ctime: a ``chmod`` that makes an
+    unreadable file readable); a file that cannot be stat-ed is (version, path)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return version, str(path)
+    return version, str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 class ServingState:
     def __init__(
         self,
@@ -125,6 +136,7 @@ class ServingState:
         self.refreshed_at: datetime | None = None
         self._declined: str | None = None  # an active scorer of another aligner: not served
         self.problems: dict[str, str] = {}  # kind -> why its active version is not served
+        self._unloadable: tuple[tuple, str] | None = None  # see ``_follow_aligner``
         first = self._scorer_for(active_version(engine, "scorer")) or self._last_good_scorer()
         self.served = self._load(first or CosineScorer(aligner_version, said_dim))
         self._snapshot_at = time.monotonic()
@@ -277,18 +289,30 @@ class ServingState:
     def _follow_aligner(self) -> None:
         """Serve the active aligner's vectors: on a change, build its index (cosine until a
         scorer of that aligner is promoted) off the request path, then swap. A bundle that
-        cannot be read leaves the current aligner served (tried again at each refresh)."""
+        cannot be read leaves the current aligner served and is reported (``problems``).
+
+        It is not read again until its file changes (``file_identity``): a refresh runs a
+        few times a second, and re-reading and checksumming a large bundle each time, per
+        replica, for as long as the operator takes, costs a core for nothing. The failure
+        is remembered with its reason, so the report stays until the file (or the active
+        version) changes."""
         active = active_version(self.reads, "aligner")
         if active is None or active[0] == self.aligner_version:
             self._problem("aligner", None)
+            return
+        key = file_identity(*active)
+        if self._unloadable is not None and self._unloadable[0] == key:
+            self._problem("aligner", self._unloadable[1])  # still reported; logged once
             return
         import torch
 
         try:
             bundle = AlignerBundle.load(active[1], torch.device("cpu"))
         except (CorruptFile, OSError, ValueError) as exc:
-            self._problem("aligner", f"active aligner {active[0]} cannot be loaded ({exc})")
+            self._unloadable = key, f"active aligner {active[0]} cannot be loaded ({exc})"
+            self._problem("aligner", self._unloadable[1])
             return
+        self._unloadable = None
         self._problem("aligner", None)
         before = self.aligner_version, self.said_dim, self._declined
         self.aligner_version, self.said_dim = bundle.version, bundle.aligner.cfg.vector_dim

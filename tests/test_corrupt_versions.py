@@ -8,16 +8,21 @@ through its HTTP API (``/recommend``, ``/readyz``, ``/metrics``).
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import torch
 from fastapi.testclient import TestClient
 
 from core.catalogue import write_embeddings
+from core.metrics import SERVING_PROBLEMS
 from core.settings import ApiSettings
 from core.versions import active_version, record_version
+from models.bundle import AlignerBundle
 from said import wiring
 from scorer.app import create_app
 from tests.support import faultlog
@@ -137,3 +142,47 @@ def test_a_corrupt_active_aligner_is_rolled_back_so_fresh_items_keep_flowing(ali
     with engine.connect() as conn:
         ids, _ = load_embeddings(conn, bundle.version)
     assert {25, 26} <= set(ids.tolist())
+
+
+def test_an_unloadable_active_aligner_is_read_once_per_change_of_its_file(aligned, monkeypatch, caplog):
+    """A scorer refresh (a few times a second) and a worker's version check do not re-read
+    and checksum a bundle that failed, until its file changes; the failure stays reported
+    (``problems``, metric) and is logged once. A repaired file is read again and served."""
+    engine, bundle, lm, settings, data = aligned
+    state = wiring.serving_state(settings, engine)
+    worker = wiring.update_worker(settings, engine, lm)
+    reads: list[str] = []
+    load = AlignerBundle.load.__func__
+
+    def counted(cls, path, device):
+        reads.append(Path(path).name)
+        return load(cls, path, device)
+
+    monkeypatch.setattr(AlignerBundle, "load", classmethod(counted))
+
+    torn = _activate_garbage(engine, data, "aligner", "said-v2", {})  # fails its checksum
+    for _ in range(5):
+        state.refresh()
+    assert reads == [torn.name], "read once, not at every refresh"
+    assert "said-v2 cannot be loaded" in state.problems["aligner"], "still reported"
+    assert SERVING_PROBLEMS.labels("aligner")._value.get() == 1
+    said = [r for r in caplog.records if "said-v2 cannot be loaded" in r.getMessage()]
+    assert len(said) == 1, "logged once"
+    os.replace(replace(bundle, version="said-v2").save(data / "good"), torn)  # the operator restores it
+    state.refresh()
+    state.refresh()
+    assert reads == [torn.name] * 2, "the restored file is read again, once"
+    assert state.aligner_version == "said-v2" and "aligner" not in state.problems, "and served"
+
+    reads.clear()  # the worker, on an unreadable file (OSError: not rolled back)
+    unreadable = data / "said-v3.pt"
+    unreadable.mkdir()
+    with engine.begin() as conn:
+        record_version(conn, "aligner", "said-v3", unreadable, {}, "active")
+    for _ in range(4):
+        assert worker.follow_active() is False
+    assert reads == [unreadable.name] and SERVING_PROBLEMS.labels("aligner")._value.get() == 1
+    unreadable.rmdir()
+    os.replace(replace(bundle, version="said-v3").save(data / "good"), unreadable)
+    assert worker.follow_active() is True and worker.bundle.version == "said-v3"
+    assert reads == [unreadable.name] * 2 and SERVING_PROBLEMS.labels("aligner")._value.get() == 0

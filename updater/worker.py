@@ -32,6 +32,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -82,6 +83,18 @@ def worker_owner(configured: str | None, hostname: str, pid: int) -> str:
     return configured.replace(HOSTNAME_PLACEHOLDER, hostname)
 
 
+def file_identity(version: str, path: Path) -> tuple:
+    """What tells a version's file content apart without reading it: the version, the path,
+    and the file's inode, size, mtime and ctime (ctime: a ``chmod`` that makes an
+    unreadable file readable); a file that cannot be stat-ed is (version, path). The
+    scorer has its twin (``scorer.state``); services import nothing of each other."""
+    try:
+        st = path.stat()
+    except OSError:
+        return version, str(path)
+    return version, str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 class Stopping(Exception):
     """Raised between refinement passes once the worker stops; the batch stays leased to
     this worker and is handed back (or redone by another after the lease expires)."""
@@ -117,6 +130,7 @@ class UpdateWorker:
         )
         self._use(bundle)
         self._version_checked = time.monotonic()
+        self._unloadable: tuple[tuple, bool] | None = None  # file identity, CorruptFile: see _load_active
         self._renewed_at = time.monotonic()  # last lease renewal
         self.stopping = False  # asked to stop (``stop()``, signal-handler safe)
         self._halt = threading.Event()  # the estimate thread ends when set
@@ -155,11 +169,9 @@ class UpdateWorker:
         if active is None or active[0] == self.bundle.version:
             metrics.SERVING_PROBLEMS.labels("aligner").set(0)
             return False
-        try:
-            bundle = AlignerBundle.load(active[1], self.device)
-        except (CorruptFile, OSError, ValueError) as exc:  # tried again at the next check
-            log.error("aligner %s cannot be loaded (%s): staying on %s", active[0], exc, self.bundle.version)
-            if isinstance(exc, CorruptFile) and roll_back_corrupt(
+        bundle, corrupt = self._load_active(active)
+        if bundle is None:
+            if corrupt and roll_back_corrupt(
                 self.engine, "aligner", active[0], self.bundle.version
             ):  # broken for everyone: the version we run on is active again, writes flow
                 log.error("aligner %s marked corrupt, %s is active again", active[0], self.bundle.version)
@@ -185,6 +197,23 @@ class UpdateWorker:
         with self._tok_lock:  # the new prompt is tokenized
             self._use(bundle)
         return True
+
+    def _load_active(self, active: tuple[str, Path]) -> tuple[AlignerBundle | None, bool]:
+        """The active version's bundle, or (None, whether it failed its checksum).
+
+        A bundle that cannot be loaded is not read again until its file changes
+        (``file_identity``): each version check would otherwise re-read and checksum a
+        large file for as long as it stays active. The failure is logged once; the caller
+        still reports it (metric) and rolls a corrupt one back (a compare-and-set: once)."""
+        key = file_identity(*active)
+        if self._unloadable is not None and self._unloadable[0] == key:
+            return None, self._unloadable[1]
+        try:
+            return AlignerBundle.load(active[1], self.device), False
+        except (CorruptFile, OSError, ValueError) as exc:
+            log.error("aligner %s cannot be loaded (%s): staying on %s", active[0], exc, self.bundle.version)
+            self._unloadable = key, isinstance(exc, CorruptFile)
+            return None, self._unloadable[1]
 
     def run(self, idle_exit: float | None = None) -> int:
         """Estimate (in a thread) and refine (here) until stopped or idle; returns items
