@@ -17,6 +17,9 @@ be harmless to the idempotent consumers, but a copy that fails again comes back 
 with one more attempt while the old copy stays: without the record, every replay would
 re-publish both, and the copies would double each time. A crash between the flush and the
 record, or two replays at once, publishes a message twice, which the consumers absorb.
+Each replay first deletes the records below each partition's low watermark: the broker
+has deleted those messages (retention), so no replay can read them again, and the table
+stays as small as the DLQ.
 
 The replay is bounded: it captures the DLQ's end offsets when it starts and stops there,
 so a message that is dead-lettered again while it runs (consumers are live) waits for the
@@ -35,7 +38,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.engine import Engine
 
 from consumers.dead_letter import (
@@ -84,7 +87,9 @@ def replay_dlq(
     producer = Producer(settings.kafka.client_config() | {"enable.idempotence": True})
     stats, tracker = ReplayStats(), DeliveryTracker()
     try:
-        todo = _assign_whole_dlq(consumer)
+        watermarks = _watermarks(consumer)
+        _retried(settings, lambda: _forget_deleted(engine, {p: low for p, (low, _) in watermarks.items()}))
+        todo = _assign_whole_dlq(consumer, watermarks)
         last_progress = time.monotonic()
         while todo:
             batch = [
@@ -114,20 +119,38 @@ def replay_dlq(
     return stats
 
 
-def _assign_whole_dlq(consumer: Consumer) -> dict[int, int]:
-    """Assign every non-empty DLQ partition from its first retained offset; returns
-    partition -> end offset captured now."""
+def _watermarks(consumer: Consumer) -> dict[int, tuple[int, int]]:
+    """Every DLQ partition's (low, high) watermark offsets, captured now."""
     meta = consumer.list_topics(TOPIC_DLQ, timeout=10).topics[TOPIC_DLQ]
     if meta.error is not None:
         raise RuntimeError(f"cannot read {TOPIC_DLQ}: {meta.error}")
-    todo, assign = {}, []
-    for p in sorted(meta.partitions):
-        low, high = consumer.get_watermark_offsets(TopicPartition(TOPIC_DLQ, p), timeout=10)
-        if low < high:
-            todo[p] = high
-            assign.append(TopicPartition(TOPIC_DLQ, p, OFFSET_BEGINNING))
-    consumer.assign(assign)
+    return {
+        p: consumer.get_watermark_offsets(TopicPartition(TOPIC_DLQ, p), timeout=10)
+        for p in sorted(meta.partitions)
+    }
+
+
+def _assign_whole_dlq(consumer: Consumer, watermarks: dict[int, tuple[int, int]]) -> dict[int, int]:
+    """Assign every non-empty DLQ partition from its first retained offset; returns
+    partition -> end offset captured at the start."""
+    todo = {p: high for p, (low, high) in watermarks.items() if low < high}
+    consumer.assign([TopicPartition(TOPIC_DLQ, p, OFFSET_BEGINNING) for p in todo])
     return todo
+
+
+def _forget_deleted(engine: Engine, lows: dict[int, int]) -> int:
+    """Delete the records of messages below their partition's low watermark (``lows``:
+    partition -> low watermark), which the broker deleted; returns how many went. One
+    short transaction: a replay publishes nothing before it ends."""
+    if not lows:
+        return 0
+    t = dlq_replays.c
+    below = or_(*(and_(t.dlq_partition == p, t.dlq_offset < low) for p, low in lows.items()))
+    with engine.begin() as conn:
+        gone = conn.execute(delete(dlq_replays).where(below)).rowcount
+    if gone:
+        log.info("forgot %d replay records of DLQ messages the broker has deleted", gone)
+    return gone
 
 
 def _replay_batch(

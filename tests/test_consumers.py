@@ -7,9 +7,10 @@ import json
 import threading
 import time
 from dataclasses import astuple
+from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from consumers import runner
 from consumers.interactions import InteractionsHandler
@@ -20,7 +21,7 @@ from core.catalogue import count_rows
 from core.db import make_engine
 from core.events import TOPIC_DLQ, TOPIC_INTERACTIONS, TOPIC_ITEMS, content_hash
 from core.parking import count_parked
-from core.tables import alignment_jobs, interactions, items
+from core.tables import alignment_jobs, dlq_replays, interactions, items
 from tests.support.kafka_util import (
     click_event,
     committed_offsets,
@@ -254,6 +255,53 @@ def test_replays_of_different_reasons_in_any_order_each_replay_their_own_once(se
     assert len(read_topic(settings.kafka.bootstrap, TOPIC_ITEMS, 3)) == 3, "the long item once more"
     assert len(read_topic(settings.kafka.bootstrap, TOPIC_INTERACTIONS, 2)) == 2, "the click once more"
     assert len(read_topic(settings.kafka.bootstrap, TOPIC_DLQ, 2)) == 2, "nothing dead-lettered again"
+
+
+def test_a_replay_forgets_the_records_of_dlq_messages_the_broker_deleted(settings):
+    """Issue 23.10: ``dlq_replays`` must not grow forever. A record below its partition's
+    low watermark (retention deleted the message) can never match a message again: each
+    replay deletes those first, on every partition (an emptied one too); the rest stay.
+
+    The embedded broker cannot delete records (Tansu 0.6.0 drops the connection on a
+    DeleteRecords request), so every low watermark here is 0 and the records below it are
+    made by hand; ``_forget_deleted`` then takes other watermarks directly."""
+    from consumers.dlq_replay import _forget_deleted, replay_dlq
+
+    def recorded() -> set[tuple[int, int]]:
+        with engine.connect() as conn:
+            return set(conn.execute(select(dlq_replays.c.dlq_partition, dlq_replays.c.dlq_offset)).all())
+
+    def record(partition: int, offset: int) -> dict:
+        return {
+            "dlq_partition": partition,
+            "dlq_offset": offset,
+            "fingerprint": "f",
+            "replayed_at": datetime.now(UTC),
+        }
+
+    engine = make_engine(settings.database_url)
+    headers = [("said-error", b"unknown_item"), ("said-source-topic", TOPIC_INTERACTIONS.encode())]
+    produce_raw(
+        settings.kafka.bootstrap, TOPIC_DLQ, [(b"u", json.dumps(click_event(1, 7)).encode())], headers
+    )
+    assert replay_dlq(settings, "unknown_item").replayed == 1
+    ((part, offset),) = recorded()
+    assert offset == 0
+    empty = (part + 1) % settings.kafka.topic_partitions  # low == high: nothing to read
+    below = [record(part, -2), record(part, -1), record(empty, -1)]
+    at_or_above = [record(part, 5), record(empty, 0), record(empty, 10**12)]
+    with engine.begin() as conn:
+        conn.execute(insert(dlq_replays), below + at_or_above)
+
+    again = replay_dlq(settings, "unknown_item")
+    assert (again.replayed, again.already) == (0, 1), "its own record stays: not published twice"
+    assert recorded() == {(part, 0), (part, 5), (empty, 0), (empty, 10**12)}, "only those below 0 went"
+    # any low watermark: below it goes, at it stays, a partition not named is left alone
+    assert _forget_deleted(engine, {part: 5, empty: 0}) == 1
+    assert recorded() == {(part, 5), (empty, 0), (empty, 10**12)}
+    assert _forget_deleted(engine, {empty: 10**12 + 1}) == 2
+    assert recorded() == {(part, 5)}
+    engine.dispose()
 
 
 def test_a_message_over_the_broker_default_goes_to_the_dlq_as_a_prefix(settings):
