@@ -240,8 +240,10 @@ class ItemIndex:
     # --- snapshots ---------------------------------------------------------------------
     def save(self, folder: Path, name: str, keep: int = 3) -> Path:
         """Write ``index-<name>.faiss`` (every tier and the removed ids, with its checksum)
-        atomically, then delete all but the newest ``keep`` snapshots and dead writers'
-        temp files (a periodic writer must not fill the disk)."""
+        atomically, then delete all but the newest ``keep`` snapshots of its version (the
+        one the caller serves: never pruned for others' being newer), other versions' but
+        the two most recently written (``prune_snapshots``), and dead writers' temp files
+        (a periodic writer must not fill the disk)."""
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"index-{name}.faiss"
         parts = [faiss.serialize_index(t).tobytes() for t in (self.delta, *self.mains)]
@@ -318,17 +320,22 @@ def snapshots(folder: Path, prefix: str = "") -> list[Path]:
 
 
 def prune_snapshots(folder: Path, version: str, keep: int = 3, versions: int = 3) -> None:
-    """Keep the newest ``keep`` snapshots of ``version`` (one replica's writes never prune
-    another version's, which a replica mid-swap or a rollback still needs), and snapshots
-    of the ``versions`` most recently written versions only (retired ones go)."""
+    """Keep the newest ``keep`` snapshots of ``version``, the one the caller serves, whatever
+    other writers of the shared folder wrote since (files are ordered by modification time,
+    and another host's clock or one clock tick can make theirs look newer), and snapshots of
+    the ``versions - 1`` other versions most recently written (one replica's writes never
+    prune another version's while it is recent: a replica mid-swap or a rollback still needs
+    it); older versions' go (retired ones)."""
     for old in snapshots(folder, f"{version}-")[keep:]:
         old.unlink(missing_ok=True)
-    seen: list[str] = []
+    kept = {version}
     for snap in snapshots(folder):
         owner = snap.stem.removeprefix("index-").rsplit("-", 1)[0]
-        if owner not in seen:
-            seen.append(owner)
-        if len(seen) > versions and owner not in seen[:versions]:
+        if owner in kept:
+            continue
+        if len(kept) < versions:
+            kept.add(owner)
+        else:
             snap.unlink(missing_ok=True)
 
 

@@ -3,7 +3,9 @@ beyond the newest few go, and a published alignment removes killed runs' checkpo
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,9 +21,10 @@ CPU = torch.device("cpu")
 KEEP = 3  # rejected candidates whose files stay (the newest)
 
 
-def _save(index: ItemIndex, folder, name: str) -> None:
-    index.save(folder, name)
+def _save(index: ItemIndex, folder, name: str) -> Path:
+    path = index.save(folder, name)
     time.sleep(0.01)  # distinct modification times: "newest" is by mtime
+    return path
 
 
 def test_snapshots_are_pruned_per_version_and_retired_versions_go(tmp_path):
@@ -36,6 +39,24 @@ def test_snapshots_are_pruned_per_version_and_retired_versions_go(tmp_path):
         _save(index, tmp_path, f"sasrec-{version}-q1")
     owners = {p.stem.rsplit("-", 1)[0] for p in snapshots(tmp_path)}
     assert owners == {"index-sasrec-a", "index-sasrec-c", "index-sasrec-d"}, "the 3 newest versions"
+
+
+def test_the_served_versions_snapshots_survive_newer_ones_of_other_versions(tmp_path):
+    """Issue 23.10: replicas share the snapshot folder (compose's /data volume), and
+    "newest" is by modification time, so other versions' files can look newer than the one
+    just written (another host's clock ahead; one clock tick for all, the name deciding).
+    A save must keep the newest ``keep`` snapshots of its own version, the one it serves."""
+    index = ItemIndex(4, IndexSettings().hnsw_min_items)
+    index.build(np.arange(1, 4), np.eye(3, 4, dtype=np.float32))
+    ahead = time.time() + 3600
+    for age, version in enumerate("bcd"):  # other replicas' versions, d the newest
+        path = index.save(tmp_path, f"composite-{version}-q1")
+        os.utime(path, (ahead + age, ahead + age))
+    for wm in range(1, 6):  # the replica serving a
+        assert _save(index, tmp_path, f"composite-a-q{wm}").exists(), "its own save pruned it"
+        assert len(snapshots(tmp_path, "composite-a-")) == min(wm, 3)
+    names = {p.stem for p in snapshots(tmp_path)}
+    assert names == {f"index-composite-{v}" for v in ("a-q5", "a-q4", "a-q3", "d-q1", "c-q1")}
 
 
 def test_only_the_newest_rejected_candidates_keep_their_files(aligned, monkeypatch):
