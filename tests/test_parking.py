@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 
+import pytest
 from sqlalchemy import event, select
 
 from consumers.interactions import InteractionsHandler
 from consumers.items import ItemsHandler
 from consumers.runner import ConsumeLoop
-from core import metrics
+from core import metrics, parking
 from core.db import make_engine
 from core.events import TOPIC_DLQ, TOPIC_INTERACTIONS, TOPIC_ITEMS
 from core.parking import count_parked
@@ -169,5 +171,51 @@ def test_two_sweepers_and_an_arriving_item_end_each_parked_click_exactly_once(se
     assert sorted(stored + dead_ids) == sorted(c["event_id"] for c in clicks), "each click exactly once"
     assert {r for _, r in dead} == {"unknown_item"}
     assert set(stored) <= {c["event_id"] for c in clicks if c["item_id"] == "i7"}
+    with engine.connect() as conn:
+        assert count_parked(conn) == 0
+
+
+class Killed(BaseException):
+    """A sweeper's crash (what SIGKILL leaves), past the loop's error handling."""
+
+
+@pytest.mark.parametrize("step", ["claim", "flush"])
+def test_a_sweeper_killed_mid_page_leaves_its_clicks_dead_then_shipped_never_stored(
+    settings, step, monkeypatch
+):
+    """The outbox: a sweeper dies after claiming a page (``claim``) or after its DLQ flush
+    (``flush``), before deleting it. The item then arrives and must not store those clicks;
+    no live sweeper's page is taken, but once it is stale the next sweep ships it: each
+    click dead-lettered once (``claim``) or twice (``flush``), none lost, none stored."""
+    n = 20
+    clicks = [click_event(e, 7, user=f"u{e % 3}") for e in range(n)]
+    produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, clicks, "user_id")
+    engine = make_engine(settings.database_url)
+    consume(settings, InteractionsHandler, engine)  # all parked: their age is a day
+    aged = settings.override(park_max_age_s=0.01)
+    dying_loop = ConsumeLoop(InteractionsHandler(aged), engine, aged)
+
+    def dead_letter_then_die(rejected) -> None:
+        if step == "flush":
+            dying_loop._dead_letter(rejected)
+        raise Killed
+
+    with pytest.raises(Killed):
+        dying_loop.handler.sweep(engine, dead_letter_then_die, 500)
+    dying_loop.consumer.close()
+    produce_json(aged.kafka.bootstrap, TOPIC_ITEMS, [item_event(7)], "item_id")
+    consume(aged, ItemsHandler, engine)
+    assert stored_events(engine) == [], "an item stored clicks a sweep had decided to dead-letter"
+
+    sweeper = ConsumeLoop(InteractionsHandler(aged), engine, aged)
+    sweeper.sweep()
+    assert sweeper.stats.dead_lettered == 0, "a page claimed less than RECLAIM_S ago was taken"
+    monkeypatch.setattr(parking, "RECLAIM_S", 0.0)
+    sweeper.sweep()
+    sweeper.consumer.close()
+    copies = 2 if step == "flush" else 1
+    dead = Counter(e for e, _ in dlq_events(aged.kafka.bootstrap, n * copies))
+    assert dead == {c["event_id"]: copies for c in clicks}, "each click dead-lettered, once per flush"
+    assert stored_events(engine) == []
     with engine.connect() as conn:
         assert count_parked(conn) == 0
