@@ -109,3 +109,15 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_identity(version: str, path: Path) -> tuple:
+    """What tells a version's file content apart without reading it: the version, the path,
+    and the file's inode, size, mtime and ctime (ctime: a ``chmod`` that makes an
+    unreadable file readable); a file that cannot be stat-ed is (version, path). Readers
+    that found a file unloadable compare it, so they re-read only once it changed."""
+    try:
+        st = path.stat()
+    except OSError:
+        return version, str(path)
+    return version, str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns

@@ -59,7 +59,7 @@ from core.catalogue import (
     text_changes_since,
 )
 from core.db import read_only
-from core.files import CorruptFile
+from core.files import CorruptFile, file_identity
 from core.settings import IndexSettings, Settings
 from core.versions import active_version, versions_in
 from models.bundle import AlignerBundle
@@ -96,17 +96,6 @@ def snapshot_watermark(snapshot: Path) -> int:
     if not tail.startswith("q"):
         raise ValueError(f"{snapshot.name}: no sequence watermark in the name")
     return int(tail[1:])
-
-
-def file_identity(version: str, path: Path) -> tuple:
-    """What tells a version's file content apart without reading it: the version, the path,
-    and the file's inode, size, mtime and ctime (ctime: a ``chmod`` that makes an
-    unreadable file readable); a file that cannot be stat-ed is (version, path)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return version, str(path)
-    return version, str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class ServingState:

@@ -41,7 +41,7 @@ from sqlalchemy.engine import Engine
 from core import metrics
 from core.catalogue import Decoded, lock_sequence, write_embeddings
 from core.db import db_now, retry_on_outage, should_wait
-from core.files import CorruptFile
+from core.files import CorruptFile, file_identity
 from core.settings import Settings
 from core.versions import active_version, roll_back_corrupt
 from models.aligner import FreshRows, FrozenLM, decoded_text, estimate_rows, item_vector, tokenize_texts
@@ -81,18 +81,6 @@ def worker_owner(configured: str | None, hostname: str, pid: int) -> str:
     if configured is None:
         return f"{hostname}-{pid}"
     return configured.replace(HOSTNAME_PLACEHOLDER, hostname)
-
-
-def file_identity(version: str, path: Path) -> tuple:
-    """What tells a version's file content apart without reading it: the version, the path,
-    and the file's inode, size, mtime and ctime (ctime: a ``chmod`` that makes an
-    unreadable file readable); a file that cannot be stat-ed is (version, path). The
-    scorer has its twin (``scorer.state``); services import nothing of each other."""
-    try:
-        st = path.stat()
-    except OSError:
-        return version, str(path)
-    return version, str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class Stopping(Exception):
