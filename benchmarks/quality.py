@@ -47,6 +47,9 @@ def main() -> None:
     p.add_argument("--align-seeds", default="0,1")
     p.add_argument("--seeds", default="0,1,2", help="scorer seeds")
     p.add_argument("--cold-fraction", type=float, default=0.1)
+    p.add_argument(
+        "--split-seed", type=int, default=0, help="the held-out item draw (0: every earlier table's)"
+    )
     p.add_argument("--resume", action="store_true", help="keep the finished runs of the results file")
     p.add_argument("--results", default="results.json", help="results file name, in OUT")
     p.add_argument(
@@ -78,7 +81,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     out = args.out / args.results
-    done = json.loads(out.read_text())["runs"] if args.resume and out.exists() else []
+    earlier = json.loads(out.read_text()) if args.resume and out.exists() else {"runs": []}
+    if (held := earlier.get("split_seed", 0)) != args.split_seed:
+        p.error(f"{out} holds split seed {held}, not {args.split_seed}: use another --results")
+    done = earlier["runs"]
     plan = Plan(
         Path(args.dataset),
         args.variant,
@@ -87,6 +93,7 @@ def main() -> None:
         args.cold_fraction,
         model_options=options,
         only_protocol=args.protocol,
+        split_seed=args.split_seed,
     )
     results = run(plan, settings, args.out, results_path=out, done=done)
     chosen_on = "mixed" if results.get("mixed") else "standard"

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections import Counter
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import event, select
@@ -219,3 +220,31 @@ def test_a_sweeper_killed_mid_page_leaves_its_clicks_dead_then_shipped_never_sto
     assert stored_events(engine) == []
     with engine.connect() as conn:
         assert count_parked(conn) == 0
+
+
+def test_a_consumer_whose_clock_is_behind_does_not_get_its_parked_clicks_dead_lettered_early(
+    settings, monkeypatch
+):
+    """Park times and the sweep's cut-off come from the database's clock. A consumer two
+    hours behind parks clicks; a sweeper with a right clock and a park age of one hour
+    must leave them parked (before: stamped two hours old, they went to the DLQ at once)."""
+    import consumers.interactions as module
+
+    class Behind(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) - timedelta(hours=2)
+
+    clicks = [click_event(e, 9) for e in range(5)]
+    produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, clicks, "user_id")
+    engine = make_engine(settings.database_url)
+    monkeypatch.setattr(module, "datetime", Behind)
+    consume(settings, InteractionsHandler, engine)
+    monkeypatch.undo()
+    hour = settings.override(park_max_age_s=3600)
+    sweeper = ConsumeLoop(InteractionsHandler(hour), engine, hour)
+    sweeper.sweep()
+    sweeper.consumer.close()
+    assert sweeper.stats.dead_lettered == 0, "clicks parked a moment ago were dead-lettered as 2 h old"
+    with engine.connect() as conn:
+        assert count_parked(conn) == 5

@@ -57,7 +57,9 @@ METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "best_val_ndcg@10", *
 class Plan:
     """What one evaluation measures: the data set, variants and seeds. ``model_options``
     (``SASRecConfig`` fields) run an experiment, its runs labelled by ``variant_label``;
-    ``only_protocol`` ("standard" or "cold") runs one protocol."""
+    ``only_protocol`` ("standard" or "cold") runs one protocol. ``split_seed`` draws
+    another held-out set (and another cold-validation half): 0 is the draw every earlier
+    table used, so their cached alignments stay valid."""
 
     dataset: Path
     variants: list[str]
@@ -66,6 +68,7 @@ class Plan:
     cold_fraction: float = 0.1
     model_options: dict = field(default_factory=dict)
     only_protocol: str | None = None
+    split_seed: int = 0
 
 
 @dataclass
@@ -94,6 +97,10 @@ def leave_one_out(seqs: list[list[int]], held_out: set[int]) -> Split:
             th.append(s[:-1])
             tt.append(s[-1])
     return Split(train, (vh, vt), (th, tt))
+
+
+HELD_OUT_SEED = 12345  # the held-out draw of split seed 0
+HALVES_SEED = 54321  # its cold-validation / cold-test halves
 
 
 def held_out_items(n_items: int, fraction: float, seed: int) -> set[int]:
@@ -154,14 +161,16 @@ def run(
     n = len(ds.item_ids)
     texts = [item_text(t, d) for t, d in zip(ds.titles, ds.descriptions, strict=True)]
     art = (artifacts or settings.data_dir / "artifacts") / f"{Path(plan.dataset).name}-{dataset_key(ds)}"
-    held = held_out_items(n, plan.cold_fraction, 12345) if plan.cold_fraction else set()
+    held: set[int] = set()
+    if plan.cold_fraction:
+        held = held_out_items(n, plan.cold_fraction, HELD_OUT_SEED + plan.split_seed)
     lm = None
     if set(plan.variants) - {"id"} or plan.cold_fraction:
         lm = _load_lm(settings, device)
     feats = text_table(lm, texts, art / "text.pt", progress) if lm else None
     meta = align_meta(acfg)
     results: dict = {"dataset": str(plan.dataset), "items": n, "users": len(seqs), "device": str(device)}
-    results |= {"align": meta, "runs": list(done or [])}
+    results |= {"split_seed": plan.split_seed, "align": meta, "runs": list(done or [])}
     finished = {(r["protocol"], r["variant"], r["align_seed"], r["seed"]) for r in results["runs"]}
     protocols = [("standard", set())] + ([("cold", held), ("mixed", held)] if held else [])
     if plan.only_protocol not in (None, *(name for name, _ in protocols)):
@@ -169,7 +178,7 @@ def run(
     protocols = [(name, h) for name, h in protocols if plan.only_protocol in (None, name)]
     splits = {name: leave_one_out(seqs, h) for name, h in protocols if name != "mixed"}
     if "mixed" in dict(protocols):
-        splits["mixed"] = mixed_split(seqs, n, *halves(held))
+        splits["mixed"] = mixed_split(seqs, n, *halves(held, HALVES_SEED + plan.split_seed))
     teachers: dict[int, SASRec] = {}  # the mixed protocol's id models by seed: the composites' teachers
     label_of = {v: variant_label(v, plan.model_options) for v in plan.variants}
     for a, align_seed in enumerate(plan.align_seeds):

@@ -46,7 +46,7 @@ class MixedSplit:
         return self.cold_valid | self.cold_test
 
 
-def halves(held: set[int], seed: int = 54321) -> tuple[set[int], set[int]]:
+def halves(held: set[int], seed: int) -> tuple[set[int], set[int]]:
     """The held-out items split, seeded, into (cold-validation, cold-test) halves."""
     items = sorted(held)
     random.Random(seed).shuffle(items)
