@@ -13,20 +13,19 @@ other's rows early, nor keep them past their age.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from confluent_kafka import Message
 from sqlalchemy.engine import Engine
 
 from consumers.dead_letter import StoredMessage, message_record
-from consumers.runner import Rejected
-from core import metrics
+from consumers.runner import Claim, Rejected
+from core import metrics, parking
 from core.catalogue import insert_interactions, resolve_item_ids
 from core.db import db_now
 from core.events import TOPIC_INTERACTIONS, InteractionEvent, Invalid, parse_interaction
-from core.parking import OVERFLOW, Caps, claim_expired, park_unknown, shipped
-from core.parking import waiting as waiting_count
+from core.parking import OVERFLOW, Caps, park_unknown
 from core.settings import Settings
 
 
@@ -73,21 +72,20 @@ class InteractionsHandler:
                 metrics.PARKED_NOW.set(parking.waiting)
         return rejected
 
-    def sweep(self, engine: Engine, dead_letter: Callable[[list[Rejected]], None], limit: int) -> int:
-        """Dead-letter up to ``limit`` parked interactions past their age, oldest first,
-        through the outbox of ``core.parking``: claimed (marked dead, one short
-        transaction), dead-lettered (``dead_letter`` produces and flushes), then deleted. A
-        crash or a failed flush in between leaves them dead, for a later sweep to ship:
-        never lost, never applied by an arriving item as well."""
+    def claim_expired(self, engine: Engine, limit: int) -> Claim:
+        """Up to ``limit`` parked interactions past their age, oldest first, marked dead in
+        one transaction (``core.parking``'s outbox: on PostgreSQL rows others hold are
+        skipped). The loop then dead-letters them and releases the claim; a crash or a
+        failed flush in between leaves them dead, for a later sweep to ship: never lost,
+        never applied by an arriving item as well."""
         with engine.begin() as conn:
             now = db_now(conn)
-            old = claim_expired(conn, now, now - self.max_age, limit)
-            waiting = waiting_count(conn)
+            page = parking.claim_expired(conn, now, now - self.max_age, limit)
+            waiting = parking.waiting(conn)
         metrics.PARKED_NOW.set(waiting)
-        if not old:
-            return 0
-        dead_letter([Rejected(StoredMessage(record), "unknown_item", eid) for eid, record in old])
+        metrics.PARKED.labels("expired").inc(len(page))
+        return Claim([Rejected(StoredMessage(record), "unknown_item", eid) for eid, record in page], now)
+
+    def release(self, engine: Engine, claim: Claim) -> None:
         with engine.begin() as conn:
-            shipped(conn, [eid for eid, _ in old], now)
-        metrics.PARKED.labels("expired").inc(len(old))
-        return len(old)
+            parking.shipped(conn, [r.parked_id for r in claim.rejected], claim.at)

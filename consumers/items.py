@@ -4,13 +4,13 @@ applied in the same transaction."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 from sqlalchemy.engine import Engine
 
-from consumers.runner import Rejected
+from consumers.runner import Claim, Rejected
 from core import metrics
 from core.catalogue import set_serving, upsert_items
 from core.events import TOPIC_ITEMS, Invalid, ItemEvent, ServingEvent, parse_item, parse_tombstone
@@ -66,5 +66,8 @@ class ItemsHandler:
         limits = {"max_bytes": self.max_bytes, "max_text_chars": self.max_text_chars}
         return parse_item(m.value(), latest=latest, **limits)
 
-    def sweep(self, engine: Engine, dead_letter: Callable[[list[Rejected]], None], limit: int) -> int:
-        return 0  # items are never parked
+    def claim_expired(self, engine: Engine, limit: int) -> Claim:
+        return Claim([])  # items are never parked
+
+    def release(self, engine: Engine, claim: Claim) -> None:
+        pass

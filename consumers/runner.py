@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -36,7 +37,7 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 JOIN_WAIT_S = 60.0  # an idle-exit loop with no partition after this long gives up
-SWEEP_PAGE = 500  # expired messages claimed and dead-lettered per transaction
+SWEEP_PAGE = 500  # expired messages claimed and dead-lettered at a time
 POLL_WAIT_S = 0.5  # an idle loop blocks this long for a first message, then looks again
 
 
@@ -47,6 +48,15 @@ class Rejected:
     parked_id: str | None = None  # the parked interaction it comes from, if any
 
 
+@dataclass(frozen=True)
+class Claim:
+    """Stored messages a handler decided to dead-letter (committed), to be produced and
+    flushed, then released; ``at`` tells this claim from a later reclaim of the same rows."""
+
+    rejected: list[Rejected]
+    at: datetime | None = None
+
+
 class Handler(Protocol):
     """Validates and stores one batch of a topic; one transaction, idempotent."""
 
@@ -55,10 +65,13 @@ class Handler(Protocol):
 
     def process(self, engine: Engine, messages: Sequence[Message]) -> list[Rejected]: ...
 
-    def sweep(self, engine: Engine, dead_letter: Callable[[list[Rejected]], None], limit: int) -> int:
-        """Dead-letter up to ``limit`` stored messages that waited too long: claimed (a
-        committed decision), passed to ``dead_letter`` (produce + flush), then removed;
-        how many."""
+    def claim_expired(self, engine: Engine, limit: int) -> Claim:
+        """Up to ``limit`` stored messages that waited too long, decided dead (one
+        transaction, committed) for the loop to dead-letter."""
+        ...
+
+    def release(self, engine: Engine, claim: Claim) -> None:
+        """Forget a claim whose DLQ copies are flushed (one transaction; repeatable)."""
         ...
 
 
@@ -235,7 +248,11 @@ class ConsumeLoop:
         and never lets its item store it as well."""
         deadline = time.monotonic() + self.settings.consume.park_sweep_budget_s
         while not self.stopping:
-            n = self._with_retries(lambda: self.handler.sweep(self.engine, self._dead_letter, SWEEP_PAGE))
+            claim = self._with_retries(lambda: self.handler.claim_expired(self.engine, SWEEP_PAGE))
+            if claim.rejected:  # each step its own retry: an outage never re-claims a page
+                self._dead_letter(claim.rejected)
+                self._with_retries(lambda c=claim: self.handler.release(self.engine, c))
+            n = len(claim.rejected)
             self.stats.dead_lettered += n
             if n < SWEEP_PAGE:
                 return True

@@ -121,3 +121,30 @@ def file_identity(version: str, path: Path) -> tuple:
     except OSError:
         return version, str(path)
     return version, str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+OSERROR_RETRY_S = 30.0  # an unchanged file that failed with an OSError is tried again after this
+
+
+class FailedLoad:
+    """The last file a reader failed to load, and why: it is not read again until it changes
+    (``file_identity``), so a loop that checks a few times a second does not re-read and
+    checksum a large broken file each time, for as long as an operator takes. An
+    ``OSError`` may pass by itself (too many open files, a network volume's hiccup), so it
+    is tried again after ``OSERROR_RETRY_S`` even if the file is unchanged."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._error: Exception | None = None
+        self._at = 0.0
+
+    def known(self, version: str, path: Path) -> Exception | None:
+        """The error of the last load of this very file, while it still stands."""
+        if self._error is None or self._key != file_identity(version, path):
+            return None
+        if isinstance(self._error, OSError) and time.monotonic() - self._at > OSERROR_RETRY_S:
+            return None
+        return self._error
+
+    def failed(self, version: str, path: Path, error: Exception) -> None:
+        self._key, self._error, self._at = file_identity(version, path), error, time.monotonic()

@@ -8,15 +8,17 @@ apply it automatically, in the item's own transaction. Only one that waited long
 Each parked row ends exactly once: applied (stored) by its item's arrival, or decided dead
 by a sweep. Both take the row under a lock (SQLite: the one write lock; PostgreSQL: row
 locks, ``apply_parked`` waits for a sweep's claim, a sweep skips the rows others hold), so
-no row is both. The dead-lettering goes through an outbox, so that no transaction is held
-across a DLQ flush and no crash can leave a row both stored and dead-lettered:
-  1. :func:`claim_expired` marks the page dead (``dead_at``, the database's clock) and
-     counts it out, in one short transaction; from then on no item applies it;
+no row is both. The dead-lettering goes through an outbox table, so that no transaction is
+held across a DLQ flush and no crash can leave a click both stored and dead-lettered:
+  1. :func:`claim_expired` moves the page from ``parked_interactions`` to ``parked_outbox``
+     (``claimed_at``: the database's clock) and counts it out, in one short transaction;
+     from then on no item applies it;
   2. the sweeper produces the DLQ copies and flushes them;
-  3. :func:`shipped` deletes the rows it claimed.
-A sweeper that dies between 1 and 3 leaves its rows dead, not parked: any sweep claims
-them again after ``RECLAIM_S`` and ships them (a crash after 2 gives a second DLQ copy,
-the same message with the same ``event_id``: at least once, never stored as well).
+  3. :func:`shipped` deletes its rows from the outbox.
+A sweeper that dies between 1 and 3 leaves its rows in the outbox: any sweep claims them
+again after ``RECLAIM_S`` and ships them (a crash after 2 gives a second DLQ copy, the same
+message with the same ``event_id``: at least once, never stored as well). The outbox holds
+only the pages in flight, so its churn stays out of the large parked table.
 
 Parking is capped (``park_max_per_item``, ``park_max_total``): what does not fit is
 returned as overflow, for the DLQ. The total is a counter row in ``sequences``
@@ -31,21 +33,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.engine import Connection
 
 from core.catalogue import dialect_insert, insert_interactions, lock_item_index, resolve_item_ids
 from core.events import InteractionEvent
-from core.tables import parked_interactions, sequences
+from core.tables import parked_interactions, parked_outbox, sequences
 
 PARKED = "parked_interactions"  # the ``sequences`` row that counts parked rows (migration 0007)
 OVERFLOW = "park_overflow"  # the DLQ reason of an interaction that found no room
 _CHUNK = 1000
 # a page claimed but not shipped after this long is a dead sweeper's: far longer than the
-# 30 s a DLQ flush may take, so a live sweeper's page is never taken from under it
+# 30 s its DLQ flush may wait, so a live sweeper's page is not taken from under it (if one
+# is, its delete finds the rows re-claimed and leaves them: a second DLQ copy at worst)
 RECLAIM_S = 120.0
-_pc = parked_interactions.c
-LIVE = _pc.dead_at.is_(None)  # waiting for its item, not yet decided
+_pc, _oc = parked_interactions.c, parked_outbox.c
 
 Parkable = tuple[InteractionEvent, dict]  # (event, message record)
 
@@ -130,10 +132,10 @@ def park_unknown(
     pc = parked_interactions.c
     ids = list(first)
     for s in range(0, len(ids), _CHUNK):
-        for event_id in conn.execute(
-            select(pc.event_id).where(pc.event_id.in_(ids[s : s + _CHUNK]))
-        ).scalars():
-            del first[event_id]
+        chunk = ids[s : s + _CHUNK]
+        for decided in (pc.event_id, _oc.event_id):  # waiting already, or on its way to the DLQ
+            for event_id in conn.execute(select(decided).where(decided.in_(chunk))).scalars():
+                first.pop(event_id, None)
     if not first:
         return out
     per_item: dict[str, int] = {}
@@ -142,7 +144,7 @@ def park_unknown(
         chunk = item_ids[s : s + _CHUNK]
         per_item |= dict(
             conn.execute(
-                select(pc.item_id, func.count()).where(pc.item_id.in_(chunk), LIVE).group_by(pc.item_id)
+                select(pc.item_id, func.count()).where(pc.item_id.in_(chunk)).group_by(pc.item_id)
             ).all()
         )
     total = waiting(conn)
@@ -164,13 +166,13 @@ def apply_parked(conn: Connection, item_ids: Iterable[str]) -> tuple[int, int | 
     """Move the parked interactions of ``item_ids`` that now exist into ``interactions``;
     returns (how many, the parked count after; None if unchanged).
 
-    The live rows are locked (``FOR UPDATE``): a sweep claiming some of them right now holds
-    them until its claim commits, and then they are dead and no longer match here; it never
+    The rows are locked (``FOR UPDATE``): a sweep claiming some of them right now holds them
+    until its claim commits, and then they are in the outbox, gone from here; it never
     takes the ones locked here (``SKIP LOCKED``)."""
     wanted = sorted(set(item_ids))
     rows = []
     for s in range(0, len(wanted), _CHUNK):
-        query = select(parked_interactions).where(_pc.item_id.in_(wanted[s : s + _CHUNK]), LIVE)
+        query = select(parked_interactions).where(_pc.item_id.in_(wanted[s : s + _CHUNK]))
         rows += conn.execute(query.with_for_update()).all()
     if not rows:
         return 0, None
@@ -178,52 +180,59 @@ def apply_parked(conn: Connection, item_ids: Iterable[str]) -> tuple[int, int | 
     ready = [r for r in rows if r.item_id in idx_of]
     events = [InteractionEvent(r.event_id, r.user_id, r.item_id, r.type, r.event_time) for r in ready]
     insert_interactions(conn, events, idx_of)
-    removed = _forget(conn, [r.event_id for r in ready])
+    removed = _forget(conn, parked_interactions, [r.event_id for r in ready])
     return len(ready), _count_change(conn, -removed)
 
 
 def claim_expired(conn: Connection, now: datetime, before: datetime, limit: int) -> list[tuple[str, dict]]:
-    """Mark dead up to ``limit`` rows, oldest first, and return their (event_id, message
-    record) for the caller to dead-letter after this transaction commits (then
-    :func:`shipped`): first rows a dead sweeper claimed before ``now - RECLAIM_S``, then
-    live rows parked before ``before``. ``now`` is the database's clock. On PostgreSQL rows
-    held by another transaction (a concurrent sweep, an arriving item) are skipped; on
-    SQLite the transaction holds the write lock."""
-    stale = now - timedelta(seconds=RECLAIM_S)
-    taken = _claim(conn, now, _pc.dead_at < stale, _pc.dead_at, limit)
-    fresh = _claim(conn, now, LIVE & (_pc.parked_at < before), _pc.parked_at, limit - len(taken))
+    """Claim up to ``limit`` rows for the DLQ, oldest first, and return their (event_id,
+    message record) for the caller to dead-letter once this transaction commits (then
+    :func:`shipped`): first outbox rows a dead sweeper claimed before ``now - RECLAIM_S``,
+    then parked rows parked before ``before``, moved to the outbox. ``now`` is the
+    database's clock. On PostgreSQL rows held by another transaction (a concurrent sweep,
+    an arriving item) are skipped; on SQLite the transaction holds the write lock."""
+    taken = _reclaim(conn, now, now - timedelta(seconds=RECLAIM_S), limit)
+    fresh = _move_expired(conn, now, before, limit - len(taken))
     _count_change(conn, -len(fresh))
     return taken + fresh
 
 
-def _claim(conn: Connection, now: datetime, where, order, limit: int) -> list[tuple[str, dict]]:
+def _reclaim(conn: Connection, now: datetime, stale: datetime, limit: int) -> list[tuple[str, dict]]:
     if limit <= 0:
         return []
-    page = select(_pc.event_id).where(where).order_by(order).limit(limit).with_for_update(skip_locked=True)
-    claimed = update(parked_interactions).where(_pc.event_id.in_(page)).values(dead_at=now)
-    rows = conn.execute(claimed.returning(_pc.event_id, _pc.parked_at, _pc.message)).all()
-    rows.sort(key=lambda r: (r.parked_at, r.event_id))
-    return [(r.event_id, r.message) for r in rows]
+    page = select(_oc.event_id).where(_oc.claimed_at < stale).order_by(_oc.claimed_at).limit(limit)
+    claimed = update(parked_outbox).where(_oc.event_id.in_(page.with_for_update(skip_locked=True)))
+    rows = conn.execute(claimed.values(claimed_at=now).returning(_oc.event_id, _oc.parked_at, _oc.message))
+    return _oldest_first(rows.all())
+
+
+def _move_expired(conn: Connection, now: datetime, before: datetime, limit: int) -> list[tuple[str, dict]]:
+    if limit <= 0:
+        return []
+    page = select(_pc.event_id).where(_pc.parked_at < before).order_by(_pc.parked_at).limit(limit)
+    taken = delete(parked_interactions).where(_pc.event_id.in_(page.with_for_update(skip_locked=True)))
+    rows = conn.execute(taken.returning(*_pc)).all()
+    if rows:
+        moved = dialect_insert(conn, parked_outbox).on_conflict_do_nothing(index_elements=["event_id"])
+        conn.execute(moved, [r._asdict() | {"claimed_at": now} for r in rows])
+    return _oldest_first(rows)
+
+
+def _oldest_first(rows) -> list[tuple[str, dict]]:
+    return [(r.event_id, r.message) for r in sorted(rows, key=lambda r: (r.parked_at, r.event_id))]
 
 
 def shipped(conn: Connection, event_ids: Sequence[str], claimed_at: datetime) -> int:
-    """Delete claimed rows whose DLQ copies are flushed; how many. Rows another sweeper
-    claimed again meanwhile (their ``dead_at`` moved on) are its to delete."""
+    """Delete outbox rows whose DLQ copies are flushed; how many. Rows another sweeper
+    claimed again meanwhile (their ``claimed_at`` moved on) are its to delete."""
+    return _forget(conn, parked_outbox, event_ids, _oc.claimed_at == claimed_at)
+
+
+def _forget(conn: Connection, table: Table, event_ids: Sequence[str], *where) -> int:
     removed = 0
     for s in range(0, len(event_ids), _CHUNK):
         chunk = event_ids[s : s + _CHUNK]
-        stmt = delete(parked_interactions).where(_pc.event_id.in_(chunk), _pc.dead_at == claimed_at)
-        removed += conn.execute(stmt).rowcount
-    return removed
-
-
-def _forget(conn: Connection, event_ids: Sequence[str]) -> int:
-    removed = 0
-    for s in range(0, len(event_ids), _CHUNK):
-        chunk = event_ids[s : s + _CHUNK]
-        removed += conn.execute(
-            delete(parked_interactions).where(parked_interactions.c.event_id.in_(chunk))
-        ).rowcount
+        removed += conn.execute(delete(table).where(table.c.event_id.in_(chunk), *where)).rowcount
     return removed
 
 
@@ -233,19 +242,20 @@ def count_parked(conn: Connection) -> int:
 
 
 def forget_user(conn: Connection, user_id: str) -> int:
-    """Delete a user's parked interactions (a request to be forgotten); how many. Locked
-    like ``apply_parked``, so a sweep or an arriving item never moves one of them meanwhile."""
-    query = select(_pc.event_id, LIVE.label("live")).where(_pc.user_id == user_id)
-    rows = conn.execute(query.with_for_update()).all()
-    removed = _forget(conn, [r.event_id for r in rows])
-    _count_change(conn, -sum(r.live for r in rows))
-    return removed
+    """Delete a user's parked interactions (a request to be forgotten), those in the outbox
+    too; how many. Locked like ``apply_parked``, so a sweep or an arriving item never moves
+    one of them meanwhile; an outbox page being flushed right now may still reach the DLQ."""
+    query = select(_pc.event_id).where(_pc.user_id == user_id)
+    ids = conn.execute(query.with_for_update()).scalars().all()
+    removed = _forget(conn, parked_interactions, list(ids))
+    _count_change(conn, -removed)
+    return removed + conn.execute(delete(parked_outbox).where(_oc.user_id == user_id)).rowcount
 
 
 def prune_parked(conn: Connection, before: datetime) -> int:
     """Delete parked interactions of events older than ``before`` (retention); how many."""
-    query = select(_pc.event_id).where(_pc.event_time < before, LIVE)
+    query = select(_pc.event_id).where(_pc.event_time < before)
     ids = conn.execute(query.with_for_update(skip_locked=True)).scalars().all()
-    removed = _forget(conn, list(ids))
+    removed = _forget(conn, parked_interactions, list(ids))
     _count_change(conn, -removed)
     return removed

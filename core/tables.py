@@ -71,8 +71,8 @@ interactions = Table(
 
 # Interactions that arrived before their item: applied when the item arrives (same
 # transaction as the item's insert), dead-lettered with their original bytes once older
-# than ``park_max_age_s`` (through an outbox: ``dead_at`` marks the decision). The message
-# itself is kept so its DLQ copy loses nothing.
+# than ``park_max_age_s`` (through ``parked_outbox``). The message itself is kept so its DLQ
+# copy loses nothing.
 parked_interactions = Table(
     "parked_interactions",
     metadata,
@@ -83,11 +83,24 @@ parked_interactions = Table(
     Column("event_time", DateTime(timezone=True), nullable=False),
     Column("parked_at", DateTime(timezone=True), nullable=False),
     Column("message", JSON, nullable=False),  # topic, partition, offset, timestamp, key, value, headers
-    # NULL while it waits; set by the sweep that decided to dead-letter it (the outbox)
-    Column("dead_at", DateTime(timezone=True), nullable=True),
     Index("ix_parked_interactions_item", "item_id"),
     Index("ix_parked_interactions_parked_at", "parked_at"),
-    Index("ix_parked_interactions_dead_at", "dead_at"),
+)
+
+# Parked interactions a sweep decided to dead-letter, from that decision (committed) until
+# their DLQ copies are flushed: a crashed sweeper's rows are shipped by another after
+# ``core.parking.RECLAIM_S``. Only the pages in flight are here.
+parked_outbox = Table(
+    "parked_outbox",
+    metadata,
+    Column("event_id", String(256), primary_key=True),
+    Column("user_id", String(256), nullable=False),
+    Column("item_id", String(256), nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("event_time", DateTime(timezone=True), nullable=False),
+    Column("parked_at", DateTime(timezone=True), nullable=False),
+    Column("message", JSON, nullable=False),
+    Column("claimed_at", DateTime(timezone=True), nullable=False),
 )
 
 # DLQ messages that ``said dlq replay`` re-published, by their place on ``said.dlq``, so a

@@ -59,7 +59,7 @@ from core.catalogue import (
     text_changes_since,
 )
 from core.db import read_only
-from core.files import CorruptFile, file_identity
+from core.files import CorruptFile, FailedLoad
 from core.settings import IndexSettings, Settings
 from core.versions import active_version, versions_in
 from models.bundle import AlignerBundle
@@ -125,7 +125,7 @@ class ServingState:
         self.refreshed_at: datetime | None = None
         self._declined: str | None = None  # an active scorer of another aligner: not served
         self.problems: dict[str, str] = {}  # kind -> why its active version is not served
-        self._unloadable: tuple[tuple, str] | None = None  # see ``_follow_aligner``
+        self._failed_aligner = FailedLoad()  # see ``_follow_aligner``
         first = self._scorer_for(active_version(engine, "scorer")) or self._last_good_scorer()
         self.served = self._load(first or CosineScorer(aligner_version, said_dim))
         self._snapshot_at = time.monotonic()
@@ -280,28 +280,25 @@ class ServingState:
         scorer of that aligner is promoted) off the request path, then swap. A bundle that
         cannot be read leaves the current aligner served and is reported (``problems``).
 
-        It is not read again until its file changes (``file_identity``): a refresh runs a
-        few times a second, and re-reading and checksumming a large bundle each time, per
-        replica, for as long as the operator takes, costs a core for nothing. The failure
-        is remembered with its reason, so the report stays until the file (or the active
-        version) changes."""
+        It is not read again until its file changes (``core.files.FailedLoad``): a refresh
+        runs a few times a second, per replica. The failure is remembered with its reason,
+        so the report stays until the file (or the active version) changes."""
         active = active_version(self.reads, "aligner")
         if active is None or active[0] == self.aligner_version:
             self._problem("aligner", None)
             return
-        key = file_identity(*active)
-        if self._unloadable is not None and self._unloadable[0] == key:
-            self._problem("aligner", self._unloadable[1])  # still reported; logged once
-            return
-        import torch
+        error = self._failed_aligner.known(*active)
+        if error is None:
+            import torch
 
-        try:
-            bundle = AlignerBundle.load(active[1], torch.device("cpu"))
-        except (CorruptFile, OSError, ValueError) as exc:
-            self._unloadable = key, f"active aligner {active[0]} cannot be loaded ({exc})"
-            self._problem("aligner", self._unloadable[1])
+            try:
+                bundle = AlignerBundle.load(active[1], torch.device("cpu"))
+            except (CorruptFile, OSError, ValueError) as exc:
+                self._failed_aligner.failed(*active, exc)
+                error = exc
+        if error is not None:  # still reported; logged once
+            self._problem("aligner", f"active aligner {active[0]} cannot be loaded ({error})")
             return
-        self._unloadable = None
         self._problem("aligner", None)
         before = self.aligner_version, self.said_dim, self._declined
         self.aligner_version, self.said_dim = bundle.version, bundle.aligner.cfg.vector_dim

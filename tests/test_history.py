@@ -41,7 +41,7 @@ from core import parking
 from core.db import make_engine
 from core.events import TOPIC_DLQ, TOPIC_INTERACTIONS, TOPIC_ITEMS, content_hash
 from core.settings import KafkaSettings, Settings
-from core.tables import interactions, items, parked_interactions
+from core.tables import interactions, items, parked_interactions, parked_outbox
 from said.broker import EmbeddedBroker, ensure_topics, free_port
 from said.migrate import upgrade
 from tests.support.kafka_util import produce_raw, read_topic
@@ -95,7 +95,7 @@ def _identity(reason: str, value: bytes) -> object:
 
 
 class CrashAfter:
-    """Wraps a handler: dies after the catalogue's commit, or inside a sweep."""
+    """Wraps a handler: dies after the catalogue's commit, or between a sweep's steps."""
 
     def __init__(self, handler, crash: Crash) -> None:
         self.inner, self.crash = handler, crash
@@ -107,16 +107,17 @@ class CrashAfter:
             raise Killed
         return rejected
 
-    def sweep(self, engine, dead_letter, limit):
-        def crashing(rejected):
-            if self.crash.reached("claim"):
-                raise Killed
-            dead_letter(rejected)
-            if self.crash.reached("ship"):
-                self.crash.interrupted += _copies(rejected)
-                raise Killed
+    def claim_expired(self, engine, limit):
+        claim = self.inner.claim_expired(engine, limit)  # committed: the page is decided
+        if claim.rejected and self.crash.reached("claim"):
+            raise Killed
+        return claim
 
-        return self.inner.sweep(engine, crashing, limit)
+    def release(self, engine, claim):
+        if self.crash.reached("ship"):  # its DLQ copies are flushed, its rows still there
+            self.crash.interrupted += _copies(claim.rejected)
+            raise Killed
+        self.inner.release(engine, claim)
 
 
 class CrashingLoop(ConsumeLoop):
@@ -249,9 +250,12 @@ def _check(h: dict, engine, bootstrap: str) -> None:
     with engine.connect() as conn:
         rows = {r.item_id: (r.title, r.advertiser_id) for r in conn.execute(select(items))}
         stored = conn.execute(select(interactions.c.event_id, items.c.item_id).join(items)).all()
-        left = conn.execute(select(func.count()).select_from(parked_interactions)).scalar_one()
+        tables = (parked_interactions, parked_outbox)
+        left = sum(conn.execute(select(func.count()).select_from(t)).scalar_one() for t in tables)
+        counted = parking.waiting(conn)
     assert rows == {i: row for i, (_, row) in expected_rows.items()}, "each item: the greatest version"
     assert left == 0, "nothing is left parked, nor in the outbox"
+    assert counted == 0, "the parked counter agrees with the table"
 
     clicks = {json.loads(m)["event_id"]: json.loads(m)["item_id"] for m in h["clicks"]}
     stored_ids = [e for e, _ in stored]

@@ -11,7 +11,7 @@ from collections import Counter
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, func, select
 
 from consumers.interactions import InteractionsHandler
 from consumers.items import ItemsHandler
@@ -20,7 +20,7 @@ from core import metrics, parking
 from core.db import make_engine
 from core.events import TOPIC_DLQ, TOPIC_INTERACTIONS, TOPIC_ITEMS
 from core.parking import count_parked
-from core.tables import interactions, items, parked_interactions
+from core.tables import interactions, items, parked_interactions, parked_outbox
 from tests.support.kafka_util import click_event, item_event, produce_json, read_topic
 
 
@@ -180,12 +180,24 @@ class Killed(BaseException):
     """A sweeper's crash (what SIGKILL leaves), past the loop's error handling."""
 
 
+def in_outbox(engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(parked_outbox)).scalar_one()
+
+
+def counts_agree(engine) -> None:
+    """The parked counter (what the caps and the gauge read) equals the parked rows."""
+    with engine.connect() as conn:
+        live = conn.execute(select(func.count()).select_from(parked_interactions)).scalar_one()
+        assert parking.waiting(conn) == live, "the parked counter drifted from the table"
+
+
 @pytest.mark.parametrize("step", ["claim", "flush"])
 def test_a_sweeper_killed_mid_page_leaves_its_clicks_dead_then_shipped_never_stored(
     settings, step, monkeypatch
 ):
     """The outbox: a sweeper dies after claiming a page (``claim``) or after its DLQ flush
-    (``flush``), before deleting it. The item then arrives and must not store those clicks;
+    (``flush``), before releasing it. The item then arrives and must not store those clicks;
     no live sweeper's page is taken, but once it is stale the next sweep ships it: each
     click dead-lettered once (``claim``) or twice (``flush``), none lost, none stored."""
     n = 20
@@ -194,16 +206,13 @@ def test_a_sweeper_killed_mid_page_leaves_its_clicks_dead_then_shipped_never_sto
     engine = make_engine(settings.database_url)
     consume(settings, InteractionsHandler, engine)  # all parked: their age is a day
     aged = settings.override(park_max_age_s=0.01)
-    dying_loop = ConsumeLoop(InteractionsHandler(aged), engine, aged)
-
-    def dead_letter_then_die(rejected) -> None:
-        if step == "flush":
-            dying_loop._dead_letter(rejected)
-        raise Killed
-
-    with pytest.raises(Killed):
-        dying_loop.handler.sweep(engine, dead_letter_then_die, 500)
-    dying_loop.consumer.close()
+    dying = ConsumeLoop(InteractionsHandler(aged), engine, aged)
+    claim = dying.handler.claim_expired(engine, 500)  # committed; the process dies after it,
+    if step == "flush":  # or after its DLQ flush
+        dying._dead_letter(claim.rejected)
+    dying.consumer.close()
+    assert len(claim.rejected) == n
+    counts_agree(engine)
     produce_json(aged.kafka.bootstrap, TOPIC_ITEMS, [item_event(7)], "item_id")
     consume(aged, ItemsHandler, engine)
     assert stored_events(engine) == [], "an item stored clicks a sweep had decided to dead-letter"
@@ -220,31 +229,59 @@ def test_a_sweeper_killed_mid_page_leaves_its_clicks_dead_then_shipped_never_sto
     assert stored_events(engine) == []
     with engine.connect() as conn:
         assert count_parked(conn) == 0
+    assert in_outbox(engine) == 0
+    counts_agree(engine)
 
 
-def test_a_consumer_whose_clock_is_behind_does_not_get_its_parked_clicks_dead_lettered_early(
-    settings, monkeypatch
+def test_a_reclaimed_page_is_released_by_its_new_claimer_only(settings, monkeypatch):
+    """A slow sweeper's page taken by another (past ``RECLAIM_S``): the slow one's release
+    deletes nothing, the new claimer's deletes the page; the counter is untouched by both."""
+    produce_json(
+        settings.kafka.bootstrap, TOPIC_INTERACTIONS, [click_event(e, 8) for e in range(6)], "user_id"
+    )
+    engine = make_engine(settings.database_url)
+    consume(settings, InteractionsHandler, engine)
+    aged = settings.override(park_max_age_s=0.01)
+    slow, other = InteractionsHandler(aged), InteractionsHandler(aged)
+    first = slow.claim_expired(engine, 500)
+    monkeypatch.setattr(parking, "RECLAIM_S", 0.0)
+    again = other.claim_expired(engine, 500)
+    assert sorted(r.parked_id for r in again.rejected) == sorted(r.parked_id for r in first.rejected)
+    slow.release(engine, first)
+    assert in_outbox(engine) == 6, "the slow sweeper deleted rows another had re-claimed"
+    other.release(engine, again)
+    assert in_outbox(engine) == 0
+    counts_agree(engine)
+
+
+@pytest.mark.parametrize("skewed", ["parker 2 h behind", "sweeper 2 h ahead"])
+def test_consumers_whose_clocks_disagree_do_not_dead_letter_parked_clicks_early(
+    settings, skewed, monkeypatch
 ):
     """Park times and the sweep's cut-off come from the database's clock. A consumer two
-    hours behind parks clicks; a sweeper with a right clock and a park age of one hour
-    must leave them parked (before: stamped two hours old, they went to the DLQ at once)."""
+    hours behind parks clicks, or a sweeper two hours ahead sweeps them, with a park age of
+    one hour: they stay parked (before: each went to the DLQ at once)."""
     import consumers.interactions as module
 
-    class Behind(datetime):
+    class Skewed(datetime):
         @classmethod
         def now(cls, tz=None):
-            return datetime.now(tz) - timedelta(hours=2)
+            return datetime.now(tz) + timedelta(hours=-2 if skewed.startswith("parker") else 2)
 
     clicks = [click_event(e, 9) for e in range(5)]
     produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, clicks, "user_id")
     engine = make_engine(settings.database_url)
-    monkeypatch.setattr(module, "datetime", Behind)
+    if skewed.startswith("parker"):
+        monkeypatch.setattr(module, "datetime", Skewed)
     consume(settings, InteractionsHandler, engine)
     monkeypatch.undo()
+    if skewed.startswith("sweeper"):
+        monkeypatch.setattr(module, "datetime", Skewed)
     hour = settings.override(park_max_age_s=3600)
     sweeper = ConsumeLoop(InteractionsHandler(hour), engine, hour)
     sweeper.sweep()
     sweeper.consumer.close()
-    assert sweeper.stats.dead_lettered == 0, "clicks parked a moment ago were dead-lettered as 2 h old"
+    assert sweeper.stats.dead_lettered == 0, f"clicks parked a moment ago were dead-lettered ({skewed})"
     with engine.connect() as conn:
         assert count_parked(conn) == 5
+    counts_agree(engine)

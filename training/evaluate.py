@@ -32,7 +32,7 @@ from models.llm import load_llm, pick_device
 from models.sasrec import SASRec, SASRecConfig, init_id_rows, principal_axes
 from training.align import code_version
 from training.composite import train_student
-from training.mixed import MixedSplit, compare, halves, interaction_counts, measure, mixed_split
+from training.mixed import HALVES_SEED, MixedSplit, compare, halves, interaction_counts, measure, mixed_split
 from training.recommender import evaluate, train_scorer, validator
 from training.variants import prompt_table, said_table, text_table
 
@@ -100,7 +100,6 @@ def leave_one_out(seqs: list[list[int]], held_out: set[int]) -> Split:
 
 
 HELD_OUT_SEED = 12345  # the held-out draw of split seed 0
-HALVES_SEED = 54321  # its cold-validation / cold-test halves
 
 
 def held_out_items(n_items: int, fraction: float, seed: int) -> set[int]:

@@ -46,7 +46,10 @@ class MixedSplit:
         return self.cold_valid | self.cold_test
 
 
-def halves(held: set[int], seed: int) -> tuple[set[int], set[int]]:
+HALVES_SEED = 54321  # the cold-validation / cold-test halves of split seed 0
+
+
+def halves(held: set[int], seed: int = HALVES_SEED) -> tuple[set[int], set[int]]:
     """The held-out items split, seeded, into (cold-validation, cold-test) halves."""
     items = sorted(held)
     random.Random(seed).shuffle(items)

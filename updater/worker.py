@@ -41,7 +41,7 @@ from sqlalchemy.engine import Engine
 from core import metrics
 from core.catalogue import Decoded, lock_sequence, write_embeddings
 from core.db import db_now, retry_on_outage, should_wait
-from core.files import CorruptFile, file_identity
+from core.files import CorruptFile, FailedLoad
 from core.settings import Settings
 from core.versions import active_version, roll_back_corrupt
 from models.aligner import FreshRows, FrozenLM, decoded_text, estimate_rows, item_vector, tokenize_texts
@@ -118,7 +118,7 @@ class UpdateWorker:
         )
         self._use(bundle)
         self._version_checked = time.monotonic()
-        self._unloadable: tuple[tuple, bool] | None = None  # file identity, CorruptFile: see _load_active
+        self._failed_aligner = FailedLoad()  # see _load_active
         self._renewed_at = time.monotonic()  # last lease renewal
         self.stopping = False  # asked to stop (``stop()``, signal-handler safe)
         self._halt = threading.Event()  # the estimate thread ends when set
@@ -190,18 +190,20 @@ class UpdateWorker:
         """The active version's bundle, or (None, whether it failed its checksum).
 
         A bundle that cannot be loaded is not read again until its file changes
-        (``file_identity``): each version check would otherwise re-read and checksum a
-        large file for as long as it stays active. The failure is logged once; the caller
+        (``core.files.FailedLoad``): each version check would otherwise re-read and
+        checksum a large file for as long as it stays active. The failure is logged once; the caller
         still reports it (metric) and rolls a corrupt one back (a compare-and-set: once)."""
-        key = file_identity(*active)
-        if self._unloadable is not None and self._unloadable[0] == key:
-            return None, self._unloadable[1]
-        try:
-            return AlignerBundle.load(active[1], self.device), False
-        except (CorruptFile, OSError, ValueError) as exc:
-            log.error("aligner %s cannot be loaded (%s): staying on %s", active[0], exc, self.bundle.version)
-            self._unloadable = key, isinstance(exc, CorruptFile)
-            return None, self._unloadable[1]
+        error = self._failed_aligner.known(*active)
+        if error is None:
+            try:
+                return AlignerBundle.load(active[1], self.device), False
+            except (CorruptFile, OSError, ValueError) as exc:
+                log.error(
+                    "aligner %s cannot be loaded (%s): staying on %s", active[0], exc, self.bundle.version
+                )
+                self._failed_aligner.failed(*active, exc)
+                error = exc
+        return None, isinstance(error, CorruptFile)
 
     def run(self, idle_exit: float | None = None) -> int:
         """Estimate (in a thread) and refine (here) until stopped or idle; returns items

@@ -1,13 +1,14 @@
-"""parked interactions dead-lettered through an outbox
+"""parked interactions dead-lettered through an outbox table
 
 Revision ID: 0011
 Revises: 0010
 
-``parked_interactions.dead_at``: NULL while the row waits for its item; set, from the
-database's clock, by the sweep that decided to dead-letter it. The decision commits before
-the DLQ copy is produced, and the row is deleted only after that copy is flushed, so the
-sweep holds no transaction across the flush, an arriving item never applies a row already
-decided, and a crashed sweeper's rows are shipped by another (after ``RECLAIM_S``).
+``parked_outbox``: parked interactions a sweep decided to dead-letter, moved there (same
+columns, plus ``claimed_at`` from the database's clock) in the transaction that decides it.
+The decision commits before the DLQ copies are produced; the rows are deleted only after
+the copies are flushed. So no transaction is held across the flush, an arriving item never
+applies a click already decided, and a crashed sweeper's rows are shipped by another. The
+table holds only the pages in flight: its churn stays out of the large parked table.
 """
 
 import sqlalchemy as sa
@@ -18,13 +19,28 @@ down_revision = "0010"
 branch_labels = None
 depends_on = None
 
+COLUMNS = "event_id, user_id, item_id, type, event_time, parked_at, message"
+
 
 def upgrade() -> None:
-    op.add_column("parked_interactions", sa.Column("dead_at", sa.DateTime(timezone=True), nullable=True))
-    op.create_index("ix_parked_interactions_dead_at", "parked_interactions", ["dead_at"])
+    op.create_table(
+        "parked_outbox",
+        sa.Column("event_id", sa.String(256), primary_key=True),
+        sa.Column("user_id", sa.String(256), nullable=False),
+        sa.Column("item_id", sa.String(256), nullable=False),
+        sa.Column("type", sa.String(16), nullable=False),
+        sa.Column("event_time", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("parked_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("message", sa.JSON(), nullable=False),
+        sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=False),
+    )
 
 
 def downgrade() -> None:
-    op.drop_index("ix_parked_interactions_dead_at", "parked_interactions")
-    with op.batch_alter_table("parked_interactions", recreate="never") as batch:
-        batch.drop_column("dead_at")
+    # rows in flight go back to waiting (a second DLQ copy at worst), never lost
+    op.execute(f"INSERT INTO parked_interactions ({COLUMNS}) SELECT {COLUMNS} FROM parked_outbox")
+    op.execute(
+        "UPDATE sequences SET value = value + (SELECT count(*) FROM parked_outbox) "
+        "WHERE name = 'parked_interactions'"
+    )
+    op.drop_table("parked_outbox")
