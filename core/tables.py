@@ -69,6 +69,21 @@ interactions = Table(
     Index("ix_interactions_user_time", "user_id", "event_time"),
 )
 
+
+def _parked_columns() -> list[Column]:
+    """A parked interaction's columns, for the parked table and its outbox (new objects on
+    every call: a column belongs to one table)."""
+    return [
+        Column("event_id", String(256), primary_key=True),
+        Column("user_id", String(256), nullable=False),
+        Column("item_id", String(256), nullable=False),
+        Column("type", String(16), nullable=False),
+        Column("event_time", DateTime(timezone=True), nullable=False),
+        Column("parked_at", DateTime(timezone=True), nullable=False),
+        Column("message", JSON, nullable=False),  # topic, partition, offset, timestamp, key, value, headers
+    ]
+
+
 # Interactions that arrived before their item: applied when the item arrives (same
 # transaction as the item's insert), dead-lettered with their original bytes once older
 # than ``park_max_age_s`` (through ``parked_outbox``). The message itself is kept so its DLQ
@@ -76,13 +91,7 @@ interactions = Table(
 parked_interactions = Table(
     "parked_interactions",
     metadata,
-    Column("event_id", String(256), primary_key=True),
-    Column("user_id", String(256), nullable=False),
-    Column("item_id", String(256), nullable=False),
-    Column("type", String(16), nullable=False),
-    Column("event_time", DateTime(timezone=True), nullable=False),
-    Column("parked_at", DateTime(timezone=True), nullable=False),
-    Column("message", JSON, nullable=False),  # topic, partition, offset, timestamp, key, value, headers
+    *_parked_columns(),
     Index("ix_parked_interactions_item", "item_id"),
     Index("ix_parked_interactions_parked_at", "parked_at"),
 )
@@ -93,13 +102,7 @@ parked_interactions = Table(
 parked_outbox = Table(
     "parked_outbox",
     metadata,
-    Column("event_id", String(256), primary_key=True),
-    Column("user_id", String(256), nullable=False),
-    Column("item_id", String(256), nullable=False),
-    Column("type", String(16), nullable=False),
-    Column("event_time", DateTime(timezone=True), nullable=False),
-    Column("parked_at", DateTime(timezone=True), nullable=False),
-    Column("message", JSON, nullable=False),
+    *_parked_columns(),
     Column("claimed_at", DateTime(timezone=True), nullable=False),
 )
 
