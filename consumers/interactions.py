@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from confluent_kafka import Message
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from consumers.dead_letter import StoredMessage, message_record
 from consumers.runner import Claim, Rejected
@@ -72,13 +72,15 @@ class InteractionsHandler:
                 metrics.PARKED_NOW.set(parking.waiting)
         return rejected
 
-    def claim_expired(self, engine: Engine, limit: int) -> Claim:
-        """Up to ``limit`` parked interactions past their age, oldest first, marked dead in
-        one transaction (``core.parking``'s outbox: on PostgreSQL rows others hold are
-        skipped). The loop then dead-letters them and releases the claim; a crash or a
-        failed flush in between leaves them dead, for a later sweep to ship: never lost,
-        never applied by an arriving item as well."""
+    def claim_expired(self, engine: Engine, limit: int, flushed: Claim | None = None) -> Claim:
+        """Up to ``limit`` parked interactions past their age, oldest first, moved to the
+        outbox in one transaction (``core.parking``: on PostgreSQL rows others hold are
+        skipped), which first releases ``flushed``. The loop then dead-letters them and
+        releases the claim; a crash or a failed flush in between leaves them in the outbox,
+        for a later sweep to ship: never lost, never applied by an arriving item as well."""
         with engine.begin() as conn:
+            if flushed is not None:
+                self._release(conn, flushed)
             now = db_now(conn)
             page = parking.claim_expired(conn, now, now - self.max_age, limit)
             waiting = parking.waiting(conn)
@@ -88,4 +90,8 @@ class InteractionsHandler:
 
     def release(self, engine: Engine, claim: Claim) -> None:
         with engine.begin() as conn:
-            parking.shipped(conn, [r.parked_id for r in claim.rejected], claim.at)
+            self._release(conn, claim)
+
+    @staticmethod
+    def _release(conn: Connection, claim: Claim) -> None:
+        parking.shipped(conn, [r.parked_id for r in claim.rejected], claim.at)

@@ -66,7 +66,7 @@ class ItemsHandler:
         limits = {"max_bytes": self.max_bytes, "max_text_chars": self.max_text_chars}
         return parse_item(m.value(), latest=latest, **limits)
 
-    def claim_expired(self, engine: Engine, limit: int) -> Claim:
+    def claim_expired(self, engine: Engine, limit: int, flushed: Claim | None = None) -> Claim:
         return Claim([])  # items are never parked
 
     def release(self, engine: Engine, claim: Claim) -> None:

@@ -65,9 +65,10 @@ class Handler(Protocol):
 
     def process(self, engine: Engine, messages: Sequence[Message]) -> list[Rejected]: ...
 
-    def claim_expired(self, engine: Engine, limit: int) -> Claim:
+    def claim_expired(self, engine: Engine, limit: int, flushed: Claim | None = None) -> Claim:
         """Up to ``limit`` stored messages that waited too long, decided dead (one
-        transaction, committed) for the loop to dead-letter."""
+        transaction, committed) for the loop to dead-letter; ``flushed`` (an earlier claim
+        whose copies are flushed) is released in the same transaction."""
         ...
 
     def release(self, engine: Engine, claim: Claim) -> None:
@@ -242,23 +243,33 @@ class ConsumeLoop:
 
     def sweep(self) -> bool:
         """Dead-letter what the handler kept too long (parked interactions), a page at a
-        time, until none is left (True) or ``park_sweep_budget_s`` is spent. Each
-        page is marked dead before its DLQ flush and removed after it (an outbox,
-        ``core.parking``): a crash in between dead-letters it twice, never zero times,
-        and never lets its item store it as well."""
+        time, until none is left (True) or ``park_sweep_budget_s`` is spent. Each page is
+        moved to an outbox before its DLQ flush and removed from it after (``core.parking``):
+        a crash in between dead-letters it twice, never zero times, and never lets its item
+        store it as well. A flushed page is released in the next page's claim transaction
+        (one transaction a page, as a single-transaction sweep would take), the last one on
+        its own. Each transaction has its own retry: an outage never re-claims a page."""
         deadline = time.monotonic() + self.settings.consume.park_sweep_budget_s
-        while not self.stopping:
-            claim = self._with_retries(lambda: self.handler.claim_expired(self.engine, SWEEP_PAGE))
-            if claim.rejected:  # each step its own retry: an outage never re-claims a page
-                self._dead_letter(claim.rejected)
-                self._with_retries(lambda c=claim: self.handler.release(self.engine, c))
-            n = len(claim.rejected)
-            self.stats.dead_lettered += n
-            if n < SWEEP_PAGE:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-        return False
+        flushed: Claim | None = None
+        try:
+            while not self.stopping:
+                claim = self._with_retries(
+                    lambda f=flushed: self.handler.claim_expired(self.engine, SWEEP_PAGE, f)
+                )
+                flushed = None
+                if claim.rejected:
+                    self._dead_letter(claim.rejected)
+                    flushed = claim
+                n = len(claim.rejected)
+                self.stats.dead_lettered += n
+                if n < SWEEP_PAGE:
+                    return True
+                if time.monotonic() >= deadline:
+                    return False
+            return False
+        finally:
+            if flushed is not None:
+                self._with_retries(lambda: self.handler.release(self.engine, flushed))
 
     def _store(self, messages: list[Message]) -> list[Rejected]:
         """Process ``messages`` (one transaction, retried through outages); if that fails

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Table, delete, func, select, update
+from sqlalchemy import DateTime, Table, delete, func, insert, literal, select, update
 from sqlalchemy.engine import Connection
 
 from core.catalogue import dialect_insert, insert_interactions, lock_item_index, resolve_item_ids
@@ -207,15 +207,19 @@ def _reclaim(conn: Connection, now: datetime, stale: datetime, limit: int) -> li
 
 
 def _move_expired(conn: Connection, now: datetime, before: datetime, limit: int) -> list[tuple[str, dict]]:
+    """Move a page of expired rows to the outbox inside the database (``INSERT ... SELECT``):
+    the messages cross to Python once, for their DLQ copies, never to be written back."""
     if limit <= 0:
         return []
     page = select(_pc.event_id).where(_pc.parked_at < before).order_by(_pc.parked_at).limit(limit)
-    taken = delete(parked_interactions).where(_pc.event_id.in_(page.with_for_update(skip_locked=True)))
-    rows = conn.execute(taken.returning(*_pc)).all()
-    if rows:
-        moved = dialect_insert(conn, parked_outbox).on_conflict_do_nothing(index_elements=["event_id"])
-        conn.execute(moved, [r._asdict() | {"claimed_at": now} for r in rows])
-    return _oldest_first(rows)
+    ids = list(conn.execute(page.with_for_update(skip_locked=True)).scalars())
+    if not ids:
+        return []
+    names = [c.name for c in parked_interactions.c]
+    rows = select(*_pc, literal(now, DateTime(timezone=True))).where(_pc.event_id.in_(ids))
+    conn.execute(insert(parked_outbox).from_select([*names, "claimed_at"], rows))
+    taken = delete(parked_interactions).where(_pc.event_id.in_(ids))
+    return _oldest_first(conn.execute(taken.returning(_pc.event_id, _pc.parked_at, _pc.message)).all())
 
 
 def _oldest_first(rows) -> list[tuple[str, dict]]:

@@ -107,17 +107,22 @@ class CrashAfter:
             raise Killed
         return rejected
 
-    def claim_expired(self, engine, limit):
-        claim = self.inner.claim_expired(engine, limit)  # committed: the page is decided
+    def claim_expired(self, engine, limit, flushed=None):
+        if flushed is not None:
+            self._before_release(flushed)
+        claim = self.inner.claim_expired(engine, limit, flushed)  # committed: the page is decided
         if claim.rejected and self.crash.reached("claim"):
             raise Killed
         return claim
 
     def release(self, engine, claim):
+        self._before_release(claim)
+        self.inner.release(engine, claim)
+
+    def _before_release(self, claim) -> None:
         if self.crash.reached("ship"):  # its DLQ copies are flushed, its rows still there
             self.crash.interrupted += _copies(claim.rejected)
             raise Killed
-        self.inner.release(engine, claim)
 
 
 class CrashingLoop(ConsumeLoop):
