@@ -81,10 +81,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     out = args.out / args.results
-    earlier = json.loads(out.read_text()) if args.resume and out.exists() else {"runs": []}
+    earlier = json.loads(out.read_text()) if args.resume and out.exists() else {"split_seed": args.split_seed}
     if (held := earlier.get("split_seed", 0)) != args.split_seed:
         p.error(f"{out} holds split seed {held}, not {args.split_seed}: use another --results")
-    done = earlier["runs"]
+    done = earlier.get("runs", [])
     plan = Plan(
         Path(args.dataset),
         args.variant,
