@@ -258,7 +258,7 @@ class ConsumeLoop:
                 )
                 flushed = None
                 if claim.rejected:
-                    self._dead_letter(claim.rejected)
+                    self._dead_letter(claim.rejected, "the page stays in the outbox, shipped again later")
                     flushed = claim
                 n = len(claim.rejected)
                 self.stats.dead_lettered += n
@@ -286,7 +286,9 @@ class ConsumeLoop:
             half = len(messages) // 2
             return self._store(messages[:half]) + self._store(messages[half:])
 
-    def _dead_letter(self, rejected: list[Rejected]) -> None:
+    def _dead_letter(
+        self, rejected: list[Rejected], failed: str = "DLQ offsets not committed, the batch will be replayed"
+    ) -> None:
         tracker = DeliveryTracker()
         for r in rejected:
             m = r.message
@@ -295,7 +297,7 @@ class ConsumeLoop:
             self.stats.reasons[r.reason] = self.stats.reasons.get(r.reason, 0) + 1
             metrics.DEAD_LETTERS.labels(m.topic(), r.reason).inc()
             log.info("dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), r.reason)
-        tracker.flush(self.producer, 30, "DLQ offsets not committed, the batch will be replayed")
+        tracker.flush(self.producer, 30, failed)
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._idle_since = time.monotonic()

@@ -249,11 +249,12 @@ def forget_user(conn: Connection, user_id: str) -> int:
     """Delete a user's parked interactions (a request to be forgotten), those in the outbox
     too; how many. Locked like ``apply_parked``, so a sweep or an arriving item never moves
     one of them meanwhile; an outbox page being flushed right now may still reach the DLQ."""
+    in_flight = conn.execute(delete(parked_outbox).where(_oc.user_id == user_id)).rowcount
     query = select(_pc.event_id).where(_pc.user_id == user_id)
     ids = conn.execute(query.with_for_update()).scalars().all()
     removed = _forget(conn, parked_interactions, list(ids))
-    _count_change(conn, -removed)
-    return removed + conn.execute(delete(parked_outbox).where(_oc.user_id == user_id)).rowcount
+    _count_change(conn, -removed)  # last, as in every transaction (the module docstring)
+    return removed + in_flight
 
 
 def prune_parked(conn: Connection, before: datetime) -> int:

@@ -74,13 +74,17 @@ class Crash:
     n: int = 1
     seen: Counter = field(default_factory=Counter)
     interrupted: list = field(default_factory=list)
+    dead: bool = False  # from the crash until the restart: nothing more runs (no `finally`)
 
     def reached(self, step: str) -> bool:
+        if self.dead:
+            raise Killed
         if step != self.step:
             return False
         self.seen[step] += 1
         if self.seen[step] == self.n:
             self.step = None  # the restarted process does not crash again
+            self.dead = True
             return True
         return False
 
@@ -102,12 +106,14 @@ class CrashAfter:
         self.topic, self.name = handler.topic, handler.name
 
     def process(self, engine, messages):
+        self.crash.reached("")  # a dead process does nothing
         rejected = self.inner.process(engine, messages)
         if self.crash.reached("process"):
             raise Killed
         return rejected
 
     def claim_expired(self, engine, limit, flushed=None):
+        self.crash.reached("")
         if flushed is not None:
             self._before_release(flushed)
         claim = self.inner.claim_expired(engine, limit, flushed)  # committed: the page is decided
@@ -115,7 +121,7 @@ class CrashAfter:
             raise Killed
         return claim
 
-    def release(self, engine, claim):
+    def release(self, engine, claim):  # also from the sweep's `finally`, where a kill stays dead
         self._before_release(claim)
         self.inner.release(engine, claim)
 
@@ -133,8 +139,8 @@ class CrashingLoop(ConsumeLoop):
         super().__init__(handler, engine, s)
         self.flushed: list = []
 
-    def _dead_letter(self, rejected) -> None:
-        super()._dead_letter(rejected)
+    def _dead_letter(self, rejected, *failed) -> None:
+        super()._dead_letter(rejected, *failed)
         self.flushed = rejected
 
     def _audit(self, messages) -> None:
@@ -198,7 +204,7 @@ def _consume(handler: CrashAfter, engine, s: Settings) -> None:
             CrashingLoop(handler, engine, s).run(idle_exit=IDLE)
             return
         except Killed:
-            pass
+            handler.crash.dead = False  # restarted
 
 
 def _deliver(h: dict, s: Settings, engine, monkeypatch) -> None:
@@ -241,7 +247,7 @@ def _deliver(h: dict, s: Settings, engine, monkeypatch) -> None:
             loop.sweep()
             return
         except Killed:
-            pass
+            crash[TOPIC_INTERACTIONS].dead = False  # restarted
         finally:
             loop.consumer.close()
 

@@ -37,7 +37,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # rows in flight go back to waiting (a second DLQ copy at worst), never lost
+    # rows in flight go back to waiting, never lost; one whose DLQ copy was flushed already
+    # may then be stored by its item as well: stop the consumers (drain the outbox) first
     op.execute(f"INSERT INTO parked_interactions ({COLUMNS}) SELECT {COLUMNS} FROM parked_outbox")
     op.execute(
         "UPDATE sequences SET value = value + (SELECT count(*) FROM parked_outbox) "
