@@ -149,8 +149,9 @@ def main() -> None:
         try:
             t_next = t_withdraw = t_start = time.monotonic()
             deadline = time.monotonic() + args.timeout + len(new_titles) * args.every
+            fresh = len(new_titles)  # servable too: a refined row is seen in the catalogue first
             while (
-                len(refined) < len(new_titles) or len(withdrawn) < len(doomed)
+                min(len(refined), len(servable)) < fresh or len(withdrawn) < len(doomed)
             ) and time.monotonic() < deadline:
                 if len(tombstoned) < len(doomed) and time.monotonic() >= t_withdraw:
                     idx = doomed[len(tombstoned)]

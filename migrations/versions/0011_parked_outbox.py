@@ -19,9 +19,6 @@ down_revision = "0010"
 branch_labels = None
 depends_on = None
 
-COLUMNS = "event_id, user_id, item_id, type, event_time, parked_at, message"
-
-
 def upgrade() -> None:
     op.create_table(
         "parked_outbox",
@@ -39,7 +36,10 @@ def upgrade() -> None:
 def downgrade() -> None:
     # rows in flight go back to waiting, never lost; one whose DLQ copy was flushed already
     # may then be stored by its item as well: stop the consumers (drain the outbox) first
-    op.execute(f"INSERT INTO parked_interactions ({COLUMNS}) SELECT {COLUMNS} FROM parked_outbox")
+    op.execute(
+        "INSERT INTO parked_interactions (event_id, user_id, item_id, type, event_time, parked_at, message) "
+        "SELECT event_id, user_id, item_id, type, event_time, parked_at, message FROM parked_outbox"
+    )
     op.execute(
         "UPDATE sequences SET value = value + (SELECT count(*) FROM parked_outbox) "
         "WHERE name = 'parked_interactions'"
