@@ -19,6 +19,7 @@ down_revision = "0010"
 branch_labels = None
 depends_on = None
 
+
 def upgrade() -> None:
     op.create_table(
         "parked_outbox",
