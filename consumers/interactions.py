@@ -82,8 +82,7 @@ class InteractionsHandler:
             if flushed is not None:
                 self._release(conn, flushed)
             now = db_now(conn)
-            page = parking.claim_expired(conn, now, now - self.max_age, limit)
-            waiting = parking.waiting(conn)
+            page, waiting = parking.claim_expired(conn, now, now - self.max_age, limit)
         metrics.PARKED_NOW.set(waiting)
         metrics.PARKED.labels("expired").inc(len(page))
         return Claim([Rejected(StoredMessage(record), "unknown_item", eid) for eid, record in page], now)

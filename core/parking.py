@@ -184,17 +184,19 @@ def apply_parked(conn: Connection, item_ids: Iterable[str]) -> tuple[int, int | 
     return len(ready), _count_change(conn, -removed)
 
 
-def claim_expired(conn: Connection, now: datetime, before: datetime, limit: int) -> list[tuple[str, dict]]:
+def claim_expired(
+    conn: Connection, now: datetime, before: datetime, limit: int
+) -> tuple[list[tuple[str, dict]], int]:
     """Claim up to ``limit`` rows for the DLQ, oldest first, and return their (event_id,
-    message record) for the caller to dead-letter once this transaction commits (then
-    :func:`shipped`): first outbox rows a dead sweeper claimed before ``now - RECLAIM_S``,
-    then parked rows parked before ``before``, moved to the outbox. ``now`` is the
+    message record), with the parked count after it, for the caller to dead-letter once
+    this transaction commits (then :func:`shipped`): first outbox rows a dead sweeper
+    claimed before ``now - RECLAIM_S``, then parked rows parked before ``before``, moved
+    to the outbox. ``now`` is the
     database's clock. On PostgreSQL rows held by another transaction (a concurrent sweep,
     an arriving item) are skipped; on SQLite the transaction holds the write lock."""
     taken = _reclaim(conn, now, now - timedelta(seconds=RECLAIM_S), limit)
     fresh = _move_expired(conn, now, before, limit - len(taken))
-    _count_change(conn, -len(fresh))
-    return taken + fresh
+    return taken + fresh, _count_change(conn, -len(fresh))
 
 
 def _reclaim(conn: Connection, now: datetime, stale: datetime, limit: int) -> list[tuple[str, dict]]:
