@@ -313,7 +313,9 @@ class CompositeSettings(Section):
     teacher's item space) trains, and its gate."""
 
     env_prefix: ClassVar[str] = "composite_"
-    epochs: int = Field(60, ge=1, description="Most student epochs (early stopping on mixed validation).")
+    epochs: int = Field(
+        60, ge=1, description="Most student epochs (early stopping on the cold-validation users)."
+    )
     patience: int = Field(6, ge=1, description="Student validations without gain before stopping.")
     lr: float = Field(1e-3, gt=0, description="Student Adam rate.")
     batch_size: int = Field(1024, ge=1, description="Teacher user states per student step.")
@@ -325,7 +327,7 @@ class CompositeSettings(Section):
     dropout: float = Field(0.1, ge=0, lt=1, description="Student dropout.")
     gate_kappas: tuple[float, ...] = Field(
         (0.0, 1.0, 3.0, 10.0),
-        description="Gate candidates, comma-separated: g = n/(n+kappa), 0 = hard switch; best on validation.",
+        description="Gate candidates, comma-separated: g = n/(n+kappa), 0 = hard switch; see choose.",
     )
 
     boosts: tuple[float, ...] = Field(
@@ -335,6 +337,17 @@ class CompositeSettings(Section):
             "picked with the gate on validation. Negative ones lower a student that scores its "
             "items above the warm ones (a small catalogue's student: its items flooded warm "
             "users' top 10)."
+        ),
+    )
+
+    warm_tolerance: float = Field(
+        0.01,
+        ge=0,
+        lt=1,
+        description=(
+            "How much of the best warm validation NDCG@10 the choice of gate and boost may give "
+            "up for cold users: it takes the best cold figure among choices within this share "
+            "of the best warm one (training/composite.py, choose)."
         ),
     )
 

@@ -104,6 +104,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         [int(s) for s in args.align_seeds.split(",")],
         args.cold_fraction,
         only_protocol=args.protocol,
+        split_seed=args.split_seed,
     )
     results = run(plan, settings)
     out = args.out or settings.data_dir / "results" / f"evaluate-{'-'.join(args.variant)}.json"
@@ -511,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", default="0,1,2", help="comma-separated scorer seeds")
     e.add_argument("--align-seeds", default=str(s.align.seed), help="comma-separated alignment seeds")
     e.add_argument("--cold-fraction", type=float, default=0.1, help="0 skips cold-start")
+    e.add_argument(
+        "--split-seed", type=int, default=0, help="the held-out item draw (0: the tables' first draw)"
+    )
     e.add_argument("--align-epochs", type=int, default=s.align.epochs, help="most alignment passes")
     e.add_argument("--align-batch", type=int, default=s.align.batch_size, help="items per alignment step")
     e.add_argument("--scorer-epochs", type=int, default=s.scorer.epochs, help="most SASRec epochs")

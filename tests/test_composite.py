@@ -8,7 +8,7 @@ import torch
 from core.settings import CompositeSettings
 from models.composite import Composite
 from models.sasrec import SASRec, SASRecConfig
-from training.composite import train_student
+from training.composite import Judges, choose, train_student
 from training.mixed import compare, halves, interaction_counts, interval, mixed_split, popularity_buckets
 
 CPU = torch.device("cpu")
@@ -112,7 +112,7 @@ def test_the_student_learns_the_teachers_space_and_carries_it_to_cold_items():
         with torch.no_grad():
             return -(m.student_vectors()[warm] - taught[warm]).pow(2).mean().item()
 
-    model, info = train_student(model, seqs, validate, cfg, CPU, progress=False)
+    model, info = train_student(model, seqs, Judges(validate, None, 1, 0), cfg, CPU, progress=False)
     assert before < 0.5 < 0.9 < cold_cosine(), (
         f"cold items near their true rows ({before:.2f} -> {cold_cosine():.2f})"
     )
@@ -152,7 +152,7 @@ def test_the_gate_is_picked_on_validation():
         return picks[float(m.kappa)]
 
     cfg = CompositeSettings(epochs=1, gate_kappas=tuple(picks))
-    _, info = train_student(model, [[1, 2, 3]], validate, cfg, CPU, progress=False)
+    _, info = train_student(model, [[1, 2, 3]], Judges(validate, None, 1, 0), cfg, CPU, progress=False)
     assert info["kappa"] == 1.0 and float(model.kappa) == 1.0 and info["best_val_ndcg@10"] == 0.3
 
 
@@ -198,5 +198,39 @@ def test_a_tie_takes_no_boost_not_the_most_negative():
     rows = torch.randn(11, 8)
     model = Composite(_teacher(rows), torch.randn(11, 12), torch.tensor([0] + [2.0] * 10), dropout=0.1)
     cfg = CompositeSettings(epochs=1, gate_kappas=(0.0, 3.0), boosts=(-2.0, -1.0, 0.0, 1.0))
-    _, info = train_student(model, [[1, 2, 3]], lambda m: 0.5, cfg, CPU, progress=False)
+    _, info = train_student(model, [[1, 2, 3]], Judges(lambda m: 0.5, None, 1, 0), cfg, CPU, progress=False)
     assert (info["kappa"], info["boost"]) == (0.0, 0.0) and float(model.boost) == 0.0
+
+
+def test_the_choice_spends_a_little_warm_for_cold_users_never_more():
+    """Mixed validation (95% warm) chose the boost that buries cold items; the rule takes the
+    best cold figure among choices within the warm tolerance of the best warm one."""
+    figures = {
+        (10.0, -2.0): (0.0940, 0.002),  # best warm: every cold item buried
+        (10.0, 0.0): (0.0935, 0.030),  # 0.5% less warm, cold served: chosen at 1%
+        (0.0, 1.0): (0.0900, 0.060),  # best cold, 4% less warm: too costly
+    }
+    assert choose(figures, 0.01) == (10.0, 0.0)
+    assert choose(figures, 0.0) == (10.0, -2.0), "no tolerance: the best warm figure"
+    assert choose(figures, 0.05) == (0.0, 1.0)
+    assert choose({(0.0, -1.0): (0.1, 0.0), (0.0, 0.0): (0.1, 0.0)}, 0.01) == (0.0, 0.0), "ties: no boost"
+
+
+def test_the_student_stops_on_cold_users_and_reports_the_mixed_figure():
+    torch.manual_seed(0)
+    model = Composite(_teacher(torch.randn(11, 8)), torch.randn(11, 12), torch.tensor([0] + [2.0] * 10), 0.1)
+    calls = {"warm": 0, "cold": 0}
+
+    def judge(group: str, value: float, per_boost: float):
+        def validate(m: Composite) -> float:
+            calls[group] += 1
+            return value + per_boost * float(m.boost)
+
+        return validate
+
+    judged = Judges(judge("warm", 0.1, -0.01), judge("cold", 0.02, 0.01), 3, 1)
+    cfg = CompositeSettings(epochs=3, patience=10, gate_kappas=(0.0,), boosts=(0.0, 1.0))
+    _, info = train_student(model, [[1, 2, 3]], judged, cfg, CPU, False)
+    assert calls == {"warm": 2, "cold": 3 + 2}, "3 epochs stopped on cold users; each choice judged on both"
+    assert info["boost"] == 0.0, "boost 1 costs 10% of the warm figure"
+    assert abs(info["best_val_ndcg@10"] - (3 * 0.1 + 0.02) / 4) < 1e-9

@@ -231,3 +231,21 @@ def test_said_cache_key_changes_with_the_alignment_code(tmp_path, monkeypatch):
     assert len(align.code_version()) == 12 and align.code_version() == align.code_version()
     monkeypatch.setattr(evaluate, "code_version", lambda: "other-code")
     assert _path(tmp_path) != base, "a table aligned by other code is never reused"
+
+
+def test_said_evaluate_passes_the_item_split_seed_to_the_plan(tmp_path, monkeypatch):
+    """`said dataset evaluate --split-seed 1` draws the second held-out set, as
+    benchmarks/quality.py does, and records it with the results."""
+    import training.evaluate
+    from said.cli import main
+
+    plans = []
+
+    def fake_run(plan, settings):
+        plans.append(plan)
+        return {"split_seed": plan.split_seed, "summary": [], "runs": []}
+
+    monkeypatch.setattr(training.evaluate, "run", fake_run)
+    out = tmp_path / "r.json"
+    assert main(["dataset", "evaluate", "--dataset", "d", "--split-seed", "1", "--out", str(out)]) == 0
+    assert plans[0].split_seed == 1 and '"split_seed": 1' in out.read_text()

@@ -31,8 +31,17 @@ from models.composite import Composite
 from models.llm import load_llm, pick_device
 from models.sasrec import SASRec, SASRecConfig, init_id_rows, principal_axes
 from training.align import code_version
-from training.composite import train_student
-from training.mixed import HALVES_SEED, MixedSplit, compare, halves, interaction_counts, measure, mixed_split
+from training.composite import judges, train_student
+from training.mixed import (
+    HALVES_SEED,
+    MixedSplit,
+    by_target,
+    compare,
+    halves,
+    interaction_counts,
+    measure,
+    mixed_split,
+)
 from training.recommender import evaluate, train_scorer, validator
 from training.variants import prompt_table, said_table, text_table
 
@@ -332,9 +341,9 @@ def train_mixed(
         composite = Composite(
             copy.deepcopy(teachers[seed]), trained.table, counts, settings.composite.dropout
         )
-        cold_users = [(h, t) for h, t in zip(*split.valid, strict=True) if t in split.cold_valid]
-        stop = validator(([h for h, _ in cold_users], [t for _, t in cold_users]), device)
-        return train_student(composite, split.train, validate, settings.composite, device, progress, stop)
+        warm, cold = by_target(split.valid, split.cold_valid)
+        judged = judges(warm, cold, device)
+        return train_student(composite, split.train, judged, settings.composite, device, progress)
     torch.manual_seed(seed)
     model = _model(trained, split.train, split.n_items, split.held)
     model, info = train_scorer(

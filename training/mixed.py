@@ -46,6 +46,20 @@ class MixedSplit:
         return self.cold_valid | self.cold_test
 
 
+def by_target(
+    users: tuple[list[list[int]], list[int]], cold: set[int]
+) -> tuple[tuple[list[list[int]], list[int]], tuple[list[list[int]], list[int]]]:
+    """(warm-target, cold-target) users of (histories, targets): a composite's choices are
+    judged on the two apart (training/composite.py, choose)."""
+    warm: tuple[list[list[int]], list[int]] = ([], [])
+    cold_users: tuple[list[list[int]], list[int]] = ([], [])
+    for history, target in zip(*users, strict=True):
+        part = cold_users if target in cold else warm
+        part[0].append(history)
+        part[1].append(target)
+    return warm, cold_users
+
+
 HALVES_SEED = 54321  # the cold-validation / cold-test halves of split seed 0
 
 

@@ -60,8 +60,8 @@ from core.versions import (
 from core.versions import promote as promote_if_current
 from models.composite import Composite, load_composite, save_composite
 from models.sasrec import SASRec, SASRecConfig
-from training.composite import train_student
-from training.mixed import interaction_counts, interval, ndcg10, ranks_and_top
+from training.composite import judges, train_student
+from training.mixed import by_target, interaction_counts, interval, ndcg10, ranks_and_top
 from training.recommender import train_scorer, validator
 
 log = logging.getLogger(__name__)
@@ -137,13 +137,7 @@ class TrainingData:
 
     def split(self, users: Slice) -> tuple[Slice, Slice]:
         """(warm-target, cold-target) users of a slice."""
-        warm: Slice = ([], [])
-        cold: Slice = ([], [])
-        for history, target in zip(*users, strict=True):
-            part = cold if target in self.cold else warm
-            part[0].append(history)
-            part[1].append(target)
-        return warm, cold
+        return by_target(users, self.cold)
 
 
 def cold_items(embedded: set[int], known_through: int | None, share: float) -> set[int]:
@@ -205,9 +199,8 @@ def train_composite(
     )
     torch.manual_seed(settings.scorer.seed)
     composite = Composite(teacher, data.table, data.counts, settings.composite.dropout)
-    stop = validator(cold_stop, device) if cold_stop[0] else None
     composite, student = train_student(
-        composite, train, validator(data.stopping, device), settings.composite, device, progress, stop
+        composite, train, judges(warm_stop, cold_stop, device), settings.composite, device, progress
     )
     return composite, info | {k: student[k] for k in ("student_epochs", "kappa", "boost")}
 
