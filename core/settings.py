@@ -324,6 +324,12 @@ class CompositeSettings(Section):
     rank_weight: float = Field(
         1.0, ge=0, description="Weight of the score-distribution term (KL to teacher)."
     )
+    supervised_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Weight of the supervised term: cross-entropy of the item that came next, "
+        "scored by the student's vectors under the teacher's query (ALDI's supervised loss).",
+    )
     dropout: float = Field(0.1, ge=0, lt=1, description="Student dropout.")
     gate_kappas: tuple[float, ...] = Field(
         (0.0, 1.0, 3.0, 10.0),
@@ -341,13 +347,14 @@ class CompositeSettings(Section):
     )
 
     warm_tolerance: float = Field(
-        0.01,
+        0.02,
         ge=0,
         lt=1,
         description=(
             "How much of the best warm validation NDCG@10 the choice of gate and boost may give "
             "up for cold users: it takes the best cold figure among choices within this share "
-            "of the best warm one (training/composite.py, choose)."
+            "of the best warm one (training/composite.py, choose). 0.02: the target's own "
+            "allowance, warm users at 0.98 x the ID scorer."
         ),
     )
 

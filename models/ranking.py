@@ -16,9 +16,11 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def recall_ndcg(ranks: torch.Tensor, ks: tuple[int, ...] = (5, 10, 20)) -> dict[str, float]:
-    """Recall@k (= HR@k with one target) and NDCG@k = 1/log2(rank+2) when rank < k."""
-    out = {}
+    """Recall@k (= HR@k with one target), NDCG@k = 1/log2(rank+2) when rank < k, and the
+    mean reciprocal rank over the whole ranking (``mrr``: every rank counts, so it moves
+    where few targets reach the top 10)."""
     ranks = ranks.float()
+    out = {"mrr": (1 / (ranks + 1)).mean().item()}
     for k in ks:
         hit = ranks < k
         out[f"recall@{k}"] = hit.float().mean().item()

@@ -8,7 +8,7 @@ import torch
 from core.settings import CompositeSettings
 from models.composite import Composite
 from models.sasrec import SASRec, SASRecConfig
-from training.composite import Judges, choose, train_student
+from training.composite import Judges, choose, teacher_states, train_student
 from training.mixed import compare, halves, interaction_counts, interval, mixed_split, popularity_buckets
 
 CPU = torch.device("cpu")
@@ -234,3 +234,24 @@ def test_the_student_stops_on_cold_users_and_reports_the_mixed_figure():
     assert calls == {"warm": 2, "cold": 3 + 2}, "3 epochs stopped on cold users; each choice judged on both"
     assert info["boost"] == 0.0, "boost 1 costs 10% of the warm figure"
     assert abs(info["best_val_ndcg@10"] - (3 * 0.1 + 0.02) / 4) < 1e-9
+
+
+def test_the_supervised_term_teaches_the_student_what_users_chose_next():
+    """With distillation off, the student still learns from the next items of the training
+    histories: under the teacher's query after item a, item a + 10 comes out on top."""
+    torch.manual_seed(0)
+    rows = torch.randn(21, 8)
+    model = Composite(_teacher(rows), torch.randn(21, 16), torch.tensor([0] + [3.0] * 20), dropout=0.0)
+    seqs = [[a, a + 10] for a in range(1, 11)] * 3
+    states, nexts = teacher_states(model, seqs)
+
+    def hits() -> int:
+        with torch.no_grad():
+            scores = states @ model.student_vectors()[1:].T  # (M, 20)
+        return int((scores.argmax(1) + 1 == nexts).sum())
+
+    before = hits()
+    cfg = CompositeSettings(epochs=200, patience=200, lr=1e-2, align_weight=0.0, rank_weight=0.0)
+    calls = iter(range(10_000))  # each validation better than the last: the last epoch is kept
+    train_student(model, seqs, Judges(lambda m: next(calls), None, 1, 0), cfg, CPU, progress=False)
+    assert before <= 6 and hits() == len(seqs), f"{before} -> {hits()} of {len(seqs)} next items on top"

@@ -70,13 +70,16 @@ Validate = Callable[[Recommender], float]
 
 
 def validator(
-    holdout: tuple[list[list[int]], list[int]], device: torch.device, blocked: list[int] | None = None
+    holdout: tuple[list[list[int]], list[int]],
+    device: torch.device,
+    blocked: list[int] | None = None,
+    metric: str = "ndcg@10",
 ) -> Validate:
-    """The validation NDCG@10 of a model on (histories, targets), ranking every item but
-    ``blocked``: what early stopping (and a composite's choices) maximise. A function, not
+    """The validation ``metric`` (NDCG@10) of a model on (histories, targets), ranking every
+    item but ``blocked``: what early stopping (and a composite's choices) maximise. A function, not
     data, so each protocol says what its validation ranks (a cold-start split hides its
     held-out items there too; the mixed protocol ranks them, as they exist by then)."""
-    return lambda model: evaluate(model, *holdout, device, blocked=blocked)["ndcg@10"]
+    return lambda model: evaluate(model, *holdout, device, blocked=blocked)[metric]
 
 
 def train_scorer(
