@@ -103,7 +103,7 @@ def main() -> None:
     print(
         f"Quality of {args.dataset} ({results['items']} items, {results['users']} users, {results['device']})"
     )
-    print("test NDCG/Recall; 'val ndcg@10' is the validation figure early stopping used")
+    print("test NDCG/Recall; 'val ndcg@10' is the validation figure each model was chosen on")
     print(format_table(results["summary"], paired(results["runs"])))
     if results.get("mixed"):
         print("\nmixed protocol: all / warm-target / cold-target test users of one training, 95% bootstrap")

@@ -107,7 +107,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         split_seed=args.split_seed,
     )
     results = run(plan, settings)
-    out = args.out or settings.data_dir / "results" / f"evaluate-{'-'.join(args.variant)}.json"
+    split = f"-split{args.split_seed}" if args.split_seed else ""
+    out = args.out or settings.data_dir / "results" / f"evaluate-{'-'.join(args.variant)}{split}.json"
     write_results(results, out)
     print(format_table(results["summary"], paired(results["runs"])))
     if results.get("mixed"):

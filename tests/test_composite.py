@@ -7,9 +7,18 @@ import torch
 
 from core.settings import CompositeSettings
 from models.composite import Composite
+from models.ranking import recall_ndcg
 from models.sasrec import SASRec, SASRecConfig
-from training.composite import Judges, choose, teacher_states, train_student
-from training.mixed import compare, halves, interaction_counts, interval, mixed_split, popularity_buckets
+from training.composite import Judges, choose, judges_for, teacher_states, train_student
+from training.mixed import (
+    by_target,
+    compare,
+    halves,
+    interaction_counts,
+    interval,
+    mixed_split,
+    popularity_buckets,
+)
 
 CPU = torch.device("cpu")
 
@@ -241,17 +250,47 @@ def test_the_supervised_term_teaches_the_student_what_users_chose_next():
     histories: under the teacher's query after item a, item a + 10 comes out on top."""
     torch.manual_seed(0)
     rows = torch.randn(21, 8)
-    model = Composite(_teacher(rows), torch.randn(21, 16), torch.tensor([0] + [3.0] * 20), dropout=0.0)
-    seqs = [[a, a + 10] for a in range(1, 11)] * 3
+    counts = torch.tensor([0] + [3.0] * 20)
+    counts[5] = 0  # a cold item mid-catalogue: the warm columns skip it
+    model = Composite(_teacher(rows), torch.randn(21, 16), counts, dropout=0.0)
+    seqs = [[a, a + 10] for a in (1, 2, 3, 4, 6, 7, 8, 9, 10)] * 3
     states, nexts = teacher_states(model, seqs)
+    warm = (counts > 0).nonzero().squeeze(1)  # (19,) item ids
 
     def hits() -> int:
         with torch.no_grad():
-            scores = states @ model.student_vectors()[1:].T  # (M, 20)
-        return int((scores.argmax(1) + 1 == nexts).sum())
+            scores = states @ model.student_vectors()[warm].T  # (M, 19)
+        return int((warm[scores.argmax(1)] == nexts).sum())
 
     before = hits()
     cfg = CompositeSettings(epochs=200, patience=200, lr=1e-2, align_weight=0.0, rank_weight=0.0)
     calls = iter(range(10_000))  # each validation better than the last: the last epoch is kept
     train_student(model, seqs, Judges(lambda m: next(calls), None, 1, 0), cfg, CPU, progress=False)
     assert before <= 6 and hits() == len(seqs), f"{before} -> {hits()} of {len(seqs)} next items on top"
+
+
+def test_with_no_cold_judge_the_choice_leaves_fresh_items_unmoved():
+    """Warm users also rank the items nobody clicked yet, so on them a negative boost wins
+    by a hair; with no cold judge that must not bury every fresh item served later."""
+    figures = {(10.0, -2.0): (0.0980, 0.0), (10.0, 0.0): (0.0975, 0.0), (0.0, 0.0): (0.0970, 0.0)}
+    assert choose(figures, 0.02) == (10.0, 0.0)
+    assert choose(figures | {(10.0, 0.0): (0.09, 0.0)}, 0.02) == (0.0, 0.0)
+    assert choose({(10.0, -2.0): (0.098, 0.0), (10.0, 0.0): (0.090, 0.0)}, 0.02) == (10.0, -2.0), "beyond it"
+
+
+def test_judges_stop_on_the_cold_users_mrr_and_ignore_too_few_of_them():
+    torch.manual_seed(0)
+    model = Composite(_teacher(torch.randn(11, 8)), torch.randn(11, 12), torch.tensor([0] + [2.0] * 10), 0.1)
+    warm, cold = by_target(([[1, 2], [2, 3], [3, 4]], [3, 9, 5]), cold={9})
+    assert warm == ([[1, 2], [3, 4]], [3, 5]) and cold == ([[2, 3]], [9])
+    judged = judges_for(warm, cold, CPU)
+    rank = int(
+        (model.eval().predict(torch.tensor([[2, 3]]))[0] > model.predict(torch.tensor([[2, 3]]))[0, 9]).sum()
+    )
+    assert judged.cold is not None and abs(judged.stopping()(model) - 1 / (rank + 1)) < 1e-6, "MRR"
+    few = judges_for(warm, cold, CPU, min_cold=2)
+    assert few.cold is None and few.stopping() is few.warm and few.n_cold == 0
+
+
+def test_mrr_counts_every_rank():
+    assert abs(recall_ndcg(torch.tensor([0, 1, 3]))["mrr"] - (1 + 1 / 2 + 1 / 4) / 3) < 1e-6

@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Judges:
     """A student's validation users, split by target: warm-target ones and cold-validation
-    ones (``cold`` None where there are none), with their counts, so the mixed figure is the
-    users' weighted mean of the two; and what its early stopping maximises (``stop``,
+    ones (``cold`` None where there are too few), with their counts, so the mixed figure is
+    the users' weighted mean of the two; and what its early stopping maximises (``stop``,
     default ``cold``, else ``warm``)."""
 
     warm: Validate
@@ -54,15 +54,21 @@ class Judges:
         """NDCG@10 over all the validation users, from the two groups' figures."""
         return (self.n_warm * warm + self.n_cold * cold) / max(1, self.n_warm + self.n_cold)
 
+    def stopping(self) -> Validate:
+        """What the student's early stopping maximises."""
+        return self.stop or self.cold or self.warm
 
-def judges(
-    warm: tuple[list[list[int]], list[int]], cold: tuple[list[list[int]], list[int]], device: torch.device
-) -> Judges:
-    """Judges from (histories, targets) of warm-target and cold-target validation users.
-    The student stops on the cold users' mean reciprocal rank: on a long-tail catalogue
-    (tail3k) their NDCG@10 sat near 0 from the first epoch, and stopping on it kept the
-    student of epoch 1 of 7."""
-    if not cold[1]:
+
+Users = tuple[list[list[int]], list[int]]  # (histories, targets)
+
+
+def judges_for(warm: Users, cold: Users, device: torch.device, min_cold: int = 1) -> Judges:
+    """Judges from warm-target and cold-target validation users. Fewer than ``min_cold``
+    cold users decide nothing (their figure is noise; a retrain passes
+    ``retrain.min_group_users``, as its promotion guard does). The student stops on the
+    cold users' mean reciprocal rank: on a long-tail catalogue (tail3k) their NDCG@10 sat
+    near 0 from the first epoch, and stopping on it kept the student of epoch 1 of 7."""
+    if len(cold[1]) < max(1, min_cold):
         return Judges(validator(warm, device), None, len(warm[1]), 0)
     stop = validator(cold, device, metric="mrr")
     return Judges(validator(warm, device), validator(cold, device), len(warm[1]), len(cold[1]), stop)
@@ -80,12 +86,16 @@ def choose(figures: dict[Choice, tuple[float, float]], warm_tolerance: float) ->
     item draws it chose boost -2, which sinks every student-scored item (1% of warm users'
     top 10, against 10% of the catalogue) and the thin warm items with them (tail3k's tail
     bucket: 0.0005 against id's 0.0085). A small warm gain there bought a cold loss of the
-    whole cold figure. The rule spends at most ``warm_tolerance`` of the warm figure, and
-    all of it only for cold users. Ties (no cold user: every boost ties) go to the best warm
-    figure, then the harder switch and the boost nearest 0, which leaves fresh items unmoved."""
+    whole cold figure. The rule spends at most ``warm_tolerance`` of the best composite
+    choice's warm figure, and all of it only for cold users.
+
+    Ties on the cold figure (always, with no cold judge) go to the boost nearest 0, then the
+    best warm figure, then the harder switch. Not to the best warm figure first: warm users
+    also rank the items nobody clicked yet, so on them the most negative boost usually wins
+    by a hair, and it would bury every fresh item served later."""
     best_warm = max(w for w, _ in figures.values())
     eligible = [c for c, (w, _) in figures.items() if w >= best_warm - warm_tolerance * abs(best_warm)]
-    return max(eligible, key=lambda c: (figures[c][1], figures[c][0], -c[0], -abs(c[1])))
+    return max(eligible, key=lambda c: (figures[c][1], -abs(c[1]), figures[c][0], -c[0]))
 
 
 @torch.no_grad()
@@ -150,20 +160,20 @@ def train_student(
         for b in torch.randperm(len(states), device=device).split(cfg.batch_size):
             student = composite.student_vectors()[warm]  # (W, h)
             loss = cfg.align_weight * F.mse_loss(student, rows, reduction="none").sum(1).mean()
+            scores = states[b] @ student.T  # (B, W) the student's scores under the teacher's queries
             if cfg.rank_weight:
                 teacher_logp = F.log_softmax(states[b] @ rows.T / cfg.tau, 1)  # (B, W)
-                student_logp = F.log_softmax(states[b] @ student.T / cfg.tau, 1)
+                student_logp = F.log_softmax(scores / cfg.tau, 1)
                 kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean")
                 loss = loss + cfg.rank_weight * cfg.tau**2 * kl
-            if cfg.supervised_weight:
-                real = nexts[b] >= 0
-                scores = states[b][real] @ student.T  # (B, W)
-                loss = loss + cfg.supervised_weight * F.cross_entropy(scores, nexts[b][real])
+            real = nexts[b] >= 0  # a next item the student has a column for (a warm one)
+            if cfg.supervised_weight and real.any():
+                loss = loss + cfg.supervised_weight * F.cross_entropy(scores[real], nexts[b][real])
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item() * len(b)
-        score = (judges.stop or judges.cold or judges.warm)(composite.eval())
+        score = judges.stopping()(composite.eval())
         bar.set_postfix(loss=f"{total / max(1, len(states)):.4f}", val_stop=f"{score:.4f}")
         if score > best:
             best, best_state, bad = score, copy.deepcopy(composite.student.state_dict()), 0
@@ -173,7 +183,7 @@ def train_student(
                 break
     if best_state is not None:
         composite.student.load_state_dict(best_state)
-    figures = {}
+    figures: dict[Choice, tuple[float, float]] = {}
     for kappa in cfg.gate_kappas:
         for boost in cfg.boosts:
             composite.kappa.fill_(kappa)

@@ -31,7 +31,7 @@ from models.composite import Composite
 from models.llm import load_llm, pick_device
 from models.sasrec import SASRec, SASRecConfig, init_id_rows, principal_axes
 from training.align import code_version
-from training.composite import judges, train_student
+from training.composite import judges_for, train_student
 from training.mixed import (
     HALVES_SEED,
     MixedSplit,
@@ -342,7 +342,7 @@ def train_mixed(
             copy.deepcopy(teachers[seed]), trained.table, counts, settings.composite.dropout
         )
         warm, cold = by_target(split.valid, split.cold_valid)
-        judged = judges(warm, cold, device)
+        judged = judges_for(warm, cold, device)
         return train_student(composite, split.train, judged, settings.composite, device, progress)
     torch.manual_seed(seed)
     model = _model(trained, split.train, split.n_items, split.held)
@@ -395,8 +395,9 @@ def _summarise_report(report: dict) -> dict:
 
 def summarise(runs: list[dict]) -> list[dict]:
     """Mean and sample standard deviation over all seeds (alignment x scorer), per protocol
-    and variant. ``best_val_ndcg@10`` is the validation figure early stopping chose on; the
-    others are test figures, on users the scorer never validated on."""
+    and variant. ``best_val_ndcg@10`` is the validation figure the model was chosen on (a
+    scorer's early stopping; for a composite, the mixed figure of its chosen gate and boost);
+    the others are test figures, on users the scorer never validated on."""
     rows = []
     for protocol, variant in sorted({(r["protocol"], r["variant"]) for r in runs}):
         group = [r for r in runs if (r["protocol"], r["variant"]) == (protocol, variant)]

@@ -60,7 +60,7 @@ from core.versions import (
 from core.versions import promote as promote_if_current
 from models.composite import Composite, load_composite, save_composite
 from models.sasrec import SASRec, SASRecConfig
-from training.composite import judges, train_student
+from training.composite import judges_for, train_student
 from training.mixed import by_target, interaction_counts, interval, ndcg10, ranks_and_top
 from training.recommender import train_scorer, validator
 
@@ -200,9 +200,15 @@ def train_composite(
     torch.manual_seed(settings.scorer.seed)
     composite = Composite(teacher, data.table, data.counts, settings.composite.dropout)
     composite, student = train_student(
-        composite, train, judges(warm_stop, cold_stop, device), settings.composite, device, progress
+        composite,
+        train,
+        judges_for(warm_stop, cold_stop, device, settings.retrain.min_group_users),
+        settings.composite,
+        device,
+        progress,
     )
-    return composite, info | {k: student[k] for k in ("student_epochs", "kappa", "boost")}
+    kept = ("student_epochs", "kappa", "boost", "val_warm_ndcg@10", "val_cold_ndcg@10")
+    return composite, info | {k: student[k] for k in kept}
 
 
 def graduate(
@@ -317,6 +323,8 @@ def retrain_once(
         "student_epochs": info["student_epochs"],
         "kappa": info["kappa"],
         "boost": info["boost"],
+        # the chosen (kappa, boost) on the early-stopping slice: what the choice spent on warm
+        "student_val_ndcg@10": {"warm": info["val_warm_ndcg@10"], "cold": info["val_cold_ndcg@10"]},
         "aligner_version": aligner_version,
         "warm_start": active[0] if known is not None else None,
     }
