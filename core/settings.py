@@ -28,7 +28,9 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 # ``composite-<content>``: the warm/cold composite (ID teacher, content student); mixed
 # protocol only.
 Composite = Literal["composite-said", "composite-text", "composite-said+text"]
-Variant = Literal["id", "text", "said", "said+text", "prompt", "hybrid", "said-init", Composite]
+# ``blend-text``: the composite's ID side, the text scorer for cold items (models/blend.py);
+# an evaluation diagnostic, mixed protocol only, not served.
+Variant = Literal["id", "text", "said", "said+text", "prompt", "hybrid", "said-init", Composite, "blend-text"]
 
 
 def env(name: str) -> dict[str, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from core.settings import CompositeSettings
+from models.blend import Blend
 from models.composite import Composite
 from models.ranking import recall_ndcg
 from models.sasrec import SASRec, SASRecConfig
@@ -294,3 +295,26 @@ def test_judges_stop_on_the_cold_users_mrr_and_ignore_too_few_of_them():
 
 def test_mrr_counts_every_rank():
     assert abs(recall_ndcg(torch.tensor([0, 1, 3]))["mrr"] - (1 + 1 / 2 + 1 / 4) / 3) < 1e-6
+
+
+def test_the_blend_scores_warm_items_by_id_and_cold_ones_by_the_text_scorer():
+    torch.manual_seed(0)
+    rows = torch.randn(11, 8)
+    counts = torch.tensor([0, 5, 5, 1, 1, 2, 2, 3, 3, 0, 0.0])  # items 9 and 10 are cold
+    composite = Composite(_teacher(rows), torch.randn(11, 12), counts, dropout=0.0).eval()
+    text = SASRec(SASRecConfig(n_items=10, hidden=8, max_len=8, dropout=0.0), torch.randn(11, 12)).eval()
+    blend = Blend(composite, text).eval()
+    seqs = torch.tensor([[0, 3, 4, 9]])
+    with torch.no_grad():
+        blend.boost.fill_(0.5)
+        got = blend.predict(seqs)[0]
+        by_text = text.predict(seqs)[0]
+        by_id = composite.user_vector(seqs)[0, :-1] @ composite.teacher.item_vectors().T
+    assert got[0] == float("-inf"), "padding never ranks"
+    assert torch.allclose(got[9:], by_text[9:] + 0.5, atol=1e-5), "cold: the text scorer, boosted"
+    assert torch.allclose(got[1:9], by_id[1:9], atol=1e-5), "warm (hard switch): the ID side"
+    composite.kappa.fill_(1.0)  # items with 1 click: half each
+    with torch.no_grad():
+        half = blend.predict(seqs)[0]
+        by_id = composite.user_vector(seqs)[0, :-1] @ composite.teacher.item_vectors().T
+    assert torch.allclose(half[3], 0.5 * by_id[3] + 0.5 * (by_text[3] + 0.5), atol=1e-5)

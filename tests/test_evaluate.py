@@ -168,7 +168,12 @@ def test_said_evaluate_runs_every_variant_on_every_protocol_and_writes_the_table
         "SAID_DEVICE": "cpu",
     }
     variants = ["id", "said", "hybrid", "said-init"]
-    composites = ["composite-said", "composite-text", "composite-said+text"]
+    composites = [
+        "composite-said",
+        "composite-text",
+        "composite-said+text",
+        "blend-text",
+    ]  # blend: text trained for it
     cmd = [sys.executable, "-m", "said.cli", "evaluate", "--dataset", str(write_dataset(tmp_path / "ds"))]
     cmd += [
         "--variant",

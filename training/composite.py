@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from core.settings import CompositeSettings
 from models.composite import Composite
+from models.recommender import Recommender
 from training.recommender import Validate, left_pad, validator
 
 log = logging.getLogger(__name__)
@@ -183,31 +184,37 @@ def train_student(
                 break
     if best_state is not None:
         composite.student.load_state_dict(best_state)
+    info = pick_gate_and_boost(composite, composite, composite.boost, judges, cfg)
+    log.info("student: %d epochs, kappa %s, boost %s", epochs, info["kappa"], info["boost"])
+    return composite, info | {"student_epochs": epochs}
+
+
+def pick_gate_and_boost(
+    model: Recommender, composite: Composite, boost: torch.Tensor, judges: Judges, cfg: CompositeSettings
+) -> dict:
+    """Judge ``model`` at every gate ``kappa`` of ``composite`` (its ID side) and every value
+    of its ``boost`` buffer, leave it at the choice of ``choose``, and return
+    {best_val_ndcg@10 (mixed), val_warm_ndcg@10, val_cold_ndcg@10, kappa, boost,
+    val_by_choice}."""
     figures: dict[Choice, tuple[float, float]] = {}
     for kappa in cfg.gate_kappas:
-        for boost in cfg.boosts:
+        for b in cfg.boosts:
             composite.kappa.fill_(kappa)
-            composite.boost.fill_(boost)
-            model = composite.eval()
-            figures[(kappa, boost)] = (judges.warm(model), judges.cold(model) if judges.cold else 0.0)
-    kappa, boost = choose(figures, cfg.warm_tolerance)
+            boost.fill_(b)
+            judged = model.eval()
+            figures[(kappa, b)] = (judges.warm(judged), judges.cold(judged) if judges.cold else 0.0)
+    kappa, b = choose(figures, cfg.warm_tolerance)
     composite.kappa.fill_(kappa)
-    composite.boost.fill_(boost)
-    warm_ndcg, cold_ndcg = figures[(kappa, boost)]
+    boost.fill_(b)
+    warm_ndcg, cold_ndcg = figures[(kappa, b)]
     log.info(
-        "student: %d epochs, kappa %s, boost %s, validation NDCG@10 warm %.4f, cold %.4f",
-        epochs,
-        kappa,
-        boost,
-        warm_ndcg,
-        cold_ndcg,
+        "chose kappa %s, boost %s: validation NDCG@10 warm %.4f, cold %.4f", kappa, b, warm_ndcg, cold_ndcg
     )
-    return composite, {
+    return {
         "best_val_ndcg@10": judges.mixed(warm_ndcg, cold_ndcg),
         "val_warm_ndcg@10": warm_ndcg,
         "val_cold_ndcg@10": cold_ndcg,
-        "student_epochs": epochs,
         "kappa": kappa,
-        "boost": boost,
-        "val_by_choice": {f"kappa={k},boost={b}": dict(warm=w, cold=c) for (k, b), (w, c) in figures.items()},
+        "boost": b,
+        "val_by_choice": {f"kappa={k},boost={v}": dict(warm=w, cold=c) for (k, v), (w, c) in figures.items()},
     }

@@ -17,7 +17,7 @@ import json
 import logging
 import random
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import get_args
 
@@ -27,11 +27,12 @@ from core.dataset import Dataset, load_dataset
 from core.events import item_text
 from core.settings import AlignSettings, ScorerSettings, Settings, Variant
 from models.aligner import FrozenLM
+from models.blend import Blend
 from models.composite import Composite
 from models.llm import load_llm, pick_device
 from models.sasrec import SASRec, SASRecConfig, init_id_rows, principal_axes
 from training.align import code_version
-from training.composite import judges_for, train_student
+from training.composite import judges_for, pick_gate_and_boost, train_student
 from training.mixed import (
     HALVES_SEED,
     MixedSplit,
@@ -58,6 +59,9 @@ SAID_VARIANTS = {
     "composite-said+text",
 }
 COMPOSITES = {"composite-said": "said", "composite-text": "text", "composite-said+text": "said+text-fair"}
+MIXED_ONLY = COMPOSITES | {"blend-text": "text"}  # variant -> its table; measured in the mixed protocol only
+BLEND_PARTS = ("composite-text", "text")  # a blend's ID side (with its gate) and its cold side
+Kept = dict[tuple[str, int], "SASRec | Composite"]  # models trained in a mixed run, by (variant, seed)
 MIXED_METRICS = ("warm_ndcg@10", "cold_ndcg@10", "cold_share_top10_warm_users")
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "best_val_ndcg@10", *MIXED_METRICS)
 
@@ -187,7 +191,7 @@ def run(
     splits = {name: leave_one_out(seqs, h) for name, h in protocols if name != "mixed"}
     if "mixed" in dict(protocols):
         splits["mixed"] = mixed_split(seqs, n, *halves(held, HALVES_SEED + plan.split_seed))
-    teachers: dict[int, SASRec] = {}  # the mixed protocol's id models by seed: the composites' teachers
+    teachers: Kept = {}  # the mixed protocol's models by (variant, seed): composites' and blends' parts
     label_of = {v: variant_label(v, plan.model_options) for v in plan.variants}
     for a, align_seed in enumerate(plan.align_seeds):
         tables: dict[str, torch.Tensor | None] = {"id": None, "text": feats}
@@ -212,13 +216,13 @@ def run(
                 continue  # does not depend on the alignment: measured once
             run_align_seed = align_seed if variant in SAID_VARIANTS else None
             for protocol, held_here in protocols:
-                if variant in COMPOSITES and protocol != "mixed":
-                    continue  # a composite is measured in the mixed protocol only
+                if variant in MIXED_ONLY and protocol != "mixed":
+                    continue  # a composite or a blend is measured in the mixed protocol only
                 for seed in plan.seeds:
                     if (protocol, label_of[variant], run_align_seed, seed) in finished:
                         continue
                     cfg = settings.scorer.model_copy(update={"seed": seed})
-                    trained = Trained(variant, tables[COMPOSITES.get(variant, variant)], plan.model_options)
+                    trained = Trained(variant, tables[MIXED_ONLY.get(variant, variant)], plan.model_options)
                     if protocol == "mixed":
                         seeded = settings.model_copy(update={"scorer": cfg})
                         metrics = train_and_measure(
@@ -304,7 +308,7 @@ def train_and_measure(
     split: MixedSplit,
     settings: Settings,
     device: torch.device,
-    teachers: dict[int, SASRec],
+    teachers: Kept,
     progress: bool,
 ) -> dict:
     """One model under the mixed protocol, trained (``train_mixed``) and measured
@@ -324,35 +328,55 @@ def train_mixed(
     split: MixedSplit,
     settings: Settings,
     device: torch.device,
-    teachers: dict[int, SASRec],
+    teachers: Kept,
     progress: bool,
-) -> tuple[SASRec | Composite, dict]:
-    """A SASRec variant early-stopped on the mixed validation users, or a composite whose
-    teacher is the ``id`` model of the same seed (``teachers``; trained here if missing,
-    and every ``id`` model trained here is kept there)."""
+) -> tuple[SASRec | Composite | Blend, dict]:
+    """A SASRec variant early-stopped on the mixed validation users, a composite whose
+    teacher is the ``id`` model of the same seed, or a blend of the ``composite-text`` and
+    ``text`` models of the same seed. Each part is taken from ``teachers`` (trained here if
+    missing), and every model trained here is kept there by (variant, seed)."""
     seed = settings.scorer.seed
     counts = interaction_counts(split.train, split.n_items)
     validate = validator(split.valid, device)
-    if trained.variant in COMPOSITES:
-        if seed not in teachers:  # e.g. the id run was resumed from a results file
-            teacher = Trained("id", None, trained.model_options)
-            train_mixed(teacher, split, settings, device, teachers, progress)
-        torch.manual_seed(seed)  # after the teacher: a resumed run starts the student alike
-        composite = Composite(
-            copy.deepcopy(teachers[seed]), trained.table, counts, settings.composite.dropout
-        )
-        warm, cold = by_target(split.valid, split.cold_valid)
+    warm, cold = by_target(split.valid, split.cold_valid)
+    if trained.variant == "blend-text":
+        parts = [_kept(v, trained, split, settings, device, teachers, progress) for v in BLEND_PARTS]
+        blend = Blend(*[copy.deepcopy(p) for p in parts])
         judged = judges_for(warm, cold, device)
-        return train_student(composite, split.train, judged, settings.composite, device, progress)
+        return blend, pick_gate_and_boost(blend, blend.composite, blend.boost, judged, settings.composite)
+    if trained.variant in COMPOSITES:
+        teacher = _kept("id", replace(trained, table=None), split, settings, device, teachers, progress)
+        torch.manual_seed(seed)  # after the teacher: a resumed run starts the student alike
+        composite = Composite(copy.deepcopy(teacher), trained.table, counts, settings.composite.dropout)
+        judged = judges_for(warm, cold, device)
+        composite, info = train_student(composite, split.train, judged, settings.composite, device, progress)
+        teachers[(trained.variant, seed)] = composite
+        return composite, info
     torch.manual_seed(seed)
     model = _model(trained, split.train, split.n_items, split.held)
     model, info = train_scorer(
         model, split.train, validate, settings.scorer, device, progress, sorted(split.held)
     )
     model.impute_residuals()
-    if trained.variant == "id":
-        teachers[seed] = model
+    teachers[(trained.variant, seed)] = model
     return model, info
+
+
+def _kept(
+    variant: str,
+    trained: Trained,
+    split: MixedSplit,
+    settings: Settings,
+    device: torch.device,
+    teachers: Kept,
+    progress: bool,
+) -> SASRec | Composite:
+    """The ``variant`` model of this seed from ``teachers``, trained first if missing (e.g.
+    its run was resumed from a results file) on ``trained``'s table."""
+    key = (variant, settings.scorer.seed)
+    if key not in teachers:
+        train_mixed(replace(trained, variant=variant), split, settings, device, teachers, progress)
+    return teachers[key]
 
 
 def train_and_test(
