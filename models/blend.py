@@ -31,7 +31,7 @@ class Blend(nn.Module):
         super().__init__()
         self.composite, self.text = composite, text
         self.cfg = composite.cfg  # the history length a query reads
-        self.register_buffer("boost", torch.tensor(0.0))
+        self.register_buffer("boost", torch.tensor(0.0, device=composite.counts.device))
 
     def predict(self, seqs: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) left-padded ids -> (B, N+1) scores; padding and ``blocked``: -inf."""

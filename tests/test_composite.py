@@ -318,3 +318,8 @@ def test_the_blend_scores_warm_items_by_id_and_cold_ones_by_the_text_scorer():
         half = blend.predict(seqs)[0]
         by_id = composite.user_vector(seqs)[0, :-1] @ composite.teacher.item_vectors().T
     assert torch.allclose(half[3], 0.5 * by_id[3] + 0.5 * (by_text[3] + 0.5), atol=1e-5)
+    for kappa in (0.0, 1.0):  # a blocked item never ranks, warm or cold, and nothing is NaN
+        composite.kappa.fill_(kappa)
+        with torch.no_grad():
+            blocked = blend.predict(seqs, torch.tensor([2, 9]))[0]
+        assert blocked[[0, 2, 9]].eq(float("-inf")).all() and not blocked.isnan().any()

@@ -61,6 +61,7 @@ SAID_VARIANTS = {
 COMPOSITES = {"composite-said": "said", "composite-text": "text", "composite-said+text": "said+text-fair"}
 MIXED_ONLY = COMPOSITES | {"blend-text": "text"}  # variant -> its table; measured in the mixed protocol only
 BLEND_PARTS = ("composite-text", "text")  # a blend's ID side (with its gate) and its cold side
+DIAGNOSTICS = {"blend-text"}  # measured, not served: never the default variant
 Kept = dict[tuple[str, int], "SASRec | Composite"]  # models trained in a mixed run, by (variant, seed)
 MIXED_METRICS = ("warm_ndcg@10", "cold_ndcg@10", "cold_share_top10_warm_users")
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "best_val_ndcg@10", *MIXED_METRICS)
@@ -350,7 +351,8 @@ def train_mixed(
         composite = Composite(copy.deepcopy(teacher), trained.table, counts, settings.composite.dropout)
         judged = judges_for(warm, cold, device)
         composite, info = train_student(composite, split.train, judged, settings.composite, device, progress)
-        teachers[(trained.variant, seed)] = composite
+        if trained.variant in BLEND_PARTS:
+            teachers[(trained.variant, seed)] = composite
         return composite, info
     torch.manual_seed(seed)
     model = _model(trained, split.train, split.n_items, split.held)
@@ -358,7 +360,8 @@ def train_mixed(
         model, split.train, validate, settings.scorer, device, progress, sorted(split.held)
     )
     model.impute_residuals()
-    teachers[(trained.variant, seed)] = model
+    if trained.variant in ("id", *BLEND_PARTS):  # only the parts of others are read back
+        teachers[(trained.variant, seed)] = model
     return model, info
 
 
@@ -472,6 +475,7 @@ def pick_default(summary: list[dict], protocol: str = "standard") -> str | None:
     """The variant with the best mean validation NDCG@10: chosen without looking at test.
     None when the summary has no run of ``protocol`` (a cold-only experiment)."""
     rows = [r for r in summary if r["protocol"] == protocol and "best_val_ndcg@10" in r]
+    rows = [r for r in rows if r["variant"] not in DIAGNOSTICS]  # never the default: not served
     return max(rows, key=lambda r: r["best_val_ndcg@10"])["variant"] if rows else None
 
 
