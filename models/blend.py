@@ -42,6 +42,23 @@ class Blend(nn.Module):
         n = min(len(g) - 1, c.teacher.cfg.n_items)
         rows[1 : n + 1] = c.teacher.item_vectors()[1 : n + 1]  # (N+1, h) ID rows, 0 where none
         warm = u @ rows.T  # (B, N+1)
-        cold = self.text.predict(seqs, blocked) + self.boost  # (B, N+1), -inf where masked
+        text = self.text.predict(seqs, blocked)  # (B, N+1), -inf where masked
+        cold = self.on_scale_of(text, warm, g > 0) + self.boost
         blend = g * warm + (1 - g) * cold
         return torch.where(g == 1, warm.masked_fill(torch.isinf(cold), float("-inf")), blend)
+
+    @staticmethod
+    def on_scale_of(text: torch.Tensor, warm: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
+        """(B, N+1) text scores moved, per user, to the mean and spread of that user's ID
+        scores over the ``trained`` items: the two scorers' logits have their own scales,
+        and a boost alone (an offset) chose the grid's edge. Per user it is one scale and
+        one offset, so the score stays one inner product (a scaled text query, and the
+        offset in the boost slot)."""
+        real = ~torch.isinf(text)  # (B, N+1)
+        t = text.masked_fill(~real, 0.0)
+        n_t = real.sum(1, keepdim=True).clamp(min=1)
+        mean_t = t.sum(1, keepdim=True) / n_t
+        std_t = ((t - mean_t).pow(2) * real).sum(1, keepdim=True).div(n_t).sqrt().clamp(min=1e-6)
+        w = warm[:, trained]  # (B, W)
+        mean_w, std_w = w.mean(1, keepdim=True), w.std(1, keepdim=True)
+        return (text - mean_t) / std_t * std_w + mean_w  # -inf stays -inf

@@ -308,8 +308,8 @@ def test_the_blend_scores_warm_items_by_id_and_cold_ones_by_the_text_scorer():
     with torch.no_grad():
         blend.boost.fill_(0.5)
         got = blend.predict(seqs)[0]
-        by_text = text.predict(seqs)[0]
         by_id = composite.user_vector(seqs)[0, :-1] @ composite.teacher.item_vectors().T
+        by_text = Blend.on_scale_of(text.predict(seqs), by_id[None], counts > 0)[0]
     assert got[0] == float("-inf"), "padding never ranks"
     assert torch.allclose(got[9:], by_text[9:] + 0.5, atol=1e-5), "cold: the text scorer, boosted"
     assert torch.allclose(got[1:9], by_id[1:9], atol=1e-5), "warm (hard switch): the ID side"
@@ -317,9 +317,22 @@ def test_the_blend_scores_warm_items_by_id_and_cold_ones_by_the_text_scorer():
     with torch.no_grad():
         half = blend.predict(seqs)[0]
         by_id = composite.user_vector(seqs)[0, :-1] @ composite.teacher.item_vectors().T
+        by_text = Blend.on_scale_of(text.predict(seqs), by_id[None], counts > 0)[0]
     assert torch.allclose(half[3], 0.5 * by_id[3] + 0.5 * (by_text[3] + 0.5), atol=1e-5)
     for kappa in (0.0, 1.0):  # a blocked item never ranks, warm or cold, and nothing is NaN
         composite.kappa.fill_(kappa)
         with torch.no_grad():
             blocked = blend.predict(seqs, torch.tensor([2, 9]))[0]
         assert blocked[[0, 2, 9]].eq(float("-inf")).all() and not blocked.isnan().any()
+
+
+def test_text_scores_move_to_each_users_id_score_scale():
+    text = torch.tensor([[float("-inf"), 10.0, 20.0, 30.0], [float("-inf"), 1.0, 1.0, 4.0]])
+    warm = torch.tensor([[0.0, 1.0, 2.0, 9.0], [0.0, -1.0, 1.0, 9.0]])
+    trained = torch.tensor([False, True, True, False])  # the ID side's items: 1 and 2
+    moved = Blend.on_scale_of(text, warm, trained)
+    assert moved[:, 0].eq(float("-inf")).all(), "masked stays masked"
+    real = moved[:, 1:]
+    assert torch.allclose(real.mean(1), warm[:, 1:3].mean(1)), "each user's ID mean"
+    assert torch.allclose(real.std(1, unbiased=False), warm[:, 1:3].std(1)), "and spread"
+    assert moved[0, 3] > moved[0, 2] > moved[0, 1], "the text scorer's order is kept"
