@@ -335,21 +335,19 @@ def train_mixed(
     """A SASRec variant early-stopped on the mixed validation users, a composite whose
     teacher is the ``id`` model of the same seed, or a blend of the ``composite-text`` and
     ``text`` models of the same seed. Each part is taken from ``teachers`` (trained here if
-    missing), and every model trained here is kept there by (variant, seed)."""
+    missing), and only such parts are kept there, by (variant, seed)."""
     seed = settings.scorer.seed
     counts = interaction_counts(split.train, split.n_items)
     validate = validator(split.valid, device)
-    warm, cold = by_target(split.valid, split.cold_valid)
+    judged = judges_for(*by_target(split.valid, split.cold_valid), device)  # a composite's choices
     if trained.variant == "blend-text":
         parts = [_kept(v, trained, split, settings, device, teachers, progress) for v in BLEND_PARTS]
         blend = Blend(*[copy.deepcopy(p) for p in parts])
-        judged = judges_for(warm, cold, device)
         return blend, pick_gate_and_boost(blend, blend.composite, blend.boost, judged, settings.composite)
     if trained.variant in COMPOSITES:
         teacher = _kept("id", replace(trained, table=None), split, settings, device, teachers, progress)
         torch.manual_seed(seed)  # after the teacher: a resumed run starts the student alike
         composite = Composite(copy.deepcopy(teacher), trained.table, counts, settings.composite.dropout)
-        judged = judges_for(warm, cold, device)
         composite, info = train_student(composite, split.train, judged, settings.composite, device, progress)
         if trained.variant in BLEND_PARTS:
             teachers[(trained.variant, seed)] = composite
