@@ -182,11 +182,13 @@ class ItemIndex:
         main_sel = (
             faiss.IDSelectorOr(*hide_main) if len(hide_main) == 2 else hide_main[0] if hide_main else None
         )
-        results = [
-            self._search_tier(m, m2, queries, k, main_sel) for m, m2 in zip(self.mains, self._m2, strict=True)
-        ]
-        if self.delta.ntotal:
-            results.append(self._search_tier(self.delta, 0.0, queries, k, excl))
+        results = [self._search_tier(self.delta, 0.0, queries, k, excl)] if self.delta.ntotal else []
+        norms = np.linalg.norm(queries, axis=1)  # (Q,)
+        by_norm = sorted(zip(self.mains, self._m2, strict=True), key=lambda band: -band[1])
+        for tier, m2 in by_norm:  # HNSW bands, largest norms first (one exact tier: m2 unused)
+            if tier.d != self.dim and _beaten(results, k, norms * np.sqrt(m2)):
+                break  # no item of this band, nor of any band after it, can enter a top k
+            results.append(self._search_tier(tier, m2, queries, k, main_sel))
         scores = np.concatenate([s for s, _ in results], axis=1)
         ids = np.concatenate([i for _, i in results], axis=1)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -287,6 +289,21 @@ def _norm_bands(vectors: np.ndarray) -> list[np.ndarray]:
     band = np.floor(np.log2(norms.max() / np.maximum(norms, 1e-30)))
     band = np.clip(band, 0, NORM_BANDS - 1).astype(int)
     return [np.flatnonzero(band == b) for b in range(NORM_BANDS) if (band == b).any()]
+
+
+def _beaten(results: list[tuple[np.ndarray, np.ndarray]], k: int, bound: np.ndarray) -> bool:
+    """True when every query's k-th best score so far is at least ``bound``, its largest
+    possible score in the next band (q.x <= |q| M, Cauchy-Schwarz): the bands after it have
+    smaller norms, so searching them cannot change any top k. The pruning is exact; at 100k
+    items with log-normal norms most queries stop after the top bands (see
+    benchmarks/scorer_latency.py)."""
+    if not results:
+        return False
+    scores = np.concatenate([s for s, _ in results], axis=1)  # (Q, found)
+    if scores.shape[1] < k:
+        return False
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]  # (Q,)
+    return bool(np.all(kth >= bound))
 
 
 def _first_norm2(tier: faiss.IndexIDMap2) -> float:
