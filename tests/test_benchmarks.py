@@ -71,7 +71,7 @@ SCRIPTS: dict[str, tuple[set[str], list[str]]] = {
             r"^\| cosine 576-d \(baseline\) \| 400 \| exact \| 2 \| history \| 4 \| [\d.]+ \|",
             r"^\| composite 65-d \| 1,500 \| HNSW \| 1 \| user_id \| 1 \| [\d.]+ \| [\d.]+ \| \d+ \| 0 \|",
             r"^\| composite 65-d \| 1,500 \| HNSW \| 2 \| history \| 4 \| [\d.]+ \| [\d.]+ \| \d+ \| 0 \|",
-            r"^\| 1,500 \| 0\.\d+ \| \d+ \|",
+            r"^\| 1,500 \| [01]\.\d+ \| [01]\.\d+ \| \d+ \|",
         ],
     ),
     "sqlite_sync.py": (set(), [r"^batch  5000: NORMAL [\d,]+ ev/s, FULL [\d,]+ ev/s, FULL/NORMAL \d"]),
