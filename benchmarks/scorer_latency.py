@@ -218,6 +218,7 @@ def factory():
     import torch
 
     from core.db import make_engine
+    from said.wiring import freeze_heap
     from scorer.app import create_app
     from scorer.state import ServingState
 
@@ -226,7 +227,9 @@ def factory():
     state = ServingState(
         engine, "bench", SAID_DIM, Path(os.environ["BENCH_INDEX"]), index_settings(), ("click",)
     )
-    return create_app(engine, state, ApiSettings())
+    app = create_app(engine, state, ApiSettings())
+    freeze_heap()  # as `said scorer serve` does
+    return app
 
 
 def serve(url: str, index_dir: str, port: int, workers: int) -> None:

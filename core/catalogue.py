@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 import numpy as np
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import Integer, bindparam, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -543,7 +543,7 @@ _USER_HISTORY = (
         interactions.c.type.in_(bindparam("types", expanding=True)),
     )
     .order_by(interactions.c.event_time.desc(), interactions.c.id.desc())
-    .limit(bindparam("limit"))
+    .limit(bindparam("limit", type_=Integer))
 )
 
 

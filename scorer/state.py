@@ -131,7 +131,6 @@ class ServingState:
         self.served = self._load(first or CosineScorer(aligner_version, said_dim))
         self._snapshot_at = time.monotonic()
         self.refresh()
-        gc.freeze()  # see _freeze_heap: the loaded state, out of the collector's sight
 
     @classmethod
     def for_bundle(cls, engine: Engine, bundle: AlignerBundle, settings: Settings) -> ServingState:
@@ -540,15 +539,11 @@ class ServingState:
 
 
 def _freeze_heap() -> None:
-    """Collect once, then move every live object out of the cyclic collector's sight
-    (``gc.freeze``). A loaded state is hundreds of thousands of long-lived objects (item
-    ids, the model, the index's wrappers), and each full collection scanned them all while
-    every request waited: a 121 ms pause at 100k items, which set the p99 of a whole run
-    (benchmarks/scorer_latency.py). Frozen objects are still freed by reference counting;
-    the cycles a swap leaves behind are collected here, at the swap (a one-off pause per
-    model or index version), before the new state is frozen in turn. Start-up freezes
-    without collecting (``__init__``): a process holds one first load, and a collection
-    there cost every test that builds a state half a second."""
+    """Where the serving process froze its heap (``said.wiring.serving_app``): collect what
+    the swap left behind, then freeze the new state in turn (a one-off pause per model or
+    index version). A process that never froze (tests, the demo) is left alone."""
+    if gc.get_freeze_count() == 0:
+        return
     gc.unfreeze()
     gc.collect()
     gc.freeze()

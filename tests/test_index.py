@@ -122,3 +122,41 @@ def test_hnsw_recall_against_exact_with_uneven_norms():
     assert approx.approximate and recall > 0.95
     np.testing.assert_allclose(sa[:, 0], se[:, 0], rtol=1e-3), "scores are true inner products"
     np.testing.assert_allclose(approx.vector(7), v[6], atol=1e-5)
+
+
+def test_band_pruning_returns_what_searching_every_band_returns(tmp_path, monkeypatch):
+    """A band is skipped only when none of its items can enter a top k (Cauchy-Schwarz):
+    the pruned search equals the full one, across norms spanning 2^17, replaced, new and
+    removed items, excluded ids, batches and k larger than a band; and it does prune."""
+    import scorer.index as ix
+
+    rng = np.random.default_rng(7)
+    n, dim = 4000, 4  # few dimensions: the bound is nearly tight, so pruning is tested hard
+    v = _vecs(n, dim, seed=7) * np.exp2(rng.uniform(-15, 2, (n, 1))).astype(np.float32)
+    idx = ItemIndex(dim, hnsw_min_items=1)
+    idx.build(np.arange(1, n + 1), v)
+    assert len(idx.mains) >= 12
+    idx.upsert(np.array([3, n + 1]), np.stack([v[2] * 8, v[10]]))  # one replaced, one new
+    idx.remove(np.array([5, 6]))
+    queries = np.concatenate([_vecs(64, dim, seed=8) * 5, _vecs(4, dim, seed=9) * 1e-3])
+    searched = []
+    real = ItemIndex._search_tier
+
+    def counted(self, tier, *args):
+        searched.append(tier)
+        return real(self, tier, *args)
+
+    monkeypatch.setattr(ItemIndex, "_search_tier", counted)
+    for index in (idx, ItemIndex.load(idx.save(tmp_path, "p"), 1)):
+        for k in (1, 10, 300):  # 300: more than some bands hold (-inf padding)
+            for rows in (queries, *queries[:8]):
+                for exclude in (None, {3, 7, n + 1}):
+                    scores, ids = index.search(rows, k, exclude)
+                    with monkeypatch.context() as m:
+                        m.setattr(ix, "_beaten", lambda *a: False)
+                        all_scores, all_ids = index.search(rows, k, exclude)
+                    np.testing.assert_array_equal(ids, all_ids)
+                    np.testing.assert_allclose(scores, all_scores, rtol=1e-5)
+        searched.clear()
+        index.search(queries[0], 1)
+        assert len(searched) < len(index.mains) + 1, "a large query's top 1 needs few bands"
