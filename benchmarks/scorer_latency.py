@@ -218,9 +218,8 @@ def factory():
     import torch
 
     from core.db import make_engine
-    from said.wiring import freeze_heap
     from scorer.app import create_app
-    from scorer.state import ServingState
+    from scorer.state import ServingState, freeze_heap
 
     torch.set_num_threads(1)  # as `said scorer serve` does
     engine = make_engine(os.environ["BENCH_URL"])

@@ -7,7 +7,6 @@ whole and hands each service its own section.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 
@@ -30,7 +29,7 @@ from models.aligner import FrozenLM
 from models.bundle import AlignerBundle
 from models.llm import load_adapter_state, load_llm, pick_device
 from scorer.app import create_app
-from scorer.state import ServingState
+from scorer.state import ServingState, freeze_heap
 from updater.full_align import align_catalogue
 from updater.retrain import retrain_once, run_retrainer
 from updater.worker import UpdateWorker
@@ -157,19 +156,6 @@ def serving_app() -> FastAPI:
     app = api_app(settings, serving_state(settings))
     freeze_heap()
     return app
-
-
-def freeze_heap() -> None:
-    """Collect once, then move every live object out of the cyclic collector's sight
-    (``gc.freeze``). A loaded serving state is hundreds of thousands of long-lived objects
-    (item ids, the model, the index's wrappers), and each full collection scanned them all
-    while every request waited: a 121 ms pause at 100k items, which set the p99 of a whole
-    run (benchmarks/scorer_latency.py). Frozen objects are still freed by reference
-    counting; a swap to a new version collects and freezes again (``scorer.state``). Only a
-    serving process does this: in a process that also trains (the demo) or builds many
-    states (tests), frozen cyclic garbage would pile up."""
-    gc.collect()
-    gc.freeze()
 
 
 def retrain(settings: Settings, engine: Engine | None = None, aligner_version: str | None = None) -> dict:

@@ -325,7 +325,7 @@ class ServingState:
         """Serve ``served`` from the next request on, then freeze the new heap."""
         with self.lock:
             self.served = served
-        _freeze_heap()
+        refreeze_heap()
 
     # --- refresh -----------------------------------------------------------------------
     def refresh(self) -> int:
@@ -538,12 +538,24 @@ class ServingState:
         return get
 
 
-def _freeze_heap() -> None:
-    """Where the serving process froze its heap (``said.wiring.serving_app``): collect what
-    the swap left behind, then freeze the new state in turn (a one-off pause per model or
+def freeze_heap() -> None:
+    """Collect once, then move every live object out of the cyclic collector's sight
+    (``gc.freeze``). A loaded serving state is hundreds of thousands of long-lived objects
+    (item ids, the model, the index's wrappers), and each full collection scanned them all
+    while every request waited: a 121 ms pause at 100k items, which set the p99 of a whole
+    run (benchmarks/scorer_latency.py). Frozen objects are still freed by reference
+    counting. Only a serving process calls this (``said.wiring.serving_app``): in a process
+    that also trains (the demo) or builds many states (tests), frozen cyclic garbage would
+    pile up."""
+    gc.collect()
+    gc.freeze()
+
+
+def refreeze_heap() -> None:
+    """After a swap, where the serving process froze its heap: unfreeze, then collect what
+    the swap left behind and freeze the new state in turn (a one-off pause per model or
     index version). A process that never froze (tests, the demo) is left alone."""
     if gc.get_freeze_count() == 0:
         return
     gc.unfreeze()
-    gc.collect()
-    gc.freeze()
+    freeze_heap()
