@@ -85,8 +85,10 @@ class ItemIndex:
         removed = np.zeros(0, dtype=np.int64) if removed is None else removed
         self._removed = set(removed[self._contains_main(removed)].tolist()) - set(delta_ids.tolist())
         self._reset_selector()
-        # M^2 of each augmented band: all its stored vectors have exactly this norm
-        self._m2 = [_first_norm2(m) for m in self.mains]
+        # each main tier with M^2, the squared norm all its stored vectors have (augmented
+        # bands), largest first: the order ``search`` prunes in
+        m2 = [_first_norm2(m) for m in self.mains]
+        self._by_norm = sorted(zip(self.mains, m2, strict=True), key=lambda band: -band[1])
 
     def _contains_main(self, ids: np.ndarray) -> np.ndarray:
         inside = ids < len(self._band)
@@ -184,8 +186,7 @@ class ItemIndex:
         )
         results = [self._search_tier(self.delta, 0.0, queries, k, excl)] if self.delta.ntotal else []
         norms = np.linalg.norm(queries, axis=1)  # (Q,)
-        by_norm = sorted(zip(self.mains, self._m2, strict=True), key=lambda band: -band[1])
-        for tier, m2 in by_norm:  # HNSW bands, largest norms first (one exact tier: m2 unused)
+        for tier, m2 in self._by_norm:  # HNSW bands, largest norms first (one exact tier: m2 unused)
             if tier.d != self.dim and _beaten(results, k, norms * np.sqrt(m2)):
                 break  # no item of this band, nor of any band after it, can enter a top k
             results.append(self._search_tier(tier, m2, queries, k, main_sel))
@@ -294,7 +295,8 @@ def _norm_bands(vectors: np.ndarray) -> list[np.ndarray]:
 def _beaten(results: list[tuple[np.ndarray, np.ndarray]], k: int, bound: np.ndarray) -> bool:
     """True when every query's k-th best score so far is at least ``bound``, its largest
     possible score in the next band (q.x <= |q| M, Cauchy-Schwarz): the bands after it have
-    smaller norms, so searching them cannot change any top k. The pruning is exact; at 100k
+    smaller norms, so searching them cannot change any top k. The pruning is exact up to float
+    rounding (the bound is compared with scores recovered from L2 distances); at 100k
     items with log-normal norms most queries stop after the top bands (see
     benchmarks/scorer_latency.py)."""
     if not results:
