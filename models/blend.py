@@ -7,12 +7,16 @@ composite (0.142 against 0.0087 NDCG@10): half its hits were one brand's held-ou
 bought after the same brand's items. Pooled text carries the brand; a student that maps
 text into the ID teacher's space loses it. This asks whether scoring cold items with the
 text scorer itself, on the composite's gate and a boost, keeps the warm side and reaches
-text on the cold one. Each item's score is
+text on the cold one. Each scorer's scores are first put on log-probabilities (its
+log-softmax over the items it scores: ``log_probs``), then each item's score is
 
-    g_i * (u_id . e_i) + (1 - g_i) * (u_text . t_i + boost)
+    g_i * (u_id . e_i - Z_id(u)) + (1 - g_i) * (u_text . t_i - Z_text(u) + boost)
 
-which is still one inner product of concatenated vectors ([g e ; (1 - g) t ; 1 - g] and
-[u_id ; u_text ; boost]), so it could be served from one FAISS index; it is not served yet.
+with Z each side's log-normaliser for this user. Z_id(u) is the same for every item, so
+a ranking needs only their difference, per user: the score is still one inner product of
+concatenated vectors ([g e ; (1 - g) t ; 1 - g] and [u_id ; u_text ; Z_id - Z_text +
+boost]), so it could be served from one FAISS index (each query then also needs its two
+log-normalisers over the catalogue); it is not served yet.
 """
 
 from __future__ import annotations
@@ -41,24 +45,24 @@ class Blend(nn.Module):
         rows = torch.zeros(len(g), u.shape[1], device=u.device)
         n = min(len(g) - 1, c.teacher.cfg.n_items)
         rows[1 : n + 1] = c.teacher.item_vectors()[1 : n + 1]  # (N+1, h) ID rows, 0 where none
-        warm = u @ rows.T  # (B, N+1)
-        text = self.text.predict(seqs, blocked)  # (B, N+1), -inf where masked
-        cold = self.on_scale_of(text, warm, g > 0) + self.boost
+        trained = g > 0  # (N+1,) items the ID side scores
+        warm = log_probs(u @ rows.T, trained)  # (B, N+1) log P_id(i | history), 0 where untrained
+        cold = log_probs(self.text.predict(seqs, blocked)) + self.boost  # log P_text(i | history)
         blend = g * warm + (1 - g) * cold
         return torch.where(g == 1, warm.masked_fill(torch.isinf(cold), float("-inf")), blend)
 
-    @staticmethod
-    def on_scale_of(text: torch.Tensor, warm: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
-        """(B, N+1) text scores moved, per user, to the mean and spread of that user's ID
-        scores over the ``trained`` items: the two scorers' logits have their own scales,
-        and a boost alone (an offset) chose the grid's edge. Per user it is one scale and
-        one offset, so the score stays one inner product (a scaled text query, and the
-        offset in the boost slot)."""
-        real = ~torch.isinf(text)  # (B, N+1)
-        t = text.masked_fill(~real, 0.0)
-        n_t = real.sum(1, keepdim=True).clamp(min=1)
-        mean_t = t.sum(1, keepdim=True) / n_t
-        std_t = ((t - mean_t).pow(2) * real).sum(1, keepdim=True).div(n_t).sqrt().clamp(min=1e-6)
-        w = warm[:, trained]  # (B, W)
-        mean_w, std_w = w.mean(1, keepdim=True), w.std(1, keepdim=True)
-        return (text - mean_t) / std_t * std_w + mean_w  # -inf stays -inf
+
+def log_probs(scores: torch.Tensor, over: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N+1) scores -> each user's log-softmax over the items ``over`` (default: every
+    item whose score is finite), 0 elsewhere outside ``over``; -inf stays -inf.
+
+    Why: both scorers are trained by full-softmax cross-entropy, so their log-softmax is
+    each one's estimate of log P(next item | history), a scale they share. Moving text
+    scores to the mean and spread of the ID scores (tried first) matched the bulk of the
+    catalogue, not the top of a user's list, and its boost sat at the grid's edge. Per user
+    it is one offset (the two log-normalisers' difference), so the score stays one inner
+    product: the offset goes in the boost slot."""
+    if over is None:
+        return torch.log_softmax(scores, 1)
+    out = torch.log_softmax(scores.masked_fill(~over, float("-inf")), 1)
+    return out.masked_fill(~over, 0.0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from core.settings import CompositeSettings
-from models.blend import Blend
+from models.blend import Blend, log_probs
 from models.composite import Composite
 from models.ranking import recall_ndcg
 from models.sasrec import SASRec, SASRecConfig
@@ -308,16 +308,16 @@ def test_the_blend_scores_warm_items_by_id_and_cold_ones_by_the_text_scorer():
     with torch.no_grad():
         blend.boost.fill_(0.5)
         got = blend.predict(seqs)[0]
-        by_id = composite.user_vector(seqs)[0, :-1] @ composite.teacher.item_vectors().T
-        by_text = Blend.on_scale_of(text.predict(seqs), by_id[None], counts > 0)[0]
+        by_id = log_probs(_id_scores(composite, seqs), counts > 0)[0]
+        by_text = log_probs(text.predict(seqs))[0]
     assert got[0] == float("-inf"), "padding never ranks"
     assert torch.allclose(got[9:], by_text[9:] + 0.5, atol=1e-5), "cold: the text scorer, boosted"
     assert torch.allclose(got[1:9], by_id[1:9], atol=1e-5), "warm (hard switch): the ID side"
     composite.kappa.fill_(1.0)  # items with 1 click: half each
     with torch.no_grad():
         half = blend.predict(seqs)[0]
-        by_id = composite.user_vector(seqs)[0, :-1] @ composite.teacher.item_vectors().T
-        by_text = Blend.on_scale_of(text.predict(seqs), by_id[None], counts > 0)[0]
+        by_id = log_probs(_id_scores(composite, seqs), counts > 0)[0]
+        by_text = log_probs(text.predict(seqs))[0]
     assert torch.allclose(half[3], 0.5 * by_id[3] + 0.5 * (by_text[3] + 0.5), atol=1e-5)
     for kappa in (0.0, 1.0):  # a blocked item never ranks, warm or cold, and nothing is NaN
         composite.kappa.fill_(kappa)
@@ -326,13 +326,18 @@ def test_the_blend_scores_warm_items_by_id_and_cold_ones_by_the_text_scorer():
         assert blocked[[0, 2, 9]].eq(float("-inf")).all() and not blocked.isnan().any()
 
 
-def test_text_scores_move_to_each_users_id_score_scale():
-    text = torch.tensor([[float("-inf"), 10.0, 20.0, 30.0], [float("-inf"), 1.0, 1.0, 4.0]])
-    warm = torch.tensor([[0.0, 1.0, 2.0, 9.0], [0.0, -1.0, 1.0, 9.0]])
+def _id_scores(composite: Composite, seqs: torch.Tensor) -> torch.Tensor:
+    """(B, N+1) the ID side's raw scores: the composite's query against the teacher's rows."""
+    return composite.user_vector(seqs)[:, :-1] @ composite.teacher.item_vectors().T
+
+
+def test_each_scorer_is_put_on_log_probabilities_over_its_own_items():
+    scores = torch.tensor([[float("-inf"), 1.0, 2.0, 30.0], [float("-inf"), 0.0, 0.0, 4.0]])
     trained = torch.tensor([False, True, True, False])  # the ID side's items: 1 and 2
-    moved = Blend.on_scale_of(text, warm, trained)
-    assert moved[:, 0].eq(float("-inf")).all(), "masked stays masked"
-    real = moved[:, 1:]
-    assert torch.allclose(real.mean(1), warm[:, 1:3].mean(1)), "each user's ID mean"
-    assert torch.allclose(real.std(1, unbiased=False), warm[:, 1:3].std(1)), "and spread"
-    assert moved[0, 3] > moved[0, 2] > moved[0, 1], "the text scorer's order is kept"
+    warm = log_probs(scores, trained)
+    assert torch.allclose(warm[:, 1:3].exp().sum(1), torch.ones(2)), "a distribution over 1 and 2"
+    assert warm[:, [0, 3]].eq(0).all(), "0 outside them (their gate weight is 0)"
+    assert abs(float(warm[0, 2] - warm[0, 1]) - 1.0) < 1e-6, "the scorer's own order and gaps are kept"
+    every = log_probs(scores)
+    assert every[:, 0].eq(float("-inf")).all(), "masked stays masked"
+    assert torch.allclose(every[:, 1:].exp().sum(1), torch.ones(2)), "over every finite item"
