@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import uvicorn
 
+from consumers.runner import ConsumeLoop
 from core.catalogue import count_rows
 from core.dataset import load_dataset
 from core.db import make_engine
@@ -58,6 +59,8 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
             session_timeout_ms=2000,
             align_epochs=demo.align_epochs,
             align_batch=demo.align_batch,
+            fidelity_exact_items=demo.decoded,
+            reference_items=demo.reference_items,
             retrain_poll_s=5.0,
             worker_batch=8,
             index_refresh_s=0.2,
@@ -68,7 +71,7 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
         replay_dataset(settings.kafka.client_config(), ds)
         for topic in wiring.TOPIC_HANDLERS:  # items first: interactions then find theirs
             loop = wiring.consume_loop(settings, topic, engine)
-            stats = loop.run(idle_exit=2.0)
+            stats = loop.run(idle_exit=DRAINED_S)
             summary[f"{loop.handler.name}: stored / dead-lettered"] = (
                 f"{stats.stored} / {stats.dead_lettered}"
             )
@@ -129,7 +132,7 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
         try:
             _wait_ready(api)
             log.info("demo: serving on %s; publishing %d fresh items", url, demo.fresh)
-            time.sleep(3)  # the item consumer joins its group
+            _wait_assigned(item_loop)  # fresh items are timed from their event, not from a join
             fresh = _publish_fresh_items(settings, ds, demo.fresh, api)
             secs = [f["servable_s"] for f in fresh if f["servable_s"] is not None]
             if secs:
@@ -190,6 +193,19 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
 def _random_ndcg(n_items: int) -> float:
     """Expected NDCG@10 of a uniformly random ranking of n items (the floor to beat)."""
     return sum(1 / np.log2(r + 2) for r in range(min(10, n_items))) / n_items
+
+
+DRAINED_S = 1.0  # a loop started after its events were written has drained them once idle this long
+
+
+def _wait_assigned(loop: ConsumeLoop, timeout: float = 30.0) -> None:
+    """Until ``loop``'s consumer owns a partition (its group join), polled: a fixed sleep
+    was 3 s where the join takes under one, and too short where it takes more."""
+    deadline = time.monotonic() + timeout
+    while not loop.assigned:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the {loop.handler.name} consumer was not assigned a partition in {timeout}s")
+        time.sleep(0.05)
 
 
 def _wait_ready(api: httpx.Client, timeout: float = 30.0) -> None:
@@ -278,7 +294,7 @@ def _retrain_after_clicks(
             event = {"event_id": f"{f['item_id']}:{user}", "user_id": user, "item_id": f["item_id"]}
             events.append((user, event | {"type": "click", "event_time": at}))
     produce_events(settings.kafka.client_config(), TOPIC_INTERACTIONS, iter(events), len(events))
-    wiring.consume_loop(settings, "interactions", engine).run(idle_exit=2.0)
+    wiring.consume_loop(settings, "interactions", engine).run(idle_exit=DRAINED_S)
     record = wiring.retrain(settings, engine, state.aligner_version)
     served = record["version"] if record["promoted"] else None
     deadline = time.monotonic() + 30
