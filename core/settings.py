@@ -493,13 +493,14 @@ class DemoSettings(Section):
         100,
         ge=1,
         description="Catalogue items the demo greedily decodes for its exact-rebuild figure (the "
-        "slow part of its fidelity pass: 200 took 15 s of a 5-minute demo).",
+        "slow part of its fidelity pass: 200 took 15 s of a 5-minute demo); in the demo it "
+        "replaces SAID_FIDELITY_EXACT_ITEMS.",
     )
     reference_items: int = Field(
         8,
         ge=1,
         description="Catalogue items the demo puts through the fresh path as a reference (16 took "
-        "36 s of a 5-minute demo).",
+        "36 s of a 5-minute demo); in the demo it replaces SAID_REFERENCE_ITEMS.",
     )
 
 

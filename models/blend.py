@@ -45,8 +45,10 @@ class Blend(nn.Module):
         rows = torch.zeros(len(g), u.shape[1], device=u.device)
         n = min(len(g) - 1, c.teacher.cfg.n_items)
         rows[1 : n + 1] = c.teacher.item_vectors()[1 : n + 1]  # (N+1, h) ID rows, 0 where none
-        trained = g > 0  # (N+1,) items the ID side scores
-        warm = log_probs(u @ rows.T, trained)  # (B, N+1) log P_id(i | history), 0 where untrained
+        scored = g > 0  # (N+1,) items the ID side scores: trained ones, not blocked
+        if blocked is not None:
+            scored[blocked] = False  # both sides normalise over the items that can rank
+        warm = log_probs(u @ rows.T, scored)  # (B, N+1) log P_id(i | history), 0 elsewhere
         cold = log_probs(self.text.predict(seqs, blocked)) + self.boost  # log P_text(i | history)
         blend = g * warm + (1 - g) * cold
         return torch.where(g == 1, warm.masked_fill(torch.isinf(cold), float("-inf")), blend)
@@ -54,7 +56,8 @@ class Blend(nn.Module):
 
 def log_probs(scores: torch.Tensor, over: torch.Tensor | None = None) -> torch.Tensor:
     """(B, N+1) scores -> each user's log-softmax over the items ``over`` (default: every
-    item whose score is finite), 0 elsewhere outside ``over``; -inf stays -inf.
+    item whose score is finite), 0 elsewhere outside ``over``; -inf stays -inf (a row
+    with no finite score would be NaN: a history always leaves some item to rank).
 
     Why: both scorers are trained by full-softmax cross-entropy, so their log-softmax is
     each one's estimate of log P(next item | history), a scale they share. Moving text

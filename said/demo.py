@@ -132,7 +132,7 @@ def run_demo(settings: Settings, dataset: Path, keep_serving: bool = False) -> d
         try:
             _wait_ready(api)
             log.info("demo: serving on %s; publishing %d fresh items", url, demo.fresh)
-            _wait_assigned(item_loop)  # fresh items are timed from their event, not from a join
+            _wait_assigned(item_loop, threads[2])  # fresh items are timed from their event, not a join
             fresh = _publish_fresh_items(settings, ds, demo.fresh, api)
             secs = [f["servable_s"] for f in fresh if f["servable_s"] is not None]
             if secs:
@@ -195,14 +195,17 @@ def _random_ndcg(n_items: int) -> float:
     return sum(1 / np.log2(r + 2) for r in range(min(10, n_items))) / n_items
 
 
-DRAINED_S = 1.0  # a loop started after its events were written has drained them once idle this long
+DRAINED_S = 2.0  # a loop started after its events were written has drained them once idle this long
 
 
-def _wait_assigned(loop: ConsumeLoop, timeout: float = 30.0) -> None:
-    """Until ``loop``'s consumer owns a partition (its group join), polled: a fixed sleep
-    was 3 s where the join takes under one, and too short where it takes more."""
+def _wait_assigned(loop: ConsumeLoop, thread: threading.Thread, timeout: float = 30.0) -> None:
+    """Until ``loop``'s consumer (run by ``thread``) owns a partition (its group join),
+    polled: a fixed sleep was 3 s where the join takes under one, and too short where it
+    takes more. A loop whose thread died never joins: that is said at once."""
     deadline = time.monotonic() + timeout
     while not loop.assigned:
+        if not thread.is_alive():
+            raise RuntimeError(f"the {loop.handler.name} consumer stopped before joining its group")
         if time.monotonic() > deadline:
             raise TimeoutError(f"the {loop.handler.name} consumer was not assigned a partition in {timeout}s")
         time.sleep(0.05)

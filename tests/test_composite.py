@@ -11,6 +11,7 @@ from models.composite import Composite
 from models.ranking import recall_ndcg
 from models.sasrec import SASRec, SASRecConfig
 from training.composite import Judges, choose, judges_for, teacher_states, train_student
+from training.evaluate import by_target_validation
 from training.mixed import (
     by_target,
     compare,
@@ -290,6 +291,10 @@ def test_judges_stop_on_the_cold_users_mrr_and_ignore_too_few_of_them():
     )
     assert judged.cold is not None and abs(judged.stopping()(model) - 1 / (rank + 1)) < 1e-6, "MRR"
     few = judges_for(warm, cold, CPU, min_cold=2)
+    text = SASRec(SASRecConfig(n_items=10, hidden=8, max_len=8, dropout=0.0), torch.randn(11, 12)).eval()
+    both = by_target_validation(text, judged)  # a plain variant's figures, split as a composite's
+    assert both == {"val_warm_ndcg@10": judged.warm(text), "val_cold_ndcg@10": judged.cold(text)}
+    assert by_target_validation(text, few)["val_cold_ndcg@10"] == 0.0, "no cold judge: no cold figure"
     assert few.cold is None and few.stopping() is few.warm and few.n_cold == 0
 
 

@@ -32,7 +32,7 @@ from models.composite import Composite
 from models.llm import load_llm, pick_device
 from models.sasrec import SASRec, SASRecConfig, init_id_rows, principal_axes
 from training.align import code_version
-from training.composite import judges_for, pick_gate_and_boost, train_student
+from training.composite import Judges, judges_for, pick_gate_and_boost, train_student
 from training.mixed import (
     HALVES_SEED,
     MixedSplit,
@@ -360,7 +360,15 @@ def train_mixed(
     model.impute_residuals()
     if trained.variant in ("id", *BLEND_PARTS):  # only the parts of others are read back
         teachers[(trained.variant, seed)] = model
-    return model, info
+    return model, info | by_target_validation(model, judged)
+
+
+def by_target_validation(model: SASRec, judged: Judges) -> dict:
+    """A plain variant's validation NDCG@10 on warm-target and cold-validation users, as a
+    composite reports at each of its choices: where ``text`` itself sits on validation is
+    what says whether a composite choice could reach it on cold users."""
+    cold = judged.cold(model) if judged.cold else 0.0
+    return {"val_warm_ndcg@10": judged.warm(model), "val_cold_ndcg@10": cold}
 
 
 def _kept(
