@@ -339,12 +339,40 @@ class CompositeSettings(Section):
     )
 
     boosts: tuple[float, ...] = Field(
-        (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0),
+        (-16.0, -12.0, -8.0, -6.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0),
         description=(
             "Score offset of student-scored items (calibration) candidates, comma-separated; "
-            "picked with the gate on validation. Negative ones lower a student that scores its "
-            "items above the warm ones (a small catalogue's student: its items flooded warm "
-            "users' top 10)."
+            "picked with the gate and the similarity on validation. Negative ones lower a "
+            "student that scores its items above the warm ones (a small catalogue's student: "
+            "its items flooded warm users' top 10), and with a similarity weight they set its "
+            "threshold (-8 with 16: a cold item gains only where its content is more than 0.5 "
+            "similar to the history)."
+        ),
+    )
+    similarities: tuple[float, ...] = Field(
+        (0.0, 4.0, 8.0, 16.0, 32.0),
+        description=(
+            "Weight candidates of the content-similarity term of student-scored items (their "
+            "content's cosine to the user's recent history, models/composite.py), "
+            "comma-separated; picked with the gate and the boost on validation. 0: off."
+        ),
+    )
+    similarity_dims: int = Field(
+        64,
+        ge=0,
+        description=(
+            "Content axes the similarity term compares (the student input's leading "
+            "principal axes); scoring vectors grow by twice this. 0: no similarity term."
+        ),
+    )
+    similarity_recency: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description=(
+            "Weight of each older history step against the next newer one in the similarity "
+            "term's history vector: 0.05 is mostly the last item, which beat 0.5 on beauty-2k "
+            "validation (a brand's line is bought after that brand's last item)."
         ),
     )
 
@@ -353,14 +381,15 @@ class CompositeSettings(Section):
         ge=0,
         lt=1,
         description=(
-            "How much of the best warm validation NDCG@10 the choice of gate and boost may give "
+            "How much warm validation NDCG@10 the choice of gate, boost and similarity may give "
             "up for cold users: it takes the best cold figure among choices within this share "
-            "of the best warm one (training/composite.py, choose). 0.02: the target's own "
-            "allowance, warm users at 0.98 x the ID scorer."
+            "of the ID teacher's warm figure, or of the best choice's where that is lower "
+            "(training/composite.py, choose). 0.02: the target's own allowance, warm users at "
+            "0.98 x the ID scorer."
         ),
     )
 
-    @field_validator("gate_kappas", "boosts", mode="before")
+    @field_validator("gate_kappas", "boosts", "similarities", mode="before")
     @classmethod
     def _comma_separated(cls, v: object) -> object:
         return tuple(float(x) for x in v.split(",")) if isinstance(v, str) else v

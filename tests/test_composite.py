@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from core.files import load_torch, save_torch
 from core.settings import CompositeSettings
 from models.blend import Blend, log_probs
-from models.composite import Composite
+from models.composite import Composite, load_composite, save_composite
 from models.ranking import recall_ndcg
 from models.sasrec import SASRec, SASRecConfig
 from training.composite import Judges, choose, judges_for, teacher_states, train_student
@@ -152,6 +153,48 @@ def test_the_boost_lifts_student_scored_items_by_exactly_their_student_share():
     assert torch.allclose((one @ model.item_vectors().T)[0, 1:], after[0, 1:], atol=1e-4), "one inner product"
 
 
+def test_the_similarity_term_lifts_cold_items_like_the_last_item_in_one_inner_product():
+    """An item without interactions gains gamma * <m_u, z_i>: most where its content is the
+    user's last item's; warm items are untouched (hard switch), and the served path (the
+    history's scoring vectors in, one query out) scores exactly as evaluation does."""
+    torch.manual_seed(0)
+    rows = torch.randn(11, 8)
+    counts = torch.tensor([0, 5, 5, 1, 1, 2, 2, 3, 3, 0, 0.0])  # items 9 and 10 are cold
+    content = torch.randn(11, 12)
+    content[10] = content[4] * 3  # item 10 reads like item 4 (same direction, more of it)
+    model = Composite(_teacher(rows), content, counts, dropout=0.0, similarity_dims=6, recency=0.05).eval()
+    assert model.cfg.hidden == 8 + 1 + 2 * 6 and model.item_vectors().shape == (11, 21)
+    history = torch.tensor([[0, 3, 4]])  # item 4 last
+    with torch.no_grad():
+        before = model.predict(history)[0]
+        model.similarity.fill_(4.0)
+        model.boost.fill_(-1.0)
+        after = model.predict(history)[0]
+        served = model.query(model.item_vectors(history[:, 1:])) @ model.item_vectors().T  # (1, N+1)
+        z = torch.nn.functional.normalize(model._student_input(content)[:, :6], dim=1)
+    assert torch.allclose(after[1:9], before[1:9], atol=1e-5), "warm items untouched"
+    m = (0.05 * z[3] + z[4]) / 1.05  # the history's recency-weighted content
+    for cold in (9, 10):
+        assert torch.allclose(after[cold] - before[cold], 4.0 * m @ z[cold] - 1.0, atol=1e-4)
+    assert after[10] - before[10] > after[9] - before[9], "the look-alike of the last item gains most"
+    assert torch.allclose(served[0, 1:], after[1:], atol=1e-4), "one inner product, as served"
+
+
+def test_a_composite_file_from_before_the_similarity_term_still_loads(tmp_path):
+    torch.manual_seed(0)
+    model = Composite(_teacher(torch.randn(11, 8)), torch.randn(11, 12), torch.tensor([0] + [2.0] * 10), 0.1)
+    path = save_composite(tmp_path / "c.pt", model.eval(), {"v": 1})
+    saved = load_torch(path)
+    del saved["similarity_dims"]  # what an older version wrote
+    saved["state"] = {k: v for k, v in saved["state"].items() if k not in ("similarity", "recency")}
+    save_torch(saved, path)
+    loaded, meta = load_composite(path)
+    history = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert loaded.cfg.hidden == 9 and torch.allclose(loaded.predict(history), model.predict(history))
+    assert meta == {"v": 1}
+
+
 def test_the_gate_is_picked_on_validation():
     torch.manual_seed(0)
     rows = torch.randn(11, 8)
@@ -217,14 +260,28 @@ def test_the_choice_spends_a_little_warm_for_cold_users_never_more():
     """Mixed validation (95% warm) chose the boost that buries cold items; the rule takes the
     best cold figure among choices within the warm tolerance of the best warm one."""
     figures = {
-        (10.0, -2.0): (0.0940, 0.002),  # best warm: every cold item buried
-        (10.0, 0.0): (0.0935, 0.030),  # 0.5% less warm, cold served: chosen at 1%
-        (0.0, 1.0): (0.0900, 0.060),  # best cold, 4% less warm: too costly
+        (10.0, -2.0, 0.0): (0.0940, 0.002),  # best warm: every cold item buried
+        (10.0, 0.0, 0.0): (0.0935, 0.030),  # 0.5% less warm, cold served: chosen at 1%
+        (0.0, 1.0, 0.0): (0.0900, 0.060),  # best cold, 4% less warm: too costly
     }
-    assert choose(figures, 0.01) == (10.0, 0.0)
-    assert choose(figures, 0.0) == (10.0, -2.0), "no tolerance: the best warm figure"
-    assert choose(figures, 0.05) == (0.0, 1.0)
-    assert choose({(0.0, -1.0): (0.1, 0.0), (0.0, 0.0): (0.1, 0.0)}, 0.01) == (0.0, 0.0), "ties: no boost"
+    assert choose(figures, 0.01) == (10.0, 0.0, 0.0)
+    assert choose(figures, 0.0) == (10.0, -2.0, 0.0), "no tolerance: the best warm figure"
+    assert choose(figures, 0.05) == (0.0, 1.0, 0.0)
+    ties = {(0.0, -1.0, 0.0): (0.1, 0.0), (0.0, 0.0, 8.0): (0.1, 0.0), (0.0, 0.0, 0.0): (0.1, 0.0)}
+    assert choose(ties, 0.01) == (0.0, 0.0, 0.0), "ties: no boost, no similarity"
+
+
+def test_the_choice_may_spend_the_composites_gain_over_the_teacher():
+    """The allowance is measured from the ID teacher's warm figure (the target's), or from
+    the best choice's where that is lower: never a bar no choice clears."""
+    figures = {
+        (10.0, 0.0, 0.0): (0.0940, 0.013),  # the composite's best warm, above the teacher's
+        (10.0, -4.0, 16.0): (0.0890, 0.066),  # 5% below it, 1% below the teacher's 0.0899
+        (0.0, -2.0, 32.0): (0.0800, 0.150),  # far below both
+    }
+    assert choose(figures, 0.02) == (10.0, 0.0, 0.0), "no reference: 2% of the composite's best"
+    assert choose(figures, 0.02, reference=0.0899) == (10.0, -4.0, 16.0)
+    assert choose(figures, 0.02, reference=0.2) == (10.0, 0.0, 0.0), "a higher reference: the best"
 
 
 def test_the_student_stops_on_cold_users_and_reports_the_mixed_figure():
@@ -233,16 +290,18 @@ def test_the_student_stops_on_cold_users_and_reports_the_mixed_figure():
     calls = {"warm": 0, "cold": 0}
 
     def judge(group: str, value: float, per_boost: float):
-        def validate(m: Composite) -> float:
+        def validate(m: Composite | SASRec) -> float:
             calls[group] += 1
-            return value + per_boost * float(m.boost)
+            return value + per_boost * float(getattr(m, "boost", 0.0))  # the teacher has none
 
         return validate
 
     judged = Judges(judge("warm", 0.1, -0.01), judge("cold", 0.02, 0.01), 3, 1)
     cfg = CompositeSettings(epochs=3, patience=10, gate_kappas=(0.0,), boosts=(0.0, 1.0))
     _, info = train_student(model, [[1, 2, 3]], judged, cfg, CPU, False)
-    assert calls == {"warm": 2, "cold": 3 + 2}, "3 epochs stopped on cold users; each choice judged on both"
+    assert calls == {"warm": 1 + 2, "cold": 3 + 2}, (
+        "3 epochs stopped on cold users; the teacher's warm figure; each choice judged on both"
+    )
     assert info["boost"] == 0.0, "boost 1 costs 10% of the warm figure"
     assert abs(info["best_val_ndcg@10"] - (3 * 0.1 + 0.02) / 4) < 1e-9
 
@@ -274,10 +333,15 @@ def test_the_supervised_term_teaches_the_student_what_users_chose_next():
 def test_with_no_cold_judge_the_choice_leaves_fresh_items_unmoved():
     """Warm users also rank the items nobody clicked yet, so on them a negative boost wins
     by a hair; with no cold judge that must not bury every fresh item served later."""
-    figures = {(10.0, -2.0): (0.0980, 0.0), (10.0, 0.0): (0.0975, 0.0), (0.0, 0.0): (0.0970, 0.0)}
-    assert choose(figures, 0.02) == (10.0, 0.0)
-    assert choose(figures | {(10.0, 0.0): (0.09, 0.0)}, 0.02) == (0.0, 0.0)
-    assert choose({(10.0, -2.0): (0.098, 0.0), (10.0, 0.0): (0.090, 0.0)}, 0.02) == (10.0, -2.0), "beyond it"
+    figures = {
+        (10.0, -2.0, 0.0): (0.0980, 0.0),
+        (10.0, 0.0, 0.0): (0.0975, 0.0),
+        (0.0, 0.0, 0.0): (0.0970, 0.0),
+    }
+    assert choose(figures, 0.02) == (10.0, 0.0, 0.0)
+    assert choose(figures | {(10.0, 0.0, 0.0): (0.09, 0.0)}, 0.02) == (0.0, 0.0, 0.0)
+    beyond = {(10.0, -2.0, 0.0): (0.098, 0.0), (10.0, 0.0, 0.0): (0.090, 0.0)}
+    assert choose(beyond, 0.02) == (10.0, -2.0, 0.0), "beyond it"
 
 
 def test_judges_stop_on_the_cold_users_mrr_and_ignore_too_few_of_them():

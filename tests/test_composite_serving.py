@@ -139,8 +139,11 @@ def test_a_fresh_item_is_ranked_by_the_student_within_a_second_then_graduates(se
     assert g > 0 and not np.allclose(graduated, student, atol=1e-3), "its ID row now carries it"
     row = model.teacher.item_vectors(ids)[0].detach().numpy()
     now_student = model.content_vectors(torch.from_numpy(vector)[None])[0].detach().numpy()
-    assert np.allclose(graduated[:-1], g * row + (1 - g) * now_student[:-1], atol=1e-4), "gated"
-    assert np.isclose(graduated[-1], (1 - g) * now_student[-1], atol=1e-5), "boosted only as cold as it is"
+    h, r = len(row), model.r  # scoring vectors: [gated (h) | boost (1) | cold z (r) | warm z (r)]
+    assert np.allclose(graduated[:h], g * row + (1 - g) * now_student[:h], atol=1e-4), "gated"
+    assert np.isclose(graduated[h], (1 - g) * now_student[h], atol=1e-5), "boosted only as cold as it is"
+    z = now_student[h + 1 : h + 1 + r]  # a fresh item's content axes sit all in the cold block
+    assert np.allclose(graduated[h + 1 :], np.concatenate([(1 - g) * z, g * z]), atol=1e-5), "similarity"
 
 
 def test_the_guard_refuses_a_candidate_worse_on_cold_targets_only(served, monkeypatch, cli_env, capsys):
@@ -169,7 +172,8 @@ def test_the_guard_refuses_a_candidate_worse_on_cold_targets_only(served, monkey
         composite, info = real(composite, *args, **kwargs)
         composite.student.register_forward_hook(lambda _m, _x, out: torch.zeros_like(out))
         composite.boost.fill_(0.0)
-        return composite, info | {"boost": 0.0}
+        composite.similarity.fill_(0.0)  # nor does the content similarity lift them
+        return composite, info | {"boost": 0.0, "similarity": 0.0}
 
     def same_teacher(model, *_args, **_kwargs):
         """The teacher as warm-started: the active one's weights and rows, so warm targets

@@ -32,7 +32,7 @@ from models.composite import Composite
 from models.llm import load_llm, pick_device
 from models.sasrec import SASRec, SASRecConfig, init_id_rows, principal_axes
 from training.align import code_version
-from training.composite import Judges, judges_for, pick_gate_and_boost, train_student
+from training.composite import Judges, judges_for, new_composite, pick_gate_and_boost, train_student
 from training.mixed import (
     HALVES_SEED,
     MixedSplit,
@@ -347,7 +347,7 @@ def train_mixed(
     if trained.variant in COMPOSITES:
         teacher = _kept("id", replace(trained, table=None), split, settings, device, teachers, progress)
         torch.manual_seed(seed)  # after the teacher: a resumed run starts the student alike
-        composite = Composite(copy.deepcopy(teacher), trained.table, counts, settings.composite.dropout)
+        composite = new_composite(copy.deepcopy(teacher), trained.table, counts, settings.composite)
         composite, info = train_student(composite, split.train, judged, settings.composite, device, progress)
         if trained.variant in BLEND_PARTS:
             teachers[(trained.variant, seed)] = composite

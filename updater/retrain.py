@@ -60,7 +60,7 @@ from core.versions import (
 from core.versions import promote as promote_if_current
 from models.composite import Composite, load_composite, save_composite
 from models.sasrec import SASRec, SASRecConfig
-from training.composite import judges_for, train_student
+from training.composite import judges_for, new_composite, train_student
 from training.mixed import by_target, interaction_counts, interval, ndcg10, ranks_and_top
 from training.recommender import train_scorer, validator
 
@@ -198,7 +198,7 @@ def train_composite(
         blocked=sorted(data.cold),
     )
     torch.manual_seed(settings.scorer.seed)
-    composite = Composite(teacher, data.table, data.counts, settings.composite.dropout)
+    composite = new_composite(teacher, data.table, data.counts, settings.composite)
     composite, student = train_student(
         composite,
         train,
@@ -207,7 +207,7 @@ def train_composite(
         device,
         progress,
     )
-    kept = ("student_epochs", "kappa", "boost", "val_warm_ndcg@10", "val_cold_ndcg@10")
+    kept = ("student_epochs", "kappa", "boost", "similarity", "val_warm_ndcg@10", "val_cold_ndcg@10")
     return composite, info | {k: student[k] for k in kept}
 
 
@@ -217,7 +217,7 @@ def graduate(
     """The composite to serve once ``judged`` passed the guard: its teacher fine-tuned on
     every positive, the cold-validation items' too, so they graduate to ID rows at this
     promotion rather than the next, with the gate counted on the same. The student, its
-    input scaling, ``kappa`` and ``boost`` are the judged ones: they were chosen on the
+    input scaling, ``kappa``, ``boost`` and ``similarity`` are the judged ones: they were chosen on the
     cold-validation users, which the refit has no held-out stand-in for."""
     if not data.cold:
         return judged
@@ -227,7 +227,7 @@ def graduate(
     teacher, _ = train_scorer(
         teacher, full.train, validator(full.stopping, device), train_config(settings), device, progress
     )
-    served = Composite(teacher, data.table, full.counts, settings.composite.dropout)
+    served = new_composite(teacher, data.table, full.counts, settings.composite)
     kept = {k: v for k, v in judged.state_dict().items() if not k.startswith("teacher.") and k != "counts"}
     served.load_state_dict(kept, strict=False)
     return served.use_content(data.table).to(device)
@@ -323,7 +323,8 @@ def retrain_once(
         "student_epochs": info["student_epochs"],
         "kappa": info["kappa"],
         "boost": info["boost"],
-        # the chosen (kappa, boost) on the early-stopping slice: what the choice spent on warm
+        "similarity": info["similarity"],
+        # the chosen (kappa, boost, similarity) on the early-stopping slice: what the choice spent on warm
         "student_val_ndcg@10": {"warm": info["val_warm_ndcg@10"], "cold": info["val_cold_ndcg@10"]},
         "aligner_version": aligner_version,
         "warm_start": active[0] if known is not None else None,
