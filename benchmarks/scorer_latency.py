@@ -1,25 +1,26 @@
 """Scorer latency and throughput over HTTP on loopback, by catalogue size and request kind.
 
 Method: for each size, a SQLite catalogue of N items, 1,000 users with 20 clicks each, the
-served model (the warm/cold composite, 65-d scoring vectors; untrained: latency does not
-depend on training) and an index snapshot of N item vectors (the composite's, of synthetic
-clustered SAID vectors: the teacher's ID rows for the first min(N/2, 50,000), the student's
-for the rest, as for fresh items) are written; ``said scorer serve``'s app runs in its own
-process (uvicorn) exactly as in production: the index is exact below ``SAID_HNSW_MIN_ITEMS``
-(50,000) and HNSW above. The baseline, in the same run, is the first serving path: cosine
-similarity of 576-d SAID vectors, exact search (``--baseline-sizes``). Two request kinds are
-measured apart: ``user_id`` (a random one of the 1,000 users: the history is read from the
-catalogue, and a repeated one's query vector comes from the cache) and ``history`` (a random
-5-item history in the body). The load generator is ``wrk`` (Debian package; C) on 1 thread
-with 1 connection (latency alone) and 4 (under load), posting ``/recommend`` with k=10 for
-D seconds after a 2 s warm-up; its latency percentiles are client-side, and the table gives
-the cores wrk itself took (its CPU seconds over the wall seconds) on the 2 cores it shares
-with the server. Without wrk, a Python thread pool (httpx) stands in, and the table says
-so. Each catalogue is served by 1 and by 2 uvicorn worker processes (``--workers``).
-Figures are medians over runs. Recall@10 of the HNSW index against exact search is
-measured in-process on 500 composite queries from random histories over vectors with
-log-normal norms. ``--profile PREFIX`` also samples the server with py-spy during one more
-10 s run per point and prints the frames most often on the stack and at its top.
+served model (the warm/cold composite, 193-d scoring vectors with the similarity term;
+untrained: latency does not depend on training) and an index snapshot of N item vectors (the
+composite's, of synthetic clustered SAID vectors: the teacher's ID rows for the first
+min(N/2, 50,000), the student's for the rest, as for fresh items) are written; ``said scorer
+serve``'s app runs in its own process (uvicorn) exactly as in production: the index is exact
+below ``SAID_HNSW_MIN_ITEMS`` (50,000) and HNSW above. The baseline, in the same run, is the
+first serving path: cosine similarity of 576-d SAID vectors, exact search
+(``--baseline-sizes``). Two request kinds are measured apart: ``user_id`` (a random one of
+the 1,000 users: the history is read from the catalogue, and a repeated one's query vector
+comes from the cache) and ``history`` (a random 5-item history in the body). The load
+generator is ``wrk`` (Debian package; C) on 1 thread with 1 connection (latency alone) and 4
+(under load), posting ``/recommend`` with k=10 for D seconds after a 2 s warm-up; its
+latency percentiles are client-side, and the table gives the cores wrk itself took (its CPU
+seconds over the wall seconds) on the 2 cores it shares with the server. Without wrk, a
+Python thread pool (httpx) stands in, and the table says so. Each catalogue is served by 1
+and by 2 uvicorn worker processes (``--workers``). Figures are medians over runs. Recall@10
+of the HNSW index against exact search is measured in-process on 500 composite queries from
+random histories over vectors with log-normal norms. ``--profile PREFIX`` also samples the
+server with py-spy during one more 10 s run per point and prints the frames most often on
+the stack and at its top.
 
     python benchmarks/scorer_latency.py [--sizes 100000,1000000] [--clients 1,4] [--smoke]
 
@@ -45,7 +46,7 @@ import httpx
 import numpy as np
 from _bench import SMOKE_NOTE, rss_mib, wait_http  # a sibling module of the benchmarks
 
-from core.settings import ApiSettings, IndexSettings, Settings
+from core.settings import ApiSettings, CompositeSettings, IndexSettings, Settings
 from said.broker import free_port
 
 SAID_DIM = 576
@@ -86,14 +87,15 @@ def composite(n: int):
     scored as fresh items are. Latency does not depend on training."""
     import torch
 
-    from models.composite import Composite
     from models.sasrec import SASRec, SASRecConfig
+    from training.composite import new_composite
 
     warm = min(n // 2, WARM_ITEMS)
     torch.manual_seed(0)
     teacher = SASRec(SASRecConfig(n_items=warm))
     content = torch.from_numpy(synthetic(warm + 1, SAID_DIM, seed=1))
-    return Composite(teacher, content, torch.ones(warm + 1), dropout=0.0).eval()
+    cfg = CompositeSettings(dropout=0.0)  # the served shape: the similarity term's blocks too
+    return new_composite(teacher, content, torch.ones(warm + 1), cfg).eval()
 
 
 def build(folder: Path, n: int, mode: str) -> str:
@@ -184,7 +186,7 @@ def served_vectors(scorer, ids: np.ndarray) -> np.ndarray:
 
 def hnsw_recall(n: int, queries: int = 500) -> tuple[float, float, float]:
     """(recall@10 of HNSW vs exact on clustered vectors with log-normal norms, the same on
-    the vectors this benchmark serves, HNSW build seconds), n 65-d scoring vectors, queries
+    the vectors this benchmark serves, HNSW build seconds), n 193-d scoring vectors, queries
     from the untrained composite over random 5-item histories. The served vectors are the
     harder case: the untrained teacher's ID rows are unclustered Gaussian vectors, whose
     top 10 are near-ties; a trained model's rows are not measured here."""
@@ -466,7 +468,10 @@ def main() -> None:
     hnsw_min_items = index_settings().hnsw_min_items
 
     jobs = [("cosine 576-d (baseline)", "cosine", int(x)) for x in args.baseline_sizes.split(",") if x]
-    jobs += [("composite 65-d", "composite", int(x)) for x in args.sizes.split(",")]
+    from models.sasrec import SASRecConfig  # torch: only now
+
+    width = SASRecConfig(n_items=1).hidden + 1 + 2 * CompositeSettings().similarity_dims  # as served
+    jobs += [(f"composite {width}-d", "composite", int(x)) for x in args.sizes.split(",")]
     for label, mode, n in jobs:
         kind = "HNSW" if n >= hnsw_min_items else "exact"
         for m in measure(n, mode, generator, args):

@@ -345,16 +345,17 @@ class CompositeSettings(Section):
             "picked with the gate and the similarity on validation. Negative ones lower a "
             "student that scores its items above the warm ones (a small catalogue's student: "
             "its items flooded warm users' top 10), and with a similarity weight they set its "
-            "threshold (-8 with 16: a cold item gains only where its content is more than 0.5 "
-            "similar to the history)."
+            "threshold (-8 with 16: a cold item gains only where its content's inner product "
+            "with the history's exceeds 0.5)."
         ),
     )
     similarities: tuple[float, ...] = Field(
         (0.0, 4.0, 8.0, 16.0, 32.0),
         description=(
-            "Weight candidates of the content-similarity term of student-scored items (their "
-            "content's cosine to the user's recent history, models/composite.py), "
-            "comma-separated; picked with the gate and the boost on validation. 0: off."
+            "Weight candidates of the content-similarity term of student-scored items (the "
+            "inner product of their unit content vector with the recency-weighted mean of the "
+            "history's, models/composite.py), comma-separated; picked with the gate and the "
+            "boost on validation when there are cold-validation users. 0: off."
         ),
     )
     similarity_dims: int = Field(
@@ -362,7 +363,8 @@ class CompositeSettings(Section):
         ge=0,
         description=(
             "Content axes the similarity term compares (the student input's leading "
-            "principal axes); scoring vectors grow by twice this. 0: no similarity term."
+            "principal axes, at most its width); scoring vectors grow by twice that. 0: no "
+            "similarity term."
         ),
     )
     similarity_recency: float = Field(
@@ -383,8 +385,9 @@ class CompositeSettings(Section):
         description=(
             "How much warm validation NDCG@10 the choice of gate, boost and similarity may give "
             "up for cold users: it takes the best cold figure among choices within this share "
-            "of the ID teacher's warm figure, or of the best choice's where that is lower "
-            "(training/composite.py, choose). 0.02: the target's own allowance, warm users at "
+            "of the ID teacher's warm figure (with cold-validation users; else of the best "
+            "choice's), or of the best choice's where that is lower (training/composite.py, "
+            "choose). 0.02: the target's own allowance, warm users at "
             "0.98 x the ID scorer."
         ),
     )

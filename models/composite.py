@@ -165,7 +165,7 @@ class Composite(nn.Module):
     def query(self, history: torch.Tensor) -> torch.Tensor:
         """``Recommender``: (B, T, h+1+2r) scoring vectors, no padding -> (B, h+1+2r),
         through the teacher's encoder (which reads the first h)."""
-        h = self.teacher.cfg.hidden
+        h, history = self.teacher.cfg.hidden, history[:, -self.teacher.cfg.max_len :]  # as evaluation reads
         valid = torch.ones(history.shape[:2], dtype=torch.bool, device=history.device)
         return self._query_vector(self.teacher.query(history[..., :h]), history, valid)
 
@@ -229,8 +229,8 @@ def composite_from(saved: dict, source: str, content: torch.Tensor | None = None
         n = cfg.n_items + 1
         # placeholders of the right shapes; every buffer and weight comes from the file
         r = saved.get("similarity_dims", 0)  # 0: a file from before the similarity term
-        content = torch.zeros(n, saved["content_dim"])
-        model = Composite(SASRec(cfg), content, torch.ones(n), saved["dropout"], r)
+        placeholder = torch.zeros(n, saved["content_dim"])
+        model = Composite(SASRec(cfg), placeholder, torch.ones(n), saved["dropout"], r)
         defaults = {"similarity": torch.tensor(0.0), "recency": model.recency}  # ditto
         model.load_state_dict(defaults | saved["state"])
     except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as exc:

@@ -174,8 +174,9 @@ class SASRec(nn.Module):
 
     def query(self, history: torch.Tensor) -> torch.Tensor:
         """``Recommender``: (B, T, hidden) item vectors, no padding -> (B, hidden)."""
+        history = history[:, -self.cfg.max_len :]  # the positions it has
         valid = torch.ones(history.shape[:2], dtype=torch.bool, device=history.device)
-        return self.encode(history[:, -self.cfg.max_len :], valid)[:, -1]
+        return self.encode(history, valid)[:, -1]
 
     def _adapter_input(self, rows: torch.Tensor) -> torch.Tensor:
         z = (rows - self.feat_mean) / self.feat_std  # (..., D)

@@ -164,7 +164,7 @@ def test_the_similarity_term_lifts_cold_items_like_the_last_item_in_one_inner_pr
     content[10] = content[4] * 3  # item 10 reads like item 4 (same direction, more of it)
     model = Composite(_teacher(rows), content, counts, dropout=0.0, similarity_dims=6, recency=0.05).eval()
     assert model.cfg.hidden == 8 + 1 + 2 * 6 and model.item_vectors().shape == (11, 21)
-    history = torch.tensor([[0, 3, 4]])  # item 4 last
+    history = torch.tensor([[0, 9, 3, 4]])  # a cold item, then warm ones, item 4 last
     with torch.no_grad():
         before = model.predict(history)[0]
         model.similarity.fill_(4.0)
@@ -173,11 +173,32 @@ def test_the_similarity_term_lifts_cold_items_like_the_last_item_in_one_inner_pr
         served = model.query(model.item_vectors(history[:, 1:])) @ model.item_vectors().T  # (1, N+1)
         z = torch.nn.functional.normalize(model._student_input(content)[:, :6], dim=1)
     assert torch.allclose(after[1:9], before[1:9], atol=1e-5), "warm items untouched"
-    m = (0.05 * z[3] + z[4]) / 1.05  # the history's recency-weighted content
+    m = (0.05**2 * z[9] + 0.05 * z[3] + z[4]) / (1 + 0.05 + 0.05**2)  # the history's content, cold item too
     for cold in (9, 10):
         assert torch.allclose(after[cold] - before[cold], 4.0 * m @ z[cold] - 1.0, atol=1e-4)
     assert after[10] - before[10] > after[9] - before[9], "the look-alike of the last item gains most"
     assert torch.allclose(served[0, 1:], after[1:], atol=1e-4), "one inner product, as served"
+    model.kappa.fill_(1.0)  # a soft gate: items with one click are half cold
+    with torch.no_grad():
+        soft = model.predict(history)[0]
+        served = model.query(model.item_vectors(history[:, 1:])) @ model.item_vectors().T
+    assert torch.allclose(served[0, 1:], soft[1:], atol=1e-4), "soft gate: still one inner product"
+    assert not torch.allclose(soft[3], after[3], atol=1e-4), "a half-cold item gains half the term"
+
+
+def test_a_served_history_longer_than_the_encoder_reads_scores_as_its_last_steps():
+    torch.manual_seed(0)
+    counts = torch.tensor([0] + [2.0] * 8 + [0.0, 0.0])
+    model = Composite(
+        _teacher(torch.randn(11, 8)), torch.randn(11, 12), counts, 0.0, similarity_dims=4
+    ).eval()
+    model.similarity.fill_(8.0)
+    model.recency.fill_(1.0)  # every step counts alike: only the window decides
+    long = torch.randint(1, 11, (1, 20), generator=torch.Generator().manual_seed(0))  # max_len is 8
+    with torch.no_grad():
+        served = model.query(model.item_vectors(long))
+        evaluated = model.user_vector(long[:, -8:])
+    assert torch.allclose(served, evaluated, atol=1e-5)
 
 
 def test_a_composite_file_from_before_the_similarity_term_still_loads(tmp_path):
@@ -188,11 +209,15 @@ def test_a_composite_file_from_before_the_similarity_term_still_loads(tmp_path):
     del saved["similarity_dims"]  # what an older version wrote
     saved["state"] = {k: v for k, v in saved["state"].items() if k not in ("similarity", "recency")}
     save_torch(saved, path)
-    loaded, meta = load_composite(path)
-    history = torch.tensor([[1, 2, 3]])
+    content = torch.randn(13, 12)  # today's catalogue: two items newer than the file, cold
+    loaded, meta = load_composite(path, content)
+    model.use_content(content)
+    history = torch.tensor([[1, 2, 12]])
     with torch.no_grad():
+        model.boost.fill_(0.5)  # the content now moves scores: cold items are the student's
+        loaded.boost.fill_(0.5)
         assert loaded.cfg.hidden == 9 and torch.allclose(loaded.predict(history), model.predict(history))
-    assert meta == {"v": 1}
+    assert loaded.item_vectors().shape == (13, 9) and meta == {"v": 1}
 
 
 def test_the_gate_is_picked_on_validation():
@@ -397,7 +422,7 @@ def test_the_blend_scores_warm_items_by_id_and_cold_ones_by_the_text_scorer():
 
 def _id_scores(composite: Composite, seqs: torch.Tensor) -> torch.Tensor:
     """(B, N+1) the ID side's raw scores: the composite's query against the teacher's rows."""
-    return composite.user_vector(seqs)[:, :-1] @ composite.teacher.item_vectors().T
+    return composite.user_vector(seqs)[:, : composite.teacher.cfg.hidden] @ composite.teacher.item_vectors().T
 
 
 def test_each_scorer_is_put_on_log_probabilities_over_its_own_items():

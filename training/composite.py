@@ -98,8 +98,8 @@ def choose(
     item draws it chose boost -2, which sinks every student-scored item (1% of warm users'
     top 10, against 10% of the catalogue) and the thin warm items with them (tail3k's tail
     bucket: 0.0005 against id's 0.0085). A small warm gain there bought a cold loss of the
-    whole cold figure. The rule spends at most ``warm_tolerance`` of the best composite
-    choice's warm figure, and all of it only for cold users.
+    whole cold figure. The rule spends at most ``warm_tolerance`` of the reference's warm
+    figure, and all of it only for cold users.
 
     Ties on the cold figure (always, with no cold judge) go to the boost nearest 0, then no
     similarity, then the best warm figure, then the harder switch. Not to the best warm
@@ -150,14 +150,16 @@ def train_student(
 ) -> tuple[Composite, dict]:
     """Fit the student (seeded by the caller), keep its best state on ``judges.stop`` (the
     cold-validation users; the warm ones where there are none), then pick the gate's kappa
-    (``cfg.gate_kappas``) and the cold boost (``cfg.boosts``) together (``choose``).
+    (``cfg.gate_kappas``), the cold boost (``cfg.boosts``) and, with a cold judge, the
+    similarity weight (``cfg.similarities``) together (``choose``, against the teacher's
+    warm figure).
 
     It stops on the cold users because the student's vectors are what cold items are ranked
     by; on the whole mixed set, 95% warm targets, it stopped after a few epochs with cold
     items still buried.
 
     Returns the composite and {best_val_ndcg@10 (mixed), val_warm_ndcg@10,
-    val_cold_ndcg@10, student_epochs, kappa, boost, val_by_choice}."""
+    val_cold_ndcg@10, student_epochs, kappa, boost, similarity, val_by_choice}."""
     composite.to(device)
     warm = (composite.counts > 0).nonzero().squeeze(1)
     warm = warm[warm > 0]  # (W,) item ids with interactions
@@ -206,9 +208,9 @@ def train_student(
         composite.student.load_state_dict(best_state)
     # the ID scorer's own warm figure, which a choice may spend on cold users (``choose``)
     reference = judges.warm(composite.teacher.eval()) if judges.cold else None
-    similarities = cfg.similarities if composite.r else (0.0,)
+    similarities = cfg.similarities if composite.r and judges.cold else (0.0,)  # no cold judge: no use
     info = pick_gate_and_boost(composite, composite, composite.boost, judges, cfg, similarities, reference)
-    log.info("student: %d epochs, kappa %s, boost %s", epochs, info["kappa"], info["boost"])
+    log.info("student: %d epochs, kappa %s, boost %s, similarity %s", epochs, *_choice(info))
     return composite, info | {"student_epochs": epochs}
 
 
@@ -252,6 +254,10 @@ def pick_gate_and_boost(
             for (k, b, g), (w, c) in figures.items()
         },
     }
+
+
+def _choice(info: dict) -> Choice:
+    return info["kappa"], info["boost"], info["similarity"]
 
 
 def _set(composite: Composite, boost: torch.Tensor, choice: Choice) -> None:

@@ -15,7 +15,7 @@ passes the guard is served with its teacher refit on every positive (``graduate`
 graduate to their ID rows at this promotion.
 
 Two user slices, fixed by a hash of the user id, judge it: early stopping (teacher on the
-slice's warm-target users, student on its cold-target users, gate and boost on all) and
+slice's warm-target users, student on its cold-target users, gate, boost and similarity on all) and
 promotion. On the promotion slice the candidate and the active version are compared on
 warm-target and cold-target users separately, per user and paired: the candidate is
 promoted only if neither is worse beyond noise (the 95% bootstrap interval of the mean
@@ -179,7 +179,8 @@ def train_config(settings: Settings) -> ScorerSettings:
 def train_composite(
     data: TrainingData, settings: Settings, device: torch.device, progress: bool, start: Composite | None
 ) -> tuple[Composite, dict]:
-    """Teacher (warm-started from ``start``'s, when there is one), then student, gate and boost."""
+    """Teacher (warm-started from ``start``'s, when there is one), then student, gate, boost
+    and similarity."""
     warm_stop, cold_stop = data.split(data.stopping)
     train = data.train
     torch.manual_seed(settings.scorer.seed)  # its initial rows too: a retrain is reproducible
@@ -227,7 +228,8 @@ def graduate(
     teacher, _ = train_scorer(
         teacher, full.train, validator(full.stopping, device), train_config(settings), device, progress
     )
-    served = new_composite(teacher, data.table, full.counts, settings.composite)
+    # the judged one's shape (its similarity axes and recency), whatever the settings say now
+    served = Composite(teacher, data.table, full.counts, judged.student[2].p, judged.r, float(judged.recency))
     kept = {k: v for k, v in judged.state_dict().items() if not k.startswith("teacher.") and k != "counts"}
     served.load_state_dict(kept, strict=False)
     return served.use_content(data.table).to(device)
