@@ -468,9 +468,7 @@ def main() -> None:
     hnsw_min_items = index_settings().hnsw_min_items
 
     jobs = [("cosine 576-d (baseline)", "cosine", int(x)) for x in args.baseline_sizes.split(",") if x]
-    from models.sasrec import SASRecConfig  # torch: only now
-
-    width = SASRecConfig(n_items=1).hidden + 1 + 2 * CompositeSettings().similarity_dims  # as served
+    width = composite(64).cfg.hidden  # the served width, from the model itself
     jobs += [(f"composite {width}-d", "composite", int(x)) for x in args.sizes.split(",")]
     for label, mode, n in jobs:
         kind = "HNSW" if n >= hnsw_min_items else "exact"

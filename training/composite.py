@@ -106,7 +106,7 @@ def choose(
     figure first: warm users also rank the items nobody clicked yet, so on them the most
     negative boost usually wins by a hair, and it would bury every fresh item served later."""
     best_warm = max(w for w, _ in figures.values())
-    bar = min(best_warm, best_warm if reference is None else reference)
+    bar = best_warm if reference is None else min(best_warm, reference)
     eligible = [c for c, (w, _) in figures.items() if w >= bar - warm_tolerance * abs(bar)]
     return max(eligible, key=lambda c: (figures[c][1], -abs(c[1]), -c[2], figures[c][0], -c[0]))
 
@@ -210,7 +210,7 @@ def train_student(
     reference = judges.warm(composite.teacher.eval()) if judges.cold else None
     similarities = cfg.similarities if composite.r and judges.cold else (0.0,)  # no cold judge: no use
     info = pick_gate_and_boost(composite, composite, composite.boost, judges, cfg, similarities, reference)
-    log.info("student: %d epochs, kappa %s, boost %s, similarity %s", epochs, *_choice(info))
+    log.info("student: %d epochs", epochs)  # the choice is logged by pick_gate_and_boost
     return composite, info | {"student_epochs": epochs}
 
 
@@ -254,10 +254,6 @@ def pick_gate_and_boost(
             for (k, b, g), (w, c) in figures.items()
         },
     }
-
-
-def _choice(info: dict) -> Choice:
-    return info["kappa"], info["boost"], info["similarity"]
 
 
 def _set(composite: Composite, boost: torch.Tensor, choice: Choice) -> None:
