@@ -391,6 +391,20 @@ class CompositeSettings(Section):
             "0.98 x the ID scorer."
         ),
     )
+    cold_tolerance: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description=(
+            "How much of the best cold validation NDCG@10 (among the choices warm_tolerance "
+            "keeps) the choice may give up for all users: of the choices within this share of "
+            "it, the best mixed validation figure is served (training/composite.py, choose). "
+            "0: the best cold figure whatever it costs the rest; 1: the best mixed figure with "
+            "warm users guarded only. 0.25: on the validation grids of stop 38's four draws it "
+            "kept cold users above `text`'s validation figure on each and raised the mixed "
+            "figure on three (1.035 to 1.045, 1.020 to 1.042, 1.064 to 1.112 x id)."
+        ),
+    )
 
     @field_validator("gate_kappas", "boosts", "similarities", mode="before")
     @classmethod

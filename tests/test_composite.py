@@ -309,6 +309,22 @@ def test_the_choice_may_spend_the_composites_gain_over_the_teacher():
     assert choose(figures, 0.02, reference=0.2) == (10.0, 0.0, 0.0), "a higher reference: the best"
 
 
+def test_the_choice_gives_up_a_little_of_the_cold_best_for_all_users_never_more():
+    """Of the choices warm users allow, the best mixed figure among those within the cold
+    tolerance of the best cold one: not the cold best at any price, nor the mixed best
+    that buries cold items."""
+    figures = {
+        (3.0, 1.0, 8.0): (0.0505, 0.0516),  # the cold best, warm at the teacher's level
+        (3.0, 2.0, 4.0): (0.0534, 0.0434),  # 16% less cold, more warm: the mixed best within 25%
+        (10.0, -3.0, 8.0): (0.0610, 0.0161),  # the mixed best: 69% less cold
+    }
+    mixed = Judges(lambda m: 0.0, None, 19, 1).mixed  # 5% cold-target users
+    assert choose(figures, 0.02, 0.0502, 0.25, mixed) == (3.0, 2.0, 4.0)
+    assert choose(figures, 0.02, 0.0502, 0.0, mixed) == (3.0, 1.0, 8.0), "no cold tolerance: the cold best"
+    assert choose(figures, 0.02, 0.0502, 1.0, mixed) == (10.0, -3.0, 8.0), "all of it: the mixed best"
+    assert choose(figures, 0.02, 0.0502, 0.25) == (3.0, 1.0, 8.0), "no cold judge: ties, nearest boost"
+
+
 def test_the_student_stops_on_cold_users_and_reports_the_mixed_figure():
     torch.manual_seed(0)
     model = Composite(_teacher(torch.randn(11, 8)), torch.randn(11, 12), torch.tensor([0] + [2.0] * 10), 0.1)
