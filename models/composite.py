@@ -36,6 +36,12 @@ score stays one inner product (FAISS). The similarity adds two blocks of ``r`` =
 query is computed from scoring vectors alone, as served. Scoring vectors are
 ``hidden + 1 + 2r`` wide: [gated vector (h) | boost (1) | cold z (r) | warm z (r)], and
 ``cfg.hidden`` says so.
+
+The warm block is stored times ``WARM_Z_SCALE`` (2^-10) and read back divided by it (exact:
+a power of two). No query meets it, so it never moves a score, but an HNSW graph is built
+on distances between item vectors, where a unit-length block that scores nothing is noise:
+recall@10 against exact search on 20k untrained served vectors rose from 0.886 to 0.952
+with it near 0 (benchmarks/scorer_latency.py's vectors, HNSW forced).
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ from torch import nn
 from core.files import CorruptFile, load_torch, save_torch
 from models.ranking import masked_scores
 from models.sasrec import SASRec, SASRecConfig, principal_axes
+
+WARM_Z_SCALE = 2.0**-10  # the warm z block's storage scale (a file without one: 1)
 
 
 class Composite(nn.Module):
@@ -88,6 +96,7 @@ class Composite(nn.Module):
         self.register_buffer("boost", torch.tensor(0.0))
         self.register_buffer("similarity", torch.tensor(0.0))
         self.register_buffer("recency", torch.tensor(float(recency)))
+        self.register_buffer("warm_z_scale", torch.tensor(WARM_Z_SCALE))
         self.student = nn.Sequential(
             nn.Linear(d, d // 2), nn.GELU(), nn.Dropout(dropout), nn.Linear(d // 2, h)
         )
@@ -130,14 +139,14 @@ class Composite(nn.Module):
 
     def _scoring(self, ids: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """(n,) ids and their (n, d) student inputs -> (n, h+1+2r) scoring vectors:
-        [gated vector | (1 - g) boost | (1 - g) z | g z], all 0 for padding."""
+        [gated vector | (1 - g) boost | (1 - g) z | g z 2^-10], all 0 for padding."""
         student = self.student(inputs)  # (n, h)
         g = self.gate(ids)  # (n, 1)
         rows = torch.zeros_like(student)
         known = (ids > 0) & (ids <= self.teacher.cfg.n_items)
         rows[known] = self.teacher.item_vectors(ids[known]).to(rows.dtype)
         z = self._z(inputs)  # (n, r)
-        parts = [g * rows + (1 - g) * student, (1 - g) * self.boost, (1 - g) * z, g * z]
+        parts = [g * rows + (1 - g) * student, (1 - g) * self.boost, (1 - g) * z, g * z * self.warm_z_scale]
         return torch.cat(parts, 1).masked_fill((ids == 0).unsqueeze(1), 0.0)
 
     def gated_vectors(self) -> torch.Tensor:
@@ -182,7 +191,7 @@ class Composite(nn.Module):
         (B, T) real steps -> (B, h+1+2r): [u | 1 | gamma m_u | 0], ``m_u`` the history's
         recency-weighted mean content vector."""
         h, r = self.teacher.cfg.hidden, self.r
-        z = history[..., h + 1 : h + 1 + r] + history[..., h + 1 + r :]  # (B, T, r) every step's z
+        z = history[..., h + 1 : h + 1 + r] + history[..., h + 1 + r :] / self.warm_z_scale  # (B, T, r)
         T = valid.shape[1]
         w = self.recency ** torch.arange(T - 1, -1, -1, device=u.device, dtype=u.dtype) * valid  # (B, T)
         m = (w.unsqueeze(2) * z).sum(1) / w.sum(1, keepdim=True).clamp(min=1e-12)  # (B, r)
@@ -232,6 +241,7 @@ def composite_from(saved: dict, source: str, content: torch.Tensor | None = None
         placeholder = torch.zeros(n, saved["content_dim"])
         model = Composite(SASRec(cfg), placeholder, torch.ones(n), saved["dropout"], r)
         defaults = {"similarity": torch.tensor(0.0), "recency": model.recency}  # ditto
+        defaults["warm_z_scale"] = torch.tensor(1.0)  # a file from before the scaled warm block
         model.load_state_dict(defaults | saved["state"])
     except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise CorruptFile(f"{source}: not a composite scorer file ({type(exc).__name__}: {exc})") from exc

@@ -220,6 +220,32 @@ def test_a_composite_file_from_before_the_similarity_term_still_loads(tmp_path):
     assert loaded.item_vectors().shape == (13, 9) and meta == {"v": 1}
 
 
+def test_the_warm_z_block_is_stored_small_and_a_file_without_its_scale_serves_as_before(tmp_path):
+    """No query meets the warm z block, so it is stored at 2^-10 (HNSW graphs are built on
+    item distances, where it is noise) and read back exactly; a file written before the
+    scale keeps the full block, as the index snapshots built from it hold it."""
+    torch.manual_seed(0)
+    counts = torch.tensor([0] + [2.0] * 8 + [0.0, 0.0])  # items 9 and 10 are cold
+    content = torch.randn(11, 12)
+    model = Composite(_teacher(torch.randn(11, 8)), content, counts, 0.0, similarity_dims=4).eval()
+    model.similarity.fill_(4.0)
+    with torch.no_grad():
+        table = model.item_vectors()  # (11, 8 + 1 + 8)
+        z = model._z(model.content_in)  # (11, 4)
+    warm_block = table[1:9, -4:]
+    assert torch.allclose(warm_block.norm(dim=1), torch.full((8,), 2.0**-10)), "warm items: z at 2^-10"
+    assert torch.equal(warm_block * 2.0**10, z[1:9]), "read back exactly"
+    path = save_composite(tmp_path / "c.pt", model, {})
+    saved = load_torch(path)
+    del saved["state"]["warm_z_scale"]  # what the version before the scale wrote
+    save_torch(saved, path)
+    old, _ = load_composite(path, content)
+    history = torch.tensor([[1, 9, 2]])
+    with torch.no_grad():
+        assert torch.allclose(old.item_vectors()[1:9, -4:].norm(dim=1), torch.ones(8)), "the full block"
+        assert torch.allclose(old.predict(history), model.predict(history), atol=1e-5), "scores as before"
+
+
 def test_the_gate_is_picked_on_validation():
     torch.manual_seed(0)
     rows = torch.randn(11, 8)
