@@ -384,11 +384,10 @@ class CompositeSettings(Section):
         lt=1,
         description=(
             "How much warm validation NDCG@10 the choice of gate, boost and similarity may give "
-            "up for cold users: it takes the best cold figure among choices within this share "
-            "of the ID teacher's warm figure (with cold-validation users; else of the best "
-            "choice's), or of the best choice's where that is lower (training/composite.py, "
-            "choose). 0.02: the target's own allowance, warm users at "
-            "0.98 x the ID scorer."
+            "up: only choices within this share of the ID teacher's warm figure (with "
+            "cold-validation users; else of the best choice's), or of the best choice's where "
+            "that is lower, are served (then cold_tolerance; training/composite.py, choose). "
+            "0.02: the target's own allowance, warm users at 0.98 x the ID scorer."
         ),
     )
     cold_tolerance: float = Field(

@@ -32,7 +32,8 @@ above it (new items flooding warm users' lists: the demo's 200 items). ``boost``
 It is carried as one more dimension (item: ``(1 - g_i) * boost``, query: 1), so every
 score stays one inner product (FAISS). The similarity adds two blocks of ``r`` =
 ``similarity_dims``: ``(1 - g_i) z_i``, which the query meets with ``gamma * m_u``, and
-``g_i z_i``, which the query meets with 0; a history's ``z`` is the two blocks' sum, so a
+``g_i z_i``, which the query meets with 0; a history's ``z`` is the two blocks' sum (the warm
+one unscaled, below), so a
 query is computed from scoring vectors alone, as served. Scoring vectors are
 ``hidden + 1 + 2r`` wide: [gated vector (h) | boost (1) | cold z (r) | warm z (r)], and
 ``cfg.hidden`` says so.
@@ -139,7 +140,7 @@ class Composite(nn.Module):
 
     def _scoring(self, ids: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """(n,) ids and their (n, d) student inputs -> (n, h+1+2r) scoring vectors:
-        [gated vector | (1 - g) boost | (1 - g) z | g z 2^-10], all 0 for padding."""
+        [gated vector | (1 - g) boost | (1 - g) z | g z warm_z_scale], all 0 for padding."""
         student = self.student(inputs)  # (n, h)
         g = self.gate(ids)  # (n, 1)
         rows = torch.zeros_like(student)

@@ -349,6 +349,8 @@ def test_the_choice_gives_up_a_little_of_the_cold_best_for_all_users_never_more(
     assert choose(figures, 0.02, 0.0502, 0.0, mixed) == (3.0, 1.0, 8.0), "no cold tolerance: the cold best"
     assert choose(figures, 0.02, 0.0502, 1.0, mixed) == (10.0, -3.0, 8.0), "all of it: the mixed best"
     assert choose(figures, 0.02, 0.0502, 0.25) == (3.0, 1.0, 8.0), "no cold judge: ties, nearest boost"
+    unserved = {(10.0, -3.0, 0.0): (0.0501, 0.0), (10.0, 0.0, 0.0): (0.0500, 0.0)}  # tail3k, stop 37
+    assert choose(unserved, 0.02, 0.0502, 0.25, mixed) == (10.0, 0.0, 0.0), "no cold user served: ties"
 
 
 def test_the_student_stops_on_cold_users_and_reports_the_mixed_figure():

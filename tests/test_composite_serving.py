@@ -143,9 +143,8 @@ def test_a_fresh_item_is_ranked_by_the_student_within_a_second_then_graduates(se
     assert np.allclose(graduated[:h], g * row + (1 - g) * now_student[:h], atol=1e-4), "gated"
     assert np.isclose(graduated[h], (1 - g) * now_student[h], atol=1e-5), "boosted only as cold as it is"
     z = now_student[h + 1 : h + 1 + r]  # a fresh item's content axes sit all in the cold block
-    assert np.allclose(graduated[h + 1 :], np.concatenate([(1 - g) * z, g * z * 2.0**-10]), atol=1e-5), (
-        "similarity"
-    )
+    assert np.allclose(graduated[h + 1 : h + 1 + r], (1 - g) * z, atol=1e-5), "similarity: cold block"
+    assert np.allclose(graduated[h + 1 + r :] * 2.0**10, g * z, atol=1e-5), "warm block, at 2^-10"
 
 
 def test_the_guard_refuses_a_candidate_worse_on_cold_targets_only(served, monkeypatch, cli_env, capsys):

@@ -107,23 +107,28 @@ def choose(
     Why not the best mixed figure alone: mixed validation is 95% warm targets, and on two of
     three item draws it chose boost -2, which sinks every student-scored item (1% of warm
     users' top 10, against 10% of the catalogue) and the thin warm items with them. Why not
-    the best cold figure alone (``cold_tolerance`` 0, stop 38's rule): it spent the whole
+    the best cold figure alone (stop 38's rule; ``cold_tolerance`` 0 is nearly it): it spent the whole
     warm allowance on a few cold users however little they gained. On tail3k it put 20%
     cold items into warm users' top 10 for a cold figure 5x `text`'s, and the all-users
     figure fell to 1.06 x id on validation where a choice 16% below that cold best gave 1.11 x.
 
-    Ties (always on the mixed figure with no cold judge, ``mixed`` None) go to the boost
-    nearest 0, then no similarity, then the best warm figure, then the harder switch. Not to
-    the best warm figure first: warm users also rank the items nobody clicked yet, so on them
-    the most negative boost usually wins by a hair, and it would bury every fresh item
-    served later."""
+    With no cold judge (``mixed`` None), or where no choice lifts a cold user at all, step 3
+    is a tie, which goes to the boost nearest 0, then no similarity, then the best warm
+    figure, then the harder switch. Not to the best warm figure first: warm users also rank
+    the items nobody clicked yet, so on them the most negative boost usually wins by a hair,
+    and it would bury every fresh item served later."""
     best_warm = max(w for w, _ in figures.values())
     bar = best_warm if reference is None else min(best_warm, reference)
     eligible = [c for c, (w, _) in figures.items() if w >= bar - warm_tolerance * abs(bar)]
     best_cold = max(figures[c][1] for c in eligible)
     eligible = [c for c in eligible if figures[c][1] >= best_cold - cold_tolerance * abs(best_cold)]
-    worth = mixed or (lambda warm, cold: 0.0)  # no cold judge: the tie order decides
-    return max(eligible, key=lambda c: (worth(*figures[c]), -abs(c[1]), -c[2], figures[c][0], -c[0]))
+    serves_cold = mixed is not None and best_cold > 0  # else step 3 is a tie: the tie order decides
+
+    def rank(c: Choice) -> tuple[float, ...]:
+        worth = mixed(*figures[c]) if serves_cold else 0.0
+        return worth, -abs(c[1]), -c[2], figures[c][0], -c[0]
+
+    return max(eligible, key=rank)
 
 
 def new_composite(
