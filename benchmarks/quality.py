@@ -33,7 +33,16 @@ from _bench import DATA, SMOKE_NOTE, smoke_dataset, smoke_settings  # a sibling 
 
 from core.settings import get_settings
 from models.sasrec import SASRecConfig
-from training.evaluate import VARIANTS, Plan, format_table, paired, pick_default, run, write_results
+from training.evaluate import (
+    VARIANTS,
+    Plan,
+    changed_settings,
+    format_table,
+    paired,
+    pick_default,
+    run,
+    write_results,
+)
 from training.mixed import format_compare
 
 
@@ -84,6 +93,8 @@ def main() -> None:
     earlier = json.loads(out.read_text()) if args.resume and out.exists() else {"split_seed": args.split_seed}
     if (held := earlier.get("split_seed", 0)) != args.split_seed:
         p.error(f"{out} holds split seed {held}, not {args.split_seed}: use another --results")
+    if changed := changed_settings(earlier, settings):
+        p.error(f"{out} was run with other settings ({', '.join(changed)}): use another --results")
     done = earlier.get("runs", [])
     plan = Plan(
         Path(args.dataset),

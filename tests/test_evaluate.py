@@ -8,9 +8,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from core.settings import AlignSettings, ScorerSettings
+from core.settings import AlignSettings, CompositeSettings, ScorerSettings, Settings
 from models.sasrec import SASRec, SASRecConfig
-from training.evaluate import align_meta, paired, pick_default, said_cache_path, summarise
+from training.evaluate import (
+    align_meta,
+    changed_settings,
+    model_settings,
+    paired,
+    pick_default,
+    said_cache_path,
+    summarise,
+)
 from training.recommender import train_scorer, validator
 
 CPU = torch.device("cpu")
@@ -254,3 +262,14 @@ def test_said_evaluate_passes_the_item_split_seed_to_the_plan(tmp_path, monkeypa
     out = tmp_path / "r.json"
     assert main(["dataset", "evaluate", "--dataset", "d", "--split-seed", "1", "--out", str(out)]) == 0
     assert plans[0].split_seed == 1
+
+
+def test_a_resumed_evaluation_names_the_settings_its_file_was_run_with_that_changed():
+    """A results file keeps the scorer and composite settings its runs were chosen under, so
+    a resume under another choice rule is refused instead of mixing the two."""
+    before = Settings()
+    earlier = {"models": model_settings(before)}
+    assert changed_settings(earlier, before) == []
+    now = before.model_copy(update={"composite": CompositeSettings(cold_tolerance=0.0)})
+    assert changed_settings(earlier, now) == ["composite.cold_tolerance"]
+    assert changed_settings({}, now) == [], "a file from before the settings were kept"

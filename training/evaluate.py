@@ -183,7 +183,8 @@ def run(
     feats = text_table(lm, texts, art / "text.pt", progress) if lm else None
     meta = align_meta(acfg)
     results: dict = {"dataset": str(plan.dataset), "items": n, "users": len(seqs), "device": str(device)}
-    results |= {"split_seed": plan.split_seed, "align": meta, "runs": list(done or [])}
+    results |= {"split_seed": plan.split_seed, "align": meta, "models": model_settings(settings)}
+    results["runs"] = list(done or [])
     finished = {(r["protocol"], r["variant"], r["align_seed"], r["seed"]) for r in results["runs"]}
     protocols = [("standard", set())] + ([("cold", held), ("mixed", held)] if held else [])
     if plan.only_protocol not in (None, *(name for name, _ in protocols)):
@@ -253,6 +254,29 @@ def run(
         split = splits["mixed"]
         results["mixed"] = compare(mixed, torch.tensor([t in split.cold_test for t in split.test[1]]))
     return results
+
+
+def model_settings(settings: Settings) -> dict:
+    """The scorer and composite sections a results file's runs were trained and chosen
+    under: a resumed evaluation must not mix runs of two rules (``changed_settings``)."""
+    return {
+        "scorer": settings.scorer.model_dump(mode="json"),
+        "composite": settings.composite.model_dump(mode="json"),
+    }
+
+
+def changed_settings(earlier: dict, settings: Settings) -> list[str]:
+    """The ``section.key`` settings that differ from those an earlier results file recorded
+    (none where it recorded none: a file from before they were kept)."""
+    recorded, now = earlier.get("models"), model_settings(settings)
+    if recorded is None:
+        return []
+    return sorted(
+        f"{section}.{key}"
+        for section in now
+        for key in now[section].keys() | recorded.get(section, {}).keys()
+        if now[section].get(key) != recorded.get(section, {}).get(key)
+    )
 
 
 def _load_lm(settings: Settings, device: torch.device) -> FrozenLM:
