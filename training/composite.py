@@ -109,7 +109,7 @@ def choose(
     users' top 10, against 10% of the catalogue) and the thin warm items with them. Why not
     the best cold figure alone (stop 38's rule; ``cold_tolerance`` 0 is nearly it): it spent the whole
     warm allowance on a few cold users however little they gained. On tail3k it put 20%
-    cold items into warm users' top 10 for a cold figure 5x `text`'s, and the all-users
+    cold items into warm users' top 10 for a cold validation figure 4.6x `text`'s, and the all-users
     figure fell to 1.06 x id on validation where a choice 16% below that cold best gave 1.11 x.
 
     With no cold judge (``mixed`` None), or where no choice lifts a cold user at all, step 3
