@@ -315,11 +315,11 @@ def test_the_choice_spends_a_little_warm_for_cold_users_never_more():
         (10.0, 0.0, 0.0): (0.0935, 0.030),  # 0.5% less warm, cold served: chosen at 1%
         (0.0, 1.0, 0.0): (0.0900, 0.060),  # best cold, 4% less warm: too costly
     }
-    assert choose(figures, 0.01) == (10.0, 0.0, 0.0)
-    assert choose(figures, 0.0) == (10.0, -2.0, 0.0), "no tolerance: the best warm figure"
-    assert choose(figures, 0.05) == (0.0, 1.0, 0.0)
+    assert choose(figures, 0.01, 0.0) == (10.0, 0.0, 0.0)
+    assert choose(figures, 0.0, 0.0) == (10.0, -2.0, 0.0), "no tolerance: the best warm figure"
+    assert choose(figures, 0.05, 0.0) == (0.0, 1.0, 0.0)
     ties = {(0.0, -1.0, 0.0): (0.1, 0.0), (0.0, 0.0, 8.0): (0.1, 0.0), (0.0, 0.0, 0.0): (0.1, 0.0)}
-    assert choose(ties, 0.01) == (0.0, 0.0, 0.0), "ties: no boost, no similarity"
+    assert choose(ties, 0.01, 0.0) == (0.0, 0.0, 0.0), "ties: no boost, no similarity"
 
 
 def test_the_choice_may_spend_the_composites_gain_over_the_teacher():
@@ -330,9 +330,9 @@ def test_the_choice_may_spend_the_composites_gain_over_the_teacher():
         (10.0, -4.0, 16.0): (0.0890, 0.066),  # 5% below it, 1% below the teacher's 0.0899
         (0.0, -2.0, 32.0): (0.0800, 0.150),  # far below both
     }
-    assert choose(figures, 0.02) == (10.0, 0.0, 0.0), "no reference: 2% of the composite's best"
-    assert choose(figures, 0.02, reference=0.0899) == (10.0, -4.0, 16.0)
-    assert choose(figures, 0.02, reference=0.2) == (10.0, 0.0, 0.0), "a higher reference: the best"
+    assert choose(figures, 0.02, 0.0) == (10.0, 0.0, 0.0), "no reference: 2% of the composite's best"
+    assert choose(figures, 0.02, 0.0, reference=0.0899) == (10.0, -4.0, 16.0)
+    assert choose(figures, 0.02, 0.0, reference=0.2) == (10.0, 0.0, 0.0), "a higher reference: the best"
 
 
 def test_the_choice_gives_up_a_little_of_the_cold_best_for_all_users_never_more():
@@ -345,12 +345,12 @@ def test_the_choice_gives_up_a_little_of_the_cold_best_for_all_users_never_more(
         (10.0, -3.0, 8.0): (0.0610, 0.0161),  # the mixed best: 69% less cold
     }
     mixed = Judges(lambda m: 0.0, None, 19, 1).mixed  # 5% cold-target users
-    assert choose(figures, 0.02, 0.0502, 0.25, mixed) == (3.0, 2.0, 4.0)
-    assert choose(figures, 0.02, 0.0502, 0.0, mixed) == (3.0, 1.0, 8.0), "no cold tolerance: the cold best"
-    assert choose(figures, 0.02, 0.0502, 1.0, mixed) == (10.0, -3.0, 8.0), "all of it: the mixed best"
-    assert choose(figures, 0.02, 0.0502, 0.25) == (3.0, 1.0, 8.0), "no cold judge: ties, nearest boost"
+    assert choose(figures, 0.02, 0.25, 0.0502, mixed) == (3.0, 2.0, 4.0)
+    assert choose(figures, 0.02, 0.0, 0.0502, mixed) == (3.0, 1.0, 8.0), "no cold tolerance: the cold best"
+    assert choose(figures, 0.02, 1.0, 0.0502, mixed) == (10.0, -3.0, 8.0), "all of it: the mixed best"
+    assert choose(figures, 0.02, 0.25, 0.0502) == (3.0, 1.0, 8.0), "no cold judge: ties, nearest boost"
     unserved = {(10.0, -3.0, 0.0): (0.0501, 0.0), (10.0, 0.0, 0.0): (0.0500, 0.0)}  # tail3k, stop 37
-    assert choose(unserved, 0.02, 0.0502, 0.25, mixed) == (10.0, 0.0, 0.0), "no cold user served: ties"
+    assert choose(unserved, 0.02, 0.25, 0.0502, mixed) == (10.0, 0.0, 0.0), "no cold user served: ties"
 
 
 def test_the_student_stops_on_cold_users_and_reports_the_mixed_figure():
@@ -407,10 +407,10 @@ def test_with_no_cold_judge_the_choice_leaves_fresh_items_unmoved():
         (10.0, 0.0, 0.0): (0.0975, 0.0),
         (0.0, 0.0, 0.0): (0.0970, 0.0),
     }
-    assert choose(figures, 0.02) == (10.0, 0.0, 0.0)
-    assert choose(figures | {(10.0, 0.0, 0.0): (0.09, 0.0)}, 0.02) == (0.0, 0.0, 0.0)
+    assert choose(figures, 0.02, 0.0) == (10.0, 0.0, 0.0)
+    assert choose(figures | {(10.0, 0.0, 0.0): (0.09, 0.0)}, 0.02, 0.0) == (0.0, 0.0, 0.0)
     beyond = {(10.0, -2.0, 0.0): (0.098, 0.0), (10.0, 0.0, 0.0): (0.090, 0.0)}
-    assert choose(beyond, 0.02) == (10.0, -2.0, 0.0), "beyond it"
+    assert choose(beyond, 0.02, 0.0) == (10.0, -2.0, 0.0), "beyond it"
 
 
 def test_judges_stop_on_the_cold_users_mrr_and_ignore_too_few_of_them():

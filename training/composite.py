@@ -84,8 +84,8 @@ Choice = tuple[float, float, float]  # (kappa, boost, similarity)
 def choose(
     figures: dict[Choice, tuple[float, float]],
     warm_tolerance: float,
+    cold_tolerance: float,
     reference: float | None = None,
-    cold_tolerance: float = 0.0,
     mixed: Callable[[float, float], float] | None = None,
 ) -> Choice:
     """The (kappa, boost, similarity) to serve, from each choice's (warm, cold) validation
@@ -254,7 +254,7 @@ def pick_gate_and_boost(
         judged = model.eval()
         figures[(kappa, b, sim)] = (judges.warm(judged), judges.cold(judged) if judges.cold else 0.0)
     mixed = judges.mixed if judges.cold else None
-    choice = choose(figures, cfg.warm_tolerance, reference, cfg.cold_tolerance, mixed)
+    choice = choose(figures, cfg.warm_tolerance, cfg.cold_tolerance, reference, mixed)
     _set(composite, boost, choice)
     warm_ndcg, cold_ndcg = figures[choice]
     log.info(
