@@ -186,6 +186,33 @@ def test_the_similarity_term_lifts_cold_items_like_the_last_item_in_one_inner_pr
     assert not torch.allclose(soft[3], after[3], atol=1e-4), "a half-cold item gains half the term"
 
 
+def test_fixed_queries_encode_each_history_once_per_gate_and_score_as_without():
+    """The choice grid (gate x boost x similarity) re-encoded every history at every point;
+    inside ``fixed_queries`` only a new gate re-encodes, and the scores do not change."""
+    torch.manual_seed(0)
+    counts = torch.tensor([0, 5, 5, 1, 1, 2, 2, 3, 3, 0, 0.0])
+    model = Composite(
+        _teacher(torch.randn(11, 8)), torch.randn(11, 12), counts, 0.0, similarity_dims=4
+    ).eval()
+    seqs = torch.tensor([[0, 9, 3, 4], [1, 2, 3, 10]])
+    grid = [(k, b, g) for k in (0.0, 3.0) for b in (-1.0, 1.0) for g in (0.0, 8.0)]
+    expected = []
+    with torch.no_grad():
+        for k, b, g in grid:
+            model.kappa.fill_(k), model.boost.fill_(b), model.similarity.fill_(g)
+            expected.append(model.predict(seqs))
+        calls = []
+        real = model.teacher.encode
+        model.teacher.encode = lambda *a: calls.append(1) or real(*a)
+        with model.fixed_queries():
+            for (k, b, g), want in zip(grid, expected, strict=True):
+                model.kappa.fill_(k), model.boost.fill_(b), model.similarity.fill_(g)
+                assert torch.allclose(model.predict(seqs), want, atol=1e-5)
+        assert len(calls) == 2, "one encoding per gate"
+        model.predict(seqs)
+    assert len(calls) == 3, "outside it, every call encodes"
+
+
 def test_a_served_history_longer_than_the_encoder_reads_scores_as_its_last_steps():
     torch.manual_seed(0)
     counts = torch.tensor([0] + [2.0] * 8 + [0.0, 0.0])

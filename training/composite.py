@@ -229,7 +229,9 @@ def train_student(
     # the ID scorer's own warm figure, which a choice may spend on cold users (``choose``)
     reference = judges.warm(composite.teacher.eval()) if judges.cold else None
     similarities = cfg.similarities if composite.r and judges.cold else (0.0,)  # no cold judge: no use
-    info = pick_gate_and_boost(composite, composite, composite.boost, judges, cfg, similarities, reference)
+    info = pick_gate_and_boost(
+        composite, composite, composite.boost, judges, cfg, similarities, reference, progress
+    )
     log.info("student: %d epochs", epochs)  # the choice is logged by pick_gate_and_boost
     return composite, info | {"student_epochs": epochs}
 
@@ -242,6 +244,7 @@ def pick_gate_and_boost(
     cfg: CompositeSettings,
     similarities: tuple[float, ...] = (0.0,),
     reference: float | None = None,
+    progress: bool = False,
 ) -> dict:
     """Judge ``model`` at every gate ``kappa`` of ``composite`` (its ID side), every value of
     its ``boost`` buffer and every ``similarities`` weight of ``composite``, leave it at the
@@ -249,10 +252,12 @@ def pick_gate_and_boost(
     {best_val_ndcg@10 (mixed), val_warm_ndcg@10, val_cold_ndcg@10, kappa, boost,
     similarity, val_by_choice}."""
     figures: dict[Choice, tuple[float, float]] = {}
-    for kappa, b, sim in itertools.product(cfg.gate_kappas, cfg.boosts, similarities):
-        _set(composite, boost, (kappa, b, sim))
-        judged = model.eval()
-        figures[(kappa, b, sim)] = (judges.warm(judged), judges.cold(judged) if judges.cold else 0.0)
+    grid = list(itertools.product(cfg.gate_kappas, cfg.boosts, similarities))
+    with composite.fixed_queries():  # the queries depend on kappa alone
+        for choice in tqdm(grid, desc="choose gate, boost, similarity", disable=not progress):
+            _set(composite, boost, choice)
+            judged = model.eval()
+            figures[choice] = (judges.warm(judged), judges.cold(judged) if judges.cold else 0.0)
     mixed = judges.mixed if judges.cold else None
     choice = choose(figures, cfg.warm_tolerance, cfg.cold_tolerance, reference, mixed)
     _set(composite, boost, choice)
