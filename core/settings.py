@@ -334,8 +334,12 @@ class CompositeSettings(Section):
     )
     dropout: float = Field(0.1, ge=0, lt=1, description="Student dropout.")
     gate_kappas: tuple[float, ...] = Field(
-        (0.0, 1.0, 3.0, 10.0),
-        description="Gate candidates, comma-separated: g = n/(n+kappa), 0 = hard switch; see choose.",
+        (0.0, 3.0, 10.0, 30.0, 100.0),
+        description=(
+            "Gate candidates, comma-separated: g = n/(n+kappa), 0 = hard switch; see choose. "
+            "Up to 100: warm validation still rises there on beauty-2k (the student helps "
+            "items with dozens of clicks), now that the cold terms leave warm items alone."
+        ),
     )
 
     boosts: tuple[float, ...] = Field(
@@ -391,7 +395,7 @@ class CompositeSettings(Section):
         ),
     )
     cold_tolerance: float = Field(
-        0.25,
+        0.5,
         ge=0,
         le=1,
         description=(
@@ -399,9 +403,9 @@ class CompositeSettings(Section):
             "keeps) the choice may give up for all users: of the choices within this share of "
             "it, the best mixed validation figure is served (training/composite.py, choose). "
             "0: the best cold figure whatever it costs the rest; 1: the best mixed figure with "
-            "warm users guarded only. 0.25: on the validation grids of stop 38's four draws it "
-            "kept cold users above `text`'s validation figure on each and raised the mixed "
-            "figure on three (1.035 to 1.045, 1.020 to 1.042, 1.064 to 1.112 x id)."
+            "warm users guarded only. 0.5: the largest share that, on the validation grids of "
+            "four draws (cold terms for cold items alone, docs/quality-mixed.md), kept cold "
+            "users above `text`'s validation figure on each; 0.75 fell below it on one."
         ),
     )
 

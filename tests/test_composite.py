@@ -131,26 +131,31 @@ def test_the_student_learns_the_teachers_space_and_carries_it_to_cold_items():
     assert info["kappa"] == 0.0 and info["student_epochs"] == 150
 
 
-def test_the_boost_lifts_student_scored_items_by_exactly_their_student_share():
+def test_the_boost_lifts_exactly_the_items_without_interactions_whatever_the_gate():
+    """A soft gate mixes the student into thin warm items, but the boost is for cold items
+    alone: spread over thin warm items (``1 - g``, the rule before ``hard_cold``, which older
+    files keep), it moved them whenever it lifted cold ones."""
     torch.manual_seed(0)
     rows = torch.randn(11, 8)
     counts = torch.tensor([0, 5, 5, 1, 1, 2, 2, 3, 3, 0, 0.0])  # items 9 and 10 are cold
     model = Composite(_teacher(rows), torch.randn(11, 12), counts, dropout=0.1).eval()
     history = torch.tensor([[0, 3, 4, 9]])
     with torch.no_grad():
+        model.kappa.fill_(1.0)  # g = n / (n + 1): items with one click are half the student's
         before = model.predict(history)
         model.boost.fill_(2.0)
-        model.kappa.fill_(1.0)
         after = model.predict(history)
-        model.kappa.fill_(0.0)
-        hard = model.predict(history)
-        model.kappa.fill_(1.0)
         one = model.query(model.item_vectors(history[:, 1:]))  # serving: vectors in, query out
+        served = one @ model.item_vectors().T  # (1, N+1)
         fresh = model.content_vectors(torch.randn(1, 12))
+        model.hard_cold.fill_(0.0)  # a file from before: the boost by 1 - g
+        spread = model.predict(history)
     assert model.cfg.hidden == 9 and fresh.shape == (1, 9) and fresh[0, -1] == 2.0, "fully boosted"
-    assert torch.allclose(hard[0, 9:] - before[0, 9:], torch.tensor([2.0, 2.0]), atol=1e-5)
-    assert torch.allclose(hard[0, 1:9], before[0, 1:9], atol=1e-5), "hard switch: warm items untouched"
-    assert torch.allclose((one @ model.item_vectors().T)[0, 1:], after[0, 1:], atol=1e-4), "one inner product"
+    assert torch.allclose(after[0, 9:] - before[0, 9:], torch.tensor([2.0, 2.0]), atol=1e-5)
+    assert torch.allclose(after[0, 1:9], before[0, 1:9], atol=1e-5), "warm items, thin ones too, untouched"
+    assert torch.allclose(served[0, 1:], after[0, 1:], atol=1e-4), "one inner product"
+    g = counts / (counts + 1)
+    assert torch.allclose(spread[0, 1:] - before[0, 1:], 2.0 * (1 - g[1:]), atol=1e-5), "older files: 1 - g"
 
 
 def test_the_similarity_term_lifts_cold_items_like_the_last_item_in_one_inner_product():
@@ -183,7 +188,11 @@ def test_the_similarity_term_lifts_cold_items_like_the_last_item_in_one_inner_pr
         soft = model.predict(history)[0]
         served = model.query(model.item_vectors(history[:, 1:])) @ model.item_vectors().T
     assert torch.allclose(served[0, 1:], soft[1:], atol=1e-4), "soft gate: still one inner product"
-    assert not torch.allclose(soft[3], after[3], atol=1e-4), "a half-cold item gains half the term"
+    with torch.no_grad():
+        model.similarity.fill_(0.0)
+        plain = model.predict(history)[0]
+    assert torch.allclose(soft[1:9], plain[1:9], atol=1e-5), "soft gate: thin warm items have no term"
+    assert not torch.allclose(soft[9:], plain[9:], atol=1e-4), "cold ones do"
 
 
 def test_fixed_queries_encode_each_history_once_per_gate_and_score_as_without():
@@ -245,6 +254,27 @@ def test_a_composite_file_from_before_the_similarity_term_still_loads(tmp_path):
         loaded.boost.fill_(0.5)
         assert loaded.cfg.hidden == 9 and torch.allclose(loaded.predict(history), model.predict(history))
     assert loaded.item_vectors().shape == (13, 9) and meta == {"v": 1}
+
+
+def test_a_composite_file_from_before_hard_cold_keeps_its_cold_terms_spread_by_the_gate(tmp_path):
+    """Its kappa and boost were chosen on validation under the old rule, so it must serve as
+    it was judged: the boost by ``1 - g``."""
+    torch.manual_seed(0)
+    counts = torch.tensor([0, 5, 5, 1, 1, 2, 2, 3, 3, 0, 0.0])
+    content = torch.randn(11, 12)
+    model = Composite(_teacher(torch.randn(11, 8)), content, counts, 0.0).eval()
+    model.kappa.fill_(1.0)
+    model.boost.fill_(2.0)
+    saved = load_torch(save_composite(tmp_path / "c.pt", model, {}))
+    del saved["state"]["hard_cold"]  # what the version before it wrote
+    save_torch(saved, tmp_path / "old.pt")
+    old, _ = load_composite(tmp_path / "old.pt", content)
+    new, _ = load_composite(tmp_path / "c.pt", content)
+    history = torch.tensor([[1, 2, 9]])
+    with torch.no_grad():
+        assert torch.allclose(new.predict(history), model.predict(history)), "a new file: cold items alone"
+        model.hard_cold.fill_(0.0)
+        assert torch.allclose(old.predict(history), model.predict(history)), "an old file: 1 - g"
 
 
 def test_the_warm_z_block_is_stored_small_and_a_file_without_its_scale_serves_as_before(tmp_path):
