@@ -345,7 +345,8 @@ class CompositeSettings(Section):
     boosts: tuple[float, ...] = Field(
         (-16.0, -12.0, -8.0, -6.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0),
         description=(
-            "Score offset of student-scored items (calibration) candidates, comma-separated; "
+            "Score offset of items without interactions (calibration; older model files: of "
+            "student-scored items, by 1 - gate) candidates, comma-separated; "
             "picked with the gate and the similarity on validation. Negative ones lower a "
             "student that scores its items above the warm ones (a small catalogue's student: "
             "its items flooded warm users' top 10), and with a similarity weight they set its "
@@ -356,7 +357,7 @@ class CompositeSettings(Section):
     similarities: tuple[float, ...] = Field(
         (0.0, 4.0, 8.0, 16.0, 32.0),
         description=(
-            "Weight candidates of the content-similarity term of student-scored items (the "
+            "Weight candidates of the content-similarity term of items without interactions (the "
             "inner product of their unit content vector with the recency-weighted mean of the "
             "history's, models/composite.py), comma-separated; picked with the gate and the "
             "boost on validation when there are cold-validation users. 0: off."

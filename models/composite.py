@@ -215,7 +215,8 @@ class Composite(nn.Module):
 
     def _encode(self, seqs: torch.Tensor, history: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The teacher's (B, h) query of (B, T) ``seqs``, read from ``fixed_queries``'
-        memo where it holds: it depends on the gate and the weights alone."""
+        memo where it holds: keyed by the gate and the ids, as the teacher, the student, the
+        counts and the content are fixed there."""
         key = None
         if self._encoded is not None:
             key = (float(self.kappa), tuple(seqs.shape), seqs.cpu().numpy().tobytes())
@@ -231,8 +232,9 @@ class Composite(nn.Module):
         """Within it, each history's teacher query is computed once per gate ``kappa``: the
         boost and the similarity weight only add blocks to the scoring vectors, never to
         what the encoder reads, so a grid over them (``training/composite.py``) re-encodes
-        nothing (3.5x faster choices on beauty-2k). The teacher and the student must not
-        change inside it."""
+        nothing (3.5x faster choices on beauty-2k). The teacher, the student, the counts
+        and the content (``use_content``) must not change inside it, and callers pass no
+        ``table`` of their own to ``user_vector`` there."""
         self._encoded = {}
         try:
             yield self

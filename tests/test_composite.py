@@ -203,23 +203,24 @@ def test_fixed_queries_encode_each_history_once_per_gate_and_score_as_without():
     model = Composite(
         _teacher(torch.randn(11, 8)), torch.randn(11, 12), counts, 0.0, similarity_dims=4
     ).eval()
-    seqs = torch.tensor([[0, 9, 3, 4], [1, 2, 3, 10]])
+    batches = [torch.tensor([[0, 9, 3, 4], [1, 2, 3, 10]]), torch.tensor([[0, 0, 5, 6], [7, 8, 1, 9]])]
     grid = [(k, b, g) for k in (0.0, 3.0) for b in (-1.0, 1.0) for g in (0.0, 8.0)]
     expected = []
     with torch.no_grad():
         for k, b, g in grid:
             model.kappa.fill_(k), model.boost.fill_(b), model.similarity.fill_(g)
-            expected.append(model.predict(seqs))
+            expected.append([model.predict(seqs) for seqs in batches])
         calls = []
         real = model.teacher.encode
         model.teacher.encode = lambda *a: calls.append(1) or real(*a)
         with model.fixed_queries():
             for (k, b, g), want in zip(grid, expected, strict=True):
                 model.kappa.fill_(k), model.boost.fill_(b), model.similarity.fill_(g)
-                assert torch.allclose(model.predict(seqs), want, atol=1e-5)
-        assert len(calls) == 2, "one encoding per gate"
-        model.predict(seqs)
-    assert len(calls) == 3, "outside it, every call encodes"
+                for seqs, scores in zip(batches, want, strict=True):  # same shape, other ids
+                    assert torch.allclose(model.predict(seqs), scores, atol=1e-5)
+        assert len(calls) == 4, "one encoding per gate and batch"
+        model.predict(batches[0])
+    assert len(calls) == 5, "outside it, every call encodes"
 
 
 def test_a_served_history_longer_than_the_encoder_reads_scores_as_its_last_steps():

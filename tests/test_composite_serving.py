@@ -125,7 +125,10 @@ def test_a_fresh_item_is_ranked_by_the_student_within_a_second_then_graduates(se
     # it gets clicks (earlier in users' histories); the next retrain holds it out to judge
     # the candidate (its cold-validation item), and serves it trained on once promoted
     clicks(engine, [(f"u{u}", 25, T0 - timedelta(days=1)) for u in range(0, 30, 8)])
-    third = said_retrain(cli_env, capsys, engine, data)
+    # a soft gate and a boost, so the cold terms' rule shows (old: 1 - g of them; now: none)
+    third = said_retrain(
+        cli_env, capsys, engine, data, SAID_COMPOSITE_GATE_KAPPAS="3", SAID_COMPOSITE_BOOSTS="1"
+    )
     assert third["promoted"] and third["cold_items"] == 1, third
     state.refresh()
     assert state.version == third["version"]
@@ -136,13 +139,13 @@ def test_a_fresh_item_is_ranked_by_the_student_within_a_second_then_graduates(se
     expected = model.vectors_of(ids, torch.from_numpy(vector)[None])[0].detach().numpy()
     assert np.allclose(graduated, expected, atol=1e-5)
     g = model.gate(ids)[0, 0].item()
-    assert g > 0 and not np.allclose(graduated, student, atol=1e-3), "its ID row now carries it"
+    assert 0 < g < 1 and not np.allclose(graduated, student, atol=1e-3), "its ID row now carries it"
     row = model.teacher.item_vectors(ids)[0].detach().numpy()
     now_student = model.content_vectors(torch.from_numpy(vector)[None])[0].detach().numpy()
     h, r = len(row), model.r  # scoring vectors: [gated (h) | boost (1) | cold z (r) | warm z 2^-10 (r)]
     assert np.allclose(graduated[:h], g * row + (1 - g) * now_student[:h], atol=1e-4), "gated"
     # the cold terms are for items without clicks: a graduated one has neither boost nor similarity
-    assert graduated[h] == 0.0 and now_student[h] == float(model.boost), "no boost once it has clicks"
+    assert graduated[h] == 0.0 and now_student[h] == float(model.boost) == 1.0, "no boost once it has clicks"
     z = now_student[h + 1 : h + 1 + r]  # a fresh item's content axes sit all in the cold block
     assert np.allclose(graduated[h + 1 : h + 1 + r], 0.0), "similarity: no cold block"
     assert np.allclose(graduated[h + 1 + r :] * 2.0**10, z, atol=1e-5), (
