@@ -131,7 +131,10 @@ class Composite(nn.Module):
         """(n, 1) weight of each item's ID row (of ``ids``, default every row of the
         content table); the rest is the student's vector. An item the teacher never saw
         (added after it trained: ``id > n_items``) has no interactions, so weight 0."""
-        n = self._interactions(ids)
+        return self._gate_of(self._interactions(ids))
+
+    def _gate_of(self, n: torch.Tensor) -> torch.Tensor:
+        """(n,) training interactions -> (n, 1) gates."""
         kappa = float(self.kappa)
         g = (n > 0).float() if kappa == 0 else n / (n + kappa)
         return g.unsqueeze(1)
@@ -145,13 +148,13 @@ class Composite(nn.Module):
         n[known] = self.counts[ids[known]]
         return n
 
-    def cold_weight(self, ids: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """(n, 1) weight of the cold terms (boost, similarity) of ``ids`` with gates ``g``: 1
-        for an item without interactions, else 0; ``1 - g`` in a file from before
-        ``hard_cold``."""
+    def _cold_weight(self, n: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """(n, 1) weight of the cold terms (boost, similarity) of items with ``n`` training
+        interactions and gates ``g``: 1 for an item without interactions, else 0; ``1 - g``
+        in a file from before ``hard_cold``."""
         if not self.hard_cold:
             return 1 - g
-        return (self._interactions(ids) == 0).float().unsqueeze(1)
+        return (n == 0).float().unsqueeze(1)
 
     def use_content(self, content: torch.Tensor) -> Composite:
         """Score a catalogue of ``content`` rows (N'+1, D), which may hold items added after
@@ -168,11 +171,12 @@ class Composite(nn.Module):
         """(n,) ids and their (n, d) student inputs -> (n, h+1+2r) scoring vectors:
         [gated vector | o boost | o z | (1 - o) z warm_z_scale], all 0 for padding."""
         student = self.student(inputs)  # (n, h)
-        g = self.gate(ids)  # (n, 1)
+        n = self._interactions(ids)  # (n,)
+        g = self._gate_of(n)  # (n, 1)
         rows = torch.zeros_like(student)
         known = (ids > 0) & (ids <= self.teacher.cfg.n_items)
         rows[known] = self.teacher.item_vectors(ids[known]).to(rows.dtype)
-        o = self.cold_weight(ids, g)  # (n, 1)
+        o = self._cold_weight(n, g)  # (n, 1)
         z = self._z(inputs)  # (n, r)
         parts = [g * rows + (1 - g) * student, o * self.boost, o * z, (1 - o) * z * self.warm_z_scale]
         return torch.cat(parts, 1).masked_fill((ids == 0).unsqueeze(1), 0.0)
