@@ -156,6 +156,13 @@ class Composite(nn.Module):
             return 1 - g
         return (n == 0).float().unsqueeze(1)
 
+    def cold_items(self) -> torch.Tensor:
+        """(N+1,) bool: the catalogue items the teacher has no training interaction of (what
+        the boost and the similarity term lift; padding excluded)."""
+        cold = self._interactions(None) == 0
+        cold[0] = False
+        return cold
+
     def use_content(self, content: torch.Tensor) -> Composite:
         """Score a catalogue of ``content`` rows (N'+1, D), which may hold items added after
         the teacher trained (they are cold: the student's vectors): how a retrain compares

@@ -11,7 +11,7 @@ from models.blend import Blend, log_probs
 from models.composite import Composite, load_composite, save_composite
 from models.ranking import recall_ndcg
 from models.sasrec import SASRec, SASRecConfig
-from training.composite import Judges, choose, judges_for, teacher_states, train_student
+from training.composite import Judges, choose, judges_for, pick_gate_and_boost, teacher_states, train_student
 from training.evaluate import by_target_validation
 from training.mixed import (
     by_target,
@@ -22,6 +22,7 @@ from training.mixed import (
     mixed_split,
     popularity_buckets,
 )
+from training.recommender import left_pad
 
 CPU = torch.device("cpu")
 
@@ -469,6 +470,63 @@ def test_with_no_cold_judge_the_choice_leaves_fresh_items_unmoved():
     assert choose(figures | {(10.0, 0.0, 0.0): (0.09, 0.0)}, 0.02, 0.0) == (0.0, 0.0, 0.0)
     beyond = {(10.0, -2.0, 0.0): (0.098, 0.0), (10.0, 0.0, 0.0): (0.090, 0.0)}
     assert choose(beyond, 0.02, 0.0) == (10.0, -2.0, 0.0), "beyond it"
+
+
+def test_with_no_cold_signal_the_choice_calibrates_fresh_items_exposure_within_the_warm_guard():
+    """No cold user to judge by: of the choices warm users allow, the one whose share of
+    items without interactions in warm users' top 10 is nearest their catalogue share (8%
+    here), not the one that buries them nor the one that floods."""
+    figures = {
+        (0.0, -4.0, 0.0): (0.1000, 0.0),  # buried: the warm best, by a hair
+        (0.0, -2.0, 0.0): (0.0990, 0.0),  # flooding
+        (0.0, -4.0, 8.0): (0.0985, 0.0),  # near the catalogue's share, where users' content matches
+        (0.0, 0.0, 0.0): (0.0900, 0.0),  # on the share, but 10% below the warm best
+    }
+    exposure = {(0.0, -4.0, 0.0): 0.0, (0.0, -2.0, 0.0): 0.30, (0.0, -4.0, 8.0): 0.07, (0.0, 0.0, 0.0): 0.08}
+    assert choose(figures, 0.02, 0.5, exposure=exposure, share=0.08) == (0.0, -4.0, 8.0)
+    assert choose(figures, 0.2, 0.5, exposure=exposure, share=0.08) == (0.0, 0.0, 0.0), "a wider guard"
+    assert choose(figures, 0.02, 0.5) == (0.0, -2.0, 0.0), "no exposure measured: the boost nearest 0"
+    mixed = Judges(lambda m: 0.0, None, 19, 1).mixed
+    unlifted = {c: (w, 0.0) for c, (w, _) in figures.items()}  # a cold judge no choice lifts
+    assert choose(unlifted, 0.02, 0.5, None, mixed, exposure, 0.08) == (0.0, -4.0, 8.0)
+    lifted = figures | {(0.0, -2.0, 0.0): (0.0990, 0.05)}  # a cold signal: the mixed figure rules
+    assert choose(lifted, 0.02, 0.5, None, mixed, exposure, 0.08) == (0.0, -2.0, 0.0)
+
+
+def test_with_no_cold_users_the_pick_measures_each_choices_exposure_on_warm_users():
+    """End to end on a small composite with no cold validation user: the pick reports the
+    chosen choice's share of cold items in the warm users' top 10, measured as a user meets
+    it, and no other choice's share is nearer the catalogue's."""
+    torch.manual_seed(0)
+    n = 30
+    counts = torch.tensor([0] + [3.0] * 25 + [0.0] * 5)  # items 26-30 have no interactions
+    model = Composite(_teacher(torch.randn(n + 1, 8)), torch.randn(n + 1, 12), counts, 0.0, similarity_dims=4)
+    gen = torch.Generator().manual_seed(1)
+    histories = [torch.randint(1, 26, (5,), generator=gen).tolist() for _ in range(40)]
+    targets = torch.randint(1, 26, (40,), generator=gen).tolist()
+    judged = judges_for((histories, targets), ([], []), CPU)
+    cfg = CompositeSettings(gate_kappas=(0.0,), boosts=(-8.0, -4.0, -2.0, 0.0, 2.0), warm_tolerance=0.5)
+    info = pick_gate_and_boost(model, model, model.boost, judged, cfg, (0.0, 4.0))
+
+    def share_of(boost: float, similarity: float) -> float:
+        model.boost.fill_(boost)
+        model.similarity.fill_(similarity)
+        with torch.no_grad():
+            tops = model.eval().predict(left_pad(histories, 8)).topk(10, dim=1).indices
+        return (tops > 25).float().mean().item()
+
+    chosen = info["val_cold_share_top10"]
+    assert abs(info["cold_share_catalogue"] - 5 / 30) < 1e-6
+    assert abs(chosen - share_of(info["boost"], info["similarity"])) < 1e-6
+    kept = [
+        (b, g)
+        for b in cfg.boosts
+        for g in (0.0, 4.0)
+        if info["val_by_choice"][f"kappa=0.0,boost={b},similarity={g}"]["warm"]
+        >= 0.5 * max(v["warm"] for v in info["val_by_choice"].values())
+    ]
+    gaps = sorted(abs(share_of(b, g) - 5 / 30) for b, g in kept)
+    assert abs(chosen - 5 / 30) == gaps[0] and gaps[0] < gaps[-1], "the nearest of several"
 
 
 def test_judges_stop_on_the_cold_users_mrr_and_ignore_too_few_of_them():

@@ -36,6 +36,7 @@ from core.settings import CompositeSettings
 from models.composite import Composite
 from models.recommender import Recommender
 from models.sasrec import SASRec
+from training.mixed import ranks_and_top
 from training.recommender import Validate, left_pad, validator
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,17 @@ log = logging.getLogger(__name__)
 class Judges:
     """A student's validation users, split by target: warm-target ones and cold-validation
     ones (``cold`` None where there are too few), with their counts, so the mixed figure is
-    the users' weighted mean of the two; and what its early stopping maximises (``stop``,
-    default ``cold``, else ``warm``)."""
+    the users' weighted mean of the two; what its early stopping maximises (``stop``,
+    default ``cold``, else ``warm``); and the warm users' top 10 (``warm_tops``: a model ->
+    (U, 10) items), whose share of items without interactions calibrates a choice that no
+    cold user can judge (``choose``)."""
 
     warm: Validate
     cold: Validate | None
     n_warm: int
     n_cold: int
     stop: Validate | None = None
+    warm_tops: Callable[[Recommender], torch.Tensor] | None = None
 
     def mixed(self, warm: float, cold: float) -> float:
         """NDCG@10 over all the validation users, from the two groups' figures."""
@@ -72,13 +76,31 @@ def judges_for(warm: Users, cold: Users, device: torch.device, min_cold: int = 1
     ``retrain.min_group_users``, as its promotion guard does). The student stops on the
     cold users' mean reciprocal rank: on a long-tail catalogue (tail3k) their NDCG@10 sat
     near 0 from the first epoch, and stopping on it kept the student of epoch 1 of 7."""
+
+    def tops(model: Recommender) -> torch.Tensor:
+        return ranks_and_top(model, *warm, device)[1]
+
     if len(cold[1]) < max(1, min_cold):
-        return Judges(validator(warm, device), None, len(warm[1]), 0)
+        return Judges(validator(warm, device), None, len(warm[1]), 0, warm_tops=tops)
     stop = validator(cold, device, metric="mrr")
-    return Judges(validator(warm, device), validator(cold, device), len(warm[1]), len(cold[1]), stop)
+    return Judges(validator(warm, device), validator(cold, device), len(warm[1]), len(cold[1]), stop, tops)
 
 
 Choice = tuple[float, float, float]  # (kappa, boost, similarity)
+
+
+def eligible(
+    figures: dict[Choice, tuple[float, float]],
+    warm_tolerance: float,
+    cold_tolerance: float,
+    reference: float | None = None,
+) -> list[Choice]:
+    """``choose``'s two guards: the choices it picks among."""
+    best_warm = max(w for w, _ in figures.values())
+    bar = best_warm if reference is None else min(best_warm, reference)
+    kept = [c for c, (w, _) in figures.items() if w >= bar - warm_tolerance * abs(bar)]
+    best_cold = max(figures[c][1] for c in kept)
+    return [c for c in kept if figures[c][1] >= best_cold - cold_tolerance * abs(best_cold)]
 
 
 def choose(
@@ -87,6 +109,8 @@ def choose(
     cold_tolerance: float,
     reference: float | None = None,
     mixed: Callable[[float, float], float] | None = None,
+    exposure: dict[Choice, float] | None = None,
+    share: float = 0.0,
 ) -> Choice:
     """The (kappa, boost, similarity) to serve, from each choice's (warm, cold) validation
     NDCG@10, in two guards and a goal:
@@ -112,23 +136,28 @@ def choose(
     cold items into warm users' top 10 for a cold validation figure 4.6x `text`'s, and the all-users
     figure fell to 1.06 x id on validation where a choice 16% below that cold best gave 1.11 x.
 
-    With no cold judge (``mixed`` None), or where no choice lifts a cold user at all, step 3
-    is a tie, which goes to the boost nearest 0, then no similarity, then the best warm
-    figure, then the harder switch. Not to the best warm figure first: warm users also rank
-    the items nobody clicked yet, so on them the most negative boost usually wins by a hair,
-    and it would bury every fresh item served later."""
-    best_warm = max(w for w, _ in figures.values())
-    bar = best_warm if reference is None else min(best_warm, reference)
-    eligible = [c for c, (w, _) in figures.items() if w >= bar - warm_tolerance * abs(bar)]
-    best_cold = max(figures[c][1] for c in eligible)
-    eligible = [c for c in eligible if figures[c][1] >= best_cold - cold_tolerance * abs(best_cold)]
-    serves_cold = mixed is not None and best_cold > 0  # else step 3 is a tie: the tie order decides
+    With no cold judge (``mixed`` None), or where no choice lifts a cold user at all, no
+    validation user can say what fresh items are worth, so step 3 calibrates instead: the
+    choice whose ``exposure`` (the share of items without interactions in warm users' top
+    10) is nearest their ``share`` of the catalogue, neither buried nor flooding. Warm
+    users' targets are warm, so every exposure costs them a little, and the most negative
+    boost wins on them by a hair: picking by their figure would bury every fresh item
+    served later, and the warm guard is what bounds the exposure's price. The demo at stop
+    40 (200 items, 11 cold validation users, none lifted by any choice) took boost -4 by the
+    older order and put none of its 5 fresh items in their users' top 10. Ties (and no
+    ``exposure``) go to the boost nearest 0, then no similarity, then the best warm figure,
+    then the harder switch."""
+    kept = eligible(figures, warm_tolerance, cold_tolerance, reference)
+    serves_cold = mixed is not None and max(figures[c][1] for c in kept) > 0  # else: calibrate
 
     def rank(c: Choice) -> tuple[float, ...]:
-        worth = mixed(*figures[c]) if serves_cold else 0.0
+        if serves_cold:
+            worth = mixed(*figures[c])
+        else:
+            worth = -abs(exposure[c] - share) if exposure is not None else 0.0
         return worth, -abs(c[1]), -c[2], figures[c][0], -c[0]
 
-    return max(eligible, key=rank)
+    return max(kept, key=rank)
 
 
 def new_composite(
@@ -170,9 +199,9 @@ def train_student(
 ) -> tuple[Composite, dict]:
     """Fit the student (seeded by the caller), keep its best state on ``judges.stop`` (the
     cold-validation users; the warm ones where there are none), then pick the gate's kappa
-    (``cfg.gate_kappas``), the cold boost (``cfg.boosts``) and, with a cold judge, the
-    similarity weight (``cfg.similarities``) together (``choose``, against the teacher's
-    warm figure).
+    (``cfg.gate_kappas``), the cold boost (``cfg.boosts``) and the similarity weight
+    (``cfg.similarities``) together (``choose``, against the teacher's warm figure; with no
+    cold signal, by the cold items' share of warm users' top 10).
 
     It stops on the cold users because the student's vectors are what cold items are ranked
     by; on the whole mixed set, 95% warm targets, it stopped after a few epochs with cold
@@ -228,7 +257,7 @@ def train_student(
         composite.student.load_state_dict(best_state)
     # the ID scorer's own warm figure, which a choice may spend on cold users (``choose``)
     reference = judges.warm(composite.teacher.eval()) if judges.cold else None
-    similarities = cfg.similarities if composite.r and judges.cold else (0.0,)  # no cold judge: no use
+    similarities = cfg.similarities if composite.r else (0.0,)
     info = pick_gate_and_boost(
         composite, composite, composite.boost, judges, cfg, similarities, reference, progress
     )
@@ -250,7 +279,8 @@ def pick_gate_and_boost(
     its ``boost`` buffer and every ``similarities`` weight of ``composite``, leave it at the
     choice of ``choose`` (``reference``: the ID teacher's warm figure), and return
     {best_val_ndcg@10 (mixed), val_warm_ndcg@10, val_cold_ndcg@10, kappa, boost,
-    similarity, val_by_choice}."""
+    similarity, val_cold_share_top10 (the chosen exposure, where no cold user judged),
+    cold_share_catalogue, val_by_choice}."""
     figures: dict[Choice, tuple[float, float]] = {}
     grid = list(itertools.product(cfg.gate_kappas, cfg.boosts, similarities))
     with composite.fixed_queries():  # the queries depend on kappa alone
@@ -259,14 +289,24 @@ def pick_gate_and_boost(
             judged = model.eval()
             figures[choice] = (judges.warm(judged), judges.cold(judged) if judges.cold else 0.0)
     mixed = judges.mixed if judges.cold else None
-    choice = choose(figures, cfg.warm_tolerance, cfg.cold_tolerance, reference, mixed)
+    kept = eligible(figures, cfg.warm_tolerance, cfg.cold_tolerance, reference)
+    cold = composite.cold_items()
+    share = cold[1:].float().mean().item()
+    exposure = None
+    if (mixed is None or max(figures[c][1] for c in kept) <= 0) and judges.warm_tops is not None:
+        exposure = _exposure(model, composite, boost, kept, judges.warm_tops, cold)
+    choice = choose(figures, cfg.warm_tolerance, cfg.cold_tolerance, reference, mixed, exposure, share)
     _set(composite, boost, choice)
     warm_ndcg, cold_ndcg = figures[choice]
+    chosen_share = exposure[choice] if exposure is not None else None
     log.info(
-        "chose kappa %s, boost %s, similarity %s: validation NDCG@10 warm %.4f, cold %.4f",
+        "chose kappa %s, boost %s, similarity %s: validation NDCG@10 warm %.4f, cold %.4f%s",
         *choice,
         warm_ndcg,
         cold_ndcg,
+        ""
+        if chosen_share is None
+        else f"; no cold signal: cold items {chosen_share:.1%} of warm users' top 10 (catalogue {share:.1%})",
     )
     return {
         "best_val_ndcg@10": judges.mixed(warm_ndcg, cold_ndcg),
@@ -275,11 +315,31 @@ def pick_gate_and_boost(
         "kappa": choice[0],
         "boost": choice[1],
         "similarity": choice[2],
+        "val_cold_share_top10": chosen_share,
+        "cold_share_catalogue": share,
         "val_by_choice": {
             f"kappa={k},boost={b},similarity={g}": dict(warm=w, cold=c)
             for (k, b, g), (w, c) in figures.items()
         },
     }
+
+
+def _exposure(
+    model: Recommender,
+    composite: Composite,
+    boost: torch.Tensor,
+    choices: list[Choice],
+    warm_tops: Callable[[Recommender], torch.Tensor],
+    cold: torch.Tensor,
+) -> dict[Choice, float]:
+    """Each choice's share of ``cold`` items in the warm validation users' top 10."""
+    out = {}
+    with composite.fixed_queries():
+        for choice in choices:
+            _set(composite, boost, choice)
+            tops = warm_tops(model.eval())  # (U, 10)
+            out[choice] = cold.to(tops.device)[tops].float().mean().item() if len(tops) else 0.0
+    return out
 
 
 def _set(composite: Composite, boost: torch.Tensor, choice: Choice) -> None:
