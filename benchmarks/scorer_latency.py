@@ -1,7 +1,7 @@
 """Scorer latency and throughput over HTTP on loopback, by catalogue size and request kind.
 
 Method: for each size, a SQLite catalogue of N items, 1,000 users with 20 clicks each, the
-served model (the warm/cold composite, 193-d scoring vectors with the similarity term;
+served model (the warm/cold composite, 129-d scoring vectors with the similarity term;
 untrained: latency does not depend on training) and an index snapshot of N item vectors (the
 composite's, of synthetic clustered SAID vectors: the teacher's ID rows for the first
 min(N/2, 50,000), the student's for the rest, as for fresh items) are written; ``said scorer
@@ -186,7 +186,7 @@ def served_vectors(scorer, ids: np.ndarray) -> np.ndarray:
 
 def hnsw_recall(n: int, queries: int = 500) -> tuple[float, float, float]:
     """(recall@10 of HNSW vs exact on clustered vectors with log-normal norms, the same on
-    the vectors this benchmark serves, HNSW build seconds), n 193-d scoring vectors, queries
+    the vectors this benchmark serves, HNSW build seconds), n 129-d scoring vectors, queries
     from the untrained composite over random 5-item histories. The served vectors are the
     harder case: the untrained teacher's ID rows are unclustered Gaussian vectors, whose
     top 10 are near-ties; a trained model's rows are not measured here."""

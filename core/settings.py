@@ -360,7 +360,8 @@ class CompositeSettings(Section):
             "Weight candidates of the content-similarity term of items without interactions (the "
             "inner product of their unit content vector with the recency-weighted mean of the "
             "history's, models/composite.py), comma-separated; picked with the gate and the "
-            "boost on validation when there are cold-validation users. 0: off."
+            "boost on validation (with no cold signal, by fresh items' share of warm users' "
+            "top 10: training/composite.py, choose). 0: off."
         ),
     )
     similarity_dims: int = Field(
@@ -368,7 +369,7 @@ class CompositeSettings(Section):
         ge=0,
         description=(
             "Content axes the similarity term compares (the student input's leading "
-            "principal axes, at most its width); scoring vectors grow by twice that. 0: no "
+            "principal axes, at most its width); scoring vectors grow by that much. 0: no "
             "similarity term."
         ),
     )
@@ -392,7 +393,8 @@ class CompositeSettings(Section):
             "up: only choices within this share of the ID teacher's warm figure (with "
             "cold-validation users; else of the best choice's), or of the best choice's where "
             "that is lower, are served (then cold_tolerance; training/composite.py, choose). "
-            "0.02: the target's own allowance, warm users at 0.98 x the ID scorer."
+            "0.02: the target's own allowance, warm users at 0.98 x the ID scorer. With no "
+            "cold signal it is also what fresh items' exposure may cost warm users."
         ),
     )
     cold_tolerance: float = Field(

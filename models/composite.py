@@ -30,13 +30,11 @@ the mean of the ID rows, they can sit below it (new items buried) or, on a small
 above it (new items flooding warm users' lists: the demo's 200 items). ``boost`` adds
 ``o_i * boost`` to an item's score, either sign, picked on validation with ``kappa``.
 It is carried as one more dimension (item: ``o_i * boost``, query: 1), so every
-score stays one inner product (FAISS). The similarity adds two blocks of ``r`` =
-``similarity_dims``: ``o_i z_i``, which the query meets with ``gamma * m_u``, and
-``(1 - o_i) z_i``, which the query meets with 0; a history's ``z`` is the two blocks' sum (the warm
-one unscaled, below), so a
-query is computed from scoring vectors alone, as served. Scoring vectors are
-``hidden + 1 + 2r`` wide: [gated vector (h) | boost (1) | cold z (r) | warm z (r)], and
-``cfg.hidden`` says so.
+score stays one inner product (FAISS). The similarity adds one block of ``r`` =
+``similarity_dims``: ``(o_i + (1 - o_i) * WARM_Z_SCALE) z_i``, which the query meets with
+``gamma * m_u``. A history's ``z`` is each step's block made unit length again, so a query
+is computed from scoring vectors alone, as served. Scoring vectors are ``hidden + 1 + r``
+wide: [gated vector (h) | boost (1) | z (r)], and ``cfg.hidden`` says so.
 
 Cold terms (``o_i``): the boost and the similarity are for items without interactions
 (``o_i`` 1, else 0), whatever the gate. The gate mixes the student into thin warm items
@@ -46,11 +44,15 @@ written before then keep: ``hard_cold`` 0), moved thin warm items whenever they 
 ``kappa`` cost warm users what it gained them. Kept apart, the best mixed validation figure
 on beauty-2k split 0 rose from 1.038x to 1.069x id's.
 
-The warm block is stored times ``WARM_Z_SCALE`` (2^-10) and read back divided by it (exact:
-a power of two). No query meets it, so it never moves a score, but an HNSW graph is built
-on distances between item vectors, where a unit-length block that scores nothing is noise:
-recall@10 against exact search on 20k untrained served vectors rose from 0.886 to 0.952
-with it near 0 (benchmarks/scorer_latency.py's vectors, HNSW forced).
+Warm items carry their ``z`` at ``WARM_Z_SCALE`` (2^-20): a history needs it, and a score
+should not (at most ``gamma`` * 2^-20, 3e-5 at gamma 32, against scores of order 1). Small
+is also what an HNSW graph wants, built on distances between item vectors, where a
+unit-length block that scores nothing is noise: recall@10 against exact search on 20k
+untrained served vectors rose from 0.886 to 0.952 with it near 0
+(benchmarks/scorer_latency.py's vectors, HNSW forced). Files written before 2026-12-06
+(the merge) keep two blocks, [cold z (r) | warm z (r)] with the warm one at 2^-10 (or 1
+in older ones) and never met by a query (``z_blocks`` 2): every HNSW distance paid for
+its r dimensions (a search at 100k items 0.51 ms at 193-d against 0.38 ms at 129-d).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ from core.files import CorruptFile, load_torch, save_torch
 from models.ranking import masked_scores
 from models.sasrec import SASRec, SASRecConfig, principal_axes
 
-WARM_Z_SCALE = 2.0**-10  # the warm z block's storage scale (a file without one: 1)
+WARM_Z_SCALE = 2.0**-20  # warm items' z scale (files before 2026-12-06: 2^-10 or, without one, 1)
 
 
 class Composite(nn.Module):
@@ -80,12 +82,14 @@ class Composite(nn.Module):
         dropout: float,
         similarity_dims: int = 0,
         recency: float = 0.05,
+        z_blocks: int = 1,
     ) -> None:
         """``teacher``: a trained ID SASRec (frozen here). ``content``: (N+1, D) content rows,
         row 0 padding. ``counts``: (N+1,) training interactions per item; the student's input
         scaling and axes are fitted on the items with any (the cold ones must not shape it).
         ``similarity_dims``: r, the content axes of the similarity term (0: none);
-        ``recency``: the weight of each older history step against the next newer one."""
+        ``recency``: the weight of each older history step against the next newer one;
+        ``z_blocks``: 1, or 2 for a file from before the content blocks were merged."""
         super().__init__()
         if teacher.table is not None:
             raise ValueError("the teacher must be an ID SASRec (its own rows are the warm vectors)")
@@ -99,7 +103,8 @@ class Composite(nn.Module):
         self.register_buffer("feat_std", fit.std(0).clamp(min=1e-6))
         d = min(content.shape[1], teacher.cfg.max_input)
         self.r = min(similarity_dims, d)
-        self.cfg: SASRecConfig = replace(teacher.cfg, hidden=h + 1 + 2 * self.r)  # scoring width
+        self.z_blocks = z_blocks
+        self.cfg: SASRecConfig = replace(teacher.cfg, hidden=h + 1 + z_blocks * self.r)  # scoring width
         self.register_buffer("axes", principal_axes((fit - self.feat_mean) / self.feat_std, d))  # (D, d)
         self.register_buffer("content_in", self._student_input(content), persistent=False)  # (N+1, d)
         self.register_buffer("counts", counts.float())  # (N+1,)
@@ -175,8 +180,9 @@ class Composite(nn.Module):
         return self.student(self.content_in)
 
     def _scoring(self, ids: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """(n,) ids and their (n, d) student inputs -> (n, h+1+2r) scoring vectors:
-        [gated vector | o boost | o z | (1 - o) z warm_z_scale], all 0 for padding."""
+        """(n,) ids and their (n, d) student inputs -> (n, h+1+r) scoring vectors:
+        [gated vector | o boost | (o + (1 - o) warm_z_scale) z], all 0 for padding (two
+        blocks, [... | o z | (1 - o) z warm_z_scale], in a file from before)."""
         student = self.student(inputs)  # (n, h)
         n = self._interactions(ids)  # (n,)
         g = self._gate_of(n)  # (n, 1)
@@ -185,7 +191,11 @@ class Composite(nn.Module):
         rows[known] = self.teacher.item_vectors(ids[known]).to(rows.dtype)
         o = self._cold_weight(n, g)  # (n, 1)
         z = self._z(inputs)  # (n, r)
-        parts = [g * rows + (1 - g) * student, o * self.boost, o * z, (1 - o) * z * self.warm_z_scale]
+        parts = [g * rows + (1 - g) * student, o * self.boost]
+        if self.z_blocks == 1:
+            parts.append((o + (1 - o) * self.warm_z_scale) * z)
+        else:
+            parts += [o * z, (1 - o) * z * self.warm_z_scale]
         return torch.cat(parts, 1).masked_fill((ids == 0).unsqueeze(1), 0.0)
 
     def gated_vectors(self) -> torch.Tensor:
@@ -253,16 +263,20 @@ class Composite(nn.Module):
             self._encoded = None
 
     def _query_vector(self, u: torch.Tensor, history: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """The teacher's (B, h) query, and the history's (B, T, h+1+2r) scoring vectors with
-        (B, T) real steps -> (B, h+1+2r): [u | 1 | gamma m_u | 0], ``m_u`` the history's
-        recency-weighted mean content vector."""
+        """The teacher's (B, h) query, and the history's (B, T, h+1+r) scoring vectors with
+        (B, T) real steps -> (B, h+1+r): [u | 1 | gamma m_u] (and a 0 block for two),
+        ``m_u`` the history's recency-weighted mean content vector. Each step's ``z`` is its
+        block made unit length again, whatever scale it is stored at."""
         h, r = self.teacher.cfg.hidden, self.r
-        z = history[..., h + 1 : h + 1 + r] + history[..., h + 1 + r :] / self.warm_z_scale  # (B, T, r)
+        if self.z_blocks == 1:
+            z = F.normalize(history[..., h + 1 :], dim=-1)  # (B, T, r)
+        else:
+            z = history[..., h + 1 : h + 1 + r] + history[..., h + 1 + r :] / self.warm_z_scale
         T = valid.shape[1]
         w = self.recency ** torch.arange(T - 1, -1, -1, device=u.device, dtype=u.dtype) * valid  # (B, T)
         m = (w.unsqueeze(2) * z).sum(1) / w.sum(1, keepdim=True).clamp(min=1e-12)  # (B, r)
         one = torch.ones(len(u), 1, device=u.device, dtype=u.dtype)
-        return torch.cat([u, one, self.similarity * m, torch.zeros_like(m)], 1)
+        return torch.cat([u, one, self.similarity * m] + [torch.zeros_like(m)] * (self.z_blocks - 1), 1)
 
     def predict(self, seqs: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
         """``Recommender``: (B, T) ids -> (B, N+1) scores (padding, ``blocked``: -inf)."""
@@ -280,6 +294,7 @@ def save_composite(path: Path, model: Composite, meta: dict) -> Path:
             "content_dim": model.feat_mean.shape[0],
             "dropout": model.student[2].p,
             "similarity_dims": model.r,
+            "z_blocks": model.z_blocks,
             "state": {k: v.cpu() for k, v in model.state_dict().items()},
             "meta": meta,
         },
@@ -305,7 +320,8 @@ def composite_from(saved: dict, source: str, content: torch.Tensor | None = None
         # placeholders of the right shapes; every buffer and weight comes from the file
         r = saved.get("similarity_dims", 0)  # 0: a file from before the similarity term
         placeholder = torch.zeros(n, saved["content_dim"])
-        model = Composite(SASRec(cfg), placeholder, torch.ones(n), saved["dropout"], r)
+        z_blocks = saved.get("z_blocks", 2)  # 2: a file from before the blocks were merged
+        model = Composite(SASRec(cfg), placeholder, torch.ones(n), saved["dropout"], r, z_blocks=z_blocks)
         defaults = {"similarity": torch.tensor(0.0), "recency": model.recency}  # ditto
         defaults["warm_z_scale"] = torch.tensor(1.0)  # a file from before the scaled warm block
         defaults["hard_cold"] = torch.tensor(0.0)  # a file from before: cold terms by 1 - gate

@@ -169,7 +169,7 @@ def test_the_similarity_term_lifts_cold_items_like_the_last_item_in_one_inner_pr
     content = torch.randn(11, 12)
     content[10] = content[4] * 3  # item 10 reads like item 4 (same direction, more of it)
     model = Composite(_teacher(rows), content, counts, dropout=0.0, similarity_dims=6, recency=0.05).eval()
-    assert model.cfg.hidden == 8 + 1 + 2 * 6 and model.item_vectors().shape == (11, 21)
+    assert model.cfg.hidden == 8 + 1 + 6 and model.item_vectors().shape == (11, 15)
     history = torch.tensor([[0, 9, 3, 4]])  # a cold item, then warm ones, item 4 last
     with torch.no_grad():
         before = model.predict(history)[0]
@@ -279,30 +279,46 @@ def test_a_composite_file_from_before_hard_cold_keeps_its_cold_terms_spread_by_t
         assert torch.allclose(old.predict(history), model.predict(history)), "an old file: 1 - g"
 
 
-def test_the_warm_z_block_is_stored_small_and_a_file_without_its_scale_serves_as_before(tmp_path):
-    """No query meets the warm z block, so it is stored at 2^-10 (HNSW graphs are built on
-    item distances, where it is noise) and read back exactly; a file written before the
-    scale keeps the full block, as the index snapshots built from it hold it."""
+def test_warm_items_carry_their_content_small_in_the_one_block_and_two_block_files_serve_as_before(tmp_path):
+    """A history reads every step's content from its scoring vector, so warm items carry
+    theirs too, at 2^-20 in the block cold items score with: read back as a unit vector,
+    worth at most gamma * 2^-20 of a score. A file written before the merge (two blocks,
+    the warm one never met by a query, at 2^-10) still loads in its own layout and scores
+    as before; the merged layout scores as it does."""
     torch.manual_seed(0)
     counts = torch.tensor([0] + [2.0] * 8 + [0.0, 0.0])  # items 9 and 10 are cold
     content = torch.randn(11, 12)
     model = Composite(_teacher(torch.randn(11, 8)), content, counts, 0.0, similarity_dims=4).eval()
-    model.similarity.fill_(4.0)
+    model.similarity.fill_(32.0)
+    model.boost.fill_(-1.0)
     with torch.no_grad():
-        table = model.item_vectors()  # (11, 8 + 1 + 8)
+        table = model.item_vectors()  # (11, 8 + 1 + 4)
         z = model._z(model.content_in)  # (11, 4)
-    warm_block = table[1:9, -4:]
-    assert torch.allclose(warm_block.norm(dim=1), torch.full((8,), 2.0**-10)), "warm items: z at 2^-10"
-    assert torch.equal(warm_block * 2.0**10, z[1:9]), "read back exactly"
-    path = save_composite(tmp_path / "c.pt", model, {})
-    saved = load_torch(path)
-    del saved["state"]["warm_z_scale"]  # what the version before the scale wrote
-    save_torch(saved, path)
-    old, _ = load_composite(path, content)
+    assert table.shape == (11, 13)
+    assert torch.allclose(table[1:9, -4:].norm(dim=1), torch.full((8,), 2.0**-20)), "warm items: z at 2^-20"
+    assert torch.allclose(table[9:, -4:], z[9:]), "cold items: z whole"
+    two = Composite(_teacher(torch.randn(11, 8)), content, counts, 0.0, similarity_dims=4, z_blocks=2)
+    two.load_state_dict(model.state_dict())
+    two.warm_z_scale.fill_(2.0**-10)
+    saved = load_torch(save_composite(tmp_path / "c.pt", two.eval(), {}))
+    del saved["z_blocks"]  # what the version before the merge wrote
+    save_torch(saved, tmp_path / "old.pt")
+    old, _ = load_composite(tmp_path / "old.pt", content)
     history = torch.tensor([[1, 9, 2]])
     with torch.no_grad():
-        assert torch.allclose(old.item_vectors()[1:9, -4:].norm(dim=1), torch.ones(8)), "the full block"
-        assert torch.allclose(old.predict(history), model.predict(history), atol=1e-5), "scores as before"
+        assert old.item_vectors().shape == (11, 17)
+        assert torch.allclose(old.item_vectors()[1:9, -4:] * 2.0**10, z[1:9]), "its warm block"
+        assert torch.allclose(old.predict(history), two.predict(history)), "an old file scores as before"
+        merged = model.predict(history)
+        assert torch.allclose(merged, two.predict(history), atol=1e-4), "the merge moves no score"
+        served = model.query(model.item_vectors(history)) @ model.item_vectors().T
+        assert torch.allclose(served[0, 1:], merged[0, 1:], atol=1e-4), "one inner product, as served"
+    del saved["state"]["warm_z_scale"]  # and one from before the scale: the full warm block
+    save_torch(saved, tmp_path / "older.pt")
+    older, _ = load_composite(tmp_path / "older.pt", content)
+    with torch.no_grad():
+        assert torch.allclose(older.item_vectors()[1:9, -4:].norm(dim=1), torch.ones(8))
+        assert torch.allclose(older.predict(history), two.predict(history), atol=1e-5)
 
 
 def test_the_gate_is_picked_on_validation():

@@ -229,7 +229,8 @@ def graduate(
         teacher, full.train, validator(full.stopping, device), train_config(settings), device, progress
     )
     # the judged one's shape (its similarity axes and recency), whatever the settings say now
-    served = Composite(teacher, data.table, full.counts, judged.student[2].p, judged.r, float(judged.recency))
+    p, recency = judged.student[2].p, float(judged.recency)
+    served = Composite(teacher, data.table, full.counts, p, judged.r, recency, judged.z_blocks)
     kept = {k: v for k, v in judged.state_dict().items() if not k.startswith("teacher.") and k != "counts"}
     served.load_state_dict(kept, strict=False)
     return served.use_content(data.table).to(device)
