@@ -361,7 +361,8 @@ class CompositeSettings(Section):
             "inner product of their unit content vector with the recency-weighted mean of the "
             "history's, models/composite.py), comma-separated; picked with the gate and the "
             "boost on validation (with no cold signal, by fresh items' share of warm users' "
-            "top 10: training/composite.py, choose). 0: off."
+            "top 10, nearest their share of the catalogue: training/composite.py, choose). "
+            "0: off."
         ),
     )
     similarity_dims: int = Field(

@@ -39,18 +39,19 @@ wide: [gated vector (h) | boost (1) | z (r)], and ``cfg.hidden`` says so.
 Cold terms (``o_i``): the boost and the similarity are for items without interactions
 (``o_i`` 1, else 0), whatever the gate. The gate mixes the student into thin warm items
 because it helps them (warm validation rises with ``kappa`` up to 100 on beauty-2k); the
-cold terms, spread over those items as ``1 - g_i`` (the rule before 2026-12-06, which files
-written before then keep: ``hard_cold`` 0), moved thin warm items whenever they lifted cold ones, so a large
-``kappa`` cost warm users what it gained them. Kept apart, the best mixed validation figure
-on beauty-2k split 0 rose from 1.038x to 1.069x id's.
+cold terms, spread over those items as ``1 - g_i`` (the older rule, which files
+without the ``hard_cold`` buffer keep: it loads as 0), moved thin warm items whenever
+they lifted cold ones, so a large ``kappa`` cost warm users what it gained them. Kept
+apart, the best mixed validation figure on beauty-2k split 0 rose from 1.038x to 1.069x
+id's.
 
 Warm items carry their ``z`` at ``WARM_Z_SCALE`` (2^-20): a history needs it, and a score
 should not (at most ``gamma`` * 2^-20, 3e-5 at gamma 32, against scores of order 1). Small
 is also what an HNSW graph wants, built on distances between item vectors, where a
 unit-length block that scores nothing is noise: recall@10 against exact search on 20k
 untrained served vectors rose from 0.886 to 0.952 with it near 0
-(benchmarks/scorer_latency.py's vectors, HNSW forced). Files written before 2026-12-06
-(the merge) keep two blocks, [cold z (r) | warm z (r)] with the warm one at 2^-10 (or 1
+(benchmarks/scorer_latency.py's vectors, HNSW forced). Files written before the merge
+(no ``z_blocks`` in them) keep two blocks, [cold z (r) | warm z (r)] with the warm one at 2^-10 (or 1
 in older ones) and never met by a query (``z_blocks`` 2): every HNSW distance paid for
 its r dimensions (a search at 100k items 0.51 ms at 193-d against 0.38 ms at 129-d).
 """
@@ -70,7 +71,7 @@ from core.files import CorruptFile, load_torch, save_torch
 from models.ranking import masked_scores
 from models.sasrec import SASRec, SASRecConfig, principal_axes
 
-WARM_Z_SCALE = 2.0**-20  # warm items' z scale (files before 2026-12-06: 2^-10 or, without one, 1)
+WARM_Z_SCALE = 2.0**-20  # warm items' z scale (two-block files: 2^-10, or 1 without the buffer)
 
 
 class Composite(nn.Module):
@@ -103,6 +104,8 @@ class Composite(nn.Module):
         self.register_buffer("feat_std", fit.std(0).clamp(min=1e-6))
         d = min(content.shape[1], teacher.cfg.max_input)
         self.r = min(similarity_dims, d)
+        if z_blocks not in (1, 2):
+            raise ValueError(f"z_blocks must be 1 or 2, got {z_blocks}")
         self.z_blocks = z_blocks
         self.cfg: SASRecConfig = replace(teacher.cfg, hidden=h + 1 + z_blocks * self.r)  # scoring width
         self.register_buffer("axes", principal_axes((fit - self.feat_mean) / self.feat_std, d))  # (D, d)
@@ -162,8 +165,8 @@ class Composite(nn.Module):
         return (n == 0).float().unsqueeze(1)
 
     def cold_items(self) -> torch.Tensor:
-        """(N+1,) bool: the catalogue items the teacher has no training interaction of (what
-        the boost and the similarity term lift; padding excluded)."""
+        """(N+1,) bool: the catalogue items without training interactions (padding excluded):
+        the fresh items whose exposure a choice without cold validation users calibrates."""
         cold = self._interactions(None) == 0
         cold[0] = False
         return cold
@@ -203,35 +206,35 @@ class Composite(nn.Module):
         return self.item_vectors()[:, : self.teacher.cfg.hidden]
 
     def item_vectors(self, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """``Recommender``: scoring vectors of ``idx`` (any shape) or of all: (N+1, h+1+2r)."""
+        """``Recommender``: scoring vectors of ``idx`` (any shape) or of all: (N+1, h+1+r)."""
         ids = torch.arange(len(self.content_in), device=self.counts.device)
-        table = self._scoring(ids, self.content_in)  # (N+1, h+1+2r)
+        table = self._scoring(ids, self.content_in)  # (N+1, h+1+r)
         return table if idx is None else table[idx]
 
     def vectors_of(self, ids: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
-        """Serving: (n,) catalogue ids and their (n, D) content rows -> (n, h+1+2r) scoring
+        """Serving: (n,) catalogue ids and their (n, D) content rows -> (n, h+1+r) scoring
         vectors. An item the teacher trained on is gated as in training; any other (a
         fresh item, or one with no interactions then) is the student's, fully boosted."""
         return self._scoring(ids, self._student_input(content.float()))
 
     def content_vectors(self, content: torch.Tensor) -> torch.Tensor:
         """``Recommender``: a fresh item's scoring vector from its content row alone (the
-        student, fully boosted: it has no interactions). (n, D) -> (n, h+1+2r)."""
+        student, fully boosted: it has no interactions). (n, D) -> (n, h+1+r)."""
         ids = torch.full((len(content),), self.teacher.cfg.n_items + 1, device=self.counts.device)  # unseen
         return self.vectors_of(ids, content)
 
     def query(self, history: torch.Tensor) -> torch.Tensor:
-        """``Recommender``: (B, T, h+1+2r) scoring vectors, no padding -> (B, h+1+2r),
+        """``Recommender``: (B, T, h+1+r) scoring vectors, no padding -> (B, h+1+r),
         through the teacher's encoder (which reads the first h)."""
         h, history = self.teacher.cfg.hidden, history[:, -self.teacher.cfg.max_len :]  # as evaluation reads
         valid = torch.ones(history.shape[:2], dtype=torch.bool, device=history.device)
         return self._query_vector(self.teacher.query(history[..., :h]), history, valid)
 
     def user_vector(self, seqs: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) left-padded ids -> (B, h+1+2r); ``table`` (``item_vectors()``) saves
+        """(B, T) left-padded ids -> (B, h+1+r); ``table`` (``item_vectors()``) saves
         recomputing it."""
         table = self.item_vectors() if table is None else table
-        history, valid = table[seqs], seqs > 0  # (B, T, h+1+2r), (B, T)
+        history, valid = table[seqs], seqs > 0  # (B, T, h+1+r), (B, T)
         return self._query_vector(self._encode(seqs, history, valid), history, valid)
 
     def _encode(self, seqs: torch.Tensor, history: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -280,7 +283,7 @@ class Composite(nn.Module):
 
     def predict(self, seqs: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
         """``Recommender``: (B, T) ids -> (B, N+1) scores (padding, ``blocked``: -inf)."""
-        table = self.item_vectors()  # (N+1, h+1+2r)
+        table = self.item_vectors()  # (N+1, h+1+r)
         return masked_scores(self.user_vector(seqs, table), table, blocked)
 
 

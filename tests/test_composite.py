@@ -498,15 +498,24 @@ def test_with_no_cold_signal_the_choice_calibrates_fresh_items_exposure_within_t
         (0.0, -4.0, 8.0): (0.0985, 0.0),  # near the catalogue's share, where users' content matches
         (0.0, 0.0, 0.0): (0.0900, 0.0),  # on the share, but 10% below the warm best
     }
-    exposure = {(0.0, -4.0, 0.0): 0.0, (0.0, -2.0, 0.0): 0.30, (0.0, -4.0, 8.0): 0.07, (0.0, 0.0, 0.0): 0.08}
+    table = {(0.0, -4.0, 0.0): 0.0, (0.0, -2.0, 0.0): 0.30, (0.0, -4.0, 8.0): 0.07, (0.0, 0.0, 0.0): 0.08}
+    asked: list[list] = []
+
+    def exposure(choices: list) -> dict:
+        asked.append(choices)
+        return {c: table[c] for c in choices}
+
     assert choose(figures, 0.02, 0.5, exposure=exposure, share=0.08) == (0.0, -4.0, 8.0)
+    assert sorted(asked[0]) == sorted(c for c in figures if c != (0.0, 0.0, 0.0)), "measured where it decides"
     assert choose(figures, 0.2, 0.5, exposure=exposure, share=0.08) == (0.0, 0.0, 0.0), "a wider guard"
     assert choose(figures, 0.02, 0.5) == (0.0, -2.0, 0.0), "no exposure measured: the boost nearest 0"
     mixed = Judges(lambda m: 0.0, None, 19, 1).mixed
     unlifted = {c: (w, 0.0) for c, (w, _) in figures.items()}  # a cold judge no choice lifts
     assert choose(unlifted, 0.02, 0.5, None, mixed, exposure, 0.08) == (0.0, -4.0, 8.0)
     lifted = figures | {(0.0, -2.0, 0.0): (0.0990, 0.05)}  # a cold signal: the mixed figure rules
+    asked.clear()
     assert choose(lifted, 0.02, 0.5, None, mixed, exposure, 0.08) == (0.0, -2.0, 0.0)
+    assert not asked, "a cold signal: no exposure measured"
 
 
 def test_with_no_cold_users_the_pick_measures_each_choices_exposure_on_warm_users():
@@ -532,7 +541,6 @@ def test_with_no_cold_users_the_pick_measures_each_choices_exposure_on_warm_user
         return (tops > 25).float().mean().item()
 
     chosen = info["val_cold_share_top10"]
-    assert abs(info["cold_share_catalogue"] - 5 / 30) < 1e-6
     assert abs(chosen - share_of(info["boost"], info["similarity"])) < 1e-6
     kept = [
         (b, g)
@@ -543,6 +551,26 @@ def test_with_no_cold_users_the_pick_measures_each_choices_exposure_on_warm_user
     ]
     gaps = sorted(abs(share_of(b, g) - 5 / 30) for b, g in kept)
     assert abs(chosen - 5 / 30) == gaps[0] and gaps[0] < gaps[-1], "the nearest of several"
+    assert all("exposure" in info["val_by_choice"][f"kappa=0.0,boost={b},similarity={g}"] for b, g in kept)
+    unlifted = Judges(judged.warm, lambda m: 0.0, 40, 5, warm_tops=judged.warm_tops)  # none lifted
+    again = pick_gate_and_boost(model, model, model.boost, unlifted, cfg, (0.0, 4.0))
+    assert again["val_cold_share_top10"] == chosen, "a cold judge no choice lifts: calibrated alike"
+
+
+def test_with_no_cold_judge_the_student_still_tries_the_similarity_term():
+    """Without cold validation users the exposure decides, and the similarity term is what
+    exposes a fresh item where it resembles the history: it must be among the choices."""
+    torch.manual_seed(0)
+    counts = torch.tensor([0] + [3.0] * 25 + [0.0] * 5)
+    model = Composite(_teacher(torch.randn(31, 8)), torch.randn(31, 12), counts, 0.0, similarity_dims=4)
+    gen = torch.Generator().manual_seed(1)
+    histories = [torch.randint(1, 26, (5,), generator=gen).tolist() for _ in range(20)]
+    judged = judges_for((histories, [h[-1] for h in histories]), ([], []), CPU)
+    cfg = CompositeSettings(epochs=1, gate_kappas=(0.0,), boosts=(0.0,), similarities=(0.0, 4.0))
+    _, info = train_student(model, histories, judged, cfg, CPU, progress=False)
+    tried = {f"kappa=0.0,boost=0.0,similarity={g}" for g in (0.0, 4.0)}
+    assert set(info["val_by_choice"]) == tried
+    assert info["val_cold_share_top10"] is not None
 
 
 def test_judges_stop_on_the_cold_users_mrr_and_ignore_too_few_of_them():

@@ -142,15 +142,13 @@ def test_a_fresh_item_is_ranked_by_the_student_within_a_second_then_graduates(se
     assert 0 < g < 1 and not np.allclose(graduated, student, atol=1e-3), "its ID row now carries it"
     row = model.teacher.item_vectors(ids)[0].detach().numpy()
     now_student = model.content_vectors(torch.from_numpy(vector)[None])[0].detach().numpy()
-    h, r = len(row), model.r  # scoring vectors: [gated (h) | boost (1) | cold z (r) | warm z 2^-10 (r)]
+    h = len(row)  # scoring vectors: [gated (h) | boost (1) | z, at 2^-20 once it has clicks (r)]
     assert np.allclose(graduated[:h], g * row + (1 - g) * now_student[:h], atol=1e-4), "gated"
     # the cold terms are for items without clicks: a graduated one has neither boost nor similarity
     assert graduated[h] == 0.0 and now_student[h] == float(model.boost) == 1.0, "no boost once it has clicks"
-    z = now_student[h + 1 : h + 1 + r]  # a fresh item's content axes sit all in the cold block
-    assert np.allclose(graduated[h + 1 : h + 1 + r], 0.0), "similarity: no cold block"
-    assert np.allclose(graduated[h + 1 + r :] * 2.0**10, z, atol=1e-5), (
-        "its content in the warm block, at 2^-10"
-    )
+    z = now_student[h + 1 :]  # a fresh item's content axes, whole
+    assert np.allclose(graduated[h + 1 :], 0.0, atol=1e-5), "similarity: next to nothing"
+    assert np.allclose(graduated[h + 1 :] * 2.0**20, z, atol=1e-5), "its content kept, at 2^-20"
 
 
 def test_the_guard_refuses_a_candidate_worse_on_cold_targets_only(served, monkeypatch, cli_env, capsys):

@@ -89,7 +89,10 @@ def judges_for(warm: Users, cold: Users, device: torch.device, min_cold: int = 1
 Choice = tuple[float, float, float]  # (kappa, boost, similarity)
 
 
-def eligible(
+Exposure = Callable[[list[Choice]], dict[Choice, float]]  # choices -> their cold share in warm tops
+
+
+def _eligible(
     figures: dict[Choice, tuple[float, float]],
     warm_tolerance: float,
     cold_tolerance: float,
@@ -109,7 +112,7 @@ def choose(
     cold_tolerance: float,
     reference: float | None = None,
     mixed: Callable[[float, float], float] | None = None,
-    exposure: dict[Choice, float] | None = None,
+    exposure: Exposure | None = None,
     share: float = 0.0,
 ) -> Choice:
     """The (kappa, boost, similarity) to serve, from each choice's (warm, cold) validation
@@ -138,23 +141,23 @@ def choose(
 
     With no cold judge (``mixed`` None), or where no choice lifts a cold user at all, no
     validation user can say what fresh items are worth, so step 3 calibrates instead: the
-    choice whose ``exposure`` (the share of items without interactions in warm users' top
-    10) is nearest their ``share`` of the catalogue, neither buried nor flooding. Warm
-    users' targets are warm, so every exposure costs them a little, and the most negative
-    boost wins on them by a hair: picking by their figure would bury every fresh item
-    served later, and the warm guard is what bounds the exposure's price. The demo at stop
-    40 (200 items, 11 cold validation users, none lifted by any choice) took boost -4 by the
-    older order and put none of its 5 fresh items in their users' top 10. Ties (and no
-    ``exposure``) go to the boost nearest 0, then no similarity, then the best warm figure,
-    then the harder switch."""
-    kept = eligible(figures, warm_tolerance, cold_tolerance, reference)
+    choice whose exposure (``exposure`` of the choices left: the share of items without
+    interactions in warm users' top 10, measured only here, where it decides) is nearest
+    their ``share`` of the catalogue, neither buried nor flooding. Warm users' targets are
+    warm, so every exposure costs them a little, and the most negative boost wins on them
+    by a hair: picking by their figure would bury every fresh item served later, and the
+    warm guard is what bounds the exposure's price. Ties (and no ``exposure``) go to the
+    boost nearest 0, then no similarity, then the best warm figure, then the harder
+    switch."""
+    kept = _eligible(figures, warm_tolerance, cold_tolerance, reference)
     serves_cold = mixed is not None and max(figures[c][1] for c in kept) > 0  # else: calibrate
+    shares = exposure(kept) if exposure is not None and not serves_cold else None
 
     def rank(c: Choice) -> tuple[float, ...]:
         if serves_cold:
             worth = mixed(*figures[c])
         else:
-            worth = -abs(exposure[c] - share) if exposure is not None else 0.0
+            worth = -abs(shares[c] - share) if shares is not None else 0.0
         return worth, -abs(c[1]), -c[2], figures[c][0], -c[0]
 
     return max(kept, key=rank)
@@ -208,7 +211,8 @@ def train_student(
     items still buried.
 
     Returns the composite and {best_val_ndcg@10 (mixed), val_warm_ndcg@10,
-    val_cold_ndcg@10, student_epochs, kappa, boost, similarity, val_by_choice}."""
+    val_cold_ndcg@10, student_epochs, kappa, boost, similarity, val_cold_share_top10,
+    val_by_choice}: ``pick_gate_and_boost``'s."""
     composite.to(device)
     warm = (composite.counts > 0).nonzero().squeeze(1)
     warm = warm[warm > 0]  # (W,) item ids with interactions
@@ -279,8 +283,12 @@ def pick_gate_and_boost(
     its ``boost`` buffer and every ``similarities`` weight of ``composite``, leave it at the
     choice of ``choose`` (``reference``: the ID teacher's warm figure), and return
     {best_val_ndcg@10 (mixed), val_warm_ndcg@10, val_cold_ndcg@10, kappa, boost,
-    similarity, val_cold_share_top10 (the chosen exposure, where no cold user judged),
-    cold_share_catalogue, val_by_choice}."""
+    similarity, val_cold_share_top10 (the chosen exposure, where no choice lifted a cold
+    user or none judged; else None), val_by_choice (with each measured exposure)}.
+
+    Without a cold judge the grid is ``similarities``-fold (275 choices by default, not 55;
+    each a scoring of the warm users, the teacher's queries memoised), and the choices left
+    by the warm guard are scored once more for their exposure."""
     figures: dict[Choice, tuple[float, float]] = {}
     grid = list(itertools.product(cfg.gate_kappas, cfg.boosts, similarities))
     with composite.fixed_queries():  # the queries depend on kappa alone
@@ -289,16 +297,19 @@ def pick_gate_and_boost(
             judged = model.eval()
             figures[choice] = (judges.warm(judged), judges.cold(judged) if judges.cold else 0.0)
     mixed = judges.mixed if judges.cold else None
-    kept = eligible(figures, cfg.warm_tolerance, cfg.cold_tolerance, reference)
     cold = composite.cold_items()
     share = cold[1:].float().mean().item()
-    exposure = None
-    if (mixed is None or max(figures[c][1] for c in kept) <= 0) and judges.warm_tops is not None:
-        exposure = _exposure(model, composite, boost, kept, judges.warm_tops, cold)
-    choice = choose(figures, cfg.warm_tolerance, cfg.cold_tolerance, reference, mixed, exposure, share)
+    measured: dict[Choice, float] = {}
+
+    def exposure(choices: list[Choice]) -> dict[Choice, float]:
+        measured.update(_exposure(model, composite, boost, choices, judges.warm_tops, cold))
+        return measured
+
+    calibrate = exposure if judges.warm_tops is not None else None
+    choice = choose(figures, cfg.warm_tolerance, cfg.cold_tolerance, reference, mixed, calibrate, share)
     _set(composite, boost, choice)
     warm_ndcg, cold_ndcg = figures[choice]
-    chosen_share = exposure[choice] if exposure is not None else None
+    chosen_share = measured.get(choice)
     log.info(
         "chose kappa %s, boost %s, similarity %s: validation NDCG@10 warm %.4f, cold %.4f%s",
         *choice,
@@ -316,9 +327,9 @@ def pick_gate_and_boost(
         "boost": choice[1],
         "similarity": choice[2],
         "val_cold_share_top10": chosen_share,
-        "cold_share_catalogue": share,
         "val_by_choice": {
             f"kappa={k},boost={b},similarity={g}": dict(warm=w, cold=c)
+            | ({"exposure": measured[(k, b, g)]} if (k, b, g) in measured else {})
             for (k, b, g), (w, c) in figures.items()
         },
     }
@@ -338,7 +349,7 @@ def _exposure(
         for choice in choices:
             _set(composite, boost, choice)
             tops = warm_tops(model.eval())  # (U, 10)
-            out[choice] = cold.to(tops.device)[tops].float().mean().item() if len(tops) else 0.0
+            out[choice] = cold.to(tops.device)[tops].float().mean().item()
     return out
 
 

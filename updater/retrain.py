@@ -209,6 +209,7 @@ def train_composite(
         progress,
     )
     kept = ("student_epochs", "kappa", "boost", "similarity", "val_warm_ndcg@10", "val_cold_ndcg@10")
+    kept += ("val_cold_share_top10",)  # fresh items' exposure, where no cold user could judge
     return composite, info | {k: student[k] for k in kept}
 
 
