@@ -100,6 +100,7 @@ def test_a_fresh_item_is_ranked_by_the_student_within_a_second_then_graduates(se
     engine, bundle, data, state = served
     first = said_retrain(cli_env, capsys, engine, data)
     assert first["promoted"] and first["version"].startswith("composite-")
+    assert 0.0 <= first["val_cold_share_top10"] <= 1.0, "too few cold users to judge: exposure calibrated"
     state.cfg = IndexSettings(refresh_s=0.1)
     with TestClient(create_app(engine, state, ApiSettings())) as client:
         deadline = time.monotonic() + 5

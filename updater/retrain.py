@@ -330,6 +330,8 @@ def retrain_once(
         "similarity": info["similarity"],
         # the chosen (kappa, boost, similarity) on the early-stopping slice: what the choice spent on warm
         "student_val_ndcg@10": {"warm": info["val_warm_ndcg@10"], "cold": info["val_cold_ndcg@10"]},
+        # with no cold signal, the choice's share of fresh items in warm users' top 10 (else None)
+        "val_cold_share_top10": info["val_cold_share_top10"],
         "aligner_version": aligner_version,
         "warm_start": active[0] if known is not None else None,
     }
