@@ -14,6 +14,7 @@ from core.settings import IndexSettings
 from core.versions import versions_in
 from scorer.index import ItemIndex, snapshots
 from tests.support.catalogue import add_users
+from tests.support.ruined import ruin_training
 from updater import retrain
 from updater.full_align import align_catalogue
 
@@ -65,13 +66,7 @@ def test_only_the_newest_rejected_candidates_keep_their_files(aligned, monkeypat
     settings = settings.override(retrain_epochs=1, retrain_min_group_users=3)
     retrain.retrain_once(engine, bundle.version, settings, CPU, progress=False)
 
-    def ruined(model, *_a, **_k):  # a candidate whose training went wrong: rejected
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.randn_like(p) * 5)
-        return model, {"epochs": 1, "best_val_ndcg@10": 0.0}
-
-    monkeypatch.setattr(retrain, "train_scorer", ruined)
+    ruin_training(monkeypatch)  # a candidate whose training went wrong: rejected
     for _ in range(KEEP + 2):
         assert not retrain.retrain_once(engine, bundle.version, settings, CPU, progress=False)["promoted"]
     rejected = versions_in(engine, "scorer", "rejected")

@@ -25,6 +25,7 @@ from scorer.app import bearer_guard, create_app
 from scorer.state import ServingState
 from tests.support import faultlog
 from tests.support.catalogue import POSITIVES, add_items, text_hashes
+from tests.support.ruined import ruin_training
 from updater import retrain
 from updater.retrain import is_due, retrain_once, validation_slices
 
@@ -151,13 +152,7 @@ def test_retraining_is_event_driven_and_promotes_only_if_not_worse(served, monke
     ranked, version, _, _ = state.recommend([1, 9], 5, {1, 9})
     assert version == first["version"] and len(ranked) == 5
 
-    def ruined(model, *_a, **_k):  # a candidate whose training went wrong
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.randn_like(p) * 5)
-        return model, {"epochs": 1, "best_val_ndcg@10": 0.0}
-
-    monkeypatch.setattr(retrain, "train_scorer", ruined)
+    ruin_training(monkeypatch)  # a candidate whose training went wrong: rejected
     second = retrain_once(engine, bundle.version, cfg, CPU, progress=False)
     assert not second["promoted"] and second["ndcg@10"] < first["ndcg@10"]
     assert second["warm_start"] == first["version"]
