@@ -1,20 +1,42 @@
 #!/usr/bin/env bash
 # The GPU quality table, prepared for one device-tool lease: all of Beauty (12,101 items),
-# one alignment with GPU-sized batches, then the mixed protocol (training/mixed.py: one
-# ranking of old and new items; all, warm-target and cold-target users of one training)
-# for id, text and the composites, every result written to $OUT/quality/results.json as it
-# finishes (a run cut at the limit keeps what it finished).
+# the mixed protocol (training/mixed.py: one ranking of old and new items; all, warm-target
+# and cold-target users of one training), in two phases against one deadline:
+#   1. id, text and composite-text: no alignment, so the served model's comparison lands first;
+#   2. composite-said (resumed into the same results file): one alignment with GPU-sized
+#      batches, in the time left.
+# Each finished run is written at once (training/evaluate.py), so a phase cut at the deadline
+# keeps what it finished. Caches stay in WORK; only the results, the log and the GPU's name
+# are copied to $OUT (the device tool brings back at most 8 files).
 #
-#   device run (from the repo root, data copied into an ignored, carried folder):
-#     bash benchmarks/gpu_quality.sh .data/amazon-beauty
-set -euo pipefail
+#   device run (from the repo root; data copied to the machine, SAID_LLM the GGUF there):
+#     SAID_LLM=/tmp/said/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/gpu_quality.sh DATASET_DIR
+#
+# Scorers train as in the CPU tables of docs/quality-mixed.md (patience 4, length-batched).
+set -uo pipefail
 dataset=${1:?usage: gpu_quality.sh DATASET_DIR}
-out=${OUT:-/tmp/said-gpu}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 SAID_DEVICE=cuda SAID_DATA_DIR="$out/data"
+out=${OUT:-/tmp/said-gpu-out}
+work=${WORK:-/tmp/said-gpu}
+deadline=$((SECONDS + ${SAID_GPU_SECONDS:-540}))
+mkdir -p "$out" "$work"
+export PYTHONUNBUFFERED=1 SAID_DEVICE=${SAID_DEVICE:-cuda} SAID_DATA_DIR="$work/data"
 export SAID_ALIGN_BATCH=${SAID_ALIGN_BATCH:-256} SAID_ALIGN_EPOCHS=${SAID_ALIGN_EPOCHS:-40}
-export SAID_SCORER_BATCH=${SAID_SCORER_BATCH:-256}
+export SAID_SCORER_PATIENCE=${SAID_SCORER_PATIENCE:-4} SAID_SCORER_LENGTH_BATCHES=${SAID_SCORER_LENGTH_BATCHES:-1}
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
-timeout 570 python3 benchmarks/quality.py --dataset "$dataset" --out "$out/quality" \
-  --align-seeds 0 --seeds 0 --protocol mixed \
-  --variant id text composite-said composite-text composite-said+text 2>&1 | grep -v "it/s\]" | tee "$out/log.txt"
+
+phase() {  # quality.py with the given arguments, stopped at the deadline
+  local left=$((deadline - SECONDS))
+  if ((left < 60)); then
+    echo "phase skipped: ${left}s left before the deadline" | tee -a "$out/log.txt"
+    return 0
+  fi
+  echo "phase: $* (${left}s left)" | tee -a "$out/log.txt"
+  timeout "$left" python3 benchmarks/quality.py --dataset "$dataset" --out "$work/quality" \
+    --align-seeds 0 --seeds 0 --protocol mixed "$@" 2>&1 | grep --line-buffered -v "it/s\]" \
+    | tee -a "$out/log.txt"
+  echo "phase exit ${PIPESTATUS[0]} after ${SECONDS}s" | tee -a "$out/log.txt"
+  cp "$work/quality/results.json" "$out/results.json" 2>/dev/null || true
+}
+
+phase --variant id text composite-text
+phase --resume --variant id text composite-text composite-said
