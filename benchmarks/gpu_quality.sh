@@ -10,17 +10,25 @@
 # are copied to $OUT (the device tool brings back at most 8 files).
 #
 #   device run (from the repo root; data copied to the machine, SAID_LLM the GGUF there):
-#     SAID_LLM=/tmp/said/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/gpu_quality.sh DATASET_DIR
+#     SAID_LLM=/tmp/said/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/gpu_quality.sh DATASET_DIR [PHASES]
+#   PHASES: "both" (default), "said" (phase 2 alone: its id teacher is trained in it).
+#
+# Fresh rows refine 256 a step (SAID_REFINE_BATCH; 16 on CPU): rows are independent and
+# their optimiser (adagrad) is blind to the loss's 1/batch scale, so only the step count
+# changes. At 16, the 1,210 held-out rows did not finish in the ~2 minutes left of the
+# 2026-12-06 lease (log: benchmarks/results/quality-mixed-beauty-full-h100-2026-12-06.log).
 #
 # Scorers train as in the CPU tables of docs/quality-mixed.md (patience 4, length-batched).
 set -uo pipefail
-dataset=${1:?usage: gpu_quality.sh DATASET_DIR}
+dataset=${1:?usage: gpu_quality.sh DATASET_DIR [both|said]}
+phases=${2:-both}
 out=${OUT:-/tmp/said-gpu-out}
 work=${WORK:-/tmp/said-gpu}
 deadline=$((SECONDS + ${SAID_GPU_SECONDS:-540}))
 mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1 SAID_DEVICE=${SAID_DEVICE:-cuda} SAID_DATA_DIR="$work/data"
 export SAID_ALIGN_BATCH=${SAID_ALIGN_BATCH:-256} SAID_ALIGN_EPOCHS=${SAID_ALIGN_EPOCHS:-40}
+export SAID_REFINE_BATCH=${SAID_REFINE_BATCH:-256}
 export SAID_SCORER_PATIENCE=${SAID_SCORER_PATIENCE:-4} SAID_SCORER_LENGTH_BATCHES=${SAID_SCORER_LENGTH_BATCHES:-1}
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 
@@ -38,5 +46,9 @@ phase() {  # quality.py with the given arguments, stopped at the deadline
   cp "$work/quality/results.json" "$out/results.json" 2>/dev/null || true
 }
 
-phase --variant id text composite-text
+case $phases in
+  both) phase --variant id text composite-text ;;
+  said) ;;
+  *) echo "unknown PHASES $phases: both or said" >&2; exit 2 ;;
+esac
 phase --resume --variant id text composite-text composite-said
