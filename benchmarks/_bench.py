@@ -13,16 +13,30 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
-from core.settings import Settings
+if TYPE_CHECKING:  # at run time ``core`` is found through REPO, put on the path below
+    from core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # ``tests.support`` (the tiny model) is not an installed package
+if str(REPO) not in sys.path:  # the project, and ``tests.support`` (the tiny model), without an install
     sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared/data"  # the data sets (README: ../shared/data)
 SMOKE_NOTE = "smoke size: checks that the benchmark runs; its figures are not results"
+
+
+def attention_runs(spec: str) -> list[tuple[str, str, bool]]:
+    """``--attention`` of the alignment benchmarks: comma-separated ``KERNEL`` or
+    ``KERNEL+compile``, as (label, ``SAID_ATTENTION`` kernel, ``SAID_ALIGN_COMPILE``)."""
+    runs = []
+    for label in spec.split(","):
+        kernel, _, extra = label.partition("+")
+        if extra not in ("", "compile"):
+            raise ValueError(f"--attention {label!r}: only +compile may follow a kernel")
+        runs.append((label, kernel, extra == "compile"))
+    return runs
 
 
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None, poll_s: float = 0.25) -> dict:

@@ -6,10 +6,12 @@ runs every batch once as a real training step (teacher-forced loss, backward int
 tokens, projector and rows step) under each kernel, the kernels interleaved rep by rep so
 that a noisy shared machine slows them alike; items/s is the median over reps. The FLOP
 bound is benchmarks/_flops.py's: the step's matmul FLOPs over this machine's bf16 matmul
-rate, measured in the same run.
+rate, measured in the same run. A kernel named ``KERNEL+compile`` runs the same steps through
+``torch.compile`` (``SAID_ALIGN_COMPILE``); its compiling happens in the warm-up, which is
+timed and printed apart.
 
     python benchmarks/alignment_speed.py [--items 256] [--batch 16] [--reps 3] \\
-        [--attention sdpa,eager] [--dataset ../shared/data/amazon-beauty-2k]
+        [--attention sdpa,eager,eager+compile] [--dataset ../shared/data/amazon-beauty-2k]
 
 ``--smoke``: 16 items, one rep, a tiny random LLM with SmolLM2's tokenizer: checks that the
 benchmark runs, not a result.
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from _bench import DATA, SMOKE_NOTE, tiny_llm_folder  # a sibling module of the benchmarks
+from _bench import DATA, SMOKE_NOTE, attention_runs, tiny_llm_folder  # a sibling module of the benchmarks
 from _flops import bound_line, flops_per_item, matmul_gflops
 
 from core.dataset import load_dataset
@@ -41,7 +43,11 @@ def main() -> None:
     p.add_argument("--items", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--attention", default="sdpa,eager", help="comma-separated kernels (SAID_ATTENTION)")
+    p.add_argument(
+        "--attention",
+        default="sdpa,eager",
+        help="comma-separated kernels (SAID_ATTENTION), each optionally +compile (SAID_ALIGN_COMPILE)",
+    )
     p.add_argument("--smoke", action="store_true", help="a tiny size that checks the script runs")
     args = p.parse_args()
     settings = get_settings()
@@ -53,11 +59,16 @@ def main() -> None:
     cfg = settings.align
     ds = load_dataset(args.dataset, args.items)
     texts = [item_text(t, d) for t, d in zip(ds.titles, ds.descriptions, strict=True)]
-    kernels = args.attention.split(",")
+    try:
+        planned = attention_runs(args.attention)
+    except ValueError as exc:
+        p.error(str(exc))
+    kernels = [label for label, _, _ in planned]
     runs = {}
-    for kernel in kernels:
+    for label, kernel, compiled in planned:
         model, tok = load_llm(llm_spec, settings.data_dir / "llm", device, 0, kernel)
-        runs[kernel] = FrozenLM.around(model, tok, device, cfg.prompt)
+        lm = FrozenLM.around(model, tok, device, cfg.prompt)
+        runs[label] = lm.compiled() if compiled else lm
     lm = runs[kernels[0]]
     tokens = tokenize_texts(lm.tok, texts)
     batches = length_batches([len(t) for t in tokens], args.batch, 0)
@@ -80,8 +91,11 @@ def main() -> None:
             _train_step(runs[kernel], aligner.soft_tokens, idx, [tokens[i] for i in b], opts)
         return len(texts) / (time.perf_counter() - t0)
 
-    for kernel in kernels:  # warm-up: first calls allocate and pick kernels
-        _train_step(runs[kernel], aligner.soft_tokens, torch.tensor([1], device=device), tokens[:1], opts)
+    warm_up = {}
+    for kernel in kernels:  # warm-up: first calls allocate and pick kernels, or compile
+        t0 = time.perf_counter()
+        one_pass(kernel)
+        warm_up[kernel] = time.perf_counter() - t0
     rates: dict[str, list[float]] = {k: [] for k in kernels}
     for _ in range(args.reps):
         for kernel in kernels:
@@ -91,11 +105,12 @@ def main() -> None:
     )
     print(f"{text_len:.1f} text tokens an item, {device}, {args.reps} interleaved reps, median items/s")
     print(bound_line(bound, gflops, step_flops))
-    print("| attention | items/s (median) | reps | share of FLOP bound |")
-    print("|---|---|---|---|")
+    print("| attention | items/s (median) | reps | share of FLOP bound | warm-up pass s |")
+    print("|---|---|---|---|---|")
     for kernel, r in rates.items():
         med = statistics.median(r)
-        print(f"| {kernel} | {med:.2f} | {', '.join(f'{x:.1f}' for x in r)} | {med / bound:.0%} |")
+        reps = ", ".join(f"{x:.1f}" for x in r)
+        print(f"| {kernel} | {med:.2f} | {reps} | {med / bound:.0%} | {warm_up[kernel]:.0f} |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ stopping is off (``acc_bar`` 1.01) so every candidate trains on the same items e
 Throughput: items trained per second, beside the FLOP bound measured in the same run
 (benchmarks/_flops.py: matmul FLOPs of a step over this machine's bf16 matmul rate).
 ``--attention sdpa,eager`` runs every candidate under each LLM attention kernel, so a
-kernel's speed and its token accuracy are compared side by side.
+kernel's speed and its token accuracy are compared side by side; ``eager+compile`` is eager
+attention with the steps through ``torch.compile`` (``SAID_ALIGN_COMPILE``; its seconds
+include the compiling).
 
     python benchmarks/alignment_sweep.py --dataset ../shared/data/amazon-beauty-2k \\
         --items 160 --passes 8 --out sweep.json [--candidates base,rowadam,adagrad,...] \\
@@ -30,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from _bench import DATA, SMOKE_NOTE, tiny_llm_folder  # a sibling module of the benchmarks
+from _bench import DATA, SMOKE_NOTE, attention_runs, tiny_llm_folder  # a sibling module of the benchmarks
 from _flops import bound_line, flops_per_item, matmul_gflops
 
 from core.dataset import load_dataset
@@ -63,7 +65,9 @@ def main() -> None:
     p.add_argument("--llm-cache", type=Path, default=Path("said-data/llm"))
     p.add_argument("--lora-rank", type=int, default=0)
     p.add_argument(
-        "--attention", default="auto", help="comma-separated LLM attention kernels (SAID_ATTENTION)"
+        "--attention",
+        default="auto",
+        help="comma-separated LLM attention kernels (SAID_ATTENTION), each optionally +compile",
     )
     p.add_argument("--first", action="store_true", help="the first N items (the demo's slice), not a sample")
     p.add_argument("--out", type=Path, help="the results JSON (required but with --smoke)")
@@ -108,14 +112,17 @@ def main() -> None:
         "flop_bound_items_per_second": gflops * 1e9 / step_flops,
         "runs": {},
     }
-    kernels = args.attention.split(",")
-    runs = [(name, kernel) for kernel in kernels for name in args.candidates.split(",")]
-    for name, kernel in runs:
+    try:
+        planned = attention_runs(args.attention)
+    except ValueError as exc:
+        p.error(str(exc))
+    runs = [(name, run) for run in planned for name in args.candidates.split(",")]
+    for name, (kernel, attention, compiled) in runs:
         # a fresh LLM per run: fresh LoRA adapters, and the run's attention kernel
-        llm, tok = load_llm(args.llm, args.llm_cache, device, args.lora_rank, kernel)
+        llm, tok = load_llm(args.llm, args.llm_cache, device, args.lora_rank, attention)
         changes, from_text = CANDIDATES[name]
         base = AlignSettings(epochs=args.passes, batch_size=args.batch, acc_bar=1.01, checkpoint_every_s=1e9)
-        cfg = base.model_copy(update=changes | {"k": args.k})
+        cfg = base.model_copy(update=changes | {"k": args.k, "compile": compiled})
         lm = FrozenLM.around(llm, tok, device, prompt)
         torch.manual_seed(0)
         aligner = ItemAligner(
@@ -129,7 +136,7 @@ def main() -> None:
         history = train_full(aligner, lm, tokens, idx, cfg, progress=False)
         seconds = time.perf_counter() - t0
         fid = fidelity(aligner.soft_tokens, lm, tokens, idx)
-        label = name if len(kernels) == 1 else f"{name}@{kernel}"
+        label = name if len(planned) == 1 else f"{name}@{kernel}"
         results["runs"][label] = {
             "config": changes | {"text_init": from_text, "attention": kernel},
             "acc_per_pass": [round(h["token_accuracy"], 4) for h in history],

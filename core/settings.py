@@ -236,6 +236,13 @@ class AlignSettings(Section):
         120.0, ge=0, description="Mid-pass checkpoint period (0: after every batch)."
     )
     seed: int = Field(0, description="Seed of the alignment.")
+    compile: bool = Field(
+        False,
+        description="Run the catalogue alignment's training steps through `torch.compile`: 13-27% "
+        "more items/s on the 2-core CPU (3 runs), after about 4 minutes of compiling (about 30 s "
+        "from inductor's on-disk cache). It pays from about 30,000 item-passes (beauty-2k's 24 "
+        "passes over 2,000 items), not for the demo's 3,200.",
+    )
     bootstrap_min_items: int = Field(
         100,
         ge=1,
@@ -257,6 +264,7 @@ class AlignSettings(Section):
                 "prompt",
                 "lora_rank",
                 "bootstrap_min_items",
+                "compile",
             }
         )
 

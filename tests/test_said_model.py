@@ -89,6 +89,36 @@ def test_full_alignment_lowers_loss_and_resumes_from_checkpoint(tmp_path):
     assert hist2[-1]["trained"] == len(TITLES)
 
 
+def test_a_compiled_alignment_runs_the_same_steps_through_torch_compile(monkeypatch):
+    """``SAID_ALIGN_COMPILE``: the training steps go through ``torch.compile`` (once), and
+    they compute what the eager steps do, to rounding."""
+    import copy
+
+    compiled = []
+    real_compile = torch.compile
+
+    def counting_compile(module, **kw):
+        compiled.append(module)
+        return real_compile(module, **kw)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    tok, lm, tokens, aligner = setup()
+    twin = copy.deepcopy(aligner)
+    idx = list(range(1, len(TITLES) + 1))
+    cfg = AlignSettings(epochs=2, batch_size=4, lr_rows=0.1, lr_proj=1e-2, acc_bar=1.01)
+    eager = train_full(aligner, lm, tokens, idx, cfg, progress=False)
+    assert compiled == []
+    fast = train_full(twin, lm, tokens, idx, cfg.model_copy(update={"compile": True}), progress=False)
+    assert len(compiled) == 1 and compiled[0] is lm.model.model
+    assert lm.body is None  # the caller's LLM is left as it was
+    for a, b in zip(eager, fast, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    for p, q in zip(aligner.parameters(), twin.parameters(), strict=True):
+        # Adam and Adagrad scale each step by the gradient's own size, so fused rounding
+        # moves parameters by about 1e-3 of their norm over these 4 steps, not more
+        assert ((p - q).norm() / p.norm()).item() < 5e-3
+
+
 def test_a_checkpoint_of_other_alignment_code_is_not_resumed(tmp_path, monkeypatch):
     from training import align
 

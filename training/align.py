@@ -70,7 +70,7 @@ def _train_step(
     accuracy), both measured before the update."""
     text = pad_batch(texts, lm.pad_id).to(lm.device)
     with autocast(lm.device):
-        per_item, acc, loss = alignment_loss(lm.model, lm.prefix, soft_fn(keys), text)
+        per_item, acc, loss = alignment_loss(lm.model, lm.prefix, soft_fn(keys), text, lm.body)
     for opt in optimizers:
         opt.zero_grad()
     loss.backward()
@@ -137,6 +137,8 @@ def train_full(
     """
     opt_rows = row_optimizer(cfg.row_optimizer, list(aligner.items.parameters()), cfg.lr_rows)
     lr_proj = batch_scaled_lr(cfg.lr_proj, cfg.batch_size)
+    if cfg.compile:
+        lm = lm.compiled()
     llm, device = lm.model, lm.device
     adapters = [p for p in llm.parameters() if p.requires_grad]  # LoRA, when the LLM has it
     opt_proj = torch.optim.Adam(list(aligner.projector.parameters()) + adapters, lr=lr_proj)

@@ -131,8 +131,9 @@ def dataset_key(ds: Dataset) -> str:
 def align_meta(cfg: AlignSettings) -> dict:
     """Everything that changes an alignment's result (its cache key, with the LLM and the
     held-out set): the schedule, rates, batch, passes and seed, k, item_dim, LoRA, prompt,
-    the fresh path and the fidelity sample. Not the checkpoint period."""
-    return cfg.model_dump(exclude={"checkpoint_every_s"})
+    the fresh path and the fidelity sample. Not the checkpoint period, nor ``compile``: like
+    the device, it changes how fast the same steps run (and their rounding), not the steps."""
+    return cfg.model_dump(exclude={"checkpoint_every_s", "compile"})
 
 
 def said_cache_path(art: Path, meta: dict, llm_spec: str | None, held: set[int]) -> Path:
