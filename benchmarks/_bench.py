@@ -33,8 +33,8 @@ def attention_runs(spec: str) -> list[tuple[str, str, bool]]:
     runs = []
     for label in spec.split(","):
         kernel, _, extra = label.partition("+")
-        if extra not in ("", "compile"):
-            raise ValueError(f"--attention {label!r}: only +compile may follow a kernel")
+        if not kernel or extra not in ("", "compile") or label.endswith("+"):
+            raise ValueError(f"--attention {label!r}: give KERNEL or KERNEL+compile")
         runs.append((label, kernel, extra == "compile"))
     return runs
 

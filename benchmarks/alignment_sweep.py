@@ -117,9 +117,9 @@ def main() -> None:
     except ValueError as exc:
         p.error(str(exc))
     runs = [(name, run) for run in planned for name in args.candidates.split(",")]
-    for name, (kernel, attention, compiled) in runs:
+    for name, (run_label, kernel, compiled) in runs:
         # a fresh LLM per run: fresh LoRA adapters, and the run's attention kernel
-        llm, tok = load_llm(args.llm, args.llm_cache, device, args.lora_rank, attention)
+        llm, tok = load_llm(args.llm, args.llm_cache, device, args.lora_rank, kernel)
         changes, from_text = CANDIDATES[name]
         base = AlignSettings(epochs=args.passes, batch_size=args.batch, acc_bar=1.01, checkpoint_every_s=1e9)
         cfg = base.model_copy(update=changes | {"k": args.k, "compile": compiled})
@@ -136,9 +136,9 @@ def main() -> None:
         history = train_full(aligner, lm, tokens, idx, cfg, progress=False)
         seconds = time.perf_counter() - t0
         fid = fidelity(aligner.soft_tokens, lm, tokens, idx)
-        label = name if len(planned) == 1 else f"{name}@{kernel}"
+        label = name if len(planned) == 1 else f"{name}@{run_label}"
         results["runs"][label] = {
-            "config": changes | {"text_init": from_text, "attention": kernel},
+            "config": changes | {"text_init": from_text, "attention": run_label},
             "acc_per_pass": [round(h["token_accuracy"], 4) for h in history],
             "loss_per_pass": [round(h["loss"], 4) for h in history],
             "token_accuracy": fid["mean_token_accuracy"],

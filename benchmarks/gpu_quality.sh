@@ -4,24 +4,30 @@
 # and cold-target users of one training), in two phases against one deadline:
 #   1. id, text and composite-text: no alignment, so the served model's comparison lands first;
 #   2. composite-said (resumed into the same results file): one alignment with GPU-sized
-#      batches, in the time left.
+#      batches, in the time left, then id and text again only where phase 1 did not run.
 # Each finished run is written at once (training/evaluate.py), so a phase cut at the deadline
 # keeps what it finished. Caches stay in WORK; only the results, the log and the GPU's name
 # are copied to $OUT (the device tool brings back at most 8 files).
 #
 #   device run (from the repo root; data copied to the machine, SAID_LLM the GGUF there):
 #     SAID_LLM=/tmp/said/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/gpu_quality.sh DATASET_DIR [PHASES]
-#   PHASES: "both" (default), "said" (phase 2 alone: its id teacher is trained in it).
+#   PHASES: "both" (default), or "said": phase 2 alone on a fresh machine, with the id and
+#   text baselines it is compared with (id is also composite-said's teacher), not composite-text.
 #
 # Fresh rows refine 256 a step (SAID_REFINE_BATCH; 16 on CPU): rows are independent and
 # their optimiser (adagrad) is blind to the loss's 1/batch scale, so only the step count
-# changes. At 16, the 1,210 held-out rows did not finish in the ~2 minutes left of the
-# 2026-12-06 lease (log: benchmarks/results/quality-mixed-beauty-full-h100-2026-12-06.log).
+# changes. At 16, the 1,210 held-out rows (with the fidelity decoding and the reference
+# cohort) did not finish in the ~3.5 minutes between the alignment's end and the deadline of
+# the 2026-12-06 lease (log: benchmarks/results/quality-mixed-beauty-full-h100-2026-12-06.log).
 #
 # Scorers train as in the CPU tables of docs/quality-mixed.md (patience 4, length-batched).
 set -uo pipefail
 dataset=${1:?usage: gpu_quality.sh DATASET_DIR [both|said]}
 phases=${2:-both}
+if [[ $phases != both && $phases != said ]]; then
+  echo "unknown PHASES $phases: both or said" >&2
+  exit 2
+fi
 out=${OUT:-/tmp/said-gpu-out}
 work=${WORK:-/tmp/said-gpu}
 deadline=$((SECONDS + ${SAID_GPU_SECONDS:-540}))
@@ -47,8 +53,9 @@ phase() {  # quality.py with the given arguments, stopped at the deadline
 }
 
 case $phases in
-  both) phase --variant id text composite-text ;;
-  said) ;;
-  *) echo "unknown PHASES $phases: both or said" >&2; exit 2 ;;
+  both)
+    phase --variant id text composite-text
+    phase --resume --variant id text composite-text composite-said
+    ;;
+  said) phase --resume --variant id text composite-said ;;
 esac
-phase --resume --variant id text composite-text composite-said

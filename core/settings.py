@@ -239,9 +239,9 @@ class AlignSettings(Section):
     compile: bool = Field(
         False,
         description="Run the catalogue alignment's training steps through `torch.compile`: 13-27% "
-        "more items/s on the 2-core CPU (3 runs), after about 4 minutes of compiling (about 30 s "
-        "from inductor's on-disk cache). It pays from about 30,000 item-passes (beauty-2k's 24 "
-        "passes over 2,000 items), not for the demo's 3,200.",
+        "more items/s on the 2-core CPU (docs/speed.md), after about 4 minutes of compiling, or "
+        "10-20 s from inductor's on-disk cache. It pays from about 30,000 item-passes with a cold "
+        "cache (beauty-2k's alignment: 48,000), about 2,000 with a warm one.",
     )
     bootstrap_min_items: int = Field(
         100,
@@ -254,7 +254,8 @@ class AlignSettings(Section):
 
     def schedule(self) -> dict[str, Any]:
         """What a training checkpoint must share with the run that resumes it: everything
-        but the number of passes (more may be asked for) and the save period."""
+        but the number of passes (more may be asked for), the save period, and ``compile``
+        (how fast the same steps run, not which steps)."""
         return self.model_dump(
             exclude={
                 "epochs",

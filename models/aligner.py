@@ -147,10 +147,10 @@ class FrozenLM:
 
     def compiled(self) -> FrozenLM:
         """The same LLM whose training steps run its transformer through ``torch.compile``
-        (dynamic shapes: one graph serves every length bucket). On the 2-core CPU a step
-        runs 13-27% more items a second, as the compiler fuses the elementwise work between
-        the matmuls (norms, rotary, SiLU), after minutes of compiling: worth it for a
-        catalogue alignment, not a demo's (``SAID_ALIGN_COMPILE``). Weights are shared."""
+        (dynamic shapes: one graph serves every length bucket). The compiler fuses the
+        elementwise work between the matmuls (norms, rotary, SiLU): more items a second
+        after minutes of compiling, so for a catalogue alignment, not a demo's
+        (``SAID_ALIGN_COMPILE``; figures in docs/speed.md). Weights are shared."""
         return replace(self, body=torch.compile(backbone(self.model), dynamic=True))
 
     @property
