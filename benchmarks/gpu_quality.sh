@@ -4,7 +4,7 @@
 # and cold-target users of one training), in two phases against one deadline:
 #   1. id, text and composite-text: no alignment, so the served model's comparison lands first;
 #   2. composite-said (resumed into the same results file): one alignment with GPU-sized
-#      batches, in the time left, then id and text again only where phase 1 did not run.
+#      batches, in the time left (the runs phase 1 finished are kept, not run again).
 # Each finished run is written at once (training/evaluate.py), so a phase cut at the deadline
 # keeps what it finished. Caches stay in WORK; only the results, the log and the GPU's name
 # are copied to $OUT (the device tool brings back at most 8 files).
