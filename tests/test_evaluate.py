@@ -18,6 +18,7 @@ from training.evaluate import (
     pick_default,
     said_cache_path,
     summarise,
+    write_results,
 )
 from training.recommender import train_scorer, validator
 
@@ -50,6 +51,7 @@ def test_said_cache_key_changes_with_everything_that_changes_the_table(tmp_path)
     ]
     assert len({base, *changed}) == len(changed) + 1
     assert _path(tmp_path, cfg=_with(checkpoint_every_s=1.0)) == base, "no effect, same key"
+    assert _path(tmp_path, cfg=_with(compile=True)) == base, "how fast the same steps run: same key"
 
 
 def test_hybrid_residual_starts_at_zero_and_never_moves_for_unseen_items():
@@ -273,3 +275,22 @@ def test_a_resumed_evaluation_names_the_settings_its_file_was_run_with_that_chan
     now = before.model_copy(update={"composite": CompositeSettings(cold_tolerance=0.0)})
     assert changed_settings(earlier, now) == ["composite.cold_tolerance"]
     assert changed_settings({}, now) == [], "a file from before the settings were kept"
+
+
+def test_a_results_file_stopped_mid_write_keeps_its_last_whole_version(tmp_path, monkeypatch):
+    """The evaluation rewrites its results after every run and ``--resume`` reads them back:
+    a write cut short (here, the rename that publishes it fails) leaves the previous file."""
+    import json
+    import os
+
+    path = tmp_path / "results.json"
+    write_results({"runs": [1]}, path)
+
+    def cut(*_args):
+        raise KeyboardInterrupt  # the deadline's signal, mid-write
+
+    monkeypatch.setattr(os, "replace", cut)
+    with pytest.raises(KeyboardInterrupt):
+        write_results({"runs": [1, 2]}, path)
+    assert json.loads(path.read_text()) == {"runs": [1]}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"], "no temp file left behind"

@@ -25,6 +25,7 @@ import torch
 
 from core.dataset import Dataset, load_dataset
 from core.events import item_text
+from core.files import write_atomic
 from core.settings import AlignSettings, ScorerSettings, Settings, Variant
 from models.aligner import FrozenLM
 from models.blend import Blend
@@ -533,5 +534,7 @@ def format_table(summary: list[dict], pairs: list[dict] | None = None) -> str:
 
 
 def write_results(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    """Replace the results file atomically: it is rewritten after every run, and a run
+    stopped mid-write (a deadline's SIGTERM, a full disk) must leave the last whole file,
+    which ``--resume`` reads, not a truncated one."""
+    write_atomic(path, json.dumps(results, indent=2).encode())
