@@ -241,7 +241,7 @@ class AlignSettings(Section):
         description="Run the catalogue alignment's training steps through `torch.compile`: 13-27% "
         "more items/s on the 2-core CPU (docs/speed.md), after about 4 minutes of compiling, or "
         "10-20 s from inductor's on-disk cache. It pays from about 30,000 item-passes with a cold "
-        "cache (beauty-2k's alignment: 48,000), about 2,000 with a warm one.",
+        "cache (beauty-2k's alignment: at most 48,000), about 2,000 with a warm one.",
     )
     bootstrap_min_items: int = Field(
         100,
