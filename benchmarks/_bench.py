@@ -7,6 +7,7 @@ seconds: its figures check that the script still runs, they are not results.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -29,12 +30,13 @@ SMOKE_NOTE = "smoke size: checks that the benchmark runs; its figures are not re
 
 def attention_runs(spec: str) -> list[tuple[str, str, bool]]:
     """``--attention`` of the alignment benchmarks: comma-separated ``KERNEL`` or
-    ``KERNEL+compile``, as (label, ``SAID_ATTENTION`` kernel, ``SAID_ALIGN_COMPILE``)."""
+    ``KERNEL+compile``, as (label, ``SAID_ATTENTION`` kernel, ``SAID_ALIGN_COMPILE``).
+    An argparse ``type``: a bad spec is the parser's usage error, with its reason."""
     runs = []
     for label in spec.split(","):
         kernel, _, extra = label.partition("+")
         if not kernel or extra not in ("", "compile") or label.endswith("+"):
-            raise ValueError(f"--attention {label!r}: give KERNEL or KERNEL+compile")
+            raise argparse.ArgumentTypeError(f"{label!r}: give KERNEL or KERNEL+compile")
         runs.append((label, kernel, extra == "compile"))
     return runs
 

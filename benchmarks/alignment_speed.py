@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument(
         "--attention",
+        type=attention_runs,
         default="sdpa,eager",
         help="comma-separated kernels (SAID_ATTENTION), each optionally +compile (SAID_ALIGN_COMPILE)",
     )
@@ -59,10 +60,7 @@ def main() -> None:
     cfg = settings.align
     ds = load_dataset(args.dataset, args.items)
     texts = [item_text(t, d) for t, d in zip(ds.titles, ds.descriptions, strict=True)]
-    try:
-        planned = attention_runs(args.attention)
-    except ValueError as exc:
-        p.error(str(exc))
+    planned = args.attention
     kernels = [label for label, _, _ in planned]
     runs = {}
     for label, kernel, compiled in planned:

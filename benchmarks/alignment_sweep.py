@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=0)
     p.add_argument(
         "--attention",
+        type=attention_runs,
         default="auto",
         help="comma-separated LLM attention kernels (SAID_ATTENTION), each optionally +compile",
     )
@@ -76,7 +77,7 @@ def main() -> None:
     if args.smoke:
         args.dataset = args.dataset or str(DATA / "amazon-beauty-2k")
         args.items, args.passes, args.k, args.candidates = 16, 2, 1, "base,default"
-        args.attention = "sdpa,eager"
+        args.attention = attention_runs("sdpa,eager")
         args.llm = args.llm or str(tiny_llm_folder())
         tmp = tempfile.TemporaryDirectory(prefix="said-smoke-")  # removed at exit
         args.out = args.out or Path(tmp.name) / "sweep.json"
@@ -112,10 +113,7 @@ def main() -> None:
         "flop_bound_items_per_second": gflops * 1e9 / step_flops,
         "runs": {},
     }
-    try:
-        planned = attention_runs(args.attention)
-    except ValueError as exc:
-        p.error(str(exc))
+    planned = args.attention
     runs = [(name, run) for run in planned for name in args.candidates.split(",")]
     for name, (run_label, kernel, compiled) in runs:
         # a fresh LLM per run: fresh LoRA adapters, and the run's attention kernel
