@@ -17,8 +17,10 @@ latency percentiles are client-side, and the table gives the cores wrk itself to
 seconds over the wall seconds) on the 2 cores it shares with the server. Without wrk, a
 Python thread pool (httpx) stands in, and the table says so. Each catalogue is served by 1
 and by 2 uvicorn worker processes (``--workers``). Figures are medians over runs. Recall@10
-of the HNSW index against exact search is measured in-process on 500 composite queries from
-random histories over vectors with log-normal norms. ``--profile PREFIX`` also samples the
+of the HNSW index against exact search, and a single query's search time, are measured
+in-process on 500 composite queries from random histories, over vectors with log-normal
+norms and over the served ones, at the served efSearch (``SAID_HNSW_EF_SEARCH``) and at
+those of ``--ef-search``: the frontier an operator picks from. ``--profile PREFIX`` also samples the
 server with py-spy during one more 10 s run per point and prints the frames most often on
 the stack and at its top.
 
@@ -184,35 +186,48 @@ def served_vectors(scorer, ids: np.ndarray) -> np.ndarray:
     )
 
 
-def hnsw_recall(n: int, queries: int = 500) -> tuple[float, float, float]:
-    """(recall@10 of HNSW vs exact on clustered vectors with log-normal norms, the same on
-    the vectors this benchmark serves, HNSW build seconds), n 129-d scoring vectors, queries
-    from the untrained composite over random 5-item histories. The served vectors are the
+def hnsw_recall(n: int, efs: list[int], queries: int = 500) -> list[dict[str, float]]:
+    """Recall@10 of HNSW against exact search, and one query's search time (median ms, one
+    thread, as served), at each efSearch of ``efs``: on clustered vectors with log-normal
+    norms and on the vectors this benchmark serves, n 129-d scoring vectors, queries from
+    the untrained composite over random 5-item histories. The served vectors are the
     harder case: the untrained teacher's ID rows are unclustered Gaussian vectors, whose
     top 10 are near-ties; a trained model's rows are not measured here."""
+    import faiss
+
     from scorer.index import ItemIndex
     from scorer.scorers import CompositeScorer
 
+    faiss.omp_set_num_threads(1)  # as ``ServingState`` searches
     rng = np.random.default_rng(2)
     model = composite(n)
     scorer = CompositeScorer(model, "bench")
     ids = np.arange(1, n + 1)
-    recalls, build_s = [], 0.0
+    rows = [{"ef": ef} for ef in efs]
     lognormal = synthetic(n, model.cfg.hidden) * rng.lognormal(0, 0.7, (n, 1)).astype(np.float32)
-    for vecs in (lognormal, served_vectors(scorer, ids)):
+    for name, vecs in (("clustered", lognormal), ("served", served_vectors(scorer, ids))):
         q = np.concatenate([scorer.query(vecs[rng.integers(0, n, 5)]) for _ in range(queries)])
-        exact, approx = (
-            ItemIndex(vecs.shape[1], hnsw_min_items=n + 1),
-            ItemIndex(vecs.shape[1], hnsw_min_items=1),
-        )
+        exact = ItemIndex(vecs.shape[1], hnsw_min_items=n + 1)
         exact.build(ids, vecs)
-        t0 = time.perf_counter()
-        approx.build(ids, vecs)
-        build_s = build_s or time.perf_counter() - t0
         _, e = exact.search(q, 10)
-        _, a = approx.search(q, 10)
-        recalls.append(float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, e, strict=True)])))
-    return recalls[0], recalls[1], build_s
+        t0 = time.perf_counter()
+        approx = ItemIndex(vecs.shape[1], hnsw_min_items=1)
+        approx.build(ids, vecs)
+        build_s = time.perf_counter() - t0
+        for row in rows:
+            row.setdefault("build_s", build_s)  # the clustered vectors' build
+        for row in rows:
+            approx.ef_search = row["ef"]
+            _, a = approx.search(q, 10)
+            hits = [len(set(x) & set(y)) / 10 for x, y in zip(a, e, strict=True)]
+            row[f"{name}_recall"] = float(np.mean(hits))
+            times = []
+            for one in q[:200]:
+                t = time.perf_counter()
+                approx.search(one[None], 10)
+                times.append(time.perf_counter() - t)
+            row[f"{name}_ms"] = 1e3 * statistics.median(times)
+    return rows
 
 
 def factory():
@@ -433,6 +448,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds per worker process to start")
+    ap.add_argument(
+        "--ef-search",
+        default="64,256,512",
+        help="efSearch values of the recall table, beside the served one (SAID_HNSW_EF_SEARCH)",
+    )
     ap.add_argument("--smoke", action="store_true", help="a tiny size that checks the script runs")
     ap.add_argument(
         "--profile",
@@ -479,13 +499,20 @@ def main() -> None:
                 f"{m['load_cores']:.2f} | {m['rss']:.0f} |",
                 flush=True,
             )
+    served_ef = index_settings().hnsw_ef_search
+    efs = sorted({served_ef, *(int(x) for x in args.ef_search.split(","))})
     print(
-        "\n| items | HNSW recall@10 vs exact: clustered, log-normal norms | served vectors (untrained) "
-        "| HNSW build s |\n|---|---|---|---|"
+        "\n| items | efSearch | HNSW recall@10 vs exact: clustered, log-normal norms | search ms "
+        "| served vectors (untrained) | search ms | HNSW build s |\n" + "|---" * 7 + "|"
     )
     for n in [int(x) for x in args.sizes.split(",") if int(x) >= hnsw_min_items]:
-        recall, served, build_s = hnsw_recall(n)
-        print(f"| {n:,} | {recall:.3f} | {served:.3f} | {build_s:.0f} |", flush=True)
+        for r in hnsw_recall(n, efs):
+            ef = f"{r['ef']} (served)" if r["ef"] == served_ef else str(r["ef"])
+            print(
+                f"| {n:,} | {ef} | {r['clustered_recall']:.3f} | {r['clustered_ms']:.2f} | "
+                f"{r['served_recall']:.3f} | {r['served_ms']:.2f} | {r['build_s']:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ class ServingState:
         refresh), or a build from the catalogue when there is none."""
         for snap in snapshots(self.index_dir, f"{scorer.version}-"):
             try:
-                index = ItemIndex.load(snap, self.hnsw_min_items)
+                index = ItemIndex.load(snap, self.hnsw_min_items, self.cfg.hnsw_ef_search)
                 watermark = snapshot_watermark(snap)
             except (CorruptSnapshot, ValueError) as exc:
                 log.warning("skipping snapshot: %s", exc)
@@ -219,7 +219,7 @@ class ServingState:
             every = embeddings_since(conn, self.aligner_version).fresh()
         self._name(every)
         found = every.where(every.live)
-        index = ItemIndex(scorer.dim, self.hnsw_min_items)
+        index = ItemIndex(scorer.dim, self.hnsw_min_items, self.cfg.hnsw_ef_search)
         if len(found.ids):
             index.build(found.ids, scorer.item_vectors(found.ids, found.vectors))
         hashes = dict(zip(found.ids.tolist(), found.text_hashes, strict=True))

@@ -124,6 +124,29 @@ def test_hnsw_recall_against_exact_with_uneven_norms():
     np.testing.assert_allclose(approx.vector(7), v[6], atol=1e-5)
 
 
+def test_ef_search_trades_recall_and_travels_with_snapshots_and_compaction(tmp_path):
+    """``SAID_HNSW_EF_SEARCH`` is each HNSW search's candidate list: a short one misses
+    neighbours a long one finds, on data whose top 10 are near-ties (Gaussian, 32-d); a
+    loaded or compacted index searches with the value it was given."""
+    v, q = _vecs(4000, dim=32, seed=8), _vecs(100, dim=32, seed=9)
+    exact = ItemIndex(32, HNSW_MIN_ITEMS)
+    exact.build(np.arange(1, 4001), v)
+    _, e = exact.search(q, 10)
+
+    def recall(index: ItemIndex) -> float:
+        _, a = index.search(q, 10)
+        return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, e, strict=True)]))
+
+    short = ItemIndex(32, hnsw_min_items=1, ef_search=10)
+    long = ItemIndex(32, hnsw_min_items=1, ef_search=400)
+    for index in (short, long):
+        index.build(np.arange(1, 4001), v)
+    assert recall(short) < 0.9 < 0.99 < recall(long)
+    loaded = ItemIndex.load(short.save(tmp_path, "ef"), hnsw_min_items=1, ef_search=400)
+    assert loaded.ef_search == 400 and recall(loaded) > 0.99
+    assert long.compacted().ef_search == 400
+
+
 def test_band_pruning_returns_what_searching_every_band_returns(tmp_path, monkeypatch):
     """A band is skipped only when none of its items can enter a top k (Cauchy-Schwarz):
     the pruned search equals the full one, across norms spanning 2^17, replaced, new and

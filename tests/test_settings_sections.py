@@ -36,6 +36,7 @@ ENV = {
     "SAID_FIDELITY_EXACT_ITEMS": "3",  # align.fidelity
     "SAID_INDEX_REFRESH_S": "0.3",  # index
     "SAID_HNSW_MIN_ITEMS": "7777",
+    "SAID_HNSW_EF_SEARCH": "333",
     "SAID_API_TOKEN": "s3cret",  # api
     "SAID_API_HISTORY_LEN": "2",
     "SAID_KAFKA_TOPIC_PARTITIONS": "3",  # kafka
@@ -103,7 +104,8 @@ def test_every_section_reaches_its_component_from_the_environment(environment, m
     assert (seen[1].lr, seen[1].patience, seen[1].epochs) == (0.5, 2, 200)
 
     state = wiring.serving_state(Settings(), engine)  # serve: the index and the API
-    assert (state.cfg.refresh_s, state.served.index.hnsw_min_items) == (0.3, 7777)
+    index = state.served.index
+    assert (state.cfg.refresh_s, index.hnsw_min_items, index.ef_search) == (0.3, 7777, 333)
     with TestClient(wiring.serving_app()) as client:
         assert client.post("/recommend", json={"history": ["i0"]}).status_code == 401
         auth = {"Authorization": "Bearer s3cret"}
