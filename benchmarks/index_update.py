@@ -37,7 +37,7 @@ def run(n: int, batch: int, seconds: float, updating: bool) -> dict[str, float]:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     scorer = SASRecScorer(SASRec(SASRecConfig(n_items=2), torch.randn(3, SAID_DIM)), "bench")
-    index = ItemIndex(64, index_settings().hnsw_min_items)
+    index = ItemIndex(64, index_settings())
     index.build(np.arange(1, n + 1), synthetic(n, 64))
     lock, stop, lat = threading.Lock(), threading.Event(), []
     rng = np.random.default_rng(1)

@@ -18,8 +18,9 @@ seconds over the wall seconds) on the 2 cores it shares with the server. Without
 Python thread pool (httpx) stands in, and the table says so. Each catalogue is served by 1
 and by 2 uvicorn worker processes (``--workers``). Figures are medians over runs. Recall@10
 of the HNSW index against exact search, and a single query's search time, are measured
-in-process on 500 composite queries from random histories, over vectors with log-normal
-norms and over the served ones, at the served efSearch (``SAID_HNSW_EF_SEARCH``) and at
+in-process on 500 composite queries from random histories (200 of them timed, one at a
+time, on one FAISS thread as served; the build is single-threaded too), over vectors with
+log-normal norms and over the served ones, at the served efSearch (``SAID_HNSW_EF_SEARCH``) and at
 those of ``--ef-search``: the frontier an operator picks from. ``--profile PREFIX`` also samples the
 server with py-spy during one more 10 s run per point and prints the frames most often on
 the stack and at its top.
@@ -157,7 +158,7 @@ def build(folder: Path, n: int, mode: str) -> str:
         scorer = CosineScorer("bench", SAID_DIM)
     ids = np.arange(1, n + 1)
     vecs = served_vectors(scorer, ids)
-    index = ItemIndex(vecs.shape[1], index_settings().hnsw_min_items)
+    index = ItemIndex(vecs.shape[1], index_settings())
     index.build(ids, vecs)
     # The scorer loads a snapshot named <version>-q<watermark>, the watermark being the
     # newest item_embeddings.seq it holds, and keeps an item's vector only if the catalogue
@@ -187,12 +188,13 @@ def served_vectors(scorer, ids: np.ndarray) -> np.ndarray:
 
 
 def hnsw_recall(n: int, efs: list[int], queries: int = 500) -> list[dict[str, float]]:
-    """Recall@10 of HNSW against exact search, and one query's search time (median ms, one
-    thread, as served), at each efSearch of ``efs``: on clustered vectors with log-normal
-    norms and on the vectors this benchmark serves, n 129-d scoring vectors, queries from
-    the untrained composite over random 5-item histories. The served vectors are the
-    harder case: the untrained teacher's ID rows are unclustered Gaussian vectors, whose
-    top 10 are near-ties; a trained model's rows are not measured here."""
+    """Recall@10 of HNSW against exact search (``queries`` queries), and one query's search
+    time (median ms over 200 of them, one thread, as served), at each efSearch of ``efs``:
+    on clustered vectors with log-normal norms and on the vectors this benchmark serves, n
+    129-d scoring vectors, queries from the untrained composite over random 5-item
+    histories. The served vectors are the harder case: the untrained teacher's ID rows are
+    unclustered Gaussian vectors, whose top 10 are near-ties; a trained model's rows are
+    not measured here."""
     import faiss
 
     from scorer.index import ItemIndex
@@ -207,17 +209,17 @@ def hnsw_recall(n: int, efs: list[int], queries: int = 500) -> list[dict[str, fl
     lognormal = synthetic(n, model.cfg.hidden) * rng.lognormal(0, 0.7, (n, 1)).astype(np.float32)
     for name, vecs in (("clustered", lognormal), ("served", served_vectors(scorer, ids))):
         q = np.concatenate([scorer.query(vecs[rng.integers(0, n, 5)]) for _ in range(queries)])
-        exact = ItemIndex(vecs.shape[1], hnsw_min_items=n + 1)
+        exact = ItemIndex(vecs.shape[1], IndexSettings(hnsw_min_items=n + 1))
         exact.build(ids, vecs)
         _, e = exact.search(q, 10)
         t0 = time.perf_counter()
-        approx = ItemIndex(vecs.shape[1], hnsw_min_items=1)
+        approx = ItemIndex(vecs.shape[1], IndexSettings(hnsw_min_items=1))
         approx.build(ids, vecs)
         build_s = time.perf_counter() - t0
         for row in rows:
             row.setdefault("build_s", build_s)  # the clustered vectors' build
         for row in rows:
-            approx.ef_search = row["ef"]
+            approx.cfg = approx.cfg.model_copy(update={"hnsw_ef_search": row["ef"]})
             _, a = approx.search(q, 10)
             hits = [len(set(x) & set(y)) / 10 for x, y in zip(a, e, strict=True)]
             row[f"{name}_recall"] = float(np.mean(hits))
@@ -437,6 +439,17 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in path.read_text().split()] if path.exists() else []
 
 
+def counts(spec: str) -> list[int]:
+    """A comma-separated list of positive integers (an argparse ``type``)."""
+    try:
+        values = [int(x) for x in spec.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{spec!r}: give positive integers, comma-separated")
+    return values
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="12101,100000,1000000")
@@ -450,6 +463,7 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=2.0, help="seconds per worker process to start")
     ap.add_argument(
         "--ef-search",
+        type=counts,
         default="64,256,512",
         help="efSearch values of the recall table, beside the served one (SAID_HNSW_EF_SEARCH)",
     )
@@ -500,7 +514,7 @@ def main() -> None:
                 flush=True,
             )
     served_ef = index_settings().hnsw_ef_search
-    efs = sorted({served_ef, *(int(x) for x in args.ef_search.split(","))})
+    efs = sorted({served_ef, *args.ef_search})
     print(
         "\n| items | efSearch | HNSW recall@10 vs exact: clustered, log-normal norms | search ms "
         "| served vectors (untrained) | search ms | HNSW build s |\n" + "|---" * 7 + "|"

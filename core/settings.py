@@ -468,7 +468,7 @@ class IndexSettings(Section):
         description=(
             "HNSW candidate list per search (efSearch): recall against a search's time. On the "
             "latency benchmark's untrained 129-d vectors at 100k items, 128 gives recall@10 0.83 in "
-            "0.6 ms, 512 gives 0.975 in 1.8 ms; on clustered ones 128 gives 0.996 (docs/results.md)."
+            "0.6 ms, 512 gives 0.98 in 1.9 ms; on clustered ones 128 gives 0.995 (docs/results.md)."
         ),
     )
     snapshot_every_s: float = Field(

@@ -1,7 +1,7 @@
 """The FAISS index of item vectors served by the scorer.
 
 Two tiers, both keyed by the catalogue's dense item index:
-- ``main``: built in bulk; exact inner product (``IndexFlatIP``) below ``hnsw_min_items``,
+- ``main``: built in bulk; exact inner product (``IndexFlatIP``) below ``SAID_HNSW_MIN_ITEMS``,
   HNSW above it, where a linear scan per query is too slow (HNSW cannot delete, so it is
   never modified after the build). Scorer logits are inner products of vectors whose norms
   vary widely, which an inner-product HNSW graph navigates poorly (recall@10 0.93 on SASRec
@@ -33,11 +33,11 @@ import faiss
 import numpy as np
 
 from core.files import CorruptFile, read_checked, remove_stale_temps, write_checked
+from core.settings import IndexSettings
 
 log = logging.getLogger(__name__)
 HNSW_M = 32  # graph degree
 HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 128  # the default of SAID_HNSW_EF_SEARCH (core.settings.IndexSettings)
 NORM_BANDS = 16  # HNSW graphs by norm: (M/2, M], (M/4, M/2], ..., and the rest below M/2^15
 # Starts a snapshot's removed ids. Older snapshots start with a tier's 8-byte length, which
 # these bytes, read as one, could never be (~3.5e18).
@@ -51,10 +51,10 @@ class CorruptSnapshot(CorruptFile):
 class ItemIndex:
     """Inner-product search over item vectors keyed by item index."""
 
-    def __init__(self, dim: int, hnsw_min_items: int, ef_search: int = HNSW_EF_SEARCH) -> None:
-        """Exact search below ``hnsw_min_items`` items (``SAID_HNSW_MIN_ITEMS``), HNSW bands
-        from there, each searched with ``ef_search`` candidates (``SAID_HNSW_EF_SEARCH``)."""
-        self.dim, self.hnsw_min_items, self.ef_search = dim, hnsw_min_items, ef_search
+    def __init__(self, dim: int, cfg: IndexSettings) -> None:
+        """Exact search below ``cfg.hnsw_min_items`` items, HNSW bands from there, each
+        searched with ``cfg.hnsw_ef_search`` candidates."""
+        self.dim, self.cfg = dim, cfg
         self.mains: list[faiss.IndexIDMap2] = [self._flat()]  # one exact tier, or HNSW bands
         self.delta = self._flat()
         self._reset_masks()
@@ -100,7 +100,7 @@ class ItemIndex:
     def build(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Replace everything with these items: HNSW bands when many, exact otherwise."""
         ids, vectors = self._check(ids, vectors)
-        if len(ids) >= self.hnsw_min_items:
+        if len(ids) >= self.cfg.hnsw_min_items:
             mains = []
             for band in _norm_bands(vectors):
                 hnsw = faiss.IndexHNSWFlat(self.dim + 1, HNSW_M)  # L2 on augmented vectors
@@ -151,7 +151,7 @@ class ItemIndex:
     def compacted(self) -> ItemIndex:
         """A new index with the delta tier folded into a freshly built main tier (minutes
         for 1M HNSW items): built while this one keeps serving, then swapped in whole."""
-        fresh = ItemIndex(self.dim, self.hnsw_min_items, self.ef_search)
+        fresh = ItemIndex(self.dim, self.cfg)
         fresh.build(*self.items())
         return fresh
 
@@ -207,7 +207,7 @@ class ItemIndex:
         if tier.d == self.dim:
             scores, ids = tier.search(queries, k, params=faiss.SearchParameters(sel=sel))
         else:  # augmented L2: |q|^2 + M^2 - 2 q.x = distance, so q.x follows from it
-            params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.ef_search, k))
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.cfg.hnsw_ef_search, k))
             padded = np.hstack([queries, np.zeros((len(queries), 1), dtype=np.float32)])
             dist, ids = tier.search(padded, k, params=params)
             scores = (np.square(queries).sum(1, keepdims=True) + m2 - dist) / 2
@@ -259,7 +259,7 @@ class ItemIndex:
         return path
 
     @classmethod
-    def load(cls, path: Path, hnsw_min_items: int, ef_search: int = HNSW_EF_SEARCH) -> ItemIndex:
+    def load(cls, path: Path, cfg: IndexSettings) -> ItemIndex:
         """Load a snapshot, verifying its checksum; raises :class:`CorruptSnapshot`."""
         try:
             data = read_checked(path)
@@ -278,7 +278,7 @@ class ItemIndex:
             raise CorruptSnapshot(f"{path}: {exc}") from exc
         if len(tiers) < 2 or not all(isinstance(t, faiss.IndexIDMap2) for t in tiers):
             raise CorruptSnapshot(f"{path}: not an ID-mapped index")
-        out = cls(tiers[0].d, hnsw_min_items, ef_search)  # the delta tier is never augmented
+        out = cls(tiers[0].d, cfg)  # the delta tier is never augmented
         out.delta, out.mains = tiers[0], tiers[1:]  # keep these objects: proxies outlive owners
         out._reset_masks(removed)
         return out

@@ -118,7 +118,7 @@ class ServingState:
         self.index_dir, self.cfg, self.positives = index_dir, cfg, positives
         self._popular: list[int] = []
         self._popular_at = -float("inf")
-        self.snapshot_every_s, self.hnsw_min_items = cfg.snapshot_every_s, cfg.hnsw_min_items
+        self.snapshot_every_s = cfg.snapshot_every_s
         self.lock = threading.RLock()
         self.item_id: dict[int, str] = {}
         self.idx_of: dict[str, int] = {}
@@ -179,7 +179,7 @@ class ServingState:
         refresh), or a build from the catalogue when there is none."""
         for snap in snapshots(self.index_dir, f"{scorer.version}-"):
             try:
-                index = ItemIndex.load(snap, self.hnsw_min_items, self.cfg.hnsw_ef_search)
+                index = ItemIndex.load(snap, self.cfg)
                 watermark = snapshot_watermark(snap)
             except (CorruptSnapshot, ValueError) as exc:
                 log.warning("skipping snapshot: %s", exc)
@@ -219,7 +219,7 @@ class ServingState:
             every = embeddings_since(conn, self.aligner_version).fresh()
         self._name(every)
         found = every.where(every.live)
-        index = ItemIndex(scorer.dim, self.hnsw_min_items, self.cfg.hnsw_ef_search)
+        index = ItemIndex(scorer.dim, self.cfg)
         if len(found.ids):
             index.build(found.ids, scorer.item_vectors(found.ids, found.vectors))
         hashes = dict(zip(found.ids.tolist(), found.text_hashes, strict=True))

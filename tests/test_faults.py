@@ -275,6 +275,7 @@ def _kinds(engine) -> list[str] | None:
 SNAPSHOT_WRITER = """
 import os, sys, time, numpy as np
 from pathlib import Path
+from core.settings import IndexSettings
 from scorer.index import ItemIndex
 real_fsync = os.fsync
 def slow_fsync(fd):  # a slow disk: most of the writer's time is inside a write
@@ -282,7 +283,7 @@ def slow_fsync(fd):  # a slow disk: most of the writer's time is inside a write
     real_fsync(fd)
 os.fsync = slow_fsync
 n = int(sys.argv[2])
-index = ItemIndex(64, 10**9)  # exact: the build is not what this tests
+index = ItemIndex(64, IndexSettings(hnsw_min_items=10**9))  # exact: the build is not what this tests
 index.build(np.arange(1, n + 1), np.random.default_rng(0).standard_normal((n, 64)).astype("float32"))
 print("ready", flush=True)
 for k in range(10**6):
@@ -304,7 +305,8 @@ def test_snapshot_writer_killed_mid_write_never_yields_a_torn_index(tmp_path):
         kills += 1
         mid_write += any(tmp_path.glob("*.tmp"))  # the kill cut a write short
         t0 = time.monotonic()
-        loaded = len(ItemIndex.load(latest_snapshot(tmp_path), 10**9))  # data and checksum: one rename
+        exact = IndexSettings(hnsw_min_items=10**9)
+        loaded = len(ItemIndex.load(latest_snapshot(tmp_path), exact))  # data and checksum: one rename
         recoveries.append(time.monotonic() - t0)
         assert loaded == n, "whatever loads is complete"
     assert mid_write, "at least one kill must land inside a write"
@@ -340,13 +342,13 @@ def test_disk_full_snapshot_write_keeps_serving_and_the_old_snapshot(aligned, mo
     assert failures and len(state.served.index) == 28, "the new items are served anyway"
     assert state.recommend([25], 3, set())[0], "requests are answered"
     assert not list((data / "index").glob("*.tmp")), "no half-written temp file is left"
-    assert latest_snapshot(data / "index") == good and len(ItemIndex.load(good, state.hnsw_min_items)) == 24
+    assert latest_snapshot(data / "index") == good and len(ItemIndex.load(good, state.cfg)) == 24
     monkeypatch.setattr(os, "fsync", real_fsync)
     t0 = time.monotonic()
     state.refresh()
     recovery = time.monotonic() - t0
     newest = latest_snapshot(data / "index")
-    assert newest != good and len(ItemIndex.load(newest, state.hnsw_min_items)) == 28
+    assert newest != good and len(ItemIndex.load(newest, state.cfg)) == 28
     faultlog.record(
         f"snapshot write fails with ENOSPC ({engine.dialect.name})", len(failures), 0, 0, recovery
     )

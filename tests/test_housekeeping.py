@@ -29,7 +29,7 @@ def _save(index: ItemIndex, folder, name: str) -> Path:
 
 
 def test_snapshots_are_pruned_per_version_and_retired_versions_go(tmp_path):
-    index = ItemIndex(4, IndexSettings().hnsw_min_items)
+    index = ItemIndex(4, IndexSettings())
     index.build(np.arange(1, 4), np.eye(3, 4, dtype=np.float32))
     _save(index, tmp_path, "sasrec-b-q1")  # another replica's version, mid-swap
     for wm in range(1, 6):
@@ -47,7 +47,7 @@ def test_the_served_versions_snapshots_survive_newer_ones_of_other_versions(tmp_
     "newest" is by modification time, so other versions' files can look newer than the one
     just written (another host's clock ahead; one clock tick for all, the name deciding).
     A save must keep the newest ``keep`` snapshots of its own version, the one it serves."""
-    index = ItemIndex(4, IndexSettings().hnsw_min_items)
+    index = ItemIndex(4, IndexSettings())
     index.build(np.arange(1, 4), np.eye(3, 4, dtype=np.float32))
     ahead = time.time() + 3600
     for age, version in enumerate("bcd"):  # other replicas' versions, d the newest

@@ -17,7 +17,7 @@ def _vecs(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:
 
 
 def test_upsert_adds_then_replaces_in_place():
-    idx = ItemIndex(8, HNSW_MIN_ITEMS)
+    idx = ItemIndex(8, IndexSettings())
     v = _vecs(100)
     idx.upsert(np.arange(1, 101), v)
     assert len(idx) == 100
@@ -32,7 +32,7 @@ def test_upsert_adds_then_replaces_in_place():
 
 def test_exact_search_matches_brute_force():
     v = _vecs(500, seed=1)
-    idx = ItemIndex(8, HNSW_MIN_ITEMS)
+    idx = ItemIndex(8, IndexSettings())
     idx.upsert(np.arange(1, 501), v)
     q = _vecs(5, seed=2)
     _, ids = idx.search(q, 10)
@@ -41,7 +41,7 @@ def test_exact_search_matches_brute_force():
 
 
 def test_bad_shapes_and_duplicate_ids_are_rejected():
-    idx = ItemIndex(8, HNSW_MIN_ITEMS)
+    idx = ItemIndex(8, IndexSettings())
     with pytest.raises(ValueError, match="vectors must be"):
         idx.upsert(np.arange(3), _vecs(2))
     with pytest.raises(ValueError, match="duplicate"):
@@ -49,30 +49,30 @@ def test_bad_shapes_and_duplicate_ids_are_rejected():
 
 
 def test_snapshot_roundtrip_and_corruption_detected(tmp_path):
-    idx = ItemIndex(8, HNSW_MIN_ITEMS)
+    idx = ItemIndex(8, IndexSettings())
     idx.upsert(np.arange(1, 51), _vecs(50))
     path = idx.save(tmp_path, "v1")
     assert latest_snapshot(tmp_path) == path
-    loaded = ItemIndex.load(path, HNSW_MIN_ITEMS)
+    loaded = ItemIndex.load(path, IndexSettings())
     assert len(loaded) == 50
     np.testing.assert_array_equal(loaded.search(_vecs(1), 5)[1], idx.search(_vecs(1), 5)[1])
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptSnapshot, match="checksum"):
-        ItemIndex.load(path, HNSW_MIN_ITEMS)
+        ItemIndex.load(path, IndexSettings())
     path.write_bytes(bytes(data[:20]))  # cut inside the header
     with pytest.raises(CorruptSnapshot, match="no checksum header"):
-        ItemIndex.load(path, HNSW_MIN_ITEMS)
+        ItemIndex.load(path, IndexSettings())
     path.unlink()
     with pytest.raises(CorruptSnapshot, match="missing"):
-        ItemIndex.load(path, HNSW_MIN_ITEMS)
+        ItemIndex.load(path, IndexSettings())
 
 
 @pytest.mark.parametrize("hnsw_min_items", [10_000, 100], ids=["exact", "hnsw"])
 def test_two_tiers_mask_replaced_vectors_and_survive_snapshots(tmp_path, hnsw_min_items):
     v = _vecs(400, seed=3)
-    idx = ItemIndex(8, hnsw_min_items=hnsw_min_items)
+    idx = ItemIndex(8, IndexSettings(hnsw_min_items=hnsw_min_items))
     idx.build(np.arange(1, 401), v)
     assert idx.approximate == (hnsw_min_items == 100)
     idx.upsert(np.array([7, 401]), np.stack([-v[6], v[6]]))  # replace 7, add 401 = old 7
@@ -81,7 +81,7 @@ def test_two_tiers_mask_replaced_vectors_and_survive_snapshots(tmp_path, hnsw_mi
     assert ids[0, 0] == 401 and 7 not in ids[0], "the old vector of item 7 is masked"
     assert 401 not in idx.search(v[6], 3, exclude={401})[1][0]
     np.testing.assert_allclose(idx.vector(7), -v[6], atol=1e-6)
-    again = ItemIndex.load(idx.save(tmp_path, "t"), hnsw_min_items)
+    again = ItemIndex.load(idx.save(tmp_path, "t"), idx.cfg)
     assert len(again) == 401 and again.search(v[6], 1)[1][0, 0] == 401
     again = again.compacted()
     assert again.delta.ntotal == 0 and len(again) == 401
@@ -93,11 +93,12 @@ def test_removed_items_leave_every_tier_and_stay_out_after_a_snapshot(tmp_path, 
     """An item whose text changed is removed: never found, no vector, not counted, also
     after a snapshot round trip and a compaction; an upsert brings it back."""
     v = _vecs(400, seed=5)
-    idx = ItemIndex(8, hnsw_min_items=hnsw_min_items)
+    idx = ItemIndex(8, IndexSettings(hnsw_min_items=hnsw_min_items))
     idx.build(np.arange(1, 401), v)  # main tier (HNSW bands when approximate)
     idx.upsert(np.array([9]), -v[8:9])  # 9 in the delta tier, masking main
     idx.remove(np.array([7, 9, 12345]))  # from main, from delta, and one never indexed
-    for index in (idx, ItemIndex.load(idx.save(tmp_path, "r"), hnsw_min_items), idx.compacted()):
+    again = ItemIndex.load(idx.save(tmp_path, "r"), idx.cfg)
+    for index in (idx, again, idx.compacted()):
         assert len(index) == 398 and not {7, 9} & set(index.ids().tolist())
         _, ids = index.search(np.stack([v[6], v[8], -v[8]]), 10)
         assert not {7, 9} & set(ids.ravel().tolist())
@@ -113,7 +114,7 @@ def test_hnsw_recall_against_exact_with_uneven_norms():
     rng = np.random.default_rng(4)
     v = _vecs(3000, dim=16, seed=4) * rng.lognormal(0, 1.0, (3000, 1)).astype(np.float32)
     q = _vecs(50, dim=16, seed=5) * 3
-    approx, exact = ItemIndex(16, hnsw_min_items=1), ItemIndex(16, HNSW_MIN_ITEMS)
+    approx, exact = ItemIndex(16, IndexSettings(hnsw_min_items=1)), ItemIndex(16, IndexSettings())
     approx.build(np.arange(1, 3001), v)
     exact.build(np.arange(1, 3001), v)
     sa, a = approx.search(q, 10)
@@ -129,7 +130,7 @@ def test_ef_search_trades_recall_and_travels_with_snapshots_and_compaction(tmp_p
     neighbours a long one finds, on data whose top 10 are near-ties (Gaussian, 32-d); a
     loaded or compacted index searches with the value it was given."""
     v, q = _vecs(4000, dim=32, seed=8), _vecs(100, dim=32, seed=9)
-    exact = ItemIndex(32, HNSW_MIN_ITEMS)
+    exact = ItemIndex(32, IndexSettings())
     exact.build(np.arange(1, 4001), v)
     _, e = exact.search(q, 10)
 
@@ -137,14 +138,15 @@ def test_ef_search_trades_recall_and_travels_with_snapshots_and_compaction(tmp_p
         _, a = index.search(q, 10)
         return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, e, strict=True)]))
 
-    short = ItemIndex(32, hnsw_min_items=1, ef_search=10)
-    long = ItemIndex(32, hnsw_min_items=1, ef_search=400)
+    short = ItemIndex(32, IndexSettings(hnsw_min_items=1, hnsw_ef_search=10))
+    long = ItemIndex(32, IndexSettings(hnsw_min_items=1, hnsw_ef_search=400))
     for index in (short, long):
         index.build(np.arange(1, 4001), v)
-    assert recall(short) < 0.9 < 0.99 < recall(long)
-    loaded = ItemIndex.load(short.save(tmp_path, "ef"), hnsw_min_items=1, ef_search=400)
-    assert loaded.ef_search == 400 and recall(loaded) > 0.99
-    assert long.compacted().ef_search == 400
+    assert recall(short) < 0.9
+    assert recall(long) > 0.99
+    loaded = ItemIndex.load(short.save(tmp_path, "ef"), long.cfg)
+    assert loaded.cfg.hnsw_ef_search == 400 and recall(loaded) > 0.99
+    assert long.compacted().cfg.hnsw_ef_search == 400
 
 
 def test_band_pruning_returns_what_searching_every_band_returns(tmp_path, monkeypatch):
@@ -156,7 +158,7 @@ def test_band_pruning_returns_what_searching_every_band_returns(tmp_path, monkey
     rng = np.random.default_rng(7)
     n, dim = 4000, 4  # few dimensions: the bound is nearly tight, so pruning is tested hard
     v = _vecs(n, dim, seed=7) * np.exp2(rng.uniform(-15, 2, (n, 1))).astype(np.float32)
-    idx = ItemIndex(dim, hnsw_min_items=1)
+    idx = ItemIndex(dim, IndexSettings(hnsw_min_items=1))
     idx.build(np.arange(1, n + 1), v)
     assert len(idx.mains) >= 12
     idx.upsert(np.array([3, n + 1]), np.stack([v[2] * 8, v[10]]))  # one replaced, one new
@@ -170,7 +172,7 @@ def test_band_pruning_returns_what_searching_every_band_returns(tmp_path, monkey
         return real(self, tier, *args)
 
     monkeypatch.setattr(ItemIndex, "_search_tier", counted)
-    for index in (idx, ItemIndex.load(idx.save(tmp_path, "p"), 1)):
+    for index in (idx, ItemIndex.load(idx.save(tmp_path, "p"), IndexSettings(hnsw_min_items=1))):
         for k in (1, 10, 300):  # 300: more than some bands hold (-inf padding)
             for rows in (queries, *queries[:8]):
                 for exclude in (None, {3, 7, n + 1}):

@@ -105,7 +105,7 @@ def test_every_section_reaches_its_component_from_the_environment(environment, m
 
     state = wiring.serving_state(Settings(), engine)  # serve: the index and the API
     index = state.served.index
-    assert (state.cfg.refresh_s, index.hnsw_min_items, index.ef_search) == (0.3, 7777, 333)
+    assert (state.cfg.refresh_s, index.cfg.hnsw_min_items, index.cfg.hnsw_ef_search) == (0.3, 7777, 333)
     with TestClient(wiring.serving_app()) as client:
         assert client.post("/recommend", json={"history": ["i0"]}).status_code == 401
         auth = {"Authorization": "Bearer s3cret"}
