@@ -218,7 +218,6 @@ def hnsw_recall(n: int, efs: list[int], queries: int = 500) -> list[dict[str, fl
         build_s = time.perf_counter() - t0
         for row in rows:
             row.setdefault("build_s", build_s)  # the clustered vectors' build
-        for row in rows:
             approx.cfg = approx.cfg.model_copy(update={"hnsw_ef_search": row["ef"]})
             _, a = approx.search(q, 10)
             hits = [len(set(x) & set(y)) / 10 for x, y in zip(a, e, strict=True)]
@@ -450,12 +449,21 @@ def counts(spec: str) -> list[int]:
     return values
 
 
+def counts_or_none(spec: str) -> list[int]:
+    """``counts``, or no sizes at all for an empty string (``--baseline-sizes ""``)."""
+    return counts(spec) if spec else []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="12101,100000,1000000")
-    ap.add_argument("--baseline-sizes", default="12101", help="cosine 576-d, the former path")
-    ap.add_argument("--clients", default="1,4", help="connections: 1 = latency alone, 4 = under load")
-    ap.add_argument("--workers", default="1,2", help="uvicorn worker processes")
+    ap.add_argument("--sizes", type=counts, default="12101,100000,1000000")
+    ap.add_argument(
+        "--baseline-sizes", type=counts_or_none, default="12101", help="cosine 576-d, the former path"
+    )
+    ap.add_argument(
+        "--clients", type=counts, default="1,4", help="connections: 1 = latency alone, 4 = under load"
+    )
+    ap.add_argument("--workers", type=counts, default="1,2", help="uvicorn worker processes")
     ap.add_argument("--requests", default="user_id,history", help="request kinds: user_id, history")
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--runs", type=int, default=3)
@@ -480,12 +488,10 @@ def main() -> None:
     if args.profile and shutil.which("py-spy") is None:
         ap.error("--profile needs py-spy on the PATH: pip install py-spy")
     if args.smoke:
-        args.sizes, args.baseline_sizes, args.seconds, args.runs = "1500", "400", 0.5, 1
+        args.sizes, args.baseline_sizes, args.seconds, args.runs = [1500], [400], 0.5, 1
         args.warmup, args.settle = 0.2, 0.5
         os.environ["SAID_HNSW_MIN_ITEMS"] = "1000"  # HNSW from 1,000 items; the servers inherit it
         print(SMOKE_NOTE)
-    args.clients = [int(c) for c in args.clients.split(",")]
-    args.workers = [int(w) for w in args.workers.split(",")]
     args.requests = args.requests.split(",")
     if args.serve:
         serve(args.serve[0], args.serve[1], int(args.serve[2]), int(args.serve[3]))
@@ -501,9 +507,9 @@ def main() -> None:
     )
     hnsw_min_items = index_settings().hnsw_min_items
 
-    jobs = [("cosine 576-d (baseline)", "cosine", int(x)) for x in args.baseline_sizes.split(",") if x]
+    jobs = [("cosine 576-d (baseline)", "cosine", n) for n in args.baseline_sizes]
     width = composite(64).cfg.hidden  # the served width, from the model itself
-    jobs += [(f"composite {width}-d", "composite", int(x)) for x in args.sizes.split(",")]
+    jobs += [(f"composite {width}-d", "composite", n) for n in args.sizes]
     for label, mode, n in jobs:
         kind = "HNSW" if n >= hnsw_min_items else "exact"
         for m in measure(n, mode, generator, args):
@@ -519,7 +525,7 @@ def main() -> None:
         "\n| items | efSearch | HNSW recall@10 vs exact: clustered, log-normal norms | search ms "
         "| served vectors (untrained) | search ms | HNSW build s |\n" + "|---" * 7 + "|"
     )
-    for n in [int(x) for x in args.sizes.split(",") if int(x) >= hnsw_min_items]:
+    for n in [n for n in args.sizes if n >= hnsw_min_items]:
         for r in hnsw_recall(n, efs):
             ef = f"{r['ef']} (served)" if r["ef"] == served_ef else str(r["ef"])
             print(

@@ -118,7 +118,6 @@ class ServingState:
         self.index_dir, self.cfg, self.positives = index_dir, cfg, positives
         self._popular: list[int] = []
         self._popular_at = -float("inf")
-        self.snapshot_every_s = cfg.snapshot_every_s
         self.lock = threading.RLock()
         self.item_id: dict[int, str] = {}
         self.idx_of: dict[str, int] = {}
@@ -464,7 +463,7 @@ class ServingState:
             fresh = served.index.compacted()
             with self.lock:
                 served.index = fresh
-        if time.monotonic() - self._snapshot_at > self.snapshot_every_s:
+        if time.monotonic() - self._snapshot_at > self.cfg.snapshot_every_s:
             self._snapshot_at = time.monotonic()  # first: a failed write (disk full) waits a period
             served.index.save(self.index_dir, served.snapshot_name())
 
