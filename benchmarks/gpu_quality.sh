@@ -2,8 +2,10 @@
 # The GPU quality table, prepared for one device-tool lease: all of Beauty (12,101 items),
 # the mixed protocol (training/mixed.py: one ranking of old and new items; all, warm-target
 # and cold-target users of one training), in two phases against one deadline:
-#   1. id, text and composite-text: no alignment, so the served model's comparison lands first;
-#   2. composite-said (resumed into the same results file): one alignment with GPU-sized
+#   1. id, text, text-init (composite-text's teacher) and composite-text: no alignment, so the
+#      served model's comparison lands first;
+#   2. said-init and composite-said (resumed into the same results file; said-init is its
+#      teacher, SAID_COMPOSITE_TEACHER_INIT=content): one alignment with GPU-sized
 #      batches, in the time left (the runs phase 1 finished are kept, not run again).
 # Each finished run is written at once (training/evaluate.py), so a phase cut at the deadline
 # keeps what it finished. Caches stay in WORK; only the results, the log and the GPU's name
@@ -12,7 +14,7 @@
 #   device run (from the repo root; data copied to the machine, SAID_LLM the GGUF there):
 #     SAID_LLM=/tmp/said/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/gpu_quality.sh DATASET_DIR [PHASES]
 #   PHASES: "both" (default), or "said": phase 2 alone on a fresh machine, with the id and
-#   text baselines it is compared with (id is also composite-said's teacher), not composite-text.
+#   text baselines it is compared with and its teacher said-init, not composite-text.
 #
 # Fresh rows refine 256 a step (SAID_REFINE_BATCH; 16 on CPU): rows are independent and
 # their optimiser (adagrad) is blind to the loss's 1/batch scale, so only the step count
@@ -54,8 +56,8 @@ phase() {  # quality.py with the given arguments, stopped at the deadline
 
 case $phases in
   both)
-    phase --variant id text composite-text
-    phase --resume --variant id text composite-text composite-said
+    phase --variant id text text-init composite-text
+    phase --resume --variant id text text-init composite-text said-init composite-said
     ;;
-  said) phase --resume --variant id text composite-said ;;
+  said) phase --resume --variant id text said-init composite-said ;;
 esac

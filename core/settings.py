@@ -29,8 +29,11 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 # protocol only.
 Composite = Literal["composite-said", "composite-text", "composite-said+text"]
 # ``blend-text``: the composite's ID side, the text scorer for cold items (models/blend.py);
-# an evaluation diagnostic, mixed protocol only, not served.
-Variant = Literal["id", "text", "said", "said+text", "prompt", "hybrid", "said-init", Composite, "blend-text"]
+# an evaluation diagnostic, mixed protocol only, not served. ``said-init`` / ``text-init``: ID
+# scorers whose rows start from the SAID / pooled-text table (``models.sasrec.init_id_rows``).
+Variant = Literal[
+    "id", "text", "said", "said+text", "prompt", "hybrid", "said-init", "text-init", Composite, "blend-text"
+]
 
 
 def env(name: str) -> dict[str, str]:
@@ -324,6 +327,16 @@ class CompositeSettings(Section):
     teacher's item space) trains, and its gate."""
 
     env_prefix: ClassVar[str] = "composite_"
+    teacher_init: Literal["content", "random"] = Field(
+        "content",
+        description=(
+            "Where the ID teacher's item rows start: 'content', at the content table's leading "
+            "principal axes (models.sasrec.init_id_rows, as LLM-ESR and LLMInit start ID rows), "
+            "so a thin item keeps its content's place and a new one starts there; 'random', as "
+            "the plain `id` scorer. 'content' beat 'random' on every draw measured "
+            "(docs/quality-mixed.md, a teacher that starts from content)."
+        ),
+    )
     epochs: int = Field(
         60, ge=1, description="Most student epochs (early stopping on the cold-validation users)."
     )
@@ -408,7 +421,7 @@ class CompositeSettings(Section):
         ),
     )
     cold_tolerance: float = Field(
-        0.5,
+        0.25,
         ge=0,
         le=1,
         description=(
@@ -416,9 +429,10 @@ class CompositeSettings(Section):
             "keeps) the choice may give up for all users: of the choices within this share of "
             "it, the best mixed validation figure is served (training/composite.py, choose). "
             "0: the best cold figure whatever it costs the rest; 1: the best mixed figure with "
-            "warm users guarded only. 0.5: the largest share that, on the validation grids of "
-            "four draws (cold terms for cold items alone, docs/quality-mixed.md), kept cold "
-            "users above `text`'s validation figure on each; 0.75 fell below it on one."
+            "warm users guarded only. 0.25: the largest share that, on the validation grids of "
+            "the draws measured with a teacher that starts from content (docs/quality-mixed.md), "
+            "kept cold users above `text`'s validation figure wherever a choice could; 0.4 fell "
+            "below it on beauty-2k split 0. (0.5 with the randomly started teacher.)"
         ),
     )
 

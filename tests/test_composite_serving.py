@@ -232,3 +232,37 @@ def test_a_new_user_gets_a_flagged_fallback_of_popular_and_new_items(served):
         assert r["fallback"] and r["unknown_items"] == ["no-such-item"] and len(r["items"]) == 3
         r = client.post("/recommend", json={"user_id": "u1", "k": 3}).json()
         assert not r["fallback"]
+
+
+def test_a_retrain_starts_its_teacher_rows_from_content_as_the_evaluation_does(served, monkeypatch):
+    """The served composite's ID teacher starts its item rows at the content table's
+    principal axes (``SAID_COMPOSITE_TEACHER_INIT=content``), as the teacher that
+    `said evaluate` measured (``text-init`` for ``composite-text``); 'random' starts them as
+    the plain ID scorer does."""
+    from models.sasrec import SASRec, SASRecConfig, init_id_rows
+    from training.evaluate import teacher_variant
+
+    engine, bundle, data, _state = served
+    started: dict[str, torch.Tensor] = {}
+
+    def untrained(model, *_args, **_kwargs):
+        """The teacher as it starts: its rows are what this test reads."""
+        started["rows"] = model.id_emb.weight.detach().clone()
+        return model, {"best_val_ndcg@10": 0.0, "epochs": 0}
+
+    monkeypatch.setattr(retrain, "train_scorer", untrained)
+    for init in ("content", "random"):
+        settings = quick(data, composite_teacher_init=init)
+        assert (
+            teacher_variant("composite-text", settings.composite)
+            == {
+                "content": "text-init",
+                "random": "id",
+            }[init]
+        )
+        training = retrain.training_data(engine, bundle.version, settings)
+        retrain.train_composite(training, settings, CPU, False, None)
+        expected = SASRec(SASRecConfig(n_items=training.table.shape[0] - 1))
+        init_id_rows(expected, training.table, torch.tensor(sorted({i for s in training.train for i in s})))
+        same = torch.allclose(started["rows"], expected.id_emb.weight, atol=1e-5)
+        assert same == (init == "content"), init

@@ -177,7 +177,7 @@ def test_said_evaluate_runs_every_variant_on_every_protocol_and_writes_the_table
         "SAID_DATA_DIR": str(tmp_path / "data"),
         "SAID_DEVICE": "cpu",
     }
-    variants = ["id", "said", "hybrid", "said-init"]
+    variants = ["id", "said", "hybrid", "said-init", "text-init"]
     composites = [
         "composite-said",
         "composite-text",

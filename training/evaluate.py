@@ -26,7 +26,7 @@ import torch
 from core.dataset import Dataset, load_dataset
 from core.events import item_text
 from core.files import write_atomic
-from core.settings import AlignSettings, ScorerSettings, Settings, Variant
+from core.settings import AlignSettings, CompositeSettings, ScorerSettings, Settings, Variant
 from models.aligner import FrozenLM
 from models.blend import Blend
 from models.composite import Composite
@@ -198,7 +198,7 @@ def run(
     teachers: Kept = {}  # the mixed protocol's models by (variant, seed): composites' and blends' parts
     label_of = {v: variant_label(v, plan.model_options) for v in plan.variants}
     for a, align_seed in enumerate(plan.align_seeds):
-        tables: dict[str, torch.Tensor | None] = {"id": None, "text": feats}
+        tables: dict[str, torch.Tensor | None] = {"id": None, "text": feats, "text-init": feats}
         if set(plan.variants) & SAID_VARIANTS:
             if acfg.lora_rank and a:  # each alignment adapts its own fresh copy of the LLM
                 lm = _load_lm(settings, device)
@@ -323,7 +323,7 @@ def _model(trained: Trained, train_seqs: list[list[int]], n: int, held: set[int]
     if variant == "hybrid":  # ID rows only for items the scorer trains on; zero for the rest
         residual_on = torch.tensor(sorted({i for s in train_seqs for i in s}))
     mcfg = SASRecConfig(n_items=n, **trained.model_options)
-    if variant == "said-init":  # an ID scorer whose rows start from the SAID vectors
+    if variant.endswith("-init"):  # an ID scorer whose rows start from its table (a teacher's too)
         model = SASRec(mcfg)
         init_id_rows(model, table, warm)
         return model
@@ -359,9 +359,10 @@ def train_mixed(
     progress: bool,
 ) -> tuple[SASRec | Composite | Blend, dict]:
     """A SASRec variant early-stopped on the mixed validation users, a composite whose
-    teacher is the ``id`` model of the same seed, or a blend of the ``composite-text`` and
-    ``text`` models of the same seed. Each part is taken from ``teachers`` (trained here if
-    missing), and only such parts are kept there, by (variant, seed)."""
+    teacher is the ID model of the same seed (``teacher_variant``), or a blend of the
+    ``composite-text`` and ``text`` models of the same seed. Each part is taken from
+    ``teachers`` (trained here if missing), and only such parts are kept there, by (variant,
+    seed)."""
     seed = settings.scorer.seed
     counts = interaction_counts(split.train, split.n_items)
     validate = validator(split.valid, device)
@@ -371,7 +372,9 @@ def train_mixed(
         blend = Blend(*[copy.deepcopy(p) for p in parts])
         return blend, pick_gate_and_boost(blend, blend.composite, blend.boost, judged, settings.composite)
     if trained.variant in COMPOSITES:
-        teacher = _kept("id", replace(trained, table=None), split, settings, device, teachers, progress)
+        name = teacher_variant(trained.variant, settings.composite)
+        on = replace(trained, table=None if name == "id" else trained.table)
+        teacher = _kept(name, on, split, settings, device, teachers, progress)
         torch.manual_seed(seed)  # after the teacher: a resumed run starts the student alike
         composite = new_composite(copy.deepcopy(teacher), trained.table, counts, settings.composite)
         composite, info = train_student(composite, split.train, judged, settings.composite, device, progress)
@@ -384,9 +387,17 @@ def train_mixed(
         model, split.train, validate, settings.scorer, device, progress, sorted(split.held)
     )
     model.impute_residuals()
-    if trained.variant in ("id", *BLEND_PARTS):  # only the parts of others are read back
+    if trained.variant == "id" or trained.variant.endswith("-init") or trained.variant in BLEND_PARTS:
+        # a composite's teacher or a blend's part: only the parts of others are read back
         teachers[(trained.variant, seed)] = model
     return model, info | by_target_validation(model, judged)
+
+
+def teacher_variant(composite: str, cfg: CompositeSettings) -> str:
+    """The plain variant a composite's ID teacher is: ``id``, or with ``cfg.teacher_init``
+    "content" the ID scorer whose rows start from the composite's own content table
+    (``text-init`` for ``composite-text``), as ``updater.retrain`` trains the served one."""
+    return "id" if cfg.teacher_init == "random" else f"{COMPOSITES[composite]}-init"
 
 
 def by_target_validation(model: SASRec, judged: Judges) -> dict:

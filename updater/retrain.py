@@ -59,7 +59,7 @@ from core.versions import (
 )
 from core.versions import promote as promote_if_current
 from models.composite import Composite, load_composite, save_composite
-from models.sasrec import SASRec, SASRecConfig
+from models.sasrec import SASRec, SASRecConfig, init_id_rows
 from training.composite import judges_for, new_composite, train_student
 from training.mixed import by_target, interaction_counts, interval, ndcg10, ranks_and_top
 from training.recommender import train_scorer, validator
@@ -185,6 +185,8 @@ def train_composite(
     train = data.train
     torch.manual_seed(settings.scorer.seed)  # its initial rows too: a retrain is reproducible
     teacher = SASRec(SASRecConfig(n_items=data.table.shape[0] - 1))
+    if settings.composite.teacher_init == "content":  # as training.evaluate's composites
+        init_id_rows(teacher, data.table, torch.tensor(sorted({i for s in train for i in s})))
     if start is not None:
         warm_start(teacher, start.teacher)
     if not warm_stop[0]:
