@@ -16,6 +16,7 @@ from training.evaluate import by_target_validation
 from training.mixed import (
     by_target,
     compare,
+    format_compare,
     halves,
     interaction_counts,
     interval,
@@ -369,6 +370,14 @@ def test_compare_pairs_each_variant_with_id_and_text_on_the_same_users():
     assert row[("composite-text", "warm")]["vs_id"]["diff"] == 0.0
     assert row[("composite-text", "cold")]["vs_text"]["diff"] == 0.0
     assert row[("composite-text", "cold")]["vs_id"]["ratio"] is None, "id scores 0 on the cold users"
+    assert "vs_text-init" not in row[("composite-text", "all")], "no teacher in this run"
+    assert "vs text-init" not in format_compare(rows)
+    runs.append({"variant": "text-init", "per_user_ndcg@10": [1.0, 0.0, 0.0, 0.0]})
+    rows = compare(runs, torch.tensor([False, True, False, True]))
+    row = {(r["variant"], r["group"]): r for r in rows}
+    assert row[("composite-text", "all")]["vs_text-init"]["ratio"] == 3.0, "the teacher, where trained"
+    table = format_compare(rows).splitlines()
+    assert table[0].count("ratio, diff") == 3 and table[2].count("|") == table[0].count("|")
 
 
 def test_a_tie_takes_no_boost_not_the_most_negative():

@@ -186,7 +186,12 @@ def per_user(runs: list[dict], variant: str) -> torch.Tensor | None:
     return torch.tensor(rows).mean(0) if rows else None
 
 
-def compare(runs: list[dict], cold: torch.Tensor, baselines: tuple[str, ...] = ("id", "text")) -> list[dict]:
+# the plain variants a model is compared with, where trained in the same run: ``text-init``
+# is the composite-text's teacher, so its column says what the student and gate add
+BASELINES = ("id", "text", "text-init")
+
+
+def compare(runs: list[dict], cold: torch.Tensor, baselines: tuple[str, ...] = BASELINES) -> list[dict]:
     """Per variant and user group (all, warm, cold): mean NDCG@10 over its runs with a 95%
     bootstrap interval over users, and the paired difference to each baseline trained in the
     same run (mean per-user difference, its interval, and the ratio of means)."""
@@ -212,11 +217,11 @@ def compare(runs: list[dict], cold: torch.Tensor, baselines: tuple[str, ...] = (
 
 
 def format_compare(rows: list[dict]) -> str:
-    """The comparison as a markdown table."""
+    """The comparison as a markdown table, a column per baseline some row was compared with."""
+    bases = [b for b in BASELINES if any(f"vs_{b}" in r for r in rows)]
     lines = [
-        "| variant | users | NDCG@10 [95% CI] | vs id: ratio, diff [95% CI] "
-        "| vs text: ratio, diff [95% CI] |",
-        "|---|---|---|---|---|",
+        "| variant | users | NDCG@10 [95% CI] |" + "".join(f" vs {b}: ratio, diff [95% CI] |" for b in bases),
+        "|---|---|---|" + "---|" * len(bases),
     ]
 
     def versus(r: dict, base: str) -> str:
@@ -229,6 +234,6 @@ def format_compare(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['variant']} ({r['group']}) | {r['users']} | {r['ndcg@10']:.4f} "
-            f"[{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] | {versus(r, 'id')} | {versus(r, 'text')} |"
+            f"[{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] |" + "".join(f" {versus(r, b)} |" for b in bases)
         )
     return "\n".join(lines)
