@@ -118,7 +118,7 @@ def main() -> None:
     print(format_table(results["summary"], paired(results["runs"])))
     if results.get("mixed"):
         print("\nmixed protocol: all / warm-target / cold-target test users of one training, 95% bootstrap")
-        print("intervals over users, paired differences against id and text of the same run")
+        print("intervals over users, paired differences against id, text and text-init (where run)")
         print(format_compare(results["mixed"]))
     print(
         f"default variant (best mean validation NDCG@10, {chosen_on} protocol): {results['default_variant']}"
