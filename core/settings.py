@@ -333,8 +333,10 @@ class CompositeSettings(Section):
             "Where the ID teacher's item rows start: 'content', at the content table's leading "
             "principal axes (models.sasrec.init_id_rows, as LLM-ESR and LLMInit start ID rows), "
             "so a thin item keeps its content's place and a new one starts there; 'random', as "
-            "the plain `id` scorer. 'content' beat 'random' on every draw measured "
-            "(docs/quality-mixed.md, a teacher that starts from content)."
+            "the plain `id` scorer. With pooled text ('text-init') it beat 'random' on every "
+            "draw measured (docs/quality-mixed.md, a teacher that starts from content); the "
+            "served teacher starts from the aligner's SAID vectors ('said-init'), which alone "
+            "was level with `id` on beauty-2k, and a composite on it is not measured yet."
         ),
     )
     epochs: int = Field(

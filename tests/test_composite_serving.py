@@ -235,10 +235,10 @@ def test_a_new_user_gets_a_flagged_fallback_of_popular_and_new_items(served):
 
 
 def test_a_retrain_starts_its_teacher_rows_from_content_as_the_evaluation_does(served, monkeypatch):
-    """The served composite's ID teacher starts its item rows at the content table's
-    principal axes (``SAID_COMPOSITE_TEACHER_INIT=content``), as the teacher that
-    `said evaluate` measured (``text-init`` for ``composite-text``); 'random' starts them as
-    the plain ID scorer does."""
+    """The served composite's ID teacher starts its item rows at the served content table's
+    principal axes (``SAID_COMPOSITE_TEACHER_INIT=content``), as `said evaluate` starts a
+    composite's teacher from that composite's table (``said-init`` for the SAID vectors the
+    retrain serves); 'random' starts them as the plain ID scorer does."""
     from models.sasrec import SASRec, SASRecConfig, init_id_rows
     from training.evaluate import teacher_variant
 
@@ -266,3 +266,29 @@ def test_a_retrain_starts_its_teacher_rows_from_content_as_the_evaluation_does(s
         init_id_rows(expected, training.table, torch.tensor(sorted({i for s in training.train for i in s})))
         same = torch.allclose(started["rows"], expected.id_emb.weight, atol=1e-5)
         assert same == (init == "content"), init
+
+
+def test_content_start_keeps_random_rows_without_content_and_needs_two_items():
+    """An item without an embedding yet (a zero row of the table) keeps its random row:
+    a projection of nothing would put every such item at one shared, far-out place. With
+    fewer than 2 items to fit the axes on, no row moves."""
+    from dataclasses import replace
+
+    from models.sasrec import SASRec, SASRecConfig
+
+    torch.manual_seed(0)
+    table = torch.randn(7, 16)
+    table[0] = 0.0
+    table[5] = 0.0  # item 5: no embedding yet
+    data = retrain.TrainingData(table, set(), [[1, 2, 3], [2, 4, 6]], ([], []), ([], []))
+    teacher = SASRec(SASRecConfig(n_items=6, hidden=8))
+    before = teacher.id_emb.weight.detach().clone()
+    retrain.content_start(teacher, data)
+    rows = teacher.id_emb.weight.detach()
+    assert torch.equal(rows[5], before[5]), "no content: the random start stays"
+    assert not torch.allclose(rows[1:5], before[1:5]), "content rows moved"
+    assert rows[0].abs().max() == 0, "padding stays zero"
+    lone = SASRec(SASRecConfig(n_items=6, hidden=8))
+    start = lone.id_emb.weight.detach().clone()
+    retrain.content_start(lone, replace(data, histories=[[1], [1]]))
+    assert torch.equal(lone.id_emb.weight.detach(), start)

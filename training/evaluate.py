@@ -62,6 +62,7 @@ SAID_VARIANTS = {
 COMPOSITES = {"composite-said": "said", "composite-text": "text", "composite-said+text": "said+text-fair"}
 MIXED_ONLY = COMPOSITES | {"blend-text": "text"}  # variant -> its table; measured in the mixed protocol only
 BLEND_PARTS = ("composite-text", "text")  # a blend's ID side (with its gate) and its cold side
+ALIGNMENT_FREE = {"id", "text-init", *BLEND_PARTS}  # kept models that no alignment shapes
 DIAGNOSTICS = {"blend-text"}  # measured, not served: never the default variant
 Kept = dict[tuple[str, int], "SASRec | Composite"]  # models trained in a mixed run, by (variant, seed)
 MIXED_METRICS = ("warm_ndcg@10", "cold_ndcg@10", "cold_share_top10_warm_users")
@@ -198,6 +199,8 @@ def run(
     teachers: Kept = {}  # the mixed protocol's models by (variant, seed): composites' and blends' parts
     label_of = {v: variant_label(v, plan.model_options) for v in plan.variants}
     for a, align_seed in enumerate(plan.align_seeds):
+        # a teacher on this alignment's table (said-init, said+text-fair-init) is not the last one's
+        teachers = {k: m for k, m in teachers.items() if k[0] in ALIGNMENT_FREE}
         tables: dict[str, torch.Tensor | None] = {"id": None, "text": feats, "text-init": feats}
         if set(plan.variants) & SAID_VARIANTS:
             if acfg.lora_rank and a:  # each alignment adapts its own fresh copy of the LLM

@@ -185,12 +185,12 @@ def train_composite(
     train = data.train
     torch.manual_seed(settings.scorer.seed)  # its initial rows too: a retrain is reproducible
     teacher = SASRec(SASRecConfig(n_items=data.table.shape[0] - 1))
-    if settings.composite.teacher_init == "content":  # as training.evaluate's composites
-        init_id_rows(teacher, data.table, torch.tensor(sorted({i for s in train for i in s})))
-    if start is not None:
-        warm_start(teacher, start.teacher)
     if not warm_stop[0]:
         raise RuntimeError("no early-stopping user has a warm target: too few items trained on")
+    if settings.composite.teacher_init == "content":  # as training.evaluate's composites
+        content_start(teacher, data)
+    if start is not None:
+        warm_start(teacher, start.teacher)
     teacher, info = train_scorer(
         teacher,
         train,
@@ -237,6 +237,21 @@ def graduate(
     kept = {k: v for k, v in judged.state_dict().items() if not k.startswith("teacher.") and k != "counts"}
     served.load_state_dict(kept, strict=False)
     return served.use_content(data.table).to(device)
+
+
+def content_start(teacher: SASRec, data: TrainingData) -> None:
+    """The teacher's item rows at their content's place (``init_id_rows``, the axes fitted
+    on the items it trains on), so a thin item keeps what its content says. Rows without
+    content yet (no embedding: a zero row of ``data.table``) keep their random start, and
+    with fewer than 2 items to fit on every row does."""
+    fit = torch.tensor(sorted({i for s in data.train for i in s}), dtype=torch.long)
+    if len(fit) < 2:
+        return
+    random_rows = teacher.id_emb.weight.detach().clone()
+    init_id_rows(teacher, data.table, fit)
+    empty = data.table.abs().sum(1) == 0  # (N+1,) row 0, the padding, among them
+    with torch.no_grad():
+        teacher.id_emb.weight[empty] = random_rows[empty]
 
 
 def warm_start(teacher: SASRec, active: SASRec) -> None:
