@@ -3,6 +3,7 @@ cold items in the ID teacher's space from their content alone."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from core.files import load_torch, save_torch
@@ -10,7 +11,7 @@ from core.settings import CompositeSettings
 from models.blend import Blend, log_probs
 from models.composite import Composite, load_composite, save_composite
 from models.ranking import recall_ndcg
-from models.sasrec import SASRec, SASRecConfig
+from models.sasrec import SASRec, SASRecConfig, init_id_rows
 from training.composite import Judges, choose, judges_for, pick_gate_and_boost, teacher_states, train_student
 from training.evaluate import by_target_validation
 from training.mixed import (
@@ -22,6 +23,7 @@ from training.mixed import (
     interval,
     mixed_split,
     popularity_buckets,
+    trained_items,
 )
 from training.recommender import left_pad
 
@@ -93,6 +95,36 @@ def test_a_cold_item_in_a_history_reads_as_its_student_vector():
     assert not torch.allclose(before[0, 1:9], after[0, 1:9]), "the cold item's vector shapes the query"
     assert torch.allclose(warm_only[0, 1:9], warm_before[0, 1:9]), "a warm history does not read the student"
     assert torch.isinf(before[0, 0]), "padding never ranks"
+
+
+def test_a_content_started_composite_reads_history_items_as_its_teacher_started_or_trained_them():
+    """The teacher's encoder never saw a student vector: a history item reads as its trained
+    ID row, or (no interactions) as the row ``init_id_rows`` started it at, which a blocked
+    item keeps through training; the student only scores, and the read block scores nothing."""
+    torch.manual_seed(0)
+    content = torch.randn(11, 12)
+    train = [[1, 2, 3, 4], [5, 6, 7, 8], [2, 4, 6, 8]]  # items 9 and 10 are cold
+    teacher = _teacher(torch.zeros(11, 8))
+    init_id_rows(teacher, content, trained_items(train))
+    started = teacher.id_emb.weight.detach().clone()
+    with torch.no_grad():
+        teacher.id_emb.weight[1:9] += torch.randn(8, 8)  # training moves the warm rows only
+    counts = interaction_counts(train, 10)
+    model = Composite(teacher, content, counts, 0.0, similarity_dims=4, content_started=True).eval()
+    model.kappa.fill_(3.0)  # warm rows are gated in scores, never in reads
+    with torch.no_grad():
+        table = model.item_vectors()
+        reads = model._reads(table)
+        assert torch.allclose(reads[9:], started[9:], atol=1e-5), "a cold item reads as its start"
+        assert torch.allclose(reads[1:9], teacher.id_emb.weight[1:9], atol=1e-5), "a warm one as its row"
+        history = torch.tensor([[0, 0, 3, 9]])
+        before, scores = model.user_vector(history), model.predict(history)
+        model.student[-1].bias.add_(torch.randn(8))  # moves every student vector
+        query = model.user_vector(history)
+    assert torch.allclose(before, query), "the student does not shape the query"
+    assert not torch.allclose(scores[0, 9:], model.predict(history)[0, 9:]), "it scores the cold items"
+    assert query[0, -8:].abs().max() == 0, "the read block scores nothing"
+    assert table[1:, -8:].abs().max() < 1e-4, "and is small in the index"
 
 
 def test_the_student_learns_the_teachers_space_and_carries_it_to_cold_items():
@@ -225,12 +257,12 @@ def test_fixed_queries_encode_each_history_once_per_gate_and_score_as_without():
     assert len(calls) == 5, "outside it, every call encodes"
 
 
-def test_a_served_history_longer_than_the_encoder_reads_scores_as_its_last_steps():
+@pytest.mark.parametrize("started", [False, True])
+def test_a_served_history_longer_than_the_encoder_reads_scores_as_its_last_steps(started):
     torch.manual_seed(0)
     counts = torch.tensor([0] + [2.0] * 8 + [0.0, 0.0])
-    model = Composite(
-        _teacher(torch.randn(11, 8)), torch.randn(11, 12), counts, 0.0, similarity_dims=4
-    ).eval()
+    shape = {"similarity_dims": 4, "content_started": started}
+    model = Composite(_teacher(torch.randn(11, 8)), torch.randn(11, 12), counts, 0.0, **shape).eval()
     model.similarity.fill_(8.0)
     model.recency.fill_(1.0)  # every step counts alike: only the window decides
     long = torch.randint(1, 11, (1, 20), generator=torch.Generator().manual_seed(0))  # max_len is 8
@@ -245,8 +277,9 @@ def test_a_composite_file_from_before_the_similarity_term_still_loads(tmp_path):
     model = Composite(_teacher(torch.randn(11, 8)), torch.randn(11, 12), torch.tensor([0] + [2.0] * 10), 0.1)
     path = save_composite(tmp_path / "c.pt", model.eval(), {"v": 1})
     saved = load_torch(path)
-    del saved["similarity_dims"]  # what an older version wrote
-    saved["state"] = {k: v for k, v in saved["state"].items() if k not in ("similarity", "recency")}
+    del saved["similarity_dims"], saved["content_started"]  # what an older version wrote
+    older = ("similarity", "recency", "start_scale")
+    saved["state"] = {k: v for k, v in saved["state"].items() if k not in older}
     save_torch(saved, path)
     content = torch.randn(13, 12)  # today's catalogue: two items newer than the file, cold
     loaded, meta = load_composite(path, content)
@@ -257,6 +290,22 @@ def test_a_composite_file_from_before_the_similarity_term_still_loads(tmp_path):
         loaded.boost.fill_(0.5)
         assert loaded.cfg.hidden == 9 and torch.allclose(loaded.predict(history), model.predict(history))
     assert loaded.item_vectors().shape == (13, 9) and meta == {"v": 1}
+
+
+def test_a_content_started_composite_file_serves_fresh_items_read_as_their_start(tmp_path):
+    torch.manual_seed(0)
+    content = torch.randn(11, 12)
+    teacher = _teacher(torch.zeros(11, 8))
+    init_id_rows(teacher, content, torch.arange(1, 11))
+    model = Composite(teacher, content, torch.tensor([0] + [2.0] * 10), 0.0, 4, content_started=True)
+    loaded, _ = load_composite(save_composite(tmp_path / "c.pt", model.eval(), {}), torch.randn(13, 12))
+    fresh = torch.randn(1, 12)  # an item newer than the file
+    with torch.no_grad():
+        read = loaded._reads(loaded.content_vectors(fresh))
+        assert loaded.cfg.hidden == 8 + 1 + 4 + 8
+        assert torch.allclose(loaded.start_scale, model.start_scale)
+        start = model._start_rows(model._student_input(fresh), model.start_scale)
+    assert torch.allclose(read, start, atol=1e-5), "the row it would have started at"
 
 
 def test_a_composite_file_from_before_hard_cold_keeps_its_cold_terms_spread_by_the_gate(tmp_path):

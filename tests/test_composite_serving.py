@@ -143,13 +143,18 @@ def test_a_fresh_item_is_ranked_by_the_student_within_a_second_then_graduates(se
     assert 0 < g < 1 and not np.allclose(graduated, student, atol=1e-3), "its ID row now carries it"
     row = model.teacher.item_vectors(ids)[0].detach().numpy()
     now_student = model.content_vectors(torch.from_numpy(vector)[None])[0].detach().numpy()
-    h = len(row)  # scoring vectors: [gated (h) | boost (1) | z, at 2^-20 once it has clicks (r)]
+    h = len(row)  # scoring vectors: [gated (h) | boost (1) | z, at 2^-20 once it has clicks (r) | read (h)]
+    z_end = len(graduated) - h
     assert np.allclose(graduated[:h], g * row + (1 - g) * now_student[:h], atol=1e-4), "gated"
     # the cold terms are for items without clicks: a graduated one has neither boost nor similarity
     assert graduated[h] == 0.0 and now_student[h] == float(model.boost) == 1.0, "no boost once it has clicks"
-    z = now_student[h + 1 :]  # a fresh item's content axes, whole
-    assert np.allclose(graduated[h + 1 :], 0.0, atol=1e-5), "similarity: next to nothing"
-    assert np.allclose(graduated[h + 1 :] * 2.0**20, z, atol=1e-5), "its content kept, at 2^-20"
+    z = now_student[h + 1 : z_end]  # a fresh item's content axes, whole
+    assert np.allclose(graduated[h + 1 : z_end], 0.0, atol=1e-5), "similarity: next to nothing"
+    assert np.allclose(graduated[h + 1 : z_end] * 2.0**20, z, atol=1e-5), "its content kept, at 2^-20"
+    # a history reads it as its ID row now; fresh, it read as the row its content starts at
+    assert np.allclose(graduated[z_end:] * 2.0**20, row, atol=1e-4), "read: its ID row"
+    start = model._start_rows(model._student_input(torch.from_numpy(vector)[None]), model.start_scale)
+    assert np.allclose(now_student[z_end:] * 2.0**20, start[0].detach().numpy(), atol=1e-4)
 
 
 def test_the_guard_refuses_a_candidate_worse_on_cold_targets_only(served, monkeypatch, cli_env, capsys):

@@ -166,8 +166,10 @@ def choose(
 def new_composite(
     teacher: SASRec, content: torch.Tensor, counts: torch.Tensor, cfg: CompositeSettings
 ) -> Composite:
-    """A composite on ``teacher`` with its student untrained, shaped by ``cfg``."""
-    return Composite(teacher, content, counts, cfg.dropout, cfg.similarity_dims, cfg.similarity_recency)
+    """A composite on ``teacher`` with its student untrained, shaped by ``cfg`` (its
+    ``teacher_init`` says whether ``teacher``'s rows started from ``content``)."""
+    shape = (cfg.dropout, cfg.similarity_dims, cfg.similarity_recency)
+    return Composite(teacher, content, counts, *shape, content_started=cfg.teacher_init == "content")
 
 
 @torch.no_grad()

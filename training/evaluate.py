@@ -43,6 +43,7 @@ from training.mixed import (
     interaction_counts,
     measure,
     mixed_split,
+    trained_items,
 )
 from training.recommender import evaluate, train_scorer, validator
 from training.variants import prompt_table, said_table, text_table
@@ -324,11 +325,11 @@ def _model(trained: Trained, train_seqs: list[list[int]], n: int, held: set[int]
     warm = torch.tensor(sorted(set(range(1, n + 1)) - held)) if held else None
     residual_on = None
     if variant == "hybrid":  # ID rows only for items the scorer trains on; zero for the rest
-        residual_on = torch.tensor(sorted({i for s in train_seqs for i in s}))
+        residual_on = trained_items(train_seqs)
     mcfg = SASRecConfig(n_items=n, **trained.model_options)
     if variant.endswith("-init"):  # an ID scorer whose rows start from its table (a teacher's too)
-        model = SASRec(mcfg)
-        init_id_rows(model, table, warm)
+        model = SASRec(mcfg)  # fitted on the items it trains on, as the composite's read rows
+        init_id_rows(model, table, trained_items(train_seqs))
         return model
     return SASRec(mcfg, table, standardise_on=warm, residual_on=residual_on)
 

@@ -61,7 +61,7 @@ from core.versions import promote as promote_if_current
 from models.composite import Composite, load_composite, save_composite
 from models.sasrec import SASRec, SASRecConfig, init_id_rows
 from training.composite import judges_for, new_composite, train_student
-from training.mixed import by_target, interaction_counts, interval, ndcg10, ranks_and_top
+from training.mixed import by_target, interaction_counts, interval, ndcg10, ranks_and_top, trained_items
 from training.recommender import train_scorer, validator
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,8 @@ def graduate(
     )
     # the judged one's shape (its similarity axes and recency), whatever the settings say now
     p, recency = judged.student[2].p, float(judged.recency)
-    served = Composite(teacher, data.table, full.counts, p, judged.r, recency, judged.z_blocks)
+    shape = (p, judged.r, recency, judged.z_blocks, judged.content_started)
+    served = Composite(teacher, data.table, full.counts, *shape)
     kept = {k: v for k, v in judged.state_dict().items() if not k.startswith("teacher.") and k != "counts"}
     served.load_state_dict(kept, strict=False)
     return served.use_content(data.table).to(device)
@@ -244,7 +245,7 @@ def content_start(teacher: SASRec, data: TrainingData) -> None:
     on the items it trains on), so a thin item keeps what its content says. Rows without
     content yet (no embedding: a zero row of ``data.table``) keep their random start, and
     with fewer than 2 items to fit on every row does."""
-    fit = torch.tensor(sorted({i for s in data.train for i in s}), dtype=torch.long)
+    fit = trained_items(data.train)
     if len(fit) < 2:
         return
     random_rows = teacher.id_emb.weight.detach().clone()
