@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -245,7 +246,7 @@ def test_a_retrain_starts_its_teacher_rows_from_content_as_the_evaluation_does(s
     composite's teacher from that composite's table (``said-init`` for the SAID vectors the
     retrain serves); 'random' starts them as the plain ID scorer does."""
     from models.sasrec import SASRec, SASRecConfig, init_id_rows
-    from training.evaluate import teacher_variant
+    from training.mixed import trained_items
 
     engine, bundle, data, _state = served
     started: dict[str, torch.Tensor] = {}
@@ -258,19 +259,20 @@ def test_a_retrain_starts_its_teacher_rows_from_content_as_the_evaluation_does(s
     monkeypatch.setattr(retrain, "train_scorer", untrained)
     for init in ("content", "random"):
         settings = quick(data, composite_teacher_init=init)
-        assert (
-            teacher_variant("composite-text", settings.composite)
-            == {
-                "content": "text-init",
-                "random": "id",
-            }[init]
-        )
         training = retrain.training_data(engine, bundle.version, settings)
         retrain.train_composite(training, settings, CPU, False, None)
         expected = SASRec(SASRecConfig(n_items=training.table.shape[0] - 1))
-        init_id_rows(expected, training.table, torch.tensor(sorted({i for s in training.train for i in s})))
+        init_id_rows(expected, training.table, trained_items(training.train))
         same = torch.allclose(started["rows"], expected.id_emb.weight, atol=1e-5)
         assert same == (init == "content"), init
+    # a warm start: the items the active teacher knew keep its rows, newer ones their content's
+    n = training.table.shape[0] - 1
+    active = SASRec(SASRecConfig(n_items=n - 2))
+    settings = quick(data)  # the default: content
+    retrain.train_composite(training, settings, CPU, False, SimpleNamespace(teacher=active))
+    init_id_rows(expected, training.table, trained_items(training.train))
+    assert torch.equal(started["rows"][: n - 1], active.id_emb.weight[: n - 1]), "old rows kept"
+    assert torch.allclose(started["rows"][n - 1 :], expected.id_emb.weight[n - 1 :], atol=1e-5), "new"
 
 
 def test_content_start_keeps_random_rows_without_content_and_needs_two_items():

@@ -13,11 +13,13 @@ from models.sasrec import SASRec, SASRecConfig
 from training.evaluate import (
     align_meta,
     changed_settings,
+    kept_part,
     model_settings,
     paired,
     pick_default,
     said_cache_path,
     summarise,
+    teacher_variant,
     write_results,
 )
 from training.recommender import train_scorer, validator
@@ -159,6 +161,17 @@ def test_id_rows_can_start_from_the_said_table_fitted_on_warm_items():
 
 
 @pytest.mark.slow
+def test_a_composites_teacher_starts_from_its_own_table_as_the_served_retrain_does():
+    """``SAID_COMPOSITE_TEACHER_INIT``: content starts each composite's teacher from the
+    composite's table (``updater.retrain.content_start`` serves it so); random is ``id``."""
+    content, random = CompositeSettings(teacher_init="content"), CompositeSettings(teacher_init="random")
+    assert teacher_variant("composite-text", content) == "text-init"
+    assert teacher_variant("composite-said", content) == "said-init"
+    assert teacher_variant("composite-said+text", content) == "said+text-fair-init"
+    assert {teacher_variant(c, random) for c in ("composite-text", "composite-said")} == {"id"}
+    assert all(kept_part(teacher_variant(c, content)) for c in ("composite-text", "composite-said"))
+
+
 def test_said_evaluate_runs_every_variant_on_every_protocol_and_writes_the_table(tmp_path, tiny_hf_folder):
     """`said evaluate` end to end (tiny real-tokenizer LLM, generated data): one alignment
     with the cold items held out and added incrementally, then each variant's scorer per

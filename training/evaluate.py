@@ -59,15 +59,21 @@ SAID_VARIANTS = {
     "said-init",
     "composite-said",
     "composite-said+text",
+    "said+text-fair-init",  # composite-said+text's teacher
 }
 COMPOSITES = {"composite-said": "said", "composite-text": "text", "composite-said+text": "said+text-fair"}
 MIXED_ONLY = COMPOSITES | {"blend-text": "text"}  # variant -> its table; measured in the mixed protocol only
 BLEND_PARTS = ("composite-text", "text")  # a blend's ID side (with its gate) and its cold side
-ALIGNMENT_FREE = {"id", "text-init", *BLEND_PARTS}  # kept models that no alignment shapes
 DIAGNOSTICS = {"blend-text"}  # measured, not served: never the default variant
 Kept = dict[tuple[str, int], "SASRec | Composite"]  # models trained in a mixed run, by (variant, seed)
 MIXED_METRICS = ("warm_ndcg@10", "cold_ndcg@10", "cold_share_top10_warm_users")
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "best_val_ndcg@10", *MIXED_METRICS)
+
+
+def kept_part(variant: str) -> bool:
+    """Whether a mixed run keeps ``variant``'s models for others to read back: a
+    composite's teacher (``id``, ``*-init``) or a blend's part."""
+    return variant == "id" or variant.endswith("-init") or variant in BLEND_PARTS
 
 
 @dataclass(frozen=True)
@@ -201,7 +207,7 @@ def run(
     label_of = {v: variant_label(v, plan.model_options) for v in plan.variants}
     for a, align_seed in enumerate(plan.align_seeds):
         # a teacher on this alignment's table (said-init, said+text-fair-init) is not the last one's
-        teachers = {k: m for k, m in teachers.items() if k[0] in ALIGNMENT_FREE}
+        teachers = {k: m for k, m in teachers.items() if k[0] not in SAID_VARIANTS}
         tables: dict[str, torch.Tensor | None] = {"id": None, "text": feats, "text-init": feats}
         if set(plan.variants) & SAID_VARIANTS:
             if acfg.lora_rank and a:  # each alignment adapts its own fresh copy of the LLM
@@ -391,8 +397,7 @@ def train_mixed(
         model, split.train, validate, settings.scorer, device, progress, sorted(split.held)
     )
     model.impute_residuals()
-    if trained.variant == "id" or trained.variant.endswith("-init") or trained.variant in BLEND_PARTS:
-        # a composite's teacher or a blend's part: only the parts of others are read back
+    if kept_part(trained.variant):
         teachers[(trained.variant, seed)] = model
     return model, info | by_target_validation(model, judged)
 

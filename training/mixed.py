@@ -225,7 +225,8 @@ def compare(runs: list[dict], cold: torch.Tensor, baselines: tuple[str, ...] = B
 
 def format_compare(rows: list[dict]) -> str:
     """The comparison as a markdown table, a column per baseline some row was compared with."""
-    bases = [b for b in BASELINES if any(f"vs_{b}" in r for r in rows)]
+    found = {k[3:] for r in rows for k in r if k.startswith("vs_")}  # any compare's baselines
+    bases = [b for b in BASELINES if b in found] + sorted(found - set(BASELINES))
     lines = [
         "| variant | users | NDCG@10 [95% CI] |" + "".join(f" vs {b}: ratio, diff [95% CI] |" for b in bases),
         "|---|---|---|" + "---|" * len(bases),
