@@ -1,29 +1,29 @@
 """Scorer latency and throughput over HTTP on loopback, by catalogue size and request kind.
 
 Method: for each size, a SQLite catalogue of N items, 1,000 users with 20 clicks each, the
-served model (the warm/cold composite, 129-d scoring vectors with the similarity term;
-untrained: latency does not depend on training) and an index snapshot of N item vectors (the
-composite's, of synthetic clustered SAID vectors: the teacher's ID rows for the first
-min(N/2, 50,000), the student's for the rest, as for fresh items) are written; ``said scorer
-serve``'s app runs in its own process (uvicorn) exactly as in production: the index is exact
-below ``SAID_HNSW_MIN_ITEMS`` (50,000) and HNSW above. The baseline, in the same run, is the
-first serving path: cosine similarity of 576-d SAID vectors, exact search
-(``--baseline-sizes``). Two request kinds are measured apart: ``user_id`` (a random one of
-the 1,000 users: the history is read from the catalogue, and a repeated one's query vector
-comes from the cache) and ``history`` (a random 5-item history in the body). The load
-generator is ``wrk`` (Debian package; C) on 1 thread with 1 connection (latency alone) and 4
-(under load), posting ``/recommend`` with k=10 for D seconds after a 2 s warm-up; its
-latency percentiles are client-side, and the table gives the cores wrk itself took (its CPU
-seconds over the wall seconds) on the 2 cores it shares with the server. Without wrk, a
-Python thread pool (httpx) stands in, and the table says so. Each catalogue is served by 1
-and by 2 uvicorn worker processes (``--workers``). Figures are medians over runs. Recall@10
-of the HNSW index against exact search, and a single query's search time, are measured
-in-process on 500 composite queries from random histories (200 of them timed, one at a
-time, on one FAISS thread as served; the build is single-threaded too), over vectors with
-log-normal norms and over the served ones, at the served efSearch (``SAID_HNSW_EF_SEARCH``) and at
-those of ``--ef-search``: the frontier an operator picks from. ``--profile PREFIX`` also samples the
-server with py-spy during one more 10 s run per point and prints the frames most often on
-the stack and at its top.
+served model (the warm/cold composite, 193-d scoring vectors with the similarity term and
+the history-read block; untrained: latency does not depend on training) and an index
+snapshot of N item vectors (the composite's, of synthetic clustered SAID vectors: the
+teacher's ID rows for the first min(N/2, 50,000), the student's for the rest, as for fresh
+items) are written; ``said scorer serve``'s app runs in its own process (uvicorn) exactly as
+in production: the index is exact below ``SAID_HNSW_MIN_ITEMS`` (50,000) and HNSW above. The
+baseline, in the same run, is the first serving path: cosine similarity of 576-d SAID
+vectors, exact search (``--baseline-sizes``). Two request kinds are measured apart:
+``user_id`` (a random one of the 1,000 users: the history is read from the catalogue, and a
+repeated one's query vector comes from the cache) and ``history`` (a random 5-item history
+in the body). The load generator is ``wrk`` (Debian package; C) on 1 thread with 1
+connection (latency alone) and 4 (under load), posting ``/recommend`` with k=10 for D
+seconds after a 2 s warm-up; its latency percentiles are client-side, and the table gives
+the cores wrk itself took (its CPU seconds over the wall seconds) on the 2 cores it shares
+with the server. Without wrk, a Python thread pool (httpx) stands in, and the table says so.
+Each catalogue is served by 1 and by 2 uvicorn worker processes (``--workers``). Figures are
+medians over runs. Recall@10 of the HNSW index against exact search, and a single query's
+search time, are measured in-process on 500 composite queries from random histories (200 of
+them timed, one at a time, on one FAISS thread as served; the build is single-threaded too),
+over vectors with log-normal norms and over the served ones, at the served efSearch
+(``SAID_HNSW_EF_SEARCH``) and at those of ``--ef-search``: the frontier an operator picks
+from. ``--profile PREFIX`` also samples the server with py-spy during one more 10 s run per
+point and prints the frames most often on the stack and at its top.
 
     python benchmarks/scorer_latency.py [--sizes 100000,1000000] [--clients 1,4] [--smoke]
 
@@ -191,7 +191,7 @@ def hnsw_recall(n: int, efs: list[int], queries: int = 500) -> list[dict[str, fl
     """Recall@10 of HNSW against exact search (``queries`` queries), and one query's search
     time (median ms over 200 of them, one thread, as served), at each efSearch of ``efs``:
     on clustered vectors with log-normal norms and on the vectors this benchmark serves, n
-    129-d scoring vectors, queries from the untrained composite over random 5-item
+    served-width scoring vectors, queries from the untrained composite over random 5-item
     histories. The served vectors are the harder case: the untrained teacher's ID rows are
     unclustered Gaussian vectors, whose top 10 are near-ties; a trained model's rows are
     not measured here."""

@@ -69,8 +69,8 @@ SCRIPTS: dict[str, tuple[set[str], list[str]]] = {
         set(),
         [
             r"^\| cosine 576-d \(baseline\) \| 400 \| exact \| 2 \| history \| 4 \| [\d.]+ \|",
-            r"^\| composite 129-d \| 1,500 \| HNSW \| 1 \| user_id \| 1 \| [\d.]+ \| [\d.]+ \| \d+ \| 0 \|",
-            r"^\| composite 129-d \| 1,500 \| HNSW \| 2 \| history \| 4 \| [\d.]+ \| [\d.]+ \| \d+ \| 0 \|",
+            r"^\| composite \d+-d \| 1,500 \| HNSW \| 1 \| user_id \| 1 \| [\d.]+ \| [\d.]+ \| \d+ \| 0 \|",
+            r"^\| composite \d+-d \| 1,500 \| HNSW \| 2 \| history \| 4 \| [\d.]+ \| [\d.]+ \| \d+ \| 0 \|",
             r"^\| 1,500 \| 128 \(served\) \| [01]\.\d+ \| [\d.]+ \| [01]\.\d+ \| [\d.]+ \| \d+ \|",
             r"^\| 1,500 \| 512 \| [01]\.\d+ \| [\d.]+ \| [01]\.\d+ \| [\d.]+ \| \d+ \|",
         ],
