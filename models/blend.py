@@ -41,7 +41,7 @@ class Blend(nn.Module):
         """(B, T) left-padded ids -> (B, N+1) scores; padding and ``blocked``: -inf."""
         c = self.composite
         g = c.gate().squeeze(1)  # (N+1,) weight of the ID side
-        u = c.user_vector(seqs)[:, : c.teacher.cfg.hidden]  # (B, h) the teacher query (cold items: student)
+        u = c.user_vector(seqs)[:, : c.teacher.cfg.hidden]  # (B, h) the teacher query
         rows = torch.zeros(len(g), u.shape[1], device=u.device)
         n = min(len(g) - 1, c.teacher.cfg.n_items)
         rows[1 : n + 1] = c.teacher.item_vectors()[1 : n + 1]  # (N+1, h) ID rows, 0 where none

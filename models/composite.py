@@ -59,13 +59,15 @@ History reads (``content_started``, a teacher whose rows started from the conten
 ``init_id_rows``): the teacher's encoder reads each history item as the row it trained with,
 ``e_i`` for an item with interactions, and for one without (held out, or fresh) as the row
 it would have started from: the same principal-axes map of its content, which is where a
-blocked item's row stays through training (no gradient reaches it). Its encoder never saw a
-student vector. On tail3k, reading cold items in histories through the student instead cost
-the composite 4.6% of its teacher's all-users figure (0.954x against 0.990x, hard switch).
-The read rows ride in a last block of ``h``, at ``READ_SCALE`` (scored by nothing: the query
-holds 0 there), so a served history is still read from index vectors alone. Without
-``content_started`` (a random teacher, or a file from before) a history reads the gated
-vectors: cold items as their student vectors.
+blocked item's row stays through training (held-out and fresh items are blocked: no gradient
+reaches them). Its encoder never saw a student vector. Reading cold items through the
+student instead left the composite at 0.938x its teacher over all tail3k users, against
+0.994x with these reads (three seeds), and split 1's cold users at 0.40x pooled text's
+figure, against 1.24x (docs/quality-mixed.md, stop 45). The read rows ride in a last block
+of ``h``, at ``READ_SCALE`` (scored by nothing: the query holds 0 there), so a served
+history is still read from index vectors alone, at the price of h more dimensions in the
+index. Without ``content_started`` (a random teacher, or a file from before) a history reads
+the gated vectors: cold items as their student vectors.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ class Composite(nn.Module):
         if z_blocks not in (1, 2):
             raise ValueError(f"z_blocks must be 1 or 2, got {z_blocks}")
         self.z_blocks = z_blocks
+        if content_started and d < min(h, content.shape[1]):  # init_id_rows uses h axes of D
+            raise ValueError(f"a content-started teacher reads {h} content axes; the student gets {d}")
         self.content_started = content_started
         width = h + 1 + z_blocks * self.r + (h if content_started else 0)
         self.cfg: SASRecConfig = replace(teacher.cfg, hidden=width)  # scoring width
@@ -303,8 +307,8 @@ class Composite(nn.Module):
 
     def _query_vector(self, u: torch.Tensor, history: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The teacher's (B, h) query, and the history's (B, T, width) scoring vectors with
-        (B, T) real steps -> (B, width): [u | 1 | gamma m_u] (and a 0 block for two, and
-        one for the read block),
+        (B, T) real steps -> (B, width): [u | 1 | gamma m_u] (a 0 block more for two z
+        blocks, and for the read block),
         ``m_u`` the history's recency-weighted mean content vector. Each step's ``z`` is its
         block made unit length again, whatever scale it is stored at."""
         h, r = self.teacher.cfg.hidden, self.r
@@ -316,8 +320,10 @@ class Composite(nn.Module):
         w = self.recency ** torch.arange(T - 1, -1, -1, device=u.device, dtype=u.dtype) * valid  # (B, T)
         m = (w.unsqueeze(2) * z).sum(1) / w.sum(1, keepdim=True).clamp(min=1e-12)  # (B, r)
         one = torch.ones(len(u), 1, device=u.device, dtype=u.dtype)
-        silent = [torch.zeros_like(m)] * (self.z_blocks - 1) + [torch.zeros_like(u)] * self.content_started
-        return torch.cat([u, one, self.similarity * m] + silent, 1)
+        parts = [u, one, self.similarity * m] + [torch.zeros_like(m)] * (self.z_blocks - 1)
+        if self.content_started:
+            parts.append(torch.zeros_like(u))  # the read block scores nothing
+        return torch.cat(parts, 1)
 
     def predict(self, seqs: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
         """``Recommender``: (B, T) ids -> (B, N+1) scores (padding, ``blocked``: -inf)."""
@@ -369,7 +375,7 @@ def composite_from(saved: dict, source: str, content: torch.Tensor | None = None
         defaults = {"similarity": torch.tensor(0.0), "recency": model.recency}  # ditto
         defaults["warm_z_scale"] = torch.tensor(1.0)  # a file from before the scaled warm block
         defaults["hard_cold"] = torch.tensor(0.0)  # a file from before: cold terms by 1 - gate
-        defaults["start_scale"] = model.start_scale  # a file from before the read block (unused)
+        defaults["start_scale"] = torch.tensor(1.0)  # a file from before the read block (unused)
         model.load_state_dict(defaults | saved["state"])
     except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise CorruptFile(f"{source}: not a composite scorer file ({type(exc).__name__}: {exc})") from exc

@@ -229,14 +229,14 @@ def test_the_similarity_term_lifts_cold_items_like_the_last_item_in_one_inner_pr
     assert not torch.allclose(soft[9:], plain[9:], atol=1e-4), "cold ones do"
 
 
-def test_fixed_queries_encode_each_history_once_per_gate_and_score_as_without():
+@pytest.mark.parametrize("started", [False, True])
+def test_fixed_queries_encode_each_history_once_per_gate_and_score_as_without(started):
     """The choice grid (gate x boost x similarity) re-encoded every history at every point;
     inside ``fixed_queries`` only a new gate re-encodes, and the scores do not change."""
     torch.manual_seed(0)
     counts = torch.tensor([0, 5, 5, 1, 1, 2, 2, 3, 3, 0, 0.0])
-    model = Composite(
-        _teacher(torch.randn(11, 8)), torch.randn(11, 12), counts, 0.0, similarity_dims=4
-    ).eval()
+    shape = {"similarity_dims": 4, "content_started": started}
+    model = Composite(_teacher(torch.randn(11, 8)), torch.randn(11, 12), counts, 0.0, **shape).eval()
     batches = [torch.tensor([[0, 9, 3, 4], [1, 2, 3, 10]]), torch.tensor([[0, 0, 5, 6], [7, 8, 1, 9]])]
     grid = [(k, b, g) for k in (0.0, 3.0) for b in (-1.0, 1.0) for g in (0.0, 8.0)]
     expected = []
@@ -263,9 +263,12 @@ def test_a_served_history_longer_than_the_encoder_reads_scores_as_its_last_steps
     counts = torch.tensor([0] + [2.0] * 8 + [0.0, 0.0])
     shape = {"similarity_dims": 4, "content_started": started}
     model = Composite(_teacher(torch.randn(11, 8)), torch.randn(11, 12), counts, 0.0, **shape).eval()
+    model.use_content(torch.randn(13, 12))  # items 11 and 12 are newer than the teacher: fresh
     model.similarity.fill_(8.0)
+    model.kappa.fill_(3.0)  # warm items gated in scores
     model.recency.fill_(1.0)  # every step counts alike: only the window decides
-    long = torch.randint(1, 11, (1, 20), generator=torch.Generator().manual_seed(0))  # max_len is 8
+    long = torch.randint(1, 13, (1, 20), generator=torch.Generator().manual_seed(4))  # max_len is 8
+    assert {9, 11, 12} <= set(long[0, -8:].tolist()), "cold and fresh items in the window"
     with torch.no_grad():
         served = model.query(model.item_vectors(long))
         evaluated = model.user_vector(long[:, -8:])
@@ -294,18 +297,17 @@ def test_a_composite_file_from_before_the_similarity_term_still_loads(tmp_path):
 
 def test_a_content_started_composite_file_serves_fresh_items_read_as_their_start(tmp_path):
     torch.manual_seed(0)
-    content = torch.randn(11, 12)
+    table = torch.randn(12, 12)  # item 11 is newer than the file: fresh
     teacher = _teacher(torch.zeros(11, 8))
-    init_id_rows(teacher, content, torch.arange(1, 11))
-    model = Composite(teacher, content, torch.tensor([0] + [2.0] * 10), 0.0, 4, content_started=True)
-    loaded, _ = load_composite(save_composite(tmp_path / "c.pt", model.eval(), {}), torch.randn(13, 12))
-    fresh = torch.randn(1, 12)  # an item newer than the file
+    init_id_rows(teacher, table[:11], torch.arange(1, 11))
+    model = Composite(teacher, table[:11], torch.tensor([0] + [2.0] * 10), 0.0, 4, content_started=True)
+    loaded, _ = load_composite(save_composite(tmp_path / "c.pt", model.eval(), {}), table)
+    start = _teacher(torch.zeros(12, 8))
+    init_id_rows(start, table, torch.arange(1, 11))  # the same fit, over a table that has item 11
     with torch.no_grad():
-        read = loaded._reads(loaded.content_vectors(fresh))
+        read = loaded._reads(loaded.content_vectors(table[11:]))
         assert loaded.cfg.hidden == 8 + 1 + 4 + 8
-        assert torch.allclose(loaded.start_scale, model.start_scale)
-        start = model._start_rows(model._student_input(fresh), model.start_scale)
-    assert torch.allclose(read, start, atol=1e-5), "the row it would have started at"
+    assert torch.allclose(read[0], start.id_emb.weight[11], atol=1e-5), "the row it would have started at"
 
 
 def test_a_composite_file_from_before_hard_cold_keeps_its_cold_terms_spread_by_the_gate(tmp_path):

@@ -265,14 +265,19 @@ def test_a_retrain_starts_its_teacher_rows_from_content_as_the_evaluation_does(s
         init_id_rows(expected, training.table, trained_items(training.train))
         same = torch.allclose(started["rows"], expected.id_emb.weight, atol=1e-5)
         assert same == (init == "content"), init
-    # a warm start: the items the active teacher knew keep its rows, newer ones their content's
+    # a warm start: the trained items the active teacher knew keep its rows; newer items, and
+    # those without training interactions, start from their content
     n = training.table.shape[0] - 1
     active = SASRec(SASRecConfig(n_items=n - 2))
     settings = quick(data)  # the default: content
     retrain.train_composite(training, settings, CPU, False, SimpleNamespace(teacher=active))
-    init_id_rows(expected, training.table, trained_items(training.train))
-    assert torch.equal(started["rows"][: n - 1], active.id_emb.weight[: n - 1]), "old rows kept"
-    assert torch.allclose(started["rows"][n - 1 :], expected.id_emb.weight[n - 1 :], atol=1e-5), "new"
+    trained = trained_items(training.train)
+    init_id_rows(expected, training.table, trained)
+    kept = trained[trained <= n - 2]
+    rest = torch.tensor([i for i in range(1, n + 1) if i not in set(kept.tolist())])
+    assert len(kept) and len(rest) > 2, "both kinds are in the catalogue"
+    assert torch.equal(started["rows"][kept], active.id_emb.weight[kept]), "trained old rows kept"
+    assert torch.allclose(started["rows"][rest], expected.id_emb.weight[rest], atol=1e-5), "the rest: content"
 
 
 def test_content_start_keeps_random_rows_without_content_and_needs_two_items():

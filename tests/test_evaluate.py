@@ -160,7 +160,6 @@ def test_id_rows_can_start_from_the_said_table_fitted_on_warm_items():
     assert torch.allclose(model.id_emb.weight.detach()[1:31], rows[1:31], atol=1e-5)
 
 
-@pytest.mark.slow
 def test_a_composites_teacher_starts_from_its_own_table_as_the_served_retrain_does():
     """``SAID_COMPOSITE_TEACHER_INIT``: content starts each composite's teacher from the
     composite's table (``updater.retrain.content_start`` serves it so); random is ``id``."""
@@ -172,6 +171,7 @@ def test_a_composites_teacher_starts_from_its_own_table_as_the_served_retrain_do
     assert all(kept_part(teacher_variant(c, content)) for c in ("composite-text", "composite-said"))
 
 
+@pytest.mark.slow
 def test_said_evaluate_runs_every_variant_on_every_protocol_and_writes_the_table(tmp_path, tiny_hf_folder):
     """`said evaluate` end to end (tiny real-tokenizer LLM, generated data): one alignment
     with the cold items held out and added incrementally, then each variant's scorer per

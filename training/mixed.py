@@ -96,9 +96,9 @@ def interaction_counts(train: list[list[int]], n_items: int) -> torch.Tensor:
 
 
 def trained_items(train: list[list[int]]) -> torch.Tensor:
-    """(n,) sorted ids of the items in the training histories: what an ID row trains on,
-    and what a content start (``init_id_rows``) and the composite's student input are
-    fitted on (the items with ``interaction_counts`` above 0), so the two agree."""
+    """(n,) sorted ids of the items in the training histories (those with
+    ``interaction_counts`` above 0): what a content start (``init_id_rows``) and the
+    composite's student input are fitted on, so that the two agree."""
     return torch.tensor(sorted({i for s in train for i in s}), dtype=torch.long)
 
 

@@ -190,7 +190,7 @@ def train_composite(
     if settings.composite.teacher_init == "content":  # as training.evaluate's composites
         content_start(teacher, data)
     if start is not None:
-        warm_start(teacher, start.teacher)
+        warm_start(teacher, start.teacher, trained_items(train))
     teacher, info = train_scorer(
         teacher,
         train,
@@ -255,16 +255,22 @@ def content_start(teacher: SASRec, data: TrainingData) -> None:
         teacher.id_emb.weight[empty] = random_rows[empty]
 
 
-def warm_start(teacher: SASRec, active: SASRec) -> None:
-    """The active teacher's weights, and its rows of the items it knew (newer items keep
-    their fresh initial rows): each retrain refines the last instead of starting over."""
+def warm_start(teacher: SASRec, active: SASRec, trained: torch.Tensor | None = None) -> None:
+    """The active teacher's weights, and its rows of the items it knew (of those among
+    ``trained`` ids where given; every other item keeps its initial row): each retrain
+    refines the last instead of starting over. An item without training interactions keeps
+    its content start, which the composite reads it at (``models.composite``, history reads),
+    rather than a row the active teacher started from an older fit and never trained."""
     if teacher.cfg.hidden != active.cfg.hidden or teacher.cfg.layers != active.cfg.layers:
         return
     state = active.state_dict()
     rows = teacher.id_emb.weight.detach().clone()
     old = state["id_emb.weight"]
-    n = min(len(rows), len(old))
-    rows[:n] = old[:n]
+    known = torch.arange(min(len(rows), len(old)))
+    if trained is not None:
+        known = known[torch.isin(known, trained)]
+    rows[known] = old[known]
+    rows[0] = old[0]  # padding
     state["id_emb.weight"] = rows
     teacher.load_state_dict(state)
 
