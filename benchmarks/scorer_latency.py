@@ -158,7 +158,7 @@ def build(folder: Path, n: int, mode: str) -> str:
         scorer = CosineScorer("bench", SAID_DIM)
     ids = np.arange(1, n + 1)
     vecs = served_vectors(scorer, ids)
-    index = ItemIndex(vecs.shape[1], index_settings())
+    index = ItemIndex(vecs.shape[1], index_settings(), scorer.silent)
     index.build(ids, vecs)
     # The scorer loads a snapshot named <version>-q<watermark>, the watermark being the
     # newest item_embeddings.seq it holds, and keeps an item's vector only if the catalogue
@@ -209,11 +209,11 @@ def hnsw_recall(n: int, efs: list[int], queries: int = 500) -> list[dict[str, fl
     lognormal = synthetic(n, model.cfg.hidden) * rng.lognormal(0, 0.7, (n, 1)).astype(np.float32)
     for name, vecs in (("clustered", lognormal), ("served", served_vectors(scorer, ids))):
         q = np.concatenate([scorer.query(vecs[rng.integers(0, n, 5)]) for _ in range(queries)])
-        exact = ItemIndex(vecs.shape[1], IndexSettings(hnsw_min_items=n + 1))
+        exact = ItemIndex(vecs.shape[1], IndexSettings(hnsw_min_items=n + 1), scorer.silent)
         exact.build(ids, vecs)
         _, e = exact.search(q, 10)
         t0 = time.perf_counter()
-        approx = ItemIndex(vecs.shape[1], IndexSettings(hnsw_min_items=1))
+        approx = ItemIndex(vecs.shape[1], IndexSettings(hnsw_min_items=1), scorer.silent)
         approx.build(ids, vecs)
         build_s = time.perf_counter() - t0
         for row in rows:

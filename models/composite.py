@@ -264,6 +264,11 @@ class Composite(nn.Module):
         valid = torch.ones(history.shape[:2], dtype=torch.bool, device=history.device)
         return self._query_vector(self.teacher.query(self._reads(history)), history, valid)
 
+    def read_width(self) -> int:
+        """How many trailing scoring columns are the read block (0 without one): no query
+        meets them, so an index need not search them."""
+        return self.teacher.cfg.hidden if self.content_started else 0
+
     def _reads(self, history: torch.Tensor) -> torch.Tensor:
         """(..., width) scoring vectors -> (..., h) what the teacher's encoder reads: the
         read block where there is one, else the gated vector (history reads, above)."""

@@ -18,6 +18,11 @@ Two tiers, both keyed by the catalogue's dense item index:
 ``compact()`` folds ``delta`` into a new ``main`` (dropping removed items) when the two
 grow past a fraction of the index.
 
+Silent columns (``silent``): a scorer's trailing columns that no query meets (the
+composite's history-read block, ``models/composite.py``) are kept beside the tiers, in a
+dense array by item id, rather than in them: every search and every HNSW distance runs over
+the searched columns alone, and ``vector`` returns the whole vector for histories.
+
 Snapshots are versioned files written atomically (temp file, fsync, rename, folder fsync)
 with their SHA-256 in the same file (``core.files.write_checked``), so a torn or corrupt
 snapshot is detected at load; the reader then takes the previous good snapshot, or rebuilds
@@ -42,6 +47,7 @@ NORM_BANDS = 16  # HNSW graphs by norm: (M/2, M], (M/4, M/2], ..., and the rest 
 # Starts a snapshot's removed ids. Older snapshots start with a tier's 8-byte length, which
 # these bytes, read as one, could never be (~3.5e18).
 REMOVED_MAGIC = b"SAIDRM01"
+SILENT_MAGIC = b"SAIDSC01"  # starts a snapshot's silent columns; older snapshots have none
 
 
 class CorruptSnapshot(CorruptFile):
@@ -51,20 +57,24 @@ class CorruptSnapshot(CorruptFile):
 class ItemIndex:
     """Inner-product search over item vectors keyed by item index."""
 
-    def __init__(self, dim: int, cfg: IndexSettings) -> None:
+    def __init__(self, dim: int, cfg: IndexSettings, silent: int = 0) -> None:
         """Exact search below ``cfg.hnsw_min_items`` items, HNSW bands from there, each
-        searched with ``cfg.hnsw_ef_search`` candidates."""
-        self.dim, self.cfg = dim, cfg
+        searched with ``cfg.hnsw_ef_search`` candidates; the last ``silent`` of ``dim``
+        columns are stored, not searched (queries must hold 0 there)."""
+        if not 0 <= silent < dim:
+            raise ValueError(f"silent columns must be fewer than the {dim} columns, got {silent}")
+        self.dim, self.cfg, self.searched = dim, cfg, dim - silent
+        self._silent = np.zeros((0, silent), dtype=np.float32)  # (max id + 1, silent) by item id
         self.mains: list[faiss.IndexIDMap2] = [self._flat()]  # one exact tier, or HNSW bands
         self.delta = self._flat()
         self._reset_masks()
 
     def _flat(self) -> faiss.IndexIDMap2:
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(self.searched))
 
     @property
     def approximate(self) -> bool:
-        return any(m.d == self.dim + 1 for m in self.mains)  # augmented HNSW bands
+        return any(m.d == self.searched + 1 for m in self.mains)  # augmented HNSW bands
 
     def __len__(self) -> int:
         return self._main_total() - len(self._masked) - len(self._removed) + self.delta.ntotal
@@ -100,10 +110,12 @@ class ItemIndex:
     def build(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Replace everything with these items: HNSW bands when many, exact otherwise."""
         ids, vectors = self._check(ids, vectors)
+        self._silent = self._silent[:0]
+        vectors = self._keep_silent(ids, vectors)
         if len(ids) >= self.cfg.hnsw_min_items:
             mains = []
             for band in _norm_bands(vectors):
-                hnsw = faiss.IndexHNSWFlat(self.dim + 1, HNSW_M)  # L2 on augmented vectors
+                hnsw = faiss.IndexHNSWFlat(self.searched + 1, HNSW_M)  # L2 on augmented vectors
                 hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
                 mains.append(faiss.IndexIDMap2(hnsw))
                 mains[-1].add_with_ids(_augment(vectors[band]), ids[band])
@@ -116,12 +128,31 @@ class ItemIndex:
     def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add new items and replace existing ones: (n,) int64 ids, (n, dim) float32."""
         ids, vectors = self._check(ids, vectors)
+        vectors = self._keep_silent(ids, vectors)
         self.delta.remove_ids(faiss.IDSelectorArray(ids))
         self.delta.add_with_ids(vectors, ids)
         self._in_delta.update(ids.tolist())
         self._masked.update(ids[self._contains_main(ids)].tolist())
         self._removed.difference_update(ids.tolist())
         self._reset_selector()
+
+    def _keep_silent(self, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """Store the silent columns of these items by id; return the searched ones."""
+        if self.searched == self.dim:
+            return vectors
+        top = int(ids.max(initial=-1)) + 1
+        if top > len(self._silent):
+            grown = np.zeros((max(top, 2 * len(self._silent)), self.dim - self.searched), dtype=np.float32)
+            grown[: len(self._silent)] = self._silent
+            self._silent = grown
+        self._silent[ids] = vectors[:, self.searched :]
+        return np.ascontiguousarray(vectors[:, : self.searched])
+
+    def _with_silent(self, ids: np.ndarray, searched: np.ndarray) -> np.ndarray:
+        """(n,) ids and their (n, searched) columns -> (n, dim) whole vectors."""
+        if self.searched == self.dim:
+            return searched
+        return np.hstack([searched, self._silent[ids]])
 
     def remove(self, ids: np.ndarray) -> None:
         """Take these items out of serving (absent ones are ignored)."""
@@ -151,18 +182,19 @@ class ItemIndex:
     def compacted(self) -> ItemIndex:
         """A new index with the delta tier folded into a freshly built main tier (minutes
         for 1M HNSW items): built while this one keeps serving, then swapped in whole."""
-        fresh = ItemIndex(self.dim, self.cfg)
+        fresh = ItemIndex(self.dim, self.cfg, self.dim - self.searched)
         fresh.build(*self.items())
         return fresh
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """Every current (ids, vectors): main's unmasked entries, then the delta tier."""
-        parts = [_contents(m, self.dim) for m in self.mains]
+        parts = [_contents(m, self.searched) for m in self.mains]
         main_ids = np.concatenate([i for i, _ in parts])
         main_vecs = np.concatenate([v for _, v in parts])
-        delta_ids, delta_vecs = _contents(self.delta, self.dim)
+        delta_ids, delta_vecs = _contents(self.delta, self.searched)
         keep = self._main_kept(main_ids, delta_ids)
-        return (np.concatenate([main_ids[keep], delta_ids]), np.concatenate([main_vecs[keep], delta_vecs]))
+        ids = np.concatenate([main_ids[keep], delta_ids])
+        return ids, self._with_silent(ids, np.concatenate([main_vecs[keep], delta_vecs]))
 
     def ids(self) -> np.ndarray:
         """Every item served (int64), without reading vectors."""
@@ -178,7 +210,9 @@ class ItemIndex:
         self, queries: np.ndarray, k: int, exclude: set[int] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query row, never an id in ``exclude``; -1 pads the ids."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        queries = np.ascontiguousarray(
+            np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)[:, : self.searched]
+        )
         exclude_ids = np.fromiter(exclude or (), dtype=np.int64)
         excl = faiss.IDSelectorBatch(exclude_ids) if len(exclude_ids) else None
         hide_main = [s for s in (excl, self._main_hidden) if s is not None]
@@ -188,7 +222,7 @@ class ItemIndex:
         results = [self._search_tier(self.delta, 0.0, queries, k, excl)] if self.delta.ntotal else []
         norms = np.linalg.norm(queries, axis=1)  # (Q,)
         for tier, m2 in self._by_norm:  # HNSW bands, largest norms first (one exact tier: m2 unused)
-            if tier.d != self.dim and _beaten(results, k, norms * np.sqrt(m2)):
+            if tier.d != self.searched and _beaten(results, k, norms * np.sqrt(m2)):
                 break  # no item of this band, nor of any band after it, can enter a top k
             results.append(self._search_tier(tier, m2, queries, k, main_sel))
         scores = np.concatenate([s for s, _ in results], axis=1)
@@ -204,7 +238,7 @@ class ItemIndex:
                 np.full((len(queries), k), -1, dtype=np.int64),
             )
         sel = faiss.IDSelectorNot(hide) if hide is not None else None
-        if tier.d == self.dim:
+        if tier.d == self.searched:
             scores, ids = tier.search(queries, k, params=faiss.SearchParameters(sel=sel))
         else:  # augmented L2: |q|^2 + M^2 - 2 q.x = distance, so q.x follows from it
             params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.cfg.hnsw_ef_search, k))
@@ -227,10 +261,12 @@ class ItemIndex:
         (a FAISS miss raises, and 17 raised misses cost more than the query's encoder)."""
         i = int(item_id)
         if i in self._in_delta:  # added or replaced since the build: delta has the current one
-            return self.delta.reconstruct(i)
-        if i < 0 or i in self._removed or i >= len(self._band) or self._band[i] < 0:
+            found = self.delta.reconstruct(i)
+        elif i < 0 or i in self._removed or i >= len(self._band) or self._band[i] < 0:
             return None
-        return self.mains[self._band[i]].reconstruct(i)[: self.dim]  # drops the augmentation
+        else:
+            found = self.mains[self._band[i]].reconstruct(i)[: self.searched]  # drops the augmentation
+        return found if self.searched == self.dim else np.concatenate([found, self._silent[i]])
 
     def _check(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -253,6 +289,10 @@ class ItemIndex:
         parts = [faiss.serialize_index(t).tobytes() for t in (self.delta, *self.mains)]
         removed = np.array(sorted(self._removed), dtype="<i8")
         head = REMOVED_MAGIC + len(removed).to_bytes(8, "little") + removed.tobytes() if len(removed) else b""
+        if self.searched < self.dim:
+            rows, cols = self._silent.shape
+            silent = SILENT_MAGIC + rows.to_bytes(8, "little") + cols.to_bytes(8, "little")
+            head = silent + self._silent.astype("<f4").tobytes() + head
         write_checked(path, head + b"".join(len(b).to_bytes(8, "little") + b for b in parts))
         prune_snapshots(folder, name.rsplit("-", 1)[0], keep)
         remove_stale_temps(folder)
@@ -266,9 +306,15 @@ class ItemIndex:
         except CorruptFile as exc:
             raise CorruptSnapshot(str(exc)) from exc
         tiers, at, removed = [], 0, np.zeros(0, dtype=np.int64)
-        if data.startswith(REMOVED_MAGIC):  # older snapshots have no removed ids
-            n = int.from_bytes(data[8:16], "little")
-            removed, at = np.frombuffer(data[16 : 16 + 8 * n], dtype="<i8").astype(np.int64), 16 + 8 * n
+        silent = np.zeros((0, 0), dtype=np.float32)
+        if data.startswith(SILENT_MAGIC):  # older snapshots have no silent columns
+            rows, cols = int.from_bytes(data[8:16], "little"), int.from_bytes(data[16:24], "little")
+            at = 24 + 4 * rows * cols
+            silent = np.frombuffer(data[24:at], dtype="<f4").reshape(rows, cols).astype(np.float32)
+        if data[at:].startswith(REMOVED_MAGIC):  # older snapshots have no removed ids
+            n, start = int.from_bytes(data[at + 8 : at + 16], "little"), at + 16
+            removed = np.frombuffer(data[start : start + 8 * n], dtype="<i8").astype(np.int64)
+            at = start + 8 * n
         try:
             while at < len(data):
                 size = int.from_bytes(data[at : at + 8], "little")
@@ -278,8 +324,9 @@ class ItemIndex:
             raise CorruptSnapshot(f"{path}: {exc}") from exc
         if len(tiers) < 2 or not all(isinstance(t, faiss.IndexIDMap2) for t in tiers):
             raise CorruptSnapshot(f"{path}: not an ID-mapped index")
-        out = cls(tiers[0].d, cfg)  # the delta tier is never augmented
+        out = cls(tiers[0].d + silent.shape[1], cfg, silent.shape[1])  # the delta is never augmented
         out.delta, out.mains = tiers[0], tiers[1:]  # keep these objects: proxies outlive owners
+        out._silent = silent
         out._reset_masks(removed)
         return out
 

@@ -1,7 +1,8 @@
 """How the scorer turns SAID vectors into index vectors and a history into a query.
 
-Three scorers share one small interface (``version``, ``dim``, ``item_vectors(ids, said)``,
-``query``):
+Three scorers share one small interface (``version``, ``dim``, ``silent``,
+``item_vectors(ids, said)``, ``query``); ``silent`` is how many trailing index columns no
+query meets, which the index stores beside its search structures (``scorer/index.py``):
 - ``CompositeScorer``: the warm/cold composite ``said scorer train`` trains and promotes. An item
   the teacher trained on is indexed with its gated vector (its ID row, mostly); any other
   item, a fresh one above all, with the student's vector of its SAID row, the moment the
@@ -34,7 +35,7 @@ def normalise(v: np.ndarray) -> np.ndarray:
 
 class CosineScorer:
     def __init__(self, aligner_version: str, dim: int) -> None:
-        self.version, self.dim = f"cosine-{aligner_version}", dim
+        self.version, self.dim, self.silent = f"cosine-{aligner_version}", dim, 0
 
     def item_vectors(self, ids: np.ndarray, said: np.ndarray) -> np.ndarray:
         return normalise(said.astype(np.float32))  # (n, D)
@@ -48,6 +49,7 @@ class SASRecScorer:
 
     def __init__(self, model: SASRec, version: str) -> None:
         self.model, self.version, self.dim = model.eval(), version, model.cfg.hidden
+        self.silent = 0
 
     @torch.inference_mode()
     def item_vectors(self, ids: np.ndarray, said: np.ndarray) -> np.ndarray:
@@ -62,6 +64,10 @@ class CompositeScorer(SASRecScorer):
     """The composite: an item's index vector depends on whether the teacher trained on it."""
 
     model: Composite
+
+    def __init__(self, model: Composite, version: str) -> None:
+        super().__init__(model, version)
+        self.silent = model.read_width()  # the history-read block: read back, never scored
 
     @torch.inference_mode()
     def item_vectors(self, ids: np.ndarray, said: np.ndarray) -> np.ndarray:

@@ -218,7 +218,7 @@ class ServingState:
             every = embeddings_since(conn, self.aligner_version).fresh()
         self._name(every)
         found = every.where(every.live)
-        index = ItemIndex(scorer.dim, self.cfg)
+        index = ItemIndex(scorer.dim, self.cfg, scorer.silent)
         if len(found.ids):
             index.build(found.ids, scorer.item_vectors(found.ids, found.vectors))
         hashes = dict(zip(found.ids.tolist(), found.text_hashes, strict=True))

@@ -152,6 +152,7 @@ def test_a_fresh_item_is_ranked_by_the_student_within_a_second_then_graduates(se
     z = now_student[h + 1 : z_end]  # a fresh item's content axes, whole
     assert np.allclose(graduated[h + 1 : z_end], 0.0, atol=1e-5), "similarity: next to nothing"
     assert np.allclose(graduated[h + 1 : z_end] * 2.0**20, z, atol=1e-5), "its content kept, at 2^-20"
+    assert state.served.index.searched == z_end, "the read block is stored, never searched"
     # a history reads it as its ID row now; fresh, it read as the row its content starts at
     assert np.allclose(graduated[z_end:] * 2.0**20, row, atol=1e-4), "read: its ID row"
     start = model._start_rows(model._student_input(torch.from_numpy(vector)[None]), model.start_scale)

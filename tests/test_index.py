@@ -185,3 +185,32 @@ def test_band_pruning_returns_what_searching_every_band_returns(tmp_path, monkey
         searched.clear()
         index.search(queries[0], 1)
         assert len(searched) < len(index.mains) + 1, "a large query's top 1 needs few bands"
+
+
+@pytest.mark.parametrize("hnsw_min_items", [10_000, 100], ids=["exact", "hnsw"])
+def test_silent_columns_are_kept_beside_the_search_and_survive_every_change(tmp_path, hnsw_min_items):
+    """The composite's history-read block: stored and read back whole, searched by no tier,
+    through upserts, removals, a snapshot round trip and a compaction; rankings are those of
+    the searched columns alone."""
+    v = _vecs(400, dim=8, seed=7)
+    silent = np.random.default_rng(8).standard_normal((400, 4)).astype(np.float32)
+    whole = np.hstack([v, silent])  # (400, 12): the last 4 no query meets
+    idx = ItemIndex(12, IndexSettings(hnsw_min_items=hnsw_min_items), silent=4)
+    idx.build(np.arange(1, 401), whole)
+    assert all(t.d in (8, 9) for t in (idx.delta, *idx.mains)), "no tier holds the silent columns"
+    plain = ItemIndex(8, IndexSettings(hnsw_min_items=hnsw_min_items))
+    plain.build(np.arange(1, 401), v)
+    queries = np.hstack([v[:5], np.zeros((5, 4), dtype=np.float32)])
+    assert np.array_equal(idx.search(queries, 10)[1], plain.search(v[:5], 10)[1])
+    idx.upsert(np.array([7, 401]), np.stack([-whole[6], whole[6] * 2]))
+    idx.remove(np.array([9]))
+    for index in (idx, ItemIndex.load(idx.save(tmp_path, "s"), idx.cfg), idx.compacted()):
+        assert index.dim == 12 and index.searched == 8 and len(index) == 400
+        np.testing.assert_allclose(index.vector(7), -whole[6], atol=1e-6)
+        np.testing.assert_allclose(index.vector(401), whole[6] * 2, atol=1e-6)
+        np.testing.assert_allclose(index.vector(100), whole[99], atol=1e-6)
+        ids, vectors = index.items()
+        np.testing.assert_allclose(vectors[ids == 100][0], whole[99], atol=1e-6)
+        assert index.lookup(9) is None
+    with pytest.raises(ValueError):
+        ItemIndex(8, IndexSettings(), silent=8)
