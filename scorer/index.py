@@ -109,9 +109,8 @@ class ItemIndex:
 
     def build(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Replace everything with these items: HNSW bands when many, exact otherwise."""
-        ids, vectors = self._check(ids, vectors)
-        self._silent = self._silent[:0]
-        vectors = self._keep_silent(ids, vectors)
+        ids, whole = self._check(ids, vectors)
+        vectors = np.ascontiguousarray(whole[:, : self.searched])
         if len(ids) >= self.cfg.hnsw_min_items:
             mains = []
             for band in _norm_bands(vectors):
@@ -122,31 +121,34 @@ class ItemIndex:
         else:
             mains = [self._flat()]
             mains[0].add_with_ids(vectors, ids)
+        self._silent = self._silent[:0]  # only once the tiers are built: a failed build changes nothing
+        self._keep_silent(ids, whole)
         self.mains, self.delta = mains, self._flat()
         self._reset_masks()
 
     def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add new items and replace existing ones: (n,) int64 ids, (n, dim) float32."""
-        ids, vectors = self._check(ids, vectors)
-        vectors = self._keep_silent(ids, vectors)
+        ids, whole = self._check(ids, vectors)
         self.delta.remove_ids(faiss.IDSelectorArray(ids))
-        self.delta.add_with_ids(vectors, ids)
+        self.delta.add_with_ids(np.ascontiguousarray(whole[:, : self.searched]), ids)
+        self._keep_silent(ids, whole)
         self._in_delta.update(ids.tolist())
         self._masked.update(ids[self._contains_main(ids)].tolist())
         self._removed.difference_update(ids.tolist())
         self._reset_selector()
 
-    def _keep_silent(self, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-        """Store the silent columns of these items by id; return the searched ones."""
+    def _keep_silent(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Store the silent columns of these (n, dim) vectors by id (rows grow by a quarter
+        at a time: the array is as long as the largest id)."""
         if self.searched == self.dim:
-            return vectors
+            return
         top = int(ids.max(initial=-1)) + 1
         if top > len(self._silent):
-            grown = np.zeros((max(top, 2 * len(self._silent)), self.dim - self.searched), dtype=np.float32)
+            rows = max(top, len(self._silent) * 5 // 4)
+            grown = np.zeros((rows, self.dim - self.searched), dtype=np.float32)
             grown[: len(self._silent)] = self._silent
             self._silent = grown
         self._silent[ids] = vectors[:, self.searched :]
-        return np.ascontiguousarray(vectors[:, : self.searched])
 
     def _with_silent(self, ids: np.ndarray, searched: np.ndarray) -> np.ndarray:
         """(n,) ids and their (n, searched) columns -> (n, dim) whole vectors."""
@@ -182,7 +184,16 @@ class ItemIndex:
     def compacted(self) -> ItemIndex:
         """A new index with the delta tier folded into a freshly built main tier (minutes
         for 1M HNSW items): built while this one keeps serving, then swapped in whole."""
-        fresh = ItemIndex(self.dim, self.cfg, self.dim - self.searched)
+        return self._rebuilt(self.dim - self.searched)
+
+    def relaid(self, silent: int) -> ItemIndex:
+        """This index with ``silent`` trailing columns kept beside the tiers: itself where
+        it has them already, else rebuilt (a snapshot written before its scorer's read block
+        was kept beside the tiers searches every column)."""
+        return self if silent == self.dim - self.searched else self._rebuilt(silent)
+
+    def _rebuilt(self, silent: int) -> ItemIndex:
+        fresh = ItemIndex(self.dim, self.cfg, silent)
         fresh.build(*self.items())
         return fresh
 
@@ -273,6 +284,8 @@ class ItemIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.shape != (len(ids), self.dim):
             raise ValueError(f"vectors must be ({len(ids)}, {self.dim}), got {vectors.shape}")
+        if len(ids) and ids.min() < 0:
+            raise ValueError("negative item ids")
         if len(np.unique(ids)) != len(ids):
             raise ValueError("duplicate ids in one upsert")
         return ids, vectors
@@ -290,9 +303,10 @@ class ItemIndex:
         removed = np.array(sorted(self._removed), dtype="<i8")
         head = REMOVED_MAGIC + len(removed).to_bytes(8, "little") + removed.tobytes() if len(removed) else b""
         if self.searched < self.dim:
-            rows, cols = self._silent.shape
-            silent = SILENT_MAGIC + rows.to_bytes(8, "little") + cols.to_bytes(8, "little")
-            head = silent + self._silent.astype("<f4").tobytes() + head
+            rows = int(self.ids().max(initial=-1)) + 1  # not the spare rows
+            kept = self._silent[:rows].astype("<f4", copy=False)
+            silent = SILENT_MAGIC + rows.to_bytes(8, "little") + kept.shape[1].to_bytes(8, "little")
+            head = silent + kept.tobytes() + head
         write_checked(path, head + b"".join(len(b).to_bytes(8, "little") + b for b in parts))
         prune_snapshots(folder, name.rsplit("-", 1)[0], keep)
         remove_stale_temps(folder)

@@ -179,6 +179,9 @@ class ServingState:
         for snap in snapshots(self.index_dir, f"{scorer.version}-"):
             try:
                 index = ItemIndex.load(snap, self.cfg)
+                if index.dim != scorer.dim:
+                    raise ValueError(f"{snap.name}: {index.dim}-d vectors, the scorer's are {scorer.dim}-d")
+                index = index.relaid(scorer.silent)
                 watermark = snapshot_watermark(snap)
             except (CorruptSnapshot, ValueError) as exc:
                 log.warning("skipping snapshot: %s", exc)

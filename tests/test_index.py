@@ -212,5 +212,25 @@ def test_silent_columns_are_kept_beside_the_search_and_survive_every_change(tmp_
         ids, vectors = index.items()
         np.testing.assert_allclose(vectors[ids == 100][0], whole[99], atol=1e-6)
         assert index.lookup(9) is None
+        q = np.hstack([-v[6:7], np.zeros((1, 4), dtype=np.float32)])
+        assert index.search(q, 1)[1][0, 0] == 7 and index.search(q, 1, exclude={7})[1][0, 0] != 7
     with pytest.raises(ValueError):
         ItemIndex(8, IndexSettings(), silent=8)
+    with pytest.raises(ValueError):
+        idx.upsert(np.array([-2]), whole[:1])  # would write another item's silent row
+
+
+def test_an_index_written_searching_every_column_is_relaid_with_its_silent_ones_beside(tmp_path):
+    """A snapshot from before its scorer kept the read block beside the tiers: loaded, it
+    is rebuilt in the scorer's layout, with the same vectors, rankings and removals."""
+    v = np.hstack([_vecs(300, seed=9), np.full((300, 4), 1e-6, dtype=np.float32)])
+    old = ItemIndex(12, IndexSettings(hnsw_min_items=100))
+    old.build(np.arange(1, 301), v)
+    old.remove(np.array([5]))
+    loaded = ItemIndex.load(old.save(tmp_path, "o"), old.cfg)
+    assert loaded.searched == 12 and loaded.relaid(0) is loaded
+    relaid = loaded.relaid(4)
+    assert relaid.searched == 8 and relaid.approximate and len(relaid) == 299 and relaid.lookup(5) is None
+    np.testing.assert_allclose(relaid.vector(42), v[41], atol=1e-6)
+    q = np.hstack([v[:3, :8], np.zeros((3, 4), dtype=np.float32)])
+    assert np.array_equal(relaid.search(q, 5)[1], old.search(q, 5)[1])
