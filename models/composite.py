@@ -65,9 +65,10 @@ student instead left the composite at 0.938x its teacher over all tail3k users, 
 0.994x with these reads (three seeds), and split 1's cold users at 0.40x pooled text's
 figure, against 1.24x (docs/quality-mixed.md, stop 45). The read rows ride in a last block
 of ``h``, at ``READ_SCALE`` (scored by nothing: the query holds 0 there), so a served
-history is still read from index vectors alone, at the price of h more dimensions in the
-index. Without ``content_started`` (a random teacher, or a file from before) a history reads
-the gated vectors: cold items as their student vectors.
+history is still read from index vectors alone; the index keeps that block beside its search
+structures (``read_width``; ``scorer/index.py``, silent columns). Without
+``content_started`` (a random teacher, or a file from before) a history reads the gated
+vectors: cold items as their student vectors.
 """
 
 from __future__ import annotations
