@@ -305,3 +305,31 @@ def test_content_start_keeps_random_rows_without_content_and_needs_two_items():
     start = lone.id_emb.weight.detach().clone()
     retrain.content_start(lone, replace(data, histories=[[1], [1]]))
     assert torch.equal(lone.id_emb.weight.detach(), start)
+
+
+def test_a_snapshot_that_searched_the_read_block_is_relaid_when_loaded(served, cli_env, capsys):
+    """An index snapshot written while the composite's read block sat in the FAISS tiers
+    loads in the scorer's layout (that block beside them, the same vectors); a snapshot of
+    another width is skipped for the next older one."""
+    from scorer.index import ItemIndex
+
+    engine, bundle, data, state = served
+    first = said_retrain(cli_env, capsys, engine, data)
+    state.refresh()
+    assert state.version == first["version"]
+    scorer, index = state.served.scorer, state.served.index
+    assert scorer.silent == scorer.model.teacher.cfg.hidden and index.searched == index.dim - scorer.silent
+    ids, vectors = index.items()
+    old = ItemIndex(index.dim, index.cfg)  # every column searched, as before
+    old.build(ids, vectors)
+    old.save(state.index_dir, state.served.snapshot_name())
+    time.sleep(0.01)
+    wrong = ItemIndex(index.dim - 1, index.cfg)
+    wrong.build(ids, vectors[:, :-1])
+    wrong.save(state.index_dir, state.served.snapshot_name() + "0")  # newer, of another width
+    loaded = state._load(scorer).index
+    assert loaded.dim == index.dim and loaded.searched == index.dim - scorer.silent
+    again_ids, again = loaded.items()
+    order = np.argsort(again_ids)
+    assert np.array_equal(again_ids[order], np.sort(ids))
+    np.testing.assert_allclose(again[order], vectors[np.argsort(ids)], atol=1e-6)
