@@ -140,10 +140,12 @@ class ConsumeLoop:
         self.stopping = True
 
     def run(self, idle_exit: float | None = None) -> RunStats:
-        """Consume until :meth:`stop` or ``idle_exit`` seconds without a message.
+        """Consume until :meth:`stop` or ``idle_exit`` seconds without work.
 
         Idleness counts only while partitions are assigned (a slow group join under load is
-        not an empty topic); a loop never assigned any gives up after ``JOIN_WAIT_S``."""
+        not an empty topic); a loop never assigned any gives up after ``JOIN_WAIT_S``. A
+        sweep cut short by its budget is work too: a loop must not exit on an idle topic
+        while expired parked clicks wait for it (they would sit there until the next run)."""
         self.consumer.subscribe(
             [self.handler.topic],
             on_assign=self._on_assign,
@@ -152,13 +154,15 @@ class ConsumeLoop:
         )
         self._idle_since = time.monotonic()  # reset by every (re)assignment
         started = time.monotonic()
-        next_sweep = 0.0
+        next_sweep, drained = 0.0, True
         try:
             while not self.stopping:
                 if time.monotonic() >= next_sweep:
                     drained = self.sweep()  # if not, sweep again after the next batch
                     next_sweep = time.monotonic() + (self.settings.consume.park_sweep_s if drained else 0)
-                messages = self._poll()
+                    if not drained:
+                        self._idle_since = time.monotonic()
+                messages = self._poll(POLL_WAIT_S if drained else 0.0)
                 if not messages:
                     if idle_exit is not None and self._idle(idle_exit, started):
                         break
@@ -180,15 +184,16 @@ class ConsumeLoop:
             return True
         return False
 
-    def _poll(self) -> list[Message]:
-        """Wait for one message, then take what is already fetched, up to a batch.
+    def _poll(self, wait: float) -> list[Message]:
+        """Wait up to ``wait`` s for one message, then take what is already fetched, up to a
+        batch. A loop with an unfinished sweep does not wait: its backlog is work.
 
         ``consume(n, timeout)`` alone returns only once n messages arrived or the timeout
         passed with none arriving (confluent-kafka-python#407), so a lone new ad or
         tombstone sat in the client for the whole timeout before it was stored. Under load
         the client's prefetched queue still fills whole batches."""
         batch = self.settings.consume.batch
-        fetched = self.consumer.consume(1, timeout=POLL_WAIT_S)
+        fetched = self.consumer.consume(1, timeout=wait)
         if fetched and batch > 1:
             fetched += self.consumer.consume(batch - 1, timeout=0)
         good = []

@@ -69,6 +69,11 @@ class ItemIndex:
         self.delta = self._flat()
         self._reset_masks()
 
+    @property
+    def silent(self) -> int:
+        """How many trailing columns are kept beside the tiers, not searched."""
+        return self.dim - self.searched
+
     def _flat(self) -> faiss.IndexIDMap2:
         return faiss.IndexIDMap2(faiss.IndexFlatIP(self.searched))
 
@@ -140,19 +145,19 @@ class ItemIndex:
     def _keep_silent(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Store the silent columns of these (n, dim) vectors by id (rows grow by a quarter
         at a time: the array is as long as the largest id)."""
-        if self.searched == self.dim:
+        if not self.silent:
             return
         top = int(ids.max(initial=-1)) + 1
         if top > len(self._silent):
             rows = max(top, len(self._silent) * 5 // 4)
-            grown = np.zeros((rows, self.dim - self.searched), dtype=np.float32)
+            grown = np.zeros((rows, self.silent), dtype=np.float32)
             grown[: len(self._silent)] = self._silent
             self._silent = grown
         self._silent[ids] = vectors[:, self.searched :]
 
     def _with_silent(self, ids: np.ndarray, searched: np.ndarray) -> np.ndarray:
         """(n,) ids and their (n, searched) columns -> (n, dim) whole vectors."""
-        if self.searched == self.dim:
+        if not self.silent:
             return searched
         return np.hstack([searched, self._silent[ids]])
 
@@ -184,13 +189,13 @@ class ItemIndex:
     def compacted(self) -> ItemIndex:
         """A new index with the delta tier folded into a freshly built main tier (minutes
         for 1M HNSW items): built while this one keeps serving, then swapped in whole."""
-        return self._rebuilt(self.dim - self.searched)
+        return self._rebuilt(self.silent)
 
     def relaid(self, silent: int) -> ItemIndex:
         """This index with ``silent`` trailing columns kept beside the tiers: itself where
         it has them already, else rebuilt (a snapshot written before its scorer's read block
         was kept beside the tiers searches every column)."""
-        return self if silent == self.dim - self.searched else self._rebuilt(silent)
+        return self if silent == self.silent else self._rebuilt(silent)
 
     def _rebuilt(self, silent: int) -> ItemIndex:
         fresh = ItemIndex(self.dim, self.cfg, silent)
@@ -277,7 +282,7 @@ class ItemIndex:
             return None
         else:
             found = self.mains[self._band[i]].reconstruct(i)[: self.searched]  # drops the augmentation
-        return found if self.searched == self.dim else np.concatenate([found, self._silent[i]])
+        return found if not self.silent else np.concatenate([found, self._silent[i]])
 
     def _check(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -302,7 +307,7 @@ class ItemIndex:
         parts = [faiss.serialize_index(t).tobytes() for t in (self.delta, *self.mains)]
         removed = np.array(sorted(self._removed), dtype="<i8")
         head = REMOVED_MAGIC + len(removed).to_bytes(8, "little") + removed.tobytes() if len(removed) else b""
-        if self.searched < self.dim:
+        if self.silent:
             rows = int(self.ids().max(initial=-1)) + 1  # not the spare rows
             kept = self._silent[:rows].astype("<f4", copy=False)
             silent = SILENT_MAGIC + rows.to_bytes(8, "little") + kept.shape[1].to_bytes(8, "little")

@@ -181,14 +181,17 @@ def histories(draw) -> dict:
     # parked clicks age out while items still arrive. Not with a re-read by a new group (a
     # new judgement of every click), nor with the click consumer dying before its offsets'
     # commit: the batch it re-reads would park again what a sweep dead-lettered meanwhile
-    # (the limit of at-least-once delivery: a restart slower than the park age re-judges)
+    # (the limit of at-least-once delivery: a restart slower than the park age re-judges).
+    # Nor with duplicate clicks, for the same reason: a copy that arrives after a sweep
+    # shipped its original is a new delivery, judged again (seen in CI under load: a ghost's
+    # second DLQ copy; with its item come meanwhile, it would be stored as well)
     short = not replay and draw(st.booleans())
     return {
         "versions": versions,
         "items": draw(st.permutations(item_msgs)),
         "clicks": draw(st.permutations(click_msgs)),
         "dup_items": draw(st.lists(st.sampled_from(item_msgs), max_size=4)),
-        "dup_clicks": draw(st.lists(st.sampled_from(click_msgs), max_size=6)),
+        "dup_clicks": [] if short else draw(st.lists(st.sampled_from(click_msgs), max_size=6)),
         "crash_items": draw(crashes(["process", "flush"])),
         "crash_clicks": draw(crashes(["claim", "ship"] if short else STEPS)),
         "interleave": draw(st.booleans()),  # interactions delivered before the items
@@ -283,7 +286,7 @@ def _check(h: dict, engine, bootstrap: str) -> None:
     invalid = Counter(m for m in h["items"] + h["dup_items"] if m in INVALID)
     base = Counter({(INVALID[m], m): n * deliveries for m, n in invalid.items()})
     base.update(("unknown_item", e) for e in clicks.keys() - stored_of.keys())  # each unstored click, once
-    dlq = read_topic(bootstrap, TOPIC_DLQ, sum(base.values()), timeout=10)
+    dlq = read_topic(bootstrap, TOPIC_DLQ, sum(base.values()))
     got = Counter(
         (reason := dict(m.headers())["said-error"].decode(), _identity(reason, m.value())) for m in dlq
     )

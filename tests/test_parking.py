@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import event, func, select
 
+from consumers import runner
 from consumers.interactions import InteractionsHandler
 from consumers.items import ItemsHandler
 from consumers.runner import ConsumeLoop
@@ -64,6 +65,28 @@ def test_clicks_for_items_that_never_come_are_all_dead_lettered_soon_after_their
     assert sorted(e for e, _ in dead) == sorted(c["event_id"] for c in clicks), "each one, once"
     assert {r for _, r in dead} == {"unknown_item"} and stats.dead_lettered == n
     assert full_counts == [], "no count(*) over the parked table"
+
+
+def test_a_loop_on_an_idle_topic_drains_its_expired_backlog_before_it_exits(settings, monkeypatch):
+    """A sweep cut short by its budget is work: the loop sweeps again at once, and does not
+    exit on idleness while expired clicks wait (seen failing: it exited after a page or
+    two, leaving the rest parked until the next run)."""
+    n = 120
+    clicks = [click_event(e, 1000 + e % 3) for e in range(n)]  # items that never come
+    produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, clicks, "user_id")
+    engine = make_engine(settings.database_url)
+    consume(settings, InteractionsHandler, engine)  # all parked: their age is a day
+    monkeypatch.setattr(runner, "SWEEP_PAGE", 3)  # 40 pages, one a sweep
+    aged = settings.override(park_max_age_s=0.01, park_sweep_budget_s=0.001)
+    started = time.monotonic()
+    stats = consume(aged, InteractionsHandler, engine, idle=0.2)
+    took = time.monotonic() - started
+    with engine.connect() as conn:
+        assert count_parked(conn) == 0, f"{count_parked(conn)} of {n} left parked"
+    assert stats.dead_lettered == n
+    assert sorted(e for e, _ in dlq_events(aged.kafka.bootstrap, n)) == sorted(c["event_id"] for c in clicks)
+    # waiting POLL_WAIT_S (0.5 s) between pages would take 20 s; the group join takes a few
+    assert took < 15, f"{took:.1f} s for 40 pages: the loop waited between pages of its backlog"
 
 
 def test_parking_is_capped_per_item_and_in_total_and_the_overflow_is_dead_lettered(settings):
