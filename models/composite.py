@@ -285,11 +285,13 @@ class Composite(nn.Module):
 
     def _encode(self, seqs: torch.Tensor, history: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The teacher's (B, h) query of (B, T) ``seqs``, read from ``fixed_queries``'
-        memo where it holds: keyed by the gate and the ids, as the teacher, the student, the
-        counts and the content are fixed there."""
+        memo where it holds: keyed by the ids, as the teacher, the student, the counts and
+        the content are fixed there, and by the gate unless the read block is what the
+        encoder reads (it holds no gate: one encoding serves the whole choice grid)."""
         key = None
         if self._encoded is not None:
-            key = (float(self.kappa), tuple(seqs.shape), seqs.cpu().numpy().tobytes())
+            gate = None if self.content_started else float(self.kappa)
+            key = (gate, tuple(seqs.shape), seqs.cpu().numpy().tobytes())
             if key in self._encoded:
                 return self._encoded[key]
         u = self.teacher.encode(self._reads(history), valid)[:, -1]  # (B, h)

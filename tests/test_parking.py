@@ -192,6 +192,14 @@ def test_two_sweepers_and_an_arriving_item_end_each_parked_click_exactly_once(se
     both = set(stored) & set(dead_ids)
     twice = len(dead_ids) - len(set(dead_ids))
     assert not both and not twice, f"{len(both)} stored and dead-lettered, {twice} dead-lettered twice"
+    with engine.connect() as conn:
+        parked_left = count_parked(conn)
+    in_outbox_left = in_outbox(engine)
+    missing = sorted({c["event_id"] for c in clicks} - set(stored) - set(dead_ids))
+    assert not missing, (
+        f"{len(missing)} neither stored nor dead-lettered ({parked_left} still parked,"
+        f" {in_outbox_left} in the outbox, {len(stored)} stored, {len(dead_ids)} dead), e.g. {missing[:5]}"
+    )
     assert sorted(stored + dead_ids) == sorted(c["event_id"] for c in clicks), "each click exactly once"
     assert {r for _, r in dead} == {"unknown_item"}
     assert set(stored) <= {c["event_id"] for c in clicks if c["item_id"] == "i7"}
