@@ -144,8 +144,9 @@ class ConsumeLoop:
 
         Idleness counts only while partitions are assigned (a slow group join under load is
         not an empty topic); a loop never assigned any gives up after ``JOIN_WAIT_S``. A
-        sweep cut short by its budget is work too: a loop must not exit on an idle topic
-        while expired parked clicks wait for it (they would sit there until the next run)."""
+        sweep cut short by its budget is work too: a loop holding partitions does not exit
+        on an idle topic while expired parked clicks wait for it (they would sit there
+        until the next run), nor wait on its poll between their pages."""
         self.consumer.subscribe(
             [self.handler.topic],
             on_assign=self._on_assign,
@@ -158,10 +159,12 @@ class ConsumeLoop:
         try:
             while not self.stopping:
                 if time.monotonic() >= next_sweep:
-                    drained = self.sweep()  # if not, sweep again after the next batch
+                    drained = self.sweep()  # if not, sweep again right after one poll
                     next_sweep = time.monotonic() + (self.settings.consume.park_sweep_s if drained else 0)
                     if not drained:
                         self._idle_since = time.monotonic()
+                    if self.stopping:
+                        break
                 messages = self._poll(POLL_WAIT_S if drained else 0.0)
                 if not messages:
                     if idle_exit is not None and self._idle(idle_exit, started):

@@ -132,7 +132,7 @@ class ConsumeSettings(Section):
         gt=0,
         description=(
             "Longest one sweep drains expired parked interactions (pages of 500) before consuming"
-            " again; a sweep cut short runs again after the next batch."
+            " again; a sweep cut short runs again right after one poll (a batch, if one waits)."
         ),
     )
     park_max_per_item: int = Field(

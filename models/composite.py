@@ -301,10 +301,11 @@ class Composite(nn.Module):
 
     @contextmanager
     def fixed_queries(self) -> Iterator[Composite]:
-        """Within it, each history's teacher query is computed once per gate ``kappa``: the
-        boost and the similarity weight only add blocks to the scoring vectors, never to
-        what the encoder reads, so a grid over them (``training/composite.py``) re-encodes
-        nothing (3.5x faster choices on beauty-2k). The teacher, the student, the counts
+        """Within it, each history's teacher query is computed once per gate ``kappa``, and
+        once in all when the encoder reads the read block (``content_started``: it holds no
+        gate): the boost and the similarity weight only add blocks to the scoring vectors,
+        never to what the encoder reads, so a grid over them (``training/composite.py``)
+        re-encodes nothing (3.5x faster choices on beauty-2k). The teacher, the student, the counts
         and the content (``use_content``) must not change inside it, and callers pass no
         ``table`` of their own to ``user_vector`` there."""
         self._encoded = {}

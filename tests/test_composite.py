@@ -230,7 +230,7 @@ def test_the_similarity_term_lifts_cold_items_like_the_last_item_in_one_inner_pr
 
 
 @pytest.mark.parametrize("started", [False, True])
-def test_fixed_queries_encode_each_history_once_per_gate_and_score_as_without(started):
+def test_fixed_queries_encode_each_history_once_per_gate_or_read_block_and_score_as_without(started):
     """The choice grid (gate x boost x similarity) re-encoded every history at every point;
     inside ``fixed_queries`` only a new gate re-encodes (none, when the encoder reads the
     read block, which holds no gate), and the scores do not change."""

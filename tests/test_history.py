@@ -182,9 +182,10 @@ def histories(draw) -> dict:
     # new judgement of every click), nor with the click consumer dying before its offsets'
     # commit: the batch it re-reads would park again what a sweep dead-lettered meanwhile
     # (the limit of at-least-once delivery: a restart slower than the park age re-judges).
-    # Nor with duplicate clicks, for the same reason: a copy that arrives after a sweep
-    # shipped its original is a new delivery, judged again (seen in CI under load: a ghost's
-    # second DLQ copy; with its item come meanwhile, it would be stored as well)
+    # Nor with duplicate clicks, for the same reason: a copy that arrives after its original
+    # was decided is a new delivery, judged again (seen in CI under load: a ghost's second DLQ
+    # copy, its original shipped; one whose original a sweep claimed before its item came is
+    # stored). A copy arriving while its original is in the outbox: test_parking.py
     short = not replay and draw(st.booleans())
     return {
         "versions": versions,

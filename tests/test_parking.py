@@ -228,9 +228,10 @@ def test_a_sweeper_killed_mid_page_leaves_its_clicks_dead_then_shipped_never_sto
     settings, step, monkeypatch
 ):
     """The outbox: a sweeper dies after claiming a page (``claim``) or after its DLQ flush
-    (``flush``), before releasing it. The item then arrives and must not store those clicks;
-    no live sweeper's page is taken, but once it is stale the next sweep ships it: each
-    click dead-lettered once (``claim``) or twice (``flush``), none lost, none stored."""
+    (``flush``), before releasing it. The clicks are delivered again meanwhile, and are not
+    parked again; the item then arrives and must not store them; no live sweeper's page is
+    taken, but once it is stale the next sweep ships it: each click dead-lettered once
+    (``claim``) or twice (``flush``), none lost, none stored."""
     n = 20
     clicks = [click_event(e, 7, user=f"u{e % 3}") for e in range(n)]
     produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, clicks, "user_id")
@@ -244,6 +245,11 @@ def test_a_sweeper_killed_mid_page_leaves_its_clicks_dead_then_shipped_never_sto
     dying.consumer.close()
     assert len(claim.rejected) == n
     counts_agree(engine)
+    produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, clicks, "user_id")  # redelivered
+    consume(settings, InteractionsHandler, engine)
+    with engine.connect() as conn:
+        assert count_parked(conn) == 0, "a click on its way to the DLQ was parked again"
+    assert in_outbox(engine) == n
     produce_json(aged.kafka.bootstrap, TOPIC_ITEMS, [item_event(7)], "item_id")
     consume(aged, ItemsHandler, engine)
     assert stored_events(engine) == [], "an item stored clicks a sweep had decided to dead-letter"

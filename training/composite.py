@@ -293,7 +293,7 @@ def pick_gate_and_boost(
     by the warm guard are scored once more for their exposure."""
     figures: dict[Choice, tuple[float, float]] = {}
     grid = list(itertools.product(cfg.gate_kappas, cfg.boosts, similarities))
-    with composite.fixed_queries():  # the queries depend on kappa alone
+    with composite.fixed_queries():  # the queries depend on kappa alone, or on nothing here
         for choice in tqdm(grid, desc="choose gate, boost, similarity", disable=not progress):
             _set(composite, boost, choice)
             judged = model.eval()
