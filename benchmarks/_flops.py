@@ -39,5 +39,5 @@ def flops_per_item(llm: torch.nn.Module, tokens_per_item: float, text_tokens: fl
 
 def bound_line(bound: float, gflops: float, step_flops: float) -> str:
     """The bound as the benchmarks print it."""
-    rate = f"{gflops:.0f} GFLOP/s bf16 matmul, {step_flops / 1e9:.2f} GFLOP an item"
+    rate = f"{gflops:.0f} GFLOP/s matmul under the steps' autocast, {step_flops / 1e9:.2f} GFLOP an item"
     return f"FLOP bound {bound:.1f} items/s ({rate})"

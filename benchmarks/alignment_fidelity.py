@@ -10,7 +10,7 @@ It prints one table: passes, minutes, token accuracy, exact reconstruction, fres
 (estimate -> refined, CPU seconds per item), and alignment throughput in items/s against a
 FLOP bound: the forward and backward matmul FLOPs of one item (2 x params x tokens forward,
 the same again backward for the input gradients, the LLM being frozen) divided into the
-bf16 matmul rate this machine reaches (measured here, 2048^3 matmuls under autocast).
+matmul rate this machine reaches (measured here, 2048^3 matmuls under autocast).
 
     python benchmarks/alignment_fidelity.py --dataset ../shared/data/amazon-beauty-2k --out DIR
 

@@ -5,7 +5,7 @@ tokenizes them, in the length-bucketed batches alignment trains on (default 16).
 runs every batch once as a real training step (teacher-forced loss, backward into the soft
 tokens, projector and rows step) under each kernel, the kernels interleaved rep by rep so
 that a noisy shared machine slows them alike; items/s is the median over reps. The FLOP
-bound is benchmarks/_flops.py's: the step's matmul FLOPs over this machine's bf16 matmul
+bound is benchmarks/_flops.py's: the step's matmul FLOPs over this machine's matmul
 rate, measured in the same run. A kernel named ``KERNEL+compile`` runs the same steps through
 ``torch.compile`` (``SAID_ALIGN_COMPILE``); its compiling happens in the warm-up, which is
 timed and printed apart.

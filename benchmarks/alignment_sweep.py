@@ -6,7 +6,7 @@ at the end, the fidelity check (token accuracy and greedy exact reconstruction).
 stopping is off (``acc_bar`` 1.01) so every candidate trains on the same items every pass.
 
 Throughput: items trained per second, beside the FLOP bound measured in the same run
-(benchmarks/_flops.py: matmul FLOPs of a step over this machine's bf16 matmul rate).
+(benchmarks/_flops.py: matmul FLOPs of a step over this machine's matmul rate under the steps' autocast).
 ``--attention sdpa,eager`` runs every candidate under each LLM attention kernel, so a
 kernel's speed and its token accuracy are compared side by side; ``eager+compile`` is eager
 attention with the steps through ``torch.compile`` (``SAID_ALIGN_COMPILE``; its seconds
