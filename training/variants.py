@@ -78,7 +78,7 @@ def said_table(
     if held_out:
         cold = sorted(held_out)
         report["fresh"] = add_fresh(
-            fit, lm.with_prompt(cfg.prompt), [texts[i - 1] for i in cold], cold, text_features, cfg
+            fit, lm.with_prompt(cfg.prompt), [texts[i - 1] for i in cold], cold, text_features, cfg, progress
         )
     state = {key: v.cpu() for key, v in fit.aligner.state_dict().items()}
     result = {"aligner": state, "aligner_config": asdict(fit.aligner.cfg), "report": report}
@@ -130,6 +130,7 @@ def add_fresh(
     cold: list[int],
     text_features: torch.Tensor,
     cfg: AlignSettings,
+    progress: bool = True,
 ) -> dict:
     """The incremental path on the held-out items (indexes ``cold``), as the worker runs
     it: the ridge estimate, then refinement of their rows alone to the catalogue's token
@@ -144,7 +145,9 @@ def add_fresh(
 
     report = {"items": len(cold), "target_accuracy": fit.target_accuracy, "estimate": check()}
     t0 = time.perf_counter()
-    report["refine_history"] = refine_fresh(fresh, lm, cold_tokens, cfg, target_accuracy=fit.target_accuracy)
+    report["refine_history"] = refine_fresh(
+        fresh, lm, cold_tokens, cfg, target_accuracy=fit.target_accuracy, progress=progress
+    )
     report["refine_seconds_per_item"] = (time.perf_counter() - t0) / len(cold)
     report["refined"] = check()
     with torch.no_grad():
