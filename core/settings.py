@@ -335,8 +335,8 @@ class CompositeSettings(Section):
             "so a thin item keeps its content's place and a new one starts there; 'random', as "
             "the plain `id` scorer. With pooled text ('text-init') it beat 'random' on every "
             "draw measured (docs/quality-mixed.md, a teacher that starts from content); the "
-            "served teacher starts from the aligner's SAID vectors ('said-init'), which alone "
-            "was level with `id` on beauty-2k, and a composite on it is not measured yet."
+            "served teacher starts from the aligner's SAID vectors ('said-init'): 1.04x and "
+            "1.11x `id` on two beauty-2k draws, 3-4% behind 'text-init' (stop 47)."
         ),
     )
     epochs: int = Field(
@@ -346,9 +346,10 @@ class CompositeSettings(Section):
         15,
         ge=1,
         description="Student validations without gain before stopping. The cold-validation "
-        "figure it stops on is noisy (a few hundred users): at 6, beauty-2k split 2 stopped at "
-        "epoch 7 on epoch 1's spike and served 0.94x its teacher; at 15 it trains 55 epochs, "
-        "1.07x (docs/quality-mixed.md, stop 47).",
+        "figure it stops on is noisy (a few hundred users): at 6, both beauty-2k split 2 "
+        "students stopped at epoch 7 on epoch 1's spike, 0.94x (pooled text) and 0.99x (SAID) "
+        "their teachers; at 15 they train 55-59 epochs, 1.07x and 1.08x (docs/quality-mixed.md, "
+        "stop 47).",
     )
     lr: float = Field(1e-3, gt=0, description="Student Adam rate.")
     batch_size: int = Field(1024, ge=1, description="Teacher user states per student step.")
