@@ -351,6 +351,15 @@ class CompositeSettings(Section):
         "their teachers; at 15 they train 55-59 epochs, 1.07x and 1.08x (docs/quality-mixed.md, "
         "stop 47).",
     )
+    window: int = Field(
+        5,
+        ge=1,
+        description="Student epochs judged together: early stopping compares the mean of the "
+        "last `window` epochs' cold-validation figures, and the kept student is the mean of "
+        "those epochs' weights (training.composite.WindowStop). At 1, the single best epoch is "
+        "kept, its luckiest draw of a figure that moves by +-0.002 between epochs on a few "
+        "hundred users (docs/quality-mixed.md, stop 48).",
+    )
     lr: float = Field(1e-3, gt=0, description="Student Adam rate.")
     batch_size: int = Field(1024, ge=1, description="Teacher user states per student step.")
     tau: float = Field(1.0, gt=0, description="Softmax temperature of the score-distribution term.")

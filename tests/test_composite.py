@@ -12,7 +12,15 @@ from models.blend import Blend, log_probs
 from models.composite import Composite, load_composite, save_composite
 from models.ranking import recall_ndcg
 from models.sasrec import SASRec, SASRecConfig, init_id_rows
-from training.composite import Judges, choose, judges_for, pick_gate_and_boost, teacher_states, train_student
+from training.composite import (
+    Judges,
+    WindowStop,
+    choose,
+    judges_for,
+    pick_gate_and_boost,
+    teacher_states,
+    train_student,
+)
 from training.evaluate import by_target_validation
 from training.mixed import (
     by_target,
@@ -510,6 +518,41 @@ def test_the_student_stops_on_cold_users_and_reports_the_mixed_figure():
     )
     assert info["boost"] == 0.0, "boost 1 costs 10% of the warm figure"
     assert abs(info["best_val_ndcg@10"] - (3 * 0.1 + 0.02) / 4) < 1e-9
+
+
+# beauty-2k split 2's composite-said student, cold-validation MRR by epoch (stop 47): a spike
+# at epoch 1, then a slow climb with +-0.001 jitter
+SPLIT2_CURVE = [0.0116, 0.0090, 0.0103, 0.0102, 0.0114, 0.0115, 0.0109, 0.0110, 0.0119, 0.0115]
+SPLIT2_CURVE += [0.0118, 0.0110, 0.0119, 0.0121, 0.0129, 0.0122, 0.0132, 0.0126, 0.0132, 0.0126]
+
+
+def _run(stop: WindowStop, curve: list[float]) -> int:
+    """Feed ``curve`` with epoch e's weights all e; returns the epochs run."""
+    for epoch, figure in enumerate(curve, 1):
+        if stop.update(figure, {"w": torch.full((2,), float(epoch))}):
+            return epoch
+    return len(curve)
+
+
+def test_a_window_of_epochs_outlasts_an_early_spike_that_stops_the_single_best_epoch():
+    single = WindowStop(window=1, patience=6)
+    assert _run(single, SPLIT2_CURVE) == 7, "the plain rule stops on epoch 1's spike"
+    assert single.kept() == [1, 1] and single.best_state["w"].tolist() == [1.0, 1.0]
+
+    window = WindowStop(window=5, patience=6)
+    assert _run(window, SPLIT2_CURVE) == 20, "the window's mean keeps climbing"
+    assert window.kept() == [15, 19]
+    assert window.best_state["w"].tolist() == [17.0, 17.0], "the mean of epochs 15-19's weights"
+    assert abs(window.best - sum(SPLIT2_CURVE[14:19]) / 5) < 1e-12
+
+
+def test_no_window_is_judged_before_it_is_full():
+    stop = WindowStop(window=3, patience=1)
+    assert not stop.update(0.9, {"w": torch.zeros(1)}) and not stop.update(0.0, {"w": torch.zeros(1)})
+    assert stop.best_state is None and stop.kept() == [0, 0]
+    assert not stop.update(0.0, {"w": torch.ones(1)}), "the first full window is the best so far"
+    assert stop.update(0.0, {"w": torch.ones(1)}), "a worse mean after patience 1 stops"
+    assert stop.kept() == [1, 3]
 
 
 def test_the_supervised_term_teaches_the_student_what_users_chose_next():

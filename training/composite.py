@@ -15,16 +15,17 @@ ALDI (Huang et al., SIGIR 2023):
   the users' own next items are the signal the text scorer learns from, and it ranked cold
   items above a distil-only student.
 
-The student early-stops on the cold-validation users (what its vectors are for), and the
+The student early-stops on the cold-validation users (what its vectors are for), on the mean
+of a few epochs' figures, and keeps the mean of those epochs' weights (``WindowStop``); the
 gate's ``kappa``, the boost ``beta`` and the similarity weight ``gamma`` are then chosen on
 the validation users split by target (``choose``), never on test.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -194,6 +195,47 @@ def teacher_states(
     return torch.cat(states), torch.cat(nexts)
 
 
+class WindowStop:
+    """Early stopping on the mean of the last ``window`` epochs' validation figures, keeping
+    the mean of those epochs' weights.
+
+    Why: the figure the student stops on comes from a few hundred cold users and jumps by
+    +-0.002 from one epoch to the next. Kept by its single best epoch, a student kept its
+    luckiest one: on beauty-2k split 2 an epoch-1 spike stopped both students at epoch 7,
+    0.94x and 0.99x their teachers (docs/quality-mixed.md, stop 47). A window's mean is a
+    steadier judge, and the mean of its weights (as stochastic weight averaging does) is a
+    student that was good for ``window`` epochs, not for one draw of the noise. No window is
+    judged before it is full, so the first epochs cannot win on their own. ``window`` 1 is
+    the plain rule: the best epoch's weights."""
+
+    def __init__(self, window: int, patience: int) -> None:
+        self.window, self.patience = window, patience
+        self.figures: deque[float] = deque(maxlen=window)
+        self.states: deque[dict[str, torch.Tensor]] = deque(maxlen=window)
+        self.best, self.best_state, self.best_end = float("-inf"), None, 0
+        self.epoch, self.bad = 0, 0
+
+    def update(self, figure: float, state: dict[str, torch.Tensor]) -> bool:
+        """Record one epoch's figure and weights (copied); True when training should stop:
+        ``patience`` full windows in a row without a better mean."""
+        self.epoch += 1
+        self.figures.append(figure)
+        self.states.append({k: v.detach().clone() for k, v in state.items()})
+        if len(self.figures) < self.window:
+            return False
+        mean = sum(self.figures) / self.window
+        if mean > self.best:
+            self.best, self.best_end, self.bad = mean, self.epoch, 0
+            self.best_state = {k: torch.stack([s[k] for s in self.states]).mean(0) for k in state}
+            return False
+        self.bad += 1
+        return self.bad >= self.patience
+
+    def kept(self) -> list[int]:
+        """The first and last epoch (from 1) of the kept window; [0, 0] if none was full."""
+        return [self.best_end - self.window + 1, self.best_end] if self.best_end else [0, 0]
+
+
 def train_student(
     composite: Composite,
     train_seqs: list[list[int]],
@@ -202,8 +244,9 @@ def train_student(
     device: torch.device,
     progress: bool = True,
 ) -> tuple[Composite, dict]:
-    """Fit the student (seeded by the caller), keep its best state on ``judges.stop`` (the
-    cold-validation users; the warm ones where there are none), then pick the gate's kappa
+    """Fit the student (seeded by the caller), keep its best window of epochs on
+    ``judges.stop`` (the cold-validation users; the warm ones where there are none;
+    ``WindowStop``), then pick the gate's kappa
     (``cfg.gate_kappas``), the cold boost (``cfg.boosts``) and the similarity weight
     (``cfg.similarities``) together (``choose``, against the teacher's warm figure; with no
     cold signal, by the cold items' share of warm users' top 10).
@@ -213,7 +256,8 @@ def train_student(
     items still buried.
 
     Returns the composite and {best_val_ndcg@10 (mixed), val_warm_ndcg@10,
-    val_cold_ndcg@10, student_epochs, kappa, boost, similarity, val_cold_share_top10,
+    val_cold_ndcg@10, student_epochs, student_kept_epochs (the first and last of the kept
+    window), kappa, boost, similarity, val_cold_share_top10,
     val_by_choice}: ``pick_gate_and_boost``'s."""
     composite.to(device)
     warm = (composite.counts > 0).nonzero().squeeze(1)
@@ -229,7 +273,8 @@ def train_student(
     composite.kappa.fill_(0.0)  # trained and stopped with the hard switch, no boost and no
     composite.boost.fill_(0.0)  # similarity; all three are picked after, on validation
     composite.similarity.fill_(0.0)
-    best, best_state, bad, epochs = -1.0, None, 0, 0
+    stop = WindowStop(min(cfg.window, cfg.epochs), cfg.patience)
+    epochs = 0
     bar = tqdm(range(cfg.epochs), desc="train student", disable=not progress)
     for _ in bar:
         epochs += 1
@@ -253,22 +298,19 @@ def train_student(
             total += loss.item() * len(b)
         score = judges.stopping()(composite.eval())
         bar.set_postfix(loss=f"{total / max(1, len(states)):.4f}", val_stop=f"{score:.4f}")
-        if score > best:
-            best, best_state, bad = score, copy.deepcopy(composite.student.state_dict()), 0
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                break
-    if best_state is not None:
-        composite.student.load_state_dict(best_state)
+        if stop.update(score, composite.student.state_dict()):
+            break
+    if stop.best_state is not None:
+        composite.student.load_state_dict(stop.best_state)
     # the ID scorer's own warm figure, which a choice may spend on cold users (``choose``)
     reference = judges.warm(composite.teacher.eval()) if judges.cold else None
     similarities = cfg.similarities if composite.r else (0.0,)
     info = pick_gate_and_boost(
         composite, composite, composite.boost, judges, cfg, similarities, reference, progress
     )
-    log.info("student: %d epochs", epochs)  # the choice is logged by pick_gate_and_boost
-    return composite, info | {"student_epochs": epochs}
+    kept = stop.kept()
+    log.info("student: %d epochs, kept the mean of epochs %s (validation %.4f)", epochs, kept, stop.best)
+    return composite, info | {"student_epochs": epochs, "student_kept_epochs": kept}
 
 
 def pick_gate_and_boost(
