@@ -345,20 +345,21 @@ class CompositeSettings(Section):
     patience: int = Field(
         15,
         ge=1,
-        description="Student validations without gain before stopping. The cold-validation "
-        "figure it stops on is noisy (a few hundred users): at 6, both beauty-2k split 2 "
-        "students stopped at epoch 7 on epoch 1's spike, 0.94x (pooled text) and 0.99x (SAID) "
-        "their teachers; at 15 they train 55-59 epochs, 1.07x and 1.08x (docs/quality-mixed.md, "
-        "stop 47).",
+        description="Full windows of student epochs (`window`) without a better mean before "
+        "stopping. The cold-validation figure it stops on is noisy (a few hundred users): with "
+        "single epochs and patience 6, both beauty-2k split 2 students stopped at epoch 7 on "
+        "epoch 1's spike, 0.94x (pooled text) and 0.99x (SAID) their teachers; at 15 they "
+        "trained 55-59 epochs, 1.07x and 1.08x (docs/quality-mixed.md, stop 47).",
     )
     window: int = Field(
         5,
         ge=1,
         description="Student epochs judged together: early stopping compares the mean of the "
-        "last `window` epochs' cold-validation figures, and the kept student is the mean of "
-        "those epochs' weights (training.composite.WindowStop). At 1, the single best epoch is "
-        "kept, its luckiest draw of a figure that moves by +-0.002 between epochs on a few "
-        "hundred users (docs/quality-mixed.md, stop 48).",
+        "last `window` epochs' stopping figures (the cold-validation users' MRR; the warm "
+        "users' NDCG@10 where too few are cold), and the kept student is the mean of those "
+        "epochs' weights (training.composite.WindowStop); capped at `epochs`. At 1, the single "
+        "best epoch is kept: its luckiest draw of a figure that moves by +-0.002 between "
+        "epochs. Neutral on test over two beauty-2k draws (docs/quality-mixed.md, stop 48).",
     )
     lr: float = Field(1e-3, gt=0, description="Student Adam rate.")
     batch_size: int = Field(1024, ge=1, description="Teacher user states per student step.")

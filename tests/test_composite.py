@@ -513,8 +513,9 @@ def test_the_student_stops_on_cold_users_and_reports_the_mixed_figure():
     judged = Judges(judge("warm", 0.1, -0.01), judge("cold", 0.02, 0.01), 3, 1)
     cfg = CompositeSettings(epochs=3, patience=10, gate_kappas=(0.0,), boosts=(0.0, 1.0))
     _, info = train_student(model, [[1, 2, 3]], judged, cfg, CPU, False)
-    assert calls == {"warm": 1 + 2, "cold": 3 + 2}, (
-        "3 epochs stopped on cold users; the teacher's warm figure; each choice judged on both"
+    assert calls == {"warm": 1 + 2, "cold": 3 + 1 + 2}, (
+        "3 epochs stopped on cold users, then the kept student; the teacher's warm figure; "
+        "each choice judged on both"
     )
     assert info["boost"] == 0.0, "boost 1 costs 10% of the warm figure"
     assert abs(info["best_val_ndcg@10"] - (3 * 0.1 + 0.02) / 4) < 1e-9
@@ -526,12 +527,13 @@ SPLIT2_CURVE = [0.0116, 0.0090, 0.0103, 0.0102, 0.0114, 0.0115, 0.0109, 0.0110, 
 SPLIT2_CURVE += [0.0118, 0.0110, 0.0119, 0.0121, 0.0129, 0.0122, 0.0132, 0.0126, 0.0132, 0.0126]
 
 
-def _run(stop: WindowStop, curve: list[float]) -> int:
-    """Feed ``curve`` with epoch e's weights all e; returns the epochs run."""
+def _run(stop: WindowStop, curve: list[float]) -> int | None:
+    """Feed ``curve`` with epoch e's weights all e; returns the epoch it stopped at (None:
+    it never asked to)."""
     for epoch, figure in enumerate(curve, 1):
         if stop.update(figure, {"w": torch.full((2,), float(epoch))}):
             return epoch
-    return len(curve)
+    return None
 
 
 def test_a_window_of_epochs_outlasts_an_early_spike_that_stops_the_single_best_epoch():
@@ -540,7 +542,7 @@ def test_a_window_of_epochs_outlasts_an_early_spike_that_stops_the_single_best_e
     assert single.kept() == [1, 1] and single.best_state["w"].tolist() == [1.0, 1.0]
 
     window = WindowStop(window=5, patience=6)
-    assert _run(window, SPLIT2_CURVE) == 20, "the window's mean keeps climbing"
+    assert _run(window, SPLIT2_CURVE) is None, "the window's mean keeps climbing"
     assert window.kept() == [15, 19]
     assert window.best_state["w"].tolist() == [17.0, 17.0], "the mean of epochs 15-19's weights"
     assert abs(window.best - sum(SPLIT2_CURVE[14:19]) / 5) < 1e-12
@@ -553,6 +555,41 @@ def test_no_window_is_judged_before_it_is_full():
     assert not stop.update(0.0, {"w": torch.ones(1)}), "the first full window is the best so far"
     assert stop.update(0.0, {"w": torch.ones(1)}), "a worse mean after patience 1 stops"
     assert stop.kept() == [1, 3]
+
+
+def _scripted_student(curve: list[float], **cfg) -> tuple[dict, list[dict], torch.nn.Module]:
+    """train_student with a stopping judge that returns ``curve`` epoch by epoch (then 0) and
+    records the student's weights each time it is asked; returns (info, weights, student)."""
+    torch.manual_seed(0)
+    model = Composite(_teacher(torch.randn(11, 8)), torch.randn(11, 12), torch.tensor([0] + [2.0] * 10), 0.1)
+    seen: list[dict] = []
+
+    def stop(m: Composite) -> float:
+        seen.append({k: v.clone() for k, v in m.student.state_dict().items()})
+        return curve[len(seen) - 1] if len(seen) <= len(curve) else 0.0
+
+    judged = Judges(lambda m: 0.1, None, 1, 0, stop=stop)
+    settings = CompositeSettings(gate_kappas=(0.0,), boosts=(0.0,), similarities=(0.0,), lr=1e-2, **cfg)
+    _, info = train_student(model, [[1, 2, 3], [4, 5, 6, 7]], judged, settings, CPU, False)
+    return info, seen, model.student
+
+
+def test_the_student_keeps_the_mean_weights_of_its_best_window_of_epochs():
+    curve = [0.9, 0.1, 0.1, 0.5, 0.6, 0.7, 0.1, 0.1, 0.9, 0.9]  # windows of 3: best 4-6, then 2 worse
+    info, seen, student = _scripted_student(curve, epochs=10, window=3, patience=2)
+    assert info["student_epochs"] == 8 and info["student_kept_epochs"] == [4, 6]
+    for name, value in student.state_dict().items():
+        mean = torch.stack([seen[e - 1][name] for e in (4, 5, 6)]).mean(0)
+        assert torch.allclose(value, mean), f"{name}: not the mean of epochs 4-6"
+        assert not torch.allclose(value, seen[5][name]), f"{name}: epoch 6's own weights"
+    assert torch.equal(seen[8]["0.weight"], student.state_dict()["0.weight"]), "the kept one is judged"
+
+
+def test_a_student_with_fewer_epochs_than_its_window_keeps_them_all():
+    info, seen, student = _scripted_student([0.3, 0.2], epochs=2, window=5, patience=1)
+    assert info["student_epochs"] == 2 and info["student_kept_epochs"] == [1, 2]
+    mean = torch.stack([seen[e]["3.weight"] for e in (0, 1)]).mean(0)
+    assert torch.allclose(student.state_dict()["3.weight"], mean)
 
 
 def test_the_supervised_term_teaches_the_student_what_users_chose_next():
@@ -574,7 +611,7 @@ def test_the_supervised_term_teaches_the_student_what_users_chose_next():
 
     before = hits()
     cfg = CompositeSettings(epochs=200, patience=200, lr=1e-2, align_weight=0.0, rank_weight=0.0)
-    calls = iter(range(10_000))  # each validation better than the last: the last epoch is kept
+    calls = iter(range(10_000))  # each validation better than the last: the last window is kept
     train_student(model, seqs, Judges(lambda m: next(calls), None, 1, 0), cfg, CPU, progress=False)
     assert before <= 6 and hits() == len(seqs), f"{before} -> {hits()} of {len(seqs)} next items on top"
 

@@ -206,7 +206,10 @@ class WindowStop:
     steadier judge, and the mean of its weights (as stochastic weight averaging does) is a
     student that was good for ``window`` epochs, not for one draw of the noise. No window is
     judged before it is full, so the first epochs cannot win on their own. ``window`` 1 is
-    the plain rule: the best epoch's weights."""
+    the plain rule: the best epoch's weights. One spike still moves a window's mean by a
+    fifth of its size, so a window holding it may still win; it can no longer win alone.
+    A NaN figure makes every window holding it lose, as a NaN epoch lost before; states
+    are float tensors (the student has no integer buffers)."""
 
     def __init__(self, window: int, patience: int) -> None:
         self.window, self.patience = window, patience
@@ -257,8 +260,8 @@ def train_student(
 
     Returns the composite and {best_val_ndcg@10 (mixed), val_warm_ndcg@10,
     val_cold_ndcg@10, student_epochs, student_kept_epochs (the first and last of the kept
-    window), kappa, boost, similarity, val_cold_share_top10,
-    val_by_choice}: ``pick_gate_and_boost``'s."""
+    window), student_val_stop (the kept student's stopping figure), kappa, boost,
+    similarity, val_cold_share_top10, val_by_choice}: ``pick_gate_and_boost``'s."""
     composite.to(device)
     warm = (composite.counts > 0).nonzero().squeeze(1)
     warm = warm[warm > 0]  # (W,) item ids with interactions
@@ -302,6 +305,7 @@ def train_student(
             break
     if stop.best_state is not None:
         composite.student.load_state_dict(stop.best_state)
+    kept_figure = judges.stopping()(composite.eval())  # the averaged student's own figure
     # the ID scorer's own warm figure, which a choice may spend on cold users (``choose``)
     reference = judges.warm(composite.teacher.eval()) if judges.cold else None
     similarities = cfg.similarities if composite.r else (0.0,)
@@ -309,8 +313,19 @@ def train_student(
         composite, composite, composite.boost, judges, cfg, similarities, reference, progress
     )
     kept = stop.kept()
-    log.info("student: %d epochs, kept the mean of epochs %s (validation %.4f)", epochs, kept, stop.best)
-    return composite, info | {"student_epochs": epochs, "student_kept_epochs": kept}
+    log.info(
+        "student: %d epochs, kept the mean weights of epochs %s (their figures' mean %.4f; "
+        "the kept student's %.4f)",
+        epochs,
+        kept,
+        stop.best,
+        kept_figure,
+    )
+    return composite, info | {
+        "student_epochs": epochs,
+        "student_kept_epochs": kept,
+        "student_val_stop": kept_figure,
+    }
 
 
 def pick_gate_and_boost(

@@ -210,7 +210,15 @@ def train_composite(
         device,
         progress,
     )
-    kept = ("student_epochs", "kappa", "boost", "similarity", "val_warm_ndcg@10", "val_cold_ndcg@10")
+    kept = (
+        "student_epochs",
+        "student_kept_epochs",
+        "kappa",
+        "boost",
+        "similarity",
+        "val_warm_ndcg@10",
+        "val_cold_ndcg@10",
+    )
     kept += ("val_cold_share_top10",)  # fresh items' exposure, where no cold user could judge
     return composite, info | {k: student[k] for k in kept}
 
@@ -349,6 +357,7 @@ def retrain_once(
         "known_through": known,  # items above this index were its cold-validation set (None: hashed)
         "epochs": info["epochs"],
         "student_epochs": info["student_epochs"],
+        "student_kept_epochs": info["student_kept_epochs"],  # the window whose mean weights it kept
         "kappa": info["kappa"],
         "boost": info["boost"],
         "similarity": info["similarity"],
