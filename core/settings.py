@@ -360,7 +360,7 @@ class CompositeSettings(Section):
         "epochs' weights (training.composite.WindowStop); capped at `epochs`. At 1, the single "
         "best epoch is kept: its luckiest draw of a figure that moves by +-0.002 between "
         "epochs. Neutral on two beauty-2k draws; on tail3k +3% for the text composite, and the "
-        "SAID one kept its cold users (2.41x text, 0.32x at 1) (docs/quality-mixed.md, stop 48).",
+        "SAID one kept its cold users (2.41x text, 0.31x at 1) (docs/quality-mixed.md, stop 48).",
     )
     lr: float = Field(1e-3, gt=0, description="Student Adam rate.")
     batch_size: int = Field(1024, ge=1, description="Teacher user states per student step.")
