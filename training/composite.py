@@ -277,10 +277,8 @@ def train_student(
     composite.boost.fill_(0.0)  # similarity; all three are picked after, on validation
     composite.similarity.fill_(0.0)
     stop = WindowStop(min(cfg.window, cfg.epochs), cfg.patience)
-    epochs = 0
     bar = tqdm(range(cfg.epochs), desc="train student", disable=not progress)
     for _ in bar:
-        epochs += 1
         composite.train()
         total = 0.0
         for b in torch.randperm(len(states), device=device).split(cfg.batch_size):
@@ -316,13 +314,13 @@ def train_student(
     log.info(
         "student: %d epochs, kept the mean weights of epochs %s (their figures' mean %.4f; "
         "the kept student's %.4f)",
-        epochs,
+        stop.epoch,
         kept,
         stop.best,
         kept_figure,
     )
     return composite, info | {
-        "student_epochs": epochs,
+        "student_epochs": stop.epoch,
         "student_kept_epochs": kept,
         "student_val_stop": kept_figure,
     }
