@@ -305,6 +305,23 @@ class Decoded:
 
 
 NOT_DECODED = Decoded(None, None, None)
+
+# What a composite's student reads as an item's content (``SAID_COMPOSITE_CONTENT``).
+CONTENTS = ("said", "text")
+
+
+def content_version(aligner_version: str, content: str) -> str:
+    """The ``item_embeddings.model_version`` of an aligner's rows of one content: its SAID
+    vectors under its own version, the pooled LLM text features of the same items (the
+    fresh estimate's input, which its writers compute anyway) under ``<version>/text``.
+
+    Tied to the aligner version, so every writer that fills one fills the other in the same
+    transaction, and a scorer of that aligner finds either with the rules it already has."""
+    if content not in CONTENTS:
+        raise ValueError(f"unknown content {content!r}: one of {', '.join(CONTENTS)}")
+    return aligner_version if content == "said" else f"{aligner_version}/{content}"
+
+
 # what a rewrite of an item's embedding in a version replaces (all but the key)
 UPSERTED = ("text_hash", "vector", "loss", "kind", "created_at", "seq", "decoded", "token_accuracy", "exact")
 

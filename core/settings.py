@@ -339,6 +339,19 @@ class CompositeSettings(Section):
             "1.11x `id` on two beauty-2k draws, 3-4% behind 'text-init' (stop 47)."
         ),
     )
+    content: Literal["said", "text"] = Field(
+        "said",
+        description=(
+            "What the served student maps into the teacher's space, and where the served "
+            "teacher's rows start: 'said', the aligner's SAID vectors; 'text', the pooled LLM "
+            "text features the worker and `said aligner train` store beside them (a fresh "
+            "item's text row is final at its first estimate). Validation is split: over "
+            "three draws it preferred 'text' on two and 'said' on one, means 0.0840 and "
+            "0.0842; test preferred 'text' on all three (1.13x, 1.24x, 1.28x `id` against "
+            "1.06x, 1.18x, 1.22x; docs/quality-mixed.md, stop 49). A switch applies at the "
+            "next retrain; items aligned before stop 49 have no text rows until realigned."
+        ),
+    )
     epochs: int = Field(
         60, ge=1, description="Most student epochs (early stopping on the cold-validation users)."
     )

@@ -1,8 +1,10 @@
 """How the scorer turns SAID vectors into index vectors and a history into a query.
 
-Three scorers share one small interface (``version``, ``dim``, ``silent``,
+Three scorers share one small interface (``version``, ``dim``, ``silent``, ``content``,
 ``item_vectors(ids, said)``, ``query``); ``silent`` is how many trailing index columns no
-query meets, which the index stores beside its search structures (``scorer/index.py``):
+query meets, which the index stores beside its search structures (``scorer/index.py``);
+``content`` is which of the aligner's rows it maps (``core.catalogue.content_version``):
+its SAID vectors, or for a composite trained on them, the pooled text features stored beside them:
 - ``CompositeScorer``: the warm/cold composite ``said scorer train`` trains and promotes. An item
   the teacher trained on is indexed with its gated vector (its ID row, mostly); any other
   item, a fresh one above all, with the student's vector of its SAID row, the moment the
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.catalogue import CONTENTS
 from core.files import load_torch
 from models.composite import Composite, composite_from
 from models.sasrec import SASRec, load_sasrec
@@ -36,6 +39,7 @@ def normalise(v: np.ndarray) -> np.ndarray:
 class CosineScorer:
     def __init__(self, aligner_version: str, dim: int) -> None:
         self.version, self.dim, self.silent = f"cosine-{aligner_version}", dim, 0
+        self.content = "said"
 
     def item_vectors(self, ids: np.ndarray, said: np.ndarray) -> np.ndarray:
         return normalise(said.astype(np.float32))  # (n, D)
@@ -49,7 +53,7 @@ class SASRecScorer:
 
     def __init__(self, model: SASRec, version: str) -> None:
         self.model, self.version, self.dim = model.eval(), version, model.cfg.hidden
-        self.silent = 0
+        self.silent, self.content = 0, "said"
 
     @torch.inference_mode()
     def item_vectors(self, ids: np.ndarray, said: np.ndarray) -> np.ndarray:
@@ -65,9 +69,10 @@ class CompositeScorer(SASRecScorer):
 
     model: Composite
 
-    def __init__(self, model: Composite, version: str) -> None:
+    def __init__(self, model: Composite, version: str, content: str = "said") -> None:
         super().__init__(model, version)
         self.silent = model.read_width()  # the history-read block: read back, never scored
+        self.content = content  # what its student was trained on (a file from before: SAID)
 
     @torch.inference_mode()
     def item_vectors(self, ids: np.ndarray, said: np.ndarray) -> np.ndarray:
@@ -81,6 +86,9 @@ def load_scorer(path: Path, version: str) -> tuple[SASRecScorer, dict]:
     saved = load_torch(path)
     if isinstance(saved, dict) and saved.get("kind") == "composite":
         model, meta = composite_from(saved, str(path))
-        return CompositeScorer(model, version), meta
+        content = meta.get("content", "said")
+        if content not in CONTENTS:  # a file this code cannot serve: declined, reported
+            raise ValueError(f"{path}: a student of unknown content {content!r}")
+        return CompositeScorer(model, version, content), meta
     model, meta = load_sasrec(path)
     return SASRecScorer(model, version), meta

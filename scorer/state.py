@@ -52,6 +52,7 @@ from core import metrics
 from core.catalogue import (
     EmbeddingRows,
     TextChanges,
+    content_version,
     embeddings_of,
     embeddings_since,
     item_change_watermark,
@@ -198,7 +199,7 @@ class ServingState:
         a newer one is read by the next refresh, which follows at once. An item whose
         current vector the snapshot lacks (its text changed back) gets it."""
         with self.reads.connect() as conn:
-            state = text_changes_since(conn, self.aligner_version, -1)  # every item, one read
+            state = text_changes_since(conn, self._rows(served.scorer), -1)  # every item, one read
         indexed = set(served.index.ids().tolist())
         for idx, text, vec_text, vec_seq, live in zip(
             state.ids, state.text_hashes, state.vector_hashes, state.vector_seqs, state.live, strict=True
@@ -218,7 +219,7 @@ class ServingState:
     def _build(self, scorer: Scorer) -> Served:
         with self.reads.connect() as conn:
             changed_through = item_change_watermark(conn)  # first: a later change is re-read
-            every = embeddings_since(conn, self.aligner_version).fresh()
+            every = embeddings_since(conn, self._rows(scorer)).fresh()
         self._name(every)
         found = every.where(every.live)
         index = ItemIndex(scorer.dim, self.cfg, scorer.silent)
@@ -228,6 +229,11 @@ class ServingState:
         served = Served(scorer, index, found.newest, hashes, changed_through, self._newest(found.ids))
         served.held.update(self._mapped(scorer, every.where(~every.live)))
         return served
+
+    def _rows(self, scorer: Scorer) -> str:
+        """The embedding version ``scorer`` maps: the served aligner's rows of its content
+        (SAID vectors, or the text features stored beside them)."""
+        return content_version(self.aligner_version, scorer.content)
 
     @staticmethod
     def _mapped(scorer: Scorer, rows: EmbeddingRows) -> dict[int, np.ndarray]:
@@ -359,10 +365,10 @@ class ServingState:
         served = self.served
         with self.reads.connect() as conn:
             new_ids = item_ids_after(conn, self._named_through)  # history ids, vector or not
-            changes = text_changes_since(conn, self.aligner_version, served.item_watermark)
+            changes = text_changes_since(conn, self._rows(served.scorer), served.item_watermark)
         self._apply_changes(served, changes)  # before the embeddings: they are read later
         with self.reads.connect() as conn:
-            found = embeddings_since(conn, self.aligner_version, served.watermark)
+            found = embeddings_since(conn, self._rows(served.scorer), served.watermark)
         every = found.fresh()
         fresh, held = every.where(every.live), every.where(~every.live)
         mapped = served.scorer.item_vectors(fresh.ids, fresh.vectors) if len(fresh.ids) else None
@@ -427,7 +433,7 @@ class ServingState:
         found = None
         if back:
             with self.reads.connect() as conn:
-                found = embeddings_of(conn, self.aligner_version, back)
+                found = embeddings_of(conn, self._rows(served.scorer), back)
             out += found.ids[found.stale].tolist()
             found = found.fresh()
             self._name(found)

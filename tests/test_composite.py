@@ -12,6 +12,7 @@ from models.blend import Blend, log_probs
 from models.composite import Composite, load_composite, save_composite
 from models.ranking import recall_ndcg
 from models.sasrec import SASRec, SASRecConfig, init_id_rows
+from scorer.scorers import load_scorer
 from training.composite import (
     Judges,
     WindowStop,
@@ -781,3 +782,17 @@ def test_each_scorer_is_put_on_log_probabilities_over_its_own_items():
     every = log_probs(scores)
     assert every[:, 0].eq(float("-inf")).all(), "masked stays masked"
     assert torch.allclose(every[:, 1:].exp().sum(1), torch.ones(2)), "over every finite item"
+
+
+def test_a_composite_says_which_content_it_maps_and_one_of_unknown_content_is_refused(tmp_path):
+    """A replica maps an item's rows of the content the student was trained on; a file
+    without the key is from before the setting (SAID), and one of a content this code does
+    not know is refused with its reason, not served on the wrong rows."""
+    torch.manual_seed(0)
+    model = Composite(_teacher(torch.randn(11, 8)), torch.randn(11, 12), torch.tensor([0] + [2.0] * 10), 0.1)
+    for meta, content in (({}, "said"), ({"content": "text"}, "text")):
+        path = save_composite(tmp_path / f"{content}.pt", model.eval(), meta)
+        assert load_scorer(path, "v1")[0].content == content
+    path = save_composite(tmp_path / "odd.pt", model.eval(), {"content": "images"})
+    with pytest.raises(ValueError, match="unknown content 'images'"):
+        load_scorer(path, "v1")

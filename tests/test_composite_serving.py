@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from fastapi.testclient import TestClient
 
-from core.catalogue import insert_interactions, load_embeddings, write_embeddings
+from core.catalogue import content_version, insert_interactions, load_embeddings, write_embeddings
 from core.events import InteractionEvent
 from core.settings import ApiSettings, IndexSettings, Settings
 from core.versions import active_version
+from models.composite import Composite
 from said.cli import main
 from scorer.app import create_app
 from scorer.scorers import CompositeScorer
@@ -52,11 +53,12 @@ def clicks(engine, rows: list[tuple[str, int, datetime]], kind: str = "click") -
         insert_interactions(conn, evs, {f"i{idx - 1}": idx for _, idx, _ in rows})
 
 
-def new_items_like(engine, bundle, like: dict[int, int]) -> dict[int, np.ndarray]:
-    """Embed new items ``{new index: old index}`` at an old item's vector plus noise, as a
-    first estimate of a new edition is: their vectors, by index."""
+def new_items_like(engine, bundle, like: dict[int, int], content: str = "said") -> dict[int, np.ndarray]:
+    """Embed new items ``{new index: old index}`` at an old item's row of ``content`` plus
+    noise, as a first estimate of a new edition is: their rows, by index."""
+    version = content_version(bundle.version, content)
     with engine.connect() as conn:
-        ids, vectors = load_embeddings(conn, bundle.version)
+        ids, vectors = load_embeddings(conn, version)
     by_idx = dict(zip(ids.tolist(), vectors, strict=True))
     rng = np.random.default_rng(0)
     out = {
@@ -68,8 +70,8 @@ def new_items_like(engine, bundle, like: dict[int, int]) -> dict[int, np.ndarray
     with engine.begin() as conn:
         write_embeddings(
             conn,
-            bundle.version,
-            "estimate",
+            version,
+            "estimate" if content == "said" else content,
             idx,
             hashes,
             np.stack([out[i] for i in idx]),
@@ -157,6 +159,47 @@ def test_a_fresh_item_is_ranked_by_the_student_within_a_second_then_graduates(se
     assert np.allclose(graduated[z_end:] * 2.0**20, row, atol=1e-4), "read: its ID row"
     start = model._start_rows(model._student_input(torch.from_numpy(vector)[None]), model.start_scale)
     assert np.allclose(now_student[z_end:] * 2.0**20, start[0].detach().numpy(), atol=1e-4)
+
+
+def test_a_composite_of_text_content_serves_every_item_by_its_text_row(served, cli_env, capsys, monkeypatch):
+    """SAID_COMPOSITE_CONTENT=text: the student maps the pooled text features stored beside
+    the aligner's vectors; replicas index each item by its text row, a fresh one the moment
+    its row is written, and an item with a SAID vector only is not served by it."""
+    engine, bundle, data, state = served
+    first = said_retrain(cli_env, capsys, engine, data, SAID_COMPOSITE_CONTENT="text")
+    assert first["promoted"] and first["content"] == "text", first
+    state.refresh()
+    assert state.version == first["version"] and state.served.scorer.content == "text"
+    model = state.served.scorer.model
+    with engine.connect() as conn:
+        ids, feats = load_embeddings(conn, content_version(bundle.version, "text"))
+    expected = model.vectors_of(torch.from_numpy(ids), torch.from_numpy(feats)).detach().numpy()
+    indexed = np.stack([state.served.index.vector(i) for i in ids.tolist()])
+    np.testing.assert_allclose(indexed, expected, atol=1e-5)
+
+    add_items(engine, 24, 2)  # i24 and i25, indexes 25 and 26
+    text_row = new_items_like(engine, bundle, {25: 1}, content="text")[25]
+    new_items_like(engine, bundle, {26: 6})  # a SAID estimate (like i5), and no text row yet
+    state.refresh()
+    fresh = model.vectors_of(torch.tensor([25]), torch.from_numpy(text_row)[None])[0].detach().numpy()
+    np.testing.assert_allclose(state.served.index.vector(25), fresh, atol=1e-5)
+    assert 26 not in state.served.hashes, "served by its text row only"
+    new_items_like(engine, bundle, {26: 2}, content="text")  # its text row: like i1's
+    state.refresh()
+    assert 26 in state.served.hashes
+
+    # an operator switches back: due at once, and the active one is compared on its own rows
+    assert retrain.is_due(engine, quick(data, composite_content="said"))
+    read: list[torch.Tensor] = []
+    use_content = Composite.use_content
+    monkeypatch.setattr(Composite, "use_content", lambda m, t: read.append(t) or use_content(m, t))
+    second = said_retrain(cli_env, capsys, engine, data, SAID_COMPOSITE_CONTENT="said")
+    assert second["content"] == "said" and second["warm"]["active_ndcg@10"] is not None, second
+    with engine.connect() as conn:
+        ids, feats = load_embeddings(conn, content_version(bundle.version, "text"))
+    assert any(t.shape[0] > ids.max() and torch.equal(t[ids], torch.from_numpy(feats)) for t in read), (
+        "the active composite read its text rows"
+    )
 
 
 def test_the_guard_refuses_a_candidate_worse_on_cold_targets_only(served, monkeypatch, cli_env, capsys):
@@ -293,7 +336,7 @@ def test_content_start_keeps_random_rows_without_content_and_needs_two_items():
     table = torch.randn(7, 16)
     table[0] = 0.0
     table[5] = 0.0  # item 5: no embedding yet
-    data = retrain.TrainingData(table, set(), [[1, 2, 3], [2, 4, 6]], ([], []), ([], []))
+    data = retrain.TrainingData(table, "said", set(), [[1, 2, 3], [2, 4, 6]], ([], []), ([], []))
     teacher = SASRec(SASRecConfig(n_items=6, hidden=8))
     before = teacher.id_emb.weight.detach().clone()
     retrain.content_start(teacher, data)

@@ -29,7 +29,7 @@ from core.tables import interactions, item_embeddings, items
 from said.broker import ensure_topics
 from scorer.index import ItemIndex, latest_snapshot
 from tests.support import faultlog
-from tests.support.catalogue import POSITIVES, add_items, text_hashes
+from tests.support.catalogue import POSITIVES, SAID_ROWS, add_items, text_hashes
 from tests.support.kafka_util import click_event, committed_offsets, load_items, produce_json
 from updater.leases import pending_count
 from updater.worker import UpdateWorker
@@ -248,7 +248,8 @@ def test_postgres_restarted_while_the_worker_holds_a_lease(pg, tiny_hf_folder, t
     recovery = _wait(lambda: not thread.is_alive(), 300, "worker finished after the outage")
     with engine.connect() as conn:
         assert pending_count(conn) == 0
-        embedded = conn.execute(select(func.count()).select_from(item_embeddings)).scalar_one()
+        said_rows = select(func.count()).select_from(item_embeddings).where(SAID_ROWS)
+        embedded = conn.execute(said_rows).scalar_one()
     # completions, counted by the worker: a job completed twice would count twice
     faultlog.record(
         "PostgreSQL restarted while the worker holds a lease", 1, 24 - embedded, worker.done - 8, recovery
@@ -262,7 +263,7 @@ def _kinds(engine) -> list[str] | None:
             return (
                 conn.execute(
                     select(item_embeddings.c.kind)
-                    .where(item_embeddings.c.item_idx > 16)
+                    .where(item_embeddings.c.item_idx > 16, SAID_ROWS)
                     .order_by(item_embeddings.c.item_idx)
                 )
                 .scalars()
@@ -358,7 +359,7 @@ def _embedding(engine, idx: int):
     with engine.connect() as conn:
         return conn.execute(
             select(item_embeddings.c.kind, item_embeddings.c.text_hash, item_embeddings.c.seq).where(
-                item_embeddings.c.item_idx == idx
+                item_embeddings.c.item_idx == idx, SAID_ROWS
             )
         ).first()
 

@@ -14,7 +14,7 @@ from core.settings import ApiSettings
 from core.tables import item_embeddings
 from said.cli import main
 from scorer.app import create_app
-from tests.support.catalogue import add_items
+from tests.support.catalogue import SAID_ROWS, add_items
 from updater.worker import UpdateWorker
 
 
@@ -29,7 +29,9 @@ def test_inspect_shows_the_reconstruction_and_the_nearest_items(aligned, db_url,
     engine, bundle, *_ = aligned
     e = item_embeddings.c
     with engine.connect() as conn:
-        stored = conn.execute(select(e.decoded, e.token_accuracy, e.exact).where(e.item_idx == 4)).one()
+        stored = conn.execute(
+            select(e.decoded, e.token_accuracy, e.exact).where(e.item_idx == 4, SAID_ROWS)
+        ).one()
     assert isinstance(stored.decoded, str) and stored.token_accuracy is not None, "said align stored it"
     found = json.loads(_inspect(cli_env, capsys, db_url, "i3", "--json", "--k", "3"))
     assert found["item_id"] == "i3" and found["aligner_version"] == bundle.version

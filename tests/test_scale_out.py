@@ -17,7 +17,7 @@ from core.catalogue import count_rows
 from core.db import make_engine
 from core.events import TOPIC_INTERACTIONS
 from core.tables import interactions, item_embeddings
-from tests.support.catalogue import add_items
+from tests.support.catalogue import SAID_ROWS, add_items
 from tests.support.kafka_util import click_event, load_items, produce_json
 from updater.leases import pending_count
 from updater.worker import UpdateWorker, worker_owner
@@ -82,7 +82,7 @@ def test_two_workers_split_fresh_items_without_overlap(aligned):
     fenced = _run_to_idle(workers, engine)
     with engine.connect() as conn:
         kinds = (
-            conn.execute(select(item_embeddings.c.kind).where(item_embeddings.c.item_idx > 24))
+            conn.execute(select(item_embeddings.c.kind).where(item_embeddings.c.item_idx > 24, SAID_ROWS))
             .scalars()
             .all()
         )

@@ -19,7 +19,7 @@ from core.tables import item_embeddings
 from scorer.app import create_app
 from scorer.state import ServingState
 from tests.support import faultlog
-from tests.support.catalogue import POSITIVES, add_users
+from tests.support.catalogue import POSITIVES, SAID_ROWS, add_users
 from updater.leases import MAX_FAILURES, fail_jobs, lease_jobs
 from updater.worker import UpdateWorker
 
@@ -104,7 +104,7 @@ def test_the_new_texts_first_estimate_is_served_within_a_second(aligned):
             if estimated is None:
                 with engine.connect() as conn:
                     row = conn.execute(
-                        select(item_embeddings.c.text_hash).where(item_embeddings.c.item_idx == 3)
+                        select(item_embeddings.c.text_hash).where(item_embeddings.c.item_idx == 3, SAID_ROWS)
                     ).scalar()
                 if row == new_hash:
                     estimated = time.monotonic()

@@ -20,24 +20,48 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from core.catalogue import load_embeddings, upsert_items
-from core.events import ItemEvent
+from core.catalogue import content_version, load_embeddings, upsert_items
+from core.events import ItemEvent, item_text
 from core.tables import alignment_jobs, item_embeddings, items
 from core.versions import active_version
 from models.bundle import AlignerBundle
-from tests.support.catalogue import CPU, add_items
+from models.llm import pooled_text_features
+from tests.support.catalogue import CPU, SAID_ROWS, add_items
 from updater.leases import pending_count
 from updater.worker import UpdateWorker
 
 
 def test_full_alignment_activates_a_version_and_embeds_every_item(aligned):
-    engine, bundle, *_ = aligned
+    engine, bundle, lm, *_ = aligned
     assert active_version(engine, "aligner")[1].exists()
     with engine.connect() as conn:
         ids, vecs = load_embeddings(conn, bundle.version)
         assert pending_count(conn) == 0
         assert set(conn.execute(select(items.c.status)).scalars()) == {"aligned"}
     assert ids.tolist() == list(range(1, 25)) and vecs.shape == (24, 64)
+    assert_text_rows(engine, bundle, lm, range(1, 25), "text")
+
+
+def assert_text_rows(engine, bundle, lm, idx, kind: str) -> None:
+    """These items' ``text`` content rows: their pooled text features, of their current text."""
+    with engine.connect() as conn:
+        ids, feats = load_embeddings(conn, content_version(bundle.version, "text"))
+        rows = conn.execute(
+            select(items.c.idx, items.c.title, items.c.description, items.c.text_hash).order_by(items.c.idx)
+        ).all()
+        kinds = conn.execute(
+            select(item_embeddings.c.kind, item_embeddings.c.text_hash).where(
+                item_embeddings.c.model_version == content_version(bundle.version, "text")
+            )
+        ).all()
+    by_idx = {r.idx: r for r in rows}
+    assert set(idx) <= set(ids.tolist())
+    assert {k for k, _ in kinds} == {kind}
+    assert {h for _, h in kinds} <= {r.text_hash for r in rows}, "of each item's current text"
+    mine = [n for n, i in enumerate(ids.tolist()) if i in set(idx)]
+    texts = [item_text(by_idx[i].title, by_idx[i].description) for i in ids[mine].tolist()]
+    expected = pooled_text_features(lm.model, lm.tok, texts, CPU).numpy()
+    np.testing.assert_allclose(feats[mine], expected, atol=1e-4)
 
 
 def test_worker_aligns_fresh_items_without_touching_old_ones(aligned):
@@ -51,10 +75,17 @@ def test_worker_aligns_fresh_items_without_touching_old_ones(aligned):
     assert worker.run(idle_exit=0.3) == 10
     with engine.connect() as conn:
         ids, vecs = load_embeddings(conn, bundle.version)
-        kinds = dict(conn.execute(select(item_embeddings.c.item_idx, item_embeddings.c.kind)).all())
+        kinds = dict(
+            conn.execute(
+                select(item_embeddings.c.item_idx, item_embeddings.c.kind).where(
+                    item_embeddings.c.model_version == bundle.version
+                )
+            ).all()
+        )
         assert pending_count(conn) == 0
     assert ids.tolist() == list(range(1, 35))
     assert all(kinds[i] == "refined" for i in range(25, 35))
+    assert_text_rows(engine, bundle, lm, range(1, 35), "text")  # the fresh ones' written with their estimate
     np.testing.assert_array_equal(vecs[:24], old_vecs)  # old embeddings bit-identical
     assert torch.equal(bundle.aligner.items.weight, table)
     for k, v in bundle.aligner.projector.state_dict().items():
@@ -80,7 +111,7 @@ def test_killed_worker_lease_expires_and_another_finishes(aligned, tiny_hf_folde
     while time.monotonic() < deadline:  # wait until it is inside refinement
         with engine.connect() as conn:
             kinds = (
-                conn.execute(select(item_embeddings.c.kind).where(item_embeddings.c.item_idx > 24))
+                conn.execute(select(item_embeddings.c.kind).where(item_embeddings.c.item_idx > 24, SAID_ROWS))
                 .scalars()
                 .all()
             )
@@ -96,7 +127,7 @@ def test_killed_worker_lease_expires_and_another_finishes(aligned, tiny_hf_folde
     with engine.connect() as conn:
         assert pending_count(conn) == 0
         refined = (
-            conn.execute(select(item_embeddings.c.kind).where(item_embeddings.c.item_idx > 24))
+            conn.execute(select(item_embeddings.c.kind).where(item_embeddings.c.item_idx > 24, SAID_ROWS))
             .scalars()
             .all()
         )
@@ -186,7 +217,8 @@ def _wait_kind(engine, idx: int, seconds: float, what: str) -> None:
 
 def _kind(engine, idx: int) -> str | None:
     with engine.connect() as conn:
-        return conn.execute(select(item_embeddings.c.kind).where(item_embeddings.c.item_idx == idx)).scalar()
+        kind = select(item_embeddings.c.kind).where(item_embeddings.c.item_idx == idx, SAID_ROWS)
+        return conn.execute(kind).scalar()
 
 
 def test_a_poison_item_is_failed_with_its_reason_and_does_not_block_others(aligned, monkeypatch):

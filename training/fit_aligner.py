@@ -48,6 +48,9 @@ class FittedAligner:
     reference: dict  # fresh-path cohort: the same keys, plus seconds per item
     seconds: float  # of step 2, the alignment proper
     adapters: dict  # LoRA weights trained with the rows (empty with a frozen LLM)
+    # (N, H) pooled text features of the texts, in their order: the rows' start and the
+    # ridge map's input, stored as the ``text`` content (None: a fit rebuilt from a cache)
+    features: torch.Tensor | None = None
 
     @property
     def target_accuracy(self) -> float:
@@ -95,7 +98,7 @@ def fit_aligner(
     local = list(range(len(pick)))
     reference = cohort_fidelity(fresh.soft_tokens, lm, ref_tokens, local, len(pick), progress=progress)
     reference["seconds_per_item"] = per_item_s
-    return FittedAligner(aligner, ridge, history, fid, reference, seconds, adapter_state(lm.model))
+    return FittedAligner(aligner, ridge, history, fid, reference, seconds, adapter_state(lm.model), feats)
 
 
 PER_ITEM = ("losses", "token_accuracy", "decoded", "exact")  # cohort_fidelity's lists, by item

@@ -4,7 +4,8 @@ Resumable: the training checkpoint is keyed by the set of item texts, so a kille
 continues at the batch where it stopped. It leases nothing (a kill strands no job), so the
 worker keeps serving fresh items in the active version meanwhile. At the end, in one
 transaction that holds the item-index lock (no text changes meanwhile): every item whose
-text is still the one aligned gets its embedding and its job finished, the version becomes
+text is still the one aligned gets its embedding (and its pooled text features, the
+``text`` content a composite may read) and its job finished, the version becomes
 active, and every other item (new, or changed during the run) is queued for the workers,
 which switch to the new version. See ``training.fit_aligner`` for the steps and metrics.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from core.catalogue import Decoded, lock_item_index, queue_missing, write_embeddings
+from core.catalogue import Decoded, content_version, lock_item_index, queue_missing, write_embeddings
 from core.db import db_now, retry_on_outage
 from core.events import item_text
 from core.files import remove_stale_temps
@@ -137,6 +138,16 @@ def _publish(engine: Engine, version: str, path: Path, rows, vectors, fit, summa
             [fit.fidelity["losses"][n] for n in same],
             db_now(conn),
             [_decoded(fit.fidelity, n) for n in same],
+        )
+        write_embeddings(  # the text content of the same items (core.catalogue.content_version)
+            conn,
+            content_version(version, "text"),
+            "text",
+            [rows[n].idx for n in same],
+            [rows[n].text_hash for n in same],
+            fit.features[same].numpy(),
+            [None] * len(same),
+            db_now(conn),
         )
         complete_aligned(conn, {rows[n].idx: rows[n].text_hash for n in same})
         record_version(

@@ -39,12 +39,13 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 from sqlalchemy import func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from core import metrics
-from core.catalogue import load_embeddings, user_sequences
+from core.catalogue import content_version, load_embeddings, user_sequences
 from core.files import CorruptFile
 from core.settings import ScorerSettings, Settings
 from core.tables import interactions, items
@@ -100,14 +101,17 @@ def new_since(engine: Engine, last: dict, positives: tuple[str, ...]) -> tuple[i
 
 def is_due(engine: Engine, settings: Settings) -> bool:
     """Enough new positive interactions or items since the last attempt
-    (``settings.retrain``), or a newly activated aligner that no scorer was trained on yet
-    (replicas serve cosine until one is)."""
+    (``settings.retrain``), a newly activated aligner that no scorer was trained on yet
+    (replicas serve cosine until one is), or a content setting the last attempt did not
+    train on (an operator's switch applies now, not at the next burst of clicks)."""
     cfg = settings.retrain
     last = newest_metrics(engine, "scorer")
     if last is None:
         return counts(engine, settings.positives)["interactions"] > 0
     aligner = active_version(engine, "aligner")
     if aligner is not None and last.get("aligner_version") != aligner[0]:
+        return True
+    if last.get("content", "said") != settings.composite.content:
         return True
     new_interactions, new_items = new_since(engine, last, settings.positives)
     return new_interactions >= cfg.min_interactions or new_items >= cfg.min_items
@@ -117,7 +121,8 @@ def is_due(engine: Engine, settings: Settings) -> bool:
 class TrainingData:
     """What a retrain trains and judges on, read from the catalogue in one go."""
 
-    table: torch.Tensor  # (max item index + 1, D) aligner vectors, 0 where none yet
+    table: torch.Tensor  # (max item index + 1, D) content rows (aligner's SAID or text), 0 where none yet
+    content: str  # which (``settings.composite.content``)
     cold: set[int]  # cold-validation items: not trained on, ranked by the student
     histories: list[list[int]]  # every user's history without its last item
     stopping: Slice  # early-stopping slice
@@ -152,23 +157,37 @@ def cold_items(embedded: set[int], known_through: int | None, share: float) -> s
 def training_data(
     engine: Engine, aligner_version: str, settings: Settings, known_through: int | None = None
 ) -> TrainingData:
-    """The catalogue's positive interactions over the items embedded in ``aligner_version``,
-    the cold-validation items (``cold_items``) and the two validation slices
-    (``settings.retrain.valid_users`` each, drawn by ``settings.scorer.seed``)."""
+    """The catalogue's positive interactions over the items with a row of
+    ``aligner_version``'s content (``settings.composite.content``), the cold-validation items
+    (``cold_items``) and the two validation slices (``settings.retrain.valid_users`` each,
+    drawn by ``settings.scorer.seed``)."""
+    content = settings.composite.content
     with engine.connect() as conn:
         by_user = user_sequences(conn, settings.positives)
-        ids, vectors = load_embeddings(conn, aligner_version)
-    if vectors is None:
-        raise RuntimeError(f"no embeddings of aligner {aligner_version}: run `said aligner train` first")
-    table = torch.zeros(int(ids.max()) + 1, vectors.shape[1])
-    table[torch.from_numpy(ids)] = torch.from_numpy(vectors)
+        ids, table = content_table(conn, content_version(aligner_version, content))
+    if table is None:
+        raise RuntimeError(
+            f"no {content} rows of aligner {aligner_version}: run `said aligner train` first"
+            + (" (an aligner from before text rows were stored has none)" if content == "text" else "")
+        )
     embedded = set(ids.tolist())
     by_user = {u: [i for i in s if i in embedded] for u, s in by_user.items()}  # pending: no input yet
     cold = cold_items(embedded, known_through, settings.retrain.cold_share)
     stopping, promotion = validation_slices(by_user, settings.retrain.valid_users, settings.scorer.seed)
     if not stopping[0] or not promotion[0]:
         raise RuntimeError("too few users with 3 positive interactions to early-stop and compare a scorer")
-    return TrainingData(table, cold, [s[:-1] for s in by_user.values()], stopping, promotion)
+    return TrainingData(table, content, cold, [s[:-1] for s in by_user.values()], stopping, promotion)
+
+
+def content_table(conn: Connection, version: str, rows: int = 0) -> tuple[np.ndarray, torch.Tensor | None]:
+    """(ids, (max(max id + 1, ``rows``), D) table) of every row of an embedding version, 0
+    where an item has none (None: no row at all)."""
+    ids, vectors = load_embeddings(conn, version)
+    if vectors is None:
+        return ids, None
+    table = torch.zeros(max(int(ids.max()) + 1, rows), vectors.shape[1])
+    table[torch.from_numpy(ids)] = torch.from_numpy(vectors)
+    return ids, table
 
 
 def train_config(settings: Settings) -> ScorerSettings:
@@ -326,14 +345,17 @@ def retrain_once(
     out_dir = settings.data_dir / "scorer"
     out_dir.mkdir(parents=True, exist_ok=True)
     active = active_version(engine, "scorer")
-    current, of_aligner = _readable(active)
+    current, theirs_meta = _readable(active)
     known = current.teacher.cfg.n_items if current is not None else None
     data = training_data(engine, aligner_version, settings, known)
     candidate, info = train_composite(data, settings, device, progress, current)
-    # the active version is compared only on the vectors it was trained on: after an aligner
+    # the active version is compared only on the rows it was trained on: after an aligner
     # activation its student reads another aligner's rows (replicas decline it anyway)
-    if current is not None and of_aligner == aligner_version:
-        current.use_content(data.table)  # today's catalogue: its newer items are cold to it
+    theirs_table = None
+    if current is not None and theirs_meta.get("aligner_version") == aligner_version:
+        theirs_table = _content_of(engine, theirs_meta, data)
+    if theirs_table is not None:
+        current.use_content(theirs_table)  # today's catalogue: its newer items are cold to it
     else:
         current = None
     mine = group_ndcg(candidate, data, device)
@@ -366,6 +388,7 @@ def retrain_once(
         # with no cold signal, the choice's share of fresh items in warm users' top 10 (else None)
         "val_cold_share_top10": info["val_cold_share_top10"],
         "aligner_version": aligner_version,
+        "content": settings.composite.content,  # which of the aligner's rows its student maps
         "warm_start": active[0] if known is not None else None,
     }
     path = save_composite(out_dir / f"scorer-{version}.pt", candidate.cpu(), record)
@@ -412,23 +435,34 @@ def prune_rejected(engine: Engine, keep: int = KEEP_REJECTED) -> int:
     return gone
 
 
-def _readable(active: tuple[str, Path] | None) -> tuple[Composite | None, str | None]:
+def _readable(active: tuple[str, Path] | None) -> tuple[Composite | None, dict]:
     """The active composite, or None when there is none or its file cannot be read (or is
     of the frozen-table scorer before the composite): then the candidate trains from
     scratch, is compared with nothing, and replaces it (an unreadable model serves nobody).
-    With it, the aligner version it was trained on."""
+    With it, its metadata: the aligner version and content it was trained on."""
     if active is None:
-        return None, None
+        return None, {}
     try:
         model, meta = load_composite(active[1])
         metrics.SERVING_PROBLEMS.labels("scorer").set(0)
-        return model, meta.get("aligner_version")
+        return model, meta
     except (CorruptFile, OSError, ValueError) as exc:
         log.error(
             "active scorer %s cannot be loaded (%s): training from scratch to replace it", active[0], exc
         )
         metrics.SERVING_PROBLEMS.labels("scorer").set(1)
-        return None, None
+        return None, {}
+
+
+def _content_of(engine: Engine, meta: dict, data: TrainingData) -> torch.Tensor | None:
+    """The table the active composite of ``meta`` reads: the candidate's when their content
+    is the same (after an operator's switch, its own content's rows of the same aligner, 0
+    where an item has none; None where there are none at all)."""
+    content = meta.get("content", "said")  # a file from before the setting: SAID
+    if content == data.content:
+        return data.table
+    with engine.connect() as conn:
+        return content_table(conn, content_version(meta["aligner_version"], content), len(data.table))[1]
 
 
 def validation_slices(

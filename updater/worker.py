@@ -3,7 +3,8 @@
 Two threads share one loaded LLM:
   1. **estimate** (its own thread, every ``worker.poll_s``): lease pending items, then pooled
      LLM text features -> ridge map -> item rows -> frozen projector; the vectors are written
-     (kind ``estimate``) at once, and every scorer replica picks them up from the catalogue
+     (kind ``estimate``) at once, with the text features themselves (the ``text``
+     content, kind ``text``: final at once), and every scorer replica picks them up from the catalogue
      within its poll period. It never waits behind a refinement, so a new ad is
      recommendable in about a second even while a long refinement runs. It also renews the
      leases and follows the active aligner version;
@@ -39,7 +40,7 @@ import torch
 from sqlalchemy.engine import Engine
 
 from core import metrics
-from core.catalogue import Decoded, lock_sequence, write_embeddings
+from core.catalogue import Decoded, content_version, lock_sequence, write_embeddings
 from core.db import db_now, retry_on_outage, should_wait
 from core.files import CorruptFile, FailedLoad
 from core.settings import Settings
@@ -433,13 +434,16 @@ class UpdateWorker:
         kind: str,
         losses: list[float | None],
         decoded: list[Decoded] | None = None,
+        text: np.ndarray | None = None,
     ) -> None:
-        """Write the vectors of the leases still held (locked until commit); a lost lease's
-        vector is dropped: another worker owns that item now, or its text changed."""
+        """Write the vectors of the leases still held (locked until commit), and with
+        ``text`` (B, H) their text content beside them in the same transaction; a lost
+        lease's vectors are dropped: another worker owns that item now, or its text changed."""
         with self.engine.begin() as conn:
             lock_sequence(conn)  # first, as every embedding writer does: no lock-order cycle
             keep = {x.item_idx for x in held(conn, self.owner, leases)}
             rows = [n for n, x in enumerate(leases) if x.item_idx in keep]
+            now = db_now(conn)
             write_embeddings(
                 conn,
                 version,
@@ -448,9 +452,20 @@ class UpdateWorker:
                 [leases[n].text_hash for n in rows],
                 vectors[rows],
                 [losses[n] for n in rows],
-                db_now(conn),
+                now,
                 None if decoded is None else [decoded[n] for n in rows],
             )
+            if text is not None:
+                write_embeddings(
+                    conn,
+                    content_version(version, "text"),
+                    "text",
+                    [leases[n].item_idx for n in rows],
+                    [leases[n].text_hash for n in rows],
+                    text[rows],
+                    [None] * len(rows),
+                    now,
+                )
         if len(rows) < len(leases):
             lost = sorted({x.item_idx for x in leases} - keep)
             metrics.FENCED_WRITES.inc(len(lost))
@@ -467,7 +482,8 @@ class UpdateWorker:
         rows = estimate_rows(feats, bundle.ridge).to(self.device)  # (B, d)
         with torch.no_grad():
             vectors = item_vector(bundle.aligner.projector(rows)).float().cpu().numpy()
-        self._publish(bundle.version, leases, vectors, "estimate", [None] * len(leases))
+        text = feats.float().cpu().numpy()
+        self._publish(bundle.version, leases, vectors, "estimate", [None] * len(leases), text=text)
         now = datetime.now(UTC)
         for x in leases:
             metrics.FRESH_ITEM_SECONDS.observe((now - x.received_at).total_seconds())

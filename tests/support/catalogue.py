@@ -14,13 +14,15 @@ from core.catalogue import insert_interactions, upsert_items
 from core.db import make_engine
 from core.events import InteractionEvent, ItemEvent
 from core.settings import Settings
-from core.tables import items
+from core.tables import item_embeddings, items
 from models.aligner import FrozenLM
 from models.llm import load_llm
 from scorer.state import ServingState
 from updater.full_align import align_catalogue
 
 POSITIVES = ("click", "conversion")  # the default training positives, for a ServingState
+# an aligner's SAID vectors, not the text content its writers store beside them (kind "text")
+SAID_ROWS = item_embeddings.c.kind != "text"
 
 CPU = torch.device("cpu")
 NAMES = [
