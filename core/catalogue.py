@@ -216,6 +216,30 @@ def queue_missing(conn: Connection, model_version: str) -> int:
     return queued
 
 
+def missing_text_rows(conn: Connection, aligner_version: str, limit: int) -> list:
+    """Up to ``limit`` items (idx, title, description, text_hash) with a vector of their
+    current text in ``aligner_version`` and no ``text`` content row of it: items aligned
+    before text rows were stored beside vectors (``content_version``)."""
+    said, text_row = item_embeddings.alias("said_row"), item_embeddings.alias("text_row")
+    has_text = (
+        select(text_row.c.item_idx)
+        .where(
+            text_row.c.item_idx == items.c.idx,
+            text_row.c.model_version == content_version(aligner_version, "text"),
+            text_row.c.text_hash == items.c.text_hash,
+        )
+        .exists()
+    )
+    aligned = (said.c.item_idx == items.c.idx) & (said.c.model_version == aligner_version)
+    return conn.execute(
+        select(items.c.idx, items.c.title, items.c.description, items.c.text_hash)
+        .join(said, aligned & (said.c.text_hash == items.c.text_hash))
+        .where(~has_text)
+        .order_by(items.c.idx)
+        .limit(limit)
+    ).all()
+
+
 def resolve_item_ids(conn: Connection, item_ids: Iterable[str]) -> dict[str, int]:
     """Map external item ids to dense indexes; unknown ids are absent from the result."""
     wanted = sorted(set(item_ids))

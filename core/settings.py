@@ -349,7 +349,7 @@ class CompositeSettings(Section):
             "three draws it preferred 'text' on two and 'said' on one, means 0.0840 and "
             "0.0842; test preferred 'text' on all three (1.13x, 1.24x, 1.28x `id` against "
             "1.06x, 1.18x, 1.22x; docs/quality-mixed.md, stop 49). A switch applies at the "
-            "next retrain; items aligned before stop 49 have no text rows until realigned."
+            "next retrain; the worker stores the text rows of items aligned before they were stored."
         ),
     )
     epochs: int = Field(

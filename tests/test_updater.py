@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 import torch
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from core.catalogue import content_version, load_embeddings, upsert_items
 from core.events import ItemEvent, item_text
@@ -90,6 +90,22 @@ def test_worker_aligns_fresh_items_without_touching_old_ones(aligned):
     assert torch.equal(bundle.aligner.items.weight, table)
     for k, v in bundle.aligner.projector.state_dict().items():
         assert torch.equal(v, proj[k])
+
+
+def test_the_worker_stores_the_text_content_of_items_aligned_before_it_was_stored(aligned):
+    """An upgrade: an aligner whose items have vectors and no text rows. Once nothing is
+    pending, the worker writes them (of each item's current text), so a switch to
+    SAID_COMPOSITE_CONTENT=text needs no realignment."""
+    engine, bundle, lm, settings, _ = aligned
+    text_rows = item_embeddings.c.model_version == content_version(bundle.version, "text")
+    with engine.begin() as conn:
+        conn.execute(delete(item_embeddings).where(text_rows, item_embeddings.c.item_idx > 14))
+    now = datetime.now(UTC)
+    with engine.begin() as conn:  # and one text changed since: its new text is aligned first
+        upsert_items(conn, [ItemEvent("i20", "a new title", None, None, now)], now)
+    worker = UpdateWorker(engine, bundle, lm, settings.override(worker_batch=4, refine_epochs=1))
+    assert worker.run(idle_exit=0.3) == 1
+    assert_text_rows(engine, bundle, lm, range(1, 25), "text")
 
 
 @pytest.mark.slow

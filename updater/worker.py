@@ -7,7 +7,8 @@ Two threads share one loaded LLM:
      content, kind ``text``: final at once), and every scorer replica picks them up from the catalogue
      within its poll period. It never waits behind a refinement, so a new ad is
      recommendable in about a second even while a long refinement runs. It also renews the
-     leases and follows the active aligner version;
+     leases and follows the active aligner version. When nothing is pending, it writes the
+     text rows that items aligned before they were stored lack (``_backfill_text``);
   2. **refine** (the calling thread): the oldest estimated micro-batch's rows alone are
      trained against the frozen LLM and projector (no old row or projector weight changes)
      until each reaches the catalogue's token accuracy (or ``refine_epochs`` passes),
@@ -37,13 +38,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from core import metrics
-from core.catalogue import Decoded, content_version, lock_sequence, write_embeddings
+from core.catalogue import (
+    Decoded,
+    content_version,
+    lock_item_index,
+    lock_sequence,
+    missing_text_rows,
+    write_embeddings,
+)
 from core.db import db_now, retry_on_outage, should_wait
+from core.events import item_text
 from core.files import CorruptFile, FailedLoad
 from core.settings import Settings
+from core.tables import items
 from core.versions import active_version, roll_back_corrupt
 from models.aligner import FreshRows, FrozenLM, decoded_text, estimate_rows, item_vector, tokenize_texts
 from models.bundle import AlignerBundle
@@ -125,6 +136,7 @@ class UpdateWorker:
         self._halt = threading.Event()  # the estimate thread ends when set
         self._failure: BaseException | None = None  # what ended the estimate thread
         self._found_nothing_since: float | None = None  # the estimate thread's last looks found none
+        self._text_complete: str | None = None  # an aligner version whose every vector has its text row
         self._refined_at = time.monotonic()  # last refinement's end (for ``idle_exit``)
         self._lm_lock = threading.Lock()  # with LoRA: estimating switches the adapters off
         self._tok_lock = threading.Lock()  # a fast tokenizer raises if two threads use it at once
@@ -339,7 +351,45 @@ class UpdateWorker:
             self._renewed_at = time.monotonic()
         with self._ready:
             room = len(self.backlog) < MAX_BACKLOG
-        self._estimate_new(keep=room)
+        if not self._estimate_new(keep=room) and self._text_complete != self.bundle.version:
+            self._backfill_text()
+
+    def _backfill_text(self) -> None:
+        """When nothing is pending: write the text content of a batch of items that have a
+        vector of the active aligner but no text row of their current text, those aligned
+        before text rows were stored (an upgrade), so a switch to
+        ``SAID_COMPOSITE_CONTENT=text`` needs no realignment. Every writer stores both
+        since, so once none is missing the version is complete and never scanned again.
+
+        A text row is a function of its text alone: no lease. An item whose text changed
+        since it was read is skipped at the write (the item-index lock holds texts still),
+        and its new text's estimate writes both."""
+        bundle, lm = self.bundle, self.lm
+        with self.engine.connect() as conn:
+            todo = missing_text_rows(conn, bundle.version, self.cfg.batch)
+        if not todo:
+            self._text_complete = bundle.version
+            return
+        self._found_nothing_since = None  # not idle: there is work
+        texts = [item_text(r.title, r.description) for r in todo]
+        with self._exclusive(bundle), self._tok_lock:
+            feats = pooled_text_features(lm.model, lm.tok, texts, self.device).float().numpy()
+        with self.engine.begin() as conn:
+            lock_item_index(conn)  # first, as in every writer's lock order
+            now_of = select(items.c.idx, items.c.text_hash).where(items.c.idx.in_([r.idx for r in todo]))
+            current = dict(conn.execute(now_of).all())
+            keep = [n for n, r in enumerate(todo) if current.get(r.idx) == r.text_hash]
+            write_embeddings(
+                conn,
+                content_version(bundle.version, "text"),
+                "text",
+                [todo[n].idx for n in keep],
+                [todo[n].text_hash for n in keep],
+                feats[keep],
+                [None] * len(keep),
+                db_now(conn),
+            )
+        log.info("stored the text content of %d items aligned before it was stored", len(keep))
 
     def _exclusive(self, bundle: AlignerBundle):
         """The LLM to this thread alone while LoRA adapters are loaded: estimating turns
