@@ -216,10 +216,11 @@ def queue_missing(conn: Connection, model_version: str) -> int:
     return queued
 
 
-def missing_text_rows(conn: Connection, aligner_version: str, limit: int) -> list:
-    """Up to ``limit`` items (idx, title, description, text_hash) with a vector of their
-    current text in ``aligner_version`` and no ``text`` content row of it: items aligned
-    before text rows were stored beside vectors (``content_version``)."""
+def missing_text_rows(conn: Connection, aligner_version: str, limit: int, after_idx: int = 0) -> list:
+    """Up to ``limit`` items (idx, title, description, text_hash) above ``after_idx``, in
+    index order, with a vector of their current text in ``aligner_version`` and no
+    ``text`` content row of it: items aligned before text rows were stored beside vectors
+    (``content_version``). A caller walks the catalogue by passing its last index."""
     said, text_row = item_embeddings.alias("said_row"), item_embeddings.alias("text_row")
     has_text = (
         select(text_row.c.item_idx)
@@ -234,7 +235,7 @@ def missing_text_rows(conn: Connection, aligner_version: str, limit: int) -> lis
     return conn.execute(
         select(items.c.idx, items.c.title, items.c.description, items.c.text_hash)
         .join(said, aligned & (said.c.text_hash == items.c.text_hash))
-        .where(~has_text)
+        .where(items.c.idx > after_idx, ~has_text)
         .order_by(items.c.idx)
         .limit(limit)
     ).all()

@@ -335,8 +335,9 @@ class CompositeSettings(Section):
             "so a thin item keeps its content's place and a new one starts there; 'random', as "
             "the plain `id` scorer. With pooled text ('text-init') it beat 'random' on every "
             "draw measured (docs/quality-mixed.md, a teacher that starts from content); the "
-            "served teacher starts from the aligner's SAID vectors ('said-init'): 1.04x and "
-            "1.11x `id` on two beauty-2k draws, 3-4% behind 'text-init' (stop 47)."
+            "served teacher starts from the rows of `content`; from SAID vectors "
+            "('said-init'): 1.04x and 1.11x `id` on two beauty-2k draws, 3-4% behind "
+            "'text-init' (stop 47)."
         ),
     )
     content: Literal["said", "text"] = Field(

@@ -126,7 +126,7 @@ item_embeddings = Table(
     Column("text_hash", String(64), nullable=False),
     Column("vector", LargeBinary, nullable=False),  # float32 little-endian
     Column("loss", Float),
-    Column("kind", String(16), nullable=False),  # estimate | refined | full
+    Column("kind", String(16), nullable=False),  # estimate | refined | full; text (``<aligner>/text`` rows)
     # what the LLM decodes from the vector (NULL: not decoded, e.g. a first estimate), its
     # teacher-forced token accuracy on the item's text, and whether it rebuilt it exactly
     Column("decoded", Text),

@@ -39,6 +39,7 @@ def baselines(
     """{"id": ..., "text": ...} each as ``measure`` gives it, trained on the data of the
     retrain that made ``record`` (its aligner version and cold-validation items)."""
     aligner_version = record["aligner_version"]
+    settings = settings.override(composite_content=record.get("content", "said"))  # the rows it read
     data = training_data(engine, aligner_version, settings, record["known_through"])
     device = lm.device
     with engine.connect() as conn:

@@ -1,4 +1,5 @@
-"""How the scorer turns SAID vectors into index vectors and a history into a query.
+"""How the scorer turns content rows (SAID vectors, or text features) into index vectors and
+a history into a query.
 
 Three scorers share one small interface (``version``, ``dim``, ``silent``, ``content``,
 ``item_vectors(ids, said)``, ``query``); ``silent`` is how many trailing index columns no
@@ -7,8 +8,9 @@ query meets, which the index stores beside its search structures (``scorer/index
 its SAID vectors, or for a composite trained on them, the pooled text features stored beside them:
 - ``CompositeScorer``: the warm/cold composite ``said scorer train`` trains and promotes. An item
   the teacher trained on is indexed with its gated vector (its ID row, mostly); any other
-  item, a fresh one above all, with the student's vector of its SAID row, the moment the
-  worker writes its first estimate, with no retraining. At the next promotion it graduates
+  item, a fresh one above all, with the student's vector of its content row (SAID, or
+  text with ``SAID_COMPOSITE_CONTENT=text``), the moment the worker writes its first
+  estimate, with no retraining. At the next promotion it graduates
   to its ID row, with no realignment. A query runs the teacher's encoder over the history's
   index vectors, so a fresh item in a history reads as its student vector.
 - ``SASRecScorer``: the frozen-table SASRec that scorer versions before the composite are

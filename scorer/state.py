@@ -10,6 +10,10 @@ with the wrong index; compacts the index's delta tier; and writes a snapshot now
 Searches and index updates share one lock, because a FAISS index must not be searched while
 it is modified.
 
+The rows read are the served scorer's content of the active aligner
+(``core.catalogue.content_version``: SAID vectors, or the text features stored beside
+them), so a swap to a scorer of another content builds its index from those rows.
+
 "New" means a greater ``item_embeddings.seq``: handed out in commit order by the database,
 so a row is applied whatever the writer's clock said, and the watermark (kept in the
 snapshot name) survives restarts. Each embedding is read with its item's external id in one

@@ -11,12 +11,15 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from fastapi.testclient import TestClient
+from sqlalchemy import delete
 
 from core.catalogue import content_version, insert_interactions, load_embeddings, write_embeddings
 from core.events import InteractionEvent
 from core.settings import ApiSettings, IndexSettings, Settings
+from core.tables import item_embeddings
 from core.versions import active_version
 from models.composite import Composite
 from said.cli import main
@@ -173,6 +176,9 @@ def test_a_composite_of_text_content_serves_every_item_by_its_text_row(served, c
     model = state.served.scorer.model
     with engine.connect() as conn:
         ids, feats = load_embeddings(conn, content_version(bundle.version, "text"))
+    counts = retrain.training_data(engine, bundle.version, quick(data)).counts  # the items it trained on
+    warm = counts[torch.from_numpy(ids)] > 0
+    assert torch.allclose(model.feat_mean, torch.from_numpy(feats)[warm].mean(0), atol=1e-5), "fitted on text"
     expected = model.vectors_of(torch.from_numpy(ids), torch.from_numpy(feats)).detach().numpy()
     indexed = np.stack([state.served.index.vector(i) for i in ids.tolist()])
     np.testing.assert_allclose(indexed, expected, atol=1e-5)
@@ -200,6 +206,18 @@ def test_a_composite_of_text_content_serves_every_item_by_its_text_row(served, c
     assert any(t.shape[0] > ids.max() and torch.equal(t[ids], torch.from_numpy(feats)) for t in read), (
         "the active composite read its text rows"
     )
+
+
+def test_a_text_retrain_waits_until_every_aligned_item_has_its_text_row(served):
+    """Trained on the items that have one, it would serve only those: it fails with why
+    (the retrainer tries again every poll) until the worker has stored the rest."""
+    engine, bundle, data, _state = served
+    text_rows = item_embeddings.c.model_version == content_version(bundle.version, "text")
+    with engine.begin() as conn:
+        conn.execute(delete(item_embeddings).where(text_rows, item_embeddings.c.item_idx == 3))
+    with pytest.raises(RuntimeError, match="item 3 first"):
+        retrain.training_data(engine, bundle.version, quick(data, composite_content="text"))
+    assert retrain.training_data(engine, bundle.version, quick(data)).content == "said", "SAID does not wait"
 
 
 def test_the_guard_refuses_a_candidate_worse_on_cold_targets_only(served, monkeypatch, cli_env, capsys):

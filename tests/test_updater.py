@@ -39,10 +39,10 @@ def test_full_alignment_activates_a_version_and_embeds_every_item(aligned):
         assert pending_count(conn) == 0
         assert set(conn.execute(select(items.c.status)).scalars()) == {"aligned"}
     assert ids.tolist() == list(range(1, 25)) and vecs.shape == (24, 64)
-    assert_text_rows(engine, bundle, lm, range(1, 25), "text")
+    assert_text_rows(engine, bundle, lm, range(1, 25))
 
 
-def assert_text_rows(engine, bundle, lm, idx, kind: str) -> None:
+def assert_text_rows(engine, bundle, lm, idx) -> None:
     """These items' ``text`` content rows: their pooled text features, of their current text."""
     with engine.connect() as conn:
         ids, feats = load_embeddings(conn, content_version(bundle.version, "text"))
@@ -56,7 +56,7 @@ def assert_text_rows(engine, bundle, lm, idx, kind: str) -> None:
         ).all()
     by_idx = {r.idx: r for r in rows}
     assert set(idx) <= set(ids.tolist())
-    assert {k for k, _ in kinds} == {kind}
+    assert {k for k, _ in kinds} == {"text"}
     assert {h for _, h in kinds} <= {r.text_hash for r in rows}, "of each item's current text"
     mine = [n for n, i in enumerate(ids.tolist()) if i in set(idx)]
     texts = [item_text(by_idx[i].title, by_idx[i].description) for i in ids[mine].tolist()]
@@ -64,8 +64,10 @@ def assert_text_rows(engine, bundle, lm, idx, kind: str) -> None:
     np.testing.assert_allclose(feats[mine], expected, atol=1e-4)
 
 
-def test_worker_aligns_fresh_items_without_touching_old_ones(aligned):
+def test_worker_aligns_fresh_items_without_touching_old_ones(aligned, monkeypatch):
     engine, bundle, lm, settings, data = aligned
+    # text rows come with each first estimate, not from the idle walk for missing ones
+    monkeypatch.setattr(UpdateWorker, "_backfill_text", lambda self: None)
     table = bundle.aligner.items.weight.detach().clone()
     proj = {k: v.clone() for k, v in bundle.aligner.projector.state_dict().items()}
     with engine.connect() as conn:
@@ -85,7 +87,7 @@ def test_worker_aligns_fresh_items_without_touching_old_ones(aligned):
         assert pending_count(conn) == 0
     assert ids.tolist() == list(range(1, 35))
     assert all(kinds[i] == "refined" for i in range(25, 35))
-    assert_text_rows(engine, bundle, lm, range(1, 35), "text")  # the fresh ones' written with their estimate
+    assert_text_rows(engine, bundle, lm, range(1, 35))  # the fresh ones' written with their estimate
     np.testing.assert_array_equal(vecs[:24], old_vecs)  # old embeddings bit-identical
     assert torch.equal(bundle.aligner.items.weight, table)
     for k, v in bundle.aligner.projector.state_dict().items():
@@ -105,7 +107,7 @@ def test_the_worker_stores_the_text_content_of_items_aligned_before_it_was_store
         upsert_items(conn, [ItemEvent("i20", "a new title", None, None, now)], now)
     worker = UpdateWorker(engine, bundle, lm, settings.override(worker_batch=4, refine_epochs=1))
     assert worker.run(idle_exit=0.3) == 1
-    assert_text_rows(engine, bundle, lm, range(1, 25), "text")
+    assert_text_rows(engine, bundle, lm, range(1, 25))
 
 
 @pytest.mark.slow

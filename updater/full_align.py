@@ -124,6 +124,10 @@ def _publish(engine: Engine, version: str, path: Path, rows, vectors, fit, summa
     other item queued for it. Returns how many were queued.
 
     Locks in the order every writer uses: item index, embedding counter, job rows."""
+    if fit.features is None:
+        raise ValueError(
+            "a fit without its text features cannot be published: their text rows are stored with it"
+        )
     with engine.begin() as conn:
         lock_item_index(conn)  # item texts cannot change until this commits
         current = dict(conn.execute(select(items.c.idx, items.c.text_hash)).all())

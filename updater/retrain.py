@@ -45,7 +45,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 
 from core import metrics
-from core.catalogue import content_version, load_embeddings, user_sequences
+from core.catalogue import content_version, load_embeddings, missing_text_rows, user_sequences
 from core.files import CorruptFile
 from core.settings import ScorerSettings, Settings
 from core.tables import interactions, items
@@ -163,8 +163,14 @@ def training_data(
     drawn by ``settings.scorer.seed``)."""
     content = settings.composite.content
     with engine.connect() as conn:
+        lacking = missing_text_rows(conn, aligner_version, 1) if content == "text" else []
         by_user = user_sequences(conn, settings.positives)
         ids, table = content_table(conn, content_version(aligner_version, content))
+    if lacking:  # trained on a part of the catalogue, it would serve only that part
+        raise RuntimeError(
+            f"items of aligner {aligner_version} still lack their text rows (item {lacking[0].idx} "
+            "first): a worker stores them when nothing is pending; a text retrain waits for it"
+        )
     if table is None:
         raise RuntimeError(
             f"no {content} rows of aligner {aligner_version}: run `said aligner train` first"

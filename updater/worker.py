@@ -75,6 +75,7 @@ from updater.leases import (
 
 log = logging.getLogger(__name__)
 MAX_BACKLOG = 4  # estimated batches (of up to `batch` items) waiting for refinement
+TEXT_RECHECK_S = 600.0  # after a walk found no text row missing, or a batch of them failed
 
 
 HOSTNAME_PLACEHOLDER = "{hostname}"  # in SAID_WORKER_ID: replaced by this host's name
@@ -136,7 +137,9 @@ class UpdateWorker:
         self._halt = threading.Event()  # the estimate thread ends when set
         self._failure: BaseException | None = None  # what ended the estimate thread
         self._found_nothing_since: float | None = None  # the estimate thread's last looks found none
-        self._text_complete: str | None = None  # an aligner version whose every vector has its text row
+        self._text_cursor = ("", 0)  # (aligner version, last item index) of the text rows' walk
+        self._text_due = 0.0  # monotonic time of the next look for missing text rows
+        self._text_written = 0  # text rows written by the walk under way
         self._refined_at = time.monotonic()  # last refinement's end (for ``idle_exit``)
         self._lm_lock = threading.Lock()  # with LoRA: estimating switches the adapters off
         self._tok_lock = threading.Lock()  # a fast tokenizer raises if two threads use it at once
@@ -351,26 +354,52 @@ class UpdateWorker:
             self._renewed_at = time.monotonic()
         with self._ready:
             room = len(self.backlog) < MAX_BACKLOG
-        if not self._estimate_new(keep=room) and self._text_complete != self.bundle.version:
+        if not self._estimate_new(keep=room) and time.monotonic() >= self._text_due:
             self._backfill_text()
 
     def _backfill_text(self) -> None:
         """When nothing is pending: write the text content of a batch of items that have a
         vector of the active aligner but no text row of their current text, those aligned
         before text rows were stored (an upgrade), so a switch to
-        ``SAID_COMPOSITE_CONTENT=text`` needs no realignment. Every writer stores both
-        since, so once none is missing the version is complete and never scanned again.
+        ``SAID_COMPOSITE_CONTENT=text`` needs no realignment. It walks the catalogue by
+        index from a cursor; once a walk finds none missing it looks again only every
+        ``TEXT_RECHECK_S`` (every writer stores both now; an old worker in a rolling
+        upgrade may not), and a batch that fails waits as long, logged, never stopping the
+        worker.
 
-        A text row is a function of its text alone: no lease. An item whose text changed
-        since it was read is skipped at the write (the item-index lock holds texts still),
-        and its new text's estimate writes both."""
+        A text row is a function of its text alone: no lease (two workers may write the
+        same rows, identically). An item whose text changed since it was read is skipped at
+        the write (the item-index lock holds texts still); its new text's estimate writes
+        both."""
         bundle, lm = self.bundle, self.lm
+        version, after = self._text_cursor if self._text_cursor[0] == bundle.version else (bundle.version, 0)
         with self.engine.connect() as conn:
-            todo = missing_text_rows(conn, bundle.version, self.cfg.batch)
+            todo = missing_text_rows(conn, version, self.cfg.batch, after)
         if not todo:
-            self._text_complete = bundle.version
+            self._text_cursor = (version, 0)
+            if after == 0:  # a whole walk found none missing
+                self._text_due = time.monotonic() + TEXT_RECHECK_S
+                if self._text_written:
+                    log.info(
+                        "stored the text content of %d items aligned before it was stored", self._text_written
+                    )
+                    self._text_written = 0
             return
         self._found_nothing_since = None  # not idle: there is work
+        self._text_cursor = (version, todo[-1].idx)
+        try:
+            self._write_text(bundle, lm, todo)
+        except Exception as exc:
+            if should_wait(exc):
+                raise
+            log.exception(
+                "storing the text content of items %s failed; again in %d s",
+                [r.idx for r in todo],
+                TEXT_RECHECK_S,
+            )
+            self._text_due = time.monotonic() + TEXT_RECHECK_S
+
+    def _write_text(self, bundle: AlignerBundle, lm: FrozenLM, todo: list) -> None:
         texts = [item_text(r.title, r.description) for r in todo]
         with self._exclusive(bundle), self._tok_lock:
             feats = pooled_text_features(lm.model, lm.tok, texts, self.device).float().numpy()
@@ -389,7 +418,7 @@ class UpdateWorker:
                 [None] * len(keep),
                 db_now(conn),
             )
-        log.info("stored the text content of %d items aligned before it was stored", len(keep))
+        self._text_written += len(keep)
 
     def _exclusive(self, bundle: AlignerBundle):
         """The LLM to this thread alone while LoRA adapters are loaded: estimating turns
