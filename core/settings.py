@@ -349,7 +349,7 @@ class CompositeSettings(Section):
             "at its first estimate). Validation cannot tell them apart: over four draws "
             "(beauty-2k splits 0-2, tail3k) it preferred 'text' on three by 0.0007-0.0033 and "
             "'said' on one by 0.0049, means 0.0872 and 0.0872; test preferred 'text' on three "
-            "(1.13x, 1.23x, 1.28x `id`, against 1.06x, 1.18x, 1.22x) and 'said' on split 1 "
+            "(1.13x, 1.24x, 1.28x `id`, against 1.06x, 1.18x, 1.22x) and 'said' on split 1 "
             "(1.14x against 1.09x), where validation had picked 'text' (docs/quality-mixed.md, "
             "stop 49). Read by the retrainer: a change is due at its next poll, and a 'text' "
             "retrain waits until the worker has stored the text rows of items aligned before "
