@@ -216,10 +216,15 @@ def test_a_new_item_is_estimated_even_when_the_backlog_is_full(aligned, monkeypa
         _wait_kind(engine, 28, 5, "the backlog filled")
         add_items(engine, 28, 1)  # i28 (index 29): past the full backlog
         _wait_kind(engine, 29, 1.0, "the item past the full backlog waited for room")
-        with engine.connect() as conn:
-            owner = conn.execute(
-                select(alignment_jobs.c.lease_owner).where(alignment_jobs.c.item_idx == 29)
-            ).scalar_one()
+        # handed back in the transaction after the estimate's: wait for it, not for room
+        # (the refiner never finishes its batch, so the worker cannot lease it again)
+        owner, t0 = "", time.monotonic()
+        while owner is not None and time.monotonic() - t0 < 5:
+            with engine.connect() as conn:
+                owner = conn.execute(
+                    select(alignment_jobs.c.lease_owner).where(alignment_jobs.c.item_idx == 29)
+                ).scalar_one()
+            time.sleep(0.02)
         assert owner is None, "its lease was handed back, for any worker to refine it"
     finally:
         worker.stop()
