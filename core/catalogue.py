@@ -395,6 +395,30 @@ def write_embeddings(
         conn.execute(stmt, list(chunk))
 
 
+def write_text_rows(
+    conn: Connection,
+    aligner_version: str,
+    item_idx: Sequence[int],
+    text_hashes: Sequence[str],
+    features,
+    now: datetime,
+) -> None:
+    """Upsert the pooled text features of items as ``aligner_version``'s text content
+    (``content_version``): one call for every writer, so the rows' kind, version and empty
+    loss cannot drift apart between them."""
+    n = len(item_idx)
+    write_embeddings(
+        conn,
+        content_version(aligner_version, "text"),
+        "text",
+        item_idx,
+        text_hashes,
+        features,
+        [None] * n,
+        now,
+    )
+
+
 @dataclass(frozen=True)
 class EmbeddingRows:
     """Embeddings read in one statement, with their items' external ids."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from core.catalogue import Decoded, content_version, lock_item_index, queue_missing, write_embeddings
+from core.catalogue import Decoded, lock_item_index, queue_missing, write_embeddings, write_text_rows
 from core.db import db_now, retry_on_outage
 from core.events import item_text
 from core.files import remove_stale_temps
@@ -143,14 +143,12 @@ def _publish(engine: Engine, version: str, path: Path, rows, vectors, fit, summa
             db_now(conn),
             [_decoded(fit.fidelity, n) for n in same],
         )
-        write_embeddings(  # the text content of the same items (core.catalogue.content_version)
+        write_text_rows(  # the text content of the same items
             conn,
-            content_version(version, "text"),
-            "text",
+            version,
             [rows[n].idx for n in same],
             [rows[n].text_hash for n in same],
             fit.features[same].numpy(),
-            [None] * len(same),
             db_now(conn),
         )
         complete_aligned(conn, {rows[n].idx: rows[n].text_hash for n in same})

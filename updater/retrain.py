@@ -174,7 +174,7 @@ def training_data(
     if table is None:
         raise RuntimeError(
             f"no {content} rows of aligner {aligner_version}: run `said aligner train` first"
-            + (" (an aligner from before text rows were stored has none)" if content == "text" else "")
+            + (" (an idle worker writes those of an older aligner)" if content == "text" else "")
         )
     embedded = set(ids.tolist())
     by_user = {u: [i for i in s if i in embedded] for u, s in by_user.items()}  # pending: no input yet

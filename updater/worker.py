@@ -44,11 +44,11 @@ from sqlalchemy.engine import Engine
 from core import metrics
 from core.catalogue import (
     Decoded,
-    content_version,
     lock_item_index,
     lock_sequence,
     missing_text_rows,
     write_embeddings,
+    write_text_rows,
 )
 from core.db import db_now, retry_on_outage, should_wait
 from core.events import item_text
@@ -408,14 +408,12 @@ class UpdateWorker:
             now_of = select(items.c.idx, items.c.text_hash).where(items.c.idx.in_([r.idx for r in todo]))
             current = dict(conn.execute(now_of).all())
             keep = [n for n, r in enumerate(todo) if current.get(r.idx) == r.text_hash]
-            write_embeddings(
+            write_text_rows(
                 conn,
-                content_version(bundle.version, "text"),
-                "text",
+                bundle.version,
                 [todo[n].idx for n in keep],
                 [todo[n].text_hash for n in keep],
                 feats[keep],
-                [None] * len(keep),
                 db_now(conn),
             )
         self._text_written += len(keep)
@@ -535,14 +533,12 @@ class UpdateWorker:
                 None if decoded is None else [decoded[n] for n in rows],
             )
             if text is not None:
-                write_embeddings(
+                write_text_rows(
                     conn,
-                    content_version(version, "text"),
-                    "text",
+                    version,
                     [leases[n].item_idx for n in rows],
                     [leases[n].text_hash for n in rows],
                     text[rows],
-                    [None] * len(rows),
                     now,
                 )
         if len(rows) < len(leases):
