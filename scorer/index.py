@@ -42,7 +42,6 @@ from core.settings import IndexSettings
 
 log = logging.getLogger(__name__)
 HNSW_M = 32  # graph degree
-HNSW_EF_CONSTRUCTION = 80
 NORM_BANDS = 16  # HNSW graphs by norm: (M/2, M], (M/4, M/2], ..., and the rest below M/2^15
 # Starts a snapshot's removed ids. Older snapshots start with a tier's 8-byte length, which
 # these bytes, read as one, could never be (~3.5e18).
@@ -120,7 +119,7 @@ class ItemIndex:
             mains = []
             for band in _norm_bands(vectors):
                 hnsw = faiss.IndexHNSWFlat(self.searched + 1, HNSW_M)  # L2 on augmented vectors
-                hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+                hnsw.hnsw.efConstruction = self.cfg.hnsw_ef_construction
                 mains.append(faiss.IndexIDMap2(hnsw))
                 mains[-1].add_with_ids(_augment(vectors[band]), ids[band])
         else:
@@ -225,29 +224,33 @@ class ItemIndex:
     def search(
         self, queries: np.ndarray, k: int, exclude: set[int] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids) per query row, never an id in ``exclude``; -1 pads the ids."""
+        """Top-k (scores, ids) per query row, never an id in ``exclude``; -1 pads the ids.
+
+        Excluded ids (a history: tens) are dropped from each tier's top ``k + len(exclude)``
+        rather than hidden inside FAISS by an ID selector. The result is the same: an HNSW
+        search with a selector walks the excluded nodes too and only keeps them out of its
+        results. Building the selectors for every request cost more than the filter."""
         queries = np.ascontiguousarray(
             np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)[:, : self.searched]
         )
-        exclude_ids = np.fromiter(exclude or (), dtype=np.int64)
-        excl = faiss.IDSelectorBatch(exclude_ids) if len(exclude_ids) else None
-        hide_main = [s for s in (excl, self._main_hidden) if s is not None]
-        main_sel = (
-            faiss.IDSelectorOr(*hide_main) if len(hide_main) == 2 else hide_main[0] if hide_main else None
-        )
-        results = [self._search_tier(self.delta, 0.0, queries, k, excl)] if self.delta.ntotal else []
+        excluded = np.fromiter(exclude or (), dtype=np.int64)
+        wide = k + len(excluded)
+        results = []
+        if self.delta.ntotal:
+            results.append(self._search_tier(self.delta, 0.0, queries, wide, None, excluded))
         norms = np.linalg.norm(queries, axis=1)  # (Q,)
         for tier, m2 in self._by_norm:  # HNSW bands, largest norms first (one exact tier: m2 unused)
             if tier.d != self.searched and _beaten(results, k, norms * np.sqrt(m2)):
                 break  # no item of this band, nor of any band after it, can enter a top k
-            results.append(self._search_tier(tier, m2, queries, k, main_sel))
+            results.append(self._search_tier(tier, m2, queries, wide, self._main_hidden, excluded))
         scores = np.concatenate([s for s, _ in results], axis=1)
         ids = np.concatenate([i for _, i in results], axis=1)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
-    def _search_tier(self, tier, m2: float, queries, k, hide):
-        """Search one tier for ids not selected by ``hide`` (an ID selector or None)."""
+    def _search_tier(self, tier, m2: float, queries, k, hide, excluded: np.ndarray):
+        """Search one tier for ids not selected by ``hide`` (an ID selector or None); ids of
+        ``excluded`` found are blanked (score -inf, id -1)."""
         if tier.ntotal == 0:
             return (
                 np.full((len(queries), k), -np.inf, dtype=np.float32),
@@ -255,12 +258,15 @@ class ItemIndex:
             )
         sel = faiss.IDSelectorNot(hide) if hide is not None else None
         if tier.d == self.searched:
-            scores, ids = tier.search(queries, k, params=faiss.SearchParameters(sel=sel))
+            params = None if sel is None else faiss.SearchParameters(sel=sel)
+            scores, ids = tier.search(queries, k, params=params)
         else:  # augmented L2: |q|^2 + M^2 - 2 q.x = distance, so q.x follows from it
             params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.cfg.hnsw_ef_search, k))
             padded = np.hstack([queries, np.zeros((len(queries), 1), dtype=np.float32)])
             dist, ids = tier.search(padded, k, params=params)
             scores = (np.square(queries).sum(1, keepdims=True) + m2 - dist) / 2
+        if len(excluded):
+            ids[np.isin(ids, excluded)] = -1
         scores[ids < 0] = -np.inf
         return scores, ids
 
