@@ -233,7 +233,7 @@ class ItemIndex:
         queries = np.ascontiguousarray(
             np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)[:, : self.searched]
         )
-        excluded = np.fromiter(exclude or (), dtype=np.int64)
+        excluded = exclude or set()
         wide = k + len(excluded)
         results = []
         if self.delta.ntotal:
@@ -248,7 +248,7 @@ class ItemIndex:
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
-    def _search_tier(self, tier, m2: float, queries, k, hide, excluded: np.ndarray):
+    def _search_tier(self, tier, m2: float, queries, k, hide, excluded: set[int]):
         """Search one tier for ids not selected by ``hide`` (an ID selector or None); ids of
         ``excluded`` found are blanked (score -inf, id -1)."""
         if tier.ntotal == 0:
@@ -265,8 +265,8 @@ class ItemIndex:
             padded = np.hstack([queries, np.zeros((len(queries), 1), dtype=np.float32)])
             dist, ids = tier.search(padded, k, params=params)
             scores = (np.square(queries).sum(1, keepdims=True) + m2 - dist) / 2
-        if len(excluded):
-            ids[np.isin(ids, excluded)] = -1
+        if excluded:  # a set lookup per id found: np.isin costs more on a few dozen ids
+            ids[np.fromiter((i in excluded for i in ids.flat), bool, ids.size).reshape(ids.shape)] = -1
         scores[ids < 0] = -np.inf
         return scores, ids
 
