@@ -31,8 +31,22 @@ Composite = Literal["composite-said", "composite-text", "composite-said+text"]
 # ``blend-text``: the composite's ID side, the text scorer for cold items (models/blend.py);
 # an evaluation diagnostic, mixed protocol only, not served. ``said-init`` / ``text-init``: ID
 # scorers whose rows start from the SAID / pooled-text table (``models.sasrec.init_id_rows``).
+# ``composite-said-joint`` (teacher ``said-joint-init``): ``composite-said`` on an alignment of
+# every item together, cold ones included, instead of the fresh path's rows; a diagnostic of
+# what the fresh path costs (issue 22), not servable: it would realign the catalogue per item.
 Variant = Literal[
-    "id", "text", "said", "said+text", "prompt", "hybrid", "said-init", "text-init", Composite, "blend-text"
+    "id",
+    "text",
+    "said",
+    "said+text",
+    "prompt",
+    "hybrid",
+    "said-init",
+    "text-init",
+    Composite,
+    "blend-text",
+    "said-joint-init",
+    "composite-said-joint",
 ]
 
 

@@ -99,6 +99,16 @@ def test_default_variant_is_chosen_on_validation_not_test():
     assert pick_default(summary) == "id", "said is better on test but worse on validation"
 
 
+def test_a_diagnostic_is_never_the_default_variant_however_well_it_validates():
+    """``blend-text`` and the joint-alignment yardstick cannot be served, so validation
+    never picks them, even when they validate best."""
+    summary = [
+        {"protocol": "mixed", "variant": v, "best_val_ndcg@10": val}
+        for v, val in (("composite-said", 0.09), ("composite-said-joint", 0.2), ("blend-text", 0.3))
+    ]
+    assert pick_default(summary, "mixed") == "composite-said"
+
+
 def test_residual_dropout_scores_dropped_items_as_cold_ones_in_training_only():
     torch.manual_seed(0)
     table = torch.randn(13, 10)
@@ -167,6 +177,7 @@ def test_a_composites_teacher_starts_from_its_own_table_as_the_served_retrain_do
     assert teacher_variant("composite-text", content) == "text-init"
     assert teacher_variant("composite-said", content) == "said-init"
     assert teacher_variant("composite-said+text", content) == "said+text-fair-init"
+    assert teacher_variant("composite-said-joint", content) == "said-joint-init"
     assert {teacher_variant(c, random) for c in ("composite-text", "composite-said")} == {"id"}
     assert all(kept_part(teacher_variant(c, content)) for c in ("composite-text", "composite-said"))
 
@@ -196,7 +207,8 @@ def test_said_evaluate_runs_every_variant_on_every_protocol_and_writes_the_table
         "composite-text",
         "composite-said+text",
         "blend-text",
-    ]  # blend: text trained for it
+        "composite-said-joint",
+    ]  # blend: text trained for it; joint: said-joint-init trained for it
     cmd = [sys.executable, "-m", "said.cli", "evaluate", "--dataset", str(write_dataset(tmp_path / "ds"))]
     cmd += [
         "--variant",
@@ -227,6 +239,9 @@ def test_said_evaluate_runs_every_variant_on_every_protocol_and_writes_the_table
     assert {r["variant"] for r in results["mixed"]} == set(variants + composites)
     assert all(0 <= r["ndcg@10"] <= r["recall@10"] <= 1 for r in results["runs"])
     assert results["said_report_align0"]["fresh"]["items"] == 12, "20% of 60 items added incrementally"
+    assert results["said_report_align0"]["items_aligned"] == 48
+    joint = results["said_joint_report_align0"]
+    assert joint["items_aligned"] == 60 and "fresh" not in joint, "the yardstick aligns every item at once"
     assert "| cold | said-init |" in done.stdout
     assert "| composite-said (cold) |" in done.stdout
 

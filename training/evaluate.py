@@ -60,11 +60,18 @@ SAID_VARIANTS = {
     "composite-said",
     "composite-said+text",
     "said+text-fair-init",  # composite-said+text's teacher
+    *("said-joint-init", "composite-said-joint"),
 }
-COMPOSITES = {"composite-said": "said", "composite-text": "text", "composite-said+text": "said+text-fair"}
+JOINT = {"said-joint-init", "composite-said-joint"}  # on an alignment of every item, cold ones too
+COMPOSITES = {
+    "composite-said": "said",
+    "composite-text": "text",
+    "composite-said+text": "said+text-fair",
+    "composite-said-joint": "said-joint",
+}
 MIXED_ONLY = COMPOSITES | {"blend-text": "text"}  # variant -> its table; measured in the mixed protocol only
 BLEND_PARTS = ("composite-text", "text")  # a blend's ID side (with its gate) and its cold side
-DIAGNOSTICS = {"blend-text"}  # measured, not served: never the default variant
+DIAGNOSTICS = {"blend-text", *JOINT}  # measured, not served: never the default variant
 Kept = dict[tuple[str, int], "SASRec | Composite"]  # models trained in a mixed run, by (variant, seed)
 MIXED_METRICS = ("warm_ndcg@10", "cold_ndcg@10", "cold_share_top10_warm_users")
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "best_val_ndcg@10", *MIXED_METRICS)
@@ -225,6 +232,10 @@ def run(
                     built, lm.with_prompt(acfg.prompt), path.with_suffix(".prompt.pt")
                 )
             results[f"said_report_align{align_seed}"] = _summarise_report(built["report"])
+        if set(plan.variants) & JOINT:
+            tables["said-joint"] = tables["said-joint-init"] = _joint_table(
+                plan, settings, lm, texts, feats, art, align_seed, results, progress
+            )
         for variant in plan.variants:  # variant first: a stopped run has whole variants
             if a and variant not in SAID_VARIANTS:
                 continue  # does not depend on the alignment: measured once
@@ -338,6 +349,29 @@ def _model(trained: Trained, train_seqs: list[list[int]], n: int, held: set[int]
         init_id_rows(model, table, trained_items(train_seqs))
         return model
     return SASRec(mcfg, table, standardise_on=warm, residual_on=residual_on)
+
+
+def _joint_table(
+    plan: Plan,
+    settings: Settings,
+    lm: FrozenLM,
+    texts: list[str],
+    feats: torch.Tensor,
+    art: Path,
+    align_seed: int,
+    results: dict,
+    progress: bool,
+) -> torch.Tensor:
+    """The SAID table of one alignment of every item, held-out ones included (cached like
+    any alignment, by an empty held-out set): the yardstick of the fresh path. Alignment
+    reads text only, so the cold items' rows see none of their interactions."""
+    if settings.align.lora_rank:  # its own fresh copy of the LLM, as each alignment has
+        lm = _load_lm(settings, lm.device)
+    seed_cfg = settings.align.model_copy(update={"seed": align_seed})
+    path = said_cache_path(art, align_meta(seed_cfg), settings.llm, set())
+    built = said_table(lm, texts, feats, set(), seed_cfg, path, progress)
+    results[f"said_joint_report_align{align_seed}"] = _summarise_report(built["report"])
+    return built["vectors"]
 
 
 def train_and_measure(
