@@ -534,8 +534,9 @@ class IndexSettings(Section):
         ge=1,
         description=(
             "HNSW candidate list per search (efSearch): recall against a search's time. On the "
-            "latency benchmark's untrained 129-d vectors at 100k items, 128 gives recall@10 0.83 in "
-            "0.6 ms, 512 gives 0.98 in 1.9 ms; on clustered ones 128 gives 0.995 (docs/results.md)."
+            "latency benchmark's untrained served vectors at 100k items (efConstruction 200), 128 "
+            "gives recall@10 0.86 in 0.4 ms, 512 gives 0.99 in 1.1 ms; on clustered ones 128 gives "
+            "0.975 (docs/results.md)."
         ),
     )
     hnsw_ef_construction: int = Field(
@@ -545,8 +546,8 @@ class IndexSettings(Section):
             "HNSW candidate list while building (efConstruction): a better graph, so higher recall "
             "at the same efSearch, against build time (a scorer's first build and each "
             "compaction). On the latency benchmark's untrained served vectors at 100k items and "
-            "efSearch 128, 80 gives recall@10 0.75, 200 gives 0.87 (build 2.7x as long), 400 gives "
-            "0.91 (5x) (docs/results.md)."
+            "efSearch 128, 80 gives recall@10 0.73-0.75, 200 gives 0.86-0.87 (a build 2.7-3x as long), "
+            "400 gives 0.91 (5x) (docs/results.md)."
         ),
     )
     snapshot_every_s: float = Field(
