@@ -400,7 +400,7 @@ def write_text_rows(
     aligner_version: str,
     item_idx: Sequence[int],
     text_hashes: Sequence[str],
-    features,
+    features: np.ndarray,
     now: datetime,
 ) -> None:
     """Upsert the pooled text features of items as ``aligner_version``'s text content

@@ -545,7 +545,8 @@ class IndexSettings(Section):
         description=(
             "HNSW candidate list while building (efConstruction): a better graph, so higher recall "
             "at the same efSearch, against build time (a scorer's first build and each "
-            "compaction). On the latency benchmark's untrained served vectors at 100k items and "
+            "compaction; a replica that loads a snapshot keeps its graph until it compacts). On "
+            "the latency benchmark's untrained served vectors at 100k items and "
             "efSearch 128, 80 gives recall@10 0.73-0.75, 200 gives 0.86-0.87 (a build 2.7-3x as long), "
             "400 gives 0.91 (5x) (docs/results.md)."
         ),

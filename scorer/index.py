@@ -227,9 +227,11 @@ class ItemIndex:
         """Top-k (scores, ids) per query row, never an id in ``exclude``; -1 pads the ids.
 
         Excluded ids (a history: tens) are dropped from each tier's top ``k + len(exclude)``
-        rather than hidden inside FAISS by an ID selector. The result is the same: an HNSW
-        search with a selector walks the excluded nodes too and only keeps them out of its
-        results. Building the selectors for every request cost more than the filter."""
+        rather than hidden inside FAISS by an ID selector, whose construction for every
+        request cost more than the filter. An HNSW search with a selector walks the excluded
+        nodes too and only keeps them out of its results, so the top k is the same while
+        ``k + len(exclude)`` is within efSearch; past it (a history of over 118 items at k 10,
+        efSearch 128) efSearch grows to it, which costs time and gains recall."""
         queries = np.ascontiguousarray(
             np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)[:, : self.searched]
         )

@@ -51,6 +51,7 @@ from training.variants import prompt_table, said_table, text_table
 log = logging.getLogger(__name__)
 VARIANTS = get_args(Variant)
 # they depend on the alignment
+JOINT = {"said-joint-init", "composite-said-joint"}  # on an alignment of every item, cold ones too
 SAID_VARIANTS = {
     "said",
     "said+text",
@@ -60,16 +61,16 @@ SAID_VARIANTS = {
     "composite-said",
     "composite-said+text",
     "said+text-fair-init",  # composite-said+text's teacher
-    *("said-joint-init", "composite-said-joint"),
+    *JOINT,
 }
-JOINT = {"said-joint-init", "composite-said-joint"}  # on an alignment of every item, cold ones too
 COMPOSITES = {
     "composite-said": "said",
     "composite-text": "text",
     "composite-said+text": "said+text-fair",
     "composite-said-joint": "said-joint",
 }
-MIXED_ONLY = COMPOSITES | {"blend-text": "text"}  # variant -> its table; measured in the mixed protocol only
+# variant -> its table; measured in the mixed protocol only
+MIXED_ONLY = COMPOSITES | {"blend-text": "text", "said-joint-init": "said-joint"}
 BLEND_PARTS = ("composite-text", "text")  # a blend's ID side (with its gate) and its cold side
 DIAGNOSTICS = {"blend-text", *JOINT}  # measured, not served: never the default variant
 Kept = dict[tuple[str, int], "SASRec | Composite"]  # models trained in a mixed run, by (variant, seed)
@@ -216,12 +217,8 @@ def run(
         # a teacher on this alignment's table (said-init, said+text-fair-init) is not the last one's
         teachers = {k: m for k, m in teachers.items() if k[0] not in SAID_VARIANTS}
         tables: dict[str, torch.Tensor | None] = {"id": None, "text": feats, "text-init": feats}
-        if set(plan.variants) & SAID_VARIANTS:
-            if acfg.lora_rank and a:  # each alignment adapts its own fresh copy of the LLM
-                lm = _load_lm(settings, device)
-            seed_cfg = acfg.model_copy(update={"seed": align_seed})
-            path = said_cache_path(art, align_meta(seed_cfg), settings.llm, held)
-            built = said_table(lm, texts, feats, held, seed_cfg, path, progress)
+        if set(plan.variants) & (SAID_VARIANTS - JOINT):
+            built, path, lm = _alignment(settings, lm, texts, feats, art, align_seed, held, bool(a), progress)
             tables["said"] = tables["hybrid"] = tables["said-init"] = built["vectors"]
             tables["said+text"] = torch.cat([built["vectors"], feats], 1)
             tables["said+text-fair"] = fair_concat(
@@ -232,10 +229,10 @@ def run(
                     built, lm.with_prompt(acfg.prompt), path.with_suffix(".prompt.pt")
                 )
             results[f"said_report_align{align_seed}"] = _summarise_report(built["report"])
-        if set(plan.variants) & JOINT:
-            tables["said-joint"] = tables["said-joint-init"] = _joint_table(
-                plan, settings, lm, texts, feats, art, align_seed, results, progress
-            )
+        if set(plan.variants) & JOINT:  # every item aligned at once: the fresh path's yardstick
+            joint, _, _ = _alignment(settings, lm, texts, feats, art, align_seed, set(), True, progress)
+            tables["said-joint"] = tables["said-joint-init"] = joint["vectors"]
+            results[f"said_joint_report_align{align_seed}"] = _summarise_report(joint["report"])
         for variant in plan.variants:  # variant first: a stopped run has whole variants
             if a and variant not in SAID_VARIANTS:
                 continue  # does not depend on the alignment: measured once
@@ -351,27 +348,28 @@ def _model(trained: Trained, train_seqs: list[list[int]], n: int, held: set[int]
     return SASRec(mcfg, table, standardise_on=warm, residual_on=residual_on)
 
 
-def _joint_table(
-    plan: Plan,
+def _alignment(
     settings: Settings,
     lm: FrozenLM,
     texts: list[str],
     feats: torch.Tensor,
     art: Path,
     align_seed: int,
-    results: dict,
+    held: set[int],
+    fresh: bool,
     progress: bool,
-) -> torch.Tensor:
-    """The SAID table of one alignment of every item, held-out ones included (cached like
-    any alignment, by an empty held-out set): the yardstick of the fresh path. Alignment
-    reads text only, so the cold items' rows see none of their interactions."""
-    if settings.align.lora_rank:  # its own fresh copy of the LLM, as each alignment has
-        lm = _load_lm(settings, lm.device)
+) -> tuple[dict, Path, FrozenLM]:
+    """One SAID alignment of every item but ``held`` (added after by the fresh path), cached
+    by its settings, LLM, held-out set and code: the table, its cache path and the LLM it
+    adapted. With LoRA an alignment that is not the run's first (``fresh``) adapts its own
+    fresh copy of the LLM, loaded only when the table is not cached. An empty ``held``
+    aligns every item at once: alignment reads text only, so cold items' rows then see none
+    of their interactions, which is what makes it the fresh path's yardstick."""
     seed_cfg = settings.align.model_copy(update={"seed": align_seed})
-    path = said_cache_path(art, align_meta(seed_cfg), settings.llm, set())
-    built = said_table(lm, texts, feats, set(), seed_cfg, path, progress)
-    results[f"said_joint_report_align{align_seed}"] = _summarise_report(built["report"])
-    return built["vectors"]
+    path = said_cache_path(art, align_meta(seed_cfg), settings.llm, held)
+    if fresh and settings.align.lora_rank and not path.exists():
+        lm = _load_lm(settings, lm.device)
+    return said_table(lm, texts, feats, held, seed_cfg, path, progress), path, lm
 
 
 def train_and_measure(

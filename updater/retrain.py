@@ -172,10 +172,7 @@ def training_data(
             "first): a worker stores them when nothing is pending; a text retrain waits for it"
         )
     if table is None:
-        raise RuntimeError(
-            f"no {content} rows of aligner {aligner_version}: run `said aligner train` first"
-            + (" (an idle worker writes those of an older aligner)" if content == "text" else "")
-        )
+        raise RuntimeError(f"no {content} rows of aligner {aligner_version}: run `said aligner train` first")
     embedded = set(ids.tolist())
     by_user = {u: [i for i in s if i in embedded] for u, s in by_user.items()}  # pending: no input yet
     cold = cold_items(embedded, known_through, settings.retrain.cold_share)
