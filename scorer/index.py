@@ -32,6 +32,7 @@ from the catalogue, which is the source of truth.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
@@ -66,6 +67,7 @@ class ItemIndex:
         self._silent = np.zeros((0, silent), dtype=np.float32)  # (max id + 1, silent) by item id
         self.mains: list[faiss.IndexIDMap2] = [self._flat()]  # one exact tier, or HNSW bands
         self.delta = self._flat()
+        self._touched: set[int] | None = None  # ids upserted or removed since a compaction's copy
         self._reset_masks()
 
     @property
@@ -140,6 +142,8 @@ class ItemIndex:
         self._masked.update(ids[self._contains_main(ids)].tolist())
         self._removed.difference_update(ids.tolist())
         self._reset_selector()
+        if self._touched is not None:
+            self._touched.update(ids.tolist())
 
     def _keep_silent(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Store the silent columns of these (n, dim) vectors by id (rows grow by a quarter
@@ -171,6 +175,8 @@ class ItemIndex:
         self._masked.difference_update(in_main)
         self._removed.update(in_main)
         self._reset_selector()
+        if self._touched is not None:
+            self._touched.update(ids.tolist())
 
     def _reset_selector(self) -> None:
         """The ids hidden from ``main``: replaced (in ``delta``) or removed."""
@@ -189,6 +195,33 @@ class ItemIndex:
         """A new index with the delta tier folded into a freshly built main tier (minutes
         for 1M HNSW items): built while this one keeps serving, then swapped in whole."""
         return self._rebuilt(self.silent)
+
+    def start_compaction(self) -> Callable[[], ItemIndex]:
+        """A compaction in two halves, so that its slow one (minutes at 1M HNSW items) runs
+        off the thread that writes this index: returns a function that builds a new index
+        from this one's items as they are now, safe to call on any thread, and records from
+        here on every id ``upsert`` and ``remove`` touch, which ``caught_up`` replays."""
+        ids, vectors = self.items()  # copies: this index may change while they are built
+        self._touched = set()
+        dim, cfg, silent = self.dim, self.cfg, self.silent
+
+        def build() -> ItemIndex:
+            fresh = ItemIndex(dim, cfg, silent)
+            fresh.build(ids, vectors)
+            return fresh
+
+        return build
+
+    def caught_up(self, fresh: ItemIndex) -> ItemIndex:
+        """``fresh`` (from ``start_compaction``'s function) with every item touched since
+        set as it stands here now: its current vector, or out; recording stops."""
+        touched, self._touched = sorted(self._touched or ()), None
+        now = {i: self.lookup(i) for i in touched}
+        fresh.remove(np.array([i for i, v in now.items() if v is None], dtype=np.int64))
+        kept = [i for i, v in now.items() if v is not None]
+        if kept:
+            fresh.upsert(np.array(kept, dtype=np.int64), np.stack([now[i] for i in kept]))
+        return fresh
 
     def relaid(self, silent: int) -> ItemIndex:
         """This index with ``silent`` trailing columns kept beside the tiers: itself where

@@ -96,6 +96,16 @@ class Served:
         return f"{self.scorer.version}-q{self.watermark}"
 
 
+@dataclass
+class Compaction:
+    """An index compaction building on its own thread: ``fresh`` or ``error`` once it ends."""
+
+    served: Served  # whose index it compacts: dropped if another is served by then
+    thread: threading.Thread | None = None
+    fresh: ItemIndex | None = None
+    error: Exception | None = None
+
+
 def snapshot_watermark(snapshot: Path) -> int:
     """The watermark in a snapshot's name; ValueError for a name of another format."""
     tail = snapshot.stem.rsplit("-", 1)[1]
@@ -131,6 +141,7 @@ class ServingState:
         self._declined: str | None = None  # an active scorer of another aligner: not served
         self.problems: dict[str, str] = {}  # kind -> why its active version is not served
         self._failed_aligner = FailedLoad()  # see ``_follow_aligner``
+        self._compaction: Compaction | None = None
         first = self._scorer_for(active_version(engine, "scorer")) or self._last_good_scorer()
         self.served = self._load(first or CosineScorer(aligner_version, said_dim))
         self._snapshot_at = time.monotonic()
@@ -471,14 +482,38 @@ class ServingState:
         return self.served.hashes.get(idx)
 
     def _maintain(self, served: Served) -> None:
-        """Compaction and snapshots; only this thread writes the index, so reads are safe."""
-        if served.index.needs_compaction():
-            fresh = served.index.compacted()
-            with self.lock:
-                served.index = fresh
+        """Compaction and snapshots; only this thread writes the index, so reads are safe.
+        A compaction builds on a thread of its own (minutes at 1M items, longer with a
+        larger efConstruction), so fresh items keep being applied meanwhile; what changed
+        since its copy is replayed onto it before it is swapped in."""
+        job = self._compaction
+        if job is not None and not job.thread.is_alive():
+            self._compaction = None
+            if job.error is not None:  # the uncompacted index serves on; the next refresh retries
+                log.error("index compaction failed; the next refresh tries again", exc_info=job.error)
+            elif job.served is served:  # else a new scorer is served: its index is another
+                fresh = served.index.caught_up(job.fresh)
+                with self.lock:
+                    served.index = fresh
+        elif job is None and served.index.needs_compaction():
+            self._compaction = self._compact(served)
         if time.monotonic() - self._snapshot_at > self.cfg.snapshot_every_s:
             self._snapshot_at = time.monotonic()  # first: a failed write (disk full) waits a period
             served.index.save(self.index_dir, served.snapshot_name())
+
+    @staticmethod
+    def _compact(served: Served) -> Compaction:
+        build, job = served.index.start_compaction(), Compaction(served)
+
+        def run() -> None:
+            try:
+                job.fresh = build()
+            except Exception as exc:  # reported by ``_maintain`` on the refresher's thread
+                job.error = exc
+
+        job.thread = threading.Thread(target=run, name="index-compaction", daemon=True)
+        job.thread.start()
+        return job
 
     def run_refresher(self, poll_s: float, stop: threading.Event) -> None:
         while not stop.wait(poll_s):

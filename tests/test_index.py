@@ -255,3 +255,28 @@ def test_an_index_written_searching_every_column_is_relaid_with_its_silent_ones_
     np.testing.assert_allclose(relaid.vector(42), v[41], atol=1e-6)
     q = np.hstack([v[:3, :8], np.zeros((3, 4), dtype=np.float32)])
     assert np.array_equal(relaid.search(q, 5)[1], old.search(q, 5)[1])
+
+
+@pytest.mark.parametrize("hnsw_min_items", [10_000, 100], ids=["exact", "hnsw"])
+def test_a_compaction_built_while_the_index_changes_catches_up_with_every_change(hnsw_min_items):
+    """The refresher keeps applying fresh items while a compaction builds on another thread:
+    the built index, caught up, holds what the live one holds then (added, replaced, removed,
+    removed then added back, silent columns included), and nothing of what it was copied from."""
+    whole = np.hstack([_vecs(300, seed=3), _vecs(300, dim=4, seed=4)])  # (300, 12), 4 silent
+    idx = ItemIndex(12, IndexSettings(hnsw_min_items=hnsw_min_items), silent=4)
+    idx.build(np.arange(1, 301), whole)
+    build = idx.start_compaction()
+    new = np.hstack([_vecs(4, seed=5), _vecs(4, dim=4, seed=6)])
+    idx.upsert(np.array([301, 5, 9]), new[:3])  # a new item, two replaced ones
+    idx.remove(np.array([7, 9, 302]))  # 9 replaced then removed; 302 never indexed
+    idx.remove(np.array([11]))
+    idx.upsert(np.array([11]), new[3:])  # removed, then back with another vector
+    fresh = idx.caught_up(build())
+    ids, vectors = fresh.items()
+    live_ids, live_vectors = idx.items()
+    order, live_order = np.argsort(ids), np.argsort(live_ids)
+    np.testing.assert_array_equal(ids[order], live_ids[live_order])
+    np.testing.assert_allclose(vectors[order], live_vectors[live_order], atol=1e-6)
+    assert 301 in ids and 7 not in ids and 9 not in ids and len(fresh) == 299
+    np.testing.assert_allclose(fresh.vector(11), new[3], atol=1e-6)
+    assert idx.caught_up(fresh) is fresh and len(fresh) == 299, "recording stopped at the catch-up"

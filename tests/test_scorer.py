@@ -296,3 +296,43 @@ def test_every_indexed_item_is_named_even_if_the_items_read_misses_it(served, mo
     ranked, _, _, _ = state.recommend([25], 30, set())
     assert 25 in {i for i, _ in ranked}
     assert all(i in state.item_id for i, _ in ranked)
+
+
+def test_fresh_items_are_served_while_a_compaction_builds(served, monkeypatch):
+    """A compaction builds on a thread of its own (minutes at 1M HNSW items): refreshes
+    meanwhile still apply fresh items, and the compacted index swapped in after holds them."""
+    from scorer.index import ItemIndex
+
+    engine, bundle, _data, state = served
+    building, release = threading.Event(), threading.Event()
+    build = ItemIndex.build
+
+    def held_build(index, ids, vectors):  # the build stays running until the test releases it
+        building.set()
+        release.wait(60)
+        build(index, ids, vectors)
+
+    def refreshed() -> bool:  # within 10 s, not held up by the build
+        t = threading.Thread(target=state.refresh, daemon=True)
+        t.start()
+        t.join(10)
+        return not t.is_alive()
+
+    before = state.served.index
+    monkeypatch.setattr(ItemIndex, "needs_compaction", lambda index: index is before)
+    monkeypatch.setattr(ItemIndex, "build", held_build)
+    try:
+        assert refreshed() and building.wait(10), "the compaction started"
+        add_items(engine, 24, 1)
+        _write_vector(engine, bundle, 25, datetime.now(UTC))
+        assert refreshed(), "a refresh waited for the compaction's build"
+        assert state.served.index is before and before.lookup(25) is not None, "served before it ends"
+    finally:
+        release.set()
+    deadline = time.monotonic() + 10
+    while state.served.index is before and time.monotonic() < deadline:
+        time.sleep(0.05)
+        state.refresh()
+    fresh = state.served.index
+    assert fresh is not before and len(fresh) == 25 and fresh.lookup(25) is not None
+    assert fresh.delta.ntotal == 1, "built from the copy; the item that came meanwhile replayed"
