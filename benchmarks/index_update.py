@@ -67,7 +67,7 @@ def run(n: int, batch: int, seconds: float, updating: bool) -> dict[str, float]:
             index.upsert(ids, vecs)
         next_id += len(new)
         updated += len(ids)
-        if index.needs_compaction():  # the refresher builds off the lock, then swaps
+        if index.needs_compaction():  # built off the lock, then swapped (the scorer builds on its own thread)
             fresh = index.compacted()
             with lock:
                 index = fresh

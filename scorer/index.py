@@ -15,8 +15,9 @@ Two tiers, both keyed by the catalogue's dense item index:
   FAISS ID selector, so a replaced vector never scores twice.
 ``remove()`` takes an item out (its text changed): out of ``delta``, and masked out of
 ``main`` by the same selector (HNSW cannot delete); snapshots keep these removals.
-``compact()`` folds ``delta`` into a new ``main`` (dropping removed items) when the two
-grow past a fraction of the index.
+``compacted()`` (or ``start_compaction`` and ``caught_up``, built off the writer's thread)
+folds ``delta`` into a new ``main`` (dropping removed items) when the two grow past a
+fraction of the index.
 
 Silent columns (``silent``): a scorer's trailing columns that no query meets (the
 composite's history-read block, ``models/composite.py``) are kept beside the tiers, in a
@@ -215,7 +216,9 @@ class ItemIndex:
     def caught_up(self, fresh: ItemIndex) -> ItemIndex:
         """``fresh`` (from ``start_compaction``'s function) with every item touched since
         set as it stands here now: its current vector, or out; recording stops."""
-        touched, self._touched = sorted(self._touched or ()), None
+        if self._touched is None:
+            raise RuntimeError("caught_up without start_compaction: nothing was recorded")
+        touched, self._touched = sorted(self._touched), None
         now = {i: self.lookup(i) for i in touched}
         fresh.remove(np.array([i for i, v in now.items() if v is None], dtype=np.int64))
         kept = [i for i, v in now.items() if v is not None]

@@ -74,6 +74,7 @@ from scorer.scorers import CosineScorer, SASRecScorer, load_scorer
 
 log = logging.getLogger(__name__)
 Scorer = CosineScorer | SASRecScorer
+COMPACTION_RETRY_S = 300  # after a failed compaction (minutes of CPU each at 1M items)
 
 
 @dataclass
@@ -101,9 +102,10 @@ class Compaction:
     """An index compaction building on its own thread: ``fresh`` or ``error`` once it ends."""
 
     served: Served  # whose index it compacts: dropped if another is served by then
-    thread: threading.Thread | None = None
+    source: ItemIndex  # the index it copied, which recorded what changed since
+    thread: threading.Thread
     fresh: ItemIndex | None = None
-    error: Exception | None = None
+    error: BaseException | None = None
 
 
 def snapshot_watermark(snapshot: Path) -> int:
@@ -142,6 +144,7 @@ class ServingState:
         self.problems: dict[str, str] = {}  # kind -> why its active version is not served
         self._failed_aligner = FailedLoad()  # see ``_follow_aligner``
         self._compaction: Compaction | None = None
+        self._compact_after = 0.0  # monotonic time before which no compaction starts (after a failure)
         first = self._scorer_for(active_version(engine, "scorer")) or self._last_good_scorer()
         self.served = self._load(first or CosineScorer(aligner_version, said_dim))
         self._snapshot_at = time.monotonic()
@@ -489,29 +492,41 @@ class ServingState:
         job = self._compaction
         if job is not None and not job.thread.is_alive():
             self._compaction = None
-            if job.error is not None:  # the uncompacted index serves on; the next refresh retries
-                log.error("index compaction failed; the next refresh tries again", exc_info=job.error)
-            elif job.served is served:  # else a new scorer is served: its index is another
+            if job.fresh is None:  # the uncompacted index serves on; tried again after a pause
+                self._compact_after = time.monotonic() + COMPACTION_RETRY_S
+                log.error("index compaction failed; next try in %d s", COMPACTION_RETRY_S, exc_info=job.error)
+            elif job.served is served and served.index is job.source:
                 fresh = served.index.caught_up(job.fresh)
                 with self.lock:
                     served.index = fresh
-        elif job is None and served.index.needs_compaction():
-            self._compaction = self._compact(served)
+            else:
+                log.info("dropped a compaction of an index no longer served")
+        elif job is None and time.monotonic() > self._compact_after and served.index.needs_compaction():
+            try:
+                self._compaction = self._compact(served)
+            except Exception:  # e.g. no memory for the copy: serve on, snapshot below, retry later
+                self._compact_after = time.monotonic() + COMPACTION_RETRY_S
+                log.exception("could not start an index compaction; next try in %d s", COMPACTION_RETRY_S)
         if time.monotonic() - self._snapshot_at > self.cfg.snapshot_every_s:
             self._snapshot_at = time.monotonic()  # first: a failed write (disk full) waits a period
             served.index.save(self.index_dir, served.snapshot_name())
 
     @staticmethod
     def _compact(served: Served) -> Compaction:
-        build, job = served.index.start_compaction(), Compaction(served)
+        """Start building ``served``'s compacted index on a thread of its own, with one
+        OpenMP thread (a per-thread setting in libgomp), so a core stays with requests."""
+        build = served.index.start_compaction()
 
         def run() -> None:
+            faiss.omp_set_num_threads(1)
             try:
                 job.fresh = build()
-            except Exception as exc:  # reported by ``_maintain`` on the refresher's thread
+            except BaseException as exc:  # reported by ``_maintain`` on the refresher's thread
                 job.error = exc
 
-        job.thread = threading.Thread(target=run, name="index-compaction", daemon=True)
+        job = Compaction(
+            served, served.index, threading.Thread(target=run, name="index-compaction", daemon=True)
+        )
         job.thread.start()
         return job
 

@@ -265,18 +265,22 @@ def test_a_compaction_built_while_the_index_changes_catches_up_with_every_change
     whole = np.hstack([_vecs(300, seed=3), _vecs(300, dim=4, seed=4)])  # (300, 12), 4 silent
     idx = ItemIndex(12, IndexSettings(hnsw_min_items=hnsw_min_items), silent=4)
     idx.build(np.arange(1, 301), whole)
+    new = np.hstack([_vecs(40, seed=5), _vecs(40, dim=4, seed=6)])
+    idx.upsert(np.array([310, 13]), new[:2])  # in the delta tier when the copy is taken
     build = idx.start_compaction()
-    new = np.hstack([_vecs(4, seed=5), _vecs(4, dim=4, seed=6)])
-    idx.upsert(np.array([301, 5, 9]), new[:3])  # a new item, two replaced ones
+    idx.upsert(np.array([301, 5, 9]), new[2:5])  # a new item, two replaced ones
     idx.remove(np.array([7, 9, 302]))  # 9 replaced then removed; 302 never indexed
     idx.remove(np.array([11]))
-    idx.upsert(np.array([11]), new[3:])  # removed, then back with another vector
+    idx.upsert(np.array([11]), new[5:6])  # removed, then back with another vector
+    idx.upsert(np.arange(320, 352), new[6:38])  # the delta grows: the copy must not be a view
     fresh = idx.caught_up(build())
     ids, vectors = fresh.items()
     live_ids, live_vectors = idx.items()
     order, live_order = np.argsort(ids), np.argsort(live_ids)
     np.testing.assert_array_equal(ids[order], live_ids[live_order])
     np.testing.assert_allclose(vectors[order], live_vectors[live_order], atol=1e-6)
-    assert 301 in ids and 7 not in ids and 9 not in ids and len(fresh) == 299
-    np.testing.assert_allclose(fresh.vector(11), new[3], atol=1e-6)
-    assert idx.caught_up(fresh) is fresh and len(fresh) == 299, "recording stopped at the catch-up"
+    assert 301 in ids and 310 in ids and 7 not in ids and 9 not in ids and len(fresh) == 332
+    np.testing.assert_allclose(fresh.vector(11), new[5], atol=1e-6)
+    np.testing.assert_allclose(fresh.vector(13), new[1], atol=1e-6)
+    with pytest.raises(RuntimeError):
+        idx.caught_up(fresh)  # recording stopped at the catch-up

@@ -322,7 +322,8 @@ def test_fresh_items_are_served_while_a_compaction_builds(served, monkeypatch):
     monkeypatch.setattr(ItemIndex, "needs_compaction", lambda index: index is before)
     monkeypatch.setattr(ItemIndex, "build", held_build)
     try:
-        assert refreshed() and building.wait(10), "the compaction started"
+        assert refreshed(), "a refresh waited for the compaction's build"
+        assert building.wait(10), "the compaction started"
         add_items(engine, 24, 1)
         _write_vector(engine, bundle, 25, datetime.now(UTC))
         assert refreshed(), "a refresh waited for the compaction's build"
