@@ -23,7 +23,8 @@ them timed, one at a time, on one FAISS thread as served; the build is single-th
 over vectors with log-normal norms and over the served ones, at the served efSearch
 (``SAID_HNSW_EF_SEARCH``) and at those of ``--ef-search``: the frontier an operator picks
 from. ``--profile PREFIX`` also samples the server with py-spy during one more 10 s run per
-point and prints the frames most often on the stack and at its top.
+point, after the measured ones (two-worker runs measured straight after it ran at one
+worker's rate), and prints the frames most often on the stack and at its top.
 
     python benchmarks/scorer_latency.py [--sizes 100000,1000000] [--clients 1,4] [--smoke]
 
@@ -379,19 +380,19 @@ def measure(n: int, mode: str, generator, args) -> list[dict[str, float]]:
                 first = len(rows)
                 for kind in args.requests:
                     generator(port, n, kind, max(args.clients), args.warmup)
-                    if args.profile:
-                        profile(
-                            proc.pid,
-                            f"{args.profile}-{mode}-{n}-{workers}w-{kind}.txt",
-                            generator,
-                            (port, n, kind, 4, 10),
-                        )
                     for clients in args.clients:
                         runs = [generator(port, n, kind, clients, args.seconds) for _ in range(args.runs)]
                         out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                         errors = sum(r["errors"] for r in runs)
                         rows.append(
                             out | {"errors": errors, "workers": workers, "clients": clients, "kind": kind}
+                        )
+                    if args.profile:  # after the measured runs: they ran at one worker's rate after py-spy
+                        profile(
+                            proc.pid,
+                            f"{args.profile}-{mode}-{n}-{workers}w-{kind}.txt",
+                            generator,
+                            (port, n, kind, 4, 10),
                         )
                 rss = rss_mib(proc.pid) + sum(rss_mib(c) for c in _children(proc.pid))
                 for row in rows[first:]:
