@@ -125,10 +125,9 @@ def test_hnsw_recall_against_exact_with_uneven_norms():
     np.testing.assert_allclose(approx.vector(7), v[6], atol=1e-5)
 
 
-def test_ef_search_trades_recall_and_travels_with_snapshots_and_compaction(tmp_path):
-    """``SAID_HNSW_EF_SEARCH`` is each HNSW search's candidate list: a short one misses
-    neighbours a long one finds, on data whose top 10 are near-ties (Gaussian, 32-d); a
-    loaded or compacted index searches with the value it was given."""
+def _near_ties():
+    """4,000 Gaussian 32-d vectors, whose top 10 are near-ties, and a function giving an
+    index of them its recall@10 against exact search on 100 queries."""
     v, q = _vecs(4000, dim=32, seed=8), _vecs(100, dim=32, seed=9)
     exact = ItemIndex(32, IndexSettings())
     exact.build(np.arange(1, 4001), v)
@@ -138,6 +137,14 @@ def test_ef_search_trades_recall_and_travels_with_snapshots_and_compaction(tmp_p
         _, a = index.search(q, 10)
         return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, e, strict=True)]))
 
+    return v, recall
+
+
+def test_ef_search_trades_recall_and_travels_with_snapshots_and_compaction(tmp_path):
+    """``SAID_HNSW_EF_SEARCH`` is each HNSW search's candidate list: a short one misses
+    neighbours a long one finds, on data whose top 10 are near-ties (Gaussian, 32-d); a
+    loaded or compacted index searches with the value it was given."""
+    v, recall = _near_ties()
     short = ItemIndex(32, IndexSettings(hnsw_min_items=1, hnsw_ef_search=10))
     long = ItemIndex(32, IndexSettings(hnsw_min_items=1, hnsw_ef_search=400))
     for index in (short, long):
@@ -153,15 +160,7 @@ def test_ef_construction_builds_a_graph_that_finds_more_at_the_same_ef_search():
     """``SAID_HNSW_EF_CONSTRUCTION`` reaches the build: on near-tie data (Gaussian, 32-d) a
     graph built with a long candidate list finds more of the exact top 10 at one efSearch,
     and a compaction builds with the same setting."""
-    v, q = _vecs(4000, dim=32, seed=8), _vecs(100, dim=32, seed=9)
-    exact = ItemIndex(32, IndexSettings())
-    exact.build(np.arange(1, 4001), v)
-    _, e = exact.search(q, 10)
-
-    def recall(index: ItemIndex) -> float:
-        _, a = index.search(q, 10)
-        return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, e, strict=True)]))
-
+    v, recall = _near_ties()
     rough = ItemIndex(32, IndexSettings(hnsw_min_items=1, hnsw_ef_search=16, hnsw_ef_construction=4))
     fine = ItemIndex(32, IndexSettings(hnsw_min_items=1, hnsw_ef_search=16, hnsw_ef_construction=200))
     for index in (rough, fine):
