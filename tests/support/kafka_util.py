@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections import Counter
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
@@ -11,6 +13,8 @@ from consumers.items import ItemsHandler
 from consumers.runner import ConsumeLoop
 from core.db import make_engine
 from core.events import TOPIC_DLQ, TOPIC_ITEMS
+
+log = logging.getLogger(__name__)
 
 
 def produce_raw(
@@ -45,7 +49,9 @@ def produce_json(bootstrap: str, topic: str, events: list[dict], key: str) -> No
 
 
 def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 20.0) -> list:
-    """Read ``expected`` messages from the start of ``topic`` (fails on timeout)."""
+    """Read ``expected`` messages from the start of ``topic``, then poll briefly for more.
+    A short read is logged with where it stopped (per-partition counts and offsets, the
+    consumer's errors): the caller's assertion then says what is missing, this says why."""
     c = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -57,11 +63,34 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 20.0)
         }
     )
     c.subscribe([topic])
-    out, deadline = [], time.monotonic() + timeout
+    out, errors, started = [], [], time.monotonic()
+    deadline = started + timeout
+
+    def take(batch: list) -> None:
+        for m in batch:
+            (errors if m.error() is not None else out).append(m.error() or m)
+
     while len(out) < expected and time.monotonic() < deadline:
-        out += [m for m in c.consume(1000, 0.5) if m.error() is None]
-    # a short extra poll catches messages beyond what we expected
-    out += [m for m in c.consume(1000, 1.0) if m.error() is None]
+        take(c.consume(1000, 0.5))
+    take(c.consume(1000, 1.0))  # a short extra poll catches messages beyond what we expected
+    if len(out) < expected:
+        per = Counter(m.partition() for m in out)
+        marks = {
+            tp.partition: (tp.offset, c.get_watermark_offsets(tp, cached=True))
+            for tp in c.position(c.assignment())
+        }
+        log.warning(
+            "read %d of %d messages of %s in %.1f s; per partition %s; (position, cached"
+            " watermarks) %s; %d consumer errors, e.g. %s",
+            len(out),
+            expected,
+            topic,
+            time.monotonic() - started,
+            dict(per),
+            marks,
+            len(errors),
+            errors[:3],
+        )
     c.close()
     return out
 
