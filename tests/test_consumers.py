@@ -59,6 +59,29 @@ def test_items_then_interactions_are_stored_and_replay_is_harmless(settings):
     assert idx == list(range(1, 51)), "dense, gap-free, append-only indexes"
 
 
+def test_ids_with_copy_delimiters_and_escapes_are_stored_exactly(settings):
+    """PostgreSQL takes interactions through COPY's text format: a tab, line break,
+    backslash or COPY marker inside an id must arrive as sent, not split or end a row
+    (seen failing with the escaping left out of a hand-built COPY block)."""
+    odd = ["a\tb", "line\nbreak", "cr\rhere", "back\\slash", "\\.", "\\N", "é✓\u2028", "plain"]
+    produce_json(settings.kafka.bootstrap, TOPIC_ITEMS, [item_event(1)], "item_id")
+    consume(settings, ItemsHandler)
+    at = "2026-01-01T00:00:01.123456+02:00"
+    clicks = [
+        click_event(e, 1, user=f"u{o}") | {"event_id": f"e{o}", "event_time": at} for e, o in enumerate(odd)
+    ]
+    produce_json(settings.kafka.bootstrap, TOPIC_INTERACTIONS, clicks, "user_id")
+    stats, engine = consume(settings, InteractionsHandler)
+    assert (stats.stored, stats.dead_lettered) == (len(odd), 0)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(interactions.c.event_id, interactions.c.user_id, interactions.c.event_time)
+        )
+        got = {r.event_id: (r.user_id, r.event_time.replace(tzinfo=r.event_time.tzinfo or UTC)) for r in rows}
+    when = datetime.fromisoformat(at)
+    assert got == {f"e{o}": (f"u{o}", when) for o in odd}
+
+
 def test_changed_text_goes_back_to_pending_and_stale_events_are_ignored(settings):
     engine = make_engine(settings.database_url)
     produce_json(settings.kafka.bootstrap, TOPIC_ITEMS, [item_event(1), item_event(2)], "item_id")
