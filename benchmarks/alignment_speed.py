@@ -6,9 +6,11 @@ runs every batch once as a real training step (teacher-forced loss, backward int
 tokens, projector and rows step) under each kernel, the kernels interleaved rep by rep so
 that a noisy shared machine slows them alike; items/s is the median over reps. The FLOP
 bound is benchmarks/_flops.py's: the step's matmul FLOPs over this machine's matmul
-rate, measured in the same run. A kernel named ``KERNEL+compile`` runs the same steps through
-``torch.compile`` (``SAID_ALIGN_COMPILE``); its compiling happens in the warm-up, which is
-timed and printed apart.
+rate, measured in the same run (the median of single calls, each casting its fp32 operands
+as the steps cast their weights); where bf16 is native, the rate of the multiply-adds alone
+(bf16 operands) is printed beside it, a second share. A kernel named ``KERNEL+compile``
+runs the same steps through ``torch.compile`` (``SAID_ALIGN_COMPILE``); its compiling
+happens in the warm-up, which is timed and printed apart.
 
     python benchmarks/alignment_speed.py [--items 256] [--batch 16] [--reps 3] \\
         [--attention sdpa,eager,eager+compile] [--dataset ../shared/data/amazon-beauty-2k]
@@ -32,7 +34,7 @@ from core.dataset import load_dataset
 from core.events import item_text
 from core.settings import get_settings
 from models.aligner import AlignerConfig, FrozenLM, ItemAligner, tokenize_texts
-from models.llm import load_llm, pick_device
+from models.llm import fast_bf16, load_llm, pick_device
 from training.align import _train_step, length_batches
 from training.optim import row_optimizer
 
@@ -103,12 +105,21 @@ def main() -> None:
     )
     print(f"{text_len:.1f} text tokens an item, {device}, {args.reps} interleaved reps, median items/s")
     print(bound_line(bound, gflops, step_flops))
-    print("| attention | items/s (median) | reps | share of FLOP bound | warm-up pass s |")
-    print("|---|---|---|---|---|")
+    macs = bound  # without native bf16 the operands stay fp32: no cast to leave out
+    if fast_bf16(device):
+        mac_gflops = matmul_gflops(device, 512 if args.smoke else 2048, dtype=torch.bfloat16)
+        macs = mac_gflops * 1e9 / step_flops
+        print(
+            f"multiply-adds alone {macs:.1f} items/s ({mac_gflops:.0f} GFLOP/s on bf16 operands:"
+            " no casts, the rate a step holding bf16 weights could approach)"
+        )
+    print("| attention | items/s (median) | reps | share of FLOP bound | of multiply-adds | warm-up pass s |")
+    print("|---|---|---|---|---|---|")
     for kernel, r in rates.items():
         med = statistics.median(r)
         reps = ", ".join(f"{x:.1f}" for x in r)
-        print(f"| {kernel} | {med:.2f} | {reps} | {med / bound:.0%} | {warm_up[kernel]:.0f} |")
+        shares = f"{med / bound:.0%} | {med / macs:.0%}"
+        print(f"| {kernel} | {med:.2f} | {reps} | {shares} | {warm_up[kernel]:.0f} |")
 
 
 if __name__ == "__main__":
