@@ -4,8 +4,10 @@ A step's matmul FLOPs are 2 x parameters x tokens forward, the same again backwa
 the input gradients alone (the LLM is frozen, so no weight gradients); the LM head runs on
 the text tokens only. Divided into the matmul rate this machine reaches in the same run
 under the steps' own autocast (bf16 where native, else fp32: ``models.llm.fast_bf16``),
-that gives the items/s no implementation of the step that keeps fp32 weights could beat.
-The multiply-adds alone (bf16 operands, no casts) run faster: ``matmul_gflops``'s dtype.
+that gives a reference rate for the step, casts of fp32 operands included. It is not a hard
+bound: on one AMX machine this rate measured 1,100 in some processes and 2,500 GFLOP/s in
+another, and the multiply-adds alone (bf16 operands, no casts: ``matmul_gflops``'s dtype)
+ran at 2,800-3,300.
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ from models.llm import autocast
 def matmul_gflops(
     device: torch.device, n: int = 2048, reps: int = 20, dtype: torch.dtype = torch.float32
 ) -> float:
-    """The median rate of single n x n matmuls under the steps' autocast, after a second of
-    warm-up, GFLOP/s. The median of calls timed one by one: a total over a few calls swung
-    from 960 to 1,889 GFLOP/s between runs on one AMX machine (clock and power-state ramps).
+    """The median rate of n x n matmuls under the steps' autocast, after a second of
+    warm-up, GFLOP/s: the median of ``reps`` samples timed one by one (a total over 5 calls
+    swung from 960 to 1,889 GFLOP/s between runs on one AMX machine; the median still
+    differs between processes, 1,102 to 2,482, for reasons not known). A sample is one
+    call on a CPU, 10 on CUDA (one 2048-cube matmul there is too short to time alone).
 
-    ``dtype`` float32 (the bound the benchmarks divide by): each call also casts both
+    ``dtype`` float32 (the rate the benchmarks divide by): each call also casts both
     operands to bf16, as the steps cast their fp32 weights. bfloat16: the multiply-adds
-    alone, the rate a step holding bf16 weights could approach (about 3x the other on AMX)."""
+    alone, the rate a step holding bf16 weights could approach."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    calls = 10 if device.type == "cuda" else 1
     times = []
     with autocast(device):
         start = time.perf_counter()
@@ -36,12 +41,14 @@ def matmul_gflops(
             _sync(device, a @ b)
         for _ in range(reps):
             t0 = time.perf_counter()
-            _sync(device, a @ b)
-            times.append(time.perf_counter() - t0)
+            for _ in range(calls):
+                a @ b
+            _sync(device)
+            times.append((time.perf_counter() - t0) / calls)
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def _sync(device: torch.device, _result: torch.Tensor) -> None:
+def _sync(device: torch.device, _result: torch.Tensor | None = None) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 

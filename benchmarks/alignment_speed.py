@@ -74,8 +74,13 @@ def main() -> None:
     batches = length_batches([len(t) for t in tokens], args.batch, 0)
     text_len = sum(map(len, tokens)) / len(tokens)
     step_flops = flops_per_item(lm.model, lm.prefix.length(cfg.k) + text_len, text_len)
-    gflops = matmul_gflops(device, 512 if args.smoke else 2048)
+    n = 512 if args.smoke else 2048
+    gflops = matmul_gflops(device, n)
     bound = gflops * 1e9 / step_flops
+    # the multiply-adds alone, measured at the same point; without native bf16 the operands
+    # stay fp32 and there is no cast to leave out
+    mac_gflops = matmul_gflops(device, n, dtype=torch.bfloat16) if fast_bf16(device) else gflops
+    macs = mac_gflops * 1e9 / step_flops
     torch.manual_seed(0)
     aligner = ItemAligner(AlignerConfig(n_items=len(texts), hidden=lm.hidden, item_dim=cfg.item_dim, k=cfg.k))
     aligner.to(device)
@@ -105,10 +110,7 @@ def main() -> None:
     )
     print(f"{text_len:.1f} text tokens an item, {device}, {args.reps} interleaved reps, median items/s")
     print(bound_line(bound, gflops, step_flops))
-    macs = bound  # without native bf16 the operands stay fp32: no cast to leave out
     if fast_bf16(device):
-        mac_gflops = matmul_gflops(device, 512 if args.smoke else 2048, dtype=torch.bfloat16)
-        macs = mac_gflops * 1e9 / step_flops
         print(
             f"multiply-adds alone {macs:.1f} items/s ({mac_gflops:.0f} GFLOP/s on bf16 operands:"
             " no casts, the rate a step holding bf16 weights could approach)"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import warnings
 from collections import Counter
 from datetime import datetime, timedelta
 
@@ -123,16 +124,18 @@ def test_parking_is_capped_per_item_and_in_total_and_the_overflow_is_dead_letter
 class SlowAck:
     """A consumer's producer whose broker acknowledges slowly: each flush waits ``delay`` s,
     the first one after calling ``first`` (here: the item arrives, mid-sweep). It records
-    each acknowledged message's event id and (partition, offset) in ``acked``: what the
-    system handed to the broker, told apart from what a reader gets back."""
+    each acknowledged message's (partition, offset) under its event id in ``acked``, one
+    entry per copy: what the system handed to the broker, told apart from what a reader
+    gets back."""
 
-    def __init__(self, producer, first, delay: float, acked: dict) -> None:
+    def __init__(self, producer, first, delay: float, acked: dict[str, list]) -> None:
         self.inner, self.first, self.delay, self.acked = producer, first, delay, acked
 
     def produce(self, *args, on_delivery=None, **kwargs):
         def report(err, msg) -> None:
             if err is None:
-                self.acked[json.loads(msg.value())["event_id"]] = (msg.partition(), msg.offset())
+                eid = json.loads(msg.value())["event_id"]
+                self.acked.setdefault(eid, []).append((msg.partition(), msg.offset()))
             if on_delivery is not None:
                 on_delivery(err, msg)
 
@@ -179,7 +182,7 @@ def test_two_sweepers_and_an_arriving_item_end_each_parked_click_exactly_once(se
     sweepers = [
         ConsumeLoop(InteractionsHandler(aged), make_engine(aged.database_url), aged) for _ in range(2)
     ]
-    acked: dict[str, tuple[int, int]] = {}  # DLQ copies the broker acknowledged
+    acked: dict[str, list[tuple[int, int]]] = {}  # DLQ copies the broker acknowledged
     for loop in sweepers:
         loop.producer = SlowAck(loop.producer, item_arrives, 0.2, acked)
     threads = [threading.Thread(target=loop.run, kwargs={"idle_exit": 1.0}) for loop in sweepers]
@@ -199,21 +202,24 @@ def test_two_sweepers_and_an_arriving_item_end_each_parked_click_exactly_once(se
     with engine.connect() as conn:
         parked_left = count_parked(conn)
     in_outbox_left = in_outbox(engine)
-    # the system's side: each click stored, or its DLQ copy acknowledged by the broker
+    # the system's side: each click stored, or one DLQ copy of it acknowledged by the broker
     missing = sorted({c["event_id"] for c in clicks} - set(stored) - set(acked))
     assert not missing, (
         f"{len(missing)} neither stored nor acknowledged in the DLQ ({parked_left} still parked,"
         f" {in_outbox_left} in the outbox, {len(stored)} stored, {len(acked)} acknowledged),"
         f" e.g. {missing[:5]}"
     )
+    both = set(stored) & set(acked)
+    twice = [e for e, copies in acked.items() if len(copies) > 1]
+    assert not both and not twice, f"{len(both)} stored and dead-lettered, {len(twice)} dead-lettered twice"
     # the broker's side: it returns every acknowledged copy (a short read logs where it stopped)
     dead = dlq_events(aged.kafka.bootstrap, n - len(stored))
-    if set(acked) - {e for e, _ in dead}:  # a short read (logged): once more, by a fresh reader
+    if set(acked) - {e for e, _ in dead}:  # once more, by a fresh reader; said in the summary
+        warnings.warn(
+            f"short DLQ read: {len(dead)} of {len(acked)} acknowledged copies; read again", stacklevel=1
+        )
         dead = dlq_events(aged.kafka.bootstrap, n - len(stored))
     dead_ids = [e for e, _ in dead]
-    both = set(stored) & set(dead_ids)
-    twice = len(dead_ids) - len(set(dead_ids))
-    assert not both and not twice, f"{len(both)} stored and dead-lettered, {twice} dead-lettered twice"
     unread = sorted(set(acked) - set(dead_ids))
     assert not unread, (
         f"the broker acknowledged {len(unread)} DLQ copies a reader did not get back, e.g."
