@@ -12,4 +12,4 @@ echo "--- pip-audit (installed packages) ---"
 audit=$(python3 -m pip_audit -l --skip-editable --progress-spinner off 2>&1) || true
 echo "$audit" | grep -v "could not be audited" | head -n 40
 echo "($(echo "$audit" | grep -c "could not be audited" || true) packages could not be audited)"
-python3 -m pytest -q "$@"
+python3 -m pytest -q -rfEx "$@"  # failures, errors and each xfail reason in the summary
