@@ -38,7 +38,8 @@ def matmul_gflops(
     with autocast(device):
         start = time.perf_counter()
         while time.perf_counter() - start < 1.0:
-            _sync(device, a @ b)
+            a @ b
+            _sync(device)
         for _ in range(reps):
             t0 = time.perf_counter()
             for _ in range(calls):
@@ -48,7 +49,7 @@ def matmul_gflops(
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def _sync(device: torch.device, _result: torch.Tensor | None = None) -> None:
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 

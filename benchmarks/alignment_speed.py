@@ -79,7 +79,8 @@ def main() -> None:
     bound = gflops * 1e9 / step_flops
     # the multiply-adds alone, measured at the same point; without native bf16 the operands
     # stay fp32 and there is no cast to leave out
-    mac_gflops = matmul_gflops(device, n, dtype=torch.bfloat16) if fast_bf16(device) else gflops
+    native_bf16 = fast_bf16(device)
+    mac_gflops = matmul_gflops(device, n, dtype=torch.bfloat16) if native_bf16 else gflops
     macs = mac_gflops * 1e9 / step_flops
     torch.manual_seed(0)
     aligner = ItemAligner(AlignerConfig(n_items=len(texts), hidden=lm.hidden, item_dim=cfg.item_dim, k=cfg.k))
@@ -110,7 +111,7 @@ def main() -> None:
     )
     print(f"{text_len:.1f} text tokens an item, {device}, {args.reps} interleaved reps, median items/s")
     print(bound_line(bound, gflops, step_flops))
-    if fast_bf16(device):
+    if native_bf16:
         print(
             f"multiply-adds alone {macs:.1f} items/s ({mac_gflops:.0f} GFLOP/s on bf16 operands:"
             " no casts, the rate a step holding bf16 weights could approach)"
