@@ -20,7 +20,7 @@ from confluent_kafka import Message
 from sqlalchemy.engine import Connection, Engine
 
 from consumers.dead_letter import StoredMessage, message_record
-from consumers.runner import Claim, Rejected
+from consumers.runner import Claim, Parsed, Rejected
 from core import metrics, parking
 from core.catalogue import insert_interactions, resolve_item_ids
 from core.db import db_now
@@ -43,34 +43,36 @@ class InteractionsHandler:
         # item_id -> idx never changes once assigned, so a process-wide cache is safe.
         self.idx_of: dict[str, int] = {}
 
-    def process(self, engine: Engine, messages: Sequence[Message]) -> list[Rejected]:
-        parsed: list[tuple[InteractionEvent, Message]] = []
-        rejected: list[Rejected] = []
-        now = datetime.now(UTC)
+    def parse(self, messages: Sequence[Message]) -> Parsed:
+        parsed = Parsed()
+        latest = datetime.now(UTC) + self.skew
         for m in messages:
             try:
-                parsed.append(
-                    (parse_interaction(m.value(), max_bytes=self.max_bytes, latest=now + self.skew), m)
-                )
+                event = parse_interaction(m.value(), max_bytes=self.max_bytes, latest=latest)
+                parsed.events.append((event, m))
             except Invalid as exc:
-                rejected.append(Rejected(m, exc.reason))
+                parsed.rejected.append(Rejected(m, exc.reason))
+        return parsed
+
+    def store(self, engine: Engine, parsed: Parsed) -> list[Rejected]:
+        events: list[tuple[InteractionEvent, Message]] = parsed.events
         parking = None
         with engine.begin() as conn:
-            missing = {ev.item_id for ev, _ in parsed if ev.item_id not in self.idx_of}
+            missing = {ev.item_id for ev, _ in events if ev.item_id not in self.idx_of}
             if missing:
                 self.idx_of.update(resolve_item_ids(conn, missing))
-            unknown = [(ev, message_record(m)) for ev, m in parsed if ev.item_id not in self.idx_of]
+            unknown = [(ev, message_record(m)) for ev, m in events if ev.item_id not in self.idx_of]
             if unknown:
                 parking = park_unknown(conn, unknown, self.idx_of, db_now(conn), self.caps)
-            insert_interactions(conn, [ev for ev, _ in parsed if ev.item_id in self.idx_of], self.idx_of)
-        if parking is not None:
-            overflow = [Rejected(StoredMessage(record), OVERFLOW) for _, record in parking.overflow]
-            rejected += overflow
-            metrics.PARKED.labels("parked").inc(parking.parked)
-            metrics.PARKED.labels("overflow").inc(len(overflow))
-            if parking.waiting is not None:
-                metrics.PARKED_NOW.set(parking.waiting)
-        return rejected
+            insert_interactions(conn, [ev for ev, _ in events if ev.item_id in self.idx_of], self.idx_of)
+        if parking is None:
+            return []
+        overflow = [Rejected(StoredMessage(record), OVERFLOW) for _, record in parking.overflow]
+        metrics.PARKED.labels("parked").inc(parking.parked)
+        metrics.PARKED.labels("overflow").inc(len(overflow))
+        if parking.waiting is not None:
+            metrics.PARKED_NOW.set(parking.waiting)
+        return overflow
 
     def claim_expired(self, engine: Engine, limit: int, flushed: Claim | None = None) -> Claim:
         """Up to ``limit`` parked interactions past their age, oldest first, moved to the

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 from sqlalchemy.engine import Engine
 
-from consumers.runner import Claim, Rejected
+from consumers.runner import Claim, Parsed, Rejected
 from core import metrics
 from core.catalogue import set_serving, upsert_items
 from core.events import TOPIC_ITEMS, Invalid, ItemEvent, ServingEvent, parse_item, parse_tombstone
@@ -32,17 +32,20 @@ class ItemsHandler:
         self.max_text_chars = settings.consume.max_text_chars
         self.skew = timedelta(seconds=settings.consume.max_future_skew_s)
 
-    def process(self, engine: Engine, messages: Sequence[Message]) -> list[Rejected]:
-        valid: list[ItemEvent] = []
-        serving: list[tuple[Message, ServingEvent]] = []
-        rejected: list[Rejected] = []
-        now = datetime.now(UTC)
+    def parse(self, messages: Sequence[Message]) -> Parsed:
+        parsed = Parsed()
+        latest = datetime.now(UTC) + self.skew
         for m in messages:
             try:
-                ev = self._parse(m, now + self.skew)
+                parsed.events.append((self._parse(m, latest), m))
             except Invalid as exc:
-                rejected.append(Rejected(m, exc.reason))
-                continue
+                parsed.rejected.append(Rejected(m, exc.reason))
+        return parsed
+
+    def store(self, engine: Engine, parsed: Parsed) -> list[Rejected]:
+        valid: list[ItemEvent] = []
+        serving: list[tuple[Message, ServingEvent]] = []
+        for ev, m in parsed.events:
             if isinstance(ev, ItemEvent):
                 valid.append(ev)
                 if ev.serving is not None:
@@ -50,14 +53,13 @@ class ItemsHandler:
             else:
                 serving.append((m, ev))
         with engine.begin() as conn:
-            upsert_items(conn, valid, now)
+            upsert_items(conn, valid, datetime.now(UTC))
             unknown = set(set_serving(conn, [ev for _, ev in serving])[1])
             applied, waiting = apply_parked(conn, {ev.item_id for ev in valid})  # under the items lock
-        rejected += [Rejected(m, "unknown_item") for m, ev in serving if ev.item_id in unknown]
         metrics.PARKED.labels("applied").inc(applied)
         if waiting is not None:
             metrics.PARKED_NOW.set(waiting)
-        return rejected
+        return [Rejected(m, "unknown_item") for m, ev in serving if ev.item_id in unknown]
 
     def _parse(self, m: Message, latest: datetime) -> ItemEvent | ServingEvent:
         if m.value() is None:  # a tombstone: withdrawn, as of the message's timestamp

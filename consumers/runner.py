@@ -20,9 +20,10 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from sqlalchemy.engine import Engine
@@ -57,13 +58,36 @@ class Claim:
     at: datetime | None = None
 
 
+@dataclass
+class Parsed:
+    """A validated batch: each valid message's event, with its message, and the messages
+    validation refused. Split in halves to isolate a poison message."""
+
+    events: list[tuple[Any, Message]] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+    def __add__(self, other: Parsed) -> Parsed:
+        return Parsed(self.events + other.events, self.rejected + other.rejected)
+
+    def halves(self) -> tuple[Parsed, Parsed]:
+        """The events in two halves, for the writer (validation's refusals stay decided)."""
+        half = len(self.events) // 2
+        return Parsed(self.events[:half]), Parsed(self.events[half:])
+
+
 class Handler(Protocol):
     """Validates and stores one batch of a topic; one transaction, idempotent."""
 
     topic: str
     name: str
 
-    def process(self, engine: Engine, messages: Sequence[Message]) -> list[Rejected]: ...
+    def parse(self, messages: Sequence[Message]) -> Parsed:
+        """Validate, with no I/O: it runs while the batch before is being written."""
+        ...
+
+    def store(self, engine: Engine, parsed: Parsed) -> list[Rejected]:
+        """Write the valid events in one transaction; returns what the catalogue refused."""
+        ...
 
     def claim_expired(self, engine: Engine, limit: int, flushed: Claim | None = None) -> Claim:
         """Up to ``limit`` stored messages that waited too long, decided dead (one
@@ -74,6 +98,16 @@ class Handler(Protocol):
     def release(self, engine: Engine, claim: Claim) -> None:
         """Forget a claim whose DLQ copies are flushed (one transaction; repeatable)."""
         ...
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A batch handed to the writer: its messages, validation's refusals, the write."""
+
+    messages: list[Message]
+    rejected: list[Rejected]
+    written: Future[list[Rejected]]
+    started: float  # perf_counter when the writer got it, for the batch-time metric
 
 
 @dataclass
@@ -129,6 +163,7 @@ class ConsumeLoop:
         self.stats = RunStats()
         self.stopping = False
         self.assigned: set[tuple[str, int]] = set()  # owned partitions, from the callbacks
+        self._in_flight: InFlight | None = None  # the batch the writer has, not yet committed
         group = f"{settings.consume.group_id}.{handler.name}"
         self.consumer = Consumer(consumer_config(settings, group, _record_lag))
         self.producer = Producer(
@@ -156,23 +191,32 @@ class ConsumeLoop:
         self._idle_since = time.monotonic()  # reset by every (re)assignment
         started = time.monotonic()
         next_sweep, drained = 0.0, True
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"said-{self.handler.name}-writer")
         try:
             while not self.stopping:
                 if time.monotonic() >= next_sweep:
+                    self._finish()  # a sweep starts from a settled catalogue
                     drained = self.sweep()  # if not, sweep again right after one poll
                     next_sweep = time.monotonic() + (self.settings.consume.park_sweep_s if drained else 0)
                     if not drained:
                         self._idle_since = time.monotonic()
                     if self.stopping:
                         break
-                messages = self._poll(POLL_WAIT_S if drained else 0.0)
-                if not messages:
-                    if idle_exit is not None and self._idle(idle_exit, started):
-                        break
-                    continue
-                self._process(messages)
-                self._idle_since = time.monotonic()
+                # a batch in flight is work: look for the next one, but do not wait for it
+                waits = drained and self._in_flight is None
+                messages = self._poll(POLL_WAIT_S if waits else 0.0)
+                if messages:
+                    self._submit(messages)
+                    self._idle_since = time.monotonic()
+                elif self._in_flight is not None:
+                    self._finish()  # nothing more fetched: end the batch in flight now
+                elif idle_exit is not None and self._idle(idle_exit, started):
+                    break
+            self._finish()
         finally:
+            self.stopping = True  # a write still waiting out an outage gives up: it replays
+            self._writer.shutdown(wait=True)
+            self._in_flight = None  # a batch not ended above is replayed, never half-committed
             self.consumer.close()  # leaves the group at once; offsets are already committed
             self.producer.flush(10)
         return self.stats
@@ -210,21 +254,41 @@ class ConsumeLoop:
                 log.warning("consumer error: %s", err)
         return good
 
-    def _process(self, messages: list[Message]) -> None:
+    def _submit(self, messages: list[Message]) -> None:
+        """Validate ``messages`` while the batch in flight is written; once that write is
+        done, hand this batch to the writer, then end the other (its DLQ copies and
+        offsets) while this one is written."""
+        parsed = self._parse(messages)
+        before, self._in_flight = self._in_flight, None
+        refused = before.written.result() if before is not None else []  # the writer's error, if any
+        written = self._writer.submit(self._store, parsed)
+        self._in_flight = InFlight(messages, parsed.rejected, written, time.perf_counter())
+        if before is not None:
+            self._end(before, refused)
+
+    def _finish(self) -> None:
+        """End the batch in flight, if any: wait for its transaction, then :meth:`_end` it."""
+        batch, self._in_flight = self._in_flight, None
+        if batch is not None:
+            self._end(batch, batch.written.result())  # re-raises the writer's error
+
+    def _end(self, batch: InFlight, refused: list[Rejected]) -> None:
+        """A batch whose transaction committed: dead-letter what validation and the
+        catalogue refused, then commit its offsets (module docstring, steps 2 and 3)."""
+        rejected = batch.rejected + refused
+        self._dead_letter(rejected)
+        self._audit(batch.messages)
+        try:
+            self.consumer.commit(offsets=next_offsets(batch.messages), asynchronous=False)
+        except KafkaException as exc:
+            # Typically a rebalance took the partitions: the new owner replays the
+            # batch, which the idempotent writes absorb. Nothing is lost.
+            self.stats.commit_failures += 1
+            log.warning("offset commit failed, batch will be replayed: %s", exc)
         topic = self.handler.topic
-        with metrics.BATCH_SECONDS.labels(topic).time():
-            rejected = self._store(messages)
-            self._dead_letter(rejected)
-            self._audit(messages)
-            try:
-                self.consumer.commit(offsets=next_offsets(messages), asynchronous=False)
-            except KafkaException as exc:
-                # Typically a rebalance took the partitions: the new owner replays the
-                # batch, which the idempotent writes absorb. Nothing is lost.
-                self.stats.commit_failures += 1
-                log.warning("offset commit failed, batch will be replayed: %s", exc)
-        stored = len(messages) - len(rejected)
-        self.stats.consumed += len(messages)
+        metrics.BATCH_SECONDS.labels(topic).observe(time.perf_counter() - batch.started)
+        stored = len(batch.messages) - len(rejected)
+        self.stats.consumed += len(batch.messages)
         self.stats.stored += stored
         self.stats.dead_lettered += len(rejected)
         self.stats.batches += 1
@@ -279,20 +343,37 @@ class ConsumeLoop:
             if flushed is not None:
                 self._with_retries(lambda: self.handler.release(self.engine, flushed))
 
-    def _store(self, messages: list[Message]) -> list[Rejected]:
-        """Process ``messages`` (one transaction, retried through outages); if that fails
-        for another reason, bisect until the poison message is isolated, and reject it."""
+    def _parse(self, messages: list[Message]) -> Parsed:
+        """Validate ``messages``; a bug that breaks validation is bisected to its message,
+        which is rejected, as :meth:`_store` does for the write."""
         try:
-            return self._with_retries(lambda: self.handler.process(self.engine, messages))
+            return self.handler.parse(messages)
+        except Exception as exc:
+            if len(messages) == 1:
+                return Parsed(rejected=[self._poison(messages[0], exc)])
+            half = len(messages) // 2
+            return self._parse(messages[:half]) + self._parse(messages[half:])
+
+    def _store(self, parsed: Parsed) -> list[Rejected]:
+        """Store ``parsed`` (one transaction, retried through outages; on the writer
+        thread); if that fails for another reason, bisect until the poison message is
+        isolated, and reject it."""
+        if not parsed.events:
+            return []
+        try:
+            return self._with_retries(lambda: self.handler.store(self.engine, parsed))
         except Exception as exc:
             if should_wait(exc):  # a stop requested while waiting: replay after restart
                 raise
-            if len(messages) == 1:
-                m = messages[0]
-                log.exception("poison message %s[%d]@%d isolated", m.topic(), m.partition(), m.offset())
-                return [Rejected(m, f"processing_error:{type(exc).__name__}")]
-            half = len(messages) // 2
-            return self._store(messages[:half]) + self._store(messages[half:])
+            if len(parsed.events) == 1:
+                return [self._poison(parsed.events[0][1], exc)]
+            first, second = parsed.halves()
+            return self._store(first) + self._store(second)
+
+    @staticmethod
+    def _poison(m: Message, exc: Exception) -> Rejected:
+        log.error("poison message %s[%d]@%d isolated", m.topic(), m.partition(), m.offset(), exc_info=exc)
+        return Rejected(m, f"processing_error:{type(exc).__name__}")
 
     def _dead_letter(
         self, rejected: list[Rejected], failed: str = "DLQ offsets not committed, the batch will be replayed"
@@ -313,7 +394,10 @@ class ConsumeLoop:
         log.info("assigned %s", [(p.topic, p.partition) for p in partitions])
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Every finished batch is already committed (see module docstring): nothing to flush.
+        # The batch in flight is ended (stored, dead-lettered, committed) before the
+        # partitions go, so their new owner does not replay it; every batch before it is
+        # already committed (see module docstring).
+        self._finish()
         self.assigned -= {(p.topic, p.partition) for p in partitions}
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -21,7 +21,7 @@ PARKED_NOW = Gauge("said_parked_interactions_waiting", "Interactions parked now,
 CONSUMER_LAG = Gauge("said_consumer_lag", "Messages behind the high watermark.", ["topic", "partition"])
 BATCH_SECONDS = Histogram(
     "said_consumer_batch_seconds",
-    "Time to validate, store and commit one consumed batch.",
+    "Time to store, dead-letter and commit one consumed batch, from its hand-over to the writer.",
     ["topic"],
     buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )

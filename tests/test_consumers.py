@@ -385,20 +385,32 @@ def test_consumers_started_before_db_upgrade_wait_for_the_schema_and_dead_letter
 
 
 class PoisonedItems(ItemsHandler):
-    """The real handler, failing (as a bug would) on any batch that holds the poison key."""
+    """The real handler, failing (as a bug would) on any batch that holds a poison key:
+    ``parse-poison`` in validation, ``store-poison`` in the write."""
 
-    def process(self, engine, messages):
-        if any(m.key() == b"poison" for m in messages):
-            raise ValueError("a bug this message triggers")
-        return super().process(engine, messages)
+    def parse(self, messages):
+        if any(m.key() == b"parse-poison" for m in messages):
+            raise ValueError("a bug this message triggers in validation")
+        return super().parse(messages)
+
+    def store(self, engine, parsed):
+        if any(m.key() == b"store-poison" for _, m in parsed.events):
+            raise KeyError("a bug this message triggers in the write")
+        return super().store(engine, parsed)
 
 
 def test_a_batch_that_fails_is_bisected_to_its_poison_message(settings):
     good = [(b"k", json.dumps(item_event(i)).encode()) for i in range(20)]
-    produce_raw(settings.kafka.bootstrap, TOPIC_ITEMS, good[:7] + [(b"poison", b"{}")] + good[7:])
+    keys = [b"parse-poison", b"store-poison"]
+    poison = {key: json.dumps(item_event(100 + n)).encode() for n, key in enumerate(keys)}
+    bad = [(key, poison[key]) for key in keys]
+    produce_raw(settings.kafka.bootstrap, TOPIC_ITEMS, good[:7] + bad[:1] + good[7:13] + bad[1:] + good[13:])
     stats, engine = consume(settings, PoisonedItems)
-    assert (stats.stored, stats.dead_lettered) == (20, 1)
-    assert dlq_reasons(settings.kafka.bootstrap, 1) == {b"{}": "processing_error:ValueError"}
+    assert (stats.stored, stats.dead_lettered) == (20, 2)
+    assert dlq_reasons(settings.kafka.bootstrap, 2) == {
+        poison[b"parse-poison"]: "processing_error:ValueError",
+        poison[b"store-poison"]: "processing_error:KeyError",
+    }
     again, _ = consume(settings, PoisonedItems)
     assert again.consumed == 0, "offsets committed: no crash loop on restart"
     with engine.connect() as conn:
@@ -417,9 +429,9 @@ class CrashOnSecondWrite(InteractionsHandler):
         super().__init__(settings)
         self.sizes: list[int] = []
 
-    def process(self, engine, messages):
-        rejected = super().process(engine, messages)
-        self.sizes.append(len(messages))
+    def store(self, engine, parsed):
+        rejected = super().store(engine, parsed)
+        self.sizes.append(len(parsed.events))
         if len(self.sizes) == 2:
             raise Crash
         return rejected
@@ -496,3 +508,46 @@ WINNER = max(
     [("Title A", "adv"), ("Title B", "other")],
     key=lambda r: content_hash(r[0], None, r[1]),
 )
+
+
+class OverlapProbe(InteractionsHandler):
+    """The real handler; each write waits (up to 2 s) for the validation of a later batch
+    to begin, and records whether it did."""
+
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
+        self.parses = 0
+        self.parsed = threading.Condition()
+        self.overlapped: list[bool] = []
+
+    def parse(self, messages):
+        with self.parsed:
+            self.parses += 1
+            self.parsed.notify_all()
+        return super().parse(messages)
+
+    def store(self, engine, parsed):
+        with self.parsed:
+            seen = self.parses
+            self.overlapped.append(self.parsed.wait_for(lambda: self.parses > seen, timeout=2))
+        return super().store(engine, parsed)
+
+
+def test_the_next_batch_is_validated_while_one_is_written_and_offsets_follow_the_writes(settings):
+    """The loop validates batch N+1 while batch N's transaction runs (a serial loop would
+    leave every write waiting out its 2 s); each batch is still stored once and its offsets
+    committed after it, so a new run of the group finds nothing left."""
+    settings = settings.override(consume_batch=10)
+    load_items(settings, 5)
+    produce_json(
+        settings.kafka.bootstrap, TOPIC_INTERACTIONS, [click_event(e, e % 5) for e in range(60)], "user_id"
+    )
+    handler = OverlapProbe(settings)
+    engine = make_engine(settings.database_url)
+    stats = ConsumeLoop(handler, engine, settings).run(idle_exit=1.5)
+    assert any(handler.overlapped), f"no write overlapped a validation: {handler.overlapped}"
+    assert (stats.consumed, stats.stored, stats.batches) == (60, 60, len(handler.overlapped))
+    with engine.connect() as conn:
+        assert count_rows(conn, interactions) == 60
+    again, _ = consume(settings, InteractionsHandler)
+    assert again.consumed == 0, "every batch's offsets committed"
