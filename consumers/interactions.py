@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection, Engine
 from consumers.dead_letter import StoredMessage, message_record
 from consumers.runner import Claim, Parsed, Rejected
 from core import metrics, parking
-from core.catalogue import insert_interactions, resolve_item_ids
+from core.catalogue import copy_text, insert_interactions, resolve_item_ids
 from core.db import db_now
 from core.events import TOPIC_INTERACTIONS, InteractionEvent, Invalid, parse_interaction
 from core.parking import OVERFLOW, Caps, park_unknown
@@ -44,27 +44,33 @@ class InteractionsHandler:
         self.idx_of: dict[str, int] = {}
 
     def parse(self, messages: Sequence[Message]) -> Parsed:
+        """Each valid click with its COPY text (``core.catalogue.copy_text``), formatted
+        here, while the batch before is written, rather than on the writer thread."""
         parsed = Parsed()
         latest = datetime.now(UTC) + self.skew
         for m in messages:
             try:
                 event = parse_interaction(m.value(), max_bytes=self.max_bytes, latest=latest)
-                parsed.events.append((event, m))
             except Invalid as exc:
                 parsed.rejected.append(Rejected(m, exc.reason))
+                continue
+            parsed.events.append(((event, copy_text(event)), m))
         return parsed
 
     def store(self, engine: Engine, parsed: Parsed) -> list[Rejected]:
-        events: list[tuple[InteractionEvent, Message]] = parsed.events
+        clicks: list[tuple[InteractionEvent, tuple[str, str], Message]] = [
+            (ev, text, m) for (ev, text), m in parsed.events
+        ]
         parking = None
         with engine.begin() as conn:
-            missing = {ev.item_id for ev, _ in events if ev.item_id not in self.idx_of}
+            missing = {ev.item_id for ev, _, _ in clicks if ev.item_id not in self.idx_of}
             if missing:
                 self.idx_of.update(resolve_item_ids(conn, missing))
-            unknown = [(ev, message_record(m)) for ev, m in events if ev.item_id not in self.idx_of]
+            unknown = [(ev, message_record(m)) for ev, _, m in clicks if ev.item_id not in self.idx_of]
             if unknown:
                 parking = park_unknown(conn, unknown, self.idx_of, db_now(conn), self.caps)
-            insert_interactions(conn, [ev for ev, _ in events if ev.item_id in self.idx_of], self.idx_of)
+            known = [(ev, text) for ev, text, _ in clicks if ev.item_id in self.idx_of]
+            insert_interactions(conn, [ev for ev, _ in known], self.idx_of, [text for _, text in known])
         if parking is None:
             return []
         overflow = [Rejected(StoredMessage(record), OVERFLOW) for _, record in parking.overflow]

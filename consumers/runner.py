@@ -1,17 +1,27 @@
 """The at-least-once consume loop shared by every topic consumer.
 
 Per batch, in the quix-streams checkpoint order:
-  1. validate and write the batch to the catalogue in one transaction (retried while the
-     database is down or its schema is missing: a consumer started before ``said db
-     upgrade`` waits for it, it does not dead-letter everything); a batch that fails for
-     any other reason is split in halves until the message that breaks it (a poison pill)
-     is alone, and that one is dead-lettered
-     with the reason ``processing_error:<exception>``, so no message can crash-loop a
-     partition;
+  1. validate the batch (no I/O), then write it to the catalogue in one transaction
+     (retried while the database is down or its schema is missing: a consumer started
+     before ``said db upgrade`` waits for it, it does not dead-letter everything); a batch
+     that fails for any other reason, in either step, is split in halves until the message
+     that breaks it (a poison pill) is alone, and that one is dead-lettered with the reason
+     ``processing_error:<exception>``, so no message can crash-loop a partition;
   2. produce rejected messages to ``said.dlq`` and flush the producer, failing on any
      undelivered message;
   3. commit the batch's offsets synchronously.
+
 A crash anywhere before 3 replays the batch, which the idempotent writes make harmless.
+
+The writes run on a writer thread, one batch at a time, while the loop polls and validates
+the next batch and then takes steps 2 and 3 of the one before: the database's work and the
+consumer's own (fetching, JSON, validation, the broker's round trips) overlap instead of
+waiting on each other. Each batch still takes steps 1, 2 and 3 in that order, and offsets
+are committed in batch order. Batch N+1 is written before batch N's offsets are committed,
+which at-least-once allows: a crash replays every batch whose offsets were not committed,
+and the idempotent writes absorb what had been stored. A loop that stops on an error drops
+the batch in flight uncommitted (``run``'s ``finally``), so no later commit covers a batch
+whose DLQ copies were not flushed.
 """
 
 from __future__ import annotations
@@ -157,6 +167,11 @@ class ConsumeLoop:
     """Drives one :class:`Handler` until stopped or idle; see the module docstring."""
 
     def __init__(self, handler: Handler, engine: Engine, settings: Settings) -> None:
+        if engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:"):
+            # each thread would get its own empty database: the writer's, and the sweep's
+            raise ValueError(
+                "the consume loop writes from a thread of its own: use a SQLite file, not :memory:"
+            )
         self.handler = handler
         self.engine = engine
         self.settings = settings
@@ -216,7 +231,9 @@ class ConsumeLoop:
         finally:
             self.stopping = True  # a write still waiting out an outage gives up: it replays
             self._writer.shutdown(wait=True)
-            self._in_flight = None  # a batch not ended above is replayed, never half-committed
+            # a batch not ended above is replayed: close() revokes the partitions, and the
+            # revocation must not commit offsets past a batch that failed its DLQ flush
+            self._in_flight = None
             self.consumer.close()  # leaves the group at once; offsets are already committed
             self.producer.flush(10)
         return self.stats
@@ -285,6 +302,7 @@ class ConsumeLoop:
             # batch, which the idempotent writes absorb. Nothing is lost.
             self.stats.commit_failures += 1
             log.warning("offset commit failed, batch will be replayed: %s", exc)
+        self._idle_since = time.monotonic()  # a long write is work: idleness counts from its end
         topic = self.handler.topic
         metrics.BATCH_SECONDS.labels(topic).observe(time.perf_counter() - batch.started)
         stored = len(batch.messages) - len(rejected)

@@ -63,6 +63,7 @@ interactions = Table(
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
     Column("event_id", String(256), nullable=False, unique=True),
     Column("user_id", String(256), nullable=False),
+    # SQLite enforces this key; PostgreSQL checks it once per statement instead (0012)
     Column("item_idx", Integer, ForeignKey("items.idx"), nullable=False),
     Column("type", String(16), nullable=False),
     Column("event_time", DateTime(timezone=True), nullable=False),

@@ -148,8 +148,11 @@ class CrashingLoop(ConsumeLoop):
 
     def _audit(self, messages) -> None:
         super()._audit(messages)
-        if self.handler.crash.reached("flush"):
-            self.handler.crash.interrupted += _copies(self.flushed)
+        crash = self.handler.crash
+        # dead already: the writer thread died (step "process") while this thread ended the
+        # batch before, whose copies it flushed; a process dies whole, so they are its last
+        if crash.dead or crash.reached("flush"):
+            crash.interrupted += _copies(self.flushed)
             raise Killed
 
 

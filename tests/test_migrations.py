@@ -172,3 +172,17 @@ def test_every_interaction_names_an_item_and_no_named_item_can_go(db_url):
         assert conn.execute(select(interactions.c.item_idx)).scalar() == idx_of["i1"]
         assert conn.execute(select(items.c.idx)).all() == [(idx_of["i1"],)]
     engine.dispose()
+
+
+def test_0012_keeps_the_foreign_key_on_sqlite_and_its_downgrade_restores_it_on_postgresql(db_url):
+    def item_keys() -> list[str]:
+        engine = make_engine(db_url)
+        keys = [fk["referred_table"] for fk in inspect(engine).get_foreign_keys("interactions")]
+        engine.dispose()
+        return keys
+
+    assert item_keys() == ([] if db_url.startswith("postgresql") else ["items"])
+    command.downgrade(alembic_config(db_url), "0011")
+    assert item_keys() == ["items"]
+    upgrade(db_url)
+    assert item_keys() == ([] if db_url.startswith("postgresql") else ["items"])

@@ -8,16 +8,20 @@ call per inserted row, each a lookup and a KEY SHARE lock on the item's row: 15 
 51 ms a 5,000-row ingest batch spent in PostgreSQL (benchmarks/results, stop 52). Here
 the same rule is kept by statement-level triggers:
 
-- after an INSERT into ``interactions``, or an UPDATE of ``item_idx``, one anti-join of
-  the statement's new rows against ``items`` refuses the whole statement if any row names
-  an item that does not exist (the foreign key's SQLSTATE, 23503);
+- after an INSERT into ``interactions``, or any UPDATE of it (PostgreSQL allows no column
+  list beside transition tables), one anti-join of the statement's new rows against
+  ``items`` refuses the whole statement if any row names an item that does not exist (the
+  foreign key's SQLSTATE, 23503);
 - ``items`` rows can no longer be deleted or truncated, nor their ``idx`` changed. The
   catalogue never does either (a withdrawn item is a serving state, and histories keep
   pointing at it), and this is what lets the check skip the row lock: the foreign key
   locked the item so that a concurrent DELETE could not orphan the new rows; with no
   DELETE possible there is nothing to race.
 
-SQLite keeps its foreign key (it is not the fast path, and has no transition tables).
+Like a foreign key, the check holds under READ COMMITTED, where each trigger query sees
+what is committed. Unlike one, ``ALTER TABLE ... DISABLE TRIGGER USER`` turns it off.
+SQLite keeps its foreign key (it is not the fast path, and has no transition tables);
+``core.tables`` still declares the key, for SQLite and as the schema's documentation.
 """
 
 from alembic import op
@@ -44,23 +48,31 @@ BEGIN
         'interactions refer to them (withdraw an item instead)';
 END $$
 """
-TRIGGERS = {
+TRIGGERS = {  # name: (table, when and what)
     "interactions_inserted_name_items": (
+        "interactions",
         "AFTER INSERT ON interactions REFERENCING NEW TABLE AS said_new_rows "
-        "FOR EACH STATEMENT EXECUTE FUNCTION said_interactions_name_items()"
+        "FOR EACH STATEMENT EXECUTE FUNCTION said_interactions_name_items()",
     ),
     "interactions_updated_name_items": (
+        "interactions",
         "AFTER UPDATE ON interactions REFERENCING NEW TABLE AS said_new_rows "
-        "FOR EACH STATEMENT EXECUTE FUNCTION said_interactions_name_items()"
+        "FOR EACH STATEMENT EXECUTE FUNCTION said_interactions_name_items()",
     ),
-    "items_not_deleted": "BEFORE DELETE ON items FOR EACH STATEMENT EXECUTE FUNCTION said_items_are_kept()",
-    "items_not_truncated": "BEFORE TRUNCATE ON items FOR EACH STATEMENT EXECUTE FUNCTION said_items_are_kept()",
+    "items_not_deleted": (
+        "items",
+        "BEFORE DELETE ON items FOR EACH STATEMENT EXECUTE FUNCTION said_items_are_kept()",
+    ),
+    "items_not_truncated": (
+        "items",
+        "BEFORE TRUNCATE ON items FOR EACH STATEMENT EXECUTE FUNCTION said_items_are_kept()",
+    ),
     "items_not_renumbered": (
+        "items",
         "BEFORE UPDATE OF idx ON items FOR EACH ROW WHEN (OLD.idx IS DISTINCT FROM NEW.idx) "
-        "EXECUTE FUNCTION said_items_are_kept()"
+        "EXECUTE FUNCTION said_items_are_kept()",
     ),
 }
-TABLE = {name: spec.split(" ON ")[1].split()[0] for name, spec in TRIGGERS.items()}
 
 
 def upgrade() -> None:
@@ -68,7 +80,7 @@ def upgrade() -> None:
         return
     op.execute(CHECK_ITEMS)
     op.execute(KEEP_ITEMS)
-    for name, spec in TRIGGERS.items():
+    for name, (_table, spec) in TRIGGERS.items():
         op.execute(f"CREATE TRIGGER {name} {spec}")
     op.drop_constraint("interactions_item_idx_fkey", "interactions", type_="foreignkey")
 
@@ -77,7 +89,7 @@ def downgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
     op.create_foreign_key("interactions_item_idx_fkey", "interactions", "items", ["item_idx"], ["idx"])
-    for name in TRIGGERS:
-        op.execute(f"DROP TRIGGER {name} ON {TABLE[name]}")
+    for name, (table, _spec) in TRIGGERS.items():
+        op.execute(f"DROP TRIGGER {name} ON {table}")
     op.execute("DROP FUNCTION said_items_are_kept()")
     op.execute("DROP FUNCTION said_interactions_name_items()")
