@@ -555,35 +555,37 @@ def test_the_next_batch_is_validated_while_one_is_written_and_offsets_follow_the
 
 
 class DeadLetterDown(ConsumeLoop):
-    """The production loop, whose DLQ flush fails once (as an unreachable broker's would),
-    when it ends its first batch: by then the second batch is with the writer."""
+    """The production loop, whose DLQ flush fails once (as an unreachable broker's would):
+    when it ends a batch while the next one is already with the writer."""
 
-    failed = False
+    failed_at: int | None = None  # messages ended (offsets committed) before the failure
 
     def _dead_letter(self, rejected, *failed) -> None:
-        if not self.failed:
-            self.failed = True
+        if self.failed_at is None and self._in_flight is not None:
+            self.failed_at = self.stats.consumed
             raise KafkaException("the DLQ flush failed")
         super()._dead_letter(rejected, *failed)
 
 
 def test_a_batch_whose_dlq_flush_failed_leaves_no_offset_committed_behind_it(settings):
-    """A batch that failed its DLQ flush ends the loop with no offset committed, even the
-    next batch's, which was already stored: its commit would cover the failed batch's
-    offsets too. The replay then stores each event once."""
+    """A batch that failed its DLQ flush ends the loop with its offsets uncommitted, and
+    the next batch's too, which was already stored: that commit would cover the failed
+    batch's offsets. The replay then stores each event once."""
     settings = settings.override(consume_batch=10)
     load_items(settings, 5)
     produce_json(
         settings.kafka.bootstrap, TOPIC_INTERACTIONS, [click_event(e, e % 5) for e in range(60)], "user_id"
     )
     engine = make_engine(settings.database_url)
+    loop = DeadLetterDown(InteractionsHandler(settings), engine, settings)
     with pytest.raises(KafkaException, match="DLQ flush failed"):
-        DeadLetterDown(InteractionsHandler(settings), engine, settings).run(idle_exit=1.5)
+        loop.run(idle_exit=1.5)
     group = f"{settings.consume.group_id}.interactions"
-    assert all(o < 0 for o in committed_offsets(settings, group, TOPIC_INTERACTIONS).values())
+    committed = sum(o for o in committed_offsets(settings, group, TOPIC_INTERACTIONS).values() if o > 0)
+    assert committed == loop.failed_at, "only the batches ended before the failure"
     with engine.connect() as conn:
-        assert count_rows(conn, interactions) >= 10, "the first batch was stored before its flush"
+        assert count_rows(conn, interactions) > committed, "the failed batch and the next were stored"
     stats, _ = consume(settings, InteractionsHandler)
-    assert stats.consumed == 60, "everything replayed"
+    assert stats.consumed == 60 - committed, "the rest replayed"
     with engine.connect() as conn:
         assert count_rows(conn, interactions) == 60

@@ -124,7 +124,8 @@ def test_every_interaction_names_an_item_and_no_named_item_can_go(db_url):
     """Whatever writes them (the consumer's COPY path, a plain INSERT, an UPDATE), the
     database refuses interactions of an item it does not hold, and an item that
     interactions name cannot be deleted: on PostgreSQL by the per-statement checks of
-    0012, on SQLite by its foreign key. A refused statement stores none of its rows."""
+    0012 (SQLSTATE 23503, and 23001 for items), on SQLite by its foreign key. A refused
+    statement stores none of its rows."""
     from datetime import UTC, datetime
 
     import psycopg
@@ -134,39 +135,36 @@ def test_every_interaction_names_an_item_and_no_named_item_can_go(db_url):
 
     from core.catalogue import insert_interactions, upsert_items
     from core.events import InteractionEvent, ItemEvent
-    from core.tables import interactions, items
+    from core.tables import alignment_jobs, interactions, items
 
     engine = make_engine(db_url)
     now = datetime.now(UTC)
     with engine.begin() as conn:
         idx_of = upsert_items(conn, [ItemEvent("i1", "a title", None, None, now)], now)
+        conn.execute(delete(alignment_jobs))  # its key to the item would refuse a DELETE too
     click = InteractionEvent("e1", "u1", "i1", "click", now)
     with engine.begin() as conn:
         insert_interactions(conn, [click], idx_of)
     ghost = {"i1": idx_of["i1"], "ghost": idx_of["i1"] + 1}
-    refused = [
-        lambda c: insert_interactions(
-            c,
-            [
-                InteractionEvent("e2", "u1", "i1", "click", now),
-                InteractionEvent("e3", "u1", "ghost", "click", now),
-            ],
-            ghost,
-        ),
-        lambda c: c.execute(
-            insert(interactions).values(
-                event_id="e4", user_id="u1", item_idx=ghost["ghost"], type="click", event_time=now
-            )
-        ),
-        lambda c: c.execute(update(interactions).values(item_idx=ghost["ghost"])),
-        lambda c: c.execute(delete(items)),
+    clicks = [InteractionEvent(f"e{n}", "u1", item, "click", now) for n, item in [(2, "i1"), (3, "ghost")]]
+    orphan = {"event_id": "e4", "user_id": "u1", "item_idx": ghost["ghost"], "type": "click"}
+    refused = [  # (statement, PostgreSQL's SQLSTATE)
+        (lambda c: insert_interactions(c, clicks, ghost), "23503"),
+        (lambda c: c.execute(insert(interactions).values(**orphan, event_time=now)), "23503"),
+        (lambda c: c.execute(update(interactions).values(item_idx=ghost["ghost"])), "23503"),
+        (lambda c: c.execute(delete(items)), "23001"),
     ]
     if engine.dialect.name == "postgresql":
-        refused.append(lambda c: c.execute(text("TRUNCATE items CASCADE")))
-        refused.append(lambda c: c.execute(update(items).values(idx=ghost["ghost"])))
-    for statement in refused:  # the COPY path raises the driver's own error
-        with pytest.raises((DBAPIError, psycopg.Error)), engine.begin() as conn:
+        refused.append((lambda c: c.execute(text("TRUNCATE items CASCADE")), "23001"))
+        refused.append((lambda c: c.execute(update(items).values(idx=ghost["ghost"])), "23001"))
+    for statement, sqlstate in refused:  # the COPY path raises the driver's own error
+        with pytest.raises((DBAPIError, psycopg.Error)) as caught, engine.begin() as conn:
             statement(conn)
+        error = caught.value.orig if isinstance(caught.value, DBAPIError) else caught.value
+        if engine.dialect.name == "postgresql":
+            assert error.sqlstate == sqlstate, error
+        else:
+            assert "FOREIGN KEY constraint failed" in str(error)
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(interactions)).scalar() == 1
         assert conn.execute(select(interactions.c.item_idx)).scalar() == idx_of["i1"]
