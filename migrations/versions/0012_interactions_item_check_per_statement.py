@@ -48,31 +48,26 @@ BEGIN
         'interactions refer to them (withdraw an item instead)';
 END $$
 """
-TRIGGERS = {  # name: (table, when and what)
-    "interactions_inserted_name_items": (
-        "interactions",
-        "AFTER INSERT ON interactions REFERENCING NEW TABLE AS said_new_rows "
-        "FOR EACH STATEMENT EXECUTE FUNCTION said_interactions_name_items()",
-    ),
-    "interactions_updated_name_items": (
-        "interactions",
-        "AFTER UPDATE ON interactions REFERENCING NEW TABLE AS said_new_rows "
-        "FOR EACH STATEMENT EXECUTE FUNCTION said_interactions_name_items()",
-    ),
-    "items_not_deleted": (
-        "items",
-        "BEFORE DELETE ON items FOR EACH STATEMENT EXECUTE FUNCTION said_items_are_kept()",
-    ),
-    "items_not_truncated": (
-        "items",
-        "BEFORE TRUNCATE ON items FOR EACH STATEMENT EXECUTE FUNCTION said_items_are_kept()",
-    ),
-    "items_not_renumbered": (
-        "items",
-        "BEFORE UPDATE OF idx ON items FOR EACH ROW WHEN (OLD.idx IS DISTINCT FROM NEW.idx) "
-        "EXECUTE FUNCTION said_items_are_kept()",
-    ),
-}
+# whole statements, no SQL built from strings (tests/test_security.py)
+CREATE_TRIGGERS = (
+    "CREATE TRIGGER interactions_inserted_name_items AFTER INSERT ON interactions "
+    "REFERENCING NEW TABLE AS said_new_rows FOR EACH STATEMENT EXECUTE FUNCTION said_interactions_name_items()",
+    "CREATE TRIGGER interactions_updated_name_items AFTER UPDATE ON interactions "
+    "REFERENCING NEW TABLE AS said_new_rows FOR EACH STATEMENT EXECUTE FUNCTION said_interactions_name_items()",
+    "CREATE TRIGGER items_not_deleted BEFORE DELETE ON items "
+    "FOR EACH STATEMENT EXECUTE FUNCTION said_items_are_kept()",
+    "CREATE TRIGGER items_not_truncated BEFORE TRUNCATE ON items "
+    "FOR EACH STATEMENT EXECUTE FUNCTION said_items_are_kept()",
+    "CREATE TRIGGER items_not_renumbered BEFORE UPDATE OF idx ON items FOR EACH ROW "
+    "WHEN (OLD.idx IS DISTINCT FROM NEW.idx) EXECUTE FUNCTION said_items_are_kept()",
+)
+DROP_TRIGGERS = (
+    "DROP TRIGGER interactions_inserted_name_items ON interactions",
+    "DROP TRIGGER interactions_updated_name_items ON interactions",
+    "DROP TRIGGER items_not_deleted ON items",
+    "DROP TRIGGER items_not_truncated ON items",
+    "DROP TRIGGER items_not_renumbered ON items",
+)
 
 
 def upgrade() -> None:
@@ -80,8 +75,8 @@ def upgrade() -> None:
         return
     op.execute(CHECK_ITEMS)
     op.execute(KEEP_ITEMS)
-    for name, (_table, spec) in TRIGGERS.items():
-        op.execute(f"CREATE TRIGGER {name} {spec}")
+    for statement in CREATE_TRIGGERS:
+        op.execute(statement)
     op.drop_constraint("interactions_item_idx_fkey", "interactions", type_="foreignkey")
 
 
@@ -89,7 +84,7 @@ def downgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
     op.create_foreign_key("interactions_item_idx_fkey", "interactions", "items", ["item_idx"], ["idx"])
-    for name, (table, _spec) in TRIGGERS.items():
-        op.execute(f"DROP TRIGGER {name} ON {table}")
+    for statement in DROP_TRIGGERS:
+        op.execute(statement)
     op.execute("DROP FUNCTION said_items_are_kept()")
     op.execute("DROP FUNCTION said_interactions_name_items()")
