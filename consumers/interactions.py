@@ -24,7 +24,7 @@ from consumers.runner import Claim, Parsed, Rejected
 from core import metrics, parking
 from core.catalogue import copy_text, insert_interactions, resolve_item_ids
 from core.db import db_now
-from core.events import TOPIC_INTERACTIONS, InteractionEvent, Invalid, parse_interaction
+from core.events import TOPIC_INTERACTIONS, InteractionEvent, parse_interaction
 from core.parking import OVERFLOW, Caps, park_unknown
 from core.settings import Settings
 
@@ -46,16 +46,13 @@ class InteractionsHandler:
     def parse(self, messages: Sequence[Message]) -> Parsed:
         """Each valid click with its COPY text (``core.catalogue.copy_text``), formatted
         here, while the batch before is written, rather than on the writer thread."""
-        parsed = Parsed()
         latest = datetime.now(UTC) + self.skew
-        for m in messages:
-            try:
-                event = parse_interaction(m.value(), max_bytes=self.max_bytes, latest=latest)
-            except Invalid as exc:
-                parsed.rejected.append(Rejected(m, exc.reason))
-                continue
-            parsed.events.append(((event, copy_text(event)), m))
-        return parsed
+
+        def one(m: Message) -> tuple[InteractionEvent, tuple[str, str]]:
+            event = parse_interaction(m.value(), max_bytes=self.max_bytes, latest=latest)
+            return event, copy_text(event)
+
+        return Parsed.of(messages, one)
 
     def store(self, engine: Engine, parsed: Parsed) -> list[Rejected]:
         clicks: list[tuple[InteractionEvent, tuple[str, str], Message]] = [

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 from consumers.runner import Claim, Parsed, Rejected
 from core import metrics
 from core.catalogue import set_serving, upsert_items
-from core.events import TOPIC_ITEMS, Invalid, ItemEvent, ServingEvent, parse_item, parse_tombstone
+from core.events import TOPIC_ITEMS, ItemEvent, ServingEvent, parse_item, parse_tombstone
 from core.parking import apply_parked
 from core.settings import Settings
 
@@ -33,14 +33,8 @@ class ItemsHandler:
         self.skew = timedelta(seconds=settings.consume.max_future_skew_s)
 
     def parse(self, messages: Sequence[Message]) -> Parsed:
-        parsed = Parsed()
         latest = datetime.now(UTC) + self.skew
-        for m in messages:
-            try:
-                parsed.events.append((self._parse(m, latest), m))
-            except Invalid as exc:
-                parsed.rejected.append(Rejected(m, exc.reason))
-        return parsed
+        return Parsed.of(messages, lambda m: self._parse(m, latest))
 
     def store(self, engine: Engine, parsed: Parsed) -> list[Rejected]:
         valid: list[ItemEvent] = []

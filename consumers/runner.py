@@ -41,7 +41,7 @@ from sqlalchemy.engine import Engine
 from consumers.dead_letter import dlq_copy
 from core import metrics
 from core.db import retry_on_outage, should_wait
-from core.events import TOPIC_DLQ
+from core.events import TOPIC_DLQ, Invalid
 from core.kafka import DeliveryTracker, produce
 from core.settings import Settings
 
@@ -75,6 +75,17 @@ class Parsed:
 
     events: list[tuple[Any, Message]] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, messages: Sequence[Message], parse_one: Callable[[Message], Any]) -> Parsed:
+        """Each message through ``parse_one``; one it refuses (``Invalid``) keeps its reason."""
+        parsed = cls()
+        for m in messages:
+            try:
+                parsed.events.append((parse_one(m), m))
+            except Invalid as exc:
+                parsed.rejected.append(Rejected(m, exc.reason))
+        return parsed
 
     def __add__(self, other: Parsed) -> Parsed:
         return Parsed(self.events + other.events, self.rejected + other.rejected)
