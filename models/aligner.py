@@ -7,11 +7,13 @@ right-padded text after a fixed prefix and positions need no shifting):
 
 The loss is teacher-forced next-token cross-entropy on the text tokens and the closing eos
 only (eos teaches the model where the text stops, which greedy reconstruction needs). The
-LM head runs only at the positions that predict those tokens.
+LM head runs only at the positions that predict those tokens (and the batch's padding after
+them, masked out: length-bucketed batches have little).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -135,6 +137,7 @@ class FrozenLM:
     device: torch.device
     prefix: Prefix
     body: nn.Module | None = None  # a compiled view of the model's transformer (``compiled``)
+    head: Callable | None = None  # a compiled ``text_loss`` (``compiled``)
 
     @classmethod
     def around(cls, model: nn.Module, tok: Any, device: torch.device, prompt: str) -> FrozenLM:
@@ -146,12 +149,17 @@ class FrozenLM:
         return replace(self, prefix=Prefix(self.tok, prompt=prompt))
 
     def compiled(self) -> FrozenLM:
-        """The same LLM whose training steps run its transformer through ``torch.compile``
-        (dynamic shapes: one graph serves every length bucket). The compiler fuses the
-        elementwise work between the matmuls (norms, rotary, SiLU): more items a second
-        after minutes of compiling, so for a catalogue alignment, not a demo's
-        (``SAID_ALIGN_COMPILE``; figures in docs/speed.md). Weights are shared."""
-        return replace(self, body=torch.compile(backbone(self.model), dynamic=True))
+        """The same LLM whose training steps run its transformer and its head's loss
+        (``text_loss``) through ``torch.compile`` (dynamic shapes: one graph serves every
+        length bucket). The compiler fuses the elementwise work between the matmuls (norms,
+        rotary, SiLU, the softmax over the vocabulary): more items a second after a minute
+        of compiling, so for a catalogue alignment, not a demo's (``SAID_ALIGN_COMPILE``;
+        figures in docs/speed.md). Weights are shared."""
+        return replace(
+            self,
+            body=torch.compile(backbone(self.model), dynamic=True),
+            head=torch.compile(text_loss, dynamic=True),
+        )
 
     @property
     def pad_id(self) -> int:
@@ -185,29 +193,43 @@ def build_inputs(
     return torch.cat(parts, 1), torch.cat(mask, 1)
 
 
+def text_loss(
+    head: torch.Tensor, h_pred: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LM head and cross-entropy over the text positions: (B, L, H) hidden states that
+    predict (B, L) token ids, padding masked out. Returns per-item mean CE (B,), per-item
+    token accuracy (B,) and the mean CE over all text tokens of the batch ().
+
+    Every position is scored, padding included, and masked afterwards: without a
+    data-dependent selection the compiler fuses the head's softmax, its backward and the
+    argmax into passes over bf16 logits, instead of materialising (N, V) fp32 logits three
+    times (about a quarter of a compiled step; docs/speed.md, stop 53)."""
+    logits = F.linear(h_pred, head).float()  # (B, L, V)
+    tok_loss = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none")  # (B*L,)
+    tok_loss = tok_loss.view(ids.shape)  # (B, L)
+    m = mask.float()
+    correct = (logits.argmax(-1) == ids).float()  # (B, L)
+    counts = m.sum(1).clamp(min=1)
+    total = (tok_loss * m).sum(1)  # (B,)
+    return total / counts, (correct * m).sum(1) / counts, total.sum() / m.sum()
+
+
 def alignment_loss(
-    llm: nn.Module, prefix: Prefix, soft: torch.Tensor, text: TextBatch, body: nn.Module | None = None
+    lm: FrozenLM, soft: torch.Tensor, text: TextBatch
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-item mean CE over text tokens, per-item token accuracy, and the batch mean loss.
 
     Returns (loss_per_item (B,), acc_per_item (B,), mean_loss ()). The mean is over all
     text tokens of the batch, so long texts weigh by their length as in plain LM training.
-    ``body`` runs in place of ``llm``'s transformer (a compiled view of it: ``FrozenLM.compiled``).
+    A compiled ``lm`` (``FrozenLM.compiled``) runs its compiled transformer and head.
     """
-    inputs, attn = build_inputs(llm, prefix, soft, text)
-    body = backbone(llm) if body is None else body
+    inputs, attn = build_inputs(lm.model, lm.prefix, soft, text)
+    body = backbone(lm.model) if lm.body is None else lm.body
     h = body(inputs_embeds=inputs, attention_mask=attn).last_hidden_state  # (B, T, H)
-    P, L = prefix.length(soft.shape[1]), text.ids.shape[1]
+    P, L = lm.prefix.length(soft.shape[1]), text.ids.shape[1]
     h_pred = h[:, P - 1 : P - 1 + L]  # position t predicts text token t: (B, L, H)
-    sel = text.mask  # (B, L)
-    logits = llm.get_output_embeddings()(h_pred[sel]).float()  # (N, V), only where needed
-    tok_loss = F.cross_entropy(logits, text.ids[sel], reduction="none")  # (N,)
-    correct = (logits.argmax(-1) == text.ids[sel]).float()
-    row = torch.arange(sel.shape[0], device=sel.device).unsqueeze(1).expand_as(sel)[sel]  # (N,)
-    counts = sel.sum(1).clamp(min=1).float()
-    per_item = torch.zeros(sel.shape[0], device=sel.device).index_add_(0, row, tok_loss) / counts
-    acc = torch.zeros(sel.shape[0], device=sel.device).index_add_(0, row, correct) / counts
-    return per_item, acc, tok_loss.mean()
+    head = text_loss if lm.head is None else lm.head
+    return head(lm.model.get_output_embeddings().weight, h_pred, text.ids, text.mask)
 
 
 @torch.no_grad()

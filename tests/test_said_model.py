@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from core.settings import AlignSettings, RefineSettings
 from models import llm
@@ -22,6 +23,7 @@ from models.aligner import (
     greedy_reconstruct,
     pad_batch,
     text_init_rows,
+    text_loss,
     tokenize_texts,
 )
 from models.llm import autocast
@@ -63,18 +65,37 @@ def test_shapes_and_padding_mask():
 
 def test_loss_counts_only_text_tokens_and_ignores_padding():
     tok, lm, tokens, aligner = setup()
-    llm, prefix = lm.model, lm.prefix
     soft = aligner.soft_tokens(torch.tensor([1, 5]))
-    alone, _, _ = alignment_loss(llm, prefix, soft[:1], pad_batch([tokens[0]], 2))
+    alone, _, _ = alignment_loss(lm, soft[:1], pad_batch([tokens[0]], 2))
     # the same item next to a much longer one: extra padding must not change its loss
-    both, _, _ = alignment_loss(llm, prefix, soft, pad_batch([tokens[0], tokens[5]], 2))
+    both, _, _ = alignment_loss(lm, soft, pad_batch([tokens[0], tokens[5]], 2))
     assert torch.allclose(alone[0], both[0], atol=1e-5)
     # changing the prompt token ids changes nothing the loss is computed on directly, but a
     # corrupted text target does change it
     wrong = [t[:] for t in tokens[:1]]
     wrong[0][0] = (wrong[0][0] + 1) % 90 + 3
-    changed, _, _ = alignment_loss(llm, prefix, soft[:1], pad_batch(wrong, 2))
+    changed, _, _ = alignment_loss(lm, soft[:1], pad_batch(wrong, 2))
     assert not torch.allclose(alone, changed)
+
+
+def test_the_text_loss_is_the_mean_over_real_tokens_whatever_the_padding():
+    """``text_loss`` scores every position and masks padding out (so the compiler can fuse
+    it); it must equal cross-entropy and accuracy over the real tokens alone, per item and
+    over the batch (each token weighs the same, so long texts weigh more)."""
+    torch.manual_seed(0)
+    head, h = torch.randn(50, 8), torch.randn(3, 6, 8)  # (V, H), (B, L, H)
+    ids = torch.randint(0, 50, (3, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    ids[~mask] = 7  # padding: any real id, never scored
+    per_item, acc, mean = text_loss(head, h, ids, mask)
+    for b in range(3):
+        logits = h[b][mask[b]] @ head.T  # (n_b, V)
+        ce = F.cross_entropy(logits, ids[b][mask[b]], reduction="none")
+        assert per_item[b].item() == pytest.approx(ce.mean().item(), rel=1e-5)
+        assert acc[b].item() == pytest.approx((logits.argmax(-1) == ids[b][mask[b]]).float().mean().item())
+    every = F.cross_entropy(h[mask] @ head.T, ids[mask], reduction="none")  # (9,)
+    assert mean.item() == pytest.approx(every.mean().item(), rel=1e-5)
+    assert mean.item() != pytest.approx(per_item.mean().item(), rel=1e-3)  # token-weighted, not item-weighted
 
 
 def test_full_alignment_lowers_loss_and_resumes_from_checkpoint(tmp_path):
@@ -114,9 +135,9 @@ def test_a_compiled_alignment_runs_the_same_steps_through_torch_compile(monkeypa
     eager = train_full(aligner, lm, tokens, idx, cfg, progress=False)
     assert compiled == []
     fast = train_full(twin, lm, tokens, idx, cfg.model_copy(update={"compile": True}), progress=False)
-    assert len(compiled) == 1 and compiled[0] is lm.model.model
-    assert counter.frame_count >= 1  # the steps ran the compiled graph, not the eager module
-    assert lm.body is None  # the caller's LLM is left as it was
+    assert len(compiled) == 2 and compiled[0] is lm.model.model and compiled[1] is text_loss
+    assert counter.frame_count >= 2  # the steps ran the compiled graphs, not the eager code
+    assert lm.body is None and lm.head is None  # the caller's LLM is left as it was
     for a, b in zip(eager, fast, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     for p, q in zip(aligner.parameters(), twin.parameters(), strict=True):

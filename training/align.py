@@ -70,7 +70,7 @@ def _train_step(
     accuracy), both measured before the update."""
     text = pad_batch(texts, lm.pad_id).to(lm.device)
     with autocast(lm.device):
-        per_item, acc, loss = alignment_loss(lm.model, lm.prefix, soft_fn(keys), text, lm.body)
+        per_item, acc, loss = alignment_loss(lm, soft_fn(keys), text)
     for opt in optimizers:
         opt.zero_grad()
     loss.backward()
@@ -323,7 +323,7 @@ def fidelity(
         soft = soft_fn(torch.tensor([keys[i] for i in b], device=lm.device))
         text = pad_batch([tokens[i] for i in b], lm.pad_id).to(lm.device)
         with autocast(lm.device):
-            per_item, acc, _ = alignment_loss(lm.model, lm.prefix, soft, text)
+            per_item, acc, _ = alignment_loss(lm, soft, text)
             if reconstruct:
                 decoded = greedy_reconstruct(lm.model, lm.prefix, soft, max(lengths[i] for i in b), lm.eos_id)
                 exact += sum(decoded[j] == tokens[i] for j, i in enumerate(b))
