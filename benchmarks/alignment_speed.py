@@ -6,8 +6,10 @@ runs every batch once as a real training step (teacher-forced loss, backward int
 tokens, projector and rows step) under each kernel, the kernels interleaved rep by rep so
 that a noisy shared machine slows them alike; items/s is the median over reps. The FLOP
 bound is benchmarks/_flops.py's: the step's matmul FLOPs over this machine's matmul
-rate, measured in the same run (the median of single calls, each casting its fp32 operands
-as the steps cast their weights); where bf16 is native, the rate of the multiply-adds alone
+rate, sampled before every rep (a share is the median of each rep's rate over the bound
+sampled just before it, so that a drifting machine moves both; each sample is the median
+of single calls, each casting its fp32 operands as the steps cast their weights); where
+bf16 is native, the rate of the multiply-adds alone
 (bf16 operands) is printed beside it, a second share. A kernel named ``KERNEL+compile``
 runs the same steps through ``torch.compile`` (``SAID_ALIGN_COMPILE``); its compiling
 happens in the warm-up, which is timed and printed apart.
@@ -75,13 +77,15 @@ def main() -> None:
     text_len = sum(map(len, tokens)) / len(tokens)
     step_flops = flops_per_item(lm.model, lm.prefix.length(cfg.k) + text_len, text_len)
     n = 512 if args.smoke else 2048
-    gflops = matmul_gflops(device, n)
-    bound = gflops * 1e9 / step_flops
-    # the multiply-adds alone, measured at the same point; without native bf16 the operands
-    # stay fp32 and there is no cast to leave out
+    # the multiply-adds alone are measured beside it; without native bf16 the operands stay
+    # fp32 and there is no cast to leave out
     native_bf16 = fast_bf16(device)
-    mac_gflops = matmul_gflops(device, n, dtype=torch.bfloat16) if native_bf16 else gflops
-    macs = mac_gflops * 1e9 / step_flops
+
+    def bounds() -> tuple[float, float]:
+        """This moment's matmul rates, GFLOP/s: under the steps' autocast, and on bf16 operands."""
+        cast = matmul_gflops(device, n)
+        return cast, matmul_gflops(device, n, dtype=torch.bfloat16) if native_bf16 else cast
+
     torch.manual_seed(0)
     aligner = ItemAligner(AlignerConfig(n_items=len(texts), hidden=lm.hidden, item_dim=cfg.item_dim, k=cfg.k))
     aligner.to(device)
@@ -103,26 +107,37 @@ def main() -> None:
         one_pass(kernel)
         warm_up[kernel] = time.perf_counter() - t0
     rates: dict[str, list[float]] = {k: [] for k in kernels}
+    rep_bounds = []  # the bound is sampled before every rep: the machine's speed drifts, and
+    # a bound measured once read 388 and 688 GFLOP/s in two runs of one hour (stop 53)
     for _ in range(args.reps):
+        rep_bounds.append(bounds())
         for kernel in kernels:
             rates[kernel].append(one_pass(kernel))
+    gflops = statistics.median(b[0] for b in rep_bounds)
+    mac_gflops = statistics.median(b[1] for b in rep_bounds)
+    bound, macs = gflops * 1e9 / step_flops, mac_gflops * 1e9 / step_flops
     print(
         f"alignment steps: {len(texts)} items of {Path(args.dataset).name}, batch {args.batch}, k={cfg.k}, "
     )
     print(f"{text_len:.1f} text tokens an item, {device}, {args.reps} interleaved reps, median items/s")
-    print(bound_line(bound, gflops, step_flops))
+    print(bound_line(bound, gflops, step_flops) + ", the median of one sample before each rep")
+    print("  per rep, GFLOP/s under autocast: " + ", ".join(f"{b[0]:.0f}" for b in rep_bounds))
     if native_bf16:
         print(
             f"multiply-adds alone {macs:.1f} items/s ({mac_gflops:.0f} GFLOP/s on bf16 operands:"
             " no casts, the rate a step holding bf16 weights could approach)"
         )
+        print("  per rep, GFLOP/s on bf16 operands: " + ", ".join(f"{b[1]:.0f}" for b in rep_bounds))
+    print("shares: the median over reps of each rep's rate over the bound sampled just before it")
     print("| attention | items/s (median) | reps | share of FLOP bound | of multiply-adds | warm-up pass s |")
     print("|---|---|---|---|---|---|")
     for kernel, r in rates.items():
         med = statistics.median(r)
         reps = ", ".join(f"{x:.1f}" for x in r)
-        shares = f"{med / bound:.0%} | {med / macs:.0%}"
-        print(f"| {kernel} | {med:.2f} | {reps} | {shares} | {warm_up[kernel]:.0f} |")
+        paired = list(zip(r, rep_bounds, strict=True))
+        share = statistics.median(x * step_flops / (b[0] * 1e9) for x, b in paired)
+        mac_share = statistics.median(x * step_flops / (b[1] * 1e9) for x, b in paired)
+        print(f"| {kernel} | {med:.2f} | {reps} | {share:.0%} | {mac_share:.0%} | {warm_up[kernel]:.0f} |")
 
 
 if __name__ == "__main__":
