@@ -108,7 +108,7 @@ def main() -> None:
         warm_up[kernel] = time.perf_counter() - t0
     rates: dict[str, list[float]] = {k: [] for k in kernels}
     rep_bounds = []  # the bound is sampled before every rep: the machine's speed drifts, and
-    # a bound measured once read 388 and 688 GFLOP/s in two runs of one hour (stop 53)
+    # a bound measured once per run read 336 to 734 GFLOP/s over four runs in one hour (stop 53)
     for _ in range(args.reps):
         rep_bounds.append(bounds())
         for kernel in kernels:

@@ -23,6 +23,8 @@ from torch import nn
 
 from models.llm import backbone
 
+Losses = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per item (B,), accuracy (B,), mean ()
+
 
 @dataclass
 class AlignerConfig:
@@ -137,7 +139,7 @@ class FrozenLM:
     device: torch.device
     prefix: Prefix
     body: nn.Module | None = None  # a compiled view of the model's transformer (``compiled``)
-    head: Callable | None = None  # a compiled ``text_loss`` (``compiled``)
+    head_loss: Callable[..., Losses] | None = None  # a compiled ``text_loss`` (``compiled``)
 
     @classmethod
     def around(cls, model: nn.Module, tok: Any, device: torch.device, prompt: str) -> FrozenLM:
@@ -152,13 +154,13 @@ class FrozenLM:
         """The same LLM whose training steps run its transformer and its head's loss
         (``text_loss``) through ``torch.compile`` (dynamic shapes: one graph serves every
         length bucket). The compiler fuses the elementwise work between the matmuls (norms,
-        rotary, SiLU, the softmax over the vocabulary): more items a second after a minute
-        of compiling, so for a catalogue alignment, not a demo's (``SAID_ALIGN_COMPILE``;
-        figures in docs/speed.md). Weights are shared."""
+        rotary, SiLU, the softmax over the vocabulary and its backward): more items a second
+        after minutes of compiling, so for a catalogue alignment, not a demo's
+        (``SAID_ALIGN_COMPILE``; figures in docs/speed.md). Weights are shared."""
         return replace(
             self,
             body=torch.compile(backbone(self.model), dynamic=True),
-            head=torch.compile(text_loss, dynamic=True),
+            head_loss=torch.compile(text_loss, dynamic=True),
         )
 
     @property
@@ -193,18 +195,17 @@ def build_inputs(
     return torch.cat(parts, 1), torch.cat(mask, 1)
 
 
-def text_loss(
-    head: torch.Tensor, h_pred: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The LM head and cross-entropy over the text positions: (B, L, H) hidden states that
-    predict (B, L) token ids, padding masked out. Returns per-item mean CE (B,), per-item
+def text_loss(weight: torch.Tensor, h_pred: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Losses:
+    """The LM head (its (V, H) weight, tied and bias-free in SmolLM2) and cross-entropy over
+    the text positions: (B, L, H) hidden states that predict (B, L) token ids, padding
+    masked out. Returns per-item mean CE (B,), per-item
     token accuracy (B,) and the mean CE over all text tokens of the batch ().
 
     Every position is scored, padding included, and masked afterwards: without a
     data-dependent selection the compiler fuses the head's softmax, its backward and the
     argmax into passes over bf16 logits, instead of materialising (N, V) fp32 logits three
-    times (about a quarter of a compiled step; docs/speed.md, stop 53)."""
-    logits = F.linear(h_pred, head).float()  # (B, L, V)
+    times (an eighth of a compiled step's time; docs/speed.md, stop 53)."""
+    logits = F.linear(h_pred, weight).float()  # (B, L, V)
     tok_loss = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none")  # (B*L,)
     tok_loss = tok_loss.view(ids.shape)  # (B, L)
     m = mask.float()
@@ -214,9 +215,7 @@ def text_loss(
     return total / counts, (correct * m).sum(1) / counts, total.sum() / m.sum()
 
 
-def alignment_loss(
-    lm: FrozenLM, soft: torch.Tensor, text: TextBatch
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def alignment_loss(lm: FrozenLM, soft: torch.Tensor, text: TextBatch) -> Losses:
     """Per-item mean CE over text tokens, per-item token accuracy, and the batch mean loss.
 
     Returns (loss_per_item (B,), acc_per_item (B,), mean_loss ()). The mean is over all
@@ -228,8 +227,8 @@ def alignment_loss(
     h = body(inputs_embeds=inputs, attention_mask=attn).last_hidden_state  # (B, T, H)
     P, L = lm.prefix.length(soft.shape[1]), text.ids.shape[1]
     h_pred = h[:, P - 1 : P - 1 + L]  # position t predicts text token t: (B, L, H)
-    head = text_loss if lm.head is None else lm.head
-    return head(lm.model.get_output_embeddings().weight, h_pred, text.ids, text.mask)
+    head_loss = text_loss if lm.head_loss is None else lm.head_loss
+    return head_loss(lm.model.get_output_embeddings().weight, h_pred, text.ids, text.mask)
 
 
 @torch.no_grad()

@@ -83,17 +83,20 @@ def test_the_text_loss_is_the_mean_over_real_tokens_whatever_the_padding():
     it); it must equal cross-entropy and accuracy over the real tokens alone, per item and
     over the batch (each token weighs the same, so long texts weigh more)."""
     torch.manual_seed(0)
-    head, h = torch.randn(50, 8), torch.randn(3, 6, 8)  # (V, H), (B, L, H)
+    weight, h = torch.randn(50, 8), torch.randn(3, 6, 8)  # (V, H), (B, L, H)
     ids = torch.randint(0, 50, (3, 6))
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
-    ids[~mask] = 7  # padding: any real id, never scored
-    per_item, acc, mean = text_loss(head, h, ids, mask)
+    best = (h @ weight.T).argmax(-1)  # (B, L) the head's own choice at each position
+    ids[~mask] = best[~mask]  # padding the head gets right: counted, it would lift accuracy
+    ids[:, 0] = best[:, 0]  # and one real token right per item, so accuracy is not 0 anyway
+    per_item, acc, mean = text_loss(weight, h, ids, mask)
     for b in range(3):
-        logits = h[b][mask[b]] @ head.T  # (n_b, V)
+        logits = h[b][mask[b]] @ weight.T  # (n_b, V)
         ce = F.cross_entropy(logits, ids[b][mask[b]], reduction="none")
         assert per_item[b].item() == pytest.approx(ce.mean().item(), rel=1e-5)
         assert acc[b].item() == pytest.approx((logits.argmax(-1) == ids[b][mask[b]]).float().mean().item())
-    every = F.cross_entropy(h[mask] @ head.T, ids[mask], reduction="none")  # (9,)
+    assert 0 < acc[1].item() < 1  # 1 of its 2 real tokens; counting padding would give 5 of 6
+    every = F.cross_entropy(h[mask] @ weight.T, ids[mask], reduction="none")  # (9,)
     assert mean.item() == pytest.approx(every.mean().item(), rel=1e-5)
     assert mean.item() != pytest.approx(per_item.mean().item(), rel=1e-3)  # token-weighted, not item-weighted
 
@@ -114,18 +117,27 @@ def test_full_alignment_lowers_loss_and_resumes_from_checkpoint(tmp_path):
 
 
 def test_a_compiled_alignment_runs_the_same_steps_through_torch_compile(monkeypatch):
-    """``SAID_ALIGN_COMPILE``: the training steps run the LLM's transformer through
-    ``torch.compile`` (compiled once, its graph run), and compute what the eager steps do,
-    to rounding. A counting backend (``aot_eager``: autograd through the graph, no code
-    generation) shows the compiled body is what runs, and keeps the test fast."""
+    """``SAID_ALIGN_COMPILE``: the training steps run the LLM's transformer and the head's
+    loss (``text_loss``) through ``torch.compile`` (each compiled once, both run), and
+    compute what the eager steps do, to rounding. A counting backend (``aot_eager``:
+    autograd through the graph, no code generation) shows compiled graphs are what runs,
+    and keeps the test fast; a call count shows the compiled loss is the one called."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    compiled, counter = [], CompileCounterWithBackend("aot_eager")
+    compiled, counter, loss_calls = [], CompileCounterWithBackend("aot_eager"), [0]
     real_compile = torch.compile
 
     def counting_compile(module, **kw):
         compiled.append(module)
-        return real_compile(module, backend=counter, **kw)
+        fast = real_compile(module, backend=counter, **kw)
+        if module is not text_loss:
+            return fast
+
+        def counted(*args):
+            loss_calls[0] += 1
+            return fast(*args)
+
+        return counted
 
     monkeypatch.setattr(torch, "compile", counting_compile)
     tok, lm, tokens, aligner = setup()
@@ -137,7 +149,8 @@ def test_a_compiled_alignment_runs_the_same_steps_through_torch_compile(monkeypa
     fast = train_full(twin, lm, tokens, idx, cfg.model_copy(update={"compile": True}), progress=False)
     assert len(compiled) == 2 and compiled[0] is lm.model.model and compiled[1] is text_loss
     assert counter.frame_count >= 2  # the steps ran the compiled graphs, not the eager code
-    assert lm.body is None and lm.head is None  # the caller's LLM is left as it was
+    assert loss_calls[0] == 2 * 2  # 2 passes of 2 batches of 4 items: every step's loss
+    assert lm.body is None and lm.head_loss is None  # the caller's LLM is left as it was
     for a, b in zip(eager, fast, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     for p, q in zip(aligner.parameters(), twin.parameters(), strict=True):
