@@ -88,10 +88,16 @@ def _rows(conn, table, rows) -> None:
 def composite(n: int):
     """The served model, untrained: a 64-d ID teacher over the first ``min(n // 2,
     WARM_ITEMS)`` items (each with one interaction) and a student for the rest, which are
-    scored as fresh items are. Latency does not depend on training."""
+    scored as fresh items are. Latency does not depend on training.
+
+    The teacher's rows start where a retrain starts them (``updater.retrain.content_start``,
+    ``SAID_COMPOSITE_TEACHER_INIT=content``, the default): at their content's principal
+    axes. Before stop 53 they kept their random start, which no served model holds; the
+    served vectors' HNSW recall did not move with it (100k items, efSearch 128: 0.858
+    against 0.865; docs/results.md)."""
     import torch
 
-    from models.sasrec import SASRec, SASRecConfig
+    from models.sasrec import SASRec, SASRecConfig, init_id_rows
     from training.composite import new_composite
 
     warm = min(n // 2, WARM_ITEMS)
@@ -99,6 +105,8 @@ def composite(n: int):
     teacher = SASRec(SASRecConfig(n_items=warm))
     content = torch.from_numpy(synthetic(warm + 1, SAID_DIM, seed=1))
     cfg = CompositeSettings(dropout=0.0)  # the served shape: the similarity term's blocks too
+    if cfg.teacher_init == "content":
+        init_id_rows(teacher, content, torch.arange(1, warm + 1))
     return new_composite(teacher, content, torch.ones(warm + 1), cfg).eval()
 
 
@@ -193,9 +201,9 @@ def hnsw_recall(n: int, efs: list[int], queries: int = 500) -> list[dict[str, fl
     time (median ms over 200 of them, one thread, as served), at each efSearch of ``efs``:
     on clustered vectors with log-normal norms and on the vectors this benchmark serves, n
     served-width scoring vectors, queries from the untrained composite over random 5-item
-    histories. The served vectors are the harder case: the untrained teacher's ID rows are
-    unclustered Gaussian vectors, whose top 10 are near-ties; a trained model's rows are
-    not measured here."""
+    histories. The served vectors are the untrained composite's: its teacher's rows at
+    their content's start, the student's for the rest; a trained model's rows are not
+    measured here."""
     import faiss
 
     from scorer.index import ItemIndex
@@ -524,7 +532,7 @@ def main() -> None:
     efs = sorted({served_ef, *args.ef_search})
     print(
         "\n| items | efSearch | HNSW recall@10 vs exact: clustered, log-normal norms | search ms "
-        "| served vectors (untrained) | search ms | HNSW build s |\n" + "|---" * 7 + "|"
+        "| served vectors (untrained, content-started) | search ms | HNSW build s |\n" + "|---" * 7 + "|"
     )
     for n in [n for n in args.sizes if n >= hnsw_min_items]:
         for r in hnsw_recall(n, efs):
