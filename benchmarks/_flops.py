@@ -3,9 +3,10 @@
 A step's matmul FLOPs are 2 x parameters x tokens forward, the same again backward for
 the input gradients alone (the LLM is frozen, so no weight gradients); the LM head is
 counted on the text tokens only (the steps also run it on their batch's padding, which is
-work the bound does not credit). Divided into the matmul rate this machine reaches in the same run
-under the steps' own autocast (bf16 where native, else fp32: ``models.llm.fast_bf16``),
-that gives a reference rate for the step, casts of fp32 operands included. It is not a hard
+work the bound does not credit). Divided into the matmul rate this machine reaches in the
+same run under the steps' own autocast (bf16 where native, else fp32:
+``models.llm.fast_bf16``), that gives a reference rate for the step, casts of fp32
+operands included. It is not a hard
 bound: on one AMX machine this rate measured 1,100 in some processes and 2,500 GFLOP/s in
 another, and the multiply-adds alone (bf16 operands, no casts: ``matmul_gflops``'s dtype)
 ran at 2,800-3,300.

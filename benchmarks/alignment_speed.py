@@ -9,10 +9,10 @@ bound is benchmarks/_flops.py's: the step's matmul FLOPs over this machine's mat
 rate, sampled before every rep (a share is the median of each rep's rate over the bound
 sampled just before it, so that a drifting machine moves both; each sample is the median
 of single calls, each casting its fp32 operands as the steps cast their weights); where
-bf16 is native, the rate of the multiply-adds alone
-(bf16 operands) is printed beside it, a second share. A kernel named ``KERNEL+compile``
-runs the same steps through ``torch.compile`` (``SAID_ALIGN_COMPILE``); its compiling
-happens in the warm-up, which is timed and printed apart.
+bf16 is native, the rate of the multiply-adds alone (bf16 operands) is printed beside it,
+a second share. A kernel named ``KERNEL+compile`` runs the same steps through
+``torch.compile`` (``SAID_ALIGN_COMPILE``); its compiling happens in the warm-up, which is
+timed and printed apart.
 
     python benchmarks/alignment_speed.py [--items 256] [--batch 16] [--reps 3] \\
         [--attention sdpa,eager,eager+compile] [--dataset ../shared/data/amazon-beauty-2k]

@@ -198,8 +198,8 @@ def build_inputs(
 def text_loss(weight: torch.Tensor, h_pred: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Losses:
     """The LM head (its (V, H) weight, tied and bias-free in SmolLM2) and cross-entropy over
     the text positions: (B, L, H) hidden states that predict (B, L) token ids, padding
-    masked out. Returns per-item mean CE (B,), per-item
-    token accuracy (B,) and the mean CE over all text tokens of the batch ().
+    masked out. Returns per-item mean CE (B,), per-item token accuracy (B,) and the mean
+    CE over all text tokens of the batch ().
 
     Every position is scored, padding included, and masked afterwards: without a
     data-dependent selection the compiler fuses the head's softmax, its backward and the
